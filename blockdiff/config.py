@@ -1,0 +1,214 @@
+"""Typed configs parsed from a checkpoint's ``config.json`` and ``generation_config.json``.
+
+Unknown keys are ignored (``from_dict``), so newer checkpoints with extra fields still load.
+Per-layer attention geometry is resolved here once, so the model never re-derives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+@dataclass
+class LayerSpec:
+    """Attention geometry of one layer."""
+
+    layer_type: str  # SLIDING | FULL
+    head_dim: int
+    num_kv_heads: int
+    has_v_proj: bool  # full layers reuse the keys as values
+    sliding_window: int | None
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    sliding_window: int = 512
+    layer_types: list[str] | None = None
+    final_logit_softcapping: float | None = 30.0
+    use_bidirectional_attention: str | None = None
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    per_layer_config: dict | None = None
+    layers: list[LayerSpec] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TextConfig":
+        known = {f.name for f in fields(cls)} - {"layers"}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg._resolve()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("layers",)}
+        out["model_type"] = "diffusion_gemma_text"
+        return {k: v for k, v in out.items() if v is not None}
+
+    def _resolve(self) -> None:
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r}")
+        if self.use_bidirectional_attention == "all":
+            raise ValueError("use_bidirectional_attention='all' is not supported (the encoder must be causal)")
+        if not self.num_experts or not self.top_k_experts or not self.moe_intermediate_size:
+            raise ValueError("DiffusionGemma needs num_experts, top_k_experts and moe_intermediate_size")
+        if self.layer_types is None:
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        for t in self.layer_types:
+            if t not in (SLIDING, FULL):
+                raise ValueError(f"unknown layer type {t!r}")
+        # The reference forces the last layer to full attention.
+        self.layer_types[-1] = FULL
+        if self.rope_parameters is None:
+            self.rope_parameters = {k: dict(v) for k, v in _DEFAULT_ROPE.items()}
+        for t in set(self.layer_types):
+            if t not in self.rope_parameters:
+                raise ValueError(f"rope_parameters has no entry for {t}")
+
+        overrides: dict[int, dict] = {}
+        if self.per_layer_config:
+            overrides = {int(k): dict(v) for k, v in self.per_layer_config.items()}
+        else:
+            # Form of the released config.json: global_* keys apply to every full-attention layer.
+            glob = {"head_dim": self.global_head_dim if self.global_head_dim is not None else 512}
+            if self.num_global_key_value_heads is not None:
+                glob["num_key_value_heads"] = self.num_global_key_value_heads
+            overrides = {i: glob for i, t in enumerate(self.layer_types) if t == FULL}
+        self.layers = []
+        for i, t in enumerate(self.layer_types):
+            o = overrides.get(i, {})
+            spec = LayerSpec(
+                layer_type=t,
+                head_dim=int(o.get("head_dim", self.head_dim)),
+                num_kv_heads=int(o.get("num_key_value_heads", self.num_key_value_heads)),
+                has_v_proj=t == SLIDING,
+                sliding_window=self.sliding_window if t == SLIDING else None,
+            )
+            if self.num_attention_heads % spec.num_kv_heads:
+                raise ValueError(
+                    f"layer {i}: {self.num_attention_heads} attention heads not divisible by {spec.num_kv_heads} KV heads"
+                )
+            self.layers.append(spec)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+
+@dataclass
+class ModelConfig:
+    text: TextConfig
+    canvas_length: int = 256
+    tie_word_embeddings: bool = True
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in (None, "diffusion_gemma"):
+            raise ValueError(f"unsupported model_type {mt!r}: blockdiff runs 'diffusion_gemma' checkpoints")
+        text = d.get("text_config")
+        if text is None:
+            raise ValueError("config.json has no text_config")
+        canvas = d.get("canvas_length") or 256
+        if not isinstance(canvas, int) or canvas <= 0:
+            raise ValueError(f"canvas_length must be a positive integer, got {canvas!r}")
+        return cls(text=TextConfig.from_dict(text), canvas_length=canvas,
+                   tie_word_embeddings=d.get("tie_word_embeddings", True), raw=d)
+
+    @classmethod
+    def from_file(cls, path: str) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.raw) if self.raw else {}
+        d.update({
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "model_type": "diffusion_gemma",
+            "canvas_length": self.canvas_length,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": self.text.to_dict(),
+        })
+        return d
+
+
+# The reference's built-in defaults, used where generation_config.json is silent.
+REFERENCE_GENERATION_DEFAULTS = {
+    "max_new_tokens": 256,
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
+
+@dataclass
+class GenerationDefaults:
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], model_eos: list[int] | None = None) -> "GenerationDefaults":
+        vals = dict(REFERENCE_GENERATION_DEFAULTS)
+        for k in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
+                  "stability_threshold", "confidence_threshold"):
+            if d.get(k) is not None:
+                vals[k] = d[k]
+        sc = d.get("sampler_config")
+        if isinstance(sc, dict) and sc.get("entropy_bound") is not None:
+            vals["entropy_bound"] = sc["entropy_bound"]
+        eos = d.get("eos_token_id")
+        if eos is None:
+            eos = model_eos or []
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        return cls(**vals, eos_token_ids=eos, pad_token_id=d.get("pad_token_id"))
+
+    @classmethod
+    def from_dir(cls, path: str, model_eos: list[int] | None = None) -> "GenerationDefaults":
+        p = os.path.join(path, "generation_config.json")
+        if os.path.exists(p):
+            with open(p) as f:
+                return cls.from_dict(json.load(f), model_eos)
+        return cls.from_dict({}, model_eos)

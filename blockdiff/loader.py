@@ -1,0 +1,170 @@
+"""Checkpoint loading and saving in the released DiffusionGemma layout.
+
+``load_model(path_or_hub_id, dtype, device)``: reads ``config.json`` and (sharded) safetensors, builds the
+model on the meta device and fills it tensor by tensor, so a checkpoint is never held twice in memory.
+Strict: missing or unexpected tensors fail with a message naming them. The vision tower is recognised
+and skipped (one log line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import DiffusionGemma
+
+log = logging.getLogger("blockdiff")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_ENC = "model.encoder.language_model."
+_DEC = "model.decoder."
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # bf16 matmul is ~100x slower than fp32 on CPUs: compute in fp32 there.
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or 'auto'")
+    return _DTYPES[dtype]
+
+
+def resolve_path(path_or_id: str) -> str:
+    """A local folder, or a hub id fetched with huggingface_hub (needs a network; tests never do this)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder")
+    if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
+        raise CheckpointError(f"no checkpoint folder at {path_or_id!r} (and it is not a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
+    except Exception as e:  # offline, unknown repo, gated...
+        raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {e}") from e
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{path}: shards named in the index are missing: {missing}")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def checkpoint_to_model_name(name: str) -> str | None:
+    """Map a released tensor name to ours; None for tensors that are tied aliases of ones we load."""
+    if name.startswith(_DEC):
+        return name[len(_DEC):]
+    if name.startswith(_ENC):
+        m = re.fullmatch(r"layers\.(\d+)\.layer_scalar", name[len(_ENC):])
+        if m:
+            return f"layers.{m.group(1)}.encoder_layer_scalar"
+        return None  # the encoder's other text weights are tied to the decoder's
+    if name == "lm_head.weight":
+        return None  # tied to the embeddings
+    raise KeyError(name)
+
+
+def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu") -> DiffusionGemma:
+    path = resolve_path(path_or_id)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    config = ModelConfig.from_file(cfg_path)
+    if not config.tie_word_embeddings:
+        raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                if not n.startswith("inv_freq_")}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, skipped_vision = [], 0
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.startswith(_VISION):
+                    skipped_vision += 1
+                    continue
+                try:
+                    ours = checkpoint_to_model_name(name)
+                except KeyError:
+                    unexpected.append(name)
+                    continue
+                if ours is None:
+                    continue
+                if ours not in expected:
+                    unexpected.append(name)
+                    continue
+                t = f.get_tensor(name)
+                want = tuple(expected[ours].shape)
+                if tuple(t.shape) != want:
+                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
+                loaded[ours] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing or unexpected:
+        def show(names):
+            return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+        msg = [f"checkpoint at {path} does not match the DiffusionGemma config:"]
+        if missing:
+            msg.append(f"missing tensors: {show([_model_to_checkpoint_name(n) for n in missing])}")
+        if unexpected:
+            msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
+        raise CheckpointError(" ".join(msg))
+    if skipped_vision:
+        log.info("skipped %d vision-tower tensors (the vision tower is not supported yet)", skipped_vision)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    # Non-persistent RoPE tables were built on meta: rebuild them on the device.
+    from .model.layers import rope_inv_freq
+    for lt in set(config.text.layer_types):
+        spec = next(s for s in config.text.layers if s.layer_type == lt)
+        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+    model.eval()
+    return model
+
+
+def _model_to_checkpoint_name(ours: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", ours)
+    if m:
+        return f"{_ENC}layers.{m.group(1)}.layer_scalar"
+    return _DEC + ours
+
+
+def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` in the released layout (loads back with ``load_model``
+    and with the transformers reference, which then sees no vision tower: pass a config with one if needed)."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("inv_freq_"):
+            continue
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[_model_to_checkpoint_name(name)] = t.contiguous()
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config.to_dict(), f, indent=2)

@@ -1,0 +1,3 @@
+from .diffusion_gemma import DiffusionGemma
+
+__all__ = ["DiffusionGemma"]
