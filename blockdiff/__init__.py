@@ -4,7 +4,9 @@ from .config import GenerationDefaults, ModelConfig, TextConfig
 from .kv_cache import KVCache
 from .loader import load_model, save_model
 from .model import DiffusionGemma
+from .engine.llm import LLM, RequestOutput
+from .sampling.params import SamplingParams
 
-__all__ = ["DiffusionGemma", "GenerationDefaults", "KVCache", "ModelConfig", "TextConfig", "load_model",
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "DiffusionGemma", "GenerationDefaults", "KVCache", "ModelConfig", "TextConfig", "load_model",
            "save_model"]
 __version__ = "0.1.0"

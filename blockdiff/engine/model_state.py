@@ -1,0 +1,217 @@
+"""``ModelState``: one request's life as an explicit state machine.
+
+    WAITING --prefill (encode prompt)--> DENOISING (step k of N) --converged or k = N--> canvas done
+    canvas done --EOS / budget / stop string--> FINISHED
+    canvas done --otherwise--> COMMITTING --encode the canvas--> DENOISING (next canvas)
+
+It owns the request's KV cache row, canvas, self-conditioning signal, stability history, its own
+``torch.Generator`` and counters, and emits events: ``draft`` after every step, ``block`` after every
+finished canvas, ``done`` at the end. It holds no model: the engine runs the forwards and calls
+``apply_step`` / ``finish_canvas`` with their results.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import LayerSpec
+from ..kv_cache import SequenceCache
+from ..sampling.params import SamplingParams
+from ..sampling.sampler import StabilityTracker, StepResult
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    DENOISING = "denoising"
+    COMMITTING = "committing"
+    FINISHED = "finished"
+
+
+@dataclass
+class Event:
+    kind: str  # "draft" | "block" | "done"
+    request_id: str
+    request_index: int
+    token_ids: list[int]  # draft: the argmax canvas; block: the committed tokens; done: all output tokens
+    step: int = 0
+    accepted: list[bool] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Metrics:
+    denoise_steps: int = 0  # decoder forwards spent on this request
+    canvases: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_block_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.output_tokens / self.denoise_steps if self.denoise_steps else 0.0
+
+    @property
+    def seconds(self) -> float:
+        end = self.finish_time if self.finish_time is not None else time.perf_counter()
+        return end - self.arrival_time
+
+    @property
+    def time_to_first_block(self) -> float | None:
+        return None if self.first_block_time is None else self.first_block_time - self.arrival_time
+
+    def as_dict(self) -> dict:
+        return {"denoise_steps": self.denoise_steps, "canvases": self.canvases,
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "tokens_per_forward": round(self.tokens_per_forward, 3), "seconds": round(self.seconds, 4),
+                "time_to_first_block": None if self.time_to_first_block is None
+                else round(self.time_to_first_block, 4)}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class ModelState:
+    def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
+                 specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
+                 on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None):
+        self.request_id = request_id
+        self.request_index = request_index
+        self.prompt_ids = list(prompt_ids)
+        self.params = params  # resolved: no None diffusion fields
+        self.canvas_length = canvas_length
+        self.vocab_size = vocab_size
+        self.eos = set() if params.ignore_eos else set(eos_token_ids) | set(params.stop_token_ids or [])
+        self.on_event = on_event
+        self.stop_checker = stop_checker  # fn(output_ids) -> cut index or None (stop strings)
+        self.phase = Phase.WAITING
+        self.cache = SequenceCache(specs)
+        self.device = torch.device(device or "cpu")
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(62))
+        self.canvas: torch.Tensor | None = None  # [C]
+        self.argmax: torch.Tensor | None = None  # [C]
+        self.sc_embeds: torch.Tensor | None = None  # [C, H] self-conditioning signal for the next step
+        self.stability = StabilityTracker(params.stability_threshold)
+        self.step = 0  # denoising step within the current canvas
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.metrics = Metrics(prompt_tokens=len(prompt_ids))
+        # Infill template (first canvas only) and constrained vocabulary.
+        self.fixed = self.template = None
+        if params.canvas_template is not None:
+            t = list(params.canvas_template) + [-1] * (canvas_length - len(params.canvas_template))
+            tt = torch.tensor(t, device=self.device)
+            if bool((tt >= 0).any()):
+                self.fixed, self.template = tt >= 0, tt.clamp(min=0)
+        self.disallowed = None
+        if params.allowed_token_ids is not None:
+            keep = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            keep[torch.tensor(params.allowed_token_ids, device=self.device)] = True
+            self.disallowed = (~keep).nonzero().view(-1)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def max_canvases(self) -> int:
+        return math.ceil(self.params.max_new_tokens / self.canvas_length)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
+
+    def _emit(self, ev: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def _require(self, *phases: Phase) -> None:
+        if self.phase not in phases:
+            raise InvalidTransition(f"request {self.request_id}: {self.phase.value} cannot do this "
+                                    f"(needs {', '.join(p.value for p in phases)})")
+
+    # ------------------------------------------------------------------ transitions
+    def tokens_to_encode(self) -> list[int]:
+        """What the next encode pass reads: the prompt (WAITING) or the finished canvas (COMMITTING)."""
+        self._require(Phase.WAITING, Phase.COMMITTING)
+        return self.prompt_ids if self.phase is Phase.WAITING else self.argmax.tolist()
+
+    def encoded(self) -> None:
+        """The engine appended tokens_to_encode() to this request's cache: start a new canvas."""
+        self._require(Phase.WAITING, Phase.COMMITTING)
+        if self.phase is Phase.COMMITTING:
+            self.fixed = self.template = None  # the template shapes the first canvas only
+        C = self.canvas_length
+        self.canvas = torch.randint(0, self.vocab_size, (1, C), generator=self.generator, device=self.device)[0]
+        if self.fixed is not None:
+            self.canvas = torch.where(self.fixed, self.template, self.canvas)
+        self.argmax = self.canvas
+        self.sc_embeds = None
+        self.stability = StabilityTracker(self.params.stability_threshold)
+        self.step = 0
+        self.phase = Phase.DENOISING
+
+    def apply_step(self, res: StepResult, sc_embeds: torch.Tensor) -> bool:
+        """Record one denoising step; returns True when the canvas is finished."""
+        self._require(Phase.DENOISING)
+        p = self.params
+        self.metrics.denoise_steps += 1
+        self.canvas, self.argmax, self.sc_embeds = res.canvas, res.argmax, sc_embeds
+        self.step += 1
+        stable = self.stability.update(res.argmax)
+        done = (stable and res.mean_entropy < p.confidence_threshold) or self.step >= p.max_denoising_steps
+        if p.stream_drafts or self.on_event is not None:
+            self._emit(Event("draft", self.request_id, self.request_index, res.argmax.tolist(), step=self.step,
+                             accepted=res.accepted.tolist()))
+        if done:
+            self._finish_canvas()
+        return done
+
+    def _finish_canvas(self) -> None:
+        tokens = self.argmax.tolist()
+        self.metrics.canvases += 1
+        if self.metrics.first_block_time is None:
+            self.metrics.first_block_time = time.perf_counter()
+        budget = self.params.max_new_tokens - len(self.output_ids)
+        reason = None
+        for i, t in enumerate(tokens):
+            if t in self.eos:
+                tokens, reason = tokens[:i + 1], "stop"
+                break
+        if len(tokens) >= budget:
+            if reason is None or len(tokens) > budget:
+                reason = "length"
+            tokens = tokens[:budget]
+        self.output_ids.extend(tokens)
+        if reason is None and self.stop_checker is not None:
+            cut = self.stop_checker(self.output_ids)
+            if cut is not None:
+                tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]
+                self.output_ids = self.output_ids[:cut]
+                reason = "stop"
+        self._emit(Event("block", self.request_id, self.request_index, tokens, step=self.step))
+        if reason is not None or self.metrics.canvases >= self.max_canvases:
+            self.finish(reason or "length")
+        else:
+            self.phase = Phase.COMMITTING
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.phase is Phase.FINISHED:
+            return
+        self.phase = Phase.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.metrics.output_tokens = len(self.output_ids)
+        self.metrics.finish_time = time.perf_counter()
+        self.canvas = self.argmax = self.sc_embeds = None
+        self.cache = None  # free the KV cache now, not when the caller drops the state
+        self._emit(Event("done", self.request_id, self.request_index, list(self.output_ids),
+                         finish_reason=reason))
