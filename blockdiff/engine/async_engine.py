@@ -1,0 +1,297 @@
+"""``AsyncEngine``: the ``Engine`` on one background thread, fed from asyncio (the server's event loop).
+
+Contract:
+- One engine thread runs ticks while there is work and sleeps on a condition otherwise (no busy-wait).
+- ``submit`` and ``abort`` are thread-safe: they only queue work; the engine thread applies it at the start of a
+  tick. Once submitted, a ``ModelState`` is touched by the engine thread only.
+- Each request's events reach its ``RequestStream`` (an async iterator) through ``loop.call_soon_threadsafe``.
+- Admission: at most ``max_num_seqs`` requests run and ``max_waiting`` more wait; beyond that ``submit`` raises
+  ``EngineOverloadedError`` (HTTP 429) instead of queueing without bound.
+- A tick that raises fails the requests it was running with ``EngineFailedError`` (HTTP 500); the thread keeps
+  serving the others. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError`` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..sampling.params import SamplingParams
+from .engine import Engine
+from .model_state import Event, ModelState
+
+log = logging.getLogger("blockdiff.engine")
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests in flight: retry later (HTTP 429)."""
+
+
+class EngineFailedError(RuntimeError):
+    """The engine raised while running this request (HTTP 500)."""
+
+
+class EngineStoppedError(EngineFailedError):
+    """The engine is shutting down or stopped (HTTP 503)."""
+
+
+# ---------------------------------------------------------------------------------------------- counters
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self):
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, v: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if v <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+
+@dataclass
+class Counters:
+    """Written by the engine thread (and ``rejected`` by submitters under the lock); read by /metrics."""
+
+    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0})
+    rejected: int = 0  # refused at admission (overload)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    denoise_steps: int = 0  # decoder forwards, one per request per step
+    canvases: int = 0
+    ticks: int = 0
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
+    time_to_first_block: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generation_tokens / self.denoise_steps if self.denoise_steps else 0.0
+
+    def record(self, state: ModelState, outcome: str) -> None:
+        m = state.metrics
+        self.finished[outcome] = self.finished.get(outcome, 0) + 1
+        self.prompt_tokens += m.prompt_tokens
+        self.generation_tokens += len(state.output_ids)
+        self.denoise_steps += m.denoise_steps
+        self.canvases += m.canvases
+        if m.time_to_first_block is not None:
+            self.time_to_first_block.observe(m.time_to_first_block)
+        self.request_seconds.observe(m.seconds)
+
+
+# ---------------------------------------------------------------------------------------------- streams
+class RequestStream:
+    """Async iterator over one request's events: ``draft`` (only with ``stream_drafts``), ``block``…, ``done``.
+
+    Raises ``EngineFailedError`` instead of ``done`` when the engine failed the request. ``state`` may be read
+    once ``done`` arrived (the engine thread no longer touches it)."""
+
+    def __init__(self, state: ModelState, loop: asyncio.AbstractEventLoop):
+        self.state = state
+        self.request_id = state.request_id
+        self.finished = False
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def _put(self, item: Event | BaseException) -> None:  # any thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.kind == "done":
+            self.finished = True
+        return item
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting: int | None = None):
+        self.engine = engine
+        self.max_waiting = 4 * engine.scheduler.max_num_seqs if max_waiting is None else max_waiting
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        self.counters = Counters()
+        self.num_running = 0  # published by the engine thread after each tick
+        self.num_waiting = 0
+        self._cond = threading.Condition()
+        self._adds: list[ModelState] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, RequestStream] = {}  # submitted and not finished
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.scheduler.max_num_seqs
+
+    @property
+    def capacity(self) -> int:
+        return self.max_num_seqs + self.max_waiting
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "AsyncEngine":
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="blockdiff-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop after the current tick; requests still in flight fail with ``EngineStoppedError``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread is None:
+            self._fail_all(EngineStoppedError("the engine was shut down"))
+
+    # ------------------------------------------------------------------ client side (any thread)
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Validate and queue a request; call from a running event loop. Raises ``ValueError`` (bad request),
+        ``EngineOverloadedError`` (full) or ``EngineStoppedError``."""
+        loop = asyncio.get_running_loop()
+        self.start()
+        holder: list[RequestStream] = []
+        drafts = bool(params.stream_drafts)
+
+        def on_event(ev: Event) -> None:  # engine thread
+            if ev.kind == "draft" and not drafts:
+                return
+            stream = holder[0]
+            if ev.kind == "done":
+                with self._cond:
+                    self._streams.pop(stream.request_id, None)
+                self.counters.record(stream.state, ev.finish_reason or "abort")
+            stream._put(ev)
+
+        # Validates params and prompt (ValueError) and builds the state before anything is queued.
+        state = self.engine.make_state(prompt_ids, params, on_event=on_event, request_id=request_id)
+        stream = RequestStream(state, loop)
+        holder.append(stream)
+        with self._cond:
+            if self._stopping or self._dead is not None:
+                raise EngineStoppedError("the engine is not running" + (f" (it failed: {self._dead})"
+                                                                         if self._dead else ""))
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            if len(self._streams) >= self.capacity:
+                self.counters.rejected += 1
+                raise EngineOverloadedError(
+                    f"the server is at capacity ({len(self._streams)} requests in flight: {self.max_num_seqs} "
+                    f"running + {self.max_waiting} waiting); retry later")
+            self._streams[request_id] = stream
+            self._adds.append(state)
+            self._cond.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (its stream ends with a ``done`` event, finish_reason ``abort``); no-op when done."""
+        with self._cond:
+            if request_id in self._streams:
+                self._aborts.append(request_id)
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._adds or self._aborts or self.engine.has_unfinished()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                for s in adds:
+                    self.engine.scheduler.add(s)
+                for rid in aborts:
+                    self.engine.abort(rid)  # finishes the state: frees its cache, emits done(abort)
+                if self.engine.has_unfinished():
+                    self._tick()
+                self._publish()
+        except BaseException as e:  # a bug in this loop: fail everyone rather than hang them
+            log.exception("engine thread died")
+            self._dead = e
+        finally:
+            self._fail_all(EngineStoppedError("the engine stopped" + (f": {self._dead}" if self._dead else "")))
+            self._publish()
+
+    def _tick(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.engine.step()
+        except Exception as e:
+            log.exception("engine tick failed; failing the requests it was running")
+            self._fail_running(e)
+            return
+        self.counters.ticks += 1
+        self.counters.step_seconds.observe(time.perf_counter() - t0)
+
+    def _publish(self) -> None:
+        sched = self.engine.scheduler
+        self.num_running = sched.num_running
+        self.num_waiting = sched.num_waiting + len(self._adds)
+
+    def _fail(self, state: ModelState, exc: EngineFailedError) -> None:
+        with self._cond:
+            stream = self._streams.pop(state.request_id, None)
+        state.on_event = None  # the stream gets the error, not a done event
+        try:
+            state.finish("error", error=str(exc))  # frees the cache
+        except Exception:
+            state.cache = None
+        self.counters.record(state, "error")
+        if stream is not None:
+            stream._put(exc)
+
+    def _fail_running(self, e: Exception) -> None:
+        # The failed tick touched only running requests; waiting ones are intact and run on.
+        sched = self.engine.scheduler
+        victims, sched.running = [s for s in sched.running if not s.finished], []
+        exc = EngineFailedError(f"the engine failed while running this request: {type(e).__name__}: {e}")
+        for s in victims:
+            self._fail(s, exc)
+
+    def _fail_all(self, exc: EngineFailedError) -> None:
+        sched = self.engine.scheduler
+        with self._cond:
+            states = [s for s in list(sched.running) + list(sched.waiting) + self._adds if not s.finished]
+            sched.running, self._adds = [], []
+            sched.waiting.clear()
+        for s in states:
+            self._fail(s, exc)
