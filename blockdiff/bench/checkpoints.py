@@ -1,0 +1,85 @@
+"""Random DiffusionGemma checkpoints for benchmarking, built with blockdiff's own code.
+
+``write_random_checkpoint(path, "mid")`` writes ``config.json`` (with a tiny vision tower, so the transformers
+reference loads it too), ``model.safetensors`` and ``generation_config.json`` (the released sampler values).
+Weights are the reference's initialisation: normal(0, 0.02) for every matrix (experts included), norms and
+scalars at one. Throughput does not depend on the values, only on the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TINY_VISION_CONFIG = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8}
+
+# Text configs. Layer geometry follows the released model's pattern: five sliding layers then one full,
+# full layers with twice the head dim and fewer KV heads.
+PRESETS: dict[str, dict] = {
+    # ~110M parameters: the size the issue's speed target is stated for.
+    "mid": dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                num_global_key_value_heads=1, num_experts=32, top_k_experts=4, moe_intermediate_size=256,
+                sliding_window=512, canvas_length=128),
+    # A few hundred KB: for tests of the harness itself.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                 num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                 sliding_window=64, canvas_length=16),
+}
+
+GENERATION_CONFIG = {
+    "max_denoising_steps": 48, "max_new_tokens": 256,
+    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    "t_max": 0.8, "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005,
+    "eos_token_id": [1, 106, 50], "pad_token_id": 0,
+}
+
+
+def config_dict(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown random config {preset!r}; choose from {sorted(PRESETS)}")
+    text = dict(PRESETS[preset])
+    canvas = text.pop("canvas_length")
+    n = text["num_hidden_layers"]
+    text.update({
+        "model_type": "diffusion_gemma_text", "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "final_logit_softcapping": 30.0,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+        "attention_bias": False, "enable_moe_block": True,
+        "layer_types": ["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention"
+                        for i in range(n)],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1_000_000.0},
+        },
+    })
+    return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+            "canvas_length": canvas, "tie_word_embeddings": True, "text_config": text,
+            "vision_config": dict(TINY_VISION_CONFIG), "eos_token_id": [1, 106], "pad_token_id": 0,
+            "bos_token_id": 2}
+
+
+@torch.no_grad()
+def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0) -> str:
+    from ..config import ModelConfig
+    from ..loader import save_model
+    from ..model import DiffusionGemma
+
+    config = ModelConfig.from_dict(config_dict(preset))
+    torch.manual_seed(seed)
+    model = DiffusionGemma(config)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:  # linears, embeddings, experts, routers
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        else:  # norm scales, router scales
+            p.fill_(1.0)
+    save_model(model, path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(GENERATION_CONFIG, f, indent=2)
+    return path

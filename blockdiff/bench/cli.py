@@ -1,0 +1,96 @@
+"""``blockdiff bench``: blockdiff (default and reference modes), the transformers oracle and autoregressive
+decoding of the same weights, timed side by side in one run.
+
+Examples::
+
+    blockdiff bench --random-config mid --out bench.json
+    blockdiff bench path/to/checkpoint --steps 16 --max-new-tokens 256 --no-oracle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .checkpoints import PRESETS
+
+    p.add_argument("model", nargs="?", help="checkpoint folder (or use --random-config)")
+    p.add_argument("--random-config", choices=sorted(PRESETS),
+                   help="benchmark a randomly initialised checkpoint of this size, built in a temp dir")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (early stopping disabled)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per request (default: one canvas)")
+    p.add_argument("--batch", type=int, default=1, help="requests decoded together by the diffusion systems")
+    p.add_argument("--ar-batches", type=_int_list, default=(1, 8), help="AR baseline batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per system first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the transformers reference")
+    p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing, profile one denoising run of blockdiff-default and of the oracle")
+
+
+def run(args) -> int:
+    import torch
+
+    from .harness import BenchOptions, format_table, run_benchmark
+
+    if (args.model is None) == (args.random_config is None):
+        raise ValueError("give a checkpoint folder or --random-config (one of them)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = BenchOptions(steps=args.steps, max_new_tokens=args.max_new_tokens, batch=args.batch,
+                           ar_batches=tuple(args.ar_batches), prompt_len=args.prompt_len, repeats=args.repeats,
+                           warmup=args.warmup, seed=args.seed, oracle=args.oracle, dtype=args.dtype,
+                           device=args.device, systems=args.systems)
+    options.validate()
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
+        path = args.model
+        if args.random_config:
+            from .checkpoints import write_random_checkpoint
+            log(f"building a random '{args.random_config}' checkpoint in {tmp} ...")
+            path = write_random_checkpoint(tmp, args.random_config, seed=args.seed)
+            options.extra["checkpoint_name"] = f"random:{args.random_config}"
+        if args.profile:
+            from .profile import profile_report
+            print(profile_report(path, options, log=log))
+            return 0
+        report = run_benchmark(path, options, log=log)
+    print(format_table(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        log(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time blockdiff against the transformers reference and AR decoding",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
