@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:  # user errors (bad path, bad params) and I/O: one line, no traceback
+    except (ValueError, OSError, ImportError) as e:  # bad path/params, I/O, a missing optional dependency
         print(f"blockdiff: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # subcommands that exit with a message

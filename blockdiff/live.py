@@ -62,6 +62,7 @@ class CanvasView:
         elif event.kind == "block":
             self.committed.extend(event.token_ids)
             self.canvases += 1
+            self.step = 0
             self.canvas, self.accepted, self.changed = None, [], []
         elif event.kind == "done":
             self.finish_reason = event.finish_reason

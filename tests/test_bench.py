@@ -1,0 +1,87 @@
+"""``blockdiff bench`` on tiny checkpoints: the report's shape, the oracle side by side, the memory probe.
+
+Only the harness is tested here (1 round, 2 steps); the figures themselves live in docs/benchmarks.md.
+"""
+
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+
+from blockdiff.bench.checkpoints import write_random_checkpoint
+from blockdiff.bench.harness import PeakMemory
+from blockdiff.bench.systems import load_oracle
+from blockdiff.cli import main
+
+HAVE_ORACLE = importlib.util.find_spec("transformers") is not None
+FAST = ["--repeats", "1", "--warmup", "0", "--steps", "2", "--prompt-len", "8", "--ar-batches", "1,2"]
+METRICS = {"batch", "tokens", "seconds", "tok_per_s", "ms_per_step", "tokens_per_forward", "peak_mem_mb", "runs_s"}
+
+
+def run_bench(args, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *args, *FAST, "--out", str(out)] + ([] if HAVE_ORACLE else ["--no-oracle"])) == 0
+    table = capsys.readouterr().out
+    return json.loads(out.read_text()), table
+
+
+def test_bench_writes_a_json_report_with_every_system(tiny_checkpoint, tmp_path, capsys):
+    report, table = run_bench([tiny_checkpoint], tmp_path, capsys)
+    assert set(report) >= {"checkpoint", "model", "settings", "environment", "results", "ratios",
+                           "reference_matches_oracle"}
+    systems = {"blockdiff-default", "blockdiff-reference", "ar-b1", "ar-b2"} | ({"oracle"} if HAVE_ORACLE else set())
+    assert set(report["results"]) == systems
+    for name, r in report["results"].items():
+        assert METRICS <= set(r), name
+        assert r["tok_per_s"] > 0 and r["ms_per_step"] > 0 and len(r["runs_s"]) == 1
+    canvas = report["model"]["canvas_length"]
+    s = report["settings"]
+    assert (s["steps"], s["max_new_tokens"], s["batch"], s["stability_threshold"]) == (2, canvas, 1, 3)
+    # Early stopping is off: every canvas takes exactly the fixed step count.
+    assert report["results"]["blockdiff-default"]["forwards_per_row"] == 2
+    assert report["results"]["blockdiff-default"]["tokens_per_forward"] == canvas / 2
+    assert report["results"]["ar-b2"]["tokens"] == 2 * canvas
+    assert report["results"]["ar-b1"]["tokens_per_forward"] == 1.0
+    for name in report["results"]:
+        assert name in table
+    if HAVE_ORACLE:
+        assert report["results"]["oracle"]["forwards_per_row"] == 2
+        assert report["reference_matches_oracle"] is True
+        assert set(report["ratios"]) >= {"default_vs_oracle", "reference_vs_oracle", "default_vs_ar_b1"}
+
+
+@pytest.mark.skipif(not HAVE_ORACLE, reason="the oracle (transformers) is not installed")
+def test_random_checkpoint_runs_in_blockdiff_and_the_oracle_alike(tmp_path, capsys):
+    report, _ = run_bench(["--random-config", "tiny", "--systems", "blockdiff-reference,oracle"], tmp_path, capsys)
+    assert report["checkpoint"] == "random:tiny"
+    assert set(report["results"]) == {"blockdiff-reference", "oracle"}
+    assert report["reference_matches_oracle"] is True
+
+
+def test_random_checkpoint_loads_back(tmp_path):
+    from blockdiff import LLM
+
+    llm = LLM(write_random_checkpoint(str(tmp_path), "tiny"))
+    assert llm.model.canvas_length == 16 and llm.defaults.max_denoising_steps == 48
+    assert llm.tokenizer is None
+
+
+def test_bench_needs_a_checkpoint_or_a_random_config(capsys):
+    assert main(["bench", *FAST]) == 2
+    assert "random-config" in capsys.readouterr().err
+
+
+def test_missing_oracle_is_a_clear_error(monkeypatch, tiny_checkpoint):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ImportError, match="--no-oracle"):
+        load_oracle(tiny_checkpoint, torch.float32, "cpu")
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)
+        del x
+    assert mem.peak_bytes >= 48 * 2 ** 20

@@ -1,0 +1,148 @@
+"""The ``blockdiff`` command line, run in-process on the tiny checkpoint: ``run``, ``chat``, errors, the canvas view."""
+
+import io
+import re
+
+import pytest
+from rich.console import Console
+
+from blockdiff import LLM, SamplingParams
+from blockdiff.cli import build_parser, main
+from blockdiff.engine.model_state import Event
+from blockdiff.live import ACCEPTED, CHANGING, SETTLED, CanvasView
+
+CLOSING = re.compile(r"^\[(\d+) tokens · (\d+) denoising steps · (\d+) canvas(es)? · [\d.]+ tokens/forward · "
+                     r"[\d.]+ tok/s · [\d.]+ s · (stop|length)\]$")
+ARGS = ["--max-new-tokens", "20", "--steps", "3", "--seed", "0"]
+
+
+def params():
+    return SamplingParams(max_new_tokens=20, max_denoising_steps=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint)
+
+
+def split_output(out: str) -> tuple[str, str]:
+    answer, closing = out.rstrip("\n").rsplit("\n", 1)
+    return answer, closing
+
+
+def test_run_prints_the_chat_answer_and_a_closing_line(tiny_checkpoint, llm, capsys):
+    assert main(["run", tiny_checkpoint, "Why is the sky blue?", *ARGS]) == 0
+    answer, closing = split_output(capsys.readouterr().out)
+    # The checkpoint has a chat template, so the prompt is wrapped in it by default.
+    expected = llm.chat([{"role": "user", "content": "Why is the sky blue?"}], params())[0]
+    assert answer == expected.text
+    m = CLOSING.match(closing)
+    assert m, closing
+    assert int(m.group(1)) == len(expected.token_ids)
+    assert int(m.group(2)) == expected.metrics.denoise_steps
+    assert int(m.group(3)) == expected.metrics.canvases
+
+
+def test_raw_sends_the_prompt_as_plain_text(tiny_checkpoint, llm, capsys):
+    assert main(["run", tiny_checkpoint, "Why is the sky blue?", "--raw", *ARGS]) == 0
+    answer, closing = split_output(capsys.readouterr().out)
+    assert answer == llm.generate(["Why is the sky blue?"], params())[0].text
+    assert CLOSING.match(closing)
+
+
+def test_prompt_ids_are_sent_as_given(tiny_checkpoint, llm, capsys):
+    assert main(["run", tiny_checkpoint, "--prompt-ids", "2,40,41,42", *ARGS]) == 0
+    answer, _ = split_output(capsys.readouterr().out)
+    assert answer == llm.generate(prompt_token_ids=[[2, 40, 41, 42]], sampling_params=params())[0].text
+
+
+def test_live_falls_back_to_plain_output_without_a_terminal(tiny_checkpoint, capsys):
+    assert main(["run", tiny_checkpoint, "Hello", *ARGS]) == 0
+    plain = capsys.readouterr().out
+    assert main(["run", tiny_checkpoint, "Hello", "--live", *ARGS]) == 0
+    live = capsys.readouterr().out
+    assert "\x1b[" not in live
+    assert split_output(live)[0] == split_output(plain)[0]
+
+
+def test_bad_model_path_exits_2_with_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-checkpoint")
+    assert main(["run", missing, "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-checkpoint" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [["--t-min", "0.9", "--t-max", "0.5"], ["--max-new-tokens", "0"], ["--steps", "-1"]])
+def test_bad_sampling_params_exit_2_with_one_line(tiny_checkpoint, capsys, bad):
+    assert main(["run", tiny_checkpoint, "hi", *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blockdiff: error:") and err.count("\n") == 1
+
+
+def test_run_needs_a_prompt(tiny_checkpoint, capsys):
+    assert main(["run", tiny_checkpoint]) == 2
+    assert "prompt" in capsys.readouterr().err
+
+
+def test_chat_answers_each_line_until_exit(tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you?\n/exit\nnever read\n"))
+    assert main(["chat", tiny_checkpoint, *ARGS]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(bool(CLOSING.match(x)) for x in lines) == 2
+
+
+def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_checkpoint, monkeypatch, capsys):
+    seen = []
+    original = LLM.chat
+
+    def spy(self, messages, *a, **kw):
+        seen.append([m["role"] for m in messages])
+        return original(self, messages, *a, **kw)
+
+    monkeypatch.setattr(LLM, "chat", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n/reset\nthree\n"))  # ends at EOF
+    assert main(["chat", tiny_checkpoint, *ARGS]) == 0
+    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
+    assert "(conversation cleared)" in capsys.readouterr().out
+
+
+def test_every_subcommand_is_registered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "chat", "bench"} <= set(sub.choices)
+
+
+def test_a_missing_subcommand_module_does_not_break_the_cli(monkeypatch):
+    monkeypatch.setattr("blockdiff.cli.SUBCOMMAND_MODULES", ("blockdiff.no_such_piece.cli", "blockdiff.bench.cli"))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "chat", "bench"} <= set(sub.choices)
+
+
+# ---------------------------------------------------------------------------------------------- CanvasView
+def ev(kind, ids, step=0, accepted=None, reason=None):
+    return Event(kind, "r", 0, ids, step=step, accepted=accepted, finish_reason=reason)
+
+
+def test_canvas_view_highlights_accepted_and_settles_unchanged_positions():
+    view = CanvasView(decode=lambda ids: "".join(chr(97 + i) for i in ids), max_steps=4)
+    view(ev("draft", [0, 1, 2, 3], step=1, accepted=[False, True, False, False]))
+    assert [s for _, s in view.cells()] == [CHANGING, ACCEPTED, CHANGING, CHANGING]
+    view(ev("draft", [0, 1, 5, 3], step=2, accepted=[True, False, False, False]))
+    assert view.cells() == [("a", ACCEPTED), ("b", SETTLED), ("f", CHANGING), ("d", SETTLED)]
+    assert "step 2/4" in view.status() and "1 accepted" in view.status()
+    view(ev("block", [0, 1, 5, 3], step=2))
+    assert view.cells() == [] and view.committed == [0, 1, 5, 3] and "canvas 2" in view.status()
+    view(ev("draft", [2, 2], step=1, accepted=[True, True]))
+    assert view.plain().splitlines()[0] == "abfdcc"
+    view(ev("done", [0, 1, 5, 3], reason="length"))
+    assert "done (length)" in view.status()
+    console = Console(record=True, width=60, force_terminal=True)
+    console.print(view)
+    assert "abfd" in console.export_text()
+
+
+def test_canvas_view_ignores_other_requests_and_shows_ids_without_a_tokenizer():
+    view = CanvasView(request_index=1)
+    view(Event("draft", "x", 0, [7, 8], step=1, accepted=[True, False]))
+    assert view.canvas is None
+    view(Event("draft", "y", 1, [7, 8], step=1, accepted=[True, False]))
+    assert view.cells() == [("7 ", ACCEPTED), ("8 ", CHANGING)]
