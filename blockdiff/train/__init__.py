@@ -1,0 +1,1 @@
+"""Training DiffusionGemma-architecture models (never imported by inference code)."""

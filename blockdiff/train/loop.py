@@ -1,0 +1,203 @@
+"""The training loop: resumable, with progress lines, periodic evaluation and released-layout checkpoints.
+
+A run directory holds the released checkpoint (``config.json``, ``model.safetensors``,
+``generation_config.json``, ``tokenizer.json``) - loadable by ``load_model``/``LLM`` and the transformers
+reference - plus ``trainer_state.pt`` (optimizer, step, RNG states, elapsed time) and ``train_log.jsonl``
+(the learning curve). ``resume=True`` continues a run exactly where its last save left it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..config import ModelConfig
+from ..loader import load_model, save_model
+from ..model import DiffusionGemma
+from .objective import diffusion_loss
+from .recipes import count_parameters, init_weights
+from .tasks import Task
+
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainOptions:
+    out_dir: str
+    max_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "constant"  # constant | cosine (over max_steps)
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    sc_prob: float = 0.5
+    clamp_givens: bool = False
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 200
+    device: str = "cpu"
+    amp_bf16: bool = False  # bf16 autocast (GPU)
+    resume: bool = True
+    time_limit_s: float = 0.0  # stop (and save) after this much wall time in this invocation; 0 = none
+    extra: dict = field(default_factory=dict)
+
+
+def lr_at(step: int, o: TrainOptions) -> float:
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        frac = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return o.lr
+
+
+def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    def __init__(self, task: Task, options: TrainOptions, config: dict | None = None,
+                 init_from: str | None = None, log=print):
+        self.task, self.o, self.log = task, options, log
+        o = options
+        os.makedirs(o.out_dir, exist_ok=True)
+        self.step, self.elapsed_s, self.examples = 0, 0.0, 0
+        self.rng = random.Random(o.seed)
+        self.gen = torch.Generator().manual_seed(o.seed)
+        state_path = os.path.join(o.out_dir, STATE_FILE)
+        resuming = o.resume and os.path.exists(state_path)
+        if resuming:
+            self.model = load_model(o.out_dir, dtype="float32", device=o.device)
+        elif init_from:
+            self.model = load_model(init_from, dtype="float32", device=o.device)
+        else:
+            if config is None:
+                raise ValueError("a from-scratch run needs a model config (a recipe)")
+            self.model = DiffusionGemma(ModelConfig.from_dict(config)).to(o.device)
+            init_weights(self.model, generator=self.gen)
+            task.init_model(self.model, self.gen)
+        m = self.model
+        if m.vocab_size < task.vocab_size or m.canvas_length != task.canvas_length:
+            raise ValueError(f"model (vocab {m.vocab_size}, canvas {m.canvas_length}) does not fit task "
+                             f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length})")
+        self.opt = make_optimizer(m, o)
+        if resuming:
+            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            self.opt.load_state_dict(st["optimizer"])
+            self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
+            self.rng.setstate(st["python_rng"])
+            self.gen.set_state(st["torch_rng"])
+            self.log(f"resumed {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min trained so far)")
+        self.log(f"model: {count_parameters(m) / 1e6:.2f}M parameters, {m.text.num_hidden_layers} layers, "
+                 f"hidden {m.text.hidden_size}, {m.text.num_experts} experts top-{m.text.top_k_experts}, "
+                 f"canvas {m.canvas_length}, vocab {m.vocab_size}")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        o, m = self.o, self.model
+        m.train()
+        batch = self.task.batch(self.step, o.batch_size, self.rng)
+        dev = o.device
+        prompt, answer = batch.prompt.to(dev), batch.answer.to(dev)
+        fixed = batch.fixed.to(dev) if (o.clamp_givens and batch.fixed is not None) else None
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, o)
+        gen = self.gen if dev == "cpu" else None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp_bf16 and dev.startswith("cuda")):
+            out = diffusion_loss(m, prompt, answer, self._device_gen(gen), fixed=fixed, sc_prob=o.sc_prob)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip) if o.grad_clip else torch.tensor(0.0)
+        self.opt.step()
+        self.step += 1
+        self.examples += prompt.shape[0]
+        return {"loss": float(out.loss.detach()), "dec": out.decoder, "enc": out.encoder, "acc": out.canvas_accuracy,
+                "gnorm": float(gnorm), "lr": self.opt.param_groups[0]["lr"]}
+
+    def _device_gen(self, gen):
+        # Noise on an accelerator comes from a generator on that device, seeded from the CPU stream.
+        if gen is not None:
+            return gen
+        if not hasattr(self, "_dgen"):
+            self._dgen = torch.Generator(device=self.o.device)
+            self._dgen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=self.gen)))
+        return self._dgen
+
+    # ------------------------------------------------------------------ saving
+    def save(self) -> None:
+        o = self.o
+        save_model(self.model, o.out_dir)
+        with open(os.path.join(o.out_dir, "generation_config.json"), "w") as f:
+            json.dump(self.task.generation_config(), f, indent=2)
+        tok = self.task.tokenizer_json()
+        if tok is not None:
+            with open(os.path.join(o.out_dir, "tokenizer.json"), "w") as f:
+                json.dump(tok, f, indent=1)
+        state = {"optimizer": self.opt.state_dict(), "step": self.step, "elapsed_s": self.elapsed_s,
+                 "examples": self.examples, "python_rng": self.rng.getstate(), "torch_rng": self.gen.get_state(),
+                 "options": asdict(o)}
+        tmp = os.path.join(o.out_dir, STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(o.out_dir, STATE_FILE))
+
+    def _log_json(self, rec: dict) -> None:
+        with open(os.path.join(self.o.out_dir, LOG_FILE), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        o = self.o
+        start_wall = time.time()
+        window, t_window = [], time.time()
+        last = {}
+        while self.step < o.max_steps:
+            t0 = time.time()
+            rec = self.train_step()
+            self.elapsed_s += time.time() - t0
+            window.append(rec)
+            last = rec
+            if self.step % o.log_every == 0 or self.step == o.max_steps:
+                dt = time.time() - t_window
+                n = len(window)
+                avg = {k: sum(r[k] for r in window) / n for k in ("loss", "dec", "enc", "acc")}
+                ex_s = n * o.batch_size / max(dt, 1e-9)
+                eta = (o.max_steps - self.step) * dt / n
+                self.log(f"step {self.step}/{o.max_steps} loss {avg['loss']:.4f} (dec {avg['dec']:.4f} "
+                         f"enc {avg['enc']:.4f}) noised-acc {avg['acc']:.3f} lr {rec['lr']:.2e} "
+                         f"{ex_s:.1f} ex/s {ex_s * self.task.canvas_length:.0f} canvas tok/s "
+                         f"ETA {eta / 60:.1f} min {self.task.describe(self.step)}")
+                self._log_json({"step": self.step, "examples": self.examples, "elapsed_s": round(self.elapsed_s, 1),
+                                **{k: round(v, 5) for k, v in avg.items()}, "lr": rec["lr"],
+                                "stage": self.task.describe(self.step)})
+                window, t_window = [], time.time()
+            if o.eval_every and self.step % o.eval_every == 0:
+                t1 = time.time()
+                ev = self.task.evaluate(self.model, self.step)
+                if ev:
+                    self.log(f"eval step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items())
+                             + f" ({time.time() - t1:.1f}s)")
+                    self._log_json({"step": self.step, "elapsed_s": round(self.elapsed_s, 1), "eval": ev})
+                t_window += time.time() - t1
+            if o.save_every and self.step % o.save_every == 0:
+                self.save()
+            if o.time_limit_s and time.time() - start_wall > o.time_limit_s:
+                self.log(f"time limit reached at step {self.step}")
+                break
+        self.save()
+        self.log(f"saved {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min of training)")
+        sys.stdout.flush()
+        return last

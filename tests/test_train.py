@@ -1,0 +1,119 @@
+"""Training: the objective, resumable runs, and checkpoints the transformers reference loads."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from blockdiff import load_model
+from blockdiff.train.cli import main as train_main
+from blockdiff.train.loop import TrainOptions, Trainer
+from blockdiff.train.objective import corrupt, diffusion_loss
+from blockdiff.train.recipes import RECIPES, model_config
+from blockdiff.train.tasks import CopyTask
+
+
+def _trainer(out, steps, seed=0, lr=3e-3, resume=True, batch=8, **kw):
+    task = CopyTask(vocab_size=32, canvas_length=8)
+    o = TrainOptions(out_dir=str(out), max_steps=steps, batch_size=batch, lr=lr, warmup_steps=1, seed=seed,
+                     log_every=1000, save_every=0, resume=resume, **kw)
+    return Trainer(task, o, config=model_config(32, 8, **RECIPES["tiny"]), log=lambda s: None)
+
+
+def test_corrupt_noises_at_rate_t_and_never_touches_fixed_positions():
+    g = torch.Generator().manual_seed(0)
+    answer = torch.arange(10, 10 + 64).repeat(256, 1)  # [256, 64]
+    fixed = torch.zeros_like(answer, dtype=torch.bool)
+    fixed[:, :16] = True
+    noisy, noised = corrupt(answer, 1000, g, fixed=fixed)
+    assert not noised[:, :16].any() and torch.equal(noisy[:, :16], answer[:, :16])
+    frac = noised[:, 16:].float().mean(1)  # per example ~ t ~ U(0, 1)
+    assert 0.4 < float(frac.mean()) < 0.6 and float(frac.min()) < 0.1 and float(frac.max()) > 0.9
+    changed = (noisy != answer)
+    assert bool((changed <= noised).all())  # only noised positions change (a few keep their token by chance)
+
+
+def test_loss_decreases_on_copy_task(tmp_path):
+    tr = _trainer(tmp_path / "run", 30, lr=1e-2)
+    losses = [tr.train_step()["loss"] for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # ln(32) * 2 = 6.9 at the start
+
+
+def test_self_conditioning_mask_is_per_example():
+    torch.manual_seed(0)
+    from blockdiff import DiffusionGemma, ModelConfig
+    from blockdiff.train.recipes import init_weights
+    m = DiffusionGemma(ModelConfig.from_dict(model_config(32, 8, **RECIPES["tiny"])))
+    init_weights(m, generator=torch.Generator().manual_seed(1))
+    calls = []
+    orig = m.denoise
+
+    def spy(canvas, cache, **kw):
+        out = orig(canvas, cache, **kw)
+        calls.append((canvas, cache, kw, out))
+        return out
+
+    m.denoise = spy
+    B = 16
+    prompt = torch.randint(8, 32, (B, 5))
+    answer = torch.randint(8, 32, (B, 8))
+    diffusion_loss(m, prompt, answer, torch.Generator().manual_seed(3), sc_prob=0.5)
+    first, second = calls[0], calls[-1]
+    mask = second[2]["self_conditioning_mask"]
+    assert mask.shape == (B,) and mask.dtype == torch.bool and 0 < int(mask.sum()) < B
+    assert first[0].shape[0] == int(mask.sum())  # the no-grad first pass runs only for the rows that use it
+    canvas, cache, kw, logits = second
+    plain = orig(canvas, cache)  # no signal at all
+    assert torch.allclose(logits[~mask], plain[~mask], atol=1e-5)
+    assert not torch.allclose(logits[mask], plain[mask], atol=1e-3)
+
+
+def test_resume_restores_step_optimizer_and_rng(tmp_path):
+    straight = _trainer(tmp_path / "a", 6)
+    ref_losses = [straight.train_step()["loss"] for _ in range(6)]
+
+    first = _trainer(tmp_path / "b", 3)
+    first.run()
+    resumed = _trainer(tmp_path / "b", 6)
+    assert resumed.step == 3
+    s1, s2 = first.opt.state_dict(), resumed.opt.state_dict()
+    for k, v in s1["state"].items():
+        assert torch.equal(v["exp_avg"], s2["state"][k]["exp_avg"])
+        assert torch.equal(v["exp_avg_sq"], s2["state"][k]["exp_avg_sq"])
+    losses = [resumed.train_step()["loss"] for _ in range(3)]
+    assert losses == pytest.approx(ref_losses[3:], rel=1e-5)
+
+
+def test_checkpoint_loads_in_reference_with_same_denoise_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "ck"
+    tr = _trainer(out, 3, lr=5e-2)  # large steps move norms and scalars off their neutral values
+    tr.run()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "trainer_state.pt"):
+        assert os.path.exists(out / name), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["model_type"] == "gemma4_vision"
+    ours = load_model(str(out), dtype="float32")
+    ref = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(str(out), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(8, 32, (2, 6), generator=g)
+    canvas = torch.randint(0, 32, (2, 8), generator=g)
+    sc = torch.randn(2, 8, 32, generator=g)
+    mask = torch.tensor([True, False])
+    with torch.no_grad():
+        cache = ours.new_cache(2)
+        ours.encode(prompt, cache)
+        a = ours.denoise(canvas, cache, self_conditioning_logits=sc, self_conditioning_mask=mask)
+        b = ref(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=sc,
+                self_conditioning_mask=mask).logits
+    assert torch.allclose(a, b.float(), atol=1e-4), (a - b).abs().max()
+
+
+def test_train_cli_writes_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = train_main(["--task", "copy", "--recipe", "tiny", "--out", str(out), "--max-steps", "2",
+                     "--batch-size", "4", "--log-every", "1"])
+    assert rc == 0
+    assert "step 2/2 loss" in capsys.readouterr().out
+    assert load_model(str(out)).canvas_length == 8
