@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 
-from .puzzles import format_grid
-
 PAD, EOS, BOS, UNK, MASK, SOLVE = 0, 1, 2, 3, 4, 5
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<solve>", "<grid>", "<unused7>"]
 CELL_BASE = len(SPECIALS)
@@ -130,7 +128,3 @@ def generation_config(max_denoising_steps: int = 48) -> dict:
         "pad_token_id": PAD,
         "bos_token_id": BOS,
     }
-
-
-def describe(puzzle: list[int]) -> str:
-    return format_grid(puzzle)
