@@ -191,7 +191,7 @@ class ModelState:
                 reason = "length"
             tokens = tokens[:budget]
         self.output_ids.extend(tokens)
-        if reason is None and self.stop_checker is not None:
+        if self.stop_checker is not None:  # on the last canvas (budget, EOS) too: a stop string wins
             cut = self.stop_checker(self.output_ids)
             if cut is not None:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]
