@@ -1,0 +1,390 @@
+"""The OpenAI-compatible server, end to end: the official ``openai`` client (and raw httpx where the wire format
+itself is the point) against ``blockdiff.server`` on uvicorn, on a loopback port, over a tiny random checkpoint
+with a tokenizer and chat template (canvas 16, 4 denoising steps).
+
+The model runs in float64 here: in fp32 a row's logits in a batch differ from the same row alone by ~1e-5 (other
+kernel blocking), and this random checkpoint's self-conditioning loop amplifies that ~10x per denoising step, so
+"16 concurrent seeded requests equal their solo runs" would fail on numerics, not on scheduling. In fp64 the
+differences stay far below any sampling decision, so the test proves what it is about: no request's randomness,
+cache or events leak into another's. One torch thread: on a shared 2-core machine, 2 threads on a tiny model spend
+most of their time waiting for each other.
+
+Two live servers share one loaded model (each with its own ``Engine``): ``main`` (no key, 16 batch slots) and
+``small`` (API key, 1 slot, no waiting room) for the key, overload and engine-failure tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from blockdiff import LLM
+from blockdiff.engine.engine import Engine
+from blockdiff.server import build_app
+from fixtures import make_checkpoint
+
+MODEL = "tiny-dg"
+KEY = "sekret-key"
+X = {"max_denoising_steps": 4}  # extra body fields for every request: keep requests a few ticks long
+# A streamed request that runs for thousands of ticks (64 canvases x 40 steps) unless something stops it.
+FOREVER = {"model": MODEL, "prompt": "Go on forever", "max_tokens": 1024, "ignore_eos": True, "stream": True,
+           "max_denoising_steps": 40, "stability_threshold": 10_000, "seed": 0}  # never converges early
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = make_checkpoint(tmp_path_factory.mktemp("serve_ckpt"),
+                           generation_config={"max_denoising_steps": 4, "max_new_tokens": 32})
+    yield LLM(path, dtype=torch.float64, max_num_seqs=16)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def main(llm):
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=16))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def small(llm):
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, api_key=KEY,
+                               max_num_seqs=1, max_waiting=0))
+    yield srv
+    srv.close()
+
+
+def chat(client, content="Tell me a story.", seed=0, max_tokens=32, **kw):
+    extra = dict(X, **kw.pop("extra_body", {}))
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          max_tokens=max_tokens, seed=seed, extra_body=extra, **kw)
+
+
+def stream_text(chunks) -> tuple[str, str | None]:
+    text, reason = "", None
+    for ch in chunks:
+        if ch.choices:
+            c = ch.choices[0]
+            text += (c.delta.content or "") if hasattr(c, "delta") else (c.text or "")
+            reason = c.finish_reason or reason
+    return text, reason
+
+
+def wait_until(cond, timeout=10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in /metrics"
+    return float(m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------- basics
+def test_health_and_models(main):
+    assert httpx.get(main.url + "/health").json() == {"status": "ok"}
+    models = main.client().models.list().data
+    assert [m.id for m in models] == [MODEL]
+
+
+def test_completion_equals_offline_generate(main, llm):
+    from blockdiff import SamplingParams
+
+    r = main.client().completions.create(model=MODEL, prompt="The sky is", max_tokens=24, seed=7, extra_body=X)
+    off = llm.generate(["The sky is"], SamplingParams(max_new_tokens=24, seed=7, max_denoising_steps=4))[0]
+    assert r.choices[0].text == off.text
+    assert r.choices[0].finish_reason == off.finish_reason
+    assert r.usage.completion_tokens == len(off.token_ids) <= 24
+    assert r.usage.prompt_tokens == len(off.prompt_token_ids)
+
+
+def test_chat_completion_has_message_usage_and_finish_reason(main):
+    r = chat(main.client(), seed=1, max_tokens=16)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert c.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 16 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # a seeded request is reproducible
+    assert chat(main.client(), seed=1, max_tokens=16).choices[0].message.content == c.message.content
+
+
+def test_streaming_equals_non_streaming_for_same_seed(main):
+    client = main.client()
+    for seed in (3, 4):
+        full = chat(client, seed=seed)
+        chunks = list(chat(client, seed=seed, stream=True, stream_options={"include_usage": True}))
+        text, reason = stream_text(chunks)
+        assert text == full.choices[0].message.content
+        assert reason == full.choices[0].finish_reason
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+        assert all(ch.usage is None for ch in chunks[:-1])
+    full = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=32, seed=5, extra_body=X)
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=32, seed=5,
+                                            extra_body=X, stream=True))
+    assert stream_text(chunks) == (full.choices[0].text, full.choices[0].finish_reason)
+
+
+def test_stop_string_cuts_text_before_it_streaming_and_not(main):
+    client = main.client()
+    full = chat(client, seed=11, extra_body={"ignore_eos": True}).choices[0].message.content
+    # A stop string that first occurs in the second half of the text.
+    k = next(i for i in range(len(full) // 2, len(full) - 2) if "\ufffd" not in full[i:i + 2]
+             and full.find(full[i:i + 2]) == i)
+    stop = full[k:k + 2]
+    r = chat(client, seed=11, stop=[stop], extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == full[:k]
+    assert r.choices[0].finish_reason == "stop"
+    streamed = stream_text(chat(client, seed=11, stop=[stop], extra_body={"ignore_eos": True}, stream=True))
+    assert streamed == (full[:k], "stop")
+
+
+def test_sixteen_concurrent_seeded_requests_equal_their_solo_runs(main):
+    client = main.client()
+    # Different prompt lengths, budgets and step counts: the batch mixes requests at different steps.
+    reqs = [dict(content="word " * (1 + i % 5), seed=100 + i, max_tokens=16 * (1 + i % 2),
+                 extra_body={"max_denoising_steps": 3 + i % 3}) for i in range(16)]
+
+    def run(kw):
+        return chat(client, **kw).choices[0].message.content
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, reqs))
+    t_together = time.perf_counter() - t0
+    solo = [run(kw) for kw in reqs]
+    assert together == solo
+    assert len(set(solo)) > 1
+    print(f"\n16 concurrent: {t_together:.2f} s")
+
+
+def test_stream_drafts_sends_canvas_events_that_clients_tolerate(main):
+    client = main.client()
+    full = chat(client, seed=21).choices[0].message.content
+    chunks = list(chat(client, seed=21, stream=True, extra_body={"stream_drafts": True}))
+    drafts = [ch.model_extra["draft"] for ch in chunks if (ch.model_extra or {}).get("draft")]
+    assert len(drafts) >= 2  # 32 tokens = 2 canvases, up to 4 steps each
+    for d in drafts:
+        assert len(d["token_ids"]) == 16 and len(d["accepted"]) == 16
+        assert isinstance(d["text"], str) and d["step"] >= 1 and d["canvas"] in (0, 1)
+    assert [d["canvas"] for d in drafts] == sorted(d["canvas"] for d in drafts)
+    # The openai client sees drafts as empty deltas: the committed text is unchanged.
+    assert stream_text(chunks)[0] == full
+    # Raw wire format: plain `data:` events, drafts carry a "draft" object, then [DONE].
+    with httpx.stream("POST", main.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "Hi", "max_tokens": 16, "seed": 2, "stream": True, "stream_drafts": True,
+            **X}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines) and lines[-1] == "data: [DONE]"
+    events = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert any("draft" in e for e in events) and events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not any("draft" in e for e in [json.loads(ln[6:]) for ln in _sse_lines(main, stream_drafts=False)])
+
+
+def _sse_lines(srv, **kw):
+    with httpx.stream("POST", srv.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "Hi", "max_tokens": 16, "seed": 2, "stream": True, **X, **kw}) as r:
+        return [ln for ln in r.iter_lines() if ln and ln != "data: [DONE]"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+LONG = list(range(3, 403)) * 6  # 2400 token ids: longer than the 2048-token context
+BAD = [
+    # (path, body (str = raw bytes), status, words the message must contain)
+    ("/v1/completions", "{not json", 400, "not valid JSON"),
+    ("/v1/completions", "", 400, "empty"),
+    ("/v1/completions", "[1, 2]", 400, "JSON object"),
+    ("/v1/completions", {"prompt": "hi"}, 400, "'model' is required"),
+    ("/v1/completions", {"model": MODEL}, 400, "'prompt' is required"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' does not exist"),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}, 400, "'prompt' must be a string or an array"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "16"}, 400, "'max_tokens' must be an integer"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "'max_tokens' must be >= 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 12}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4000}, 400, "context"),
+    ("/v1/completions", {"model": MODEL, "prompt": LONG, "max_tokens": 16}, 400, "prompt is too long"),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 99999]}, 400, "prompt token ids"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "'n' must be 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 0.2}, 400, "t_min"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0.9}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "'stream' must be a boolean"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 7}, 400, "'stop' must be a string"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1}, 400, "'seed'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_denoising_steps": 0}, 400, "max_denoising_steps"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "entropy_bound": "big"}, 400, "'entropy_bound' must be"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "t_min": 0.9, "t_max": 0.5}, 400, "t_max must be greater"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "'stream_options' is only allowed"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "'messages' is required"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "'messages' must not be empty"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "'messages' must be an array"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "'messages[0].role' is 'wizard', which is not a known role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "'messages[0].role' is required"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+     "'messages[0].content' must be a string"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "only text is supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": -3}, 400, "'max_completion_tokens' must be >= 1"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 3000}]}, 400,
+     "prompt is too long"),
+    ("/v1/nope", {}, 404, "no route /v1/nope"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{i}:{b[3][:30]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_openai_error_naming_the_problem(main, path, body, status, words):
+    if isinstance(body, str):
+        r = httpx.post(main.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(main.url + path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert words in err["message"], err["message"]
+
+
+def test_bad_input_through_openai_client_and_server_keeps_serving(main):
+    client = main.client()
+    with pytest.raises(openai.BadRequestError, match="not a known role"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="hi", temperature=0.0)
+    r = client.completions.create(model=MODEL, prompt="still alive", max_tokens=16, seed=0, extra_body=X)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(main.url + "/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+def test_dropped_stream_aborts_the_request_and_frees_it(main):
+    eng = main.engine
+    aborted = eng.counters.finished["abort"]
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", main.url + "/v1/completions", json=FOREVER) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    break  # got the first canvas: hang up
+            assert eng.num_in_flight == 1
+    assert wait_until(lambda: eng.counters.finished["abort"] == aborted + 1 and eng.num_in_flight == 0)
+    assert wait_until(lambda: eng.engine.scheduler.num_running == 0 and not eng.engine.has_unfinished())
+    m = httpx.get(main.url + "/metrics").text
+    assert metric(m, "blockdiff_requests_running") == 0
+    assert metric(m, "blockdiff_requests_total", '{outcome="abort"}') >= 1
+
+
+def test_api_key_is_required_except_on_health(small):
+    assert httpx.get(small.url + "/health").status_code == 200
+    r = httpx.get(small.url + "/v1/models")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert httpx.get(small.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(small.url + "/metrics").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        small.client("wrong").completions.create(model=MODEL, prompt="hi", max_tokens=16)
+    assert httpx.get(small.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    r = small.client(KEY).completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)
+    assert r.usage.completion_tokens >= 1
+
+
+def test_over_capacity_gets_429_and_recovers(small):
+    eng = small.engine  # 1 batch slot, no waiting room
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=30, headers=auth) as http:
+        with http.stream("POST", small.url + "/v1/completions", json=FOREVER) as r:
+            lines = r.iter_lines()  # keep it: a dropped iterator closes the connection (and aborts)
+            next(lines)
+            assert eng.num_in_flight == 1
+            with pytest.raises(openai.RateLimitError, match="capacity"):
+                small.client(KEY).completions.create(model=MODEL, prompt="hi", max_tokens=16)
+    assert wait_until(lambda: eng.num_in_flight == 0)
+    r = small.client(KEY).completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert metric(httpx.get(small.url + "/metrics", headers=auth).text, "blockdiff_requests_total",
+                  '{outcome="rejected"}') >= 1
+
+
+def test_engine_failure_fails_the_request_with_500_and_server_keeps_serving(small):
+    core = small.engine.engine
+    real = core._denoise
+
+    def broken(states):
+        core._denoise = real  # fail exactly one tick
+        raise RuntimeError("injected denoise failure")
+
+    core._denoise = broken
+    client = small.client(KEY)
+    with pytest.raises(openai.InternalServerError, match="injected denoise failure"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)
+    core._denoise = broken
+    with pytest.raises(openai.APIError, match="injected denoise failure"):  # streaming: an error event
+        list(client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X, stream=True))
+    assert small.engine.counters.finished["error"] == 2
+    r = client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(small.url + "/health").json() == {"status": "ok"}
+
+
+def test_metrics_exposes_counters(main):
+    main.client().completions.create(model=MODEL, prompt="count me", max_tokens=16, seed=0, extra_body=X)
+    m = httpx.get(main.url + "/metrics").text
+    for name in ("blockdiff_prompt_tokens_total", "blockdiff_generation_tokens_total", "blockdiff_denoise_steps_total",
+                 "blockdiff_tokens_per_forward", "blockdiff_requests_waiting", "blockdiff_step_seconds_count",
+                 "blockdiff_time_to_first_block_seconds_count"):
+        assert metric(m, name) >= 0
+    assert metric(m, "blockdiff_generation_tokens_total") > 0 and metric(m, "blockdiff_denoise_steps_total") > 0
+    assert metric(m, "blockdiff_requests_total", '{outcome="length"}') + \
+        metric(m, "blockdiff_requests_total", '{outcome="stop"}') >= 1
+    assert "# TYPE blockdiff_step_seconds histogram" in m
