@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass
 
 from ..sampling.params import SamplingParams
 
@@ -109,15 +108,6 @@ def _neutral(body: dict, name: str, neutral, why: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- requests
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    model: str
-
-
 def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, SamplingParams, bool, bool]:
     """The fields shared by /v1/completions and /v1/chat/completions: (model, params, stream, include_usage).
     ``params.max_new_tokens`` holds the requested max tokens (None = as many as fit, capped by the defaults)."""
