@@ -117,3 +117,19 @@ def test_train_cli_writes_checkpoint(tmp_path, capsys):
     assert rc == 0
     assert "step 2/2 loss" in capsys.readouterr().out
     assert load_model(str(out)).canvas_length == 8
+
+
+def test_canvases_per_prompt_shares_one_encoder_pass():
+    from blockdiff import DiffusionGemma, ModelConfig
+    from blockdiff.train.recipes import init_weights
+    m = DiffusionGemma(ModelConfig.from_dict(model_config(32, 8, **RECIPES["tiny"])))
+    init_weights(m, generator=torch.Generator().manual_seed(1))
+    encodes, denoise_rows = [], []
+    enc, den = m.encode, m.denoise
+    m.encode = lambda ids, cache, **kw: (encodes.append(ids.shape[0]), enc(ids, cache, **kw))[1]
+    m.denoise = lambda c, cache, **kw: (denoise_rows.append(c.shape[0]), den(c, cache, **kw))[1]
+    out = diffusion_loss(m, torch.randint(8, 32, (3, 5)), torch.randint(8, 32, (3, 8)),
+                         torch.Generator().manual_seed(0), canvases_per_prompt=4)
+    out.loss.backward()
+    assert encodes == [3, 3] and denoise_rows[-1] == 12
+    assert torch.isfinite(out.loss)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability per example")
     p.add_argument("--clamp-givens", action="store_true", help="never noise the task's fixed (given) positions")
+    p.add_argument("--canvases-per-prompt", type=int, default=1,
+                   help="independently noised canvases per encoded prompt (more decoder signal per step)")
     p.add_argument("--curriculum", default="0:45-70", help="sudoku: STEP:MINCLUES-MAXCLUES,...")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-puzzles", type=int, default=64)
@@ -73,7 +75,8 @@ def run(args) -> int:
     o = TrainOptions(out_dir=args.out, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                      schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                      grad_clip=args.grad_clip, seed=args.seed, sc_prob=args.sc_prob,
-                     clamp_givens=args.clamp_givens, log_every=args.log_every, eval_every=args.eval_every,
+                     clamp_givens=args.clamp_givens,
+                     canvases_per_prompt=args.canvases_per_prompt, log_every=args.log_every, eval_every=args.eval_every,
                      save_every=args.save_every, device=args.device, amp_bf16=args.bf16,
                      resume=not args.no_resume, time_limit_s=args.time_limit)
     Trainer(task, o, config=config, init_from=args.init_from, log=lambda s: print(s, flush=True)).run()

@@ -43,6 +43,7 @@ class TrainOptions:
     seed: int = 0
     sc_prob: float = 0.5
     clamp_givens: bool = False
+    canvases_per_prompt: int = 1
     log_every: int = 10
     eval_every: int = 0
     save_every: int = 200
@@ -118,7 +119,8 @@ class Trainer:
             g["lr"] = lr_at(self.step, o)
         gen = self.gen if dev == "cpu" else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp_bf16 and dev.startswith("cuda")):
-            out = diffusion_loss(m, prompt, answer, self._device_gen(gen), fixed=fixed, sc_prob=o.sc_prob)
+            out = diffusion_loss(m, prompt, answer, self._device_gen(gen), fixed=fixed, sc_prob=o.sc_prob,
+                                 canvases_per_prompt=o.canvases_per_prompt)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip) if o.grad_clip else torch.tensor(0.0)

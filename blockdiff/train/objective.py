@@ -106,8 +106,12 @@ def corrupt(answer: torch.Tensor, vocab_size: int, generator: torch.Generator, e
 
 def diffusion_loss(model, prompt: torch.Tensor, answer: torch.Tensor, generator: torch.Generator,
                    fixed: torch.Tensor | None = None, sc_prob: float = 0.5, eps: float = EPS,
-                   encoder_weight: float = 1.0, decoder_weight: float = 1.0) -> LossOutput:
-    """prompt [B, P], answer [B, C] (C = the model's canvas length), both on the model's device."""
+                   encoder_weight: float = 1.0, decoder_weight: float = 1.0,
+                   canvases_per_prompt: int = 1) -> LossOutput:
+    """prompt [B, P], answer [B, C] (C = the model's canvas length), both on the model's device.
+
+    ``canvases_per_prompt`` K > 1 denoises K independently noised copies of each answer against the same
+    encoded prompt (one encoder pass, K decoder passes): more decoder signal per encoder FLOP."""
     B, C = answer.shape
     if C != model.canvas_length:
         raise ValueError(f"answers must be one canvas ({model.canvas_length} tokens), got {C}")
@@ -122,6 +126,12 @@ def diffusion_loss(model, prompt: torch.Tensor, answer: torch.Tensor, generator:
     enc_logits = torch.cat([enc_prompt[:, -1:], enc_answer[:, :-1]], dim=1)  # [B, C, V]: predicts answer
     enc_loss = F.cross_entropy(enc_logits.reshape(-1, V), answer.reshape(-1))
 
+    if canvases_per_prompt > 1:
+        K = canvases_per_prompt
+        prompt_cache = prompt_cache.fork([b for b in range(B) for _ in range(K)])
+        answer = answer.repeat_interleave(K, dim=0)  # [B*K, C]
+        fixed = None if fixed is None else fixed.repeat_interleave(K, dim=0)
+        B = B * K
     noisy, noised = corrupt(answer, V, generator, eps, fixed)
     use_sc = torch.rand(B, generator=generator, device=answer.device) < sc_prob  # [B]
     sc_logits = None

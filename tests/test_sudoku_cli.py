@@ -1,0 +1,89 @@
+"""`blockdiff sudoku`, `blockdiff demo` and the evaluation, on a tiny random Sudoku-format checkpoint (the
+bundled model is exercised where it exists)."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from blockdiff import DiffusionGemma, ModelConfig, save_model
+from blockdiff.cli import main
+from blockdiff.sudoku import format as fmt
+from blockdiff.sudoku.eval import evaluate, held_out, markdown_table, score
+from blockdiff.sudoku.puzzles import format_grid, generate, parse_puzzle, write_puzzles
+from blockdiff.sudoku.solver import BUNDLED_MODEL, Solution
+
+
+@pytest.fixture(scope="module")
+def tiny_sudoku_model(tmp_path_factory):
+    from blockdiff.train.recipes import RECIPES, init_weights, model_config
+
+    path = str(tmp_path_factory.mktemp("sudoku_tiny"))
+    m = DiffusionGemma(ModelConfig.from_dict(model_config(fmt.VOCAB_SIZE, fmt.CANVAS_LENGTH, **RECIPES["tiny"])))
+    init_weights(m, generator=torch.Generator().manual_seed(0))
+    save_model(m, path)
+    fmt.write_tokenizer(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(fmt.generation_config(max_denoising_steps=4), f)
+    return path
+
+
+def test_sudoku_command_writes_one_solution_per_puzzle_in_order(tiny_sudoku_model, tmp_path, capsys):
+    r = random.Random(0)
+    pairs = [generate(r, 45, 50) for _ in range(3)]
+    src, dst = tmp_path / "in.txt", tmp_path / "out.txt"
+    write_puzzles(src, pairs)
+    with open(src, "a") as f:
+        f.write("\n# a comment line\n")
+    rc = main(["sudoku", "--model", tiny_sudoku_model, "--puzzles", str(src), "--out", str(dst), "--threads", "1"])
+    assert rc == 0
+    lines = dst.read_text().splitlines()
+    assert len(lines) == 3
+    for (puzzle, _), line in zip(pairs, lines):
+        assert len(line) == 81 and line.isdigit()
+        grid = parse_puzzle(line)
+        assert all(g == p for p, g in zip(puzzle, grid) if p)  # givens are fixed by the canvas template
+    assert "3 puzzles" in capsys.readouterr().err
+
+
+def test_sudoku_command_names_a_bad_line(tiny_sudoku_model, tmp_path, capsys):
+    src = tmp_path / "bad.txt"
+    src.write_text("." * 81 + "\n" + "12x" + "." * 78 + "\n")
+    rc = main(["sudoku", "--model", tiny_sudoku_model, "--puzzles", str(src), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_score_counts_solves_and_blank_cell_accuracy():
+    puzzle, solution = generate(random.Random(1), 45, 45)
+    wrong = list(solution)
+    blank = puzzle.index(0)
+    wrong[blank] = wrong[blank] % 9 + 1
+    r = score([(puzzle, solution)] * 2, [Solution(solution, 5, 0.1), Solution(wrong, 9, 0.1)])
+    assert r["solve_rate"] == 0.5 and r["mean_steps"] == 7 and r["mean_steps_solved"] == 5
+    assert r["cell_accuracy"] == pytest.approx(1 - 1 / (2 * puzzle.count(0)))
+
+
+def test_evaluate_reports_every_band_for_both_decodings(tiny_sudoku_model):
+    from blockdiff.engine.llm import LLM
+
+    llm = LLM(tiny_sudoku_model, dtype="float32")
+    sets = held_out(1, seed=7)
+    assert {b: len(v) for b, v in sets.items()} == {">=40": 1, "30-39": 1, "<30": 1}
+    res = evaluate(llm, sets, log=lambda s: None)
+    for band in (">=40", "30-39", "<30"):
+        assert set(res[band]) == {"diffusion", "ar"}
+        assert 1 <= res[band]["diffusion"]["mean_steps"] <= 4
+    table = markdown_table(res)
+    assert table.count("\n") == 2 + 6 - 1
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")),
+                    reason="no bundled model")
+def test_demo_solves_and_verifies_with_the_bundled_model(capsys):
+    rc = main(["demo", "--seed", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "correct" in out and format_grid(parse_puzzle(out.split("solution ")[1].split()[0])).isdigit()
