@@ -257,6 +257,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "'n' must be 1"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 0.2}, 400, "t_min"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0.9}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "'stream' must be a boolean"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 7}, 400, "'stop' must be a string"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1}, 400, "'seed'"),
@@ -324,6 +325,14 @@ def test_dropped_stream_aborts_the_request_and_frees_it(main):
     m = httpx.get(main.url + "/metrics").text
     assert metric(m, "blockdiff_requests_running") == 0
     assert metric(m, "blockdiff_requests_total", '{outcome="abort"}') >= 1
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(main):
+    eng = main.engine
+    aborted = eng.counters.finished["abort"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(main.url + "/v1/completions", json=dict(FOREVER, stream=False), timeout=httpx.Timeout(30, read=1))
+    assert wait_until(lambda: eng.counters.finished["abort"] == aborted + 1 and eng.num_in_flight == 0)
 
 
 def test_api_key_is_required_except_on_health(small):

@@ -122,11 +122,11 @@ def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, Samplin
         raise bad(f"'n' must be 1 (one choice per request), got {n}", "n")
     temp = "diffusion sampling anneals its temperature from t_max to t_min per denoising step; leave " \
            "temperature unset (or 1) and send 't_min' / 't_max' instead"
-    _neutral(body, "temperature", 1, temp)
     _num(body, "temperature")
+    _neutral(body, "temperature", 1, temp)
+    _num(body, "top_p")
     _neutral(body, "top_p", 1, "diffusion sampling has no nucleus cut-off; leave top_p unset (or 1) and use "
              "'entropy_bound' to tune how much of the canvas is accepted per step")
-    _num(body, "top_p")
     for name in ("presence_penalty", "frequency_penalty"):
         _neutral(body, name, 0, "penalties are not implemented")
     _neutral(body, "logit_bias", {}, "logit_bias is not implemented")
