@@ -97,7 +97,8 @@ class Server:
             raise _engine_error(e) from None
 
     def text_stream(self, params: SamplingParams) -> TextStream:
-        eos = set() if params.ignore_eos else set(self.defaults.eos_token_ids) | set(params.stop_token_ids or [])
+        # The id that ended the output is not text: an EOS (unless ignore_eos) or an explicit stop token id.
+        eos = (set() if params.ignore_eos else set(self.defaults.eos_token_ids)) | set(params.stop_token_ids or [])
         return TextStream(self.tokenizer, params.stop, eos)
 
     async def generate(self, request: Request, kind: str, ids: list[int], params: SamplingParams, stream: bool,
