@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..train.tasks import Batch, Task
 from . import format as fmt
-from .puzzles import generate, is_valid_solution
+from .puzzles import generate, is_valid_solution, random_solution
 
 
 def parse_curriculum(spec: str) -> list[tuple[int, int, int]]:
@@ -40,11 +40,19 @@ class SudokuTask(Task):
     vocab_size = fmt.VOCAB_SIZE
     canvas_length = fmt.CANVAS_LENGTH
 
-    def __init__(self, curriculum: str = "0:45-70", eval_puzzles: int = 64, eval_seed: int = 12345):
+    def __init__(self, curriculum: str = "0:45-70", eval_puzzles: int = 64, eval_seed: int = 12345,
+                 pool_size: int = 0, pool_seed: int = 0, workers: int = 1, device: str = "cpu"):
+        """pool_size > 0: draw solution grids once (``workers`` processes), then make every batch with tensor
+        ops on ``device`` - random digit relabelling and transposition of a pooled grid, random blanks - so a
+        GPU is never waiting on the Python solver. 0: a fresh grid per example from the solver."""
         self.curriculum = parse_curriculum(curriculum)
         self.eval_puzzles = eval_puzzles
         self.eval_seed = eval_seed
         self._eval_set = None
+        self.pool = None
+        self.device = device
+        if pool_size > 0:
+            self.pool = solution_pool(pool_size, pool_seed, workers).to(device)  # [N, 81]
 
     def clue_range(self, step: int) -> tuple[int, int]:
         lo, hi = self.curriculum[0][1:]
@@ -59,6 +67,8 @@ class SudokuTask(Task):
 
     def batch(self, step, batch_size, rng):
         lo, hi = self.clue_range(step)
+        if self.pool is not None:
+            return self._pool_batch(lo, hi, batch_size, rng)
         prompts, answers, fixed = [], [], []
         for _ in range(batch_size):
             puzzle, solution = generate(rng, lo, hi, unique=False)
@@ -66,6 +76,25 @@ class SudokuTask(Task):
             answers.append(fmt.encode_canvas(solution))
             fixed.append([v != 0 for v in puzzle])
         return Batch(torch.tensor(prompts), torch.tensor(answers), torch.tensor(fixed))
+
+    def _pool_batch(self, lo, hi, B, rng) -> Batch:
+        dev = self.pool.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(rng.randrange(2 ** 62))  # the batch is a function of the trainer's Python RNG
+        sol = self.pool[torch.randint(0, len(self.pool), (B,), generator=g, device=dev)]  # [B, 81]
+        flip = torch.rand(B, generator=g, device=dev) < 0.5
+        sol = torch.where(flip[:, None], sol.view(B, 9, 9).transpose(1, 2).reshape(B, 81), sol)
+        perm = torch.rand(B, 9, generator=g, device=dev).argsort(-1) + 1  # digit d -> perm[d - 1]
+        sol = perm.gather(1, sol - 1)
+        clues = torch.randint(lo, hi + 1, (B, 1), generator=g, device=dev)
+        rank = torch.rand(B, 81, generator=g, device=dev).argsort(-1).argsort(-1)
+        given = rank < clues  # [B, 81]
+        cells = torch.arange(81, device=dev)
+        answer = fmt.CELL_BASE + 10 * cells + sol
+        prompt_cells = fmt.CELL_BASE + 10 * cells + torch.where(given, sol, 0)
+        prompt = torch.cat([torch.full((B, 1), fmt.BOS, device=dev), prompt_cells,
+                            torch.full((B, 1), fmt.SOLVE, device=dev)], dim=1)
+        return Batch(prompt, answer, given)
 
     def init_model(self, model, generator):
         structured_embedding_init(model, generator)
@@ -90,6 +119,24 @@ class SudokuTask(Task):
                     blanks += 1
                     cells += gv == sv
         return {"solve>=40": solved / len(puzzles), "cell_acc>=40": cells / max(1, blanks)}
+
+
+def _grids(args) -> list[list[int]]:
+    n, seed = args
+    r = random.Random(seed)
+    return [random_solution(r) for _ in range(n)]
+
+
+def solution_pool(n: int, seed: int = 0, workers: int = 1) -> torch.Tensor:
+    """[n, 81] random complete grids (digits 1..9), drawn in ``workers`` processes."""
+    chunks = [(n // workers + (k < n % workers), seed * 1000 + k) for k in range(workers)]
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as p:
+            parts = p.map(_grids, chunks)
+    else:
+        parts = [_grids(c) for c in chunks]
+    return torch.tensor([g for part in parts for g in part], dtype=torch.long)
 
 
 @torch.no_grad()

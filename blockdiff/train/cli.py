@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canvases-per-prompt", type=int, default=1,
                    help="independently noised canvases per encoded prompt (more decoder signal per step)")
     p.add_argument("--curriculum", default="0:45-70", help="sudoku: STEP:MINCLUES-MAXCLUES,...")
+    p.add_argument("--sudoku-pool", type=int, default=0,
+                   help="sudoku: draw this many solution grids up front and build batches with tensor ops (GPU)")
+    p.add_argument("--data-workers", type=int, default=1, help="processes drawing the sudoku pool")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-puzzles", type=int, default=64)
     p.add_argument("--save-every", type=int, default=200)
@@ -51,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_task(args):
     if args.task == "sudoku":
         from ..sudoku.task import SudokuTask
-        return SudokuTask(args.curriculum, eval_puzzles=args.eval_puzzles)
+        return SudokuTask(args.curriculum, eval_puzzles=args.eval_puzzles, pool_size=args.sudoku_pool,
+                          pool_seed=args.seed, workers=args.data_workers, device=args.device)
     from .tasks import CopyTask, JsonlTask
     if args.task == "copy":
         return CopyTask(args.vocab_size or 32, args.canvas_length or 8)

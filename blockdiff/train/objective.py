@@ -70,6 +70,17 @@ class TrainCache:
         pick = self.seqs if rows is None else [self.seqs[i] for i in rows]
         return TrainCache([s.fork() for s in pick])
 
+    def layer_kv(self, layer: int) -> list:
+        """Per row: (keys, values) [Hkv, P, D] of ``layer``, or None (the KVCache interface)."""
+        out = []
+        for s in self.seqs:
+            ks, vs = s.keys[layer], s.values[layer]
+            if not ks:
+                out.append(None)
+            else:
+                out.append((ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=1), torch.cat(vs, dim=1)))
+        return out
+
     def prefix(self, layer: int, device, dtype, n_kv: int, head_dim: int):
         if len(set(self.lengths)) != 1:
             raise ValueError("TrainCache rows must all have the same length")
@@ -112,6 +123,20 @@ def diffusion_loss(model, prompt: torch.Tensor, answer: torch.Tensor, generator:
 
     ``canvases_per_prompt`` K > 1 denoises K independently noised copies of each answer against the same
     encoded prompt (one encoder pass, K decoder passes): more decoder signal per encoder FLOP."""
+    invariant = getattr(model, "batch_invariant", None)
+    if invariant:
+        # Per-row expert dispatch keeps inference batch-invariant; training wants one batched dispatch.
+        model.batch_invariant = False
+    try:
+        return _diffusion_loss(model, prompt, answer, generator, fixed, sc_prob, eps, encoder_weight,
+                               decoder_weight, canvases_per_prompt)
+    finally:
+        if invariant:
+            model.batch_invariant = invariant
+
+
+def _diffusion_loss(model, prompt, answer, generator, fixed, sc_prob, eps, encoder_weight, decoder_weight,
+                    canvases_per_prompt) -> LossOutput:
     B, C = answer.shape
     if C != model.canvas_length:
         raise ValueError(f"answers must be one canvas ({model.canvas_length} tokens), got {C}")
