@@ -17,7 +17,7 @@ from blockdiff.cli import main
 
 HAVE_ORACLE = importlib.util.find_spec("transformers") is not None
 FAST = ["--repeats", "1", "--warmup", "0", "--steps", "2", "--prompt-len", "8", "--ar-batches", "1,2"]
-METRICS = {"batch", "tokens", "seconds", "tok_per_s", "ms_per_step", "tokens_per_forward", "peak_mem_mb", "runs_s"}
+METRICS = {"batch", "tokens", "seconds", "tok_per_s", "cpu_seconds", "tok_per_cpu_s", "ms_per_step", "tokens_per_forward", "peak_mem_mb", "runs_s"}
 
 
 def run_bench(args, tmp_path, capsys):
@@ -29,7 +29,7 @@ def run_bench(args, tmp_path, capsys):
 
 def test_bench_writes_a_json_report_with_every_system(tiny_checkpoint, tmp_path, capsys):
     report, table = run_bench([tiny_checkpoint], tmp_path, capsys)
-    assert set(report) >= {"checkpoint", "model", "settings", "environment", "results", "ratios",
+    assert set(report) >= {"checkpoint", "model", "settings", "environment", "results", "ratios", "cpu_time_ratios",
                            "reference_matches_oracle"}
     systems = {"blockdiff-default", "blockdiff-reference", "ar-b1", "ar-b2"} | ({"oracle"} if HAVE_ORACLE else set())
     assert set(report["results"]) == systems
@@ -85,3 +85,19 @@ def test_peak_memory_sees_a_temporary_allocation():
         time.sleep(0.05)
         del x
     assert mem.peak_bytes >= 48 * 2 ** 20
+
+
+def test_profile_breaks_a_step_down_and_restores_every_patch(tiny_checkpoint, capsys):
+    from blockdiff.engine import engine as engine_mod
+    from blockdiff.model import layers
+
+    before = (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax)
+    args = ["bench", tiny_checkpoint, "--profile", "--steps", "2", "--prompt-len", "8"]
+    assert main(args + ([] if HAVE_ORACLE else ["--no-oracle"])) == 0
+    out = capsys.readouterr().out
+    assert "blockdiff-default:" in out and "ms per denoising step" in out
+    for part in ("model forward", "experts", "attention", "sampler: fast_step", "aten::"):
+        assert part in out
+    if HAVE_ORACLE:
+        assert "oracle:" in out and "torch.multinomial" in out
+    assert (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax) == before
