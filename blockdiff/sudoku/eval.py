@@ -60,7 +60,7 @@ def score(pairs, solutions) -> dict:
 
 
 def evaluate(llm, sets: dict[str, list], modes=("diffusion", "ar"), seed: int = 0, batch_size: int = 64,
-             max_denoising_steps: int | None = None, log=print) -> dict:
+             max_denoising_steps: int | None = None, log=print, **overrides) -> dict:
     results: dict = {}
     for band, pairs in sets.items():
         puzzles = [p for p, _ in pairs]
@@ -68,7 +68,7 @@ def evaluate(llm, sets: dict[str, list], modes=("diffusion", "ar"), seed: int = 
             t0 = time.perf_counter()
             if mode == "diffusion":
                 sols = solve_diffusion(llm, puzzles, seed=seed, batch_size=batch_size,
-                                       max_denoising_steps=max_denoising_steps)
+                                       max_denoising_steps=max_denoising_steps, **overrides)
             else:
                 sols = solve_autoregressive(llm.model, puzzles, batch_size=batch_size)
             r = score(pairs, sols)
@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-seed", type=int, default=0)
     ap.add_argument("--modes", default="diffusion,ar")
     ap.add_argument("--steps", type=int, help="max denoising steps (default: the checkpoint's)")
+    ap.add_argument("--t-max", type=float, help="sampling temperature at the first step (default: checkpoint's)")
+    ap.add_argument("--t-min", type=float)
+    ap.add_argument("--entropy-bound", type=float)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     sets = held_out(args.per_band, args.seed, bands)
     results = evaluate(llm, sets, modes=[m.strip() for m in args.modes.split(",")], seed=args.sample_seed,
                        batch_size=args.batch_size, max_denoising_steps=args.steps,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
+                       log=lambda s: print(s, file=sys.stderr, flush=True), t_max=args.t_max, t_min=args.t_min,
+                       entropy_bound=args.entropy_bound)
     print(markdown_table(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -23,22 +23,24 @@ class Solution:
     seconds: float  # wall time of the batch this puzzle ran in, divided by the batch size
 
 
-def sampling_params(puzzle: list[int], seed: int = 0, max_denoising_steps: int | None = None):
+def sampling_params(puzzle: list[int], seed: int = 0, max_denoising_steps: int | None = None, **overrides):
+    """Givens fixed, digits only; ``overrides`` (t_max, t_min, entropy_bound...) beat the checkpoint's defaults."""
     from ..sampling.params import SamplingParams
 
     return SamplingParams(max_new_tokens=fmt.CANVAS_LENGTH, seed=seed, max_denoising_steps=max_denoising_steps,
-                          canvas_template=fmt.canvas_template(puzzle), allowed_token_ids=fmt.DIGIT_TOKEN_IDS)
+                          canvas_template=fmt.canvas_template(puzzle), allowed_token_ids=fmt.DIGIT_TOKEN_IDS,
+                          **{k: v for k, v in overrides.items() if v is not None})
 
 
 def solve_diffusion(llm, puzzles: list[list[int]], seed: int = 0, batch_size: int = 64,
-                    max_denoising_steps: int | None = None, on_event=None) -> list[Solution]:
+                    max_denoising_steps: int | None = None, on_event=None, **overrides) -> list[Solution]:
     """Batches of puzzles through ``llm.generate``; puzzle i samples with seed ``seed + i``."""
     out: list[Solution] = []
     for start in range(0, len(puzzles), batch_size):
         chunk = puzzles[start:start + batch_size]
         t0 = time.perf_counter()
         res = llm.generate(prompt_token_ids=[fmt.encode_prompt(p) for p in chunk],
-                           sampling_params=[sampling_params(p, seed + start + i, max_denoising_steps)
+                           sampling_params=[sampling_params(p, seed + start + i, max_denoising_steps, **overrides)
                                             for i, p in enumerate(chunk)],
                            on_event=on_event)
         dt = (time.perf_counter() - t0) / len(chunk)
