@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
             mod = importlib.import_module(name)
         except ImportError:
             continue
+        except Exception as e:  # a broken piece: say so, keep the other subcommands working
+            print(f"blockdiff: warning: the {name.split('.')[1]} subcommand is unavailable: {e}", file=sys.stderr)
+            continue
         register = getattr(mod, "register", None)
         if register is not None:
             register(sub)

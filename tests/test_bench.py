@@ -17,7 +17,8 @@ from blockdiff.cli import main
 
 HAVE_ORACLE = importlib.util.find_spec("transformers") is not None
 FAST = ["--repeats", "1", "--warmup", "0", "--steps", "2", "--prompt-len", "8", "--ar-batches", "1,2"]
-METRICS = {"batch", "tokens", "seconds", "tok_per_s", "cpu_seconds", "tok_per_cpu_s", "ms_per_step", "tokens_per_forward", "peak_mem_mb", "runs_s"}
+METRICS = {"batch", "tokens", "seconds", "tok_per_s", "cpu_seconds", "tok_per_cpu_s", "ms_per_step",
+           "tokens_per_forward", "peak_mem_mb", "runs_s"}
 
 
 def run_bench(args, tmp_path, capsys):

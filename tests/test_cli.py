@@ -146,3 +146,20 @@ def test_canvas_view_ignores_other_requests_and_shows_ids_without_a_tokenizer():
     assert view.canvas is None
     view(Event("draft", "y", 1, [7, 8], step=1, accepted=[True, False]))
     assert view.cells() == [("7 ", ACCEPTED), ("8 ", CHANGING)]
+
+
+def test_a_broken_subcommand_module_is_reported_and_skipped(monkeypatch, capsys):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def import_module(name, *a, **k):
+        if name == "blockdiff.broken.cli":
+            raise RuntimeError("half-written module")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr("blockdiff.cli.importlib.import_module", import_module)
+    monkeypatch.setattr("blockdiff.cli.SUBCOMMAND_MODULES", ("blockdiff.broken.cli", "blockdiff.bench.cli"))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "chat", "bench"} <= set(sub.choices)
+    assert "broken subcommand is unavailable: half-written module" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
