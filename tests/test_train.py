@@ -133,3 +133,13 @@ def test_canvases_per_prompt_shares_one_encoder_pass():
     out.loss.backward()
     assert encodes == [3, 3] and denoise_rows[-1] == 12
     assert torch.isfinite(out.loss)
+
+
+def test_lr_schedule_warms_up_then_holds_or_decays():
+    from blockdiff.train.loop import lr_at
+    o = TrainOptions(out_dir="x", lr=1e-3, max_steps=300, warmup_steps=10, decay_start=200, min_lr_ratio=0.1)
+    assert lr_at(0, o) == pytest.approx(1e-4) and lr_at(9, o) == pytest.approx(1e-3)
+    assert lr_at(150, o) == pytest.approx(1e-3) and lr_at(250, o) == pytest.approx(5.5e-4)
+    assert lr_at(300, o) == pytest.approx(1e-4) and lr_at(400, o) == pytest.approx(1e-4)
+    c = TrainOptions(out_dir="x", lr=1e-3, max_steps=110, warmup_steps=10, schedule="cosine")
+    assert lr_at(60, c) == pytest.approx(5.5e-4) and lr_at(110, c) == pytest.approx(1e-4)

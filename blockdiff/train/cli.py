@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--decay-start", type=int, default=0,
+                   help="constant schedule: decay linearly from this step to --min-lr-ratio at --max-steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -77,7 +80,8 @@ def run(args) -> int:
             raise SystemExit(f"unknown recipe {args.recipe!r}; choose from {sorted(RECIPES)}")
         config = model_config(task.vocab_size, task.canvas_length, **RECIPES[args.recipe])
     o = TrainOptions(out_dir=args.out, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                     schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                     schedule=args.schedule, decay_start=args.decay_start,
+                     min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                      grad_clip=args.grad_clip, seed=args.seed, sc_prob=args.sc_prob,
                      clamp_givens=args.clamp_givens,
                      canvases_per_prompt=args.canvases_per_prompt, log_every=args.log_every, eval_every=args.eval_every,

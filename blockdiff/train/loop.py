@@ -37,6 +37,7 @@ class TrainOptions:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     schedule: str = "constant"  # constant | cosine (over max_steps)
+    decay_start: int = 0  # constant schedule: > 0 = decay linearly from this step to min_lr at max_steps
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -60,6 +61,9 @@ def lr_at(step: int, o: TrainOptions) -> float:
     if o.schedule == "cosine":
         frac = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
         return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    if o.decay_start and step >= o.decay_start:
+        frac = min(1.0, (step - o.decay_start) / max(1, o.max_steps - o.decay_start))
+        return o.lr * (1 - (1 - o.min_lr_ratio) * frac)
     return o.lr
 
 
