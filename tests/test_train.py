@@ -143,3 +143,12 @@ def test_lr_schedule_warms_up_then_holds_or_decays():
     assert lr_at(300, o) == pytest.approx(1e-4) and lr_at(400, o) == pytest.approx(1e-4)
     c = TrainOptions(out_dir="x", lr=1e-3, max_steps=110, warmup_steps=10, schedule="cosine")
     assert lr_at(60, c) == pytest.approx(5.5e-4) and lr_at(110, c) == pytest.approx(1e-4)
+
+
+def test_time_budget_drives_schedule_and_ends_the_run(tmp_path):
+    tr = _trainer(tmp_path / "tb", 1000, time_budget_s=10.0)
+    assert tr.schedule_step() == 0
+    tr.elapsed_s = 5.0
+    assert tr.schedule_step() == 500 and not tr.finished()
+    tr.elapsed_s = 10.0
+    assert tr.finished()

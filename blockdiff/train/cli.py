@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="total training seconds the LR schedule and curriculum are stretched over (ends the run)")
     p.add_argument("--no-resume", action="store_true")
 
 
@@ -86,7 +88,8 @@ def run(args) -> int:
                      clamp_givens=args.clamp_givens,
                      canvases_per_prompt=args.canvases_per_prompt, log_every=args.log_every, eval_every=args.eval_every,
                      save_every=args.save_every, device=args.device, amp_bf16=args.bf16,
-                     resume=not args.no_resume, time_limit_s=args.time_limit)
+                     resume=not args.no_resume, time_limit_s=args.time_limit,
+                     time_budget_s=args.time_budget)
     Trainer(task, o, config=config, init_from=args.init_from, log=lambda s: print(s, flush=True)).run()
     return 0
 

@@ -52,6 +52,10 @@ class TrainOptions:
     amp_bf16: bool = False  # bf16 autocast (GPU)
     resume: bool = True
     time_limit_s: float = 0.0  # stop (and save) after this much wall time in this invocation; 0 = none
+    # > 0: total training seconds (across resumes) the run is planned for: the LR schedule and the curriculum
+    # follow max(step, elapsed / budget * max_steps), and training ends when either reaches its end. Lets a
+    # fixed-time GPU session finish its schedule without knowing its step rate in advance.
+    time_budget_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -112,15 +116,26 @@ class Trainer:
                  f"canvas {m.canvas_length}, vocab {m.vocab_size}")
 
     # ------------------------------------------------------------------ one step
+    def schedule_step(self) -> int:
+        """The step the LR schedule and the curriculum see (see TrainOptions.time_budget_s)."""
+        o = self.o
+        if not o.time_budget_s:
+            return self.step
+        return max(self.step, min(o.max_steps, int(self.elapsed_s / o.time_budget_s * o.max_steps)))
+
+    def finished(self) -> bool:
+        return self.step >= self.o.max_steps or self.schedule_step() >= self.o.max_steps
+
     def train_step(self) -> dict:
         o, m = self.o, self.model
         m.train()
-        batch = self.task.batch(self.step, o.batch_size, self.rng)
+        sched = self.schedule_step()
+        batch = self.task.batch(sched, o.batch_size, self.rng)
         dev = o.device
         prompt, answer = batch.prompt.to(dev), batch.answer.to(dev)
         fixed = batch.fixed.to(dev) if (o.clamp_givens and batch.fixed is not None) else None
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, o)
+            g["lr"] = lr_at(sched, o)
         gen = self.gen if dev == "cpu" else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp_bf16 and dev.startswith("cuda")):
             out = diffusion_loss(m, prompt, answer, self._device_gen(gen), fixed=fixed, sc_prob=o.sc_prob,
@@ -170,7 +185,7 @@ class Trainer:
         start_wall = time.time()
         window, t_window = [], time.time()
         last = {}
-        while self.step < o.max_steps:
+        while not self.finished():
             t0 = time.time()
             rec = self.train_step()
             self.elapsed_s += time.time() - t0
@@ -182,13 +197,15 @@ class Trainer:
                 avg = {k: sum(r[k] for r in window) / n for k in ("loss", "dec", "enc", "acc")}
                 ex_s = n * o.batch_size / max(dt, 1e-9)
                 eta = (o.max_steps - self.step) * dt / n
+                if o.time_budget_s:
+                    eta = min(eta, max(0.0, o.time_budget_s - self.elapsed_s))
                 self.log(f"step {self.step}/{o.max_steps} loss {avg['loss']:.4f} (dec {avg['dec']:.4f} "
                          f"enc {avg['enc']:.4f}) noised-acc {avg['acc']:.3f} lr {rec['lr']:.2e} "
                          f"{ex_s:.1f} ex/s {ex_s * self.task.canvas_length:.0f} canvas tok/s "
-                         f"ETA {eta / 60:.1f} min {self.task.describe(self.step)}")
+                         f"ETA {eta / 60:.1f} min {self.task.describe(self.schedule_step())}")
                 self._log_json({"step": self.step, "examples": self.examples, "elapsed_s": round(self.elapsed_s, 1),
                                 **{k: round(v, 5) for k, v in avg.items()}, "lr": rec["lr"],
-                                "stage": self.task.describe(self.step)})
+                                "stage": self.task.describe(self.schedule_step())})
                 window, t_window = [], time.time()
             if o.eval_every and self.step % o.eval_every == 0:
                 t1 = time.time()
