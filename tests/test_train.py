@@ -152,3 +152,14 @@ def test_time_budget_drives_schedule_and_ends_the_run(tmp_path):
     assert tr.schedule_step() == 500 and not tr.finished()
     tr.elapsed_s = 10.0
     assert tr.finished()
+
+
+def test_init_from_continues_from_a_checkpoints_weights(tmp_path):
+    src = _trainer(tmp_path / "src", 2)
+    src.run()
+    task = CopyTask(vocab_size=32, canvas_length=8)
+    ft = Trainer(task, TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=4, log_every=1000),
+                 init_from=str(tmp_path / "src"), log=lambda s: None)
+    assert ft.step == 0
+    a, b = src.model.state_dict(), ft.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -61,9 +61,8 @@ class CopyTask(Task):
 
 
 class JsonlTask(Task):
-    """Pre-tokenized pairs, one JSON object a line: {"prompt_ids": [...], "answer_ids": [...]}. Prompts are
-    left-padded to a common length per batch with ``pad_id``... not supported by the causal encoder, so all
-    prompts must have the same length; answers are padded to the canvas with EOS then pad."""
+    """Pre-tokenized pairs, one JSON object a line: {"prompt_ids": [...], "answer_ids": [...]}. Every prompt must
+    have the same length (training batches are unpadded); answers shorter than the canvas get EOS then pad."""
 
     name = "jsonl"
 
