@@ -97,7 +97,8 @@ class TextConfig:
                 raise ValueError(f"rope_parameters has no entry for {t}")
 
         overrides: dict[int, dict] = {}
-        if self.per_layer_config:
+        if self.per_layer_config is not None:
+            # Saved form: only layers that differ from the global values are listed ({} = none differ).
             overrides = {int(k): dict(v) for k, v in self.per_layer_config.items()}
         else:
             # Form of the released config.json: global_* keys apply to every full-attention layer.

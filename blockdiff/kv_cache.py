@@ -72,27 +72,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.seqs)
 
-    def prefix(self, layer: int, device, dtype, n_kv: int, head_dim: int):
-        """Padded keys/values of every row for one layer: ([B, Hkv, P, D], same, valid [B, P] or None,
-        positions [B, P] or None). Rows are left-aligned; valid marks real entries. Batch 1 is returned as a view."""
-        rows_k = [s.keys[layer] for s in self.seqs]
-        rows_v = [s.values[layer] for s in self.seqs]
-        sizes = [0 if k is None else k.shape[1] for k in rows_k]
-        P = max(sizes)
-        B = len(self.seqs)
-        if P == 0:
-            return None, None, None, None
-        if B == 1:
-            return rows_k[0][None], rows_v[0][None], None, None
-        pk = torch.zeros(B, n_kv, P, head_dim, device=device, dtype=dtype)
-        pv = torch.zeros_like(pk)
-        valid = torch.zeros(B, P, dtype=torch.bool, device=device)
-        pos = torch.zeros(B, P, dtype=torch.long, device=device)
-        for b, (k, v, n) in enumerate(zip(rows_k, rows_v, sizes)):
-            if n:
-                pk[b, :, :n] = k
-                pv[b, :, :n] = v
-                valid[b, :n] = True
-                start = self.seqs[b].length - n
-                pos[b, :n] = torch.arange(start, start + n, device=device)
-        return pk, pv, valid, pos
+    def layer_kv(self, layer: int) -> list:
+        """Per row: (keys, values) [Hkv, P_b, D] stored for ``layer`` (sliding layers: the last window - 1), or
+        None. Row b's entries sit at positions ``lengths[b] - P_b .. lengths[b] - 1``."""
+        out = []
+        for s in self.seqs:
+            k = s.keys[layer]
+            out.append(None if k is None else (k, s.values[layer]))
+        return out

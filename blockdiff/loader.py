@@ -46,6 +46,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 def resolve_path(path_or_id: str) -> str:
     """A local folder, or a hub id fetched with huggingface_hub (needs a network; tests never do this)."""
+    path_or_id = os.path.expanduser(path_or_id)  # "~/ckpt" is a local path, never a hub id
     if os.path.isdir(path_or_id):
         return path_or_id
     if os.path.exists(path_or_id):
@@ -123,7 +124,10 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                 want = tuple(expected[ours].shape)
                 if tuple(t.shape) != want:
                     raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
-                loaded[ours] = t.to(device=device, dtype=dtype)
+                # copy=True: safetensors' CPU buffers are only 4-16-byte aligned, which makes fp32 CPU matmuls
+                # take other paths (logits then depend on the file layout, e.g. sharded or not); torch's
+                # allocator aligns. Moving to another device or dtype copies anyway.
+                loaded[ours] = t.to(device=device, dtype=dtype, copy=True)
     missing = sorted(set(expected) - set(loaded))
     if missing or unexpected:
         def show(names):

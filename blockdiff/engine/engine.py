@@ -105,15 +105,13 @@ class Engine:
         return self.scheduler.collect_finished()
 
     def _encode(self, states: list[ModelState]) -> None:
-        seqs = [s.tokens_to_encode() for s in states]
-        S = max(len(x) for x in seqs)
-        ids = torch.zeros(len(seqs), S, dtype=torch.long)
-        for b, x in enumerate(seqs):
-            ids[b, :len(x)] = torch.tensor(x)
-        self.model.encode(ids.to(self.model.device), KVCache([s.cache for s in states]),
-                          lengths=[len(x) for x in seqs])
-        self.stats["encode_tokens"] += sum(len(x) for x in seqs)
+        # One forward per request: prompt lengths differ, and small matmuls take shape-dependent paths, so a
+        # request's cache must not depend on what it was encoded with. Encodes run once per canvas; the
+        # denoise steps, which run up to max_denoising_steps times per canvas, are the ones batched.
         for s in states:
+            ids = s.tokens_to_encode()
+            self.model.encode(torch.tensor([ids], device=self.model.device), KVCache([s.cache]))
+            self.stats["encode_tokens"] += len(ids)
             s.encoded()
 
     def _denoise(self, states: list[ModelState]) -> None:

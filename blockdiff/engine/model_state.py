@@ -90,7 +90,8 @@ class ModelState:
         self.params = params  # resolved: no None diffusion fields
         self.canvas_length = canvas_length
         self.vocab_size = vocab_size
-        self.eos = set() if params.ignore_eos else set(eos_token_ids) | set(params.stop_token_ids or [])
+        # ignore_eos drops the model's EOS ids; explicit stop_token_ids always stop.
+        self.eos = (set() if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids or [])
         self.on_event = on_event
         self.stop_checker = stop_checker  # fn(output_ids) -> cut index or None (stop strings)
         self.phase = Phase.WAITING

@@ -33,6 +33,9 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
         self.softcap = t.final_logit_softcapping
+        # Compute every row as it would be computed alone (per-row attention and experts), so a seeded
+        # request's output does not depend on its batch. Training turns it off for speed.
+        self.batch_invariant = True
         # One inverse-frequency table per layer type (head dims differ between sliding and full layers).
         for lt in sorted(set(t.layer_types)):
             spec = next(s for s in t.layers if s.layer_type == lt)
@@ -64,7 +67,10 @@ class DiffusionGemma(nn.Module):
         """Final hidden states [..., H] -> soft-capped fp32 logits [..., V] (tied embeddings)."""
         logits = F.linear(h, self.embed_tokens.weight).float()
         if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+            if torch.is_grad_enabled():
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            else:  # in place: one [.., V] buffer instead of three
+                logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
     def _rope(self, positions: torch.Tensor, dtype):
@@ -103,24 +109,25 @@ class DiffusionGemma(nn.Module):
         new_valid = torch.arange(S, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]  # [B, S]
         x = self.embed(input_ids.to(dev))
         rope = self._rope(positions, x.dtype)
+        masks_by_key: dict = {}
         for i, layer in enumerate(self.layers):
             spec = layer.self_attn.spec
-            pk, pv, pvalid, ppos = cache.prefix(i, dev, x.dtype, spec.num_kv_heads, spec.head_dim)
-            if pk is None:
-                kpos, kvalid = positions, new_valid
-            else:
-                if ppos is None:  # batch 1: stored positions are the last P before the start
-                    P = pk.shape[2]
-                    ppos = (start[:, None] - P + torch.arange(P, device=dev)[None])
-                    pvalid = torch.ones(B, P, dtype=torch.bool, device=dev)
-                kpos = torch.cat([ppos, positions], dim=1)
-                kvalid = torch.cat([pvalid, new_valid], dim=1)
-            q, k = positions[:, :, None], kpos[:, None, :]
-            mask = kvalid[:, None, :] & (k <= q)
-            if spec.layer_type == SLIDING:
-                mask = mask & (k > q - spec.sliding_window)
+            kvs = cache.layer_kv(i)
+            masks = []
+            for b in range(B):
+                P = 0 if kvs[b] is None else kvs[b][0].shape[1]
+                key = (spec.layer_type, b, P)
+                if key not in masks_by_key:  # [S, P + S]: causal (and windowed) over stored + new positions
+                    kpos = torch.cat([start[b] - P + torch.arange(P, device=dev), positions[b]])
+                    kvalid = torch.cat([torch.ones(P, dtype=torch.bool, device=dev), new_valid[b]])
+                    q, k = positions[b][:, None], kpos[None, :]
+                    m = kvalid[None, :] & (k <= q)
+                    if spec.layer_type == SLIDING:
+                        m = m & (k > q - spec.sliding_window)
+                    masks_by_key[key] = m
+                masks.append(masks_by_key[key])
             cos, sin = rope[spec.layer_type]
-            x, k_new, v_new = layer(x, cos, sin, pk, pv, mask[:, None], causal=True)
+            x, k_new, v_new = layer(x, cos, sin, kvs, masks, causal=True, moe_per_row=self.batch_invariant)
             for b, seq in enumerate(cache.seqs):
                 seq.append(i, k_new[b, :, :lengths[b]], v_new[b, :, :lengths[b]])
         for b, seq in enumerate(cache.seqs):
@@ -169,15 +176,10 @@ class DiffusionGemma(nn.Module):
         start = torch.tensor(cache.lengths, device=dev)
         positions = start[:, None] + torch.arange(C, device=dev)[None]
         rope = self._rope(positions, x.dtype)
+        no_masks = [None] * B  # every canvas position sees its row's whole visible prefix and whole canvas
         for i, layer in enumerate(self.layers):
-            spec = layer.self_attn.spec
-            pk, pv, pvalid, _ = cache.prefix(i, dev, x.dtype, spec.num_kv_heads, spec.head_dim)
-            mask = None
-            if pvalid is not None and not bool(pvalid.all()):
-                # Rows with shorter prefixes: hide their padding; the canvas itself is fully visible.
-                kvalid = torch.cat([pvalid, torch.ones(B, C, dtype=torch.bool, device=dev)], dim=1)
-                mask = kvalid[:, None, None, :]
-            cos, sin = rope[spec.layer_type]
-            x, _, _ = layer(x, cos, sin, pk, pv, mask, causal=False)
+            cos, sin = rope[layer.self_attn.spec.layer_type]
+            x, _, _ = layer(x, cos, sin, cache.layer_kv(i), no_masks, causal=False,
+                            moe_per_row=self.batch_invariant)
         h = self.norm(x)
         return h if return_hidden else self.lm_head(h)

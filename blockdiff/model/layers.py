@@ -13,6 +13,8 @@ from torch import nn
 
 from ..config import FULL, LayerSpec, TextConfig
 
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32: x * (mean(x^2) + eps)^-0.5 [* weight]."""
@@ -101,24 +103,28 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, S, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        prefix_k: torch.Tensor | None,  # [B, Hkv, P, D] cached keys visible to these queries (padded)
-        prefix_v: torch.Tensor | None,
-        mask: torch.Tensor | None,  # [B, 1, S, P + S] bool, True = attend; None = attend to all
+        prefixes: list,  # per row: (k, v) [Hkv, P_b, D] cached keys/values visible to this row, or None
+        masks: list,  # per row: bool [S, P_b + S] (True = attend) or None (attend to everything)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)  # [B, H, S, D]
-        k_new, v_new = self.project_kv(x, cos, sin)
-        if prefix_k is not None and prefix_k.shape[2] > 0:
-            k = torch.cat([prefix_k, k_new], dim=2)
-            v = torch.cat([prefix_v, v_new], dim=2)
-        else:
-            k, v = k_new, v_new
+        k_new, v_new = self.project_kv(x, cos, sin)  # [B, Hkv, S, D]
         rep = self.n_heads // self.n_kv
-        if rep > 1:  # GQA: [B, Hkv, L, D] -> [B, H, L, D]
-            k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
-            v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        outs = []
+        # One attention call per row against that row's own prefix: no padding, and a row's result never
+        # depends on what else is in the batch (batch invariance keeps seeded outputs reproducible).
+        for b in range(B):
+            k, v = k_new[b], v_new[b]
+            if prefixes[b] is not None and prefixes[b][0].shape[1] > 0:
+                k = torch.cat([prefixes[b][0], k], dim=1)
+                v = torch.cat([prefixes[b][1], v], dim=1)
+            if rep > 1:  # GQA: [Hkv, L, D] -> [H, L, D]
+                k = k[:, None].expand(self.n_kv, rep, *k.shape[1:]).reshape(self.n_heads, *k.shape[1:])
+                v = v[:, None].expand(self.n_kv, rep, *v.shape[1:]).reshape(self.n_heads, *v.shape[1:])
+            mask = None if masks[b] is None else masks[b][None, None]
+            outs.append(F.scaled_dot_product_attention(q[b:b + 1], k[None], v[None], attn_mask=mask, scale=1.0))
+        out = torch.cat(outs) if B > 1 else outs[0]
         out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
         return self.o_proj(out), k_new, v_new
 
@@ -169,23 +175,29 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; weights/idx [N, K] -> [N, H]. Loops over the experts actually hit (sparse compute)."""
-        out = torch.zeros_like(x)
+        """x [N, H]; weights/idx [N, K] -> [N, H]. Sparse: each expert runs only on the tokens routed to it."""
+        K = idx.shape[1]
         flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // idx.shape[1]  # token index of each sorted (token, slot) pair
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token_of = order // K
         w_sorted = weights.reshape(-1)[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = token_of[start:start + n]
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e]) * w_sorted[start:start + n, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-            start += n
-        return out
+        xs = x[token_of]  # [N*K, H]
+        if _GROUPED_MM and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # Two calls per layer instead of two per expert (each call synchronises the CPU threads).
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            y = torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        else:  # autograd (training): _grouped_mm has no backward for empty groups
+            parts, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    parts.append(F.linear(gelu_tanh(gate) * up, self.down_proj[e]))
+                    start += n
+            y = torch.cat(parts)
+        # index_add_ over expert-sorted pairs: each token sums its experts in ascending expert order.
+        return torch.zeros_like(x).index_add_(0, token_of, (y * w_sorted[:, None]).to(x.dtype))
 
 
 class DecoderLayer(nn.Module):
@@ -212,15 +224,22 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))  # decoder (denoise) scalar
         self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder (causal) scalar
 
-    def forward(self, x, cos, sin, prefix_k, prefix_v, mask, causal: bool):
-        attn, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, prefix_k, prefix_v, mask)
+    def forward(self, x, cos, sin, prefixes, masks, causal: bool, moe_per_row: bool = True):
+        attn, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, prefixes, masks)
         x = x + self.post_attention_layernorm(attn)
         residual = x
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         w, idx = self.router(flat)
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(x.shape)
-        moe = self.post_feedforward_layernorm_2(moe)
+        pre = self.pre_feedforward_layernorm_2(flat)
+        if moe_per_row and x.shape[0] > 1:
+            # Expert matmul shapes depend on how many tokens hit an expert; per row they are what the row
+            # alone would see, so results do not depend on the batch.
+            S = x.shape[1]
+            moe = torch.cat([self.experts(pre[i:i + S], w[i:i + S], idx[i:i + S]) for i in range(0, flat.shape[0], S)])
+        else:
+            moe = self.experts(pre, w, idx)
+        moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
         x = residual + self.post_feedforward_layernorm(dense + moe)
         x = x * (self.encoder_layer_scalar if causal else self.layer_scalar)
         return x, k_new, v_new

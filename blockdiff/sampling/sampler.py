@@ -52,10 +52,10 @@ def acceptance_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor
 
 
 def reference_entropy(processed: torch.Tensor) -> torch.Tensor:
-    """Entropy exactly as torch.distributions.Categorical(logits=...).entropy() computes it."""
+    """Entropy exactly as torch.distributions.Categorical(logits=...).entropy() computes it (its clamp to the
+    dtype's min is a no-op for the finite, soft-capped logits and is skipped)."""
     norm = processed - processed.logsumexp(dim=-1, keepdim=True)
     probs = torch.softmax(norm, dim=-1)
-    norm = torch.clamp(norm, min=torch.finfo(norm.dtype).min)
     return -(norm * probs).sum(-1)
 
 

@@ -1,0 +1,173 @@
+"""Text <-> token ids for a checkpoint folder: ``tokenizer.json`` via ``tokenizers``, chat template via jinja2.
+
+Contract:
+
+- ``Tokenizer.from_dir(path)`` reads ``tokenizer.json`` (required), ``tokenizer_config.json`` (special-token
+  names, optional ``chat_template``), ``chat_template.jinja`` (preferred over the config's template) and, when
+  present, ``generation_config.json`` (its EOS ids join ``eos_token_ids``).
+- ``encode(text)`` never adds special tokens unless asked; special tokens written in the text (``<bos>``,
+  ``<|turn>``...) always map to their own ids. ``decode`` drops special tokens unless asked to keep them.
+- ``apply_chat_template(messages)`` renders the checkpoint's template in a sandbox, the way transformers does
+  (``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``bos_token``/``eos_token``); messages are validated
+  first (``ValueError``: the HTTP layer turns it into a 400). ``encode_chat`` tokenizes the rendered text as-is:
+  the template already wrote ``<bos>``, so no second BOS is added.
+
+The engine knows only token ids; this module is the only place that knows text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _token_name(value) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
+    # Chat templates render tool schemas with |tojson and expect plain (not HTML-escaped) JSON.
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _message_text(content, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI-style content parts
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"message {index}: only text content parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ValueError(f"message {index}: content must be a string or a list of text parts, "
+                     f"got {type(content).__name__}")
+
+
+def normalize_messages(messages) -> list[dict[str, Any]]:
+    """Validate chat messages and turn content-part lists into plain strings (other keys pass through)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"message {i} has no 'role' (a non-empty string)")
+        if "content" not in m:
+            raise ValueError(f"message {i} ({m['role']}) has no 'content'")
+        out.append({**m, "content": _message_text(m["content"], i)})
+    return out
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None, chat_template: str | None = None,
+                 extra_eos_ids: list[int] | None = None):
+        self._tok = tokenizer
+        self.config = dict(config or {})
+        self.chat_template = chat_template
+        self.bos_token = _token_name(self.config.get("bos_token"))
+        self.eos_token = _token_name(self.config.get("eos_token"))
+        self.pad_token = _token_name(self.config.get("pad_token"))
+        self.bos_token_id = self.token_to_id(self.bos_token)
+        self.pad_token_id = self.token_to_id(self.pad_token)
+        eos = [self.token_to_id(self.eos_token)] + list(extra_eos_ids or [])
+        self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in eos if i is not None))
+        self._template = None
+
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        path = os.path.expanduser(str(path))
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        config = {}
+        cfg_path = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
+        template = None
+        jinja_path = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read()
+        else:
+            template = config.get("chat_template")
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default")
+        extra_eos = []
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path, encoding="utf-8") as f:
+                e = json.load(f).get("eos_token_id")
+            extra_eos = [] if e is None else ([e] if isinstance(e, int) else list(e))
+        return cls(_HFTokenizer.from_file(tj), config, template, extra_eos)
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
+        if not self.chat_template:
+            raise ValueError("this checkpoint has no chat template (chat_template.jinja or "
+                             "tokenizer_config.json['chat_template']); send a plain prompt instead")
+        messages = normalize_messages(messages)
+        if self._template is None:
+            self._template = _environment().from_string(self.chat_template)
+        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                   "pad_token": self.pad_token or "", **template_kwargs,
+                   "messages": messages, "add_generation_prompt": add_generation_prompt}
+        try:
+            return self._template.render(**context)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template rejected the messages: {e}") from e
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
+        """Token ids of the rendered conversation; the template's own ``<bos>`` is the only BOS."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_kwargs),
+                           add_special_tokens=False)

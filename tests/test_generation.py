@@ -1,0 +1,293 @@
+"""Generation: reference-exact mode equals the transformers oracle token for token; default mode keeps the
+reference's distribution; the ModelState lifecycle; SamplingParams validation; stop conditions."""
+
+import collections
+
+import pytest
+import torch
+from fixtures import make_checkpoint, oracle_generate
+
+from blockdiff import LLM, SamplingParams
+from blockdiff.engine.model_state import InvalidTransition, ModelState, Phase
+from blockdiff.sampling.sampler import fast_step, reference_entropy, reference_step
+
+EOS = {1, 106, 50}
+
+
+def _prompt(seed, n, vocab=512):
+    g = torch.Generator().manual_seed(10_000 + seed)
+    # Avoid EOS ids in prompts so the test is about generated tokens.
+    ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+    return [t if t not in EOS else 7 for t in ids]
+
+
+@pytest.fixture(scope="module")
+def early_stop_checkpoint(tmp_path_factory):
+    """A window shorter than the prompt, 3 experts of 6, a cold schedule, an entropy bound that accepts every
+    position and a confidence threshold every step satisfies: the canvas iterates to a fixed point, so canvases
+    end by the stability rule long before the step cap."""
+    return make_checkpoint(tmp_path_factory.mktemp("early"), seed=3,
+                           text_overrides=dict(num_experts=6, top_k_experts=3, sliding_window=6),
+                           generation_config=dict(confidence_threshold=1e9, max_denoising_steps=24, t_max=0.05,
+                                                  t_min=0.01, stability_threshold=2,
+                                                  sampler_config={"_cls_name": "EntropyBoundSamplerConfig",
+                                                                  "entropy_bound": 50.0}))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, dtype="float32")
+
+
+# ------------------------------------------------------------------------------ reference-exact mode
+@pytest.mark.parametrize("seed,prompt_len,n", [(0, 5, 40), (1, 21, 16), (2, 9, 37), (3, 1, 3), (4, 12, 33)])
+def test_reference_mode_equals_oracle_at_step_cap(tiny_checkpoint, llm, seed, prompt_len, n):
+    prompt = _prompt(seed, prompt_len)
+    expected = oracle_generate(tiny_checkpoint, prompt, seed, n)
+    out = llm.generate(prompt_token_ids=[prompt],
+                       sampling_params=SamplingParams(max_new_tokens=n, seed=seed, rng="reference"))[0]
+    assert out.token_ids == expected
+    assert out.metrics.denoise_steps == 48 * out.metrics.canvases  # random weights never converge
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 5])
+def test_reference_mode_equals_oracle_with_early_stops(early_stop_checkpoint, seed):
+    llm = LLM(early_stop_checkpoint, dtype="float32")
+    prompt = _prompt(seed, 14)
+    n = 45  # three canvases of 16, the last cut
+    expected = oracle_generate(early_stop_checkpoint, prompt, seed, n)
+    out = llm.generate(prompt_token_ids=[prompt],
+                       sampling_params=SamplingParams(max_new_tokens=n, seed=seed, rng="reference"))[0]
+    assert out.token_ids == expected
+    assert out.metrics.denoise_steps < 24 * out.metrics.canvases  # canvases ended early
+
+
+def test_reference_mode_stops_at_eos_like_the_oracle(tiny_checkpoint, llm):
+    # Find seeds where the oracle stops on an EOS id inside the budget, and check those too.
+    hits = 0
+    for seed in range(12):
+        prompt = _prompt(seed, 6)
+        expected = oracle_generate(tiny_checkpoint, prompt, seed, 64)
+        if not (expected and expected[-1] in EOS):
+            continue
+        out = llm.generate(prompt_token_ids=[prompt],
+                           sampling_params=SamplingParams(max_new_tokens=64, seed=seed, rng="reference"))[0]
+        assert out.token_ids == expected
+        assert out.finish_reason == "stop"
+        hits += 1
+    assert hits >= 1, "no seed produced an EOS; pick a different checkpoint seed"
+
+
+# ------------------------------------------------------------------------------ default mode
+def test_fast_step_matches_reference_step_on_everything_but_the_draws():
+    torch.manual_seed(0)
+    logits = torch.randn(24, 50) * 4
+    canvas = torch.randint(0, 50, (24,))
+    ref = reference_step(logits.clone(), canvas, 3, 10, 0.4, 0.8, 0.5, torch.Generator().manual_seed(1))
+    fast = fast_step(logits.clone(), canvas, 3, 10, 0.4, 0.8, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(ref.argmax, fast.argmax)
+    assert torch.equal(ref.accepted, fast.accepted)
+    assert 0 < int(ref.accepted.sum()) < 24
+    assert torch.allclose(ref.entropy, fast.entropy, atol=1e-5)
+    assert torch.allclose(ref.probs, fast.probs, atol=1e-6)
+    assert abs(ref.mean_entropy - fast.mean_entropy) < 1e-5
+    # Non-accepted positions are renoised in both; accepted ones hold a sampled token.
+    for res in (ref, fast):
+        assert res.canvas.shape == canvas.shape
+
+
+def test_fast_step_samples_the_tempered_distribution():
+    V, C, trials = 6, 64, 300
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    logits = row.repeat(C, 1)
+    t = 0.8  # step 0 of 10 uses t_max
+    want = torch.softmax(row / t, -1)
+    g = torch.Generator().manual_seed(0)
+    counts = collections.Counter()
+    for _ in range(trials):
+        res = fast_step(logits.clone(), torch.zeros(C, dtype=torch.long), 0, 10, 0.4, t, 1e9, g)
+        assert bool(res.accepted.all())  # a huge entropy bound accepts every position
+        counts.update(res.canvas.tolist())
+    n = C * trials
+    got = torch.tensor([counts[i] / n for i in range(V)])
+    assert (got - want).abs().max() < 0.01, (got, want)
+
+
+def test_entropy_matches_categorical():
+    x = torch.randn(3, 7, 40) * 5
+    ent = torch.distributions.Categorical(logits=x).entropy()
+    assert torch.equal(reference_entropy(x), ent)
+
+
+def test_default_mode_equals_reference_mode_when_sampling_is_deterministic(tiny_checkpoint, llm):
+    # Near-zero temperature makes every sample the argmax; a huge entropy bound accepts every position: both
+    # modes then follow the same path whatever their random draws.
+    p = dict(max_new_tokens=16, seed=3, t_min=1e-6, t_max=2e-6, entropy_bound=1e9, max_denoising_steps=8)
+    prompt = _prompt(7, 10)
+    ref = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(rng="reference", **p))[0]
+    fast = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(rng="default", **p))[0]
+    assert ref.token_ids == fast.token_ids
+    assert ref.metrics.denoise_steps == fast.metrics.denoise_steps
+
+
+def test_default_mode_is_reproducible_per_seed_and_varies_across_seeds(llm):
+    prompt = _prompt(1, 8)
+    a = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=20, seed=5))[0]
+    b = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=20, seed=5))[0]
+    c = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_new_tokens=20, seed=6))[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize("rng", ["default", "reference"])
+def test_seeded_output_is_the_same_alone_and_batched(llm, rng):
+    prompts = [_prompt(i, 3 + 4 * i) for i in range(4)]
+    params = [SamplingParams(max_new_tokens=10 + 9 * i, seed=100 + i, rng=rng, max_denoising_steps=6)
+              for i in range(4)]
+    together = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    for p, sp, out in zip(prompts, params, together):
+        alone = llm.generate(prompt_token_ids=[p], sampling_params=sp)[0]
+        assert alone.token_ids == out.token_ids
+
+
+# ------------------------------------------------------------------------------ outputs and stops
+def test_max_new_tokens_not_a_multiple_of_the_canvas(llm):
+    out = llm.generate(prompt_token_ids=[_prompt(2, 4)],
+                       sampling_params=SamplingParams(max_new_tokens=21, seed=0, ignore_eos=True,
+                                                      max_denoising_steps=3))[0]
+    assert len(out.token_ids) == 21
+    assert out.finish_reason == "length"
+    assert out.metrics.canvases == 2
+
+
+def test_stop_token_ids_end_the_output(llm):
+    base = llm.generate(prompt_token_ids=[_prompt(3, 5)],
+                        sampling_params=SamplingParams(max_new_tokens=16, seed=1, ignore_eos=True,
+                                                       max_denoising_steps=3))[0]
+    stop_tok = base.token_ids[5]
+    out = llm.generate(prompt_token_ids=[_prompt(3, 5)],
+                       sampling_params=SamplingParams(max_new_tokens=16, seed=1, ignore_eos=True,
+                                                      max_denoising_steps=3, stop_token_ids=[stop_tok]))[0]
+    first = base.token_ids.index(stop_tok)
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_stop_strings_cut_the_text(llm):
+    base = llm.generate(prompt_token_ids=[_prompt(4, 5)],
+                        sampling_params=SamplingParams(max_new_tokens=16, seed=2, ignore_eos=True,
+                                                       max_denoising_steps=3))[0]
+    text = base.text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip())
+    out = llm.generate(prompt_token_ids=[_prompt(4, 5)],
+                       sampling_params=SamplingParams(max_new_tokens=16, seed=2, ignore_eos=True,
+                                                      max_denoising_steps=3, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:text.index(stop)]
+    assert stop not in out.text
+
+
+def test_text_prompt_and_chat(llm):
+    out = llm.generate("Hello there", SamplingParams(max_new_tokens=8, seed=0, max_denoising_steps=2))[0]
+    assert out.prompt_token_ids[0] == 2  # <bos> added
+    assert isinstance(out.text, str)
+    chat = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_new_tokens=8, seed=0,
+                                                                           max_denoising_steps=2))[0]
+    assert chat.prompt_token_ids[:2] == [2, 105] and chat.prompt_token_ids[-3:-2] == [105]
+    assert chat.metrics.tokens_per_forward > 0
+
+
+def test_canvas_template_positions_are_kept_and_allowed_ids_respected(llm):
+    template = [-1] * 16
+    template[0], template[5], template[15] = 300, 301, 302
+    allowed = list(range(200, 260))
+    out = llm.generate(prompt_token_ids=[_prompt(5, 6)],
+                       sampling_params=SamplingParams(max_new_tokens=16, seed=0, canvas_template=template,
+                                                      allowed_token_ids=allowed, ignore_eos=True,
+                                                      max_denoising_steps=5))[0]
+    assert (out.token_ids[0], out.token_ids[5], out.token_ids[15]) == (300, 301, 302)
+    free = [t for i, t in enumerate(out.token_ids) if i not in (0, 5, 15)]
+    assert all(200 <= t < 260 for t in free)
+
+
+# ------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-5), "max_new_tokens"),
+    (dict(max_denoising_steps=1.5), "max_denoising_steps"),
+    (dict(entropy_bound=0), "entropy_bound"),
+    (dict(t_min=0.9, t_max=0.5), "t_max must be greater than t_min"),
+    (dict(t_min=-1.0), "t_min"),
+    (dict(seed=-1), "seed"),
+    (dict(rng="fast"), "rng"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    (dict(canvas_template=[1, -2]), "canvas_template"),
+    (dict(rng="reference", allowed_token_ids=[5]), "rng='reference'"),
+    (dict(confidence_threshold=float("nan")), "confidence_threshold"),
+])
+def test_sampling_params_reject_bad_values_with_a_clear_message(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        SamplingParams(**kwargs)
+
+
+def test_request_level_errors(llm):
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate(prompt_token_ids=[[1, 2]], sampling_params=SamplingParams(allowed_token_ids=[10_000]))
+    with pytest.raises(ValueError, match="canvas holds 16"):
+        llm.generate(prompt_token_ids=[[1, 2]], sampling_params=SamplingParams(canvas_template=[-1] * 17))
+    with pytest.raises(ValueError, match="context"):
+        llm.generate(prompt_token_ids=[[3] * 2000], sampling_params=SamplingParams(max_new_tokens=100))
+    with pytest.raises(ValueError, match="at least one token"):
+        llm.generate(prompt_token_ids=[[]])
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        llm.generate(prompt_token_ids=[[5, 512]])
+    with pytest.raises(ValueError, match="exactly one"):
+        llm.generate()
+    assert not llm.engine.has_unfinished()  # nothing half-admitted
+
+
+# ------------------------------------------------------------------------------ the state machine
+def test_model_state_lifecycle_and_events(llm):
+    events = []
+    state = llm.engine.make_state(_prompt(0, 5), SamplingParams(max_new_tokens=20, seed=0, max_denoising_steps=3,
+                                                                ignore_eos=True), on_event=events.append)
+    assert state.phase is Phase.WAITING
+    with pytest.raises(InvalidTransition):
+        state.apply_step(None, None)
+    llm.engine.scheduler.add(state)
+    phases = []
+    while not state.finished:
+        llm.engine.step()
+        phases.append(state.phase)
+    assert phases[0] is Phase.DENOISING and Phase.COMMITTING in phases and phases[-1] is Phase.FINISHED
+    kinds = collections.Counter(e.kind for e in events)
+    assert kinds["draft"] == state.metrics.denoise_steps == 6
+    assert kinds["block"] == state.metrics.canvases == 2
+    assert kinds["done"] == 1 and events[-1].kind == "done"
+    blocks = [t for e in events if e.kind == "block" for t in e.token_ids]
+    assert blocks == state.output_ids and len(blocks) == 20
+    assert state.cache is None  # KV memory released at finish
+    with pytest.raises(InvalidTransition):
+        state.tokens_to_encode()
+
+
+def test_abort_frees_the_request(llm):
+    state = llm.engine.add_request(_prompt(0, 5), SamplingParams(max_new_tokens=64, seed=0))
+    llm.engine.step()
+    assert state.phase is Phase.DENOISING and state.cache.length == 5
+    assert llm.engine.abort(state.request_id)
+    assert state.finish_reason == "abort" and state.cache is None
+    assert not llm.engine.has_unfinished()
+
+
+def test_model_state_is_a_plain_state_machine_without_a_model():
+    from blockdiff.config import TextConfig
+    specs = TextConfig.from_dict(dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                      num_key_value_heads=1, head_dim=4, num_experts=2, top_k_experts=1,
+                                      moe_intermediate_size=4)).layers
+    sp = SamplingParams(max_new_tokens=4).resolved(__import__("blockdiff").GenerationDefaults())
+    s = ModelState("r", 0, [1, 2], sp, specs, 4, 50, [1])
+    assert s.tokens_to_encode() == [1, 2]
+    s.encoded()
+    assert s.phase is Phase.DENOISING and s.canvas.shape == (4,)

@@ -1,0 +1,143 @@
+import json
+import os
+import shutil
+
+import pytest
+
+from blockdiff.tokenizer import Tokenizer
+from fixtures import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, TURN_END_ID, TURN_START_ID, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("text", ["Hello, world!", "  leading and trailing  ", "ünïcödé ✓ 中文 🙂\n\ttabs",
+                                  "", "the the the thing", "\x00\x01 bytes \xff"])
+def test_any_text_round_trips_through_encode_and_decode(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_every_id_decodes(tok):
+    assert isinstance(tok.decode(range(tok.vocab_size), skip_special_tokens=False), str)
+
+
+def test_vocab_size_matches_the_model_config(tok, tiny_checkpoint):
+    with open(os.path.join(tiny_checkpoint, "config.json")) as f:
+        assert tok.vocab_size == json.load(f)["text_config"]["vocab_size"]
+
+
+def test_special_tokens_in_text_map_to_their_gemma_ids(tok):
+    for token_id, token in SPECIAL_TOKENS.items():
+        assert tok.encode(token) == [token_id]
+        assert tok.token_to_id(token) == token_id
+    ids = tok.encode("<bos><|turn>user\nhi<turn|>\n")
+    assert ids[:2] == [BOS_ID, TURN_START_ID] and TURN_END_ID in ids
+
+
+def test_special_ids_and_eos_set_come_from_the_checkpoint(tok):
+    assert tok.bos_token_id == BOS_ID and tok.pad_token_id == PAD_ID
+    # tokenizer_config's <eos> first, then generation_config's [1, 106, 50] without repeats.
+    assert tok.eos_token_ids == [EOS_ID, TURN_END_ID, 50]
+
+
+def test_encode_adds_bos_only_when_asked(tok):
+    assert tok.encode("hi")[0] != BOS_ID
+    assert tok.encode("hi", add_special_tokens=True) == [BOS_ID] + tok.encode("hi")
+
+
+def test_decode_skips_special_tokens_unless_asked(tok):
+    ids = [BOS_ID] + tok.encode("hi") + [TURN_END_ID]
+    assert tok.decode(ids) == "hi"
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos>hi<turn|>"
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+]
+EXPECTED_CHAT = ("<bos><|turn>system\nYou are terse.<turn|>\n<|turn>user\nWhat is 2+2?<turn|>\n"
+                 "<|turn>model\n4<turn|>\n<|turn>user\nAnd 3+3?<turn|>\n<|turn>model\n")
+
+
+def test_chat_template_renders_gemma_turns(tok):
+    assert tok.apply_chat_template(CONVERSATION) == EXPECTED_CHAT
+    no_prompt = tok.apply_chat_template(CONVERSATION, add_generation_prompt=False)
+    assert no_prompt == EXPECTED_CHAT[:-len("<|turn>model\n")]
+
+
+def test_openai_content_parts_are_joined(tok):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]}]
+    assert tok.apply_chat_template(parts) == "<bos><|turn>user\nWhat is\n2+2?<turn|>\n<|turn>model\n"
+
+
+@pytest.mark.parametrize("role", ["system", "user", "model"])
+def test_turn_header_is_three_tokens_like_gemma(tok, role):
+    assert tok.encode(f"<|turn>{role}\n") == [TURN_START_ID, tok.token_to_id(role), tok.token_to_id("Ċ")]
+
+
+def test_encode_chat_has_exactly_one_bos_and_specials_as_ids(tok):
+    ids = tok.encode_chat(CONVERSATION)
+    assert ids[0] == BOS_ID and ids.count(BOS_ID) == 1
+    assert ids.count(TURN_START_ID) == 5 and ids.count(TURN_END_ID) == 4
+    prompt = [TURN_START_ID] + tok.encode("model\n")
+    assert ids[-len(prompt):] == prompt
+    assert tok.decode(ids, skip_special_tokens=False) == EXPECTED_CHAT
+
+
+def test_template_kwargs_reach_the_template(tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+    (tmp_path / "ck" / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% if enable_thinking %}THINK{% endif %}{{ messages[0]['content'] }}")
+    t = Tokenizer.from_dir(tmp_path / "ck")
+    msgs = [{"role": "user", "content": "x"}]
+    assert t.apply_chat_template(msgs, enable_thinking=True) == "<bos>THINKx"
+    assert t.apply_chat_template(msgs) == "<bos>x"
+
+
+def test_template_from_tokenizer_config_when_no_jinja_file(tmp_path):
+    write_tokenizer(tmp_path, 512, chat_template=None)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    t = Tokenizer.from_dir(tmp_path)
+    assert t.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi"
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty list"),
+    ([{"content": "hi"}], "no 'role'"),
+    ([{"role": "user"}], "no 'content'"),
+    ([{"role": "user", "content": 42}], "content must be a string"),
+    ([{"role": "user", "content": None}], "content must be a string"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text"),
+    (["hi"], "must be a dict"),
+    ([{"role": "robot", "content": "hi"}], "unknown role robot"),  # the template's raise_exception
+])
+def test_malformed_messages_raise_value_error(tok, messages, match):
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template(messages)
+
+
+def test_checkpoint_without_template_raises_value_error(tmp_path):
+    write_tokenizer(tmp_path, 512, chat_template=None)
+    t = Tokenizer.from_dir(tmp_path)
+    assert t.encode("hi")  # plain text still works
+    with pytest.raises(ValueError, match="no chat template"):
+        t.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_template_sandbox_blocks_attribute_escapes(tmp_path):
+    write_tokenizer(tmp_path, 512, chat_template="{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}")
+    with pytest.raises(ValueError):
+        Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_folder_without_tokenizer_json_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
