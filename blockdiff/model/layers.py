@@ -14,6 +14,7 @@ from torch import nn
 from ..config import FULL, LayerSpec, TextConfig
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_MM_UNSUPPORTED: set = set()  # (device type, dtype) pairs whose grouped-mm kernel raised once
 
 
 class RMSNorm(nn.Module):
@@ -183,12 +184,17 @@ class Experts(nn.Module):
         token_of = order // K
         w_sorted = weights.reshape(-1)[order]
         xs = x[token_of]  # [N*K, H]
-        if _GROUPED_MM and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        y = None
+        kind = (x.device.type, x.dtype)
+        if _GROUPED_MM and kind not in _GROUPED_MM_UNSUPPORTED and not torch.is_grad_enabled():
             # Two calls per layer instead of two per expert (each call synchronises the CPU threads).
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            y = torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        else:  # autograd (training): _grouped_mm has no backward for empty groups
+            try:
+                gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+                y = torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+            except RuntimeError:  # a dtype/device this build's kernel lacks (fp64, some GPUs): loop instead
+                _GROUPED_MM_UNSUPPORTED.add(kind)
+        if y is None:  # also autograd (training): _grouped_mm has no backward for empty groups
             parts, start = [], 0
             for e, n in enumerate(counts.tolist()):
                 if n:
