@@ -29,11 +29,16 @@ def _load(args):
 
     from ..engine.llm import LLM
 
+    from ..cli import auto_threads
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
         raise _error(f"no model folder at {args.model}")
-    return LLM(args.model, dtype="float32", device=args.device)
+    llm = LLM(args.model, dtype="float32", device=args.device)
+    if not args.threads:
+        auto_threads(llm.model)
+    return llm
 
 
 def _run_live(llm, puzzle, seed, steps, title):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kv_cache import KVCache
+
 EPS = 1e-3
 
 
@@ -45,11 +47,9 @@ class _Row:
         return out
 
 
-class TrainCache:
-    """The cache interface ``encode``/``denoise`` read, for training batches whose rows all have the same length:
-    prefixes come back as one stacked tensor per layer with no padding mask (the KVCache copies row by row into
-    padded buffers, which dominates a small model's step on CPU). Keeps every position: a training sequence
-    must fit the sliding window."""
+class TrainCache(KVCache):
+    """A ``KVCache`` for training batches: rows keep their chunks in lists (joined once per read, never grown by
+    copying) and every position (a training sequence must fit the sliding window); autograd flows through."""
 
     def __init__(self, rows: list[_Row]):
         self.seqs = rows
@@ -57,14 +57,6 @@ class TrainCache:
     @classmethod
     def empty(cls, n_layers: int, batch_size: int) -> "TrainCache":
         return cls([_Row(n_layers) for _ in range(batch_size)])
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [s.length for s in self.seqs]
 
     def fork(self, rows: list[int] | None = None) -> "TrainCache":
         pick = self.seqs if rows is None else [self.seqs[i] for i in rows]
@@ -80,17 +72,6 @@ class TrainCache:
             else:
                 out.append((ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=1), torch.cat(vs, dim=1)))
         return out
-
-    def prefix(self, layer: int, device, dtype, n_kv: int, head_dim: int):
-        if len(set(self.lengths)) != 1:
-            raise ValueError("TrainCache rows must all have the same length")
-        if not self.seqs[0].keys[layer]:
-            return None, None, None, None
-        k = torch.stack([torch.cat(s.keys[layer], dim=1) if len(s.keys[layer]) > 1 else s.keys[layer][0]
-                         for s in self.seqs])  # [B, Hkv, P, D]
-        v = torch.stack([torch.cat(s.values[layer], dim=1) if len(s.values[layer]) > 1 else s.values[layer][0]
-                         for s in self.seqs])
-        return k, v, None, None
 
 
 @dataclass
