@@ -20,10 +20,6 @@ class SequenceCache:
         self.values: list[torch.Tensor | None] = [None] * len(specs)
         self.length = 0  # positions encoded so far (the next token's position)
 
-    def stored(self, layer: int) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[1]
-
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, S, D] for the next S positions of this layer."""
         if self.keys[layer] is None:
@@ -39,12 +35,6 @@ class SequenceCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
-
-    def fork(self) -> "SequenceCache":
-        """A cheap copy sharing storage: appends to either never affect the other (append makes new tensors)."""
-        out = SequenceCache(self.specs)
-        out.keys, out.values, out.length = list(self.keys), list(self.values), self.length
-        return out
 
 
 class KVCache:

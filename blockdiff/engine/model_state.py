@@ -169,7 +169,7 @@ class ModelState:
         self.step += 1
         stable = self.stability.update(res.argmax)
         done = (stable and res.mean_entropy < p.confidence_threshold) or self.step >= p.max_denoising_steps
-        if p.stream_drafts or self.on_event is not None:
+        if self.on_event is not None:  # drafts cost two .tolist() per step: only when someone listens
             self._emit(Event("draft", self.request_id, self.request_index, res.argmax.tolist(), step=self.step,
                              accepted=res.accepted.tolist()))
         if done:
