@@ -92,13 +92,13 @@ def test_profile_breaks_a_step_down_and_restores_every_patch(tiny_checkpoint, ca
     from blockdiff.engine import engine as engine_mod
     from blockdiff.model import layers
 
-    before = (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax)
+    before = (engine_mod.default_step, layers.Experts.forward, __import__("torch").softmax)
     args = ["bench", tiny_checkpoint, "--profile", "--steps", "2", "--prompt-len", "8"]
     assert main(args + ([] if HAVE_ORACLE else ["--no-oracle"])) == 0
     out = capsys.readouterr().out
     assert "blockdiff-default:" in out and "ms per denoising step" in out
-    for part in ("model forward", "experts", "attention", "sampler: fast_step", "aten::"):
+    for part in ("model forward", "experts", "attention", "sampler: default_step", "aten::"):
         assert part in out
     if HAVE_ORACLE:
         assert "oracle:" in out and "torch.multinomial" in out
-    assert (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax) == before
+    assert (engine_mod.default_step, layers.Experts.forward, __import__("torch").softmax) == before

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond max-num-seqs before 429 "
                    "(default 4 * max-num-seqs)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="a seeded request's output is bit-identical alone or in any batch (per-request compute: "
+                        "slower under load); default: one batched pass per tick")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -39,6 +42,7 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or args.model
     app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max_num_seqs {args.max_num_seqs}{', API key required' if args.api_key else ''})", flush=True)
+          f"(max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
+          f"{', API key required' if args.api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0
