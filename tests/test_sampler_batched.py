@@ -108,3 +108,14 @@ def test_counter_rng_stays_in_int64_without_overflow_for_every_seed_bit():
     assert int(h.min()) >= 0 and int(h.max()) < 2 ** 32
     assert len({tuple(r) for r in h.tolist()}) == 6  # every seed its own stream
     assert sampler is not None
+
+
+def test_serve_deterministic_flag_reaches_the_model_and_the_async_engine(tiny_checkpoint):
+    from blockdiff.cli import build_parser, load_llm
+    from blockdiff.engine.async_engine import AsyncEngine
+
+    for flags, want in (([], False), (["--deterministic"], True)):
+        args = build_parser().parse_args(["serve", tiny_checkpoint, "--threads", "1", *flags])
+        llm = load_llm(args)
+        assert llm.model.batch_invariant is want and llm.deterministic is want
+        assert AsyncEngine(llm.engine).deterministic is want
