@@ -107,7 +107,7 @@ class DiffusionGemma(nn.Module):
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
         if ids.device.type == "cpu":
-            a = ids.detach().numpy()
+            a = ids.numpy()  # integer ids never require grad
             if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
                 raise ValueError(f"{name} holds ids outside [0, {self.vocab_size})")
         return to_device(ids, self.device) if ids.device != self.device else ids
