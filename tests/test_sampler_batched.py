@@ -119,3 +119,16 @@ def test_serve_deterministic_flag_reaches_the_model_and_the_async_engine(tiny_ch
         llm = load_llm(args)
         assert llm.model.batch_invariant is want and llm.deterministic is want
         assert AsyncEngine(llm.engine).deterministic is want
+
+
+def test_default_step_on_bf16_logits_keeps_fp32_entropy_and_sampling():
+    B, C, V = 2, 8, 300
+    logits = (torch.randn(B, C, V) * 3).bfloat16()
+    params = _params(B, C, V, with_constraints=False)
+    want = default_step(logits.float(), torch.zeros(B, C, dtype=torch.long), params)
+    got = default_step(logits.clone(), torch.zeros(B, C, dtype=torch.long), params)
+    assert got.entropy.dtype == torch.float32 and got.probs.dtype == torch.bfloat16
+    # the tempered logits are rounded to bf16 in place; entropy and sampling then run in fp32
+    assert torch.allclose(got.entropy, want.entropy, atol=0.1)
+    assert torch.allclose(got.probs.float().sum(-1), torch.ones(B, C), atol=2e-2)
+    assert int(got.canvas.max()) < V and int(got.canvas.min()) >= 0

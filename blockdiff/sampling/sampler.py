@@ -159,20 +159,20 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
     logits.div_(row_temperature(p)[:, None, None])
     argmax = logits.argmax(dim=-1)  # [B, C]
     flat = logits.view(B * C, V)
-    h = torch.empty(B * C, dtype=logits.dtype, device=dev)
+    h = torch.empty(B * C, dtype=torch.float32, device=dev)
     sampled = torch.empty(B * C, dtype=torch.long, device=dev)
     u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C).view(B * C, 1)
-    cdf = torch.empty(min(ROW_CHUNK, B * C), V, dtype=logits.dtype, device=dev)
+    cdf = torch.empty(min(ROW_CHUNK, B * C), V, dtype=torch.float32, device=dev)
     for i in range(0, B * C, ROW_CHUNK):
         rows = flat[i:i + ROW_CHUNK]
         n = rows.shape[0]
-        probs = torch.softmax(rows, dim=-1)
+        probs = torch.softmax(rows, dim=-1, dtype=torch.float32)  # fp32 whatever the logits' dtype
         h[i:i + n] = torch.special.entr(probs).sum(-1)
         rows.copy_(probs)
-        del probs
         # Inverse-CDF sampling: one uniform per position instead of V exponentials. The target is kept
         # strictly below the total, so a token of probability zero can never be picked.
-        c = torch.cumsum(rows, dim=-1, out=cdf[:n])
+        c = torch.cumsum(probs, dim=-1, out=cdf[:n])
+        del probs
         total = c[:, -1:]
         x = torch.minimum(u[i:i + n] * total, torch.nextafter(total, torch.zeros_like(total)))
         sampled[i:i + n] = torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
