@@ -179,6 +179,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
             doc = base_openapi()
             _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
                                          ref_template="#/components/schemas/{model}")
+            for name in ("CompletionRequest", "ChatCompletionRequest"):  # the one model this server serves
+                defs["$defs"][name]["properties"]["model"]["enum"] = [srv.model_name]
             doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
             app.openapi_schema = doc
         return app.openapi_schema

@@ -69,13 +69,21 @@ class SamplingRequest(BaseModel):
     user: str | None = Field(None, description="accepted for compatibility; not used")
     metadata: dict[str, str] | None = Field(None, description="accepted for compatibility; not used")
     # Fields of the OpenAI API that diffusion sampling accepts only at their neutral value.
-    temperature: Num | None = Field(None, description="only 1 (or unset): see t_min / t_max")
-    top_p: Num | None = Field(None, description="only 1 (or unset): see entropy_bound")
-    presence_penalty: Num | None = Field(None, description="only 0: penalties are not implemented")
-    frequency_penalty: Num | None = Field(None, description="only 0: penalties are not implemented")
-    logit_bias: dict[str, Any] | None = Field(None, description="only {}: not implemented")
-    tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented")
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
+    # (json_schema_extra: the document says which values are accepted, so generated clients stay within them)
+    temperature: Num | None = Field(None, description="only 1 (or unset): see t_min / t_max",
+                                    json_schema_extra={"enum": [1, None]})
+    top_p: Num | None = Field(None, description="only 1 (or unset): see entropy_bound",
+                              json_schema_extra={"enum": [1, None]})
+    presence_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
+                                         json_schema_extra={"enum": [0, None]})
+    frequency_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
+                                          json_schema_extra={"enum": [0, None]})
+    logit_bias: dict[str, Any] | None = Field(None, description="only {}: not implemented",
+                                              json_schema_extra={"maxProperties": 0})
+    tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented",
+                                    json_schema_extra={"maxItems": 0})
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}', json_schema_extra={
+        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]})
     # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
     max_denoising_steps: Int | None = Field(None, ge=1, le=10_000, description="denoising steps per canvas at most")
     stability_threshold: Int | None = Field(None, ge=0, le=10_000,
@@ -171,9 +179,10 @@ class CompletionRequest(SamplingRequest):
                                                         "minItems": 1}, "minItems": 1, "maxItems": 1}]})
     echo: bool = Field(False, description="return the prompt text before the completion")
     suffix: str | None = Field(None, description="only '' (fill-in-the-middle is not implemented; see "
-                               "canvas_template)")
-    logprobs: Int | None = Field(None, description="only 0 (unset): logprobs are not implemented")
-    best_of: Int | None = Field(None, description="only 1")
+                               "canvas_template)", json_schema_extra={"maxLength": 0})
+    logprobs: Int | None = Field(None, description="only 0 (unset): logprobs are not implemented",
+                                 json_schema_extra={"enum": [0, None]})
+    best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -214,13 +223,13 @@ ContentPart = TextPart  # a Union as more part kinds are supported
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
-    role: str = Field(description=f"one of {', '.join(CHAT_ROLES)}")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
     content: str | list[ContentPart] = Field(description="a string or an array of text parts")
 
-    @field_validator("role")
+    @field_validator("role", mode="before")
     @classmethod
     def _role(cls, v):
-        if v not in CHAT_ROLES:
+        if isinstance(v, str) and v not in CHAT_ROLES:
             raise ValueError(f"{{name}} is '{v}', which is not a known role (one of {', '.join(CHAT_ROLES)})")
         return v
 
@@ -251,8 +260,10 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="extra variables for the chat template; 'add_generation_prompt' (default true) is "
         "honoured")
-    logprobs: bool | None = Field(None, description="only false: logprobs are not implemented")
-    top_logprobs: Int | None = Field(None, description="only 0: logprobs are not implemented")
+    logprobs: bool | None = Field(None, description="only false: logprobs are not implemented",
+                                  json_schema_extra={"enum": [False, None]})
+    top_logprobs: Int | None = Field(None, description="only 0: logprobs are not implemented",
+                                     json_schema_extra={"enum": [0, None]})
 
     @field_validator("messages", mode="before")
     @classmethod
