@@ -87,5 +87,9 @@ class Health(BaseModel):
 
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 429, 500, 503)}
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "Server-Sent Events: 'data: {chunk}' "
-                                        "lines, then 'data: [DONE]'"}}}
+SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "description": "one Server-Sent Event: 'data: {chunk JSON}' (a chunk, a draft chunk, or an error object), the "
+                   "last one 'data: [DONE]'",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}}}
