@@ -15,7 +15,6 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 import torch
 
