@@ -147,3 +147,21 @@ def test_tick_memory_reports_the_logits_buffer_and_what_lies_beyond(tiny_checkpo
     t = json.loads(out.read_text())["tick_memory"]
     assert t["batch"] == 3 and t["logits_mb"] == round(3 * t["canvas_length"] * t["vocab_size"] * 4 / 2 ** 20, 1)
     assert t["temporaries_over_logits"] >= 0 and "one denoising tick" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAVE_ORACLE, reason="the oracle (transformers) is not installed")
+def test_a_reference_mismatch_is_explained_in_one_line_not_a_bare_false(tmp_path, capsys):
+    from blockdiff.bench.harness import format_table
+
+    report, _ = run_bench(["--random-config", "tiny", "--systems", "blockdiff-reference,oracle"], tmp_path, capsys)
+    assert report["reference_matches_oracle"] is not None
+    for matches in (True, False):  # whichever this run gave, both renderings
+        r = dict(report, reference_matches_oracle=matches)
+        lines = format_table(r).splitlines()
+        i = next(k for k, ln in enumerate(lines) if ln.startswith("reference mode == oracle tokens"))
+        if matches:
+            assert i == len(lines) - 1
+        else:
+            assert len(lines) == i + 2 and "random weights" in lines[i + 1] and "near-uniform" in lines[i + 1]
+    r = dict(report, reference_matches_oracle=False, checkpoint="/some/trained/ckpt")
+    assert "report it" in format_table(r).splitlines()[-1]
