@@ -164,12 +164,16 @@ class Engine:
         new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
         same = same_as_previous(argmax, previous, torch.tensor([s.step > 0 for s in states], device=dev))
-        # The one device-to-host transfer of the tick: argmax canvases, acceptance and the stop flags.
-        host = torch.cat([argmax, accepted.long(), same[:, None].long(), confident[:, None].long()], 1).tolist()
+        # The one device-to-host transfer of the tick: the stop flags, the argmax canvases (committed when a canvas
+        # finishes) and, only when someone listens to draft events, the acceptance masks.
+        drafts = any(s.on_event is not None for s in states)
+        parts = [same[:, None].long(), confident[:, None].long(), argmax] + ([accepted.long()] if drafts else [])
+        host = torch.cat(parts, 1).tolist()
         for b, s in enumerate(states):
             row = host[b]
-            s.apply_step(StepRow(new_canvas[b], argmax[b], row[:C], [bool(x) for x in row[C:2 * C]],
-                                 bool(row[2 * C]), bool(row[2 * C + 1])), soft[b])
+            s.apply_step(StepRow(new_canvas[b], argmax[b], row[2:2 + C],
+                                 [bool(x) for x in row[2 + C:]] if drafts else None,
+                                 bool(row[0]), bool(row[1])), soft[b])
         self.stats["denoise_steps"] += len(states)
 
     def _default_rows(self, logits: torch.Tensor, canvas: torch.Tensor, states: list[ModelState]) -> list[tuple]:

@@ -92,7 +92,7 @@ class StepRow:
     canvas: torch.Tensor  # [C] next canvas (device)
     argmax: torch.Tensor  # [C] argmax canvas (device)
     argmax_ids: list[int]  # the same, on the host
-    accepted: list[bool]
+    accepted: list[bool] | None  # read back only when someone listens to draft events
     same_as_previous: bool  # argmax canvas unchanged from the previous step
     confident: bool  # mean entropy below confidence_threshold
 
@@ -213,7 +213,7 @@ class ModelState:
         done = (stable and row.confident) or self.step >= p.max_denoising_steps
         if self.on_event is not None:
             self._emit(Event("draft", self.request_id, self.request_index, list(row.argmax_ids), step=self.step,
-                             accepted=list(row.accepted)))
+                             accepted=None if row.accepted is None else list(row.accepted)))
         if done:
             self._finish_canvas()
         return done
