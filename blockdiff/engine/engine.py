@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..config import GenerationDefaults
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, to_device
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
@@ -149,7 +149,7 @@ class Engine:
             H = model.text.hidden_size
             sc = torch.stack([s.sc_embeds if s.sc_embeds is not None
                               else torch.zeros(C, H, device=dev, dtype=model.dtype) for s in states])
-            mask = torch.tensor(have_sc, device=dev)
+            mask = to_device(torch.tensor(have_sc), dev)
         logits = model.denoise(canvas, KVCache([s.cache for s in states]),
                                self_conditioning_embeds=sc, self_conditioning_mask=mask)  # [B, C, V]
         parts = []
@@ -163,7 +163,7 @@ class Engine:
             parts.append(_unsqueeze(res))
         new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
-        same = same_as_previous(argmax, previous, torch.tensor([s.step > 0 for s in states], device=dev))
+        same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
         # The one device-to-host transfer of the tick: the stop flags, the argmax canvases (committed when a canvas
         # finishes) and, only when someone listens to draft events, the acceptance masks.
         drafts = any(s.on_event is not None for s in states)

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..config import LayerSpec
-from ..kv_cache import SequenceCache
+from ..kv_cache import SequenceCache, to_device
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import initial_canvas
 
@@ -181,7 +181,7 @@ class ModelState:
             self.canvas = torch.randint(0, self.vocab_size, (1, C), generator=self.generator,
                                         device=self.device)[0]
         else:
-            key = torch.tensor([[self.seed, self.canvas_index]], dtype=torch.int64, device=self.device)
+            key = to_device(torch.tensor([[self.seed, self.canvas_index]], dtype=torch.int64), self.device)
             self.canvas = initial_canvas(key[:, 0], key[:, 1], C, self.vocab_size)[0]
         if self.fixed is not None:
             self.canvas = torch.where(self.fixed, self.template, self.canvas)
