@@ -1,7 +1,10 @@
 """DiffusionGemma: one weight set, two passes.
 
 - ``encode(input_ids, cache)``: causal; reads the prompt or a committed canvas, appends its keys/values to
-  the cache (positions continue after what the cache holds). Uses the encoder ``layer_scalar``s.
+  the cache (positions continue after what the cache holds). Uses the encoder ``layer_scalar``s. With
+  ``pixel_values`` / ``image_position_ids`` (see ``vision.py``) the vision tower's soft tokens replace the
+  embeddings at the image-token positions; with ``mm_token_type_ids`` (1 = image token) and
+  ``use_bidirectional_attention == "vision"``, the tokens of one image also attend to each other both ways.
 - ``denoise(canvas_ids, cache, ...)``: bidirectional over the canvas, read-only over the cached prefix
   (sliding layers see the last ``sliding_window - 1`` cached positions). Canvas embeddings first pass
   through the self-conditioning block. Returns soft-capped fp32 logits ``[B, C, V]``. Uses the decoder
@@ -19,10 +22,11 @@ from torch import nn
 from ..config import SLIDING, ModelConfig
 from ..kv_cache import KVCache
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+from .vision import VisionEncoder, image_blocks, scatter_image_features
 
 
 class DiffusionGemma(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, with_vision: bool = False):
         super().__init__()
         self.config = config
         t = self.text = config.text
@@ -33,6 +37,9 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
         self.softcap = t.final_logit_softcapping
+        # The vision tower (images in the prompt); None for a text-only model. The loader builds it when the
+        # checkpoint holds its tensors.
+        self.vision = VisionEncoder(config.vision, t.hidden_size) if with_vision and config.vision else None
         # Compute every row as it would be computed alone (per-row attention and experts), so a seeded
         # request's output does not depend on its batch. Training turns it off for speed.
         self.batch_invariant = True
@@ -90,11 +97,14 @@ class DiffusionGemma(nn.Module):
         cache: KVCache,
         lengths: list[int] | None = None,
         logits: str | None = None,  # None | "last" | "all"
+        pixel_values: torch.Tensor | None = None,  # [N, P, 3 * ps^2]: the images of all rows, in order
+        image_position_ids: torch.Tensor | None = None,  # [N, P, 2] (x, y) per patch, (-1, -1) = padding
+        mm_token_type_ids: torch.Tensor | None = None,  # [B, S]: 1 = image token, 0 = text
     ) -> torch.Tensor | None:
         """Causal pass over new tokens; appends their K/V to each cache row.
 
         ``logits="last"`` returns [B, V] for each row's last real token (the next-token head),
-        ``"all"`` returns [B, S, V]; default returns nothing.
+        ``"all"`` returns [B, S, V]; default returns nothing. Images: see the module docstring.
         """
         self._check_ids(input_ids, "input_ids")
         B, S = input_ids.shape
@@ -108,6 +118,10 @@ class DiffusionGemma(nn.Module):
         positions = start[:, None] + torch.arange(S, device=dev)[None]  # [B, S]
         new_valid = torch.arange(S, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]  # [B, S]
         x = self.embed(input_ids.to(dev))
+        # --- images: soft tokens into the image-token positions; same-image tokens see each other ---
+        if pixel_values is not None:
+            x = scatter_image_features(self, x, input_ids, pixel_values, image_position_ids)
+        blocks = image_blocks(self.text, mm_token_type_ids, (B, S), dev)  # [B, S] image index or -1; or None
         rope = self._rope(positions, x.dtype)
         masks_by_key: dict = {}
         for i, layer in enumerate(self.layers):
@@ -124,6 +138,9 @@ class DiffusionGemma(nn.Module):
                     m = kvalid[None, :] & (k <= q)
                     if spec.layer_type == SLIDING:
                         m = m & (k > q - spec.sliding_window)
+                    if blocks is not None:  # bidirectional within an image (past the window too, as the reference)
+                        g = blocks[b]
+                        m[:, P:] |= (g[:, None] == g[None, :]) & (g[:, None] >= 0) & new_valid[b][None, :]
                     masks_by_key[key] = m
                 masks.append(masks_by_key[key])
             cos, sin = rope[spec.layer_type]
