@@ -296,7 +296,7 @@ def _merges(symbols: list[str], n: int) -> list[tuple[str, str]]:
 def build_tokenizer(vocab_size: int, image_tokens: bool = False):
     """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` ids and the Gemma specials at their real ids
     (with ``image_tokens``, the image tokens of ``IMAGE_TOKENS`` too)."""
-    specials = dict(SPECIAL_TOKENS, **(IMAGE_TOKENS if image_tokens else {}))
+    specials = {**SPECIAL_TOKENS, **(IMAGE_TOKENS if image_tokens else {})}
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -354,12 +354,13 @@ def load_oracle(path):
     return _load_oracle(path, os.path.getmtime(os.path.join(path, "model.safetensors")))
 
 
-def oracle_generate(path, input_ids, seed: int, max_new_tokens: int):
+def oracle_generate(path, input_ids, seed: int, max_new_tokens: int, **model_kwargs):
     """``torch.manual_seed(seed); ref.generate(input_ids, max_new_tokens=n)``; the new tokens, cut to n and after
     the first EOS (inclusive, EOS ids from the checkpoint's generation config).
 
     ``input_ids``: a list of ids, a 1-D tensor or a [1, S] tensor -> list[int]; a [B, S] tensor with B > 1 ->
-    one list per row.
+    one list per row. ``model_kwargs`` go to ``generate`` (``pixel_values``, ``image_position_ids``,
+    ``mm_token_type_ids``).
     """
     ref = load_oracle(path)
     ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -367,7 +368,7 @@ def oracle_generate(path, input_ids, seed: int, max_new_tokens: int):
     if ids.dim() == 1:
         ids = ids[None]
     torch.manual_seed(seed)
-    out = ref.generate(ids, max_new_tokens=max_new_tokens)
+    out = ref.generate(ids, max_new_tokens=max_new_tokens, **model_kwargs)
     seqs = out.sequences if hasattr(out, "sequences") else out
     eos = ref.generation_config.eos_token_id
     eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))

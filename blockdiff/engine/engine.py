@@ -50,7 +50,8 @@ class Engine:
                              f" in canvases of {C}) needs {needed} positions; the model's context is {ctx}")
 
     def make_state(self, prompt_ids: list[int], params: SamplingParams | None = None, on_event=None,
-                   request_id: str | None = None, request_index: int = 0) -> ModelState:
+                   request_id: str | None = None, request_index: int = 0, images=None) -> ModelState:
+        """``images``: the prompt's ``ImageInputs`` (``blockdiff.vision.prompt``), its image tokens expanded."""
         params = params or SamplingParams()
         params.validate(self.model.vocab_size, self.canvas_length)
         params = params.resolved(self.defaults)
@@ -60,10 +61,23 @@ class Engine:
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
                            device=self.model.device)
+        if images is not None:
+            self._check_images(prompt_ids, images)
+            state.images = images
         return state
 
-    def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
-        state = self.make_state(prompt_ids, params, on_event, request_id, request_index)
+    def _check_images(self, prompt_ids: list[int], images) -> None:
+        if self.model.vision is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint): it cannot take images")
+        image_id = self.model.config.image_token_id
+        n = sum(1 for t in prompt_ids if t == image_id)
+        if n != sum(images.num_soft_tokens):
+            raise ValueError(f"the prompt holds {n} image tokens but its images give {sum(images.num_soft_tokens)} "
+                             "soft tokens")
+
+    def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0,
+                    images=None) -> ModelState:
+        state = self.make_state(prompt_ids, params, on_event, request_id, request_index, images=images)
         self.scheduler.add(state)
         return state
 
@@ -110,9 +124,18 @@ class Engine:
         # denoise steps, which run up to max_denoising_steps times per canvas, are the ones batched.
         for s in states:
             ids = s.tokens_to_encode()
-            self.model.encode(torch.tensor([ids], device=self.model.device), KVCache([s.cache]))
+            self.model.encode(torch.tensor([ids], device=self.model.device), KVCache([s.cache]),
+                              **self._image_kwargs(s, ids))
             self.stats["encode_tokens"] += len(ids)
             s.encoded()
+
+    def _image_kwargs(self, s: ModelState, ids: list[int]) -> dict:
+        """The prompt's images for its prefill encode (then dropped: later encodes are canvases)."""
+        if s.images is None or s.phase is not Phase.WAITING:
+            return {}
+        im, s.images = s.images, None
+        return {"pixel_values": im.pixel_values, "image_position_ids": im.image_position_ids,
+                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id)}
 
     def _denoise(self, states: list[ModelState]) -> None:
         model = self.model
