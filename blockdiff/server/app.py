@@ -23,6 +23,9 @@ from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloa
                                    RequestStream)
 from ..engine.engine import Engine
 from ..sampling.params import SamplingParams
+from ..vision.chat import extract_images
+from ..vision.media import ImageLoader, MediaLimits
+from ..vision.prompt import ImagePrompter
 from . import metrics as prom
 from .protocol import (APIError, bad, check_context, new_id, now, parse_common, parse_messages, parse_prompt,
                        usage)
@@ -51,7 +54,8 @@ def _engine_error(e: EngineFailedError) -> APIError:
 class Server:
     """Per-app state and the request handlers' logic (one instance per ``build_app``)."""
 
-    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None):
+    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None,
+                 images: ImagePrompter | None = None, media_limits: MediaLimits | None = None):
         self.engine = engine
         self.core: Engine = engine.engine
         self.tokenizer = self.core.tokenizer
@@ -60,6 +64,10 @@ class Server:
         self.api_key = api_key
         self.http_errors: dict[int, int] = {}
         self.created = now()
+        self.images = images or ImagePrompter.for_model(self.core.model, None, self.tokenizer)
+        self.media_limits = media_limits or MediaLimits()
+        # A request body holds its images base64-encoded (4/3 of their bytes).
+        self.max_body_bytes = max(MAX_BODY_BYTES, self.media_limits.max_bytes * 4 // 3 + (1 << 20))
 
     @property
     def context(self) -> int:
@@ -85,10 +93,27 @@ class Server:
         except (ValueError, TypeError) as e:
             raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
 
-    # ------------------------------------------------------------------ running
-    def submit(self, ids: list[int], params: SamplingParams, rid: str) -> RequestStream:
+    def chat_images(self, messages: list[dict]) -> tuple[list[dict], list]:
+        """image_url parts -> {"type": "image"} for the template, and the loaded images (400 on bad input)."""
+        messages, sources = extract_images(messages)
+        if not sources:
+            return messages, []
         try:
-            return self.engine.submit(ids, params, rid)
+            self.images.check_can_take_images()
+            return messages, ImageLoader(self.media_limits).load_all(sources)
+        except ValueError as e:
+            raise bad(str(e), "messages") from None
+
+    def with_images(self, ids: list[int], images: list):
+        try:
+            return self.images.prepare(ids, images)
+        except ValueError as e:
+            raise bad(str(e), "messages") from None
+
+    # ------------------------------------------------------------------ running
+    def submit(self, ids: list[int], params: SamplingParams, rid: str, images=None) -> RequestStream:
+        try:
+            return self.engine.submit(ids, params, rid, images=images)
         except ValueError as e:
             raise bad(str(e).replace("max_new_tokens", "max_tokens")) from None
         except EngineOverloadedError as e:
@@ -102,9 +127,9 @@ class Server:
         return TextStream(self.tokenizer, params.stop, eos)
 
     async def generate(self, request: Request, kind: str, ids: list[int], params: SamplingParams, stream: bool,
-                       include_usage: bool, model: str) -> Response:
+                       include_usage: bool, model: str, images=None) -> Response:
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        rs = self.submit(ids, params, rid)
+        rs = self.submit(ids, params, rid, images)
         ts = self.text_stream(params)
         if stream:
             return StreamingResponse(self._sse(kind, rid, model, rs, ts, include_usage), headers=SSE_HEADERS,
@@ -205,10 +230,10 @@ class Server:
                 self.engine.abort(rid)
 
 
-async def _read_json(request: Request):
+async def _read_json(request: Request, limit: int = MAX_BODY_BYTES):
     raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    if len(raw) > limit:
+        raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {limit}")
     if not raw.strip():
         raise bad("the request body is empty; send a JSON object")
     try:
@@ -218,9 +243,11 @@ async def _read_json(request: Request):
 
 
 def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None, max_num_seqs: int | None = None,
-              max_waiting: int | None = None) -> FastAPI:
+              max_waiting: int | None = None, media_limits: MediaLimits | None = None) -> FastAPI:
     """``llm_or_engine``: an ``LLM``, an ``Engine`` or an ``AsyncEngine``. ``max_num_seqs`` (batch slots) overrides
-    the engine's; ``max_waiting`` (default 4 * max_num_seqs) bounds the queue behind them (then 429)."""
+    the engine's; ``max_waiting`` (default 4 * max_num_seqs) bounds the queue behind them (then 429).
+    ``media_limits``: images per request, their bytes and pixels, and the folder local files may come from
+    (default: none)."""
     if isinstance(llm_or_engine, AsyncEngine):
         aeng = llm_or_engine
         core = aeng.engine
@@ -237,7 +264,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         aeng = AsyncEngine(core, max_waiting=max_waiting)
     elif max_waiting is not None:
         aeng.max_waiting = max_waiting
-    srv = Server(aeng, served_model_name, api_key)
+    srv = Server(aeng, served_model_name, api_key, images=getattr(llm_or_engine, "images", None),
+                 media_limits=media_limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -313,13 +341,13 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request):
-        body = await _read_json(request)
+        body = await _read_json(request, srv.max_body_bytes)
         model, params, stream, include_usage = parse_common(body, "chat", [srv.model_name])
-        messages = parse_messages(body)
-        ids = srv.encode_chat(messages, body.get("chat_template_kwargs"))
+        messages, images = srv.chat_images(parse_messages(body))
+        ids, images = srv.with_images(srv.encode_chat(messages, body.get("chat_template_kwargs")), images)
         max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         check_context(len(ids), params, srv.defaults.max_new_tokens, core.canvas_length, srv.context, max_name,
                       "messages")
-        return await srv.generate(request, "chat", ids, params, stream, include_usage, model)
+        return await srv.generate(request, "chat", ids, params, stream, include_usage, model, images)
 
     return app

@@ -228,23 +228,34 @@ def parse_messages(body: dict) -> list[dict]:
             raise bad(f"'{where}.role' is '{role}', which is not a known role (one of {', '.join(CHAT_ROLES)})",
                       f"{where}.role")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else _json_type(part)
-                    raise bad(f"'{where}.content[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}),"
-                              f" got {kind!r}: only text is supported", f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise bad(f"'{where}.content' must be a string or an array of text parts, got {_json_type(content)}",
+        if isinstance(content, list):  # content parts: text, and image_url (kept as parts when present)
+            parts = [parse_content_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+            images = any(p["type"] == "image_url" for p in parts)
+            content = parts if images else "".join(p["text"] for p in parts)
+        if not isinstance(content, (str, list)):
+            raise bad(f"'{where}.content' must be a string or an array of content parts, got {_json_type(content)}",
                       f"{where}.content")
         msg = {"role": role, "content": content}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
         out.append(msg)
     return out
+
+
+def parse_content_part(part, where: str) -> dict:
+    """One chat content part: {"type": "text", "text": str} or {"type": "image_url", "image_url": {"url": str}}."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        v = part.get("image_url")
+        url = v.get("url") if isinstance(v, dict) else v
+        if not isinstance(url, str) or not url:
+            raise bad(f"'{where}.image_url.url' must be a string (a data:image/...;base64 URL)", where)
+        return {"type": "image_url", "image_url": {"url": url}}
+    got = kind if kind is not None else _json_type(part)
+    raise bad(f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image_url part "
+              f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}), got {got!r}", where)
 
 
 def check_context(prompt_len: int, params: SamplingParams, default_max: int, canvas: int, context: int,

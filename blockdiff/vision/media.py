@@ -21,7 +21,7 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what a request may send
 @dataclass
 class MediaLimits:
     max_images: int = 8  # per request
-    max_bytes: int = 20 << 20  # encoded bytes of all images of a request
+    max_bytes: int = 10 << 20  # encoded bytes of all images of a request
     max_pixels: int = 40_000_000  # decoded pixels of all images of a request
     allowed_local_media_path: str | None = None  # a folder: file paths / file:// URLs under it may be read
 
