@@ -71,7 +71,8 @@ def servers(mm_path, media_dir, tmp_path_factory):
     limits = MediaLimits(max_images=2, max_bytes=200_000, max_pixels=100_000,
                          allowed_local_media_path=str(media_dir))
     text_only = LLM(strip_vision(mm_path, tmp_path_factory.mktemp("x") / "text_only"), dtype=torch.float32)
-    s = {"mm": LiveServer(build_app(llm, MODEL, media_limits=limits)),
+    # The server's engine runs on its own thread: the LLM the tests call directly must be another one.
+    s = {"mm": LiveServer(build_app(LLM(mm_path, dtype=torch.float32), MODEL, media_limits=limits)),
          "strict": LiveServer(build_app(LLM(mm_path, dtype=torch.float32), MODEL)),  # no local files
          "text": LiveServer(build_app(text_only, MODEL))}
     s["llm"] = llm

@@ -1,7 +1,7 @@
 """The engine: admits requests as ``ModelState``s and runs one tick at a time.
 
 A tick = the scheduler's decision, then one batched ``encode`` over every request that reads a prompt or
-commits a canvas, then one batched ``denoise`` over every request refining a canvas (each against its own
+commits a canvas (per request in deterministic mode), then one batched ``denoise`` over every request refining a canvas (each against its own
 prefix, at its own step, with its own sampling parameters and generator), then the sampler per request.
 """
 
@@ -60,7 +60,7 @@ class Engine:
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
-                           device=self.model.device)
+                           device=self.model.device, cache=self.model.new_sequence())
         if images is not None:
             self._check_images(prompt_ids, images)
             state.images = images
@@ -119,14 +119,28 @@ class Engine:
         return self.scheduler.collect_finished()
 
     def _encode(self, states: list[ModelState]) -> None:
-        # One forward per request: prompt lengths differ, and small matmuls take shape-dependent paths, so a
-        # request's cache must not depend on what it was encoded with. Encodes run once per canvas; the
-        # denoise steps, which run up to max_denoising_steps times per canvas, are the ones batched.
-        for s in states:
+        """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest)."""
+        model = self.model
+        # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
+        # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas. A prompt with
+        # images is read alone too (its vision pass and image masks are its own).
+        alone = [s for s in states if model.batch_invariant or (s.images is not None and s.phase is Phase.WAITING)]
+        for s in alone:
             ids = s.tokens_to_encode()
-            self.model.encode(torch.tensor([ids], device=self.model.device), KVCache([s.cache]),
-                              **self._image_kwargs(s, ids))
+            model.encode(torch.tensor([ids]), KVCache([s.cache]), **self._image_kwargs(s, ids))
             self.stats["encode_tokens"] += len(ids)
+            s.encoded()
+        if alone:
+            states = [s for s in states if all(s is not a for a in alone)]
+            if not states:
+                return
+        seqs = [s.tokens_to_encode() for s in states]
+        lengths = [len(t) for t in seqs]
+        width = max(lengths)
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in seqs])  # host ids: validated, moved once
+        model.encode(ids, KVCache([s.cache for s in states]), lengths=lengths)
+        self.stats["encode_tokens"] += sum(lengths)
+        for s in states:
             s.encoded()
 
     def _image_kwargs(self, s: ModelState, ids: list[int]) -> dict:

@@ -265,3 +265,8 @@ def image_blocks(text_config, mm_token_type_ids: torch.Tensor | None, shape, dev
     starts = vision.clone()
     starts[:, 1:] &= ~vision[:, :-1]
     return torch.where(vision, torch.cumsum(starts.long(), dim=1) - 1, -1)
+
+
+def same_image(blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """blocks [B, S] (image index or -1), valid [B, S] -> bool [B, S, S]: query and key in the same image."""
+    return (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0) & valid[:, None, :]
