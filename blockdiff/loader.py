@@ -141,9 +141,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                 # copy=True: safetensors' CPU buffers are only 4-16-byte aligned, which makes fp32 CPU matmuls
                 # take other paths (logits then depend on the file layout, e.g. sharded or not); torch's
                 # allocator aligns. Moving to another device or dtype copies anyway.
-                # Buffers that are not weights (clip bounds) keep fp32: a bf16 bound would clip differently.
-                keep = ours.endswith(("_min", "_max")) and ours.startswith("vision.")
-                loaded[ours] = t.to(device=device, dtype=torch.float32 if keep else dtype, copy=True)
+                loaded[ours] = t.to(device=device, dtype=dtype, copy=True)
     missing = sorted(set(expected) - set(loaded))
     if missing or unexpected:
         def show(names):
