@@ -127,7 +127,7 @@ BAD_INPUTS = {
                            "unsupported image format TIFF"),
     "bad_base64": ([image_part("data:image/png;base64,@@@not-base64@@@")], "not valid base64"),
     "not_an_image_mime": ([image_part("data:text/plain;base64,aGVsbG8=")], "is not an image"),
-    "too_many_images": ([image_part(data_url(PNG))] * 3, "3 images in one request; the limit is 2"),
+    "too_many_images": ([image_part(data_url(PNG))] * 3, "the request has 3 images; the limit is 2"),
     "too_many_pixels": ([image_part(data_url(encoded(Image.new("RGB", (400, 300), (9, 99, 199)))))],
                         "limit of 100000 pixels"),  # a flat image: a few hundred bytes, 120k pixels
     "too_many_bytes": ([image_part(data_url(encoded(picture(300, 250), "BMP"), "image/bmp"))], "200000-byte limit"),

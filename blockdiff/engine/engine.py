@@ -68,7 +68,7 @@ class Engine:
 
     def _check_images(self, prompt_ids: list[int], images) -> None:
         if self.model.vision is None:
-            raise ValueError("this model has no vision tower (a text-only checkpoint): it cannot take images")
+            raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
         image_id = self.model.config.image_token_id
         n = sum(1 for t in prompt_ids if t == image_id)
         if n != sum(images.num_soft_tokens):

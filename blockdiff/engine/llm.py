@@ -49,8 +49,8 @@ class LLM:
         path = resolve_path(model)
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device)
-        self.tokenizer = load_tokenizer(path)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
+        self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
         self.media_limits = media_limits or MediaLimits()
@@ -77,7 +77,7 @@ class LLM:
             ids = [bos] + ids
         return ids
 
-    def _with_images(self, ids: list[int], images) -> tuple[list[int], object]:
+    def _with_images(self, ids: list[int], images, wheres: list[str] | None = None) -> tuple[list[int], object]:
         """Load (PIL images, bytes, data: URLs...) and process a prompt's images; expand its placeholders."""
         if images is None:
             return ids, None
@@ -85,7 +85,7 @@ class LLM:
             images = [images]
         if images:
             self.images.check_can_take_images()
-        return self.images.prepare(ids, ImageLoader(self.media_limits).load_all(list(images)))
+        return self.images.prepare(ids, ImageLoader(self.media_limits).load_all(list(images), wheres))
 
     def _prompt(self, p, i: int) -> tuple[str | None, list[int], object]:
         """One prompt: a string, or {"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ...}}."""
@@ -199,11 +199,11 @@ class LLM:
         convs = [messages] if isinstance(messages[0], dict) else messages
         ids, images = [], []
         for c in convs:
-            c, sources = extract_images(c)
+            c, sources, wheres = extract_images(c)
             if sources:
                 self.images.check_can_take_images()
             x = self.tokenizer.encode_chat(c, add_generation_prompt=True, **(chat_template_kwargs or {}))
-            x, im = self._with_images(x, sources or None)
+            x, im = self._with_images(x, sources or None, wheres)
             ids.append(x)
             images.append(im)
         return self._generate_ids([None] * len(ids), ids, images, sampling_params, on_event, False)

@@ -242,7 +242,7 @@ def scatter_image_features(model, x: torch.Tensor, input_ids: torch.Tensor, pixe
     """x [B, S, H] text embeddings -> the same with every image-token position (row-major over the batch)
     replaced by the next soft token of ``model.vision.image_features(...)``."""
     if model.vision is None:
-        raise ValueError("this model has no vision tower (a text-only checkpoint): it cannot take images")
+        raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
     image_id = model.config.image_token_id
     feats = model.vision.image_features(pixel_values, image_position_ids)  # [T, H]
     where = input_ids.to(x.device) == image_id  # [B, S]

@@ -27,11 +27,12 @@ def is_image_part(part) -> bool:
     return isinstance(part, dict) and part.get("type") in ("image_url", "image")
 
 
-def extract_images(messages) -> tuple[list, list]:
-    """(messages with image parts replaced by {"type": "image"}, image sources in order)."""
+def extract_images(messages) -> tuple[list, list, list]:
+    """(messages with image parts replaced by {"type": "image"}, image sources in order, where each was:
+    "'messages[i].content[j]'")."""
     if not isinstance(messages, (list, tuple)):
-        return messages, []
-    out, sources = [], []
+        return messages, [], []
+    out, sources, wheres = [], [], []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(content, list) or not any(is_image_part(p) for p in content):
@@ -40,9 +41,10 @@ def extract_images(messages) -> tuple[list, list]:
         parts = []
         for j, p in enumerate(content):
             if is_image_part(p):
-                sources.append(image_source(p, f"messages[{i}].content[{j}]"))
+                sources.append(image_source(p, f"'messages[{i}].content[{j}]'"))
+                wheres.append(f"'messages[{i}].content[{j}]'")
                 parts.append({"type": "image"})
             else:
                 parts.append(p)
         out.append({**m, "content": parts})
-    return out, sources
+    return out, sources, wheres

@@ -21,7 +21,7 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what a request may send
 @dataclass
 class MediaLimits:
     max_images: int = 8  # per request
-    max_bytes: int = 10 << 20  # encoded bytes of all images of a request
+    max_bytes: int = 5 << 20  # encoded bytes of all images of a request
     max_pixels: int = 40_000_000  # decoded pixels of all images of a request
     allowed_local_media_path: str | None = None  # a folder: file paths / file:// URLs under it may be read
 
@@ -44,19 +44,20 @@ class ImageLoader:
         self.limits = limits or MediaLimits()
         self.count = self.bytes = self.pixels = 0
 
-    def load_all(self, sources: list) -> list:
+    def load_all(self, sources: list, wheres: list[str] | None = None) -> list:
+        """Every image of a request; ``wheres`` names each in errors (default "image 0", "image 1"...)."""
         if len(sources) > self.limits.max_images:
-            raise ValueError(f"{len(sources)} images in one request; the limit is {self.limits.max_images}")
-        return [self.load(s, i) for i, s in enumerate(sources)]
+            raise ValueError(f"the request has {len(sources)} images; the limit is {self.limits.max_images}")
+        return [self.load(s, wheres[i] if wheres else i) for i, s in enumerate(sources)]
 
-    def load(self, source, index: int = 0):
+    def load(self, source, where: str | int = 0):
         """A PIL image, bytes, a data: URL, a file:// URL or a local path -> a loaded PIL image."""
         from PIL import Image
 
-        what = f"image {index}"
+        what = f"image {where}" if isinstance(where, int) else where
         self.count += 1
         if self.count > self.limits.max_images:
-            raise ValueError(f"more than {self.limits.max_images} images in one request")
+            raise ValueError(f"the request has more than {self.limits.max_images} images")
         if isinstance(source, Image.Image):
             self._count_pixels(what, *source.size)
             return source

@@ -54,7 +54,7 @@ class ImagePrompter:
 
     def check_can_take_images(self) -> None:
         if not self.has_vision:
-            raise ValueError("this model has no vision tower (a text-only checkpoint): it cannot take images")
+            raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
 
     def prepare(self, ids: list[int], images: list) -> tuple[list[int], ImageInputs | None]:
         """(prompt ids, PIL images) -> (ids with every image expanded to its soft tokens, ImageInputs)."""
