@@ -107,3 +107,42 @@ def test_string_only_chat_template_gets_inline_placeholders(mm_paths, tmp_path):
                    SamplingParams(max_new_tokens=4, max_denoising_steps=2, seed=0))[0]
     n = llm.images.processor.soft_tokens(64, 64)
     assert out.prompt_token_ids.count(IMAGE_ID) == n and out.prompt_token_ids.count(BOI_ID) == 1
+
+
+def test_chat_prompt_and_pixels_equal_transformers_gemma4_processor(mm_paths, monkeypatch):
+    """The real ``Gemma4Processor.apply_chat_template`` (the checkpoint's template, its image processor, our tokenizer
+    with the image tokens declared) gives the ids, pixels, positions and mm_token_type_ids blockdiff builds."""
+    import os
+
+    from transformers import PreTrainedTokenizerFast, ProcessorMixin
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    from blockdiff.vision.chat import extract_images
+
+    path = mm_paths["patch16_pool3_gqa_std"]
+    llm = LLM(path, dtype="float32")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(path, "tokenizer.json"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                              "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"})
+    # Its video processor needs torchvision (not installable beside this torch): skip the class check, pass None.
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+    proc = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                           image_processor=Gemma4ImageProcessorPil(**image_processor_kwargs(
+                               load_oracle(path).config.vision_config, 70)),
+                           tokenizer=tok, video_processor=None, chat_template=llm.tokenizer.chat_template)
+    a, b = picture(300, 120, 1), picture(90, 400, 2)
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "and"},
+                                         {"type": "image", "image": b}, {"type": "text", "text": "Compare them."}]}]
+    want = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                    return_tensors="pt")
+    m, sources, wheres = extract_images(msgs)
+    ids, images = llm._with_images(llm.tokenizer.encode_chat(m), sources, wheres)
+    assert ids == want["input_ids"][0].tolist()
+    assert torch.equal(images.pixel_values, want["pixel_values"])
+    assert torch.equal(images.image_position_ids, want["image_position_ids"].long())
+    assert images.mm_token_type_ids(ids, IMAGE_ID).tolist() == want["mm_token_type_ids"].tolist()
+    assert len(set(images.num_soft_tokens)) == 2  # two shapes, two counts
