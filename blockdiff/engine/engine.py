@@ -29,6 +29,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
         self._ids = itertools.count()
+        self._grammars = None  # structured.GrammarCompiler, built on the first constrained request
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
 
     @property
@@ -56,11 +57,21 @@ class Engine:
         params = params.resolved(self.defaults)
         self.validate_prompt(prompt_ids, params)
         stop_checker = self._stop_checker(params.stop) if params.stop else None
+        constraint = self._constraint(params) if params.structured_outputs is not None else None
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
-                           device=self.model.device)
+                           device=self.model.device, constraint=constraint)
         return state
+
+    def _constraint(self, params: SamplingParams):
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs the checkpoint's tokenizer; this model has none")
+        if self._grammars is None:
+            from ..structured import GrammarCompiler
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size, self.defaults.eos_token_ids)
+        end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
+        return self._grammars.constraint(params.structured_outputs, end_ids, self.canvas_length)
 
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
         state = self.make_state(prompt_ids, params, on_event, request_id, request_index)
@@ -131,7 +142,10 @@ class Engine:
         results = []
         for b, s in enumerate(states):
             p = s.params
-            if p.rng == "reference":
+            if s.constraint is not None:  # grammar state is on the host: its own per-request step
+                res = s.constraint.step(logits[b], s.step, p.max_denoising_steps, p.t_min, p.t_max,
+                                        p.entropy_bound, s.generator)
+            elif p.rng == "reference":
                 res = reference_step(logits[b], s.canvas, s.step, p.max_denoising_steps, p.t_min, p.t_max,
                                      p.entropy_bound, s.generator)
                 logits[b].copy_(res.probs)  # the buffer now holds every row's tempered distribution

@@ -83,7 +83,8 @@ class InvalidTransition(RuntimeError):
 class ModelState:
     def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
                  specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
-                 on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None):
+                 on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None,
+                 constraint=None):
         self.request_id = request_id
         self.request_index = request_index
         self.prompt_ids = list(prompt_ids)
@@ -94,6 +95,9 @@ class ModelState:
         self.eos = (set() if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids or [])
         self.on_event = on_event
         self.stop_checker = stop_checker  # fn(output_ids) -> cut index or None (stop strings)
+        # structured output (blockdiff.structured.CanvasConstraint): decides the canvas tokens and where the
+        # output ends; stop strings never cut a constrained output (that would break its guarantee).
+        self.constraint = constraint
         self.phase = Phase.WAITING
         self.cache = SequenceCache(specs)
         self.device = torch.device(device or "cpu")
@@ -155,6 +159,8 @@ class ModelState:
         if self.fixed is not None:
             self.canvas = torch.where(self.fixed, self.template, self.canvas)
         self.argmax = self.canvas
+        if self.constraint is not None:
+            self.constraint.start_canvas()
         self.sc_embeds = None
         self.stability = StabilityTracker(self.params.stability_threshold)
         self.step = 0
@@ -169,6 +175,8 @@ class ModelState:
         self.step += 1
         stable = self.stability.update(res.argmax)
         done = (stable and res.mean_entropy < p.confidence_threshold) or self.step >= p.max_denoising_steps
+        if self.constraint is not None:
+            done = done or self.constraint.settled
         if self.on_event is not None:  # drafts cost two .tolist() per step: only when someone listens
             self._emit(Event("draft", self.request_id, self.request_index, res.argmax.tolist(), step=self.step,
                              accepted=res.accepted.tolist()))
@@ -177,22 +185,28 @@ class ModelState:
         return done
 
     def _finish_canvas(self) -> None:
-        tokens = self.argmax.tolist()
         self.metrics.canvases += 1
         if self.metrics.first_block_time is None:
             self.metrics.first_block_time = time.perf_counter()
         budget = self.params.max_new_tokens - len(self.output_ids)
         reason = None
-        for i, t in enumerate(tokens):
-            if t in self.eos:
-                tokens, reason = tokens[:i + 1], "stop"
-                break
+        if self.constraint is not None:  # every position grammar-valid; "stop" only where the grammar is complete
+            tokens = self.constraint.complete(self.argmax)
+            if len(tokens) == self.canvas_length:
+                self.argmax = torch.tensor(tokens, device=self.device)  # what the commit encodes
+            reason = "stop" if self.constraint.ended else None
+        else:
+            tokens = self.argmax.tolist()
+            for i, t in enumerate(tokens):
+                if t in self.eos:
+                    tokens, reason = tokens[:i + 1], "stop"
+                    break
         if len(tokens) >= budget:
             if reason is None or len(tokens) > budget:
                 reason = "length"
             tokens = tokens[:budget]
         self.output_ids.extend(tokens)
-        if self.stop_checker is not None:  # on the last canvas (budget, EOS) too: a stop string wins
+        if self.stop_checker is not None and self.constraint is None:  # on the last canvas (budget, EOS) too: a stop string wins
             cut = self.stop_checker(self.output_ids)
             if cut is not None:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]
