@@ -126,7 +126,7 @@ class LLM:
         outs = []
         for s, text in zip(states, texts):
             out_text = self._decode(s.output_ids)
-            if out_text is not None and s.params.stop:
+            if out_text is not None and s.params.stop and s.constraint is None:  # stops never cut constrained text
                 cut = min((out_text.find(x) for x in s.params.stop if x in out_text), default=-1)
                 if cut >= 0:
                     out_text = out_text[:cut]
