@@ -136,9 +136,8 @@ def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, Samplin
     _neutral(body, "echo", False, "echo is not implemented")
     _neutral(body, "logprobs", False if kind == "chat" else 0, "logprobs are not implemented")
     _neutral(body, "top_logprobs", 0, "logprobs are not implemented")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad("'response_format' is not supported (only {\"type\": \"text\"})", "response_format")
+    from .structured import structured_outputs
+    constraint = structured_outputs(body)  # response_format / structured_outputs, compiled (400 when bad)
 
     if kind == "chat" and body.get("max_completion_tokens") is not None:
         max_tokens, max_name = _int(body, "max_completion_tokens"), "max_completion_tokens"
@@ -174,7 +173,7 @@ def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, Samplin
               stop_token_ids=_int_list(body, "stop_token_ids"), ignore_eos=_bool(body, "ignore_eos"),
               allowed_token_ids=_int_list(body, "allowed_token_ids"),
               canvas_template=_int_list(body, "canvas_template"),
-              stream_drafts=_bool(body, "stream_drafts"))
+              stream_drafts=_bool(body, "stream_drafts"), structured_outputs=constraint)
     for name in EXTRA_INT:
         kw[name] = _int(body, name)
     for name in EXTRA_NUM:
