@@ -58,10 +58,17 @@ class Engine:
         self.validate_prompt(prompt_ids, params)
         stop_checker = self._stop_checker(params.stop) if params.stop else None
         constraint = self._constraint(params) if params.structured_outputs is not None else None
+        infill = None
+        if params.text_template is not None or params.suffix is not None:
+            from ..structured.infill import plan_suffix, plan_template
+            infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
+                      if params.text_template is not None else
+                      plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            params.canvas_template = infill.template  # params is the engine's resolved copy
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
-                           device=self.model.device, constraint=constraint)
+                           device=self.model.device, constraint=constraint, infill=infill)
         return state
 
     def _constraint(self, params: SamplingParams):

@@ -84,7 +84,7 @@ class ModelState:
     def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
                  specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
                  on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None,
-                 constraint=None):
+                 constraint=None, infill=None):
         self.request_id = request_id
         self.request_index = request_index
         self.prompt_ids = list(prompt_ids)
@@ -98,6 +98,7 @@ class ModelState:
         # structured output (blockdiff.structured.CanvasConstraint): decides the canvas tokens and where the
         # output ends; stop strings never cut a constrained output (that would break its guarantee).
         self.constraint = constraint
+        self.infill = infill  # structured.infill.InfillPlan: the first canvas is the whole output
         self.phase = Phase.WAITING
         self.cache = SequenceCache(specs)
         self.device = torch.device(device or "cpu")
@@ -195,18 +196,21 @@ class ModelState:
             if len(tokens) == self.canvas_length:
                 self.argmax = torch.tensor(tokens, device=self.device)  # what the commit encodes
             reason = "stop" if self.constraint.ended else None
+        elif self.infill is not None:  # text template / suffix: the filled canvas ends the request
+            tokens, reason, budget = self.infill.output(self.argmax.tolist(), self.eos), "stop", None
         else:
             tokens = self.argmax.tolist()
             for i, t in enumerate(tokens):
                 if t in self.eos:
                     tokens, reason = tokens[:i + 1], "stop"
                     break
-        if len(tokens) >= budget:
+        if budget is not None and len(tokens) >= budget:
             if reason is None or len(tokens) > budget:
                 reason = "length"
             tokens = tokens[:budget]
         self.output_ids.extend(tokens)
-        if self.stop_checker is not None and self.constraint is None:  # on the last canvas (budget, EOS) too: a stop string wins
+        # On the last canvas (budget, EOS) too: a stop string wins, except over a constrained output.
+        if self.stop_checker is not None and self.constraint is None:
             cut = self.stop_checker(self.output_ids)
             if cut is not None:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]

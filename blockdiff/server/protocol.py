@@ -132,7 +132,9 @@ def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, Samplin
     _neutral(body, "logit_bias", {}, "logit_bias is not implemented")
     _neutral(body, "best_of", 1, "only one candidate per request")
     _neutral(body, "tools", [], "tool calling is not implemented")
-    _neutral(body, "suffix", "", "suffix (fill-in-the-middle) is not implemented; see canvas_template")
+    suffix = _str(body, "suffix") or None  # fill in the middle (/v1/completions)
+    if suffix is not None and kind == "chat":
+        raise bad("'suffix' is only accepted by /v1/completions", "suffix")
     _neutral(body, "echo", False, "echo is not implemented")
     _neutral(body, "logprobs", False if kind == "chat" else 0, "logprobs are not implemented")
     _neutral(body, "top_logprobs", 0, "logprobs are not implemented")
@@ -173,7 +175,8 @@ def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, Samplin
               stop_token_ids=_int_list(body, "stop_token_ids"), ignore_eos=_bool(body, "ignore_eos"),
               allowed_token_ids=_int_list(body, "allowed_token_ids"),
               canvas_template=_int_list(body, "canvas_template"),
-              stream_drafts=_bool(body, "stream_drafts"), structured_outputs=constraint)
+              stream_drafts=_bool(body, "stream_drafts"), structured_outputs=constraint, suffix=suffix,
+              text_template=_str(body, "text_template"))
     for name in EXTRA_INT:
         kw[name] = _int(body, name)
     for name in EXTRA_NUM:
