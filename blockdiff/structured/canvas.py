@@ -23,6 +23,8 @@ reads per step) while unconstrained rows of the same batch keep the batched samp
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, temperature
@@ -66,7 +68,9 @@ class CanvasConstraint:
         self.canvas_length = canvas_length
         self.frozen: list[int] = []  # the current canvas's grammar-valid prefix
         self.ended = False  # the output is complete (an end token frozen, or the grammar cannot go on)
-        self.masks = 0  # masks computed (for tests and benchmarks)
+        self.masks = 0  # masks computed, and host seconds spent on them and on settling (for benchmarks)
+        self.mask_seconds = 0.0
+        self.settle_seconds = 0.0
         self._probs: torch.Tensor | None = None  # [C, V] this step's distribution, until the canvas is settled
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
@@ -82,6 +86,7 @@ class CanvasConstraint:
 
     def allowed(self) -> torch.Tensor:
         """[V] bool: tokens the grammar allows next (the end ids where the grammar is complete)."""
+        t0 = time.perf_counter()
         b = self._bits
         self.matcher.unsafe_compute_mask_ptr(b.data_ptr(), b.numel() * 4)
         self.masks += 1
@@ -90,6 +95,7 @@ class CanvasConstraint:
         out = ((b.view(-1, 1) >> self._shifts) & 1).view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting():
             out[self.end_ids] = True
+        self.mask_seconds += time.perf_counter() - t0
         return out
 
     def consume(self, tokens: list[int]) -> int:
@@ -162,6 +168,7 @@ class CanvasConstraint:
         """Settle the canvas: fill the undecided positions left to right with the argmax token where the grammar
         allows it, else the most likely allowed token. Returns the canvas's tokens (all C, or up to and
         including the end token)."""
+        t0 = time.perf_counter()
         F = len(self.frozen)
         if not self.settled:
             draft = argmax.tolist()
@@ -179,4 +186,5 @@ class CanvasConstraint:
                 if self.settled:
                     break
         self._probs = None
+        self.settle_seconds += time.perf_counter() - t0
         return list(self.frozen)
