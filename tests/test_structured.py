@@ -240,6 +240,7 @@ BAD = [
     ({"json": {"type": "string", "pattern": "(("}}, "unclosed group"),
     ({"json": {"type": "integer", "minimum": "x"}}, "minimum"),
     ({"json": {"$ref": "#/$defs/missing"}}, "missing"),
+    ({"json": {"type": "array", "uniqueItems": True}}, "Unimplemented keys"),
     ({"json_object": 1}, "must be true"),
     ({"regex": "(("}, "regular expression is invalid"),
     ({"regex": ""}, "non-empty string"),
