@@ -272,3 +272,15 @@ def test_a_model_without_tokenizer_refuses_structured_outputs(llm):
     bare = LLM.from_model(llm.model, tokenizer=None)
     with pytest.raises(ValueError, match="needs the checkpoint's tokenizer"):
         bare.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(structured_outputs={"regex": "a"}))
+
+
+def test_structured_benchmark_reports_the_per_step_overhead(tiny_checkpoint):
+    from blockdiff.bench.structured import format_structured, run_structured_benchmark
+
+    rep = run_structured_benchmark(tiny_checkpoint, steps=2, repeats=1, prompt_len=8, dtype="float32",
+                                   log=lambda m: None)
+    row = rep["per_step"]["json (in a string)"]
+    assert row["steps"] == 2 and row["masks"] >= 2 and row["mask_ms_per_step"] > 0
+    assert rep["per_step"]["unconstrained"]["overhead"] == 0
+    assert rep["end_to_end"]["json (record schema)"]["tokens"] > 0
+    assert "overhead" in format_structured(rep)

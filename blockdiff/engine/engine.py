@@ -8,6 +8,7 @@ prefix, at its own step, with its own sampling parameters and generator), then t
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import torch
@@ -30,6 +31,7 @@ class Engine:
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
         self._ids = itertools.count()
         self._grammars = None  # structured.GrammarCompiler, built on the first constrained request
+        self._grammars_lock = threading.Lock()
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
 
     @property
@@ -71,14 +73,21 @@ class Engine:
                            device=self.model.device, constraint=constraint, infill=infill)
         return state
 
-    def _constraint(self, params: SamplingParams):
+    def grammars(self):
+        """The checkpoint's grammar compiler (its token table takes ~5 s to build at 262k entries: the server
+        builds it in the background at start-up; any thread may call this)."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs needs the checkpoint's tokenizer; this model has none")
-        if self._grammars is None:
-            from ..structured import GrammarCompiler
-            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size, self.defaults.eos_token_ids)
+        with self._grammars_lock:
+            if self._grammars is None:
+                from ..structured import GrammarCompiler
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
+                                                 self.defaults.eos_token_ids)
+        return self._grammars
+
+    def _constraint(self, params: SamplingParams):
         end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
-        return self._grammars.constraint(params.structured_outputs, end_ids, self.canvas_length)
+        return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length)
 
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
         state = self.make_state(prompt_ids, params, on_event, request_id, request_index)

@@ -243,6 +243,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
     @asynccontextmanager
     async def lifespan(app):
         aeng.start()
+        if core.tokenizer is not None:  # structured output's token table, off the event loop
+            asyncio.get_running_loop().run_in_executor(None, core.grammars)
         try:
             yield
         finally:
