@@ -183,8 +183,8 @@ def _peaked(llm, ids: list[int]) -> torch.Tensor:
 
 
 def _run_step(c, logits, bound=100.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return c.step(logits, step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=bound, generator=g)
+    c.generator.manual_seed(seed)
+    return c.step(logits, step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=bound)
 
 
 def test_one_step_freezes_a_whole_valid_canvas(llm):

@@ -88,7 +88,8 @@ class Engine:
 
     def _constraint(self, params: SamplingParams):
         end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
-        return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length)
+        return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length, params.seed,
+                                          self.model.device)
 
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
         state = self.make_state(prompt_ids, params, on_event, request_id, request_index)
@@ -172,7 +173,7 @@ class Engine:
             p = s.params
             if s.constraint is not None:  # grammar state is on the host: its own per-request step
                 res = s.constraint.step(logits[b], s.step, p.max_denoising_steps, p.t_min, p.t_max,
-                                        p.entropy_bound, s.generator)
+                                        p.entropy_bound)
             elif p.rng == "reference":
                 res = reference_step(logits[b], s.canvas, s.step, p.max_denoising_steps, p.t_min, p.t_max,
                                      p.entropy_bound, s.generator)

@@ -53,12 +53,15 @@ class GrammarCompiler:
             raise ValueError(f"structured_outputs: {m.get_error()}")
         return m
 
-    def constraint(self, spec: dict, end_ids: list[int], canvas_length: int) -> "CanvasConstraint":
-        return CanvasConstraint(self.matcher(spec), end_ids or self.eos_ids, self.vocab_size, canvas_length)
+    def constraint(self, spec: dict, end_ids: list[int], canvas_length: int, seed: int | None = None,
+                   device=None) -> "CanvasConstraint":
+        return CanvasConstraint(self.matcher(spec), end_ids or self.eos_ids, self.vocab_size, canvas_length,
+                                seed, device)
 
 
 class CanvasConstraint:
-    def __init__(self, matcher, end_ids: list[int], vocab_size: int, canvas_length: int):
+    def __init__(self, matcher, end_ids: list[int], vocab_size: int, canvas_length: int, seed: int | None = None,
+                 device=None):
         if not end_ids:
             raise ValueError("structured outputs need an end token: the model has no EOS id")
         self.matcher = matcher
@@ -74,6 +77,12 @@ class CanvasConstraint:
         self._probs: torch.Tensor | None = None  # [C, V] this step's distribution, until the canvas is settled
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
+        # Its own generator (seeded from the request's seed): the constrained step draws per request.
+        self.generator = torch.Generator(device=torch.device(device or "cpu"))
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
 
     # ------------------------------------------------------------------ grammar
     def start_canvas(self) -> None:
@@ -119,9 +128,10 @@ class CanvasConstraint:
 
     # ------------------------------------------------------------------ denoising
     def step(self, logits: torch.Tensor, step: int, max_steps: int, t_min: float, t_max: float,
-             entropy_bound: float, generator: torch.Generator) -> StepResult:
+             entropy_bound: float) -> StepResult:
         """One constrained denoising step over ``logits`` [C, V] (overwritten with the tempered probabilities)."""
         C, V = logits.shape
+        generator = self.generator
         dev = logits.device
         F = len(self.frozen)
         open_ = not self.settled
