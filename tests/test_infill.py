@@ -80,7 +80,7 @@ def test_suffix_and_template_refuse_other_canvas_fields():
         SamplingParams(suffix="a", structured_outputs={"regex": "a"})
 
 
-def test_server_suffix_equals_offline_and_chat_refuses_it(llm):
+def test_server_suffix_equals_offline_and_a_too_long_suffix_is_400(llm):
     srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), "m"))
     try:
         r = srv.client().completions.create(model="m", prompt="def add(a, b):", suffix="\nok",
@@ -88,8 +88,8 @@ def test_server_suffix_equals_offline_and_chat_refuses_it(llm):
         off = llm.generate("def add(a, b):", SamplingParams(seed=4, suffix="\nok",
                                                             max_new_tokens=8))[0]
         assert r.choices[0].text == off.text and r.choices[0].finish_reason == "stop"
-        bad = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
-            "model": "m", "messages": [{"role": "user", "content": "x"}], "suffix": "y"})
+        bad = httpx.post(srv.url + "/v1/completions", timeout=30, json={
+            "model": "m", "prompt": "x", "suffix": "a" * 40})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
     finally:
         srv.close()

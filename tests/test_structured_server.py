@@ -136,7 +136,7 @@ def test_stop_strings_do_not_cut_constrained_output(server):
     ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs", "grammar is invalid"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "not both"),
-    ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, None, "ignore_eos"),
+    ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "structured_outputs", "ignore_eos"),
 ])
 def test_bad_constraints_are_400_naming_the_problem(server, extra, param, message):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 8, **extra}

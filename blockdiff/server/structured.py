@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from ..structured.spec import compile_spec, normalize
-from .protocol import bad
+from .errors import bad
 
 
 def _json_type(v) -> str:
