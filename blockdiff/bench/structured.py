@@ -90,7 +90,8 @@ def run_structured_benchmark(path: str, steps: int = 16, repeats: int = 3, promp
         m = st.metrics
         e2e[name] = {"seconds": round(dt, 2), "tokens": len(st.output_ids), "canvases": m.canvases,
                      "steps_per_canvas": round(m.denoise_steps / max(1, m.canvases), 2),
-                     "tok_per_s": round(len(st.output_ids) / dt, 2), "tok_per_cpu_s": round(len(st.output_ids) / cpu, 2),
+                     "tok_per_s": round(len(st.output_ids) / dt, 2),
+                     "tok_per_cpu_s": round(len(st.output_ids) / cpu, 2),
                      "finish_reason": st.finish_reason,
                      "ms_per_step": round(1000 * dt / max(1, m.denoise_steps), 2)}
         log(f"end to end {name}: {e2e[name]}")
