@@ -64,6 +64,18 @@ def attention_span(spec: LayerSpec) -> int | None:
     return None if spec.layer_type == FULL else spec.sliding_window
 
 
+def gather_prefix(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None):
+    """-> keys, values [B, Hkv, P, D]. ``slots`` None: the sources already are the prefix (``TrainCache``);
+    otherwise ``keys``/``values`` are a pool's storage [slots, Hkv, D] and ``slots`` [B, P] addresses it."""
+    if slots is None:
+        return keys, values
+    B, P = slots.shape
+    idx = slots.reshape(-1)
+    k = keys.index_select(0, idx).view(B, P, *keys.shape[1:]).transpose(1, 2)
+    v = values.index_select(0, idx).view(B, P, *values.shape[1:]).transpose(1, 2)
+    return k, v
+
+
 class KVPool:
     """Paged K/V storage of one model (see the module docstring)."""
 
@@ -300,21 +312,22 @@ class CacheBatch:
             j = torch.arange(P, device=self.device)[None]  # [1, P]
             pos = (self.start - n_vis)[:, None] + j  # [B, P]
             valid = j < n_vis[:, None]
-            self._slots[g] = self._slot_of(g, pos, valid).reshape(-1)  # [B * P]
+            self._slots[g] = self._slot_of(g, pos, valid)  # [B, P]
             self._prefix[g] = Prefix(pos, valid, [(0, n) for n in vis], g)
         return self._prefix[g]
 
     # ------------------------------------------------------------------ data
+    def sources(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``gather_prefix`` reads for ``layer``: the keys/values storage and the slots [B, P] of each row's
+        visible prefix (plain tensors, so a compiled step can take them as inputs)."""
+        g = self.pool.group_of[layer]
+        self.prefix(g)
+        keys, values = self.pool.storage(layer, self.device, self.dtype)
+        return keys, values, self._slots[g]
+
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values [B, Hkv, P, D] of the visible prefix of every row (one gather each)."""
-        g = self.pool.group_of[layer]
-        pre = self.prefix(g)
-        B, P = pre.valid.shape
-        keys, values = self.pool.storage(layer, self.device, self.dtype)
-        idx = self._slots[g]
-        k = keys.index_select(0, idx).view(B, P, *keys.shape[1:]).transpose(1, 2)
-        v = values.index_select(0, idx).view(B, P, *values.shape[1:]).transpose(1, 2)
-        return k, v
+        return gather_prefix(*self.sources(layer))
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store row b's first new_tokens[b] keys/values (sliding layers: only the last ring's worth)."""
