@@ -91,6 +91,7 @@ class KVPool:
         self.groups = sorted(set(self.group_of), key=lambda w: -1 if w is None else w)
         self.layers_of = {g: [i for i, w in enumerate(self.group_of) if w == g] for g in self.groups}
         self.capacity = {g: 0 for g in self.groups}  # pages per layer of the group, scratch page included
+        self.reserved = {g: 0 for g in self.groups}  # capacity kept even when every page is free
         self.free_pages: dict = {g: [] for g in self.groups}
         self.keys: list[torch.Tensor | None] = [None] * len(specs)  # [capacity * page_size, Hkv, D]
         self.values: list[torch.Tensor | None] = [None] * len(specs)
@@ -117,21 +118,34 @@ class KVPool:
                    for i in self.layers_of[group])
 
     # ------------------------------------------------------------------ pages
+    def _grow(self, group, new: int) -> None:
+        old = self.capacity[group]
+        if new > old:
+            start = max(old, 1)  # page 0 is the scratch page
+            self.free_pages[group][:0] = range(new - 1, start - 1, -1)  # new pages are handed out last
+            self.capacity[group] = new
+
+    def reserve(self, pages: int | dict) -> None:
+        """Size the pool up front (``pages`` per group, or a dict group -> pages) and keep that storage when every
+        page is free: a server's storage then never moves, so a captured step keeps its shapes."""
+        for g in self.groups:
+            n = pages[g] if isinstance(pages, dict) else pages
+            self.reserved[g] = max(self.reserved[g], n + 1)
+            self._grow(g, n + 1)
+
     def allocate(self, group, n: int) -> list[int]:
         free = self.free_pages[group]
         if len(free) < n:
             old = self.capacity[group]
-            new = max(2 * old, old + n - len(free), 1 + n, 4)
-            start = max(old, 1)  # page 0 is the scratch page
-            free.extend(range(new - 1, start - 1, -1))
-            self.capacity[group] = new
+            self._grow(group, max(2 * old, old + n - len(free), 1 + n, 4))
         return [free.pop() for _ in range(n)]
 
     def release(self, group, pages: list[int]) -> None:
         if not pages:
             return
         self.free_pages[group].extend(reversed(pages))
-        if len(self.free_pages[group]) == self.capacity[group] - 1:  # nothing in use: give the memory back
+        if len(self.free_pages[group]) == self.capacity[group] - 1 and not self.reserved[group]:
+            # nothing in use: give the memory back
             self.capacity[group] = 0
             self.free_pages[group] = []
             for i in self.layers_of[group]:

@@ -207,6 +207,14 @@ def test_cache_frees_memory_on_finish_and_abort(tiny_checkpoint):
         engine.step()
     assert b.finished and b.cache is None
     assert pool.used_bytes() == 0 and pool.nbytes() == 0  # nothing in use: the storage itself is released
+    # A pool sized up front keeps its storage (a captured step's shapes never change).
+    pool.reserve(8)
+    c = engine.add_request(list(range(5, 12)), params)
+    engine.step()
+    size = pool.nbytes()
+    assert size >= 9 * sum(pool.page_bytes(g) for g in pool.groups) and pool.used_bytes() == c.cache.nbytes() > 0
+    engine.abort(c.request_id)
+    assert pool.used_bytes() == 0 and pool.nbytes() == size
 
 
 def test_dropping_a_sequence_returns_its_pages_and_pool_growth_keeps_contents(model):

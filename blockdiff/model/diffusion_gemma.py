@@ -17,6 +17,7 @@ The model computes only: it never samples, schedules or tokenizes.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -270,9 +271,13 @@ class DiffusionGemma(nn.Module):
         return self.denoise_step(*args)
 
     def _compiled_step(self):
-        """The compiled denoise step, or None. ``compile_denoise``: None = automatic (CUDA only, where kernel launch
-        overhead dominates small batches), True/False = force. Unmeasured on GPUs so far: see docs/benchmarks.md."""
-        want = self.compile_denoise if self.compile_denoise is not None else self.device.type == "cuda"
+        """The compiled denoise step, or None. ``compile_denoise``: True/False = force on/off; None = the environment
+        variable ``BLOCKDIFF_COMPILE`` (0/1), else automatic: on CUDA only, where kernel launch overhead dominates
+        small batches. Unmeasured on GPUs so far: see docs/benchmarks.md ("Graph capture")."""
+        want = self.compile_denoise
+        if want is None:
+            env = os.environ.get("BLOCKDIFF_COMPILE", "auto").lower()
+            want = self.device.type == "cuda" if env == "auto" else env not in ("0", "false", "off", "no")
         if not want or self._compile_failed or torch.is_grad_enabled():
             return None
         if self._compiled is None:
