@@ -41,8 +41,8 @@ class LLM:
         path = resolve_path(model)
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device)
-        self.tokenizer = load_tokenizer(path)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
+        self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
 
     @classmethod
