@@ -303,3 +303,21 @@ def test_denoise_step_captures_as_one_static_graph_per_bucket(model):
     assert len(compiles) == 1
     torch._dynamo.reset()
     assert model.compile_denoise is None and model._compiled_step() is None  # CPU default: eager
+
+
+def test_engine_encodes_a_ticks_prompts_in_one_batched_call(tiny_checkpoint, monkeypatch):
+    model = load_model(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    engine = Engine(model)
+    calls = []
+    real = model.encode
+    monkeypatch.setattr(model, "encode", lambda ids, cache, **kw: (calls.append((ids.shape, kw)), real(ids, cache, **kw))[1])
+    params = SamplingParams(max_new_tokens=4, seed=0, max_denoising_steps=2)
+    states = [engine.add_request(list(range(5, 5 + n)), params) for n in (9, 3, 14, 6)]
+    engine.step()
+    assert len(calls) == 1 and calls[0][0] == (4, 14) and calls[0][1]["lengths"] == [14, 9, 6, 3]
+    assert [s.cache.length for s in states] == [9, 3, 14, 6]
+    model.batch_invariant = True  # deterministic mode: one encode per request, unpadded
+    calls.clear()
+    more = [engine.add_request(list(range(5, 5 + n)), params) for n in (4, 7)]
+    engine.step()
+    assert [c[0] for c in calls] == [(1, 4), (1, 7)] and [s.cache.length for s in more] == [4, 7]
