@@ -116,12 +116,12 @@ class Engine:
                 self.stats["encode_tokens"] += len(ids)
                 s.encoded()
             return
-        seqs = [s.tokens_to_encode() for s in states]
-        lengths = [len(t) for t in seqs]
-        width = max(lengths)
-        ids = torch.tensor([t + [0] * (width - len(t)) for t in seqs])  # host ids: validated, moved once
-        model.encode(ids, KVCache([s.cache for s in states]), lengths=lengths)
-        self.stats["encode_tokens"] += sum(lengths)
+        for group in _encode_groups([(len(t), s, t) for s in states for t in [s.tokens_to_encode()]]):
+            lengths = [n for n, _, _ in group]
+            width = max(lengths)
+            ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
+            model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
+            self.stats["encode_tokens"] += sum(lengths)
         for s in states:
             s.encoded()
 
@@ -155,3 +155,16 @@ class Engine:
         for b, (s, res) in enumerate(zip(states, results)):
             s.apply_step(res, soft[b])
         self.stats["denoise_steps"] += len(states)
+
+
+def _encode_groups(items: list) -> list[list]:
+    """Split (length, ...) items into as few batched encodes as keep padding at most half of each: one call when
+    lengths are alike (commits are all one canvas long), a long prompt apart from short ones."""
+    items = sorted(items, key=lambda it: it[0], reverse=True)
+    groups, cur = [], []
+    for it in items:
+        if cur and cur[0][0] * (len(cur) + 1) > 2 * (sum(x[0] for x in cur) + it[0]):
+            groups.append(cur)
+            cur = []
+        cur.append(it)
+    return groups + [cur] if cur else groups
