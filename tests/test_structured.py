@@ -221,7 +221,7 @@ def test_first_undecided_position_is_sampled_from_its_masked_distribution(llm):
 def test_settling_repairs_an_invalid_draft_into_a_valid_canvas(llm):
     c = _constraint(llm, {"json": SCHEMAS["flat_person"]})
     junk = llm.tokenizer.encode("!!!!!!!!")[:CANVAS]
-    tokens = c.complete(torch.tensor(junk + [junk[0]] * (CANVAS - len(junk))))
+    tokens = c.complete(junk + [junk[0]] * (CANVAS - len(junk)))
     assert len(tokens) == CANVAS and c.matcher.is_error() is False
     text = llm.tokenizer.decode(tokens)
     assert text.startswith("{") and "!" not in text[:2]

@@ -30,6 +30,12 @@ PRESETS: dict[str, dict] = {
                       num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
                       num_global_key_value_heads=1, num_experts=32, top_k_experts=4, moe_intermediate_size=256,
                       sliding_window=512, canvas_length=128),
+    # The released vocabulary (262,144) and canvas (256) on a tiny body: the sampler's [B, C, V] memory at real
+    # size on CPU (`--tick-memory --batch 16`).
+    "vocab-full": dict(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                       num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                       sliding_window=1024, canvas_length=256),
     # A few hundred KB: for tests of the harness itself.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,

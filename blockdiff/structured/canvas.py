@@ -128,7 +128,7 @@ class CanvasConstraint:
 
     # ------------------------------------------------------------------ denoising
     def step(self, logits: torch.Tensor, step: int, max_steps: int, t_min: float, t_max: float,
-             entropy_bound: float) -> StepResult:
+             entropy_bound: float, confidence_threshold: float = 0.0) -> StepResult:
         """One constrained denoising step over ``logits`` [C, V] (overwritten with the tempered probabilities)."""
         C, V = logits.shape
         generator = self.generator
@@ -139,9 +139,9 @@ class CanvasConstraint:
             logits[F].masked_fill_(~self.allowed().to(dev), float("-inf"))
         logits.div_(temperature(step, max_steps, t_min, t_max))
         argmax = logits.argmax(dim=-1)
-        h = torch.empty(C, dtype=logits.dtype, device=dev)
-        for i in range(0, C, ROW_CHUNK):
-            p = torch.softmax(logits[i:i + ROW_CHUNK], dim=-1)
+        h = torch.empty(C, dtype=torch.float32, device=dev)
+        for i in range(0, C, ROW_CHUNK):  # entropy in fp32 whatever the logits dtype (bf16 on GPU)
+            p = torch.softmax(logits[i:i + ROW_CHUNK], dim=-1, dtype=torch.float32)
             h[i:i + ROW_CHUNK] = torch.special.entr(p).sum(-1)
             logits[i:i + ROW_CHUNK] = p
         probs = logits
@@ -152,7 +152,7 @@ class CanvasConstraint:
         new_canvas = torch.randint(0, V, (C,), generator=generator, device=dev)
         rows = (accepted & ~fixed).nonzero().view(-1)
         if rows.numel():
-            cdf = probs[rows].cumsum(dim=-1)
+            cdf = probs[rows].float().cumsum(dim=-1)
             u = torch.rand(rows.numel(), 1, generator=generator, device=dev, dtype=cdf.dtype)
             new_canvas[rows] = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1).view(-1)
         if open_:
@@ -169,19 +169,18 @@ class CanvasConstraint:
             new_canvas[:F2] = frozen
             argmax[:F2] = frozen
             accepted[:F2] = True
-        free = torch.arange(C, device=dev) >= F2
-        mean_h = float(h[free].mean()) if F2 < C else 0.0
+        mean_h = h[F2:].mean() if F2 < C else torch.zeros((), device=dev)  # over the undecided positions
         self._probs = probs
-        return StepResult(new_canvas, argmax, accepted, h, probs, mean_h)
+        return StepResult(new_canvas, argmax, accepted, h, probs, mean_h, mean_h < confidence_threshold)
 
-    def complete(self, argmax: torch.Tensor) -> list[int]:
+    def complete(self, argmax: list[int]) -> list[int]:
         """Settle the canvas: fill the undecided positions left to right with the argmax token where the grammar
         allows it, else the most likely allowed token. Returns the canvas's tokens (all C, or up to and
         including the end token)."""
         t0 = time.perf_counter()
         F = len(self.frozen)
         if not self.settled:
-            draft = argmax.tolist()
+            draft = list(argmax)
             probs = self._probs
             for p in range(F, self.canvas_length):
                 if self.consume([draft[p]]) == 0 and not self.settled:
