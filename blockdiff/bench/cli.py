@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--structured", action="store_true",
+                   help="instead, time structured output (JSON Schema) against unconstrained generation per step "
+                        "and end to end (the checkpoint needs a tokenizer; --random-config writes one)")
     p.add_argument("--no-memory-run", dest="memory_run", action="store_false",
                    help="CPU: skip the separate untimed run per system that measures peak memory")
     p.add_argument("--tick-memory", action="store_true",
@@ -97,8 +100,19 @@ def run(args) -> int:
         if args.random_config:
             from .checkpoints import write_random_checkpoint
             log(f"building a random '{args.random_config}' checkpoint in {tmp} ...")
-            path = write_random_checkpoint(tmp, args.random_config, seed=args.seed)
+            path = write_random_checkpoint(tmp, args.random_config, seed=args.seed, with_tokenizer=args.structured)
             options.extra["checkpoint_name"] = f"random:{args.random_config}"
+        if args.structured:
+            from .structured import format_structured, run_structured_benchmark
+            report = run_structured_benchmark(path, steps=args.steps, repeats=args.repeats,
+                                              prompt_len=args.prompt_len, seed=args.seed, dtype=args.dtype,
+                                              device=args.device, log=log)
+            print(format_structured(report))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(report, f, indent=2)
+                    f.write("\n")
+            return 0
         if args.profile:
             from .profile import profile_report
             print(profile_report(path, options, log=log))

@@ -11,6 +11,7 @@ back once per tick, in one transfer: the argmax canvases, acceptance and the sto
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import torch
@@ -32,6 +33,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
         self._ids = itertools.count()
+        self._grammars = None  # structured.GrammarCompiler, built on the first constrained request
+        self._grammars_lock = threading.Lock()
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
 
     @property
@@ -59,20 +62,60 @@ class Engine:
                              f" in canvases of {C}) needs {needed} positions; the model's context is {ctx}")
 
     def make_state(self, prompt_ids: list[int], params: SamplingParams | None = None, on_event=None,
-                   request_id: str | None = None, request_index: int = 0) -> ModelState:
+                   request_id: str | None = None, request_index: int = 0, images=None) -> ModelState:
+        """``images``: the prompt's ``ImageInputs`` (``blockdiff.vision.prompt``), its image tokens expanded."""
         params = params or SamplingParams()
         params.validate(self.model.vocab_size, self.canvas_length)
         params = params.resolved(self.defaults)
         self.validate_prompt(prompt_ids, params)
         stop_checker = self._stop_checker(params.stop) if params.stop else None
+        constraint = self._constraint(params) if params.structured_outputs is not None else None
+        infill = None
+        if params.text_template is not None or params.suffix is not None:
+            from ..structured.infill import plan_suffix, plan_template
+            infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
+                      if params.text_template is not None else
+                      plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            params.canvas_template = infill.template  # params is the engine's resolved copy
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
-                           device=self.model.device, cache=self.model.new_sequence())
+                           device=self.model.device, cache=self.model.new_sequence(), constraint=constraint,
+                           infill=infill)
+        if images is not None:
+            self._check_images(prompt_ids, images)
+            state.images = images
         return state
 
-    def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
-        state = self.make_state(prompt_ids, params, on_event, request_id, request_index)
+    def _check_images(self, prompt_ids: list[int], images) -> None:
+        if self.model.vision is None:
+            raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
+        image_id = self.model.config.image_token_id
+        n = sum(1 for t in prompt_ids if t == image_id)
+        if n != sum(images.num_soft_tokens):
+            raise ValueError(f"the prompt holds {n} image tokens but its images give {sum(images.num_soft_tokens)} "
+                             "soft tokens")
+
+    def grammars(self):
+        """The checkpoint's grammar compiler (its token table takes ~5 s to build at 262k entries: the server
+        builds it in the background at start-up; any thread may call this)."""
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs the checkpoint's tokenizer; this model has none")
+        with self._grammars_lock:
+            if self._grammars is None:
+                from ..structured import GrammarCompiler
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
+                                                 self.defaults.eos_token_ids)
+        return self._grammars
+
+    def _constraint(self, params: SamplingParams):
+        end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
+        return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length, params.seed,
+                                          self.model.device)
+
+    def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0,
+                    images=None) -> ModelState:
+        state = self.make_state(prompt_ids, params, on_event, request_id, request_index, images=images)
         self.scheduler.add(state)
         return state
 
@@ -116,30 +159,44 @@ class Engine:
     def _encode(self, states: list[ModelState]) -> None:
         """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest)."""
         model = self.model
-        if model.batch_invariant:
-            # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
-            # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas.
-            for s in states:
-                ids = s.tokens_to_encode()
-                model.encode(torch.tensor([ids]), KVCache([s.cache]))
-                self.stats["encode_tokens"] += len(ids)
-                s.encoded()
-            return
-        seqs = [s.tokens_to_encode() for s in states]
-        lengths = [len(t) for t in seqs]
-        width = max(lengths)
-        ids = torch.tensor([t + [0] * (width - len(t)) for t in seqs])  # host ids: validated, moved once
-        model.encode(ids, KVCache([s.cache for s in states]), lengths=lengths)
-        self.stats["encode_tokens"] += sum(lengths)
+        # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
+        # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas. A prompt with
+        # images is read alone too (its vision pass and image masks are its own).
+        alone = [s for s in states if model.batch_invariant or (s.images is not None and s.phase is Phase.WAITING)]
+        for s in alone:
+            ids = s.tokens_to_encode()
+            model.encode(torch.tensor([ids]), KVCache([s.cache]), **self._image_kwargs(s, ids))
+            self.stats["encode_tokens"] += len(ids)
+            s.encoded()
+        if alone:
+            states = [s for s in states if all(s is not a for a in alone)]
+            if not states:
+                return
+        for group in _encode_groups([(len(t), s, t) for s in states for t in [s.tokens_to_encode()]]):
+            lengths = [n for n, _, _ in group]
+            width = max(lengths)
+            ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
+            model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
+            self.stats["encode_tokens"] += sum(lengths)
         for s in states:
             s.encoded()
+
+    def _image_kwargs(self, s: ModelState, ids: list[int]) -> dict:
+        """The prompt's images for its prefill encode (then dropped: later encodes are canvases)."""
+        if s.images is None or s.phase is not Phase.WAITING:
+            return {}
+        im, s.images = s.images, None
+        return {"pixel_values": im.pixel_values, "image_position_ids": im.image_position_ids,
+                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id)}
 
     def _denoise(self, states: list[ModelState]) -> None:
         model = self.model
         dev = model.device
-        # Default-mode rows first, reference-mode rows after: each group is a contiguous view of the logits.
-        states = sorted(states, key=lambda s: s.params.rng == "reference")
-        nd = sum(s.params.rng != "reference" for s in states)
+        # Default-mode rows first, then reference-mode rows, then constrained rows (structured output: grammar
+        # state lives on the host, so each takes its own step): each group is a contiguous view of the logits.
+        states = sorted(states, key=_row_group)
+        nd = sum(_row_group(s) == 0 for s in states)
+        nr = nd + sum(_row_group(s) == 1 for s in states)
         B, C = len(states), self.canvas_length
         canvas = torch.stack([s.canvas for s in states]).to(dev)  # [B, C]
         previous = torch.stack([s.argmax for s in states]).to(dev)  # [B, C] last step's argmax canvas
@@ -155,11 +212,16 @@ class Engine:
         parts = []
         if nd:
             parts += self._default_rows(logits[:nd], canvas[:nd], states[:nd])
-        for b in range(nd, B):  # the reference's generator draws: one canvas at a time
+        for b in range(nd, nr):  # the reference's generator draws: one canvas at a time
             s, p = states[b], states[b].params
             res = reference_step(logits[b], canvas[b], s.step, p.max_denoising_steps, p.t_min, p.t_max,
                                  p.entropy_bound, s.generator, p.confidence_threshold)
             logits[b].copy_(res.probs)  # the buffer now holds every row's tempered distribution
+            parts.append(_unsqueeze(res))
+        for b in range(nr, B):  # constrained rows: a grammar mask at the first undecided position (structured/)
+            s, p = states[b], states[b].params
+            res = s.constraint.step(logits[b], s.step, p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound,
+                                    p.confidence_threshold)
             parts.append(_unsqueeze(res))
         new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
@@ -207,7 +269,24 @@ class Engine:
         return out
 
 
+def _encode_groups(items: list) -> list[list]:
+    """Split (length, ...) items into as few batched encodes as keep padding at most half of each: one call when
+    lengths are alike (commits are all one canvas long), a long prompt apart from short ones."""
+    items = sorted(items, key=lambda it: it[0], reverse=True)
+    groups, cur = [], []
+    for it in items:
+        if cur and cur[0][0] * (len(cur) + 1) > 2 * (sum(x[0] for x in cur) + it[0]):
+            groups.append(cur)
+            cur = []
+        cur.append(it)
+    return groups + [cur] if cur else groups
+
+
 SOFT_CHUNK = 256  # rows of probabilities cast to the model dtype at once for the self-conditioning product
+
+
+def _row_group(s: ModelState) -> int:
+    return 2 if s.constraint is not None else 1 if s.params.rng == "reference" else 0
 
 
 def _unsqueeze(res):

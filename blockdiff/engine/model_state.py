@@ -101,7 +101,7 @@ class ModelState:
     def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
                  specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
                  on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None,
-                 cache: SequenceCache | None = None):
+                 cache: SequenceCache | None = None, constraint=None, infill=None):
         self.request_id = request_id
         self.request_index = request_index
         self.prompt_ids = list(prompt_ids)
@@ -112,6 +112,10 @@ class ModelState:
         self.eos = (set() if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids or [])
         self.on_event = on_event
         self.stop_checker = stop_checker  # fn(output_ids) -> cut index or None (stop strings)
+        # structured output (blockdiff.structured.CanvasConstraint): decides the canvas tokens and where the
+        # output ends; stop strings never cut a constrained output (that would break its guarantee).
+        self.constraint = constraint
+        self.infill = infill  # structured.infill.InfillPlan: the first canvas is the whole output
         self.phase = Phase.WAITING
         # The request's pages in the model's KV pool (a private pool when built without a model).
         self.cache: SequenceCache | None = cache if cache is not None else SequenceCache(specs)
@@ -134,6 +138,7 @@ class ModelState:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = Metrics(prompt_tokens=len(prompt_ids))
+        self.images = None  # ImageInputs for the prompt (the engine passes them to the prefill encode, then drops them)
         # Infill template (first canvas only) and constrained vocabulary.
         self.fixed = self.template = None
         if params.canvas_template is not None:
@@ -187,6 +192,8 @@ class ModelState:
             self.canvas = torch.where(self.fixed, self.template, self.canvas)
         self.argmax = self.canvas
         self.argmax_ids = None
+        if self.constraint is not None:
+            self.constraint.start_canvas()
         self.sc_embeds = None
         self.stable_run = 0
         self.step = 0
@@ -214,27 +221,39 @@ class ModelState:
         if self.on_event is not None:
             self._emit(Event("draft", self.request_id, self.request_index, list(row.argmax_ids), step=self.step,
                              accepted=None if row.accepted is None else list(row.accepted)))
+        if self.constraint is not None:  # a settled constrained canvas is done
+            done = done or self.constraint.settled
         if done:
             self._finish_canvas()
         return done
 
     def _finish_canvas(self) -> None:
-        tokens = list(self.argmax_ids)
         self.metrics.canvases += 1
         if self.metrics.first_block_time is None:
             self.metrics.first_block_time = time.perf_counter()
         budget = self.params.max_new_tokens - len(self.output_ids)
         reason = None
-        for i, t in enumerate(tokens):
-            if t in self.eos:
-                tokens, reason = tokens[:i + 1], "stop"
-                break
-        if len(tokens) >= budget:
+        if self.constraint is not None:  # every position grammar-valid; "stop" only where the grammar is complete
+            tokens = self.constraint.complete(self.argmax_ids)
+            if len(tokens) == self.canvas_length:  # what the commit encodes
+                self.argmax_ids = list(tokens)
+                self.argmax = torch.tensor(tokens, device=self.device)
+            reason = "stop" if self.constraint.ended else None
+        elif self.infill is not None:  # text template / suffix: the filled canvas ends the request
+            tokens, reason, budget = self.infill.output(list(self.argmax_ids), self.eos), "stop", None
+        else:
+            tokens = list(self.argmax_ids)
+            for i, t in enumerate(tokens):
+                if t in self.eos:
+                    tokens, reason = tokens[:i + 1], "stop"
+                    break
+        if budget is not None and len(tokens) >= budget:
             if reason is None or len(tokens) > budget:
                 reason = "length"
             tokens = tokens[:budget]
         self.output_ids.extend(tokens)
-        if self.stop_checker is not None:  # on the last canvas (budget, EOS) too: a stop string wins
+        # On the last canvas (budget, EOS) too: a stop string wins, except over a constrained output.
+        if self.stop_checker is not None and self.constraint is None:
             cut = self.stop_checker(self.output_ids)
             if cut is not None:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]

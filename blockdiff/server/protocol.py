@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from ..sampling.params import SamplingParams
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
+from .structured import structured_outputs as constraint_from
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request (each is a request in the engine)
@@ -82,8 +83,23 @@ class SamplingRequest(BaseModel):
                                               json_schema_extra={"maxProperties": 0})
     tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented",
                                     json_schema_extra={"maxItems": 0})
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}', json_schema_extra={
-        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]})
+    # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}: the output is JSON (valid for the schema)', json_schema_extra={
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                           "json_schema": {"type": "object", "properties": {
+                               "name": {"type": "string"}, "schema": {"type": "object"},
+                               "strict": {"type": ["boolean", "null"]}}}},
+            "required": ["type"]})
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="exactly one of json (a JSON Schema), json_object (true), regex, choice (strings), "
+        "grammar (Lark or GBNF); optional allow_whitespace (json only)", json_schema_extra={
+            "properties": {"json": {"type": "object"}, "json_object": {"enum": [True]}, "regex": {"type": "string"},
+                           "choice": {"type": "array", "items": {"type": "string"}},
+                           "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
+    text_template: str | None = Field(None, description="text with <|hole|> or <|hole:N|> holes laid on the first "
+                                      "canvas; the output is the filled template")
     # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
     max_denoising_steps: Int | None = Field(None, ge=1, le=10_000, description="denoising steps per canvas at most")
     stability_threshold: Int | None = Field(None, ge=0, le=10_000,
@@ -128,9 +144,6 @@ class SamplingRequest(BaseModel):
             _neutral(name, getattr(self, name), 0, "penalties are not implemented")
         _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
         _neutral("tools", self.tools, [], "tool calling is not implemented")
-        rf = self.response_format
-        if rf is not None and rf.get("type") != "text":
-            raise invalid("'response_format' is not supported (only {\"type\": \"text\"})", "response_format")
         if not self.stream:
             for name in ("stream_options", "stream_drafts"):
                 if getattr(self, name) not in (None, False):
@@ -161,7 +174,11 @@ class SamplingRequest(BaseModel):
         kw = {name: getattr(self, name) for name in (
             "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
             "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
-            "confidence_threshold")}
+            "confidence_threshold", "text_template")}
+        # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
+        kw["structured_outputs"] = constraint_from({"response_format": self.response_format,
+                                                    "structured_outputs": self.structured_outputs})
+        kw["suffix"] = getattr(self, "suffix", None) or None
         try:
             return SamplingParams(max_new_tokens=self.requested_max_tokens, **kw)
         except ValueError as e:
@@ -178,8 +195,8 @@ class CompletionRequest(SamplingRequest):
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                                         "minItems": 1}, "minItems": 1, "maxItems": 1}]})
     echo: bool = Field(False, description="return the prompt text before the completion")
-    suffix: str | None = Field(None, description="only '' (fill-in-the-middle is not implemented; see "
-                               "canvas_template)", json_schema_extra={"maxLength": 0})
+    suffix: str | None = Field(None, description="fill in the middle: text that follows the completion; the "
+                               "output is the middle (one canvas)")
     logprobs: Int | None = Field(None, description="only 0 (unset): logprobs are not implemented",
                                  json_schema_extra={"enum": [0, None]})
     best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
@@ -206,7 +223,6 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_rules(self):
-        _neutral("suffix", self.suffix, "", "suffix (fill-in-the-middle) is not implemented; see canvas_template")
         _neutral("logprobs", self.logprobs, 0, "logprobs are not implemented")
         _neutral("best_of", self.best_of, 1, "only one candidate per request (use 'n' for several choices)")
         return self
@@ -218,13 +234,39 @@ class TextPart(BaseModel):
     text: str
 
 
-ContentPart = TextPart  # a Union as more part kinds are supported
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # "detail" is accepted and has no effect
+    url: str = Field(description="a data:image/...;base64 URL (or a local file under --allowed-local-media-path)")
+
+
+class ImageUrlPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart, Field(discriminator="type")]
+
+
+def _check_part(part, where: str) -> None:
+    """A text part or an image_url part; the error names the part and says what it must be."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return
+    if kind == "image_url":
+        v = part.get("image_url")
+        if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"]:
+            return
+        raise ValueError(f"'{where}.image_url.url' must be a string (a data:image/...;base64 URL)")
+    got = kind if kind is not None else json_type(part)
+    raise ValueError(f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image_url part "
+                     f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}), got {got!r}")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
-    content: str | list[ContentPart] = Field(description="a string or an array of text parts")
+    content: str | list[ContentPart] = Field(description="a string or an array of text and image_url parts")
 
     @field_validator("role", mode="before")
     @classmethod
@@ -238,19 +280,23 @@ class ChatMessage(BaseModel):
     def _content(cls, v):
         if isinstance(v, list):
             for j, part in enumerate(v):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else json_type(part)
-                    raise ValueError(f"'{{path}}[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}),"
-                                     f" got {kind!r}: only text is supported")
+                _check_part(part, f"{{path}}[{j}]")
             return v
         if not isinstance(v, str):
-            raise ValueError(f"{{name}} must be a string or an array of text parts, got {json_type(v)}")
+            raise ValueError(f"{{name}} must be a string or an array of content parts, got {json_type(v)}")
         return v
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def template_content(self) -> str | list[dict]:
+        """The text, or (with images) the parts: text parts and {"type": "image_url", "image_url": {"url"}}."""
+        if isinstance(self.content, str) or all(isinstance(p, TextPart) for p in self.content):
+            return self.text()
+        return [{"type": "text", "text": p.text} if isinstance(p, TextPart)
+                else {"type": "image_url", "image_url": {"url": p.image_url.url}} for p in self.content]
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -312,11 +358,11 @@ class ChatCompletionRequest(SamplingRequest):
         return True if v is None else v
 
     def template_messages(self) -> list[dict]:
-        """[{"role", "content": str, extra keys...}] for the chat template."""
+        """[{"role", "content": str (or text/image_url parts), extra keys...}] for the chat template."""
         out = []
         for m in self.messages:
             d = {k: v for k, v in (m.model_extra or {}).items()}
-            d.update(role=m.role, content=m.text())
+            d.update(role=m.role, content=m.template_content())
             out.append(d)
         return out
 
@@ -327,7 +373,7 @@ class ChatCompletionRequest(SamplingRequest):
 # ---------------------------------------------------------------------------------------------- engine errors
 PARAM_NAMES = ("max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
                "confidence_threshold", "t_min", "t_max", "rng", "stop_token_ids", "allowed_token_ids",
-               "canvas_template", "stop")
+               "canvas_template", "stop", "structured_outputs", "text_template", "suffix")
 
 
 def engine_error(e: ValueError, max_name: str = "max_tokens") -> APIError:
