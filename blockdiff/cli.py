@@ -97,7 +97,7 @@ def load_llm(args):
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False))
     if not args.threads:
         auto_threads(llm.model)
     return llm
