@@ -44,7 +44,10 @@ def clamp(body) -> None:
         if isinstance(v, int) and not isinstance(v, bool) and v > hi:
             body[name] = hi
     for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
-        # This checkpoint's tokenizer has no image tokens (a 400 for any image): keep the text parts.
+        # This checkpoint's tokenizer has no image tokens (a 400 for any image): keep the text parts. Its chat
+        # template knows system/user/assistant only: other roles would make every generated chat a 400.
+        if isinstance(m, dict) and m.get("role") in ("tool", "developer"):
+            m["role"] = "user"
         if isinstance(m, dict) and isinstance(m.get("content"), list):
             m["content"] = [p for p in m["content"] if not (isinstance(p, dict) and p.get("type") == "image_url")]
 
