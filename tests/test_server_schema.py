@@ -18,9 +18,6 @@ from blockdiff.server import build_app
 from fixtures import make_checkpoint
 
 MODEL = "tiny-dg"
-# A 1x1 PNG: generated image_url parts get it, so image requests reach the engine too (a random URL is a 400).
-TINY_PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAEl"
-            "FTkSuQmCC")
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +53,13 @@ def clamp(body) -> None:
         v = body.get(name)
         if isinstance(v, int) and not isinstance(v, bool) and v > hi:
             body[name] = hi
-    for m in body.get("messages") or []:
-        for part in (m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []):
-            if isinstance(part, dict) and isinstance(part.get("image_url"), dict):
-                part["image_url"]["url"] = TINY_PNG
+    for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
+        # This checkpoint's tokenizer has no image tokens (a 400 for any image): keep the text parts. Its chat
+        # template knows system/user/assistant only: other roles would make every generated chat a 400.
+        if isinstance(m, dict) and m.get("role") in ("tool", "developer"):
+            m["role"] = "user"
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            m["content"] = [p for p in m["content"] if not (isinstance(p, dict) and p.get("type") == "image_url")]
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -3,7 +3,8 @@ transformers reference (the oracle) on tiny random multimodal checkpoints, in tw
 
 The oracle is driven the way its ``generate`` drives it: the encoder gets the mask mapping built by
 ``create_masks_for_generate(..., mm_token_type_ids=...)`` (its plain ``forward`` ignores ``mm_token_type_ids``).
-Run with ``-s`` to print the largest logit difference per configuration.
+Run with ``-s`` to print the largest logit difference per configuration. Seen here (fp32, CPU, torch 2.13,
+transformers 5.23, logits std ~2): patch8_pool2_clipped 5.8e-06, patch16_pool3_gqa_std 5.6e-06.
 """
 
 from __future__ import annotations

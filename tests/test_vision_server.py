@@ -193,3 +193,11 @@ def test_cli_image_errors_exit_2_with_one_line(case, mm_path, servers, tmp_path,
     assert err.count("\n") == 1 and "--image" in err and "Traceback" not in err
     assert {"missing": "No such file", "undecodable": "not a decodable image", "text_only": "no vision tower"}[case] \
         in err
+
+
+def test_image_ids_outside_the_vocab_are_a_clear_error(tiny_checkpoint):
+    # The default tiny checkpoint has a vision tower but the released image ids (258880...) in a 512-token vocab.
+    llm = LLM(tiny_checkpoint, dtype=torch.float32)
+    with pytest.raises(ValueError, match="image token ids .* not all inside its vocabulary of 512"):
+        llm.chat([{"role": "user", "content": [{"type": "image", "image": picture(32, 32)},
+                                               {"type": "text", "text": "?"}]}])

@@ -38,6 +38,7 @@ class ImagePrompter:
         self.image_id, self.boi_id, self.eoi_id = image_token_id, boi_token_id, eoi_token_id
         self.has_vision = has_vision
         self.placeholder = placeholder  # the image token's text, for messages
+        self.vocab_size: int | None = None
 
     @classmethod
     def for_model(cls, model, path: str | None, tokenizer=None) -> "ImagePrompter":
@@ -50,11 +51,17 @@ class ImagePrompter:
                 max_soft_tokens=cfg.vision.default_output_length or 280)
         text = tokenizer.id_to_token(cfg.image_token_id) if tokenizer is not None and cfg.image_token_id is not None \
             else None
-        return cls(proc, cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, has_vision, text or "<|image|>")
+        out = cls(proc, cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id, has_vision, text or "<|image|>")
+        out.vocab_size = model.vocab_size
+        return out
 
     def check_can_take_images(self) -> None:
         if not self.has_vision:
             raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
+        if self.vocab_size is not None and not all(
+                t is not None and 0 <= t < self.vocab_size for t in (self.image_id, self.boi_id, self.eoi_id)):
+            raise ValueError(f"the model cannot take images: its image token ids ({self.boi_id}, {self.image_id}, "
+                             f"{self.eoi_id}) are not all inside its vocabulary of {self.vocab_size}")
 
     def prepare(self, ids: list[int], images: list) -> tuple[list[int], ImageInputs | None]:
         """(prompt ids, PIL images) -> (ids with every image expanded to its soft tokens, ImageInputs)."""
