@@ -38,13 +38,8 @@ def clamp(body) -> None:
         return
     if isinstance(body.get("model"), str) and len(body["model"]) % 2 == 0:
         body["model"] = MODEL
-        # ... and of those, drop what would be refused anyway (roles the tiny template lacks, drafts without a
-        # stream, more images than the limit, fuzzed structured-output keys), so some reach the engine.
-        for m in body.get("messages") or []:
-            if isinstance(m, dict):
-                m["role"] = "user" if m.get("role") not in ("user", "assistant") else m["role"]
-                if isinstance(m.get("content"), list):
-                    m["content"] = [p for p in m["content"] if not (isinstance(p, dict) and "image_url" in p)]
+        # ... and of those, drop what would be refused anyway (drafts without a stream, fuzzed structured-output
+        # keys), so some reach the engine.
         if not body.get("stream"):
             body.pop("stream_drafts", None)
         body.pop("structured_outputs", None)
