@@ -42,7 +42,8 @@ def clamp(body) -> None:
     if isinstance(body.get("model"), str) and len(body["model"]) % 2 == 0:
         body["model"] = MODEL
         # ... and of those, drop what would be refused anyway (roles the tiny template lacks, drafts without a
-        # stream, more images than the limit, fuzzed structured-output keys), so some reach the engine.
+        # stream, more images than the limit, fuzzed structured-output and infill fields), so some reach the
+        # engine.
         for m in body.get("messages") or []:
             if isinstance(m, dict):
                 m["role"] = "user" if m.get("role") not in ("user", "assistant") else m["role"]
@@ -51,6 +52,11 @@ def clamp(body) -> None:
         if not body.get("stream"):
             body.pop("stream_drafts", None)
         body.pop("structured_outputs", None)
+        # Fuzzed infill text (no holes, too long) and schemas are 400s: keep the constraint-free formats only.
+        body.pop("text_template", None)
+        body.pop("suffix", None)
+        if not (isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "text"):
+            body.pop("response_format", None)
     for name, hi in (("max_tokens", 32), ("max_completion_tokens", 32), ("max_denoising_steps", 3),
                      ("stability_threshold", 3), ("n", 2)):
         v = body.get(name)
