@@ -39,10 +39,15 @@ def clamp(body) -> None:
     if isinstance(body.get("model"), str) and len(body["model"]) % 2 == 0:
         body["model"] = MODEL
         # ... and of those, drop what would be refused anyway (drafts without a stream, fuzzed structured-output
-        # keys), so some reach the engine.
+        # and infill fields), so some reach the engine.
         if not body.get("stream"):
             body.pop("stream_drafts", None)
         body.pop("structured_outputs", None)
+        # Fuzzed infill text (no holes, too long) and schemas are 400s: keep the constraint-free formats only.
+        body.pop("text_template", None)
+        body.pop("suffix", None)
+        if not (isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "text"):
+            body.pop("response_format", None)
     for name, hi in (("max_tokens", 32), ("max_completion_tokens", 32), ("max_denoising_steps", 3),
                      ("stability_threshold", 3), ("n", 2)):
         v = body.get(name)

@@ -48,7 +48,7 @@ class GrammarCompiler:
 
     def matcher(self, spec: dict):
         grammar = compile_spec(spec)
-        m = self._llg.LLMatcher(self.lltok, grammar, log_level=0)
+        m = self._llg.LLMatcher(self.lltok, grammar, log_level=0)  # errors (limits too) land in is_error()
         if m.is_error():
             raise ValueError(f"structured_outputs: {m.get_error()}")
         return m

@@ -116,7 +116,7 @@ def _compile(key: str) -> str:
             grammar = llg.LLMatcher.grammar_from_lark(lark)
         else:
             grammar = llg.grammar_from("grammar", spec["grammar"])  # Lark, or GBNF converted to Lark
-    except ValueError as e:
+    except Exception as e:  # ValueError mostly; anything the converter raises is still the input's fault
         raise ValueError(f"{where}: {e}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, None)
     if is_error:
