@@ -394,3 +394,31 @@ def test_metrics_exposes_counters(main):
     assert metric(m, "blockdiff_requests_total", '{outcome="length"}') + \
         metric(m, "blockdiff_requests_total", '{outcome="stop"}') >= 1
     assert "# TYPE blockdiff_step_seconds histogram" in m
+
+
+def test_prefix_cache_serves_a_second_chat_turn_exactly(llm, main):
+    """Turn 2 of a chat with a long system prompt reuses turn 1's prompt blocks: the official client sees
+    usage.prompt_tokens_details.cached_tokens, /metrics counts hits and queries, and the text equals a cold server's."""
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer, prefix_cache_bytes=1 << 24), MODEL))
+    try:
+        system = {"role": "system", "content": "You are a careful assistant. " * 12}
+        turn1 = [system, {"role": "user", "content": "Tell me a story."}]
+        kw = dict(model=MODEL, max_tokens=32, seed=3, extra_body=X)
+        r1 = srv.client().chat.completions.create(messages=turn1, **kw)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "And then?"}]
+        warm = srv.client().chat.completions.create(messages=turn2, **kw)
+        cold = main.client().chat.completions.create(messages=turn2, **kw)
+        assert warm.choices[0].message.content == cold.choices[0].message.content
+        cached = warm.usage.prompt_tokens_details.cached_tokens
+        assert cached >= r1.usage.prompt_tokens - 16 and cached % 16 == 0
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        m = httpx.get(srv.url + "/metrics").text
+        assert metric(m, "blockdiff_prefix_cache_hit_tokens_total") == cached
+        assert metric(m, "blockdiff_prefix_cache_query_tokens_total") == r1.usage.prompt_tokens + \
+            warm.usage.prompt_tokens
+        assert 0 < metric(m, "blockdiff_prefix_cache_bytes") <= metric(m, "blockdiff_prefix_cache_capacity_bytes")
+    finally:
+        srv.close()
+        srv.engine.engine.prefix_cache.clear()

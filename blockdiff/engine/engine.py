@@ -15,6 +15,7 @@ import torch
 from ..config import GenerationDefaults
 from ..kv_cache import KVCache
 from ..model import DiffusionGemma
+from ..prefix_cache import PrefixCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import fast_step, reference_step
 from .model_state import ModelState, Phase
@@ -23,8 +24,10 @@ from .scheduler import Scheduler
 
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
-                 max_num_seqs: int = 16, max_encode_tokens: int = 8192):
+                 max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0):
         self.model = model
+        # Prompt blocks already encoded, reused by later prompts that start with them (0 bytes: off).
+        self.prefix_cache = PrefixCache(model.kv_pool, prefix_cache_bytes)
         self.defaults = defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
@@ -116,12 +119,24 @@ class Engine:
                 self.stats["encode_tokens"] += len(ids)
                 s.encoded()
             return
-        seqs = [s.tokens_to_encode() for s in states]
+        pc = self.prefix_cache
+        seqs, prompts = [], []  # prompts: (state, its prompt, tokens reused from the prefix cache)
+        for s in states:
+            ids = s.tokens_to_encode()
+            if s.phase is Phase.WAITING and pc.max_blocks:
+                reused = pc.attach(s.cache, ids)
+                pc.prepare(s.cache, ids)
+                prompts.append((s, ids, reused))
+                s.metrics.cached_tokens = reused
+                ids = ids[reused:]
+            seqs.append(ids)
         lengths = [len(t) for t in seqs]
         width = max(lengths)
         ids = torch.tensor([t + [0] * (width - len(t)) for t in seqs])  # host ids: validated, moved once
         model.encode(ids, KVCache([s.cache for s in states]), lengths=lengths)
         self.stats["encode_tokens"] += sum(lengths)
+        for s, prompt, reused in prompts:
+            pc.insert(s.cache, prompt, reused)
         for s in states:
             s.encoded()
 

@@ -37,22 +37,25 @@ def load_tokenizer(path: str):
 
 
 class LLM:
-    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64):
+    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
+                 prefix_cache_bytes: int = 0):
         path = resolve_path(model)
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
-        self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
+        self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
+                             prefix_cache_bytes=prefix_cache_bytes)
 
     @classmethod
     def from_model(cls, model: DiffusionGemma, tokenizer=None, generation_defaults: GenerationDefaults | None = None,
-                   max_num_seqs: int = 64) -> "LLM":
+                   max_num_seqs: int = 64, prefix_cache_bytes: int = 0) -> "LLM":
         self = cls.__new__(cls)
         self.model_path = None
         self.model, self.tokenizer = model, tokenizer
         self.defaults = generation_defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
-        self.engine = Engine(model, self.defaults, tokenizer, max_num_seqs=max_num_seqs)
+        self.engine = Engine(model, self.defaults, tokenizer, max_num_seqs=max_num_seqs,
+                             prefix_cache_bytes=prefix_cache_bytes)
         return self
 
     # ------------------------------------------------------------------ prompts

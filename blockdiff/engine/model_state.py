@@ -50,6 +50,7 @@ class Metrics:
     denoise_steps: int = 0  # decoder forwards spent on this request
     canvases: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     output_tokens: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_block_time: float | None = None
@@ -70,7 +71,8 @@ class Metrics:
 
     def as_dict(self) -> dict:
         return {"denoise_steps": self.denoise_steps, "canvases": self.canvases,
-                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "output_tokens": self.output_tokens,
                 "tokens_per_forward": round(self.tokens_per_forward, 3), "seconds": round(self.seconds, 4),
                 "time_to_first_block": None if self.time_to_first_block is None
                 else round(self.time_to_first_block, 4)}

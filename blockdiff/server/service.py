@@ -242,7 +242,8 @@ class Server:
             choices.append(c)
         return JSONResponse({"id": rid, "object": "chat.completion" if p.kind == "chat" else "text_completion",
                              "created": now(), "model": self.model_name, "choices": choices,
-                             "usage": usage(len(p.ids), sum(len(s.output_ids) for s in states)),
+                             "usage": usage(len(p.ids), sum(len(s.output_ids) for s in states),
+                                            states[0].metrics.cached_tokens),
                              "metrics": states[0].metrics.as_dict()})
 
     async def _sse(self, p: Prepared, rid: str, streams: list[RequestStream]):
@@ -304,7 +305,8 @@ class Server:
                     yield chunk(i, finish=ev.finish_reason)
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                            "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams))})
+                            "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams),
+                                            streams[0].state.metrics.cached_tokens)})
             yield "data: [DONE]\n\n"
         except EngineFailedError as e:
             err = engine_failure(e)
