@@ -18,6 +18,7 @@ from ..model import DiffusionGemma
 from ..prefix_cache import PrefixCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import fast_step, reference_step
+from ..sampling.truncation import token_logprobs
 from .model_state import ModelState, Phase
 from .scheduler import Scheduler
 
@@ -164,9 +165,12 @@ class Engine:
             else:
                 res = fast_step(logits[b], s.canvas, s.step, p.max_denoising_steps, p.t_min, p.t_max,
                                 p.entropy_bound, s.generator, fixed=s.fixed, template=s.template,
-                                disallowed=s.disallowed)
+                                disallowed=s.disallowed,
+                                truncation=(p.top_k, p.top_p, p.min_p) if p.truncates else None)
             results.append(res)
         soft = model.soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
         for b, (s, res) in enumerate(zip(states, results)):
+            if s.params.logprobs is not None:  # on the device; read back when the canvas commits
+                s.step_logprobs = token_logprobs(logits[b], res.argmax, s.params.logprobs)
             s.apply_step(res, soft[b])
         self.stats["denoise_steps"] += len(states)

@@ -27,6 +27,8 @@ class RequestOutput:
     text: str | None
     finish_reason: str  # "stop" | "length" | "abort"
     metrics: Metrics
+    # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
+    logprobs: list | None = None
 
 
 def load_tokenizer(path: str):
@@ -134,7 +136,7 @@ class LLM:
                 if cut >= 0:
                     out_text = out_text[:cut]
             outs.append(RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text,
-                                      s.finish_reason, s.metrics))
+                                      s.finish_reason, s.metrics, s.output_logprobs))
         return outs
 
     def chat(

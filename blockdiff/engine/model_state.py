@@ -43,6 +43,8 @@ class Event:
     step: int = 0
     accepted: list[bool] | None = None
     finish_reason: str | None = None
+    # block/done with params.logprobs set: per token (logprob, [(token id, logprob), ...] the most likely first)
+    logprobs: list | None = None
 
 
 @dataclass
@@ -109,6 +111,10 @@ class ModelState:
         self.stability = StabilityTracker(params.stability_threshold)
         self.step = 0  # denoising step within the current canvas
         self.output_ids: list[int] = []
+        # params.logprobs set: one (logprob, top alternatives) per output token, from the distribution of the
+        # canvas's last denoising step (``step_logprobs``: that step's, still on the device).
+        self.output_logprobs: list | None = [] if params.logprobs is not None else None
+        self.step_logprobs = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = Metrics(prompt_tokens=len(prompt_ids))
@@ -182,6 +188,7 @@ class ModelState:
 
     def _finish_canvas(self) -> None:
         tokens = self.argmax.tolist()
+        entries = self._read_logprobs()
         self.metrics.canvases += 1
         if self.metrics.first_block_time is None:
             self.metrics.first_block_time = time.perf_counter()
@@ -202,11 +209,28 @@ class ModelState:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]
                 self.output_ids = self.output_ids[:cut]
                 reason = "stop"
-        self._emit(Event("block", self.request_id, self.request_index, tokens, step=self.step))
+        block_logprobs = None
+        if entries is not None:
+            self.output_logprobs.extend(entries[:len(tokens)])
+            del self.output_logprobs[len(self.output_ids):]
+            block_logprobs = self.output_logprobs[len(self.output_ids) - len(tokens):]
+        self._emit(Event("block", self.request_id, self.request_index, tokens, step=self.step,
+                         logprobs=block_logprobs))
         if reason is not None or self.metrics.canvases >= self.max_canvases:
             self.finish(reason or "length")
         else:
             self.phase = Phase.COMMITTING
+
+    def _read_logprobs(self) -> list | None:
+        """The last step's logprobs of the canvas's tokens as host lists (one readback per canvas)."""
+        if self.step_logprobs is None:
+            return None
+        lp, top_lp, top_ids = self.step_logprobs
+        self.step_logprobs = None
+        lp = lp.tolist()
+        if top_lp is None:
+            return [(x, []) for x in lp]
+        return [(x, list(zip(ids, lps))) for x, ids, lps in zip(lp, top_ids.tolist(), top_lp.tolist())]
 
     def finish(self, reason: str, error: str | None = None) -> None:
         if self.phase is Phase.FINISHED:
@@ -216,9 +240,9 @@ class ModelState:
         self.error = error
         self.metrics.output_tokens = len(self.output_ids)
         self.metrics.finish_time = time.perf_counter()
-        self.canvas = self.argmax = self.sc_embeds = None
+        self.canvas = self.argmax = self.sc_embeds = self.step_logprobs = None
         if self.cache is not None:
             self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
         self.cache = None
         self._emit(Event("done", self.request_id, self.request_index, list(self.output_ids),
-                         finish_reason=reason))
+                         finish_reason=reason, logprobs=self.output_logprobs))

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .truncation import truncate
+
 ROW_CHUNK = 32  # rows of [C, V] processed at once in fast_step: bounds temporaries to ROW_CHUNK x V
 
 
@@ -77,12 +79,15 @@ def reference_step(logits: torch.Tensor, canvas: torch.Tensor, step: int, max_st
 
 def fast_step(logits: torch.Tensor, canvas: torch.Tensor, step: int, max_steps: int, t_min: float, t_max: float,
               entropy_bound: float, generator: torch.Generator, fixed: torch.Tensor | None = None,
-              template: torch.Tensor | None = None, disallowed: torch.Tensor | None = None) -> StepResult:
+              template: torch.Tensor | None = None, disallowed: torch.Tensor | None = None,
+              truncation: tuple | None = None) -> StepResult:
     """Same distribution as ``reference_step`` with far less work. Overwrites ``logits`` with the tempered
     probabilities (returned as ``probs``).
 
     fixed [C] bool / template [C]: infill positions, always accepted with their template token, excluded
     from the entropy budget and the confidence mean. disallowed [K]: token ids that may never be drawn.
+    truncation (top_k, top_p, min_p), each None or a number: cut the distribution a token is drawn from at an
+    accepted position (``truncation.truncate``); entropy, acceptance, argmax and ``probs`` use the whole one.
     """
     C, V = logits.shape
     if disallowed is not None and disallowed.numel():
@@ -111,7 +116,12 @@ def fast_step(logits: torch.Tensor, canvas: torch.Tensor, step: int, max_steps: 
         rows = (accepted & ~fixed).nonzero().view(-1)
     if rows.numel():
         # Inverse-CDF sampling: one uniform per accepted row instead of V exponentials per row.
-        cdf = probs[rows].cumsum(dim=-1)
+        p = probs[rows]  # [n, V]
+        if truncation is not None:
+            n, dev = rows.numel(), logits.device
+            k, tp, mp = (None if x is None else torch.full((n,), x, device=dev) for x in truncation)
+            p = truncate(p, top_k=k, top_p=tp, min_p=mp)
+        cdf = p.cumsum(dim=-1)
         u = torch.rand(rows.numel(), 1, generator=generator, device=logits.device, dtype=cdf.dtype)
         tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1).view(-1)
         new_canvas[rows] = tok

@@ -1,0 +1,53 @@
+"""top_k / min_p / top_p truncation of a distribution before a token is drawn from it, and the log-probabilities
+the engine reports for output tokens. Pure functions over rows of probabilities with per-row parameters, so one
+call serves a batch where each request sets its own values (or none).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def truncate(probs: torch.Tensor, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
+             min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """probs [N, V] (need not sum to 1) -> the same with every cut token set to 0 (not renormalised: inverse-CDF
+    sampling scales by the row's total).
+
+    Per row (each parameter [N], or None for no row): keep the ``top_k`` most likely tokens (``top_k >= V``: all)
+    and the tokens with ``p >= min_p * max p`` (``min_p = 0``: all), then, of those, the smallest most-likely-first
+    set whose mass reaches ``top_p`` of what is left (``top_p = 1``: all). The most likely token always stays.
+    """
+    N, V = probs.shape
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [N, V]
+    keep = torch.ones_like(sorted_p, dtype=torch.bool)
+    if top_k is not None:
+        keep &= torch.arange(V, device=probs.device)[None] < top_k[:, None]
+    if min_p is not None:
+        keep &= sorted_p >= min_p[:, None].to(sorted_p.dtype) * sorted_p[:, :1]
+    if top_p is not None:
+        kept = sorted_p * keep
+        cum = kept.cumsum(-1)
+        before = cum - kept  # mass of the more likely kept tokens
+        cut = before >= top_p[:, None].to(cum.dtype) * cum[:, -1:]
+        keep &= ~cut | (top_p[:, None] >= 1)  # top_p = 1 keeps even zero-mass tails: untouched rows stay exact
+    keep[:, 0] = True
+    mask = torch.zeros_like(keep).scatter_(-1, order, keep)
+    return probs.masked_fill(~mask, 0.0)
+
+
+def row_params(values: list, fill, dtype, device) -> torch.Tensor | None:
+    """Per-row parameter tensor from per-request values (None -> ``fill``, the value that cuts nothing); None when
+    no row sets one."""
+    if all(v is None for v in values):
+        return None
+    return torch.tensor([fill if v is None else v for v in values], dtype=dtype, device=device)
+
+
+def token_logprobs(probs: torch.Tensor, tokens: torch.Tensor, k: int):
+    """probs [C, V] (a distribution per position), tokens [C] -> (logprob of each token [C], the k most likely
+    tokens' logprobs [C, k] and ids [C, k]), on the device (read back once per canvas)."""
+    logp = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
+    if k:
+        top_p, top_ids = probs.topk(k, dim=-1)
+        return logp, top_p.log(), top_ids
+    return logp, None, None
