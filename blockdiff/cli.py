@@ -97,7 +97,8 @@ def load_llm(args, **engine_args):
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, **engine_args)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
+              **engine_args)
     if not args.threads:
         auto_threads(llm.model)
     return llm

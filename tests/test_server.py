@@ -2,8 +2,8 @@
 itself is the point) against ``blockdiff.server`` on uvicorn, on a loopback port, over a tiny random checkpoint
 with a tokenizer and chat template (canvas 16, 4 denoising steps).
 
-The model runs in fp32, as it does for users: the engine is batch-invariant (per-row attention and experts,
-per-request encodes), so "16 concurrent seeded requests equal their solo runs" holds bit for bit. One torch
+The model runs in fp32, as it does for users, in deterministic mode (``blockdiff serve --deterministic``: per-row
+attention, experts and sampling), so "16 concurrent seeded requests equal their solo runs" holds bit for bit. One torch
 thread: on a shared 2-core machine, 2 threads on a tiny model spend most of their time waiting for each other.
 
 Two live servers share one loaded model (each with its own ``Engine``): ``main`` (no key, 16 batch slots) and
@@ -73,7 +73,7 @@ def llm(tmp_path_factory):
     torch.set_num_threads(1)
     path = make_checkpoint(tmp_path_factory.mktemp("serve_ckpt"),
                            generation_config={"max_denoising_steps": 4, "max_new_tokens": 32})
-    yield LLM(path, dtype=torch.float32, max_num_seqs=16)
+    yield LLM(path, dtype=torch.float32, max_num_seqs=16, deterministic=True)
     torch.set_num_threads(threads)
 
 
@@ -258,7 +258,7 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": 2.5}, 400, "'top_k' must be an integer"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "min_p": -0.1}, 400, "'min_p' must be >= 0"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": 5, "rng": "reference"}, 400,
-     "reference sampler, which has no top_p, top_k or min_p"),
+     "'top_k' needs rng='default'"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "'logprobs' must be <= 20"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1, "echo": True}, 400,
      "'logprobs' with 'echo' is not supported"),
@@ -410,7 +410,9 @@ def test_metrics_exposes_counters(main):
 
 def test_prefix_cache_serves_a_second_chat_turn_exactly(llm, main):
     """Turn 2 of a chat with a long system prompt reuses turn 1's prompt blocks: the official client sees
-    usage.prompt_tokens_details.cached_tokens, /metrics counts hits and queries, and the text equals a cold server's."""
+    usage.prompt_tokens_details.cached_tokens, /metrics counts hits and queries, and the text equals a cold server's.
+    In the default (batched) mode: deterministic mode does not reuse prefixes."""
+    llm.model.batch_invariant = False
     srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer, prefix_cache_bytes=1 << 24), MODEL))
     try:
         system = {"role": "system", "content": "You are a careful assistant. " * 12}
@@ -434,3 +436,4 @@ def test_prefix_cache_serves_a_second_chat_turn_exactly(llm, main):
     finally:
         srv.close()
         srv.engine.engine.prefix_cache.clear()
+        llm.model.batch_invariant = True

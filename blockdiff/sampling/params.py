@@ -43,8 +43,16 @@ class SamplingParams:
     # Infilling / templates: token ids for the first canvas, -1 where the model is free. Fixed positions are
     # never renoised and are always part of the committed canvas.
     canvas_template: list[int] | None = None
+    # Infilling through text (blockdiff/structured/infill.py): a template with holes written <|hole|> or
+    # <|hole:N|>, or a suffix the output must lead into (fill in the middle). Either one fills the first canvas
+    # and ends the request.
+    text_template: str | None = None
+    suffix: str | None = None
     # Constrained decoding: canvas tokens are drawn only from these ids.
     allowed_token_ids: list[int] | None = None
+    # Structured output: {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} |
+    # {"grammar": ...}, optionally "allow_whitespace" (see blockdiff/structured and docs/structured-output.md).
+    structured_outputs: dict | None = None
     # Truncation of the tempered distribution before a token is drawn at an accepted position (None: off):
     # keep the top_k most likely tokens, the tokens with p >= min_p * max p, then the smallest set of the
     # remaining (renormalised) mass >= top_p. Entropy, acceptance and the committed argmax use the whole distribution.
@@ -110,6 +118,17 @@ class SamplingParams:
                 raise ValueError(f"canvas_template has {len(t)} entries but the canvas holds {canvas_length}")
             if vocab_size is not None and any(x >= vocab_size for x in t):
                 raise ValueError(f"canvas_template holds ids outside the vocabulary [0, {vocab_size})")
+        for name in ("text_template", "suffix"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name} must be a non-empty string")
+        if self.text_template is not None and self.suffix is not None:
+            raise ValueError("give text_template or suffix, not both")
+        if (self.text_template is not None or self.suffix is not None) and self.canvas_template is not None:
+            raise ValueError(f"{'text_template' if self.text_template is not None else 'suffix'} builds the "
+                             "canvas_template itself; do not give both")
+        if self.structured_outputs is not None:
+            self._validate_structured()
         if self.top_p is not None and (not _is_num(self.top_p) or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.min_p is not None and (not _is_num(self.min_p) or not 0 <= self.min_p <= 1):
@@ -119,9 +138,32 @@ class SamplingParams:
         if self.rng == "reference" and self.truncates:
             raise ValueError("rng='reference' reproduces the reference sampler, which has no top_p, top_k or "
                              "min_p; use rng='default' with them")
-        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None):
+        if self.structured_outputs is not None or self.text_template is not None or self.suffix is not None:
+            what = "structured_outputs" if self.structured_outputs is not None else \
+                "text_template" if self.text_template is not None else "suffix"
+            if self.truncates:
+                raise ValueError(f"top_p, top_k and min_p cannot be combined with {what}: its canvas is drawn under "
+                                 "its own constraint")
+            if self.logprobs is not None:
+                raise ValueError(f"logprobs cannot be combined with {what}: its output is not the argmax canvas")
+        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None
+                                        or self.text_template is not None or self.suffix is not None):
             raise ValueError("rng='reference' reproduces the reference sampler, which has no canvas_template "
                              "or allowed_token_ids; use rng='default' with them")
+
+    def _validate_structured(self) -> None:
+        from ..structured.spec import compile_spec, normalize
+
+        self.structured_outputs = normalize(self.structured_outputs)
+        compile_spec(self.structured_outputs)  # ValueError naming the problem in the schema / pattern / grammar
+        for name in ("canvas_template", "allowed_token_ids", "text_template", "suffix"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"structured_outputs cannot be combined with {name}")
+        if self.rng == "reference":
+            raise ValueError("structured_outputs needs rng='default' (the reference sampler has no constraints)")
+        if self.ignore_eos:
+            raise ValueError("structured_outputs cannot be combined with ignore_eos: the output ends where the "
+                             "grammar is complete")
 
     @property
     def truncates(self) -> bool:

@@ -43,11 +43,28 @@ def row_params(values: list, fill, dtype, device) -> torch.Tensor | None:
     return torch.tensor([fill if v is None else v for v in values], dtype=dtype, device=device)
 
 
-def token_logprobs(probs: torch.Tensor, tokens: torch.Tensor, k: int):
-    """probs [C, V] (a distribution per position), tokens [C] -> (logprob of each token [C], the k most likely
-    tokens' logprobs [C, k] and ids [C, k]), on the device (read back once per canvas)."""
-    logp = probs.gather(-1, tokens[:, None]).squeeze(-1).log()
+def logprob_columns(probs: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """probs [B, C, V] (each position's distribution), tokens [B, C] -> int64 [B, C * (1 + 2k)] to ride along the
+    tick's one device-to-host copy: the fp32 bit patterns of log p(token) [C] and of the k largest log p [C, k],
+    then those k token ids [C, k]."""
+    B, C, _ = probs.shape
+    logp = probs.gather(-1, tokens[..., None]).squeeze(-1).log()  # [B, C]
+    cols = [logp.view(torch.int32).long()]
     if k:
-        top_p, top_ids = probs.topk(k, dim=-1)
-        return logp, top_p.log(), top_ids
-    return logp, None, None
+        top_p, top_ids = probs.topk(k, dim=-1)  # [B, C, k]
+        cols += [top_p.log().view(torch.int32).long().view(B, C * k), top_ids.view(B, C * k)]
+    return torch.cat(cols, 1)
+
+
+def split_logprob_row(row: list[int], C: int, k: int, want: int) -> list:
+    """One row of ``logprob_columns`` (host ints) -> per position (logprob, [(id, logprob), ...] ``want`` most
+    likely first)."""
+    def floats(bits):
+        return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32).tolist()
+
+    lp = floats(row[:C])
+    if not want:
+        return [(x, []) for x in lp]
+    top = floats(row[C:C + C * k])
+    ids = row[C + C * k:C + 2 * C * k]
+    return [(lp[c], list(zip(ids[c * k:c * k + want], top[c * k:c * k + want]))) for c in range(C)]

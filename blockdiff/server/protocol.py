@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
+from .structured import structured_outputs as constraint_from
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request (each is a request in the engine)
@@ -35,8 +36,8 @@ Num = Annotated[float, Field(allow_inf_nan=False)]
 
 TEMPERATURE_WHY = ("diffusion sampling anneals its temperature from t_max to t_min per denoising step; leave "
                    "temperature unset (or 1) and send 't_min' / 't_max' instead")
-TRUNCATION_REF = ("rng='reference' reproduces the reference sampler, which has no top_p, top_k or min_p; use "
-                  "rng='default' with them")
+TRUNCATION_REF = ("'{}' needs rng='default': rng='reference' reproduces the reference sampler, which has no "
+                  "top_p, top_k or min_p")
 
 
 def _neutral(name: str, v, neutral, why: str):
@@ -80,8 +81,23 @@ class SamplingRequest(BaseModel):
                                               json_schema_extra={"maxProperties": 0})
     tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented",
                                     json_schema_extra={"maxItems": 0})
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}', json_schema_extra={
-        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]})
+    # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}: the output is JSON (valid for the schema)', json_schema_extra={
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                           "json_schema": {"type": "object", "properties": {
+                               "name": {"type": "string"}, "schema": {"type": "object"},
+                               "strict": {"type": ["boolean", "null"]}}}},
+            "required": ["type"]})
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="exactly one of json (a JSON Schema), json_object (true), regex, choice (strings), "
+        "grammar (Lark or GBNF); optional allow_whitespace (json only)", json_schema_extra={
+            "properties": {"json": {"type": "object"}, "json_object": {"enum": [True]}, "regex": {"type": "string"},
+                           "choice": {"type": "array", "items": {"type": "string"}},
+                           "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
+    text_template: str | None = Field(None, description="text with <|hole|> or <|hole:N|> holes laid on the first "
+                                      "canvas; the output is the filled template")
     # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
     top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
                               "holding this much probability (1 or unset: no cut)")
@@ -131,9 +147,6 @@ class SamplingRequest(BaseModel):
             _neutral(name, getattr(self, name), 0, "penalties are not implemented")
         _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
         _neutral("tools", self.tools, [], "tool calling is not implemented")
-        rf = self.response_format
-        if rf is not None and rf.get("type") != "text":
-            raise invalid("'response_format' is not supported (only {\"type\": \"text\"})", "response_format")
         if not self.stream:
             for name in ("stream_options", "stream_drafts"):
                 if getattr(self, name) not in (None, False):
@@ -145,7 +158,7 @@ class SamplingRequest(BaseModel):
             for name, off in (("top_p", 1), ("top_k", 0), ("min_p", 0)):
                 v = getattr(self, name)
                 if v is not None and v != off and not (name == "top_k" and v == -1):
-                    raise invalid(TRUNCATION_REF, name)
+                    raise invalid(TRUNCATION_REF.format(name), name)
         if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None):
             raise invalid("rng='reference' reproduces the reference sampler, which has no canvas_template or "
                           "allowed_token_ids; use rng='default' with them", "rng")
@@ -174,7 +187,11 @@ class SamplingRequest(BaseModel):
         kw = {name: getattr(self, name) for name in (
             "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
             "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
-            "confidence_threshold", "top_p", "min_p")}
+            "confidence_threshold", "text_template", "top_p", "min_p")}
+        # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
+        kw["structured_outputs"] = constraint_from({"response_format": self.response_format,
+                                                    "structured_outputs": self.structured_outputs})
+        kw["suffix"] = getattr(self, "suffix", None) or None
         kw["top_k"] = self.top_k if self.top_k not in (-1, 0) else None
         kw["logprobs"] = self.requested_logprobs
         try:
@@ -193,8 +210,8 @@ class CompletionRequest(SamplingRequest):
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                                         "minItems": 1}, "minItems": 1, "maxItems": 1}]})
     echo: bool = Field(False, description="return the prompt text before the completion")
-    suffix: str | None = Field(None, description="only '' (fill-in-the-middle is not implemented; see "
-                               "canvas_template)", json_schema_extra={"maxLength": 0})
+    suffix: str | None = Field(None, description="fill in the middle: text that follows the completion; the "
+                               "output is the middle (one canvas)")
     logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return each output token's "
                                  "log-probability and this many most likely alternatives (see docs/serving.md)")
     best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
@@ -221,7 +238,6 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_rules(self):
-        _neutral("suffix", self.suffix, "", "suffix (fill-in-the-middle) is not implemented; see canvas_template")
         if self.logprobs is not None and self.echo:
             raise invalid("'logprobs' with 'echo' is not supported: log-probabilities cover the generated tokens "
                           "only", "logprobs")
@@ -350,9 +366,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # ---------------------------------------------------------------------------------------------- engine errors
-PARAM_NAMES = ("top_p", "top_k", "min_p", "max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
-               "confidence_threshold", "t_min", "t_max", "rng", "stop_token_ids", "allowed_token_ids",
-               "canvas_template", "stop")
+PARAM_NAMES = ("max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
+               "top_p", "top_k", "min_p", "logprobs", "confidence_threshold", "t_min", "t_max", "rng",
+               "stop_token_ids", "allowed_token_ids", "canvas_template", "stop", "structured_outputs", "text_template", "suffix")
 
 
 def engine_error(e: ValueError, max_name: str = "max_tokens") -> APIError:
