@@ -437,3 +437,45 @@ def test_prefix_cache_serves_a_second_chat_turn_exactly(llm, main):
         srv.close()
         srv.engine.engine.prefix_cache.clear()
         llm.model.batch_invariant = True
+
+
+def test_logprobs_through_the_openai_client(main):
+    """Chat logprobs/top_logprobs and completions logprobs: one entry per output token, the committed token's
+    logprob leading its alternatives (it is its distribution's argmax), streamed entries equal to the whole."""
+    client = main.client()
+    r = chat(client, seed=4, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
+        assert bytes(e.bytes).decode("utf-8") == e.token
+    streamed = []
+    for ch in chat(client, seed=4, logprobs=True, top_logprobs=3, stream=True):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            streamed += ch.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert chat(client, seed=4).choices[0].logprobs is None  # off unless asked
+
+    c = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=32, seed=2, logprobs=2,
+                                  extra_body=X)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert all(len(d) <= 2 and max(d.values()) == x for d, x in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_top_k_top_p_min_p_through_the_openai_client(main):
+    """top_k = 1, min_p = 1 and a tiny top_p all draw each accepted position's argmax: the same seeded output;
+    neutral values change nothing."""
+    client = main.client()
+
+    def text(**kw):
+        return client.completions.create(model=MODEL, prompt="Tell me", max_tokens=32, seed=6,
+                                         extra_body=dict(X, ignore_eos=True, **kw)).choices[0].text
+
+    assert text(top_k=1) == text(min_p=1.0) == text(top_p=1e-6)
+    assert text() == text(top_k=-1) == text(min_p=0.0)  # neutral
+    c = client.completions.create(model=MODEL, prompt="Tell me", max_tokens=32, seed=6, top_p=0.5, extra_body=X)
+    assert c.choices[0].finish_reason in ("stop", "length")
