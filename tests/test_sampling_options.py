@@ -78,7 +78,7 @@ def test_draws_stay_inside_each_rows_cut_and_other_rows_are_untouched():
 
 def test_sampling_params_validate_truncation_and_logprobs():
     for kw, words in [({"top_p": 0}, "top_p must be"), ({"top_p": 1.5}, "top_p must be"),
-                      ({"top_k": 0}, "top_k must be an integer >= 1"), ({"min_p": -0.1}, "min_p must be"),
+                      ({"top_k": 0}, "top_k must be an integer in [1, 2147483647]"), ({"min_p": -0.1}, "min_p must be"),
                       ({"logprobs": 21}, "logprobs must be an integer in [0, 20]"),
                       ({"rng": "reference", "top_k": 4}, "no top_p, top_k or min_p"),
                       ({"rng": "reference", "min_p": 0.1}, "no top_p, top_k or min_p")]:

@@ -133,7 +133,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.min_p is not None and (not _is_num(self.min_p) or not 0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
-        pos_int("top_k", self.top_k, 1)
+        pos_int("top_k", self.top_k, 1, 2 ** 31 - 1)
         pos_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.rng == "reference" and self.truncates:
             raise ValueError("rng='reference' reproduces the reference sampler, which has no top_p, top_k or "

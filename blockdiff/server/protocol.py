@@ -101,7 +101,8 @@ class SamplingRequest(BaseModel):
     # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
     top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
                               "holding this much probability (1 or unset: no cut)")
-    top_k: Int | None = Field(None, ge=-1, description="draw from the k most likely tokens (unset, 0 or -1: no cut)")
+    top_k: Int | None = Field(None, ge=-1, le=2 ** 31 - 1, description="draw from the k most likely tokens "
+                              "(unset, 0 or -1: no cut)")
     min_p: Num | None = Field(None, ge=0, le=1, description="draw only tokens with p >= min_p * the largest p "
                               "(0 or unset: no cut)")
     # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
