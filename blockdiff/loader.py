@@ -2,8 +2,9 @@
 
 ``load_model(path_or_hub_id, dtype, device)``: reads ``config.json`` and (sharded) safetensors, builds the
 model on the meta device and fills it tensor by tensor, so a checkpoint is never held twice in memory.
-Strict: missing or unexpected tensors fail with a message naming them. The vision tower is recognised
-and skipped (one log line).
+Strict: missing or unexpected tensors fail with a message naming them. The vision tower
+(``model.encoder.vision_tower.*``, ``model.encoder.embed_vision.*``) loads into ``model.vision``; a checkpoint
+whose weights hold none of its tensors loads text-only (``model.vision is None``), whatever config.json says.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger("blockdiff")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-_VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_VISION = {"model.encoder.vision_tower.": "vision.tower.", "model.encoder.embed_vision.": "vision.embedder."}
 _ENC = "model.encoder.language_model."
 _DEC = "model.decoder."
 
@@ -81,7 +82,18 @@ def checkpoint_to_model_name(name: str) -> str | None:
         return None  # the encoder's other text weights are tied to the decoder's
     if name == "lm_head.weight":
         return None  # tied to the embeddings
+    for prefix, ours in _VISION.items():
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
     raise KeyError(name)
+
+
+def _has_vision_tensors(files: list[str]) -> bool:
+    for file in files:
+        with open_safetensors(file) as f:
+            if any(n.startswith(tuple(_VISION)) for n in f.keys()):
+                return True
+    return False
 
 
 def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu") -> DiffusionGemma:
@@ -93,18 +105,20 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
     if not config.tie_word_embeddings:
         raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
     dtype = resolve_dtype(dtype, device)
+    files = _weight_files(path)
+    with_vision = config.vision is not None and _has_vision_tensors(files)
+    if config.vision is not None and not with_vision:
+        log.info("%s: config.json has a vision_config but the weights hold no vision tower: loading text-only",
+                 path)
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = DiffusionGemma(config, with_vision=with_vision)
     expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
-                if not n.startswith("inv_freq_")}
+                if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
     loaded: dict[str, torch.Tensor] = {}
-    unexpected, skipped_vision = [], 0
-    for file in _weight_files(path):
+    unexpected = []
+    for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
-                if name.startswith(_VISION):
-                    skipped_vision += 1
-                    continue
                 try:
                     ours = checkpoint_to_model_name(name)
                 except KeyError:
@@ -134,19 +148,22 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         if unexpected:
             msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
         raise CheckpointError(" ".join(msg))
-    if skipped_vision:
-        log.info("skipped %d vision-tower tensors (the vision tower is not supported yet)", skipped_vision)
     model.load_state_dict(loaded, strict=False, assign=True)
     # Non-persistent RoPE tables were built on meta: rebuild them on the device.
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)
         setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+    if model.vision is not None:
+        model.vision.tower.rebuild_buffers(device)
     model.eval()
     return model
 
 
 def _model_to_checkpoint_name(ours: str) -> str:
+    for prefix, mine in _VISION.items():
+        if ours.startswith(mine):
+            return prefix + ours[len(mine):]
     m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", ours)
     if m:
         return f"{_ENC}layers.{m.group(1)}.layer_scalar"
@@ -159,7 +176,7 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        if name.startswith("inv_freq_"):
+        if name.startswith("inv_freq_") or name == "vision.tower.inv_freq":
             continue
         t = t.detach().to("cpu")
         if dtype is not None and t.is_floating_point():
