@@ -8,7 +8,12 @@
 #   GPU_BENCH_SMOKE=1 OUT=/tmp/x scripts/gpu_bench.sh   # CPU smoke run of the same steps on a toy shape (tests)
 #
 # Environment: PYTHON (default python), DEVICE (default cuda), BATCHES (default 1,4,16), DTYPE (default auto:
-# bf16 on GPU), PEAK_BANDWIDTH (GB/s; default: the table in blockdiff/bench/fullshape.py).
+# bf16 on GPU), PEAK_BANDWIDTH (GB/s; default: the table in blockdiff/bench/fullshape.py), BUDGET_S (default 450:
+# the compiled run only starts with enough of it left, and is cut at the budget).
+#
+# The main run is eager (BLOCKDIFF_COMPILE=0): the first torch.compile of the 30-layer shape is unmeasured and may
+# take minutes. With time left, the same run repeats compiled (full_compiled.json); its warm-up ticks absorb the
+# compile, the timed ticks come after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -28,8 +33,8 @@ else
 fi
 start=$(date +%s)
 
-# 1. The full shape, per batch size (bf16 on GPU).
-"${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --dtype "${DTYPE:-auto}" --batches "$BATCHES" \
+# 1. The full shape, per batch size (bf16 on GPU), eager.
+BLOCKDIFF_COMPILE=0 "${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --dtype "${DTYPE:-auto}" --batches "$BATCHES" \
   --repeats "$REPEATS" --warmup "$WARMUP" --prompt-len "$PROMPT" "${EXTRA[@]}" --out "$OUT/full.json"
 
 # 2. Quantized variants of the same run. >>> QUANTIZATION SPOT: runs once `blockdiff bench` has --quantization
@@ -44,8 +49,15 @@ fi
 
 # 3. One denoising tick's memory at the real vocabulary: logits buffer vs everything beyond it.
 if [ -z "${GPU_BENCH_SMOKE:-}" ] || [ -n "${GPU_BENCH_SMOKE_MEMORY:-}" ]; then
-  "${BENCH[@]}" --random-config "$VOCAB_CONFIG" --device "$DEVICE" --batch "$VOCAB_BATCH" --tick-memory \
+  BLOCKDIFF_COMPILE=0 "${BENCH[@]}" --random-config "$VOCAB_CONFIG" --device "$DEVICE" --batch "$VOCAB_BATCH" --tick-memory \
     --no-oracle --systems blockdiff-default --steps 2 --repeats 1 --warmup 0 --prompt-len "$PROMPT" \
     "${EXTRA[@]}" --out "$OUT/vocab_full_tick.json"
+fi
+# 4. The same run compiled (torch.compile of the denoise step, the CUDA default), if the budget allows.
+left=$(( ${BUDGET_S:-450} - ($(date +%s) - start) ))
+if [ -z "${GPU_BENCH_SMOKE:-}" ] && [ "$left" -gt 150 ]; then
+  BLOCKDIFF_COMPILE=1 timeout "$left" "${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --dtype "${DTYPE:-auto}" \
+    --batches "$BATCHES" --repeats "$REPEATS" --warmup "$WARMUP" --prompt-len "$PROMPT" "${EXTRA[@]}" \
+    --out "$OUT/full_compiled.json" || echo "compiled run: not finished within the budget (${left} s)" >&2
 fi
 echo "gpu_bench: done in $(( $(date +%s) - start )) s; reports in $OUT"

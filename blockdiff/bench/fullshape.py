@@ -23,6 +23,7 @@ and the fp32 logits buffer written once and read once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -259,6 +260,7 @@ def run_full_benchmark(shape: str = "full", device: str = "cuda", dtype: str = "
         "settings": {"device": str(dev), "dtype": str(dt).replace("torch.", ""), "batches": list(batches),
                      "prompt_len": prompt_len, "warmup": warmup, "repeats": repeats, "seed": seed,
                      "deterministic": llm.deterministic, "threads": torch.get_num_threads(),
+                     "compile": os.environ.get("BLOCKDIFF_COMPILE", "auto"),
                      "tok_per_s_rule": "batch * canvas_length / (steps * min step time): every canvas position, "
                                        "fixed steps per canvas"},
         "peak_bandwidth_bytes_per_s": bw, "peak_bandwidth_source": bw_source,

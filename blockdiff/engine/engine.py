@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..config import GenerationDefaults
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, to_device
 from ..model import DiffusionGemma
 from ..prefix_cache import PrefixCache
 from ..sampling.params import SamplingParams
@@ -223,7 +223,7 @@ class Engine:
             H = model.text.hidden_size
             sc = torch.stack([s.sc_embeds if s.sc_embeds is not None
                               else torch.zeros(C, H, device=dev, dtype=model.dtype) for s in states])
-            mask = torch.tensor(have_sc, device=dev)
+            mask = to_device(torch.tensor(have_sc), dev)
         logits = model.denoise(canvas, KVCache([s.cache for s in states]),
                                self_conditioning_embeds=sc, self_conditioning_mask=mask)  # [B, C, V]
         parts = []
@@ -242,20 +242,24 @@ class Engine:
             parts.append(_unsqueeze(res))
         new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
-        same = same_as_previous(argmax, previous, torch.tensor([s.step > 0 for s in states], device=dev))
-        # The one device-to-host transfer of the tick: argmax canvases, acceptance, the stop flags (and the
-        # logprobs of requests that asked for them, as fp32 bit patterns).
+        same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
+        # The one device-to-host transfer of the tick: the stop flags, the argmax canvases (committed when a canvas
+        # finishes), only when someone listens to draft events the acceptance masks, and only when a request asked
+        # for them the logprobs (fp32 bit patterns).
+        drafts = any(s.on_event is not None for s in states)
         lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
-        cols = [argmax, accepted.long(), same[:, None].long(), confident[:, None].long()]
+        parts = [same[:, None].long(), confident[:, None].long(), argmax] + ([accepted.long()] if drafts else [])
         if lp_k is not None:
-            cols.append(logprob_columns(logits, argmax, lp_k))
-        host = torch.cat(cols, 1).tolist()
+            parts.append(logprob_columns(logits, argmax, lp_k))
+        host = torch.cat(parts, 1).tolist()
+        lp_at = 2 + C + (C if drafts else 0)
         for b, s in enumerate(states):
             row = host[b]
             if lp_k is not None and s.params.logprobs is not None:  # before apply_step: it may commit the canvas
-                s.step_logprobs = split_logprob_row(row[2 * C + 2:], C, lp_k, s.params.logprobs)
-            s.apply_step(StepRow(new_canvas[b], argmax[b], row[:C], [bool(x) for x in row[C:2 * C]],
-                                 bool(row[2 * C]), bool(row[2 * C + 1])), soft[b])
+                s.step_logprobs = split_logprob_row(row[lp_at:], C, lp_k, s.params.logprobs)
+            s.apply_step(StepRow(new_canvas[b], argmax[b], row[2:2 + C],
+                                 [bool(x) for x in row[2 + C:2 + 2 * C]] if drafts else None,
+                                 bool(row[0]), bool(row[1])), soft[b])
         self.stats["denoise_steps"] += len(states)
 
     def _default_rows(self, logits: torch.Tensor, canvas: torch.Tensor, states: list[ModelState]) -> list[tuple]:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ..config import LayerSpec
-from ..kv_cache import SequenceCache
+from ..kv_cache import SequenceCache, to_device
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import initial_canvas
 
@@ -96,7 +96,7 @@ class StepRow:
     canvas: torch.Tensor  # [C] next canvas (device)
     argmax: torch.Tensor  # [C] argmax canvas (device)
     argmax_ids: list[int]  # the same, on the host
-    accepted: list[bool]
+    accepted: list[bool] | None  # read back only when someone listens to draft events
     same_as_previous: bool  # argmax canvas unchanged from the previous step
     confident: bool  # mean entropy below confidence_threshold
 
@@ -194,7 +194,7 @@ class ModelState:
             self.canvas = torch.randint(0, self.vocab_size, (1, C), generator=self.generator,
                                         device=self.device)[0]
         else:
-            key = torch.tensor([[self.seed, self.canvas_index]], dtype=torch.int64, device=self.device)
+            key = to_device(torch.tensor([[self.seed, self.canvas_index]], dtype=torch.int64), self.device)
             self.canvas = initial_canvas(key[:, 0], key[:, 1], C, self.vocab_size)[0]
         if self.fixed is not None:
             self.canvas = torch.where(self.fixed, self.template, self.canvas)
@@ -229,7 +229,7 @@ class ModelState:
         done = (stable and row.confident) or self.step >= p.max_denoising_steps
         if self.on_event is not None:
             self._emit(Event("draft", self.request_id, self.request_index, list(row.argmax_ids), step=self.step,
-                             accepted=list(row.accepted)))
+                             accepted=None if row.accepted is None else list(row.accepted)))
         if self.constraint is not None:  # a settled constrained canvas is done
             done = done or self.constraint.settled
         if done:

@@ -35,7 +35,8 @@ class SamplingParams:
     seed: int | None = None
     # "reference": draw random numbers exactly as the transformers reference does (full-vocabulary sample at
     # every position), so a seeded run equals `torch.manual_seed(seed); model.generate(...)`.
-    # "default": the same distribution with far less work (only accepted positions are sampled).
+    # "default": the same distribution with far less work: the whole batch in one pass, with counter-based random
+    # numbers keyed by (seed, canvas, step, position), so a request's draws do not depend on its batch.
     rng: str = "default"
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None

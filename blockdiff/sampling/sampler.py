@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kv_cache import to_device
 from . import counter_rng
 from .truncation import row_params, truncate
 
@@ -77,12 +78,14 @@ class RowParams:
         """rows: dicts with step, max_steps, t_min, t_max, entropy_bound, confidence, seed, canvas_index and
         optional fixed [C] bool / template [C] / allowed (list of ids) / top_k / top_p / min_p. One host-to-device
         copy per field."""
-        def col(key, dtype):
-            return torch.tensor([r[key] for r in rows], dtype=dtype).to(device, non_blocking=True)
+        device = torch.device(device)
+
+        def col(key, dtype):  # pinned + non-blocking on CUDA: a pageable copy would wait for the device
+            return to_device(torch.tensor([r[key] for r in rows], dtype=dtype), device)
 
         span = torch.tensor([r["t_max"] - r["t_min"] for r in rows], dtype=torch.float32)
         out = cls(step=col("step", torch.int32), max_steps=col("max_steps", torch.int32),
-                  t_min=col("t_min", torch.float32), t_span=span.to(device),
+                  t_min=col("t_min", torch.float32), t_span=to_device(span, device),
                   entropy_bound=col("entropy_bound", torch.float32), confidence=col("confidence", torch.float32),
                   seed=col("seed", torch.int64), canvas_index=col("canvas_index", torch.int64))
         if any(r.get("fixed") is not None for r in rows):

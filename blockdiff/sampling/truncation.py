@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kv_cache import to_device
+
 
 def truncate(probs: torch.Tensor, top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
              min_p: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,7 +42,7 @@ def row_params(values: list, fill, dtype, device) -> torch.Tensor | None:
     no row sets one."""
     if all(v is None for v in values):
         return None
-    return torch.tensor([fill if v is None else v for v in values], dtype=dtype, device=device)
+    return to_device(torch.tensor([fill if v is None else v for v in values], dtype=dtype), torch.device(device))
 
 
 def logprob_columns(probs: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
