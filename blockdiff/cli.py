@@ -88,7 +88,7 @@ def check_threads(threads: int) -> None:
         raise CLIError(f"--threads must be >= 0 (0 = automatic), got {threads}")
 
 
-def load_llm(args):
+def load_llm(args, **engine_args):
     import torch
 
     from .engine.llm import LLM
@@ -97,7 +97,8 @@ def load_llm(args):
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False))
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
+              **engine_args)
     if not args.threads:
         auto_threads(llm.model)
     return llm

@@ -93,6 +93,7 @@ class KVPool:
         self.capacity = {g: 0 for g in self.groups}  # pages per layer of the group, scratch page included
         self.reserved = {g: 0 for g in self.groups}  # capacity kept even when every page is free
         self.free_pages: dict = {g: [] for g in self.groups}
+        self.extra_refs: dict = {g: {} for g in self.groups}  # page -> holders beyond the first (prefix cache)
         self.keys: list[torch.Tensor | None] = [None] * len(specs)  # [capacity * page_size, Hkv, D]
         self.values: list[torch.Tensor | None] = [None] * len(specs)
 
@@ -140,10 +141,27 @@ class KVPool:
             self._grow(group, max(2 * old, old + n - len(free), 1 + n, 4))
         return [free.pop() for _ in range(n)]
 
+    def share(self, group, pages: list[int]) -> None:
+        """One more holder for each page (a page returns to the free list when its last holder releases it)."""
+        refs = self.extra_refs[group]
+        for p in pages:
+            refs[p] = refs.get(p, 0) + 1
+
     def release(self, group, pages: list[int]) -> None:
         if not pages:
             return
-        self.free_pages[group].extend(reversed(pages))
+        refs = self.extra_refs[group]
+        last = []
+        for p in pages:
+            if refs.get(p):
+                refs[p] -= 1
+                if not refs[p]:
+                    del refs[p]
+            else:
+                last.append(p)
+        if not last:
+            return
+        self.free_pages[group].extend(reversed(last))
         if len(self.free_pages[group]) == self.capacity[group] - 1 and not self.reserved[group]:
             # nothing in use: give the memory back
             self.capacity[group] = 0
@@ -194,7 +212,10 @@ class SequenceCache:
         self.specs = specs
         self.pages: dict = {g: [] for g in self.pool.groups}
         self.length = 0
-        self._finalizer = weakref.finalize(self, _release, self.pool, self.pages)
+        # Pages the prefix cache asked this request's next encode to fill (sliding groups: group -> (first block,
+        # pages)); released with the request unless the cache takes them over.
+        self.capture: dict = {}
+        self._finalizer = weakref.finalize(self, _release, self.pool, self.pages, self.capture)
 
     def reserve(self, new_tokens: int) -> None:
         """Take the pages positions ``length .. length + new_tokens - 1`` need."""
@@ -220,10 +241,13 @@ class SequenceCache:
         return sum(len(p) * self.pool.page_bytes(g) for g, p in self.pages.items())
 
 
-def _release(pool: KVPool, pages: dict) -> None:
+def _release(pool: KVPool, pages: dict, capture: dict) -> None:
     for g, p in pages.items():
         pool.release(g, p)
         p.clear()
+    for g, (_, p) in capture.items():
+        pool.release(g, p)
+    capture.clear()
 
 
 class KVCache:
@@ -304,6 +328,24 @@ class CacheBatch:
         for i in range(len(pool.specs)):
             pool.storage(i, device, dtype)
         self._B, self._ps = B, ps
+        # Prefix-cache capture (encode only): per sliding group, the slot each new position is also copied to
+        # (its block's capture page), scratch slot 0 for positions no one captures. Host-built: no device read.
+        self._capture = {}
+        if new_tokens is not None and any(s.capture for s in cache.seqs):
+            for g in pool.groups:
+                if not any(g in s.capture for s in cache.seqs):
+                    continue
+                slots = []
+                for s, start, n in zip(cache.seqs, self.lengths, new_tokens):
+                    row = [0] * width
+                    if g in s.capture:
+                        first, pages = s.capture[g]
+                        for j in range(n):
+                            blk = (start + j) // ps - first
+                            if 0 <= blk < len(pages):
+                                row[j] = pages[blk] * ps + (start + j) % ps
+                    slots.extend(row)
+                self._capture[g] = to_device(torch.tensor(slots, dtype=torch.long), device)  # [B * S]
 
     # ------------------------------------------------------------------ addressing
     def _slot_of(self, g, pos: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -361,8 +403,13 @@ class CacheBatch:
         idx = self._slots[("w", g)]
         keys, values = self.pool.storage(layer, self.device, self.dtype)
         # Padded positions all land on the scratch slot (duplicates there are harmless: it is never read unmasked).
-        keys.index_copy_(0, idx, k_new.detach().transpose(1, 2).reshape(B * S, Hkv, D).to(keys.dtype))
-        values.index_copy_(0, idx, v_new.detach().transpose(1, 2).reshape(B * S, Hkv, D).to(values.dtype))
+        k_flat = k_new.detach().transpose(1, 2).reshape(B * S, Hkv, D).to(keys.dtype)
+        v_flat = v_new.detach().transpose(1, 2).reshape(B * S, Hkv, D).to(values.dtype)
+        keys.index_copy_(0, idx, k_flat)
+        values.index_copy_(0, idx, v_flat)
+        if g in self._capture:  # the prefix cache keeps every position of the blocks it captures
+            keys.index_copy_(0, self._capture[g], k_flat)
+            values.index_copy_(0, self._capture[g], v_flat)
 
     def commit(self) -> None:
         for s, n in zip(self.cache.seqs, self.new_tokens):

@@ -253,7 +253,19 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 99999]}, 400, "prompt token ids"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "'n' must be >= 1"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 0.2}, 400, "t_min"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0.9}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "'top_p' must be <= 1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "'top_p' must be > 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": 2.5}, 400, "'top_k' must be an integer"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "min_p": -0.1}, 400, "'min_p' must be >= 0"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": 5, "rng": "reference"}, 400,
+     "'top_k' needs rng='default'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "'logprobs' must be <= 20"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 1, "echo": True}, 400,
+     "'logprobs' with 'echo' is not supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     400, "'top_logprobs' needs 'logprobs': true"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 30}, 400, "'top_logprobs' must be <= 20"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "'stream' must be a boolean"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 7}, 400, "'stop' must be a string"),
@@ -394,3 +406,76 @@ def test_metrics_exposes_counters(main):
     assert metric(m, "blockdiff_requests_total", '{outcome="length"}') + \
         metric(m, "blockdiff_requests_total", '{outcome="stop"}') >= 1
     assert "# TYPE blockdiff_step_seconds histogram" in m
+
+
+def test_prefix_cache_serves_a_second_chat_turn_exactly(llm, main):
+    """Turn 2 of a chat with a long system prompt reuses turn 1's prompt blocks: the official client sees
+    usage.prompt_tokens_details.cached_tokens, /metrics counts hits and queries, and the text equals a cold server's.
+    In the default (batched) mode: deterministic mode does not reuse prefixes."""
+    llm.model.batch_invariant = False
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer, prefix_cache_bytes=1 << 24), MODEL))
+    try:
+        system = {"role": "system", "content": "You are a careful assistant. " * 12}
+        turn1 = [system, {"role": "user", "content": "Tell me a story."}]
+        kw = dict(model=MODEL, max_tokens=32, seed=3, extra_body=X)
+        r1 = srv.client().chat.completions.create(messages=turn1, **kw)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "And then?"}]
+        warm = srv.client().chat.completions.create(messages=turn2, **kw)
+        cold = main.client().chat.completions.create(messages=turn2, **kw)
+        assert warm.choices[0].message.content == cold.choices[0].message.content
+        cached = warm.usage.prompt_tokens_details.cached_tokens
+        assert cached >= r1.usage.prompt_tokens - 16 and cached % 16 == 0
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        m = httpx.get(srv.url + "/metrics").text
+        assert metric(m, "blockdiff_prefix_cache_hit_tokens_total") == cached
+        assert metric(m, "blockdiff_prefix_cache_query_tokens_total") == r1.usage.prompt_tokens + \
+            warm.usage.prompt_tokens
+        assert 0 < metric(m, "blockdiff_prefix_cache_bytes") <= metric(m, "blockdiff_prefix_cache_capacity_bytes")
+    finally:
+        srv.close()
+        srv.engine.engine.prefix_cache.clear()
+        llm.model.batch_invariant = True
+
+
+def test_logprobs_through_the_openai_client(main):
+    """Chat logprobs/top_logprobs and completions logprobs: one entry per output token, the committed token's
+    logprob leading its alternatives (it is its distribution's argmax), streamed entries equal to the whole."""
+    client = main.client()
+    r = chat(client, seed=4, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens > 0
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
+        assert bytes(e.bytes).decode("utf-8") == e.token
+    streamed = []
+    for ch in chat(client, seed=4, logprobs=True, top_logprobs=3, stream=True):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            streamed += ch.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert chat(client, seed=4).choices[0].logprobs is None  # off unless asked
+
+    c = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=32, seed=2, logprobs=2,
+                                  extra_body=X)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert all(len(d) <= 2 and max(d.values()) == x for d, x in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_top_k_top_p_min_p_through_the_openai_client(main):
+    """top_k = 1, min_p = 1 and a tiny top_p all draw each accepted position's argmax: the same seeded output;
+    neutral values change nothing."""
+    client = main.client()
+
+    def text(**kw):
+        return client.completions.create(model=MODEL, prompt="Tell me", max_tokens=32, seed=6,
+                                         extra_body=dict(X, ignore_eos=True, **kw)).choices[0].text
+
+    assert text(top_k=1) == text(min_p=1.0) == text(top_p=1e-6)
+    assert text() == text(top_k=-1) == text(min_p=0.0)  # neutral
+    c = client.completions.create(model=MODEL, prompt="Tell me", max_tokens=32, seed=6, top_p=0.5, extra_body=X)
+    assert c.choices[0].finish_reason in ("stop", "length")

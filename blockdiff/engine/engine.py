@@ -19,16 +19,20 @@ import torch
 from ..config import GenerationDefaults
 from ..kv_cache import KVCache, to_device
 from ..model import DiffusionGemma
+from ..prefix_cache import PrefixCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
+from ..sampling.truncation import logprob_columns, split_logprob_row
 from .model_state import ModelState, Phase, StepRow
 from .scheduler import Scheduler
 
 
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
-                 max_num_seqs: int = 16, max_encode_tokens: int = 8192):
+                 max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0):
         self.model = model
+        # Prompt blocks already encoded, reused by later prompts that start with them (0 bytes: off).
+        self.prefix_cache = PrefixCache(model.kv_pool, prefix_cache_bytes)
         self.defaults = defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
@@ -172,12 +176,25 @@ class Engine:
             states = [s for s in states if all(s is not a for a in alone)]
             if not states:
                 return
-        for group in _encode_groups([(len(t), s, t) for s in states for t in [s.tokens_to_encode()]]):
+        pc = self.prefix_cache  # text prompts only: an image prompt's placeholder ids do not say which image
+        items, prompts = [], []  # prompts: (state, its prompt, tokens reused from the prefix cache)
+        for s in states:
+            ids = s.tokens_to_encode()
+            if s.phase is Phase.WAITING and pc.max_blocks:
+                reused = pc.attach(s.cache, ids)
+                pc.prepare(s.cache, ids)
+                prompts.append((s, ids, reused))
+                s.metrics.cached_tokens = reused
+                ids = ids[reused:]
+            items.append((len(ids), s, ids))
+        for group in _encode_groups(items):
             lengths = [n for n, _, _ in group]
             width = max(lengths)
             ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
             model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
             self.stats["encode_tokens"] += sum(lengths)
+        for s, prompt, reused in prompts:
+            pc.insert(s.cache, prompt, reused)
         for s in states:
             s.encoded()
 
@@ -227,14 +244,21 @@ class Engine:
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
         same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
         # The one device-to-host transfer of the tick: the stop flags, the argmax canvases (committed when a canvas
-        # finishes) and, only when someone listens to draft events, the acceptance masks.
+        # finishes), only when someone listens to draft events the acceptance masks, and only when a request asked
+        # for them the logprobs (fp32 bit patterns).
         drafts = any(s.on_event is not None for s in states)
+        lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
         parts = [same[:, None].long(), confident[:, None].long(), argmax] + ([accepted.long()] if drafts else [])
+        if lp_k is not None:
+            parts.append(logprob_columns(logits, argmax, lp_k))
         host = torch.cat(parts, 1).tolist()
+        lp_at = 2 + C + (C if drafts else 0)
         for b, s in enumerate(states):
             row = host[b]
+            if lp_k is not None and s.params.logprobs is not None:  # before apply_step: it may commit the canvas
+                s.step_logprobs = split_logprob_row(row[lp_at:], C, lp_k, s.params.logprobs)
             s.apply_step(StepRow(new_canvas[b], argmax[b], row[2:2 + C],
-                                 [bool(x) for x in row[2 + C:]] if drafts else None,
+                                 [bool(x) for x in row[2 + C:2 + 2 * C]] if drafts else None,
                                  bool(row[0]), bool(row[1])), soft[b])
         self.stats["denoise_steps"] += len(states)
 

@@ -34,6 +34,8 @@ class RequestOutput:
     text: str | None
     finish_reason: str  # "stop" | "length" | "abort"
     metrics: Metrics
+    # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
+    logprobs: list | None = None
 
 
 def load_tokenizer(path: str):
@@ -51,14 +53,16 @@ class LLM:
     images, bytes and pixels one prompt may hold (``blockdiff.vision.media.MediaLimits``)."""
 
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
-                 deterministic: bool = False, media_limits: MediaLimits | None = None):
+                 deterministic: bool = False, media_limits: MediaLimits | None = None,
+                 prefix_cache_bytes: int = 0):
         path = resolve_path(model)
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device)
         self.model.batch_invariant = bool(deterministic)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
-        self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
+        self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
+                             prefix_cache_bytes=prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
         self.media_limits = media_limits or MediaLimits()
 
@@ -68,7 +72,8 @@ class LLM:
 
     @classmethod
     def from_model(cls, model: DiffusionGemma, tokenizer=None, generation_defaults: GenerationDefaults | None = None,
-                   max_num_seqs: int = 64, deterministic: bool | None = None) -> "LLM":
+                   max_num_seqs: int = 64, deterministic: bool | None = None,
+                   prefix_cache_bytes: int = 0) -> "LLM":
         """Wrap a model already in memory; ``deterministic=None`` keeps its ``batch_invariant`` setting."""
         self = cls.__new__(cls)
         if deterministic is not None:
@@ -76,7 +81,8 @@ class LLM:
         self.model_path = None
         self.model, self.tokenizer = model, tokenizer
         self.defaults = generation_defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
-        self.engine = Engine(model, self.defaults, tokenizer, max_num_seqs=max_num_seqs)
+        self.engine = Engine(model, self.defaults, tokenizer, max_num_seqs=max_num_seqs,
+                             prefix_cache_bytes=prefix_cache_bytes)
         self.images = ImagePrompter.for_model(model, None, tokenizer)
         self.media_limits = MediaLimits()
         return self
@@ -193,7 +199,7 @@ class LLM:
                 if cut >= 0:
                     out_text = out_text[:cut]
             outs.append(RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text,
-                                      s.finish_reason, s.metrics))
+                                      s.finish_reason, s.metrics, s.output_logprobs))
         return outs
 
     def chat(

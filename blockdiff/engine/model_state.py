@@ -48,6 +48,8 @@ class Event:
     step: int = 0
     accepted: list[bool] | None = None
     finish_reason: str | None = None
+    # block/done with params.logprobs set: per token (logprob, [(token id, logprob), ...] the most likely first)
+    logprobs: list | None = None
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Metrics:
     denoise_steps: int = 0  # decoder forwards spent on this request
     canvases: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     output_tokens: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_block_time: float | None = None
@@ -75,7 +78,8 @@ class Metrics:
 
     def as_dict(self) -> dict:
         return {"denoise_steps": self.denoise_steps, "canvases": self.canvases,
-                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "output_tokens": self.output_tokens,
                 "tokens_per_forward": round(self.tokens_per_forward, 3), "seconds": round(self.seconds, 4),
                 "time_to_first_block": None if self.time_to_first_block is None
                 else round(self.time_to_first_block, 4)}
@@ -135,6 +139,10 @@ class ModelState:
         self.canvas_index = 0  # counter-based rng key: which canvas of this request is denoising
         self.step = 0  # denoising step within the current canvas
         self.output_ids: list[int] = []
+        # params.logprobs set: one (logprob, top alternatives) per output token, from the distribution of the
+        # canvas's last denoising step (``step_logprobs``: the latest step's, set by the engine).
+        self.output_logprobs: list | None = [] if params.logprobs is not None else None
+        self.step_logprobs = None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = Metrics(prompt_tokens=len(prompt_ids))
@@ -205,7 +213,8 @@ class ModelState:
         return {"step": self.step, "max_steps": p.max_denoising_steps, "t_min": p.t_min, "t_max": p.t_max,
                 "entropy_bound": p.entropy_bound, "confidence": p.confidence_threshold, "seed": self.seed,
                 "canvas_index": self.canvas_index, "fixed": self.fixed, "template": self.template,
-                "disallowed": self.disallowed}
+                "disallowed": self.disallowed, "top_k": p.top_k,
+                "top_p": p.top_p if p.top_p is not None and p.top_p < 1 else None, "min_p": p.min_p or None}
 
     def apply_step(self, row: StepRow, sc_embeds: torch.Tensor) -> bool:
         """Record one denoising step; returns True when the canvas is finished."""
@@ -228,6 +237,8 @@ class ModelState:
         return done
 
     def _finish_canvas(self) -> None:
+        entries = self.step_logprobs  # the last step's, read back with its tick
+        self.step_logprobs = None
         self.metrics.canvases += 1
         if self.metrics.first_block_time is None:
             self.metrics.first_block_time = time.perf_counter()
@@ -259,7 +270,13 @@ class ModelState:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]
                 self.output_ids = self.output_ids[:cut]
                 reason = "stop"
-        self._emit(Event("block", self.request_id, self.request_index, tokens, step=self.step))
+        block_logprobs = None
+        if entries is not None:
+            self.output_logprobs.extend(entries[:len(tokens)])
+            del self.output_logprobs[len(self.output_ids):]
+            block_logprobs = self.output_logprobs[len(self.output_ids) - len(tokens):]
+        self._emit(Event("block", self.request_id, self.request_index, tokens, step=self.step,
+                         logprobs=block_logprobs))
         if reason is not None or self.metrics.canvases >= self.max_canvases:
             self.finish(reason or "length")
         else:
@@ -273,9 +290,9 @@ class ModelState:
         self.error = error
         self.metrics.output_tokens = len(self.output_ids)
         self.metrics.finish_time = time.perf_counter()
-        self.canvas = self.argmax = self.argmax_ids = self.sc_embeds = None
+        self.canvas = self.argmax = self.argmax_ids = self.sc_embeds = self.step_logprobs = None
         if self.cache is not None:
             self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
         self.cache = None
         self._emit(Event("done", self.request_id, self.request_index, list(self.output_ids),
-                         finish_reason=reason))
+                         finish_reason=reason, logprobs=self.output_logprobs))

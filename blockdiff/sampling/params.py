@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..config import GenerationDefaults
 
 RNG_MODES = ("default", "reference")
+MAX_LOGPROBS = 20  # top alternatives per output token
 
 
 def _is_int(x) -> bool:
@@ -53,6 +54,15 @@ class SamplingParams:
     # Structured output: {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} |
     # {"grammar": ...}, optionally "allow_whitespace" (see blockdiff/structured and docs/structured-output.md).
     structured_outputs: dict | None = None
+    # Truncation of the tempered distribution before a token is drawn at an accepted position (None: off):
+    # keep the top_k most likely tokens, the tokens with p >= min_p * max p, then the smallest set of the
+    # remaining (renormalised) mass >= top_p. Entropy, acceptance and the committed argmax use the whole distribution.
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    # Log-probabilities of the output tokens (see docs/serving.md): None = off; N >= 0 also returns the N most
+    # likely tokens of each position's distribution.
+    logprobs: int | None = None
     stream_drafts: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -120,6 +130,23 @@ class SamplingParams:
                              "canvas_template itself; do not give both")
         if self.structured_outputs is not None:
             self._validate_structured()
+        if self.top_p is not None and (not _is_num(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and (not _is_num(self.min_p) or not 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        pos_int("top_k", self.top_k, 1, 2 ** 31 - 1)
+        pos_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.rng == "reference" and self.truncates:
+            raise ValueError("rng='reference' reproduces the reference sampler, which has no top_p, top_k or "
+                             "min_p; use rng='default' with them")
+        if self.structured_outputs is not None or self.text_template is not None or self.suffix is not None:
+            what = "structured_outputs" if self.structured_outputs is not None else \
+                "text_template" if self.text_template is not None else "suffix"
+            if self.truncates:
+                raise ValueError(f"top_p, top_k and min_p cannot be combined with {what}: its canvas is drawn under "
+                                 "its own constraint")
+            if self.logprobs is not None:
+                raise ValueError(f"logprobs cannot be combined with {what}: its output is not the argmax canvas")
         if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None
                                         or self.text_template is not None or self.suffix is not None):
             raise ValueError("rng='reference' reproduces the reference sampler, which has no canvas_template "
@@ -138,6 +165,12 @@ class SamplingParams:
         if self.ignore_eos:
             raise ValueError("structured_outputs cannot be combined with ignore_eos: the output ends where the "
                              "grammar is complete")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top_p / top_k / min_p cut anything (top_p = 1 and min_p = 0 keep every token)."""
+        return ((self.top_p is not None and self.top_p < 1) or self.top_k is not None
+                or (self.min_p is not None and self.min_p > 0))
 
     def resolved(self, d: GenerationDefaults) -> "SamplingParams":
         """A copy with every unset field filled from the checkpoint's generation defaults."""

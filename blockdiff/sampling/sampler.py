@@ -32,6 +32,7 @@ import torch
 
 from ..kv_cache import to_device
 from . import counter_rng
+from .truncation import row_params, truncate
 
 ROW_CHUNK = 32  # rows of [B*C, V] processed at once: bounds the temporaries to a few ROW_CHUNK x V buffers
 
@@ -62,11 +63,21 @@ class RowParams:
     fixed: torch.Tensor | None = None  # bool [B, C] template positions (None: no row has any)
     template: torch.Tensor | None = None  # int64 [B, C] their tokens (0 elsewhere)
     disallowed: torch.Tensor | None = None  # bool [B, V] tokens a row may never draw (None: no row has any)
+    # Truncation of the distribution a token is drawn from (None: no row sets it; rows that do not get the
+    # value that cuts nothing: top_k = V, top_p = 1, min_p = 0).
+    top_k: torch.Tensor | None = None  # int64 [B]
+    top_p: torch.Tensor | None = None  # fp32 [B]
+    min_p: torch.Tensor | None = None  # fp32 [B]
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
 
     @classmethod
     def build(cls, rows: list[dict], device, canvas_length: int, vocab_size: int) -> "RowParams":
         """rows: dicts with step, max_steps, t_min, t_max, entropy_bound, confidence, seed, canvas_index and
-        optional fixed [C] bool / template [C] / allowed (list of ids). One host-to-device copy per field."""
+        optional fixed [C] bool / template [C] / allowed (list of ids) / top_k / top_p / min_p. One host-to-device
+        copy per field."""
         device = torch.device(device)
 
         def col(key, dtype):  # pinned + non-blocking on CUDA: a pageable copy would wait for the device
@@ -87,6 +98,9 @@ class RowParams:
             out.disallowed = torch.stack([r["disallowed"].to(device) if r.get("disallowed") is not None
                                           else torch.zeros(vocab_size, dtype=torch.bool, device=device)
                                           for r in rows])
+        out.top_k = row_params([r.get("top_k") for r in rows], vocab_size, torch.int64, device)
+        out.top_p = row_params([r.get("top_p") for r in rows], 1.0, torch.float32, device)
+        out.min_p = row_params([r.get("min_p") for r in rows], 0.0, torch.float32, device)
         return out
 
 
@@ -153,7 +167,9 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
     random numbers are counter-based (``counter_rng``), so a row's result does not depend on the others.
 
     Template positions (``p.fixed``) are always accepted with their template token and left out of the
-    entropy budget and the confidence mean; ``p.disallowed`` tokens get probability zero.
+    entropy budget and the confidence mean; ``p.disallowed`` tokens get probability zero. ``p.top_k`` /
+    ``p.top_p`` / ``p.min_p`` cut the distribution a token is drawn from (``truncation.truncate``); entropy,
+    acceptance, the argmax and the returned probabilities use the whole tempered distribution.
     """
     B, C, V = logits.shape
     dev = logits.device
@@ -174,6 +190,9 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
         rows.copy_(probs)
         # Inverse-CDF sampling: one uniform per position instead of V exponentials. The target is kept
         # strictly below the total, so a token of probability zero can never be picked.
+        if p.truncates:  # per position: its row's cut (rows that set none are left bit-identical)
+            r = torch.arange(i, i + n, device=dev) // C
+            probs = truncate(probs, *(None if t is None else t[r] for t in (p.top_k, p.top_p, p.min_p)))
         c = torch.cumsum(probs, dim=-1, out=cdf[:n])
         del probs
         total = c[:, -1:]

@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond max-num-seqs before 429 "
                    "(default 4 * max-num-seqs)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30,
+                   help="memory for the KV of prompt prefixes reused by later requests (shared system prompts, "
+                        "multi-turn chats); least recently used blocks are evicted past it; 0 turns it off "
+                        "(default 1 GiB)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (then HTTP 413)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
@@ -60,6 +64,8 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.max_waiting is not None and args.max_waiting < 0:
         raise CLIError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.prefix_cache_bytes < 0:
+        raise CLIError(f"--prefix-cache-bytes must be >= 0, got {args.prefix_cache_bytes}")
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     from ..vision.media import MediaLimits
@@ -82,7 +88,7 @@ def cmd_serve(args) -> int:
 
     from .app import build_app
 
-    llm = load_llm(args)
+    llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
     name = args.served_model_name or default_model_name(args.model)
     app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits)

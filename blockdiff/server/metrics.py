@@ -57,6 +57,14 @@ class EngineCollector:
         yield _counter("blockdiff_canvases_total", "Canvases committed by finished requests.", c.canvases)
         yield _gauge("blockdiff_tokens_per_forward", "generation_tokens_total / denoise_steps_total since start.",
                      c.tokens_per_forward)
+        pc = e.engine.prefix_cache
+        yield _counter("blockdiff_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache.",
+                       pc.query_tokens)
+        yield _counter("blockdiff_prefix_cache_hit_tokens_total", "Prompt tokens whose keys/values came from the "
+                       "prefix cache instead of an encode.", pc.hit_tokens)
+        yield _gauge("blockdiff_prefix_cache_bytes", "Bytes of KV pages the prefix cache holds.", pc.nbytes())
+        yield _gauge("blockdiff_prefix_cache_capacity_bytes", "The prefix cache's budget (--prefix-cache-bytes).",
+                     pc.capacity_bytes)
         yield _counter("blockdiff_engine_ticks_total", "Engine ticks (batched encode + denoise).", c.ticks)
         yield _gauge("blockdiff_requests_running", "Requests holding a batch slot (at most max_num_seqs).",
                      e.num_running)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling.params import SamplingParams
+from ..sampling.params import MAX_LOGPROBS, SamplingParams
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import structured_outputs as constraint_from
 
@@ -36,8 +36,8 @@ Num = Annotated[float, Field(allow_inf_nan=False)]
 
 TEMPERATURE_WHY = ("diffusion sampling anneals its temperature from t_max to t_min per denoising step; leave "
                    "temperature unset (or 1) and send 't_min' / 't_max' instead")
-TOP_P_WHY = ("diffusion sampling has no nucleus cut-off; leave top_p unset (or 1) and use 'entropy_bound' to tune "
-             "how much of the canvas is accepted per step")
+TRUNCATION_REF = ("'{}' needs rng='default': rng='reference' reproduces the reference sampler, which has no "
+                  "top_p, top_k or min_p")
 
 
 def _neutral(name: str, v, neutral, why: str):
@@ -73,8 +73,6 @@ class SamplingRequest(BaseModel):
     # (json_schema_extra: the document says which values are accepted, so generated clients stay within them)
     temperature: Num | None = Field(None, description="only 1 (or unset): see t_min / t_max",
                                     json_schema_extra={"enum": [1, None]})
-    top_p: Num | None = Field(None, description="only 1 (or unset): see entropy_bound",
-                              json_schema_extra={"enum": [1, None]})
     presence_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
                                          json_schema_extra={"enum": [0, None]})
     frequency_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
@@ -100,6 +98,13 @@ class SamplingRequest(BaseModel):
                            "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
     text_template: str | None = Field(None, description="text with <|hole|> or <|hole:N|> holes laid on the first "
                                       "canvas; the output is the filled template")
+    # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
+    top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
+                              "holding this much probability (1 or unset: no cut)")
+    top_k: Int | None = Field(None, ge=-1, le=2 ** 31 - 1, description="draw from the k most likely tokens "
+                              "(unset, 0 or -1: no cut)")
+    min_p: Num | None = Field(None, ge=0, le=1, description="draw only tokens with p >= min_p * the largest p "
+                              "(0 or unset: no cut)")
     # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
     max_denoising_steps: Int | None = Field(None, ge=1, le=10_000, description="denoising steps per canvas at most")
     stability_threshold: Int | None = Field(None, ge=0, le=10_000,
@@ -139,7 +144,6 @@ class SamplingRequest(BaseModel):
     @model_validator(mode="after")
     def _rules(self):
         _neutral("temperature", self.temperature, 1, TEMPERATURE_WHY)
-        _neutral("top_p", self.top_p, 1, TOP_P_WHY)
         for name in ("presence_penalty", "frequency_penalty"):
             _neutral(name, getattr(self, name), 0, "penalties are not implemented")
         _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
@@ -151,6 +155,11 @@ class SamplingRequest(BaseModel):
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
             raise invalid(f"'t_max' must be greater than 't_min' (got t_max={self.t_max}, t_min={self.t_min})",
                           "t_max")
+        if self.rng == "reference":
+            for name, off in (("top_p", 1), ("top_k", 0), ("min_p", 0)):
+                v = getattr(self, name)
+                if v is not None and v != off and not (name == "top_k" and v == -1):
+                    raise invalid(TRUNCATION_REF.format(name), name)
         if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None):
             raise invalid("rng='reference' reproduces the reference sampler, which has no canvas_template or "
                           "allowed_token_ids; use rng='default' with them", "rng")
@@ -166,6 +175,11 @@ class SamplingRequest(BaseModel):
         return self.max_tokens
 
     @property
+    def requested_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None (off) or the number of top alternatives per token."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -174,11 +188,13 @@ class SamplingRequest(BaseModel):
         kw = {name: getattr(self, name) for name in (
             "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
             "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
-            "confidence_threshold", "text_template")}
+            "confidence_threshold", "text_template", "top_p", "min_p")}
         # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
         kw["structured_outputs"] = constraint_from({"response_format": self.response_format,
                                                     "structured_outputs": self.structured_outputs})
         kw["suffix"] = getattr(self, "suffix", None) or None
+        kw["top_k"] = self.top_k if self.top_k not in (-1, 0) else None
+        kw["logprobs"] = self.requested_logprobs
         try:
             return SamplingParams(max_new_tokens=self.requested_max_tokens, **kw)
         except ValueError as e:
@@ -197,8 +213,8 @@ class CompletionRequest(SamplingRequest):
     echo: bool = Field(False, description="return the prompt text before the completion")
     suffix: str | None = Field(None, description="fill in the middle: text that follows the completion; the "
                                "output is the middle (one canvas)")
-    logprobs: Int | None = Field(None, description="only 0 (unset): logprobs are not implemented",
-                                 json_schema_extra={"enum": [0, None]})
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return each output token's "
+                                 "log-probability and this many most likely alternatives (see docs/serving.md)")
     best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
 
     @field_validator("prompt", mode="before")
@@ -223,9 +239,15 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_rules(self):
-        _neutral("logprobs", self.logprobs, 0, "logprobs are not implemented")
+        if self.logprobs is not None and self.echo:
+            raise invalid("'logprobs' with 'echo' is not supported: log-probabilities cover the generated tokens "
+                          "only", "logprobs")
         _neutral("best_of", self.best_of, 1, "only one candidate per request (use 'n' for several choices)")
         return self
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -306,10 +328,10 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="extra variables for the chat template; 'add_generation_prompt' (default true) is "
         "honoured")
-    logprobs: bool | None = Field(None, description="only false: logprobs are not implemented",
-                                  json_schema_extra={"enum": [False, None]})
-    top_logprobs: Int | None = Field(None, description="only 0: logprobs are not implemented",
-                                     json_schema_extra={"enum": [0, None]})
+    logprobs: bool | None = Field(None, description="return each output token's log-probability (see "
+                                  "docs/serving.md)")
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many most "
+                                     "likely alternatives per token")
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -340,9 +362,13 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_rules(self):
-        _neutral("logprobs", self.logprobs, False, "logprobs are not implemented")
-        _neutral("top_logprobs", self.top_logprobs, 0, "logprobs are not implemented")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return self
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_tokens_name(self) -> str:
@@ -372,8 +398,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---------------------------------------------------------------------------------------------- engine errors
 PARAM_NAMES = ("max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
-               "confidence_threshold", "t_min", "t_max", "rng", "stop_token_ids", "allowed_token_ids",
-               "canvas_template", "stop", "structured_outputs", "text_template", "suffix")
+               "top_p", "top_k", "min_p", "logprobs", "confidence_threshold", "t_min", "t_max", "rng",
+               "stop_token_ids", "allowed_token_ids", "canvas_template", "stop", "structured_outputs", "text_template", "suffix")
 
 
 def engine_error(e: ValueError, max_name: str = "max_tokens") -> APIError:
@@ -419,9 +445,11 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens``: prompt tokens the prefix cache supplied."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

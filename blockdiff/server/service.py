@@ -27,6 +27,7 @@ from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
 from .body import parse_body
 from .errors import APIError, bad, from_validation
+from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest, check_context, choice_seed,
                        engine_error, new_id, now, usage)
 from .text import TextStream
@@ -257,17 +258,22 @@ class Server:
         choices = []
         for i, s in enumerate(states):
             text = (p.echo or "") + "".join(texts[i])
+            lps = None
+            if s.output_logprobs is not None:
+                lps = (chat_logprobs if p.kind == "chat" else completion_logprobs)(
+                    self.tokenizer, s.output_ids, s.output_logprobs)
             if p.kind == "chat":
-                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lps,
                      "finish_reason": s.finish_reason}
             else:
-                c = {"index": i, "text": text, "logprobs": None, "finish_reason": s.finish_reason}
+                c = {"index": i, "text": text, "logprobs": lps, "finish_reason": s.finish_reason}
             if len(states) > 1:
                 c["metrics"] = s.metrics.as_dict()
             choices.append(c)
         return JSONResponse({"id": rid, "object": "chat.completion" if p.kind == "chat" else "text_completion",
                              "created": now(), "model": self.model_name, "choices": choices,
-                             "usage": usage(len(p.ids), sum(len(s.output_ids) for s in states)),
+                             "usage": usage(len(p.ids), sum(len(s.output_ids) for s in states),
+                                            states[0].metrics.cached_tokens),
                              "metrics": states[0].metrics.as_dict()})
 
     async def _sse(self, p: Prepared, rid: str, streams: list[RequestStream]):
@@ -276,12 +282,13 @@ class Server:
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = p.req.include_usage
 
-        def chunk(i: int, text: str | None = None, finish: str | None = None, role: bool = False, **extra) -> str:
+        def chunk(i: int, text: str | None = None, finish: str | None = None, role: bool = False, lps=None,
+                  **extra) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": text or "", "logprobs": lps, "finish_reason": finish}
             d = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             if include_usage:
                 d["usage"] = None
@@ -301,6 +308,7 @@ class Server:
         pumps = [asyncio.ensure_future(pump(i, rs)) for i, rs in enumerate(streams)]
         text_streams = [self.text_stream(p.params) for _ in streams]
         canvases = [0] * len(streams)
+        offsets = [0] * len(streams)  # completions logprobs: text_offset of the next token
         left = len(streams)
         try:
             for i in range(len(streams)):
@@ -319,8 +327,15 @@ class Server:
                 elif ev.kind == "block":
                     canvases[i] += 1
                     delta = text_streams[i].push(ev.token_ids)
-                    if delta:
-                        yield chunk(i, delta)
+                    lps = None
+                    if ev.logprobs is not None:  # this block's tokens, sent with its text (even when held back)
+                        if chat:
+                            lps = chat_logprobs(self.tokenizer, ev.token_ids, ev.logprobs)
+                        else:
+                            lps = completion_logprobs(self.tokenizer, ev.token_ids, ev.logprobs, offsets[i])
+                            offsets[i] += sum(len(t) for t in lps["tokens"])
+                    if delta or lps is not None:
+                        yield chunk(i, delta, lps=lps)
                 elif ev.kind == "done":
                     left -= 1
                     delta = text_streams[i].finish()
@@ -329,7 +344,8 @@ class Server:
                     yield chunk(i, finish=ev.finish_reason)
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                            "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams))})
+                            "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams),
+                                            streams[0].state.metrics.cached_tokens)})
             yield "data: [DONE]\n\n"
         except EngineFailedError as e:
             err = engine_failure(e)
