@@ -89,7 +89,15 @@ def checkpoint_to_model_name(name: str) -> str | None:
     raise KeyError(name)
 
 
-def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu") -> DiffusionGemma:
+def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu", quantization: str | None = None,
+               quantize_embedding: bool = True) -> DiffusionGemma:
+    """``quantization``: None | "int8" | "int4" (| "int4-g32" | "int4-g128") | "fp8", applied tensor by tensor
+    while loading (see blockdiff/quant); ``quantize_embedding=False`` keeps the tied embedding in full precision.
+    A ``.gguf`` file loads from its own metadata and tensors."""
+    if is_gguf(path_or_id):
+        from .quant.gguf import load_gguf_model
+        return load_gguf_model(path_or_id, dtype=dtype, device=device, quantization=quantization,
+                               quantize_embedding=quantize_embedding)
     path = resolve_path(path_or_id)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -98,20 +106,28 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
     if not config.tie_word_embeddings:
         raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
     dtype = resolve_dtype(dtype, device)
+    plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
     with torch.device("meta"):
         model = DiffusionGemma(config)
     expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
                 if not n.startswith("inv_freq_")}
     loaded: dict[str, torch.Tensor] = {}
     unexpected, skipped_vision = [], 0
-    for file in _weight_files(path):
+    files = _weight_files(path)
+    all_names = _all_tensor_names(files) if plan is not None else set()
+    for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.startswith(_VISION):
                     skipped_vision += 1
                     continue
+                base, part = name, None
+                if plan is not None:  # quantized layouts: NAME.qweight, NAME_scale, ... belong to NAME
+                    base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
+                    if base is None:
+                        continue
                 try:
-                    ours = checkpoint_to_model_name(name)
+                    ours = checkpoint_to_model_name(base)
                 except KeyError:
                     unexpected.append(name)
                     continue
@@ -119,6 +135,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                     continue
                 if ours not in expected:
                     unexpected.append(name)
+                    continue
+                if plan is not None:
+                    plan.add(ours, part, f.get_tensor(name), tuple(expected[ours].shape), name)
                     continue
                 t = f.get_tensor(name)
                 want = tuple(expected[ours].shape)
@@ -128,7 +147,12 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                 # take other paths (logits then depend on the file layout, e.g. sharded or not); torch's
                 # allocator aligns. Moving to another device or dtype copies anyway.
                 loaded[ours] = t.to(device=device, dtype=dtype, copy=True)
-    missing = sorted(set(expected) - set(loaded))
+    if plan is not None:
+        plan.check_complete()
+        loaded, have = plan.state, plan.sources
+    else:
+        have = set(loaded)
+    missing = sorted(set(expected) - have)
     if missing or unexpected:
         def show(names):
             return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
@@ -140,7 +164,11 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         raise CheckpointError(" ".join(msg))
     if skipped_vision:
         log.info("skipped %d vision-tower tensors (the vision tower is not supported yet)", skipped_vision)
+    if plan is not None:
+        plan.install(model)
     model.load_state_dict(loaded, strict=False, assign=True)
+    if plan is not None:
+        plan.finalize(model)
     # Non-persistent RoPE tables were built on meta: rebuild them on the device.
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
@@ -148,6 +176,24 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
     model.eval()
     return model
+
+
+def is_gguf(path_or_id) -> bool:
+    return str(path_or_id).lower().endswith(".gguf")
+
+
+def _quant_plan(config, quantization, device, dtype, quantize_embedding):
+    """The quantize-while-loading plan (blockdiff/quant), or None for a plain full-precision load."""
+    from .quant import plan_for_checkpoint
+    return plan_for_checkpoint(config, quantization, device, dtype, embedding=quantize_embedding)
+
+
+def _all_tensor_names(files: list[str]) -> set[str]:
+    names: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names.update(f.keys())
+    return names
 
 
 def _model_to_checkpoint_name(ours: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..config import GenerationDefaults
-from ..loader import load_model, resolve_path
+from ..loader import is_gguf, load_model, resolve_path
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
 from .engine import Engine
@@ -37,10 +37,20 @@ def load_tokenizer(path: str):
 
 
 class LLM:
-    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64):
+    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
+                 quantization: str | None = None, quantize_embedding: bool = True):
+        if is_gguf(model):  # config, weights and tokenizer all come from the one file
+            from ..quant.gguf import load_gguf
+            self.model_path = model
+            self.model, self.tokenizer, self.defaults = load_gguf(model, dtype=dtype, device=device,
+                                                                  quantization=quantization,
+                                                                  quantize_embedding=quantize_embedding)
+            self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
+            return
         path = resolve_path(model)
         self.model_path = path
-        self.model = load_model(path, dtype=dtype, device=device)
+        self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
+                                quantize_embedding=quantize_embedding)
         self.tokenizer = load_tokenizer(path)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
