@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--quantization", help="quantize blockdiff's weights while loading: int8 | int4 | fp8 (the "
+                   "oracle stays full precision, so the reference/oracle agreement measures the quantization)")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile one denoising run of blockdiff-default and of the oracle")
 
@@ -59,10 +61,15 @@ def run(args) -> int:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..quant import check_device, parse_method
+    parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
+    if parsed:
+        check_device(parsed[0], args.device)
     options = BenchOptions(steps=args.steps, max_new_tokens=args.max_new_tokens, batch=args.batch,
                            ar_batches=tuple(args.ar_batches), prompt_len=args.prompt_len, repeats=args.repeats,
                            warmup=args.warmup, seed=args.seed, oracle=args.oracle, dtype=args.dtype,
-                           device=args.device, systems=args.systems)
+                           device=args.device, systems=args.systems,
+                           quantization=args.quantization)
     options.validate()
 
     def log(msg):
