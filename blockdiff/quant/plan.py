@@ -232,8 +232,8 @@ def _dequant_fp8(w: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tenso
         return wf * s
     if tuple(s.shape) == tuple(w.shape[:-1]):
         return wf * s[..., None]
-    if s.dim() == w.dim() and tuple(s.shape[:-2]) == tuple(lead):
-        bn, bk = -(-n // s.shape[-2]), -(-k // s.shape[-1])
+    bn, bk = (-(-n // s.shape[-2]), -(-k // s.shape[-1])) if s.dim() >= 2 else (0, 0)
+    if s.dim() == w.dim() and tuple(s.shape[:-2]) == tuple(lead) and bn == bk:  # square blocks (e.g. 128 x 128)
         full = s.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
         return wf * full
     raise QuantizationError(f"{name}: FP8 scale of shape {tuple(scale.shape)} does not fit the weight "
