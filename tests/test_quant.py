@@ -240,3 +240,16 @@ def test_bench_takes_a_quantization(capsys):
     rc = cli_main(["bench", "--random-config", "tiny", "--quantization", "int8", "--no-oracle", "--repeats", "1",
                    "--warmup", "0", "--systems", "blockdiff-default", "--steps", "2"])
     assert rc == 0 and "blockdiff-default" in capsys.readouterr().out
+
+
+def test_in_memory_random_model_is_built_quantized_and_runs_a_step():
+    from blockdiff.bench.full_shape import random_quantized_model
+
+    m = random_quantized_model("tiny", "int4", log=lambda s: None)
+    assert isinstance(m.layers[0].experts, QuantExperts) and m.layers[0].experts.gate_up_proj.packed is not None
+    cache = m.new_cache(1)
+    with torch.no_grad():
+        m.encode(torch.tensor([[2, 3, 4]]), cache)
+        assert torch.isfinite(m.denoise(torch.zeros(1, m.canvas_length, dtype=torch.long), cache)).all()
+    with pytest.raises(ValueError, match="int8 or int4"):
+        random_quantized_model("tiny", None)

@@ -75,6 +75,13 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    if args.random_config == "full":  # never written to disk: built in memory, quantized tensor by tensor
+        from .full_shape import run as run_full
+        report = run_full("full", args.quantization, prompt_len=args.prompt_len, seed=args.seed, log=log)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+        return 0
     with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
         path = args.model
         if args.random_config:
