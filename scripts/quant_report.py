@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default="int8,int4,int4-g32")
     ap.add_argument("--out")
+    ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,7 +138,7 @@ def main() -> int:
         base = mem[0]["model_rss_mb"]
         for r in mem:
             r["x_fp32"] = round(r["model_rss_mb"] / base, 3) if base > 0 else None
-        qual = quality(path, None, methods)
+        qual = [] if args.memory_only else quality(path, None, methods)
     report = {"preset": args.preset, "torch": torch.__version__, "threads": args.threads, "memory": mem,
               "quality": qual}
     print("| method | model RSS MB | x fp32 | peak RSS growth while loading MB |\n|---|---:|---:|---:|")

@@ -80,10 +80,9 @@ def random_quantized_model(preset: str, quantization: str, seed: int = 0, log=pr
             log(f"  built {name.split('.experts')[0]}: RSS {_rss_gb():.2f} GB")
     plan.install(model)
     model.load_state_dict(plan.state, strict=False, assign=True)
+    plan.finalize(model)
     del plan
     gc.collect()
-    from ..quant.plan import QuantPlan as _P
-    _P.finalize(model)
     from ..model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)

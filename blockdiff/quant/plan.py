@@ -205,11 +205,11 @@ class QuantPlan:
         if "embed_tokens.weight" in self.targets:
             model.embed_tokens = QuantEmbedding(*self.targets["embed_tokens.weight"])
 
-    @staticmethod
-    def finalize(model) -> None:
-        """Build the kernel layouts (CPU: packed weights, plain buffers dropped)."""
+    def finalize(self, model) -> None:
+        """Build the kernel layouts (CPU: packed weights, plain buffers dropped), after ``load_state_dict``."""
         from .modules import QuantEmbedding, QuantExperts, QuantLinear
 
+        self.state.clear()  # the model holds the tensors now: packing then frees each plain copy as it goes
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.weight.prepare()
@@ -218,6 +218,19 @@ class QuantPlan:
                 m.down_proj.prepare()
             elif isinstance(m, QuantEmbedding):
                 m.prepare()
+        if self.device.type == "cpu":
+            _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """Give the heap pages freed while loading back to the OS (glibc keeps them otherwise: the loading
+    temporaries would stay in the resident set)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _dequant_fp8(w: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
