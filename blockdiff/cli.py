@@ -76,14 +76,32 @@ def sampling_params(args):
 
 
 def check_device(device: str) -> None:
+    """One line for a device this machine cannot use (unknown name, a backend that is not available, an index
+    past the devices there are) instead of a traceback from deep inside the load."""
     import torch
 
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         raise CLIError(f"bad --device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        available = torch.backends.mps.is_available()
+    else:
+        is_available = getattr(backend, "is_available", None)
+        available = bool(is_available and is_available())
+    if not available:
+        raise CLIError(f"--device {device}: {dev.type.upper()} is not available on this machine (try --device cpu)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise CLIError(f"--device {device}: this machine has {count()} {dev.type} device(s)")
+
+
+def check_threads(threads: int) -> None:
+    if threads < 0:
+        raise CLIError(f"--threads must be >= 0 (0 = automatic), got {threads}")
 
 
 def load_llm(args):
@@ -91,9 +109,10 @@ def load_llm(args):
 
     from .engine.llm import LLM
 
+    check_threads(args.threads)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_device(args.device)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, **quantization_kwargs(args))
     if not args.threads:
         auto_threads(llm.model)

@@ -6,10 +6,11 @@ Per-layer attention geometry is resolved here once, so the model never re-derive
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .checks import CheckpointError, check_field_types, read_json
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -143,6 +144,11 @@ class ModelConfig:
         text = d.get("text_config")
         if text is None:
             raise ValueError("config.json has no text_config")
+        if not isinstance(text, dict):
+            raise ValueError(f"text_config must be an object, got {type(text).__name__}")
+        check_field_types(TextConfig, text, "text_config.")
+        if not isinstance(d.get("tie_word_embeddings", True), bool):
+            raise ValueError("tie_word_embeddings must be a boolean")
         canvas = d.get("canvas_length") or 256
         if not isinstance(canvas, int) or canvas <= 0:
             raise ValueError(f"canvas_length must be a positive integer, got {canvas!r}")
@@ -151,8 +157,11 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        d = read_json(path, "the model config")
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError, KeyError) as e:  # one line naming the file, whatever the config got wrong
+            raise CheckpointError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.raw) if self.raw else {}
@@ -209,7 +218,35 @@ class GenerationDefaults:
     @classmethod
     def from_dir(cls, path: str, model_eos: list[int] | None = None) -> "GenerationDefaults":
         p = os.path.join(path, "generation_config.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                return cls.from_dict(json.load(f), model_eos)
-        return cls.from_dict({}, model_eos)
+        if not os.path.exists(p):
+            return cls.from_dict({}, model_eos)
+        d = read_json(p, "the generation config")
+        check_generation_config(d, p)
+        try:
+            return cls.from_dict(d, model_eos)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{p}: {e}") from None
+
+
+def check_generation_config(d: dict, path: str) -> None:
+    """The generation_config.json keys blockdiff reads must hold values of the right type."""
+    known = {k: v for k, v in d.items() if k in REFERENCE_GENERATION_DEFAULTS and v is not None}
+    try:
+        check_field_types(GenerationDefaults, known)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    eos, pad = d.get("eos_token_id"), d.get("pad_token_id")
+    if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(map(is_int, eos)))):
+        raise CheckpointError(f"{path}: eos_token_id must be an integer or an array of integers, got {eos!r}")
+    if not (pad is None or is_int(pad)):
+        raise CheckpointError(f"{path}: pad_token_id must be an integer, got {pad!r}")
+    sc = d.get("sampler_config")
+    if sc is not None and not isinstance(sc, dict):
+        raise CheckpointError(f"{path}: sampler_config must be an object, got {sc!r}")
+    eb = sc.get("entropy_bound") if isinstance(sc, dict) else None
+    if eb is not None and (isinstance(eb, bool) or not isinstance(eb, (int, float))):
+        raise CheckpointError(f"{path}: sampler_config.entropy_bound must be a number, got {eb!r}")

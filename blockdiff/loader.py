@@ -14,9 +14,9 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
 from .model import DiffusionGemma
 
@@ -27,10 +27,6 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 _VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 _ENC = "model.encoder.language_model."
 _DEC = "model.decoder."
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -63,8 +59,7 @@ def resolve_path(path_or_id: str) -> str:
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(weight_map(index).values()))
         missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
         if missing:
             raise CheckpointError(f"{path}: shards named in the index are missing: {missing}")
@@ -116,7 +111,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
     files = _weight_files(path)
     all_names = _all_tensor_names(files) if plan is not None else set()
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name.startswith(_VISION):
                     skipped_vision += 1
@@ -136,10 +131,12 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                 if ours not in expected:
                     unexpected.append(name)
                     continue
+                t = read_tensor(f, file, name)
+                if part is None:  # stored quantized parts are integer by design
+                    check_weight(name, t, file)
                 if plan is not None:
-                    plan.add(ours, part, f.get_tensor(name), tuple(expected[ours].shape), name)
+                    plan.add(ours, part, t, tuple(expected[ours].shape), name)
                     continue
-                t = f.get_tensor(name)
                 want = tuple(expected[ours].shape)
                 if tuple(t.shape) != want:
                     raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
@@ -191,7 +188,7 @@ def _quant_plan(config, quantization, device, dtype, quantize_embedding):
 def _all_tensor_names(files: list[str]) -> set[str]:
     names: set[str] = set()
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             names.update(f.keys())
     return names
 

@@ -27,6 +27,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .checks import CheckpointError, read_json
+
 
 def _token_name(value) -> str | None:
     """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
@@ -112,8 +114,7 @@ class Tokenizer:
         config = {}
         cfg_path = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                config = json.load(f)
+            config = read_json(cfg_path, "the tokenizer config")
         template = None
         jinja_path = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja_path):
@@ -127,10 +128,14 @@ class Tokenizer:
         extra_eos = []
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_path):
-            with open(gen_path, encoding="utf-8") as f:
-                e = json.load(f).get("eos_token_id")
-            extra_eos = [] if e is None else ([e] if isinstance(e, int) else list(e))
-        return cls(_HFTokenizer.from_file(tj), config, template, extra_eos)
+            e = read_json(gen_path, "the generation config").get("eos_token_id")
+            extra_eos = [e] if isinstance(e, int) else [x for x in e if isinstance(x, int)] if isinstance(e, list) else []
+        try:
+            tok = _HFTokenizer.from_file(tj)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{tj} is not a valid tokenizer.json: {msg}") from None
+        return cls(tok, config, template, extra_eos)
 
     # ------------------------------------------------------------------ ids
     @property
@@ -146,6 +151,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
+        if len(text) > 4096:  # encode_batch releases the GIL (encode does not): other threads run meanwhile
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -102,3 +102,21 @@ def test_profile_breaks_a_step_down_and_restores_every_patch(tiny_checkpoint, ca
     if HAVE_ORACLE:
         assert "oracle:" in out and "torch.multinomial" in out
     assert (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax) == before
+
+
+@pytest.mark.skipif(not HAVE_ORACLE, reason="the oracle (transformers) is not installed")
+def test_a_reference_mismatch_is_explained_in_one_line_not_a_bare_false(tmp_path, capsys):
+    from blockdiff.bench.harness import format_table
+
+    report, _ = run_bench(["--random-config", "tiny", "--systems", "blockdiff-reference,oracle"], tmp_path, capsys)
+    assert report["reference_matches_oracle"] is not None
+    for matches in (True, False):  # whichever this run gave, both renderings
+        r = dict(report, reference_matches_oracle=matches)
+        lines = format_table(r).splitlines()
+        i = next(k for k, ln in enumerate(lines) if ln.startswith("reference mode == oracle tokens"))
+        if matches:
+            assert i == len(lines) - 1
+        else:
+            assert len(lines) == i + 2 and "random weights" in lines[i + 1] and "near-uniform" in lines[i + 1]
+    r = dict(report, reference_matches_oracle=False, checkpoint="/some/trained/ckpt")
+    assert "report it" in format_table(r).splitlines()[-1]

@@ -187,16 +187,22 @@ def test_denoise_never_changes_the_cache(name, models):
     cache = model.new_cache(2)
     model.encode(torch.randint(0, model.vocab_size, (2, S)), cache, lengths=[S, S - 5])
     lengths = cache.lengths
-    snapshot = [([k.clone() for k in s.keys], [v.clone() for v in s.values], list(s.keys), list(s.values))
-                for s in cache.seqs]
+    pool = cache.pool
+    pages = [{g: list(p) for g, p in s.pages.items()} for s in cache.seqs]
+    storage = [(k.clone(), v.clone()) for k, v in zip(pool.keys, pool.values)]
+    visible = [cache.layer_kv(i) for i in range(len(model.layers))]
     canvas = torch.randint(0, model.vocab_size, (2, C))
     model.denoise(canvas, cache)
     model.denoise(canvas, cache, self_conditioning_logits=torch.randn(2, C, model.vocab_size))
     assert cache.lengths == lengths
-    for seq, (keys, values, key_objs, value_objs) in zip(cache.seqs, snapshot):
-        assert all(a is b for a, b in zip(seq.keys, key_objs)) and all(a is b for a, b in zip(seq.values, value_objs))
-        assert all(torch.equal(a, b) for a, b in zip(seq.keys, keys))
-        assert all(torch.equal(a, b) for a, b in zip(seq.values, values))
+    assert [s.pages for s in cache.seqs] == pages
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k0, v0), k, v in zip(storage, pool.keys, pool.values))
+    for i, rows in enumerate(visible):  # what each row's queries see is unchanged, and is what was encoded
+        for b, (k, v) in enumerate(rows):
+            assert k.shape[1] == min(lengths[b], model.text.layers[i].sliding_window - 1
+                                     if model.text.layers[i].layer_type == "sliding_attention" else lengths[b])
+            now = cache.layer_kv(i)[b]
+            assert torch.equal(now[0], k) and torch.equal(now[1], v)
 
 
 # ---------------------------------------------------------------------------------------------- loader

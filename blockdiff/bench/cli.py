@@ -57,8 +57,10 @@ def run(args) -> int:
 
     if (args.model is None) == (args.random_config is None):
         raise ValueError("give a checkpoint folder or --random-config (one of them)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    from ..cli import check_device, check_threads
+
+    check_threads(args.threads)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..quant import check_device, parse_method

@@ -1,7 +1,7 @@
 """The engine: admits requests as ``ModelState``s and runs one tick at a time.
 
 A tick = the scheduler's decision, then one batched ``encode`` over every request that reads a prompt or
-commits a canvas, then one batched ``denoise`` over every request refining a canvas (each against its own
+commits a canvas (per request in deterministic mode), then one batched ``denoise`` over every request refining a canvas (each against its own
 prefix, at its own step, with its own sampling parameters and generator), then the sampler per request.
 """
 
@@ -59,7 +59,7 @@ class Engine:
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
-                           device=self.model.device)
+                           device=self.model.device, cache=self.model.new_sequence())
         return state
 
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
@@ -105,13 +105,24 @@ class Engine:
         return self.scheduler.collect_finished()
 
     def _encode(self, states: list[ModelState]) -> None:
-        # One forward per request: prompt lengths differ, and small matmuls take shape-dependent paths, so a
-        # request's cache must not depend on what it was encoded with. Encodes run once per canvas; the
-        # denoise steps, which run up to max_denoising_steps times per canvas, are the ones batched.
+        """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest)."""
+        model = self.model
+        if model.batch_invariant:
+            # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
+            # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas.
+            for s in states:
+                ids = s.tokens_to_encode()
+                model.encode(torch.tensor([ids]), KVCache([s.cache]))
+                self.stats["encode_tokens"] += len(ids)
+                s.encoded()
+            return
+        seqs = [s.tokens_to_encode() for s in states]
+        lengths = [len(t) for t in seqs]
+        width = max(lengths)
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in seqs])  # host ids: validated, moved once
+        model.encode(ids, KVCache([s.cache for s in states]), lengths=lengths)
+        self.stats["encode_tokens"] += sum(lengths)
         for s in states:
-            ids = s.tokens_to_encode()
-            self.model.encode(torch.tensor([ids], device=self.model.device), KVCache([s.cache]))
-            self.stats["encode_tokens"] += len(ids)
             s.encoded()
 
     def _denoise(self, states: list[ModelState]) -> None:

@@ -51,8 +51,8 @@ class LLM:
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
                                 quantize_embedding=quantize_embedding)
-        self.tokenizer = load_tokenizer(path)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
+        self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
 
     @classmethod

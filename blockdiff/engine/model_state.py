@@ -83,7 +83,8 @@ class InvalidTransition(RuntimeError):
 class ModelState:
     def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
                  specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
-                 on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None):
+                 on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None,
+                 cache: SequenceCache | None = None):
         self.request_id = request_id
         self.request_index = request_index
         self.prompt_ids = list(prompt_ids)
@@ -95,7 +96,8 @@ class ModelState:
         self.on_event = on_event
         self.stop_checker = stop_checker  # fn(output_ids) -> cut index or None (stop strings)
         self.phase = Phase.WAITING
-        self.cache = SequenceCache(specs)
+        # The request's pages in the model's KV pool (a private pool when built without a model).
+        self.cache: SequenceCache | None = cache if cache is not None else SequenceCache(specs)
         self.device = torch.device(device or "cpu")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(62))
@@ -213,6 +215,8 @@ class ModelState:
         self.metrics.output_tokens = len(self.output_ids)
         self.metrics.finish_time = time.perf_counter()
         self.canvas = self.argmax = self.sc_embeds = None
-        self.cache = None  # free the KV cache now, not when the caller drops the state
+        if self.cache is not None:
+            self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
+        self.cache = None
         self._emit(Event("done", self.request_id, self.request_index, list(self.output_ids),
                          finish_reason=reason))

@@ -7,6 +7,11 @@
   through the self-conditioning block. Returns soft-capped fp32 logits ``[B, C, V]``. Uses the decoder
   ``layer_scalar``s.
 
+Both run the whole batch at once: per layer one attention call (each row against its own cached prefix, padded
+and masked) and one grouped GEMM per expert matrix over every row's routed tokens, with a number of dispatched ops
+that does not depend on the batch size, and no host read of device values. ``batch_invariant = True`` instead
+computes attention and experts per row, so a row's result is bit-identical to the row alone (deterministic mode).
+
 The model computes only: it never samples, schedules or tokenizes.
 """
 
@@ -16,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import SLIDING, ModelConfig
-from ..kv_cache import KVCache
+from ..config import ModelConfig
+from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, to_device
+from .attention import AttnMeta
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 
 
@@ -33,9 +39,11 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
         self.softcap = t.final_logit_softcapping
-        # Compute every row as it would be computed alone (per-row attention and experts), so a seeded
-        # request's output does not depend on its batch. Training turns it off for speed.
-        self.batch_invariant = True
+        # False: one batched pass (fast; a row's logits match the row alone to rounding). True: attention and
+        # experts per row, so a row's result never depends on its batch (bit-identical; deterministic mode).
+        self.batch_invariant = False
+        self._kv_pool: KVPool | None = None
+        self.spans = sorted({attention_span(s) for s in t.layers}, key=lambda w: -1 if w is None else w)
         # One inverse-frequency table per layer type (head dims differ between sliding and full layers).
         for lt in sorted(set(t.layer_types)):
             spec = next(s for s in t.layers if s.layer_type == lt)
@@ -52,8 +60,21 @@ class DiffusionGemma(nn.Module):
         # The final norm's weight is in the compute dtype even when the embedding is quantized.
         return self.norm.weight.dtype
 
+    @property
+    def kv_pool(self) -> KVPool:
+        """The paged KV storage every cache of this model draws from (created on first use)."""
+        if self._kv_pool is None:
+            self._kv_pool = KVPool(self.text.layers, device=self.device, dtype=self.dtype)
+        return self._kv_pool
+
+    def new_sequence(self) -> SequenceCache:
+        """An empty cache for one request, in this model's pool (batchable with every other one)."""
+        return SequenceCache(self.text.layers, self.kv_pool)
+
     def new_cache(self, batch_size: int = 1) -> KVCache:
-        return KVCache.empty(self.text.layers, batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return KVCache([self.new_sequence() for _ in range(batch_size)])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(self.embed_tokens, nn.Embedding):  # quantized table (blockdiff/quant)
@@ -85,17 +106,52 @@ class DiffusionGemma(nn.Module):
         return {lt: rope_cos_sin(getattr(self, f"inv_freq_{lt}"), positions, dtype)
                 for lt in set(self.text.layer_types)}
 
-    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
-        if ids.dim() != 2:
-            raise ValueError(f"{name} must be [batch, length], got shape {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"{name} holds ids outside [0, {self.vocab_size})")
+    def _check_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        """Validate where the ids enter and move them to the model's device. Host (CPU) ids are range-checked
+        through numpy: no dispatched op, no device read. Ids already on an accelerator are not read back (that
+        would stall the device): the engine validates prompts as host lists and the sampler only draws valid ids."""
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(f"{name} must be a [batch, length] tensor, got {getattr(ids, 'shape', type(ids))}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
+        if ids.device.type == "cpu":
+            a = ids.numpy()  # integer ids never require grad
+            if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+                raise ValueError(f"{name} holds ids outside [0, {self.vocab_size})")
+        return to_device(ids, self.device) if ids.device != self.device else ids
+
+    def _metas(self, view, positions: torch.Tensor, new_valid: torch.Tensor | None) -> dict:
+        """Masks per attention span. positions [B, S]; new_valid [B, S] (encode: False on padding) or None (denoise:
+        every canvas position sees the row's visible prefix and the whole canvas)."""
+        B, S = positions.shape
+        per_row = self.batch_invariant
+        metas = {}
+        for g in self.spans:
+            pre = view.prefix(g)
+            P = pre.pos.shape[1]
+            if new_valid is not None:  # causal (and windowed) over stored + new positions
+                kpos = torch.cat([pre.pos, positions], dim=1)[:, None, :]  # [B, 1, P + S]
+                q = positions[:, :, None]  # [B, S, 1]
+                m = torch.cat([pre.valid, new_valid], dim=1)[:, None, :] & (kpos <= q)  # [B, S, P + S]
+                if g is not None:
+                    m = m & (kpos > q - g)
+                rows = None
+                if per_row:
+                    rows = [torch.cat([m[b, :, lo:hi], m[b, :, P:]], dim=-1) for b, (lo, hi) in enumerate(pre.rows)]
+                metas[g] = AttnMeta(m[:, None], pre.rows, rows, per_row)
+            else:
+                valid = pre.valid
+                if g is not None:  # a cache that keeps every position still shows only the window
+                    valid = valid & (pre.pos > positions[:, :1] - g)
+                kvalid = torch.cat([valid, torch.ones(B, S, dtype=torch.bool, device=valid.device)], dim=1)
+                metas[g] = AttnMeta(kvalid[:, None, None, :], pre.rows, None, per_row)
+        return metas
 
     # ------------------------------------------------------------------ encode
     def encode(
         self,
         input_ids: torch.Tensor,  # [B, S], right-padded when lengths is given
-        cache: KVCache,
+        cache,  # KVCache (or a TrainCache)
         lengths: list[int] | None = None,
         logits: str | None = None,  # None | "last" | "all"
     ) -> torch.Tensor | None:
@@ -104,57 +160,43 @@ class DiffusionGemma(nn.Module):
         ``logits="last"`` returns [B, V] for each row's last real token (the next-token head),
         ``"all"`` returns [B, S, V]; default returns nothing.
         """
-        self._check_ids(input_ids, "input_ids")
-        B, S = input_ids.shape
+        ids = self._check_ids(input_ids, "input_ids")
+        B, S = ids.shape
         if cache.batch_size != B:
             raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {B}")
-        lengths = [S] * B if lengths is None else list(lengths)
+        lengths = [S] * B if lengths is None else [int(n) for n in lengths]
         if len(lengths) != B or any(n < 1 or n > S for n in lengths):
             raise ValueError(f"lengths must give 1..{S} tokens for each of {B} rows, got {lengths}")
+        if logits not in (None, "last", "all"):
+            raise ValueError(f"logits must be None, 'last' or 'all', got {logits!r}")
         dev = self.device
-        start = torch.tensor(cache.lengths, device=dev)
-        positions = start[:, None] + torch.arange(S, device=dev)[None]  # [B, S]
-        new_valid = torch.arange(S, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]  # [B, S]
-        x = self.embed(input_ids.to(dev))
+        view = cache.begin(lengths, S, dev, self.dtype)
+        steps = torch.arange(S, device=dev)[None]  # [1, S]
+        positions = view.start[:, None] + steps  # [B, S]
+        new_valid = steps < to_device(torch.tensor(lengths), dev)[:, None]  # [B, S]
+        x = self.embed(ids)
         rope = self._rope(positions, x.dtype)
-        masks_by_key: dict = {}
+        metas = self._metas(view, positions, new_valid)
         for i, layer in enumerate(self.layers):
             spec = layer.self_attn.spec
-            kvs = cache.layer_kv(i)
-            masks = []
-            for b in range(B):
-                P = 0 if kvs[b] is None else kvs[b][0].shape[1]
-                key = (spec.layer_type, b, P)
-                if key not in masks_by_key:  # [S, P + S]: causal (and windowed) over stored + new positions
-                    kpos = torch.cat([start[b] - P + torch.arange(P, device=dev), positions[b]])
-                    kvalid = torch.cat([torch.ones(P, dtype=torch.bool, device=dev), new_valid[b]])
-                    q, k = positions[b][:, None], kpos[None, :]
-                    m = kvalid[None, :] & (k <= q)
-                    if spec.layer_type == SLIDING:
-                        m = m & (k > q - spec.sliding_window)
-                    masks_by_key[key] = m
-                masks.append(masks_by_key[key])
             cos, sin = rope[spec.layer_type]
-            x, k_new, v_new = layer(x, cos, sin, kvs, masks, causal=True, moe_per_row=self.batch_invariant)
-            for b, seq in enumerate(cache.seqs):
-                seq.append(i, k_new[b, :, :lengths[b]], v_new[b, :, :lengths[b]])
-        for b, seq in enumerate(cache.seqs):
-            seq.length += lengths[b]
+            x, k_new, v_new = layer(x, cos, sin, view.read(i), metas[attention_span(spec)], causal=True,
+                                    moe_per_row=self.batch_invariant)
+            view.write(i, k_new, v_new)
+        view.commit()
         if logits is None:
             return None
         h = self.norm(x)
         if logits == "all":
             return self.lm_head(h)
-        if logits == "last":
-            idx = torch.tensor([n - 1 for n in lengths], device=dev)
-            return self.lm_head(h[torch.arange(B, device=dev), idx])
-        raise ValueError(f"logits must be None, 'last' or 'all', got {logits!r}")
+        last = to_device(torch.tensor([n - 1 for n in lengths]), dev)
+        return self.lm_head(h[torch.arange(B, device=dev), last])
 
     # ------------------------------------------------------------------ denoise
     def denoise(
         self,
         canvas_ids: torch.Tensor,  # [B, C]
-        cache: KVCache,
+        cache,  # KVCache (or a TrainCache)
         self_conditioning_logits: torch.Tensor | None = None,  # [B, C, V]
         self_conditioning_embeds: torch.Tensor | None = None,  # [B, C, H], = soft_embeddings(softmax(logits))
         self_conditioning_mask: torch.Tensor | None = None,  # [B] bool: rows without a signal get zeros
@@ -164,14 +206,14 @@ class DiffusionGemma(nn.Module):
 
         Returns soft-capped fp32 logits [B, C, V] (or the final normed hidden states [B, C, H]).
         """
-        self._check_ids(canvas_ids, "canvas_ids")
-        B, C = canvas_ids.shape
+        ids = self._check_ids(canvas_ids, "canvas_ids")
+        B, C = ids.shape
         if cache.batch_size != B:
             raise ValueError(f"cache holds {cache.batch_size} rows but the canvas batch has {B}")
         if self_conditioning_logits is not None and self_conditioning_embeds is not None:
             raise ValueError("pass self_conditioning_logits or self_conditioning_embeds, not both")
         dev = self.device
-        x = self.embed(canvas_ids.to(dev))
+        x = self.embed(ids)
         if self_conditioning_logits is not None:
             soft = self.soft_embeddings(self_conditioning_logits.softmax(dim=-1, dtype=torch.float32))
         elif self_conditioning_embeds is not None:
@@ -179,15 +221,16 @@ class DiffusionGemma(nn.Module):
         else:
             soft = torch.zeros_like(x)
         if self_conditioning_mask is not None:
-            soft = soft * self_conditioning_mask.to(device=dev, dtype=soft.dtype)[:, None, None]
+            soft = soft * to_device(self_conditioning_mask, dev).to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
-        start = torch.tensor(cache.lengths, device=dev)
-        positions = start[:, None] + torch.arange(C, device=dev)[None]
+        view = cache.begin(None, C, dev, self.dtype)
+        positions = view.start[:, None] + torch.arange(C, device=dev)[None]  # [B, C]
         rope = self._rope(positions, x.dtype)
-        no_masks = [None] * B  # every canvas position sees its row's whole visible prefix and whole canvas
+        metas = self._metas(view, positions, None)
         for i, layer in enumerate(self.layers):
-            cos, sin = rope[layer.self_attn.spec.layer_type]
-            x, _, _ = layer(x, cos, sin, cache.layer_kv(i), no_masks, causal=False,
+            spec = layer.self_attn.spec
+            cos, sin = rope[spec.layer_type]
+            x, _, _ = layer(x, cos, sin, view.read(i), metas[attention_span(spec)], causal=False,
                             moe_per_row=self.batch_invariant)
         h = self.norm(x)
         return h if return_hidden else self.lm_head(h)

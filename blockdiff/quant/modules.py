@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.moe import combine, route
+from ..model.norms import gelu_tanh
 from .tensors import FP8_MAX, dequantize, unpack_int4
 
 
@@ -128,38 +130,28 @@ class QuantExperts(nn.Module):
         self.down_proj = QTensor((num_experts, hidden, inter), methods[1], groups[1])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; weights/idx [N, K] -> [N, H]."""
-        K = idx.shape[1]
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat))  # no host sync (unlike bincount on CUDA)
-        token_of = order // K
-        xs = x[token_of]  # [N*K, H]
+        """x [N, H]; weights/idx [N, K] -> [N, H]. Routing and combine are the full-precision module's."""
+        r = route(idx, self.num_experts)
+        xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
         if x.is_cuda:
-            y = self._grouped(xs, counts)
+            y = self._grouped(xs, r.offsets)
         else:
             # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc).
             parts, start = [], 0
-            for e, n in enumerate(counts.tolist()):
+            for e, n in enumerate(r.counts.tolist()):
                 if n:
                     gate, up = self.gate_up_proj.matmul(xs[start:start + n], e).chunk(2, dim=-1)
-                    parts.append(self.down_proj.matmul(F.gelu(gate, approximate="tanh") * up, e))
+                    parts.append(self.down_proj.matmul(gelu_tanh(gate) * up, e))
                     start += n
             y = torch.cat(parts)
-        w_sorted = weights.reshape(-1)[order]
-        return torch.zeros_like(x).index_add_(0, token_of, (y * w_sorted[:, None]).to(x.dtype))
+        return combine(y, r, weights, x.dtype)
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """GPU: dequantize each expert tensor once per call, one grouped GEMM per matrix, no per-expert loop.
-        Unmeasured (no GPU here); fp8 weights use torch._scaled_grouped_mm when present."""
-        offs = torch.cumsum(counts, 0).to(torch.int32)
+    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """GPU: dequantize each expert tensor once per call to the compute dtype, then one grouped GEMM per matrix
+        (no per-expert loop, no host sync). UNMEASURED: no GPU was available to this work."""
         dt = xs.dtype
-        gu = self.gate_up_proj.dequantize(dt).transpose(1, 2)
-        gate, up = torch._grouped_mm(xs, gu, offs=offs).chunk(2, dim=-1)
-        del gu
-        dn = self.down_proj.dequantize(dt).transpose(1, 2)
-        return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, dn, offs=offs)
+        gate, up = torch._grouped_mm(xs, self.gate_up_proj.dequantize(dt).transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.dequantize(dt).transpose(1, 2), offs=offs)
 
 
 class QuantEmbedding(nn.Module):

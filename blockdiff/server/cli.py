@@ -12,19 +12,39 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="the model id clients send (default: the MODEL argument)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder's name "
+                   "for a local path, else the MODEL argument)")
     p.add_argument("--api-key", default=os.environ.get("BLOCKDIFF_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $BLOCKDIFF_API_KEY)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond max-num-seqs before 429 "
                    "(default 4 * max-num-seqs)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (then HTTP 413)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
+                        "get an error event and [DONE]")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+
+def default_model_name(model: str) -> str:
+    """The checkpoint folder's name for a local path ('./ckpts/dg-sudoku/' -> 'dg-sudoku'), else the hub id."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return os.path.basename(os.path.normpath(os.path.abspath(path)))
+    return model
 
 
 def cmd_serve(args) -> int:
     from ..cli import CLIError, load_llm
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise CLIError("the API key (--api-key or $BLOCKDIFF_API_KEY) is empty: pass a non-empty key, or leave "
+                       "both unset to serve without one")
+    if args.max_body_bytes < 1024:
+        raise CLIError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if args.shutdown_grace < 0:
+        raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.max_num_seqs < 1:
         raise CLIError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     if args.max_waiting is not None and args.max_waiting < 0:
@@ -36,9 +56,18 @@ def cmd_serve(args) -> int:
     from .app import build_app
 
     llm = load_llm(args)
-    name = args.served_model_name or args.model
-    app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting)
+    name = args.served_model_name or default_model_name(args.model)
+    app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+                    max_body_bytes=args.max_body_bytes)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_num_seqs {args.max_num_seqs}{', API key required' if args.api_key else ''})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    grace = args.shutdown_grace
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: start draining before uvicorn's grace runs out
+            app.state.server.begin_drain(grace)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                          timeout_graceful_shutdown=grace)).run()
     return 0

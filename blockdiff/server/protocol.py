@@ -1,250 +1,347 @@
-"""The OpenAI wire format at the edge: request bodies -> (prompt ids, ``SamplingParams``), results -> JSON.
+"""The OpenAI wire format at the edge, as pydantic models: request bodies -> (prompt, ``SamplingParams``).
 
-Every check here raises ``APIError`` with a message that names the field and says what is wrong; nothing past
-this module sees an unvalidated body. Unknown fields are ignored, as OpenAI-compatible servers do.
+One place for validation, error wording and ``/openapi.json``: every field is typed here (strict: no "16" for
+16), bounds and cross-field rules are validators whose messages name the field (``errors.from_validation`` turns
+them into OpenAI's error shape with ``param``). Unknown fields are ignored, as OpenAI-compatible servers do.
+
+To add a request field: declare it on ``SamplingRequest`` (both endpoints) or on the endpoint's model, with a
+type and a ``Field(description=...)``; map it onto ``SamplingParams`` in ``to_params`` if the engine needs it.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling.params import SamplingParams
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}
+from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-# Diffusion knobs and other blockdiff fields accepted at the top level of a body (openai: ``extra_body=``).
-EXTRA_INT = ("max_denoising_steps", "stability_threshold")
-EXTRA_NUM = ("entropy_bound", "t_min", "t_max", "confidence_threshold")
+MAX_N = 16  # choices per request (each is a request in the engine)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param, code)
-
-
-# ---------------------------------------------------------------------------------------------- field checks
-def _json_type(v) -> str:
-    if v is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(v), type(v).__name__)
-
-
-def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
+def _integral(v):
+    # JSON has one number type: 16.0 is the integer 16 (as before), 16.5 is not an integer.
     if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise bad(f"'{name}' must be an integer, got {_json_type(v)}", name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise bad(f"'{name}' must be {rng}, got {v}", name)
+        return int(v)
     return v
 
 
-def _num(body: dict, name: str) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise bad(f"'{name}' must be a finite number, got {_json_type(v) if not isinstance(v, float) else v}", name)
-    return v
+Int = Annotated[int, BeforeValidator(_integral)]
+Num = Annotated[float, Field(allow_inf_nan=False)]
+
+TEMPERATURE_WHY = ("diffusion sampling anneals its temperature from t_max to t_min per denoising step; leave "
+                   "temperature unset (or 1) and send 't_min' / 't_max' instead")
+TOP_P_WHY = ("diffusion sampling has no nucleus cut-off; leave top_p unset (or 1) and use 'entropy_bound' to tune "
+             "how much of the canvas is accepted per step")
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad(f"'{name}' must be a boolean, got {_json_type(v)}", name)
-    return v
-
-
-def _str(body: dict, name: str, required: bool = False) -> str | None:
-    v = body.get(name)
-    if v is None:
-        if required:
-            raise bad(f"'{name}' is required", name)
-        return None
-    if not isinstance(v, str):
-        raise bad(f"'{name}' must be a string, got {_json_type(v)}", name)
-    return v
-
-
-def _int_list(body: dict, name: str) -> list[int] | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise bad(f"'{name}' must be an array of integers", name)
-    return v
-
-
-def _neutral(body: dict, name: str, neutral, why: str) -> None:
+def _neutral(name: str, v, neutral, why: str):
     """Fields OpenAI clients may send that diffusion sampling cannot honour: accept only their neutral value."""
-    v = body.get(name)
     if v is None or v == neutral or (isinstance(neutral, (list, dict)) and not v):
-        return
-    if isinstance(v, bool) and not isinstance(neutral, bool):
-        raise bad(f"'{name}' must be a number, got a boolean", name)
-    raise bad(f"'{name}'={v!r} is not supported: {why}", name)
+        return v
+    raise invalid(f"'{name}'={v!r} is not supported: {why}", name)
 
 
-# ---------------------------------------------------------------------------------------------- requests
-def parse_common(body, kind: str, served_names: list[str]) -> tuple[str, SamplingParams, bool, bool]:
-    """The fields shared by /v1/completions and /v1/chat/completions: (model, params, stream, include_usage).
-    ``params.max_new_tokens`` holds the requested max tokens (None = as many as fit, capped by the defaults)."""
-    if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_json_type(body)}")
-    model = _str(body, "model", required=True)
-    if model not in served_names:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves {served_names}", "model",
-                       "model_not_found")
-    n = _int(body, "n")
-    if n is not None and n != 1:
-        raise bad(f"'n' must be 1 (one choice per request), got {n}", "n")
-    temp = "diffusion sampling anneals its temperature from t_max to t_min per denoising step; leave " \
-           "temperature unset (or 1) and send 't_min' / 't_max' instead"
-    _num(body, "temperature")
-    _neutral(body, "temperature", 1, temp)
-    _num(body, "top_p")
-    _neutral(body, "top_p", 1, "diffusion sampling has no nucleus cut-off; leave top_p unset (or 1) and use "
-             "'entropy_bound' to tune how much of the canvas is accepted per step")
-    for name in ("presence_penalty", "frequency_penalty"):
-        _neutral(body, name, 0, "penalties are not implemented")
-    _neutral(body, "logit_bias", {}, "logit_bias is not implemented")
-    _neutral(body, "best_of", 1, "only one candidate per request")
-    _neutral(body, "tools", [], "tool calling is not implemented")
-    _neutral(body, "suffix", "", "suffix (fill-in-the-middle) is not implemented; see canvas_template")
-    _neutral(body, "echo", False, "echo is not implemented")
-    _neutral(body, "logprobs", False if kind == "chat" else 0, "logprobs are not implemented")
-    _neutral(body, "top_logprobs", 0, "logprobs are not implemented")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise bad("'response_format' is not supported (only {\"type\": \"text\"})", "response_format")
-
-    if kind == "chat" and body.get("max_completion_tokens") is not None:
-        max_tokens, max_name = _int(body, "max_completion_tokens"), "max_completion_tokens"
-    else:
-        max_tokens, max_name = _int(body, "max_tokens"), "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise bad(f"'{max_name}' must be >= 1, got {max_tokens}", max_name)
-
-    stream = _bool(body, "stream")
-    so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not stream:
-            raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(so, dict):
-            raise bad(f"'stream_options' must be an object, got {_json_type(so)}", "stream_options")
-        include_usage = _bool(so, "include_usage")
-
-    seed = _int(body, "seed")
-    if seed is not None and not 0 <= seed < 2 ** 63:
-        raise bad(f"'seed' must be between 0 and 2**63 - 1, got {seed}", "seed")
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise bad("'stop' must be a string or an array of strings", "stop")
-        if any(s == "" for s in stop):
-            raise bad("'stop' strings must not be empty", "stop")
-        stop = stop or None
-    rng = _str(body, "rng")
-    kw = dict(max_new_tokens=max_tokens, seed=seed, stop=stop, rng=rng or "default",
-              stop_token_ids=_int_list(body, "stop_token_ids"), ignore_eos=_bool(body, "ignore_eos"),
-              allowed_token_ids=_int_list(body, "allowed_token_ids"),
-              canvas_template=_int_list(body, "canvas_template"),
-              stream_drafts=_bool(body, "stream_drafts"))
-    for name in EXTRA_INT:
-        kw[name] = _int(body, name)
-    for name in EXTRA_NUM:
-        kw[name] = _num(body, name)
-    try:
-        params = SamplingParams(**kw)
-    except ValueError as e:
-        raise bad(str(e).replace("max_new_tokens", max_name)) from None
-    return model, params, stream, include_usage
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = Field(False, description="send a last chunk with 'usage' (and 'choices': [])")
 
 
-def parse_prompt(body: dict) -> str | list[int]:
-    """/v1/completions ``prompt``: a string, an array of token ids, or a one-element array of either."""
-    if "prompt" not in body or body["prompt"] is None:
-        raise bad("'prompt' is required", "prompt")
-    p = body["prompt"]
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str):
-        if not p:
-            raise bad("'prompt' must not be empty", "prompt")
-        return p
-    if isinstance(p, list):
-        if not p:
-            raise bad("'prompt' must not be empty", "prompt")
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+class SamplingRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (diffusion knobs at the top level; the openai
+    client sends them with ``extra_body=``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str = Field(description="the served model id (see /v1/models)")
+    max_tokens: Int | None = Field(None, ge=1, description="output tokens at most (unset: the checkpoint's "
+                                   "max_new_tokens, capped to what fits the context)")
+    n: Int = Field(1, ge=1, le=MAX_N, description="independent choices (canvases) for the prompt; choice i>0 "
+                   "uses a seed derived from 'seed'")
+    seed: Int | None = Field(None, ge=0, le=2 ** 63 - 1, description="makes the output reproducible")
+    stop: str | list[str] | None = Field(None, description="up to 16 strings; the text ends before the first")
+    stream: bool = Field(False, description="send Server-Sent Events, one chunk per committed canvas")
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    user: str | None = Field(None, description="accepted for compatibility; not used")
+    metadata: dict[str, str] | None = Field(None, description="accepted for compatibility; not used")
+    # Fields of the OpenAI API that diffusion sampling accepts only at their neutral value.
+    # (json_schema_extra: the document says which values are accepted, so generated clients stay within them)
+    temperature: Num | None = Field(None, description="only 1 (or unset): see t_min / t_max",
+                                    json_schema_extra={"enum": [1, None]})
+    top_p: Num | None = Field(None, description="only 1 (or unset): see entropy_bound",
+                              json_schema_extra={"enum": [1, None]})
+    presence_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
+                                         json_schema_extra={"enum": [0, None]})
+    frequency_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
+                                          json_schema_extra={"enum": [0, None]})
+    logit_bias: dict[str, Any] | None = Field(None, description="only {}: not implemented",
+                                              json_schema_extra={"maxProperties": 0})
+    tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented",
+                                    json_schema_extra={"maxItems": 0})
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}', json_schema_extra={
+        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]})
+    # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
+    max_denoising_steps: Int | None = Field(None, ge=1, le=10_000, description="denoising steps per canvas at most")
+    stability_threshold: Int | None = Field(None, ge=0, le=10_000,
+                                            description="adaptive stop: argmax unchanged this many steps")
+    entropy_bound: Num | None = Field(None, gt=0, description="per-step acceptance budget (summed entropy)")
+    confidence_threshold: Num | None = Field(None, gt=0, description="adaptive stop: mean entropy below this")
+    t_min: Num | None = Field(None, ge=0, description="temperature at the last denoising step")
+    t_max: Num | None = Field(None, ge=0, description="temperature at the first denoising step")
+    rng: Literal["default", "reference"] = Field("default", description="'reference': draw random numbers "
+                                                 "exactly as the transformers reference does")
+    ignore_eos: bool = Field(False, description="keep generating after an EOS token")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="token ids that end the "
+                                                                     "output")
+    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="canvas tokens are drawn only from these ids")
+    canvas_template: list[Annotated[int, Field(ge=-1)]] | None = Field(
+        None, description="token ids for the first canvas, -1 where the model is free")
+    stream_drafts: bool = Field(False, description="with stream: true, also send the argmax canvas after every "
+                                "denoising step")
+
+    # ------------------------------------------------------------------ field rules
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return None
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise invalid("'stop' must be a string or an array of strings", "stop")
+        if any(s == "" for s in v):
+            raise invalid("'stop' strings must not be empty", "stop")
+        if len(v) > 16:
+            raise invalid(f"'stop' holds {len(v)} strings; at most 16", "stop")
+        return v or None
+
+    @model_validator(mode="after")
+    def _rules(self):
+        _neutral("temperature", self.temperature, 1, TEMPERATURE_WHY)
+        _neutral("top_p", self.top_p, 1, TOP_P_WHY)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _neutral(name, getattr(self, name), 0, "penalties are not implemented")
+        _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
+        _neutral("tools", self.tools, [], "tool calling is not implemented")
+        rf = self.response_format
+        if rf is not None and rf.get("type") != "text":
+            raise invalid("'response_format' is not supported (only {\"type\": \"text\"})", "response_format")
+        if not self.stream:
+            for name in ("stream_options", "stream_drafts"):
+                if getattr(self, name) not in (None, False):
+                    raise invalid(f"'{name}' is only allowed when 'stream' is true", name)
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise invalid(f"'t_max' must be greater than 't_min' (got t_max={self.t_max}, t_min={self.t_min})",
+                          "t_max")
+        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None):
+            raise invalid("rng='reference' reproduces the reference sampler, which has no canvas_template or "
+                          "allowed_token_ids; use rng='default' with them", "rng")
+        return self
+
+    # ------------------------------------------------------------------ to the engine
+    @property
+    def max_tokens_name(self) -> str:
+        return "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_params(self) -> SamplingParams:
+        """``max_new_tokens`` holds the requested max tokens (None = as many as fit, capped by the defaults)."""
+        kw = {name: getattr(self, name) for name in (
+            "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
+            "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
+            "confidence_threshold")}
+        try:
+            return SamplingParams(max_new_tokens=self.requested_max_tokens, **kw)
+        except ValueError as e:
+            raise engine_error(e, self.max_tokens_name) from None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Any = Field(description="a string, an array of token ids, or a one-element array of either",
+                        json_schema_extra={"anyOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                             "maxItems": 1},
+                            {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                                        "minItems": 1}, "minItems": 1, "maxItems": 1}]})
+    echo: bool = Field(False, description="return the prompt text before the completion")
+    suffix: str | None = Field(None, description="only '' (fill-in-the-middle is not implemented; see "
+                               "canvas_template)", json_schema_extra={"maxLength": 0})
+    logprobs: Int | None = Field(None, description="only 0 (unset): logprobs are not implemented",
+                                 json_schema_extra={"enum": [0, None]})
+    best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, p):
+        if p is None:
+            raise invalid("'prompt' is required", "prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str):
+            if not p:
+                raise invalid("'prompt' must not be empty", "prompt")
             return p
-        if all(isinstance(x, (str, list)) for x in p):
-            raise bad(f"'prompt' holds {len(p)} prompts; this server takes one prompt per request", "prompt")
-    raise bad(f"'prompt' must be a string or an array of token ids, got {_json_type(p)}", "prompt")
+        if isinstance(p, list):
+            if not p:
+                raise invalid("'prompt' must not be empty", "prompt")
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                return p
+            if all(isinstance(x, (str, list)) for x in p):
+                raise invalid(f"'prompt' holds {len(p)} prompts; this server takes one prompt per request", "prompt")
+        raise invalid(f"'prompt' must be a string or an array of token ids, got {json_type(p)}", "prompt")
+
+    @model_validator(mode="after")
+    def _completion_rules(self):
+        _neutral("suffix", self.suffix, "", "suffix (fill-in-the-middle) is not implemented; see canvas_template")
+        _neutral("logprobs", self.logprobs, 0, "logprobs are not implemented")
+        _neutral("best_of", self.best_of, 1, "only one candidate per request (use 'n' for several choices)")
+        return self
 
 
-def parse_messages(body: dict) -> list[dict]:
-    """/v1/chat/completions ``messages`` -> [{"role", "content": str}] for the chat template."""
-    msgs = body.get("messages")
-    if msgs is None:
-        raise bad("'messages' is required", "messages")
-    if not isinstance(msgs, list):
-        raise bad(f"'messages' must be an array of message objects, got {_json_type(msgs)}", "messages")
-    if not msgs:
-        raise bad("'messages' must not be empty", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"'{where}' must be an object with 'role' and 'content', got {_json_type(m)}", where)
-        role = m.get("role")
-        if not isinstance(role, str):
-            raise bad(f"'{where}.role' is required and must be a string", f"{where}.role")
-        if role not in CHAT_ROLES:
-            raise bad(f"'{where}.role' is '{role}', which is not a known role (one of {', '.join(CHAT_ROLES)})",
-                      f"{where}.role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for j, part in enumerate(content):
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+ContentPart = TextPart  # a Union as more part kinds are supported
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
+    content: str | list[ContentPart] = Field(description="a string or an array of text parts")
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, v):
+        if isinstance(v, str) and v not in CHAT_ROLES:
+            raise ValueError(f"{{name}} is '{v}', which is not a known role (one of {', '.join(CHAT_ROLES)})")
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v):
+        if isinstance(v, list):
+            for j, part in enumerate(v):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else _json_type(part)
-                    raise bad(f"'{where}.content[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}),"
-                              f" got {kind!r}: only text is supported", f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise bad(f"'{where}.content' must be a string or an array of text parts, got {_json_type(content)}",
-                      f"{where}.content")
-        msg = {"role": role, "content": content}
-        if isinstance(m.get("name"), str):
-            msg["name"] = m["name"]
-        out.append(msg)
-    return out
+                    kind = part.get("type") if isinstance(part, dict) else json_type(part)
+                    raise ValueError(f"'{{path}}[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}),"
+                                     f" got {kind!r}: only text is supported")
+            return v
+        if not isinstance(v, str):
+            raise ValueError(f"{{name}} must be a string or an array of text parts, got {json_type(v)}")
+        return v
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, rendered with the "
+                                        "checkpoint's chat template")
+    max_completion_tokens: Int | None = Field(None, ge=1, description="wins over max_tokens")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extra variables for the chat template; 'add_generation_prompt' (default true) is "
+        "honoured")
+    logprobs: bool | None = Field(None, description="only false: logprobs are not implemented",
+                                  json_schema_extra={"enum": [False, None]})
+    top_logprobs: Int | None = Field(None, description="only 0: logprobs are not implemented",
+                                     json_schema_extra={"enum": [0, None]})
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, v):
+        if v is None:
+            raise invalid("'messages' is required", "messages")
+        if not isinstance(v, list):
+            raise invalid(f"'messages' must be an array of message objects, got {json_type(v)}", "messages")
+        for i, m in enumerate(v):
+            if not isinstance(m, dict):
+                raise invalid(f"'messages[{i}]' must be an object with 'role' and 'content', got {json_type(m)}",
+                              f"messages[{i}]")
+        return v
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        if v is None:
+            return v
+        agp = v.get("add_generation_prompt")
+        if agp is not None and not isinstance(agp, bool):
+            raise ValueError(f"{{name}}.add_generation_prompt must be a boolean, got {json_type(agp)}")
+        reserved = sorted(set(v) & {"messages", "bos_token", "eos_token", "pad_token"})
+        if reserved:
+            raise ValueError(f"{{name}} must not set {', '.join(repr(k) for k in reserved)}: the server fills "
+                             "them in")
+        return v
+
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        _neutral("logprobs", self.logprobs, False, "logprobs are not implemented")
+        _neutral("top_logprobs", self.top_logprobs, 0, "logprobs are not implemented")
+        return self
+
+    @property
+    def max_tokens_name(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def add_generation_prompt(self) -> bool:
+        v = (self.chat_template_kwargs or {}).get("add_generation_prompt")
+        return True if v is None else v
+
+    def template_messages(self) -> list[dict]:
+        """[{"role", "content": str, extra keys...}] for the chat template."""
+        out = []
+        for m in self.messages:
+            d = {k: v for k, v in (m.model_extra or {}).items()}
+            d.update(role=m.role, content=m.text())
+            out.append(d)
+        return out
+
+    def template_kwargs(self) -> dict:
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k != "add_generation_prompt"}
+
+
+# ---------------------------------------------------------------------------------------------- engine errors
+PARAM_NAMES = ("max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
+               "confidence_threshold", "t_min", "t_max", "rng", "stop_token_ids", "allowed_token_ids",
+               "canvas_template", "stop")
+
+
+def engine_error(e: ValueError, max_name: str = "max_tokens") -> APIError:
+    """A ``SamplingParams`` / engine ``ValueError`` as a 400 naming the request field (messages start with it)."""
+    msg = str(e)
+    first = msg.split(" ", 1)[0].strip("'")
+    param = first if first in PARAM_NAMES else None
+    if param == "max_new_tokens":
+        param = max_name
+    if param is not None:
+        msg = f"'{param}'" + msg[len(msg.split(' ', 1)[0]):]
+    elif msg.startswith("prompt"):
+        param = "prompt"
+    return bad(msg.replace("max_new_tokens", max_name), param)
 
 
 def check_context(prompt_len: int, params: SamplingParams, default_max: int, canvas: int, context: int,
@@ -256,8 +353,7 @@ def check_context(prompt_len: int, params: SamplingParams, default_max: int, can
 
     if needed(1) > context:
         raise bad(f"the prompt is too long: {prompt_len} tokens, and one canvas of {canvas} more must fit in the "
-                  f"model's context of {context} tokens", prompt_name,
-                  "context_length_exceeded")
+                  f"model's context of {context} tokens", prompt_name, "context_length_exceeded")
     n = params.max_new_tokens
     if n is None:
         params.max_new_tokens = min(default_max, (context - prompt_len) // canvas * canvas)
@@ -282,5 +378,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def finish_reason(reason: str | None) -> str | None:
-    return reason  # "stop" | "length" | "abort" (the last only ever reaches a client that left)
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of an ``n`` > 1 request: choice 0 uses ``seed`` itself (so n=1 and choice 0
+    agree); the others a 63-bit mix of (seed, index), so neighbouring seeds do not share choices."""
+    if seed is None or index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) & (2 ** 64 - 1)  # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2 ** 64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2 ** 64 - 1)
+    return (x ^ (x >> 31)) >> 1
+

@@ -29,8 +29,10 @@ def _load(args):
 
     from ..engine.llm import LLM
 
-    from ..cli import auto_threads
+    from ..cli import auto_threads, check_device, check_threads
 
+    check_threads(args.threads)
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
@@ -65,9 +67,24 @@ def _run_live(llm, puzzle, seed, steps, title):
     return sol
 
 
+def _check_writable(path: str) -> None:
+    """Fail before any work (the model load, the solving) when the output file cannot be written."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise _error(f"--out {path} is a folder; name a file")
+    if not os.path.isdir(folder):
+        raise _error(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise _error(f"--out {path}: not writable (permission denied)")
+
+
 def cmd_sudoku(args) -> int:
     from .puzzles import format_grid, is_consistent, parse_puzzle
     from .solver import solve_diffusion
+
+    _check_writable(args.out)
 
     puzzles = []
     try:

@@ -71,8 +71,12 @@ def build_task(args):
 
 def run(args) -> int:
     from .loop import TrainOptions, Trainer
+    from ..cli import check_device, check_threads
     from .recipes import RECIPES, model_config
 
+    check_threads(args.threads)
+    if getattr(args, "device", None):
+        check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = build_task(args)

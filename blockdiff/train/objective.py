@@ -22,56 +22,77 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kv_cache import KVCache
+from ..config import LayerSpec
+from ..kv_cache import Prefix
 
 EPS = 1e-3
 
 
-class _Row:
-    """One row of a ``TrainCache``: records each layer's keys/values as ``encode`` appends them."""
+class TrainCache:
+    """The cache of a training batch (the view interface of ``kv_cache.KVCache``): per layer, the batch's key/value
+    chunks ``[B, Hkv, S_i, D]`` in a list (joined once per read, never grown by copying), every position kept (a
+    training sequence must fit the sliding window); autograd flows through. Every row encodes the same tokens
+    count per call (training batches are rectangular)."""
 
-    def __init__(self, n_layers: int):
-        self.keys: list[list] = [[] for _ in range(n_layers)]
-        self.values: list[list] = [[] for _ in range(n_layers)]
+    def __init__(self, specs: list[LayerSpec], batch_size: int):
+        self.specs = specs
+        self.batch_size = batch_size
+        self.keys: list[list] = [[] for _ in specs]
+        self.values: list[list] = [[] for _ in specs]
         self.length = 0
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys[layer].append(k)
-        self.values[layer].append(v)
+    @classmethod
+    def empty(cls, specs: list[LayerSpec], batch_size: int) -> "TrainCache":
+        return cls(specs, batch_size)
 
-    def fork(self) -> "_Row":
-        out = _Row(len(self.keys))
-        out.keys = [list(x) for x in self.keys]
-        out.values = [list(x) for x in self.values]
+    @property
+    def lengths(self) -> list[int]:
+        return [self.length] * self.batch_size
+
+    def fork(self, rows: list[int] | None = None) -> "TrainCache":
+        """A copy that can grow on its own (chunks are shared, not copied); ``rows`` picks (and repeats) rows."""
+        out = TrainCache(self.specs, self.batch_size if rows is None else len(rows))
+        pick = (lambda t: t) if rows is None else (lambda t: t[torch.as_tensor(rows, device=t.device)])
+        out.keys = [[pick(t) for t in ks] for ks in self.keys]
+        out.values = [[pick(t) for t in vs] for vs in self.values]
         out.length = self.length
         return out
 
+    def begin(self, new_tokens, width: int, device, dtype) -> "_TrainView":
+        if new_tokens is not None and any(n != width for n in new_tokens):
+            raise ValueError("a TrainCache encodes the same number of tokens in every row")
+        return _TrainView(self, new_tokens is not None, width, torch.device(device), dtype)
 
-class TrainCache(KVCache):
-    """A ``KVCache`` for training batches: rows keep their chunks in lists (joined once per read, never grown by
-    copying) and every position (a training sequence must fit the sliding window); autograd flows through."""
 
-    def __init__(self, rows: list[_Row]):
-        self.seqs = rows
+class _TrainView:
+    def __init__(self, cache: TrainCache, encoding: bool, width: int, device, dtype):
+        self.cache, self.encoding, self.width, self.device, self.dtype = cache, encoding, width, device, dtype
+        self.lengths = cache.lengths
+        self.start = torch.full((cache.batch_size,), cache.length, dtype=torch.long, device=device)
 
-    @classmethod
-    def empty(cls, n_layers: int, batch_size: int) -> "TrainCache":
-        return cls([_Row(n_layers) for _ in range(batch_size)])
+    def prefix(self, window) -> Prefix:
+        B, L = self.cache.batch_size, self.cache.length
+        pos = torch.arange(L, device=self.device)[None].expand(B, L)
+        lo = 0 if window is None else max(0, L - (window - 1))
+        return Prefix(pos, torch.ones(B, L, dtype=torch.bool, device=self.device), [(lo, L)] * B, window)
 
-    def fork(self, rows: list[int] | None = None) -> "TrainCache":
-        pick = self.seqs if rows is None else [self.seqs[i] for i in rows]
-        return TrainCache([s.fork() for s in pick])
+    def read(self, layer: int):
+        ks, vs = self.cache.keys[layer], self.cache.values[layer]
+        if not ks:
+            spec = self.cache.specs[layer]
+            empty = torch.zeros(self.cache.batch_size, spec.num_kv_heads, 0, spec.head_dim, device=self.device,
+                                dtype=self.dtype)
+            return empty, empty
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
-    def layer_kv(self, layer: int) -> list:
-        """Per row: (keys, values) [Hkv, P, D] of ``layer``, or None (the KVCache interface)."""
-        out = []
-        for s in self.seqs:
-            ks, vs = s.keys[layer], s.values[layer]
-            if not ks:
-                out.append(None)
-            else:
-                out.append((ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=1), torch.cat(vs, dim=1)))
-        return out
+    def write(self, layer: int, k_new, v_new) -> None:
+        self.cache.keys[layer].append(k_new)
+        self.cache.values[layer].append(v_new)
+
+    def commit(self) -> None:
+        self.cache.length += self.width
 
 
 @dataclass
@@ -125,7 +146,7 @@ def _diffusion_loss(model, prompt, answer, generator, fixed, sc_prob, eps, encod
     window = min((s.sliding_window for s in model.text.layers if s.sliding_window), default=None)
     if window is not None and prompt.shape[1] + C > window:
         raise ValueError(f"prompt + canvas ({prompt.shape[1] + C}) must fit the sliding window ({window})")
-    cache = TrainCache.empty(len(model.layers), B)
+    cache = TrainCache.empty(model.text.layers, B)
     enc_prompt = model.encode(prompt, cache, logits="all")  # [B, P, V]
     prompt_cache = cache.fork()  # the decoder sees only the prompt
     enc_answer = model.encode(answer, cache, logits="all")  # [B, C, V]

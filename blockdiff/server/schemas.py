@@ -1,0 +1,95 @@
+"""Response bodies as pydantic models: they document ``/openapi.json`` (the handlers build plain dicts of the same
+shape for speed; the schemathesis test checks the two agree)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = Field(description="the request field at fault ('messages[0].role'), or null when the "
+                              "error is not about one (auth, routes, capacity)")
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = Field(description="stop | length | abort")
+    metrics: dict[str, Any] | None = Field(None, description="per choice when n > 1")
+
+
+class Completion(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    metrics: dict[str, Any] = Field(description="blockdiff: denoise_steps, canvases, tokens_per_forward, seconds, "
+                                    "time_to_first_block (of choice 0)")
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+    metrics: dict[str, Any] | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    metrics: dict[str, Any]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    max_model_len: int
+    canvas_length: int
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 429, 500, 503)}
+SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "description": "one Server-Sent Event: 'data: {chunk JSON}' (a chunk, a draft chunk, or an error object), the "
+                   "last one 'data: [DONE]'",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}}}

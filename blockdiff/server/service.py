@@ -1,0 +1,349 @@
+"""The request handlers' logic, one ``Server`` per app: prepare a request off the event loop (parse, validate,
+tokenize), submit its ``n`` choices to the ``AsyncEngine``, and answer with JSON or an SSE stream.
+
+Preparation (JSON parsing, pydantic validation, the chat template, tokenization) is CPU work: it runs in a small
+thread pool, never on the event loop, so ``/health`` and the streams keep answering while a large prompt is read.
+A prompt whose text is too long to fit the context in any tokenization is refused before it is tokenized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloadedError, EngineStoppedError,
+                                   RequestStream)
+from ..engine.engine import Engine
+from ..sampling.params import SamplingParams
+from .body import parse_body
+from .errors import APIError, bad, from_validation
+from .protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest, check_context, choice_seed,
+                       engine_error, new_id, now, usage)
+from .text import TextStream
+
+log = logging.getLogger("blockdiff.server")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RETRY_AFTER_S = 1
+
+
+def _sse(d: dict) -> str:
+    return f"data: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def engine_failure(e: EngineFailedError) -> APIError:
+    if isinstance(e, EngineStoppedError):
+        return APIError(503, str(e), code="engine_stopped")
+    return APIError(500, str(e), code="engine_error")
+
+
+@dataclass
+class Prepared:
+    """A validated request: what the engine runs and what the answer echoes."""
+
+    kind: str  # "chat" | "completion"
+    req: SamplingRequest
+    ids: list[int]
+    params: SamplingParams
+    echo: str | None = None  # completions with echo: the prompt text
+
+
+class Server:
+    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None, prep_workers: int = 2):
+        self.engine = engine
+        self.core: Engine = engine.engine
+        self.tokenizer = self.core.tokenizer
+        self.defaults = self.core.defaults
+        self.model_name = served_model_name
+        self.api_key = api_key
+        self.http_errors: dict[int, int] = {}
+        self.created = now()
+        self.pool = ThreadPoolExecutor(prep_workers, thread_name_prefix="blockdiff-prep")
+        self.open: dict[str, RequestStream] = {}  # streams of responses in progress
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._max_chars: int | None = None
+
+    @property
+    def context(self) -> int:
+        return self.core.model.text.max_position_embeddings
+
+    def count_error(self, status: int) -> None:
+        self.http_errors[status] = self.http_errors.get(status, 0) + 1
+
+    # ------------------------------------------------------------------ preparation (thread pool)
+    async def prepare(self, kind: str, raw: bytes) -> Prepared:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, kind, raw)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """No text longer than this fits the context: every token covers at most the longest vocabulary entry
+        (x2 for normalizers that drop characters)."""
+        if self._max_chars is None:
+            longest = max((len(t) for t in self.tokenizer._tok.get_vocab(with_added_tokens=True)), default=1)
+            self._max_chars = self.context * max(longest, 1) * 2
+        return self._max_chars
+
+    def _check_chars(self, n: int, param: str) -> None:
+        if n > self.max_prompt_chars:
+            raise bad(f"the prompt is too long: {n} characters cannot fit in the model's context of {self.context} "
+                      f"tokens (at most {self.max_prompt_chars} characters)", param, "context_length_exceeded")
+
+    def _prepare(self, kind: str, raw: bytes) -> Prepared:
+        body = parse_body(raw)
+        try:
+            req = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            raise from_validation(e) from None
+        if req.model != self.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves ['{self.model_name}']",
+                           "model", "model_not_found")
+        if req.n > self.engine.capacity:
+            raise bad(f"'n' is {req.n}, more choices than this server runs at once ({self.engine.capacity})", "n")
+        params = req.to_params()
+        echo = None
+        if kind == "chat":
+            ids = self.encode_chat(req)
+            prompt_name = "messages"
+        else:
+            prompt_name = "prompt"
+            if isinstance(req.prompt, str):
+                ids = self.encode_text(req.prompt)
+                echo = req.prompt if req.echo else None
+            else:
+                ids = req.prompt
+                V = self.core.model.vocab_size
+                bad_ids = [t for t in ids if not 0 <= t < V]
+                if bad_ids:
+                    raise bad(f"'prompt': prompt token ids must be in [0, {V}), got {bad_ids[0]}", "prompt")
+                if req.echo:
+                    echo = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        try:
+            params.validate(self.core.model.vocab_size, self.core.canvas_length)
+        except ValueError as e:
+            raise engine_error(e, req.max_tokens_name) from None
+        check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
+                      req.max_tokens_name, prompt_name)
+        return Prepared(kind, req, ids, params, echo)
+
+    def encode_text(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise bad("this model has no tokenizer: send 'prompt' as an array of token ids", "prompt")
+        self._check_chars(len(text), "prompt")
+        ids = self.tokenizer.encode(text)
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise bad("this model has no chat template: use /v1/completions", "messages")
+        messages = req.template_messages()
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
+        try:
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
+                                              **req.template_kwargs())
+        except (ValueError, TypeError) as e:
+            raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
+
+    # ------------------------------------------------------------------ running
+    def submit(self, p: Prepared, rid: str) -> list[RequestStream]:
+        """One engine request per choice; all or none are admitted."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="engine_stopped")
+        streams: list[RequestStream] = []
+        try:
+            for i in range(p.req.n):
+                params = p.params if i == 0 else _with_seed(p.params, choice_seed(p.params.seed, i))
+                streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}"))
+        except BaseException as e:
+            for s in streams:
+                self.engine.abort(s.request_id)
+            if isinstance(e, ValueError):
+                raise engine_error(e, p.req.max_tokens_name) from None
+            if isinstance(e, EngineOverloadedError):
+                raise APIError(429, str(e), code="server_overloaded",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            if isinstance(e, EngineFailedError):
+                raise engine_failure(e) from None
+            raise
+        return streams
+
+    def text_stream(self, params: SamplingParams) -> TextStream:
+        # The id that ended the output is not text: an EOS (unless ignore_eos) or an explicit stop token id.
+        eos = (set() if params.ignore_eos else set(self.defaults.eos_token_ids)) | set(params.stop_token_ids or [])
+        return TextStream(self.tokenizer, params.stop, eos)
+
+    async def generate(self, request: Request, p: Prepared) -> Response:
+        rid = new_id("chatcmpl" if p.kind == "chat" else "cmpl")
+        streams = self.submit(p, rid)
+        for s in streams:
+            self.open[s.request_id] = s
+        if p.req.stream:
+            return StreamingResponse(self._sse(p, rid, streams), headers=SSE_HEADERS,
+                                     media_type="text/event-stream")
+        try:
+            return await self._complete(request, p, rid, streams)
+        finally:
+            self._close(streams)
+
+    def _close(self, streams: list[RequestStream]) -> None:
+        for s in streams:
+            self.open.pop(s.request_id, None)
+            if not s.finished:
+                self.engine.abort(s.request_id)
+
+    async def _complete(self, request: Request, p: Prepared, rid: str, streams: list[RequestStream]) -> Response:
+        texts = [[] for _ in streams]
+
+        async def consume(i: int, rs: RequestStream):
+            ts = self.text_stream(p.params)
+            async for ev in rs:
+                if ev.kind == "block":
+                    texts[i].append(ts.push(ev.token_ids))
+            texts[i].append(ts.finish())
+
+        async def client_left():  # after the body was read, receive() returns only on disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work = asyncio.ensure_future(asyncio.gather(*(consume(i, rs) for i, rs in enumerate(streams))))
+        watch = asyncio.ensure_future(client_left())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # nobody is waiting for the answer any more
+                work.cancel()
+                return Response(status_code=499)
+            try:
+                work.result()
+            except EngineFailedError as e:
+                raise engine_failure(e) from None
+        finally:
+            watch.cancel()
+        states = [rs.state for rs in streams]
+        choices = []
+        for i, s in enumerate(states):
+            text = (p.echo or "") + "".join(texts[i])
+            if p.kind == "chat":
+                c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": s.finish_reason}
+            else:
+                c = {"index": i, "text": text, "logprobs": None, "finish_reason": s.finish_reason}
+            if len(states) > 1:
+                c["metrics"] = s.metrics.as_dict()
+            choices.append(c)
+        return JSONResponse({"id": rid, "object": "chat.completion" if p.kind == "chat" else "text_completion",
+                             "created": now(), "model": self.model_name, "choices": choices,
+                             "usage": usage(len(p.ids), sum(len(s.output_ids) for s in states)),
+                             "metrics": states[0].metrics.as_dict()})
+
+    async def _sse(self, p: Prepared, rid: str, streams: list[RequestStream]):
+        created = now()
+        chat = p.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = p.req.include_usage
+
+        def chunk(i: int, text: str | None = None, finish: str | None = None, role: bool = False, **extra) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            d = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
+            if include_usage:
+                d["usage"] = None
+            d.update(extra)
+            return _sse(d)
+
+        # One task per choice feeds a shared queue, so choices stream as their canvases commit.
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, rs: RequestStream):
+            try:
+                async for ev in rs:
+                    await queue.put((i, ev))
+            except BaseException as e:  # EngineFailedError, or cancelled
+                await queue.put((i, e))
+                return
+        pumps = [asyncio.ensure_future(pump(i, rs)) for i, rs in enumerate(streams)]
+        text_streams = [self.text_stream(p.params) for _ in streams]
+        canvases = [0] * len(streams)
+        left = len(streams)
+        try:
+            for i in range(len(streams)):
+                if chat:
+                    yield chunk(i, role=True)
+                if p.echo:
+                    yield chunk(i, p.echo)
+            while left:
+                i, ev = await queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if ev.kind == "draft":
+                    text = None if self.tokenizer is None else self.tokenizer.decode(ev.token_ids)
+                    yield chunk(i, draft={"canvas": canvases[i], "step": ev.step, "token_ids": ev.token_ids,
+                                          "accepted": ev.accepted, "text": text})
+                elif ev.kind == "block":
+                    canvases[i] += 1
+                    delta = text_streams[i].push(ev.token_ids)
+                    if delta:
+                        yield chunk(i, delta)
+                elif ev.kind == "done":
+                    left -= 1
+                    delta = text_streams[i].finish()
+                    if delta:
+                        yield chunk(i, delta)
+                    yield chunk(i, finish=ev.finish_reason)
+            if include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
+                            "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams))})
+            yield "data: [DONE]\n\n"
+        except EngineFailedError as e:
+            err = engine_failure(e)
+            self.count_error(err.status)
+            yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # a bug while streaming: the client still gets an error event and [DONE]
+            log.exception("error while streaming %s", rid)
+            self.count_error(500)
+            yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
+            yield "data: [DONE]\n\n"
+        finally:  # the client left (the response was cancelled) or the stream ended
+            for t in pumps:
+                t.cancel()
+            self._close(streams)
+
+    # ------------------------------------------------------------------ shutdown
+    def begin_drain(self, grace: float) -> None:
+        """Called from the signal handler (any thread): refuse new requests; streams still running when the
+        grace period is nearly over get an error event and ``[DONE]`` instead of being cut mid-response."""
+        self.draining = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain(grace)))
+
+    async def _drain(self, grace: float) -> None:
+        await asyncio.sleep(max(0.0, grace - min(1.0, grace / 2)))
+        open_now = [s for s in self.open.values() if not s.finished]
+        if not open_now:
+            return
+        exc = EngineStoppedError(f"the server is shutting down; this request was still running after the "
+                                 f"{grace:g} s grace period")
+        for s in open_now:
+            self.engine.abort(s.request_id)
+            s._put(exc)
+        log.warning("shutdown: %d request(s) still running after the %g s grace period were ended with an "
+                    "error event", len(open_now), grace)
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, seed=seed)

@@ -1,0 +1,149 @@
+"""A damaged checkpoint or a bad command-line value fails with one line naming the file (or tensor, or flag)
+and the problem, before any work: no traceback, exit status 2."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from blockdiff.cli import main
+
+
+def run_fails(capsys, argv) -> str:
+    """``blockdiff argv`` exits 2 with exactly one line on stderr; returns that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blockdiff: error:") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def ckpt(tiny_checkpoint, tmp_path):
+    """A private copy of the tiny checkpoint to damage."""
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_checkpoint, path)
+    return path
+
+
+def edit_json(path, fn):
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+WEIGHTS = "model.safetensors"
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda b: b"", "is empty"),
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: b"\x00garbage" * 100, "not a readable safetensors file"),
+    (lambda b: b[:8] + b"{not json" + b[17:], "not a readable safetensors file"),
+], ids=["empty", "truncated", "garbage", "bad-header"])
+def test_damaged_safetensors_is_one_line_naming_the_file(ckpt, capsys, damage, words):
+    f = os.path.join(ckpt, WEIGHTS)
+    with open(f, "rb") as fh:
+        data = fh.read()
+    with open(f, "wb") as fh:
+        fh.write(damage(data))
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert f in err and words in err, err
+
+
+@pytest.mark.parametrize("content,words", [
+    ("{not json", "is not a valid tokenizer.json: key must be a string"),
+    ('{"version": "1.0", "model": 5}', "is not a valid tokenizer.json"),
+], ids=["syntax", "structure"])
+def test_corrupt_tokenizer_json_names_the_file(ckpt, capsys, content, words):
+    with open(os.path.join(ckpt, "tokenizer.json"), "w") as f:
+        f.write(content)
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert "tokenizer.json" in err and words in err, err
+
+
+@pytest.mark.parametrize("content,words", [
+    ("{\"weight_map\": ", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"metadata": {}}', "has no 'weight_map'"),
+], ids=["syntax", "array", "no-map"])
+def test_corrupt_index_json_names_the_file(ckpt, capsys, content, words):
+    with open(os.path.join(ckpt, "model.safetensors.index.json"), "w") as f:
+        f.write(content)
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert "model.safetensors.index.json" in err and words in err, err
+
+
+@pytest.mark.parametrize("file", ["config.json", "generation_config.json"])
+def test_broken_config_json_names_the_file(ckpt, capsys, file):
+    with open(os.path.join(ckpt, file), "w") as f:
+        f.write('{"text_config": {')
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert os.path.join(ckpt, file) in err and "not valid JSON" in err and "line 1" in err, err
+
+
+@pytest.mark.parametrize("file,edit,words", [
+    ("config.json", lambda d: d["text_config"].update(hidden_size="64"), "text_config.hidden_size must be an integer"),
+    ("config.json", lambda d: d["text_config"].update(num_experts=4.5), "text_config.num_experts must be an integer"),
+    ("config.json", lambda d: d["text_config"].update(layer_types="full"), "text_config.layer_types must be"),
+    ("config.json", lambda d: d.update(text_config=[]), "text_config must be an object"),
+    ("config.json", lambda d: d.update(canvas_length="16"), "canvas_length must be a positive integer"),
+    ("generation_config.json", lambda d: d.update(max_denoising_steps="48"), "max_denoising_steps must be an integer"),
+    ("generation_config.json", lambda d: d.update(t_min=[0.4]), "t_min must be a number"),
+    ("generation_config.json", lambda d: d.update(eos_token_id="<eos>"), "eos_token_id must be an integer"),
+    ("generation_config.json", lambda d: d.update(sampler_config={"entropy_bound": "x"}),
+     "sampler_config.entropy_bound must be a number"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_config_value_of_the_wrong_type_names_file_and_key(ckpt, capsys, file, edit, words):
+    edit_json(os.path.join(ckpt, file), edit)
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert file in err and words in err, err
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda t: torch.full_like(t, float("nan")), "holds NaN values"),
+    (lambda t: t.clone().index_fill_(0, torch.tensor([0]), float("inf")), "holds infinite values"),
+    (lambda t: t.to(torch.int32), "has dtype int32"),
+    (lambda t: t > 0, "has dtype bool"),
+], ids=["nan", "inf", "int", "bool"])
+def test_impossible_weights_are_refused_naming_the_tensor(ckpt, capsys, make, words):
+    f = os.path.join(ckpt, WEIGHTS)
+    tensors = load_file(f)
+    name = next(n for n in tensors if n.endswith("layers.1.self_attn.q_proj.weight"))
+    tensors[name] = make(tensors[name])
+    save_file(tensors, f, metadata={"format": "pt"})
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert name in err and words in err, err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--device", "mps"], "MPS is not available"),
+    (["--device", "quantum"], "bad --device"),
+])
+def test_bad_threads_or_device_is_one_line(tiny_checkpoint, capsys, argv, words):
+    if "mps" in argv and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    err = run_fails(capsys, ["run", tiny_checkpoint, "hi", *argv])
+    assert words in err, err
+
+
+def test_sudoku_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import blockdiff.sudoku.cli as sudoku_cli
+
+    puzzles = tmp_path / "in.txt"
+    puzzles.write_text("." * 81 + "\n")
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(sudoku_cli, "_load", no_load)
+    err = run_fails(capsys, ["sudoku", "--puzzles", str(puzzles), "--out", "/nonexistent/x"])
+    assert "/nonexistent" in err and "does not exist" in err, err
+    err = run_fails(capsys, ["sudoku", "--puzzles", str(puzzles), "--out", str(tmp_path)])
+    assert "is a folder" in err
