@@ -118,6 +118,10 @@ def main() -> int:
     ap.add_argument("--methods", default="int8,int4,int4-g32")
     ap.add_argument("--out")
     ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--qk-norm", type=float, default=None,
+                    help="set every q_norm/k_norm weight to this value first (e.g. 0.3: unsaturated attention, as "
+                         "in tests/fixtures.py; with 1.0 the random model's attention softmax is saturated and any "
+                         "perturbation flips which key a query attends to)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,6 +133,14 @@ def main() -> int:
     methods = [m for m in args.methods.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(tmp, args.preset)
+        if args.qk_norm is not None:
+            from safetensors.torch import load_file, save_file
+            f = os.path.join(path, "model.safetensors")
+            sd = load_file(f)
+            for k in sd:
+                if k.endswith(("q_norm.weight", "k_norm.weight")):
+                    sd[k] = torch.full_like(sd[k], args.qk_norm)
+            save_file(sd, f, metadata={"format": "pt"})
         mem = []
         for m in ["fp32"] + methods:
             out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", path, m],
@@ -139,7 +151,7 @@ def main() -> int:
         for r in mem:
             r["x_fp32"] = round(r["model_rss_mb"] / base, 3) if base > 0 else None
         qual = [] if args.memory_only else quality(path, None, methods)
-    report = {"preset": args.preset, "torch": torch.__version__, "threads": args.threads, "memory": mem,
+    report = {"preset": args.preset, "qk_norm": args.qk_norm, "torch": torch.__version__, "threads": args.threads, "memory": mem,
               "quality": qual}
     print("| method | model RSS MB | x fp32 | peak RSS growth while loading MB |\n|---|---:|---:|---:|")
     for r in mem:
