@@ -90,8 +90,11 @@ class QTensor(nn.Module):
             w, g, sz = packed
             return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, g, sz).to(x.dtype)
         if self.method == "fp8" and x.is_cuda:
-            return _fp8_matmul(x, self.qweight if i is None else self.qweight[i],
-                               self.qscale if i is None else self.qscale[i])
+            try:
+                return _fp8_matmul(x, self.qweight if i is None else self.qweight[i],
+                                   self.qscale if i is None else self.qscale[i])
+            except RuntimeError:  # shapes _scaled_mm refuses (dims not multiples of 16): dequantize instead
+                pass
         parts = {k: (v if i is None else v[i]) for k, v in self.parts().items()}
         return F.linear(x, dequantize(parts, self.method, x.dtype))
 
