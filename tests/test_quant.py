@@ -253,3 +253,14 @@ def test_in_memory_random_model_is_built_quantized_and_runs_a_step():
         assert torch.isfinite(m.denoise(torch.zeros(1, m.canvas_length, dtype=torch.long), cache)).all()
     with pytest.raises(ValueError, match="int8 or int4"):
         random_quantized_model("tiny", None)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_quantizing_in_row_blocks_gives_the_same_parts(method, monkeypatch):
+    import blockdiff.quant.tensors as T
+
+    w = torch.randn(2, 100, 128)
+    whole = quantize(w, method, 64)
+    monkeypatch.setattr(T, "CHUNK_ROWS", 7)  # bounded temporaries for huge tensors (the 262k-row embedding)
+    blocks = quantize(w, method, 64)
+    assert all(torch.equal(whole[k].float(), blocks[k].float()) for k in whole)

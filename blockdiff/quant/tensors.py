@@ -11,8 +11,9 @@ hidden size of an embedding row) and keeps any leading dimensions (``[N, K]`` li
 - ``fp8``: float8_e4m3fn per output row: ``qweight`` ``[..., N, K]``, ``qscale`` fp32 ``[..., N]``;
   ``w ~= qweight * qscale`` (the compressed-tensors "channel" layout, with the scale's trailing 1 dropped).
 
-The group size is not stored: it is ``K / qscale.shape[-1]``. Large 3-D tensors are quantized one leading slice
-at a time, so the temporaries stay the size of one expert matrix.
+The group size is not stored: it is ``K / qscale.shape[-1]``. Tensors are quantized a block of at most
+``CHUNK_ROWS`` rows (of one expert) at a time, so the fp32 temporaries stay small: quantizing the 262,144 x 2,816
+embedding in one go made four 3 GB temporaries.
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ def int4_group(k: int, preferred: int) -> int | None:
     return None
 
 
+CHUNK_ROWS = 8192
+
+
 def _slices(w: torch.Tensor, fn) -> tuple[torch.Tensor, ...]:
-    """Apply fn to each leading slice of a 3-D tensor (bounded temporaries), or to a 2-D tensor directly."""
+    """Apply fn to blocks of at most CHUNK_ROWS rows of each leading slice (bounded temporaries)."""
     if w.dim() == 2:
-        return fn(w)
-    outs = [fn(w[i]) for i in range(w.shape[0])]
+        if w.shape[0] <= CHUNK_ROWS:
+            return fn(w)
+        outs = [fn(w[i:i + CHUNK_ROWS]) for i in range(0, w.shape[0], CHUNK_ROWS)]
+        return tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0])))
+    outs = [_slices(w[i], fn) for i in range(w.shape[0])]
     return tuple(torch.stack([o[j] for o in outs]) for j in range(len(outs[0])))
 
 
