@@ -5,13 +5,15 @@ checkpoint format) and, after ``prepare()``, in the layout of the kernel that ru
 measurement on this project's CPU (figures in docs/quantization.md):
 
 - CPU int8: fbgemm's dynamic int8 linear (``torch.ops.quantized.linear_dynamic``; activations quantized per call
-  per tensor). ``torch._weight_int8pack_mm`` was ~80x slower with fp32 activations, dequantize-then-matmul ~5x.
+  per tensor), 3-4x faster than fp32. ``torch._weight_int8pack_mm`` was 30-35x slower than fp32 with fp32
+  activations, dequantize-then-matmul slower than fp32.
 - CPU int4: ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (as fast as the fp32 matmul at mid
-  shapes, 2x faster on the LM-head shape; with fp32/fp16 activations it is 100x slower).
+  shapes, faster on the LM-head shape; with fp32/fp16 activations it is ~60x slower).
 - CPU experts: one packed kernel call per expert that has tokens (a loop: the grouped-mm kernels take float
-  weights only, and dequantizing every expert per step was 4x slower than the fp32 experts).
-- CUDA (unmeasured: no GPU here): int8/int4 dequantize to the compute dtype then matmul, experts dequantize
-  then one ``torch._grouped_mm`` per matrix; fp8 via ``torch._scaled_mm`` with per-row activation scales.
+  weights only, and dequantizing every expert per call was 5-10x slower than the fp32 experts).
+- CUDA (UNMEASURED: no GPU was lent to this work): int8/int4 dequantize to the compute dtype then matmul, experts
+  dequantize then one ``torch._grouped_mm`` per matrix; fp8 via ``torch._scaled_mm`` with per-row activation
+  scales.
 
 After ``prepare()`` on CPU the plain buffers are dropped (the packed copies replace them), so the resident
 size is the quantized size once.
