@@ -66,7 +66,7 @@ def random_quantized_model(preset: str, quantization: str, seed: int = 0, log=pr
         _check_available(name)
         if t.dim() == 3 and name in plan.targets:  # experts: random codes, one quantized matrix's scales
             method = plan.tensor_method(name)
-            template = quantize(torch.randn(t.shape[1:], generator=g) * 0.02, method, parsed[1])
+            template = quantize(torch.randn(t.shape[1:], generator=g).mul_(0.02), method, parsed[1])
             E = t.shape[0]
             for k, v in template.items():
                 if k == "qweight":
@@ -77,7 +77,7 @@ def random_quantized_model(preset: str, quantization: str, seed: int = 0, log=pr
                     plan.state[f"{name}.{k}"] = v[None].expand(E, *v.shape).clone()
             plan.sources.add(name)
         elif t.dim() >= 2:
-            plan.add(name, None, torch.randn(t.shape, generator=g) * 0.02, tuple(t.shape), name)
+            plan.add(name, None, torch.randn(t.shape, generator=g).mul_(0.02), tuple(t.shape), name)
         else:
             plan.add(name, None, torch.ones(t.shape), tuple(t.shape), name)
         if name.endswith("experts.down_proj"):
