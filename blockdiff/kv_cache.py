@@ -64,6 +64,18 @@ def attention_span(spec: LayerSpec) -> int | None:
     return None if spec.layer_type == FULL else spec.sliding_window
 
 
+def gather_prefix(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None):
+    """-> keys, values [B, Hkv, P, D]. ``slots`` None: the sources already are the prefix (``TrainCache``);
+    otherwise ``keys``/``values`` are a pool's storage [slots, Hkv, D] and ``slots`` [B, P] addresses it."""
+    if slots is None:
+        return keys, values
+    B, P = slots.shape
+    idx = slots.reshape(-1)
+    k = keys.index_select(0, idx).view(B, P, *keys.shape[1:]).transpose(1, 2)
+    v = values.index_select(0, idx).view(B, P, *values.shape[1:]).transpose(1, 2)
+    return k, v
+
+
 class KVPool:
     """Paged K/V storage of one model (see the module docstring)."""
 
@@ -79,6 +91,7 @@ class KVPool:
         self.groups = sorted(set(self.group_of), key=lambda w: -1 if w is None else w)
         self.layers_of = {g: [i for i, w in enumerate(self.group_of) if w == g] for g in self.groups}
         self.capacity = {g: 0 for g in self.groups}  # pages per layer of the group, scratch page included
+        self.reserved = {g: 0 for g in self.groups}  # capacity kept even when every page is free
         self.free_pages: dict = {g: [] for g in self.groups}
         self.keys: list[torch.Tensor | None] = [None] * len(specs)  # [capacity * page_size, Hkv, D]
         self.values: list[torch.Tensor | None] = [None] * len(specs)
@@ -105,21 +118,34 @@ class KVPool:
                    for i in self.layers_of[group])
 
     # ------------------------------------------------------------------ pages
+    def _grow(self, group, new: int) -> None:
+        old = self.capacity[group]
+        if new > old:
+            start = max(old, 1)  # page 0 is the scratch page
+            self.free_pages[group][:0] = range(new - 1, start - 1, -1)  # new pages are handed out last
+            self.capacity[group] = new
+
+    def reserve(self, pages: int | dict) -> None:
+        """Size the pool up front (``pages`` per group, or a dict group -> pages) and keep that storage when every
+        page is free: a server's storage then never moves, so a captured step keeps its shapes."""
+        for g in self.groups:
+            n = pages[g] if isinstance(pages, dict) else pages
+            self.reserved[g] = max(self.reserved[g], n + 1)
+            self._grow(g, n + 1)
+
     def allocate(self, group, n: int) -> list[int]:
         free = self.free_pages[group]
         if len(free) < n:
             old = self.capacity[group]
-            new = max(2 * old, old + n - len(free), 1 + n, 4)
-            start = max(old, 1)  # page 0 is the scratch page
-            free.extend(range(new - 1, start - 1, -1))
-            self.capacity[group] = new
+            self._grow(group, max(2 * old, old + n - len(free), 1 + n, 4))
         return [free.pop() for _ in range(n)]
 
     def release(self, group, pages: list[int]) -> None:
         if not pages:
             return
         self.free_pages[group].extend(reversed(pages))
-        if len(self.free_pages[group]) == self.capacity[group] - 1:  # nothing in use: give the memory back
+        if len(self.free_pages[group]) == self.capacity[group] - 1 and not self.reserved[group]:
+            # nothing in use: give the memory back
             self.capacity[group] = 0
             self.free_pages[group] = []
             for i in self.layers_of[group]:
@@ -300,21 +326,22 @@ class CacheBatch:
             j = torch.arange(P, device=self.device)[None]  # [1, P]
             pos = (self.start - n_vis)[:, None] + j  # [B, P]
             valid = j < n_vis[:, None]
-            self._slots[g] = self._slot_of(g, pos, valid).reshape(-1)  # [B * P]
+            self._slots[g] = self._slot_of(g, pos, valid)  # [B, P]
             self._prefix[g] = Prefix(pos, valid, [(0, n) for n in vis], g)
         return self._prefix[g]
 
     # ------------------------------------------------------------------ data
+    def sources(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``gather_prefix`` reads for ``layer``: the keys/values storage and the slots [B, P] of each row's
+        visible prefix (plain tensors, so a compiled step can take them as inputs)."""
+        g = self.pool.group_of[layer]
+        self.prefix(g)
+        keys, values = self.pool.storage(layer, self.device, self.dtype)
+        return keys, values, self._slots[g]
+
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values [B, Hkv, P, D] of the visible prefix of every row (one gather each)."""
-        g = self.pool.group_of[layer]
-        pre = self.prefix(g)
-        B, P = pre.valid.shape
-        keys, values = self.pool.storage(layer, self.device, self.dtype)
-        idx = self._slots[g]
-        k = keys.index_select(0, idx).view(B, P, *keys.shape[1:]).transpose(1, 2)
-        v = values.index_select(0, idx).view(B, P, *values.shape[1:]).transpose(1, 2)
-        return k, v
+        return gather_prefix(*self.sources(layer))
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store row b's first new_tokens[b] keys/values (sliding layers: only the last ring's worth)."""

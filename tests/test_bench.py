@@ -92,16 +92,61 @@ def test_profile_breaks_a_step_down_and_restores_every_patch(tiny_checkpoint, ca
     from blockdiff.engine import engine as engine_mod
     from blockdiff.model import layers
 
-    before = (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax)
+    before = (engine_mod.default_step, layers.Experts.forward, __import__("torch").softmax)
     args = ["bench", tiny_checkpoint, "--profile", "--steps", "2", "--prompt-len", "8"]
     assert main(args + ([] if HAVE_ORACLE else ["--no-oracle"])) == 0
     out = capsys.readouterr().out
     assert "blockdiff-default:" in out and "ms per denoising step" in out
-    for part in ("model forward", "experts", "attention", "sampler: fast_step", "aten::"):
+    for part in ("model forward", "experts", "attention", "sampler: default_step", "aten::"):
         assert part in out
     if HAVE_ORACLE:
         assert "oracle:" in out and "torch.multinomial" in out
-    assert (engine_mod.fast_step, layers.Experts.forward, __import__("torch").softmax) == before
+    assert (engine_mod.default_step, layers.Experts.forward, __import__("torch").softmax) == before
+
+
+def test_timed_runs_have_no_memory_poller_and_memory_comes_from_a_separate_run(tiny_checkpoint, monkeypatch):
+    from blockdiff.bench import harness
+
+    active, calls = [False], []
+
+    class Watched(harness.PeakMemory):
+        def __enter__(self):
+            active[0] = True
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            active[0] = False
+            return super().__exit__(*exc)
+
+    real = harness.blockdiff_system
+
+    def recording_system(*a, **k):
+        fn = real(*a, **k)
+
+        def run(seed):
+            calls.append(active[0])
+            return fn(seed)
+        return run
+    monkeypatch.setattr(harness, "PeakMemory", Watched)
+    monkeypatch.setattr(harness, "blockdiff_system", recording_system)
+    o = harness.BenchOptions(steps=2, repeats=3, warmup=1, prompt_len=4, oracle=False, ar_batches=(),
+                             systems=["blockdiff-default"])
+    report = harness.run_benchmark(tiny_checkpoint, o, log=lambda m: None)
+    assert calls == [False] * 4 + [True]  # warm-up + 3 timed rounds unwatched, then one memory run
+    r = report["results"]["blockdiff-default"]
+    assert r["min_seconds"] <= r["seconds"] and len(r["runs_s"]) == 3
+    assert r["min_ms_per_step"] <= r["ms_per_step"]
+    assert "separate untimed run" in report["settings"]["peak_memory"]
+
+
+def test_tick_memory_reports_the_logits_buffer_and_what_lies_beyond(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["bench", tiny_checkpoint, "--tick-memory", "--batch", "3", "--no-oracle", "--systems",
+                 "blockdiff-default", "--repeats", "1", "--warmup", "0", "--steps", "2", "--prompt-len", "4",
+                 "--no-memory-run", "--out", str(out)]) == 0
+    t = json.loads(out.read_text())["tick_memory"]
+    assert t["batch"] == 3 and t["logits_mb"] == round(3 * t["canvas_length"] * t["vocab_size"] * 4 / 2 ** 20, 1)
+    assert t["temporaries_over_logits"] >= 0 and "one denoising tick" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not HAVE_ORACLE, reason="the oracle (transformers) is not installed")

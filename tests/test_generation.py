@@ -9,7 +9,7 @@ from fixtures import make_checkpoint, oracle_generate
 
 from blockdiff import LLM, SamplingParams
 from blockdiff.engine.model_state import InvalidTransition, ModelState, Phase
-from blockdiff.sampling.sampler import fast_step, reference_entropy, reference_step
+from blockdiff.sampling.sampler import RowParams, default_step, reference_entropy, reference_step
 
 EOS = {1, 106, 50}
 
@@ -79,36 +79,117 @@ def test_reference_mode_stops_at_eos_like_the_oracle(tiny_checkpoint, llm):
 
 
 # ------------------------------------------------------------------------------ default mode
-def test_fast_step_matches_reference_step_on_everything_but_the_draws():
+def _rows(B, step=3, max_steps=10, t_min=0.4, t_max=0.8, bound=0.5, seed=0, C=None, V=None, **extra):
+    rows = [dict(step=step, max_steps=max_steps, t_min=t_min, t_max=t_max, entropy_bound=bound, confidence=0.1,
+                 seed=seed + i, canvas_index=0, **extra) for i in range(B)]
+    return RowParams.build(rows, "cpu", C, V)
+
+
+def test_default_step_matches_reference_step_on_everything_but_the_draws():
     torch.manual_seed(0)
-    logits = torch.randn(24, 50) * 4
-    canvas = torch.randint(0, 50, (24,))
-    ref = reference_step(logits.clone(), canvas, 3, 10, 0.4, 0.8, 0.5, torch.Generator().manual_seed(1))
-    fast = fast_step(logits.clone(), canvas, 3, 10, 0.4, 0.8, 0.5, torch.Generator().manual_seed(1))
-    assert torch.equal(ref.argmax, fast.argmax)
-    assert torch.equal(ref.accepted, fast.accepted)
-    assert 0 < int(ref.accepted.sum()) < 24
-    assert torch.allclose(ref.entropy, fast.entropy, atol=1e-5)
-    assert torch.allclose(ref.probs, fast.probs, atol=1e-6)
-    assert abs(ref.mean_entropy - fast.mean_entropy) < 1e-5
-    assert ref.canvas.shape == fast.canvas.shape == canvas.shape
+    B, C, V = 3, 24, 50
+    logits = torch.randn(B, C, V) * 4
+    canvas = torch.randint(0, V, (B, C))
+    fast = default_step(logits.clone(), canvas, _rows(B))
+    for b in range(B):
+        ref = reference_step(logits[b].clone(), canvas[b], 3, 10, 0.4, 0.8, 0.5, torch.Generator().manual_seed(1),
+                             0.1)
+        assert torch.equal(ref.argmax, fast.argmax[b])
+        assert torch.equal(ref.accepted, fast.accepted[b])
+        assert 0 < int(ref.accepted.sum()) < C
+        assert torch.allclose(ref.entropy, fast.entropy[b], atol=1e-5)
+        assert torch.allclose(ref.probs, fast.probs[b], atol=1e-6)
+        assert abs(float(ref.mean_entropy) - float(fast.mean_entropy[b])) < 1e-5
+        assert bool(ref.confident) == bool(fast.confident[b])
+        # accepted positions keep a sampled token, the others are renoised: both in the vocabulary
+        assert fast.canvas[b].shape == canvas[b].shape and int(fast.canvas[b].max()) < V
 
 
-def test_fast_step_samples_the_tempered_distribution():
+@pytest.mark.parametrize("max_steps", [1, 7, 10, 48, 333])
+def test_row_temperature_is_bit_equal_to_the_reference_schedule(max_steps):
+    from blockdiff.sampling.sampler import row_temperature, temperature
+    cases = [(s, tmin, tmax) for s in range(max_steps) for tmin, tmax in [(0.4, 0.8), (0.01, 0.05), (0.0, 1.3)]]
+    rows = [dict(step=s, max_steps=max_steps, t_min=a, t_max=b, entropy_bound=1, confidence=1, seed=0,
+                 canvas_index=0) for s, a, b in cases]
+    got = row_temperature(RowParams.build(rows, "cpu", 4, 4))
+    want = torch.stack([temperature(s, max_steps, a, b) for s, a, b in cases])
+    assert torch.equal(got, want)
+
+
+def test_default_step_samples_the_tempered_distribution():
     V, C, trials = 6, 64, 300
     row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
-    logits = row.repeat(C, 1)
+    logits = row.repeat(trials, C, 1)
     t = 0.8  # step 0 of 10 uses t_max
     want = torch.softmax(row / t, -1)
-    g = torch.Generator().manual_seed(0)
-    counts = collections.Counter()
-    for _ in range(trials):
-        res = fast_step(logits.clone(), torch.zeros(C, dtype=torch.long), 0, 10, 0.4, t, 1e9, g)
-        assert bool(res.accepted.all())  # a huge entropy bound accepts every position
-        counts.update(res.canvas.tolist())
+    res = default_step(logits, torch.zeros(trials, C, dtype=torch.long), _rows(trials, step=0, t_max=t, bound=1e9))
+    assert bool(res.accepted.all())  # a huge entropy bound accepts every position
+    counts = collections.Counter(res.canvas.flatten().tolist())
     n = C * trials
     got = torch.tensor([counts[i] / n for i in range(V)])
     assert (got - want).abs().max() < 0.01, (got, want)
+
+
+def test_default_step_never_draws_a_disallowed_token_and_keeps_template_positions():
+    B, C, V = 4, 32, 40
+    logits = torch.randn(B, C, V) * 3
+    allowed = torch.tensor([3, 5, 7, 39])
+    disallowed = torch.ones(V, dtype=torch.bool)
+    disallowed[allowed] = False
+    fixed = torch.zeros(C, dtype=torch.bool)
+    fixed[::3] = True
+    template = torch.where(fixed, torch.arange(C) % V, torch.zeros(C, dtype=torch.long))
+    rows = [dict(step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=1e9, confidence=1.0, seed=i,
+                 canvas_index=0, disallowed=disallowed if i % 2 == 0 else None,
+                 fixed=fixed if i < 2 else None, template=template if i < 2 else None) for i in range(B)]
+    res = default_step(logits, torch.zeros(B, C, dtype=torch.long), RowParams.build(rows, "cpu", C, V))
+    for b in (0, 2):  # constrained rows: sampled and argmax tokens stay in the allowed set
+        free = ~fixed if b < 2 else torch.ones(C, dtype=torch.bool)
+        assert set(res.canvas[b][free].tolist()) <= set(allowed.tolist())
+        assert set(res.argmax[b][free].tolist()) <= set(allowed.tolist())
+    for b in (0, 1):
+        assert torch.equal(res.canvas[b][fixed], template[fixed]) and torch.equal(res.argmax[b][fixed], template[fixed])
+    assert len(set(res.canvas[3].tolist())) > 4  # the unconstrained row is not restricted
+
+
+def test_counter_draws_do_not_depend_on_the_batch_or_the_row():
+    """A row's random numbers are a function of (seed, canvas, step, position) only: the same alone, in a
+    batch, at another row index or in another batch order."""
+    from blockdiff.sampling import counter_rng as rng
+    seeds = torch.tensor([11, 2 ** 62 + 5, 7, 11])
+    canvas = torch.tensor([0, 3, 1, 2])
+    step = torch.tensor([4, 0, -1, 4])
+    batch = rng.randint(seeds, canvas, step, rng.RENOISE, 64, 262_144)
+    perm = torch.tensor([2, 0, 3, 1])
+    shuffled = rng.randint(seeds[perm], canvas[perm], step[perm], rng.RENOISE, 64, 262_144)
+    for b in range(4):
+        alone = rng.randint(seeds[b:b + 1], canvas[b:b + 1], step[b:b + 1], rng.RENOISE, 64, 262_144)[0]
+        assert torch.equal(alone, batch[b])
+        assert torch.equal(shuffled[(perm == b).nonzero()[0, 0]], alone)
+    assert not torch.equal(batch[0], batch[3])  # another canvas index: other draws
+    u = rng.uniform(seeds, canvas, step, rng.SAMPLE, 4096)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+    big = rng.randint(torch.arange(64), torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.long),
+                      rng.INIT, 256, 10)
+    freq = torch.bincount(big.flatten(), minlength=10).float() / big.numel()
+    assert (freq - 0.1).abs().max() < 0.01
+
+
+def test_default_step_results_per_row_do_not_depend_on_the_batch():
+    torch.manual_seed(1)
+    B, C, V = 5, 16, 300
+    logits = torch.randn(B, C, V) * 3
+    canvas = torch.randint(0, V, (B, C))
+    params = _rows(B, bound=2.0)
+    full = default_step(logits.clone(), canvas, params)
+    order = [4, 1, 3, 0, 2]
+    rows = [dict(step=3, max_steps=10, t_min=0.4, t_max=0.8, entropy_bound=2.0, confidence=0.1, seed=b,
+                 canvas_index=0) for b in order]
+    shuffled = default_step(logits[order].clone(), canvas[order], RowParams.build(rows, "cpu", C, V))
+    for i, b in enumerate(order):
+        alone = default_step(logits[b:b + 1].clone(), canvas[b:b + 1], _rows(1, seed=b, bound=2.0))
+        for got in (full.canvas[b], shuffled.canvas[i]):
+            assert torch.equal(got, alone.canvas[0])
 
 
 def test_entropy_matches_categorical():
@@ -117,9 +198,16 @@ def test_entropy_matches_categorical():
     assert torch.equal(reference_entropy(x), ent)
 
 
-def test_default_mode_equals_reference_mode_when_sampling_is_deterministic(tiny_checkpoint, llm):
+def test_default_mode_equals_reference_mode_when_sampling_is_deterministic(tiny_checkpoint, llm, monkeypatch):
     # Near-zero temperature makes every sample the argmax; a huge entropy bound accepts every position: both
-    # modes then follow the same path whatever their random draws.
+    # modes then follow the same path whatever their random draws after the initial canvas, which here the
+    # default mode takes from the reference's first draw (one canvas).
+    from blockdiff.engine import model_state
+
+    def reference_first_draw(seed, canvas_index, C, V, fixed=None, template=None):
+        return torch.randint(0, V, (1, C), generator=torch.Generator().manual_seed(int(seed[0])))
+    monkeypatch.setattr(model_state, "initial_canvas", reference_first_draw)
+    assert llm.model.canvas_length == 16
     p = dict(max_new_tokens=16, seed=3, t_min=1e-6, t_max=2e-6, entropy_bound=1e9, max_denoising_steps=8)
     prompt = _prompt(7, 10)
     ref = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(rng="reference", **p))[0]
@@ -138,7 +226,9 @@ def test_default_mode_is_reproducible_per_seed_and_varies_across_seeds(llm):
 
 
 @pytest.mark.parametrize("rng", ["default", "reference"])
-def test_seeded_output_is_the_same_alone_and_batched(llm, rng):
+def test_seeded_output_is_the_same_alone_and_batched_in_deterministic_mode(tiny_checkpoint, rng):
+    llm = LLM(tiny_checkpoint, dtype="float32", deterministic=True)
+    assert llm.deterministic and llm.model.batch_invariant
     prompts = [_prompt(i, 3 + 4 * i) for i in range(4)]
     params = [SamplingParams(max_new_tokens=10 + 9 * i, seed=100 + i, rng=rng, max_denoising_steps=6)
               for i in range(4)]

@@ -2,8 +2,8 @@
 itself is the point) against ``blockdiff.server`` on uvicorn, on a loopback port, over a tiny random checkpoint
 with a tokenizer and chat template (canvas 16, 4 denoising steps).
 
-The model runs in fp32, as it does for users: the engine is batch-invariant (per-row attention and experts,
-per-request encodes), so "16 concurrent seeded requests equal their solo runs" holds bit for bit. One torch
+The model runs in fp32, as it does for users, in deterministic mode (``blockdiff serve --deterministic``: per-row
+attention, experts and sampling), so "16 concurrent seeded requests equal their solo runs" holds bit for bit. One torch
 thread: on a shared 2-core machine, 2 threads on a tiny model spend most of their time waiting for each other.
 
 Two live servers share one loaded model (each with its own ``Engine``): ``main`` (no key, 16 batch slots) and
@@ -73,7 +73,7 @@ def llm(tmp_path_factory):
     torch.set_num_threads(1)
     path = make_checkpoint(tmp_path_factory.mktemp("serve_ckpt"),
                            generation_config={"max_denoising_steps": 4, "max_new_tokens": 32})
-    yield LLM(path, dtype=torch.float32, max_num_seqs=16)
+    yield LLM(path, dtype=torch.float32, max_num_seqs=16, deterministic=True)
     torch.set_num_threads(threads)
 
 

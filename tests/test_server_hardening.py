@@ -15,7 +15,6 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -377,3 +376,18 @@ def _up(url) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_metrics_is_valid_prometheus_exposition(srv):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv.client().completions.create(model=MODEL, prompt="count me", max_tokens=16, seed=0, extra_body=X)
+    r = httpx.get(srv.url + "/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert fams["blockdiff_requests"].type == "counter" and fams["blockdiff_step_seconds"].type == "histogram"
+    buckets = [s.value for s in fams["blockdiff_step_seconds"].samples if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] >= 1  # cumulative, +Inf last
+    done = sum(s.value for s in fams["blockdiff_requests"].samples
+               if s.name == "blockdiff_requests_total" and s.labels["outcome"] in ("stop", "length"))
+    assert done >= 1

@@ -24,12 +24,27 @@ PRESETS: dict[str, dict] = {
                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
                 num_global_key_value_heads=1, num_experts=32, top_k_experts=4, moe_intermediate_size=256,
                 sliding_window=512, canvas_length=128),
+<<<<<<< HEAD
     # The released 26B-A4B shape (~25.8B parameters): only built in memory, quantized tensor by tensor
     # (``blockdiff bench --random-config full --quantization int4``, see blockdiff/bench/full_shape.py).
     "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
                  num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
                  sliding_window=1024, canvas_length=256),
+=======
+    # "mid" with the released model's 262,144-entry vocabulary (written with a byte-level BPE tokenizer.json of
+    # that size): the structured-output benchmark's checkpoint, where token masks cost what they cost for real.
+    "mid-v262k": dict(vocab_size=262144, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                      num_global_key_value_heads=1, num_experts=32, top_k_experts=4, moe_intermediate_size=256,
+                      sliding_window=512, canvas_length=128),
+    # The released vocabulary (262,144) and canvas (256) on a tiny body: the sampler's [B, C, V] memory at real
+    # size on CPU (`--tick-memory --batch 16`).
+    "vocab-full": dict(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                       num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                       sliding_window=1024, canvas_length=256),
+>>>>>>> main
     # A few hundred KB: for tests of the harness itself.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
@@ -71,7 +86,7 @@ def config_dict(preset: str) -> dict:
 
 
 @torch.no_grad()
-def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0) -> str:
+def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0, with_tokenizer: bool = False) -> str:
     from ..config import ModelConfig
     from ..loader import save_model
     from ..model import DiffusionGemma
@@ -91,4 +106,52 @@ def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0) -> st
     save_model(model, path)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump(GENERATION_CONFIG, f, indent=2)
+    if with_tokenizer:
+        write_tokenizer(path, config.text.vocab_size)
     return path
+
+
+SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|tool_response>", 105: "<|turn>",
+            106: "<turn|>"}
+
+
+def write_tokenizer(path: str, vocab_size: int) -> None:
+    """A byte-level BPE ``tokenizer.json`` with exactly ``vocab_size`` entries (Gemma's specials at their ids):
+    the 256 bytes, then byte pairs and triples, printable ASCII first, so a large vocabulary is full of tokens
+    that JSON strings and numbers can use (what makes a token mask expensive)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    byte_chr = {}  # GPT-2's printable stand-ins for the 256 bytes
+    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            byte_chr[b] = chr(b)
+        else:
+            byte_chr[b] = chr(256 + extra)
+            extra += 1
+    ascii_first = [byte_chr[b] for b in range(32, 127)] + [byte_chr[b] for b in range(256) if not 32 <= b < 127]
+    n_merges = vocab_size - 256 - len(SPECIALS)
+    merges: list[tuple[str, str]] = []
+    for a in ascii_first:
+        for b in ascii_first:
+            merges.append((a, b))
+    pairs = [a + b for a, b in merges]
+    for ab in pairs:  # then pair + byte, until the vocabulary is full
+        if len(merges) >= n_merges:
+            break
+        for c in ascii_first[:95]:
+            merges.append((ab, c))
+    merges = merges[:n_merges]
+    ids = (i for i in range(vocab_size) if i not in SPECIALS)
+    vocab = dict((t, i) for i, t in SPECIALS.items())
+    for t in ascii_first + [a + b for a, b in merges]:
+        vocab[t] = next(ids)
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(SPECIALS[i], special=True, normalized=False) for i in sorted(SPECIALS)])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)

@@ -5,6 +5,12 @@ Examples::
 
     blockdiff bench --random-config mid --out bench.json
     blockdiff bench path/to/checkpoint --steps 16 --max-new-tokens 256 --no-oracle
+    blockdiff bench --random-config vocab-full --batch 16 --tick-memory --no-oracle --systems blockdiff-default
+    blockdiff bench --random-config full --device cuda --batches 1,4,16 --out full.json
+
+``--random-config full`` (and its toy twin ``full-smoke``) times denoising ticks of the released 26B-A4B shape
+built with random weights directly on the device, per batch size, against the memory-bandwidth floor
+(see blockdiff/bench/fullshape.py); the other options of the side-by-side comparison do not apply to it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .checkpoints import PRESETS
+    from .fullshape import SHAPES
 
     p.add_argument("model", nargs="?", help="checkpoint folder (or use --random-config)")
-    p.add_argument("--random-config", choices=sorted(PRESETS),
-                   help="benchmark a randomly initialised checkpoint of this size, built in a temp dir")
+    p.add_argument("--random-config", choices=sorted(PRESETS) + sorted(SHAPES),
+                   help="benchmark a randomly initialised checkpoint of this size, built in a temp dir; 'full' / "
+                        "'full-smoke': the released shape built on the device, timed per batch size")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16")
@@ -44,8 +52,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+<<<<<<< HEAD
     p.add_argument("--quantization", help="quantize blockdiff's weights while loading: int8 | int4 | fp8 (the "
                    "oracle stays full precision, so the reference/oracle agreement measures the quantization)")
+=======
+    p.add_argument("--structured", action="store_true",
+                   help="instead, time structured output (JSON Schema) against unconstrained generation per step "
+                        "and end to end (the checkpoint needs a tokenizer; --random-config writes one)")
+    p.add_argument("--no-memory-run", dest="memory_run", action="store_false",
+                   help="CPU: skip the separate untimed run per system that measures peak memory")
+    p.add_argument("--tick-memory", action="store_true",
+                   help="also measure one default-mode denoising tick at --batch: the logits buffer and the "
+                        "temporaries beyond it (untimed)")
+    g = p.add_argument_group("--random-config full / full-smoke")
+    g.add_argument("--batches", type=_int_list, default=(1, 4, 16), help="batch sizes (default 1,4,16)")
+    g.add_argument("--layers", type=int, help="override the number of layers (smoke runs)")
+    g.add_argument("--peak-bandwidth", type=float, help="the device's peak memory bandwidth in GB/s "
+                   "(default: a table by torch.cuda.get_device_name)")
+>>>>>>> main
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile one denoising run of blockdiff-default and of the oracle")
 
@@ -63,6 +87,7 @@ def run(args) -> int:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+<<<<<<< HEAD
     from ..quant import check_device, parse_method
     parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
     if parsed:
@@ -72,6 +97,16 @@ def run(args) -> int:
                            warmup=args.warmup, seed=args.seed, oracle=args.oracle, dtype=args.dtype,
                            device=args.device, systems=args.systems,
                            quantization=args.quantization)
+=======
+    from .fullshape import SHAPES
+    if args.random_config in SHAPES:
+        return run_full(args)
+    options = BenchOptions(steps=args.steps, max_new_tokens=args.max_new_tokens, batch=args.batch,
+                           ar_batches=tuple(args.ar_batches), prompt_len=args.prompt_len, repeats=args.repeats,
+                           warmup=args.warmup, seed=args.seed, oracle=args.oracle, dtype=args.dtype,
+                           device=args.device, systems=args.systems, memory_run=args.memory_run,
+                           tick_memory=args.tick_memory)
+>>>>>>> main
     options.validate()
 
     def log(msg):
@@ -89,8 +124,19 @@ def run(args) -> int:
         if args.random_config:
             from .checkpoints import write_random_checkpoint
             log(f"building a random '{args.random_config}' checkpoint in {tmp} ...")
-            path = write_random_checkpoint(tmp, args.random_config, seed=args.seed)
+            path = write_random_checkpoint(tmp, args.random_config, seed=args.seed, with_tokenizer=args.structured)
             options.extra["checkpoint_name"] = f"random:{args.random_config}"
+        if args.structured:
+            from .structured import format_structured, run_structured_benchmark
+            report = run_structured_benchmark(path, steps=args.steps, repeats=args.repeats,
+                                              prompt_len=args.prompt_len, seed=args.seed, dtype=args.dtype,
+                                              device=args.device, log=log)
+            print(format_structured(report))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(report, f, indent=2)
+                    f.write("\n")
+            return 0
         if args.profile:
             from .profile import profile_report
             print(profile_report(path, options, log=log))
@@ -102,6 +148,24 @@ def run(args) -> int:
             json.dump(report, f, indent=2)
             f.write("\n")
         log(f"wrote {args.out}")
+    return 0
+
+
+def run_full(args) -> int:
+    from .fullshape import format_full, run_full_benchmark
+
+    if args.peak_bandwidth is not None and not args.peak_bandwidth > 0:
+        raise ValueError(f"--peak-bandwidth must be > 0 GB/s, got {args.peak_bandwidth}")
+    report = run_full_benchmark(args.random_config, device=args.device, dtype=args.dtype, batches=args.batches,
+                                layers=args.layers, prompt_len=args.prompt_len, warmup=args.warmup,
+                                repeats=args.repeats, peak_bandwidth_gbs=args.peak_bandwidth, seed=args.seed,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_full(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

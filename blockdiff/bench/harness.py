@@ -1,21 +1,24 @@
 """The benchmark harness: every system on the same checkpoint, prompt and fixed step count, in one process.
 
 One warm-up run per system, then ``repeats`` rounds that each time every system once (interleaved, so a
-noisy neighbour on a shared machine slows every system alike); the medians are reported. Ratios are only
-meaningful within one run of the harness.
+noisy neighbour on a shared machine slows every system alike); the minimum and the median are reported.
+Ratios are only meaningful within one run of the harness.
 
 Besides wall time, each run's process CPU time (user + system) is recorded: on a machine shared with other jobs
 it moves far less than wall time (with one torch thread, it is the wall time an idle machine would show).
 
-Peak memory is the largest growth over the run's starting point of the bytes allocated: on CPU, malloc's
-in-use bytes (glibc ``mallinfo2``, sampled every millisecond, so a lower bound; the resident set where glibc is
-missing), on CUDA ``torch.cuda.max_memory_allocated``. The model weights are not included.
+Timed runs are never watched by a memory poller (on one pinned core a 1 ms polling thread turned a 403 ms step
+into 723 ms). Peak memory is the largest growth over the run's starting point of the bytes allocated: on CUDA
+``torch.cuda.max_memory_allocated`` (allocator statistics, read in the timed run); on CPU, malloc's in-use bytes
+(glibc ``mallinfo2``, sampled every millisecond, so a lower bound; the resident set where glibc is missing) in a
+separate, untimed run of each system after the timed rounds. The model weights are not included.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import platform
 import resource
@@ -45,7 +48,12 @@ class BenchOptions:
     dtype: str = "auto"
     device: str = "cpu"
     systems: list[str] | None = None  # None: all of them
+<<<<<<< HEAD
     quantization: str | None = None  # blockdiff's weights (the oracle always runs full precision)
+=======
+    memory_run: bool = True  # CPU: one extra untimed run per system for peak memory
+    tick_memory: bool = False  # measure one default-mode denoising tick at `batch` (logits vs temporaries)
+>>>>>>> main
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -99,10 +107,10 @@ def _rss_bytes() -> int | None:
 
 def memory_metric(device: torch.device) -> str:
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated growth"
+        return "torch.cuda.max_memory_allocated growth (in the timed runs)"
     if _MALLINFO2 is not None:
-        return "malloc in-use bytes growth (glibc mallinfo2, sampled every 1 ms)"
-    return "resident set size growth (sampled every 1 ms)"
+        return "malloc in-use bytes growth (glibc mallinfo2, sampled every 1 ms, in a separate untimed run)"
+    return "resident set size growth (sampled every 1 ms, in a separate untimed run)"
 
 
 class PeakMemory:
@@ -217,21 +225,34 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     runs: dict[str, list[tuple[float, int, RunResult, float]]] = {k: [] for k in systems}
     for r in range(o.repeats):
         for name, (_, fn) in systems.items():
-            with PeakMemory(device) as mem:
-                _sync(device)
-                c0, t0 = _cpu_seconds(), time.perf_counter()
-                res = fn(o.seed)
-                _sync(device)
-                secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-            runs[name].append((secs, mem.peak_bytes, res, cpu))
+            # No poller beside a timed run; on CUDA the allocator's own peak statistics cost nothing.
+            mem = PeakMemory(device) if device.type == "cuda" else None
+            if mem is not None:
+                mem.__enter__()
+            _sync(device)
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            res = fn(o.seed)
+            _sync(device)
+            secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            if mem is not None:
+                mem.__exit__(None, None, None)
+            runs[name].append((secs, mem.peak_bytes if mem is not None else 0, res, cpu))
             log(f"round {r + 1}/{o.repeats}: {name:<20} {secs:8.3f} s  {res.tokens / secs:9.1f} tok/s  "
                 f"(cpu {cpu:.3f} s)")
+    if device.type != "cuda" and o.memory_run:
+        for name, (_, fn) in systems.items():  # peak memory from a separate, untimed run with the poller
+            with PeakMemory(device) as mem:
+                fn(o.seed)
+            runs[name] = [(x[0], mem.peak_bytes, x[2], x[3]) for x in runs[name]]
+            log(f"memory run: {name:<20} peak {mem.peak_bytes / 2 ** 20:.1f} MB")
+    tick = tick_memory(llm, o) if o.tick_memory else None
 
     results = {}
     for name, rs in runs.items():
         batch = systems[name][0]
         secs = statistics.median(x[0] for x in rs)
         cpu = statistics.median(x[3] for x in rs)
+        best = min(x[0] for x in rs)
         res = rs[0][2]
         results[name] = {
             "batch": batch,
@@ -242,6 +263,9 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
             "cpu_seconds": round(cpu, 4),
             "tok_per_cpu_s": round(res.tokens / cpu, 2) if cpu > 0 else None,
             "ms_per_step": round(1000 * secs / res.forwards, 3),
+            "min_seconds": round(best, 4),
+            "min_ms_per_step": round(1000 * best / res.forwards, 3),
+            "max_tok_per_s": round(res.tokens / best, 2),
             "tokens_per_forward": round(res.tokens / batch / res.forwards, 3),
             "peak_mem_mb": round(max(x[1] for x in rs) / 2 ** 20, 1),
             "runs_s": [round(x[0], 4) for x in rs],
@@ -296,6 +320,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         "results": results,
         "ratios": ratios,
         "cpu_time_ratios": cpu_ratios,
+        "tick_memory": tick,
         "reference_matches_oracle": parity,
         "reference_oracle_token_agreement": agreement,
         "options": {k: v for k, v in asdict(o).items() if k != "extra"},
@@ -307,16 +332,22 @@ def format_table(report: dict) -> str:
     base = res.get(ORACLE, {}).get("tok_per_s")
     cbase = res.get(ORACLE, {}).get("tok_per_cpu_s")
     head = (f"{'system':<20} {'batch':>5} {'tok/s':>8} {'x oracle':>8} {'tok/cpu-s':>9} {'x oracle':>8} "
-            f"{'ms/step':>8} {'tok/fwd':>7} {'peak MB':>8}")
+            f"{'ms/step':>8} {'min ms':>8} {'tok/fwd':>7} {'peak MB':>8}")
     lines = [head, "-" * len(head)]
     for name, r in res.items():
         x = f"{r['tok_per_s'] / base:.2f}" if base else "-"
         cx = f"{r['tok_per_cpu_s'] / cbase:.2f}" if cbase and r["tok_per_cpu_s"] else "-"
         lines.append(f"{name:<20} {r['batch']:>5} {r['tok_per_s']:>8.1f} {x:>8} {r['tok_per_cpu_s'] or 0:>9.1f} "
-                     f"{cx:>8} {r['ms_per_step']:>8.1f} {r['tokens_per_forward']:>7.2f} {r['peak_mem_mb']:>8.1f}")
+                     f"{cx:>8} {r['ms_per_step']:>8.1f} {r['min_ms_per_step']:>8.1f} {r['tokens_per_forward']:>7.2f} "
+                     f"{r['peak_mem_mb']:>8.1f}")
     s = report["settings"]
     lines.append(f"({s['device']}, {s['dtype']}, {s['threads']} threads, {s['max_new_tokens']} new tokens, "
-                 f"{s['steps']} steps per canvas, prompt {s['prompt_len']}, median of {s['repeats']})")
+                 f"{s['steps']} steps per canvas, prompt {s['prompt_len']}, median and min of {s['repeats']})")
+    t = report.get("tick_memory")
+    if t:
+        lines.append(f"one denoising tick at batch {t['batch']}: logits {t['logits_mb']:.1f} MB, peak growth "
+                     f"{t['tick_peak_mb']:.1f} MB, temporaries beyond the logits {t['temporaries_mb']:.1f} MB "
+                     f"({t['temporaries_over_logits']:.1%} of the logits; {t['metric']})")
     if report.get("reference_matches_oracle") is not None:
         lines.append(f"reference mode == oracle tokens: {report['reference_matches_oracle']} "
                      f"(agreement {report['reference_oracle_token_agreement']:.1%})")
@@ -334,3 +365,31 @@ def reference_mismatch_note(report: dict) -> str:
                 "on a trained checkpoint the two match (tests/test_generation.py proves it on seeded runs)")
     return ("  fp32 rounding can flip a near-tie between positions of equal entropy; on a trained checkpoint a "
             "mismatch early in the output is unexpected: rerun with --dtype float32 --device cpu and report it")
+
+
+def tick_memory(llm, o: BenchOptions, log=None) -> dict:
+    """Peak memory of one default-mode denoising tick at ``o.batch`` requests (in an untimed run): the
+    [B, C, V] logits buffer and everything else the tick allocates beyond it (the model's activations, the
+    sampler's temporaries, the self-conditioning product)."""
+    from ..sampling.params import SamplingParams
+
+    device = llm.model.device
+    engine = llm.engine
+    model = llm.model
+    C, V = model.canvas_length, model.vocab_size
+    prompt = make_prompt(V, o.prompt_len, o.seed)
+    params = SamplingParams(max_new_tokens=C, max_denoising_steps=4, stability_threshold=5, ignore_eos=True)
+    states = [engine.add_request(list(prompt), dataclasses.replace(params, seed=o.seed + i)) for i in range(o.batch)]
+    try:
+        engine.step()  # prefill + the first step (no self-conditioning yet)
+        engine.step()  # every request holds a canvas and a self-conditioning signal
+        with PeakMemory(device) as mem:
+            engine.step()
+    finally:
+        for s in states:
+            engine.abort(s.request_id)
+    logits = o.batch * C * V * 4
+    extra = max(0, mem.peak_bytes - logits)
+    return {"batch": o.batch, "canvas_length": C, "vocab_size": V, "logits_mb": round(logits / 2 ** 20, 1),
+            "tick_peak_mb": round(mem.peak_bytes / 2 ** 20, 1), "temporaries_mb": round(extra / 2 ** 20, 1),
+            "temporaries_over_logits": round(extra / logits, 4), "metric": memory_metric(device)}

@@ -86,7 +86,7 @@ def _blockdiff_timer(llm) -> RegionTimer:
                             layers.DenseMLP: "dense MLP", layers.Router: "router", layers.Experts: "experts",
                             layers.RMSNorm: "norms (layer level)"})
     t.patch(model, "lm_head", "LM head + soft-cap", FWD)
-    t.patch(engine_mod, "fast_step", "sampler: fast_step")
+    t.patch(engine_mod, "default_step", "sampler: default_step")
     t.patch(engine_mod, "reference_step", "sampler: reference_step")
     t.patch(model, "soft_embeddings", "self-conditioning input: probs @ E")
     return t

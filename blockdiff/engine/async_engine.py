@@ -146,6 +146,11 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ properties
     @property
+    def deterministic(self) -> bool:
+        """Seeded outputs bit-identical alone or batched (``LLM(..., deterministic=True)``, ``serve --deterministic``)."""
+        return self.engine.deterministic
+
+    @property
     def max_num_seqs(self) -> int:
         return self.engine.scheduler.max_num_seqs
 

@@ -1,13 +1,17 @@
 """The engine: admits requests as ``ModelState``s and runs one tick at a time.
 
 A tick = the scheduler's decision, then one batched ``encode`` over every request that reads a prompt or
-commits a canvas (per request in deterministic mode), then one batched ``denoise`` over every request refining a canvas (each against its own
-prefix, at its own step, with its own sampling parameters and generator), then the sampler per request.
+commits a canvas (per request in deterministic mode), then one batched ``denoise`` over every request refining
+a canvas (each against its own prefix, at its own step, with its own sampling parameters), then one batched
+sampler step over all default-mode rows (per-row parameters as tensors, counter-based random numbers, no host
+sync) and the reference-mode rows one by one (their generators draw in the reference's order). The host reads
+back once per tick, in one transfer: the argmax canvases, acceptance and the stop flags.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import torch
@@ -16,8 +20,8 @@ from ..config import GenerationDefaults
 from ..kv_cache import KVCache
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import fast_step, reference_step
-from .model_state import ModelState, Phase
+from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
+from .model_state import ModelState, Phase, StepRow
 from .scheduler import Scheduler
 
 
@@ -29,7 +33,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
         self._ids = itertools.count()
+        self._grammars = None  # structured.GrammarCompiler, built on the first constrained request
+        self._grammars_lock = threading.Lock()
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
+
+    @property
+    def deterministic(self) -> bool:
+        """Deterministic mode: the model computes every row as it would alone (``model.batch_invariant``) and
+        so does the sampler, so a seeded request's output is bit-identical alone or in any batch."""
+        return bool(getattr(self.model, "batch_invariant", False))
 
     @property
     def canvas_length(self) -> int:
@@ -56,11 +68,37 @@ class Engine:
         params = params.resolved(self.defaults)
         self.validate_prompt(prompt_ids, params)
         stop_checker = self._stop_checker(params.stop) if params.stop else None
+        constraint = self._constraint(params) if params.structured_outputs is not None else None
+        infill = None
+        if params.text_template is not None or params.suffix is not None:
+            from ..structured.infill import plan_suffix, plan_template
+            infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
+                      if params.text_template is not None else
+                      plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            params.canvas_template = infill.template  # params is the engine's resolved copy
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
-                           device=self.model.device, cache=self.model.new_sequence())
+                           device=self.model.device, cache=self.model.new_sequence(), constraint=constraint,
+                           infill=infill)
         return state
+
+    def grammars(self):
+        """The checkpoint's grammar compiler (its token table takes ~5 s to build at 262k entries: the server
+        builds it in the background at start-up; any thread may call this)."""
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs the checkpoint's tokenizer; this model has none")
+        with self._grammars_lock:
+            if self._grammars is None:
+                from ..structured import GrammarCompiler
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
+                                                 self.defaults.eos_token_ids)
+        return self._grammars
+
+    def _constraint(self, params: SamplingParams):
+        end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
+        return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length, params.seed,
+                                          self.model.device)
 
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
         state = self.make_state(prompt_ids, params, on_event, request_id, request_index)
@@ -116,42 +154,110 @@ class Engine:
                 self.stats["encode_tokens"] += len(ids)
                 s.encoded()
             return
-        seqs = [s.tokens_to_encode() for s in states]
-        lengths = [len(t) for t in seqs]
-        width = max(lengths)
-        ids = torch.tensor([t + [0] * (width - len(t)) for t in seqs])  # host ids: validated, moved once
-        model.encode(ids, KVCache([s.cache for s in states]), lengths=lengths)
-        self.stats["encode_tokens"] += sum(lengths)
+        for group in _encode_groups([(len(t), s, t) for s in states for t in [s.tokens_to_encode()]]):
+            lengths = [n for n, _, _ in group]
+            width = max(lengths)
+            ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
+            model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
+            self.stats["encode_tokens"] += sum(lengths)
         for s in states:
             s.encoded()
 
     def _denoise(self, states: list[ModelState]) -> None:
         model = self.model
         dev = model.device
+        # Default-mode rows first, then reference-mode rows, then constrained rows (structured output: grammar
+        # state lives on the host, so each takes its own step): each group is a contiguous view of the logits.
+        states = sorted(states, key=_row_group)
+        nd = sum(_row_group(s) == 0 for s in states)
+        nr = nd + sum(_row_group(s) == 1 for s in states)
+        B, C = len(states), self.canvas_length
         canvas = torch.stack([s.canvas for s in states]).to(dev)  # [B, C]
+        previous = torch.stack([s.argmax for s in states]).to(dev)  # [B, C] last step's argmax canvas
         have_sc = [s.sc_embeds is not None for s in states]
         sc = mask = None
         if any(have_sc):
             H = model.text.hidden_size
             sc = torch.stack([s.sc_embeds if s.sc_embeds is not None
-                              else torch.zeros(self.canvas_length, H, device=dev, dtype=model.dtype)
-                              for s in states])
+                              else torch.zeros(C, H, device=dev, dtype=model.dtype) for s in states])
             mask = torch.tensor(have_sc, device=dev)
         logits = model.denoise(canvas, KVCache([s.cache for s in states]),
                                self_conditioning_embeds=sc, self_conditioning_mask=mask)  # [B, C, V]
-        results = []
+        parts = []
+        if nd:
+            parts += self._default_rows(logits[:nd], canvas[:nd], states[:nd])
+        for b in range(nd, nr):  # the reference's generator draws: one canvas at a time
+            s, p = states[b], states[b].params
+            res = reference_step(logits[b], canvas[b], s.step, p.max_denoising_steps, p.t_min, p.t_max,
+                                 p.entropy_bound, s.generator, p.confidence_threshold)
+            logits[b].copy_(res.probs)  # the buffer now holds every row's tempered distribution
+            parts.append(_unsqueeze(res))
+        for b in range(nr, B):  # constrained rows: a grammar mask at the first undecided position (structured/)
+            s, p = states[b], states[b].params
+            res = s.constraint.step(logits[b], s.step, p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound,
+                                    p.confidence_threshold)
+            parts.append(_unsqueeze(res))
+        new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
+        soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
+        same = same_as_previous(argmax, previous, torch.tensor([s.step > 0 for s in states], device=dev))
+        # The one device-to-host transfer of the tick: argmax canvases, acceptance and the stop flags.
+        host = torch.cat([argmax, accepted.long(), same[:, None].long(), confident[:, None].long()], 1).tolist()
         for b, s in enumerate(states):
-            p = s.params
-            if p.rng == "reference":
-                res = reference_step(logits[b], s.canvas, s.step, p.max_denoising_steps, p.t_min, p.t_max,
-                                     p.entropy_bound, s.generator)
-                logits[b].copy_(res.probs)  # the buffer now holds every row's tempered distribution
-            else:
-                res = fast_step(logits[b], s.canvas, s.step, p.max_denoising_steps, p.t_min, p.t_max,
-                                p.entropy_bound, s.generator, fixed=s.fixed, template=s.template,
-                                disallowed=s.disallowed)
-            results.append(res)
-        soft = model.soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
-        for b, (s, res) in enumerate(zip(states, results)):
-            s.apply_step(res, soft[b])
+            row = host[b]
+            s.apply_step(StepRow(new_canvas[b], argmax[b], row[:C], [bool(x) for x in row[C:2 * C]],
+                                 bool(row[2 * C]), bool(row[2 * C + 1])), soft[b])
         self.stats["denoise_steps"] += len(states)
+
+    def _default_rows(self, logits: torch.Tensor, canvas: torch.Tensor, states: list[ModelState]) -> list[tuple]:
+        """The batched default-mode sampler over ``logits`` [n, C, V] (in place); per request in deterministic
+        mode, so each row runs exactly the kernels (and reduction shapes) it would run alone."""
+        dev, C, V = logits.device, self.canvas_length, self.model.vocab_size
+        groups = [[i] for i in range(len(states))] if self.deterministic else [list(range(len(states)))]
+        out = []
+        for g in groups:
+            lo, hi = g[0], g[-1] + 1
+            params = RowParams.build([s.sampler_row() for s in states[lo:hi]], dev, C, V)
+            res = default_step(logits[lo:hi], canvas[lo:hi], params)
+            out.append((res.canvas, res.argmax, res.accepted, res.confident))
+        return out
+
+    def _soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [B, C, V] -> [B, C, H]. In the model dtype: when that is not fp32 the cast happens per chunk of
+        rows, so no second [B, C, V] buffer appears; in deterministic mode one canvas per product."""
+        model = self.model
+        B, C, V = probs.shape
+        if model.dtype == probs.dtype and not self.deterministic:
+            return model.soft_embeddings(probs)
+        out = torch.empty(B, C, model.text.hidden_size, dtype=model.dtype, device=probs.device)
+        if self.deterministic:
+            for b in range(B):
+                out[b] = model.soft_embeddings(probs[b])
+            return out
+        flat, of = probs.view(B * C, V), out.view(B * C, -1)
+        for i in range(0, B * C, SOFT_CHUNK):
+            of[i:i + SOFT_CHUNK] = model.soft_embeddings(flat[i:i + SOFT_CHUNK])
+        return out
+
+
+def _encode_groups(items: list) -> list[list]:
+    """Split (length, ...) items into as few batched encodes as keep padding at most half of each: one call when
+    lengths are alike (commits are all one canvas long), a long prompt apart from short ones."""
+    items = sorted(items, key=lambda it: it[0], reverse=True)
+    groups, cur = [], []
+    for it in items:
+        if cur and cur[0][0] * (len(cur) + 1) > 2 * (sum(x[0] for x in cur) + it[0]):
+            groups.append(cur)
+            cur = []
+        cur.append(it)
+    return groups + [cur] if cur else groups
+
+
+SOFT_CHUNK = 256  # rows of probabilities cast to the model dtype at once for the self-conditioning product
+
+
+def _row_group(s: ModelState) -> int:
+    return 2 if s.constraint is not None else 1 if s.params.rng == "reference" else 0
+
+
+def _unsqueeze(res):
+    return (res.canvas[None], res.argmax[None], res.accepted[None], res.confident.reshape(1))

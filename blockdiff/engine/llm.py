@@ -37,6 +37,7 @@ def load_tokenizer(path: str):
 
 
 class LLM:
+<<<<<<< HEAD
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
                  quantization: str | None = None, quantize_embedding: bool = True):
         if is_gguf(model):  # config, weights and tokenizer all come from the one file
@@ -51,14 +52,34 @@ class LLM:
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
                                 quantize_embedding=quantize_embedding)
+=======
+    """``deterministic=True``: a seeded request's output is bit-identical alone or in any batch (the model and
+    the sampler compute every request as they would alone; slower under load). The default batches the whole
+    tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
+    docs/serving.md, "What a seed guarantees")."""
+
+    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
+                 deterministic: bool = False):
+        path = resolve_path(model)
+        self.model_path = path
+        self.model = load_model(path, dtype=dtype, device=device)
+        self.model.batch_invariant = bool(deterministic)
+>>>>>>> main
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
 
+    @property
+    def deterministic(self) -> bool:
+        return self.engine.deterministic
+
     @classmethod
     def from_model(cls, model: DiffusionGemma, tokenizer=None, generation_defaults: GenerationDefaults | None = None,
-                   max_num_seqs: int = 64) -> "LLM":
+                   max_num_seqs: int = 64, deterministic: bool | None = None) -> "LLM":
+        """Wrap a model already in memory; ``deterministic=None`` keeps its ``batch_invariant`` setting."""
         self = cls.__new__(cls)
+        if deterministic is not None:
+            model.batch_invariant = bool(deterministic)
         self.model_path = None
         self.model, self.tokenizer = model, tokenizer
         self.defaults = generation_defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
@@ -136,7 +157,7 @@ class LLM:
         outs = []
         for s, text in zip(states, texts):
             out_text = self._decode(s.output_ids)
-            if out_text is not None and s.params.stop:
+            if out_text is not None and s.params.stop and s.constraint is None:  # stops never cut constrained text
                 cut = min((out_text.find(x) for x in s.params.stop if x in out_text), default=-1)
                 if cut >= 0:
                     out_text = out_text[:cut]

@@ -4,10 +4,15 @@
     canvas done --EOS / budget / stop string--> FINISHED
     canvas done --otherwise--> COMMITTING --encode the canvas--> DENOISING (next canvas)
 
-It owns the request's KV cache row, canvas, self-conditioning signal, stability history, its own
-``torch.Generator`` and counters, and emits events: ``draft`` after every step, ``block`` after every
-finished canvas, ``done`` at the end. It holds no model: the engine runs the forwards and calls
-``apply_step`` / ``finish_canvas`` with their results.
+It owns the request's KV cache row, canvas, self-conditioning signal, stability counter, its seed (and, for
+``rng="reference"``, its own ``torch.Generator``) and counters, and emits events: ``draft`` after every step,
+``block`` after every finished canvas, ``done`` at the end. It holds no model: the engine runs the forwards
+and the batched sampler, reads back once per tick what the host needs (``StepRow``), and calls
+``apply_step`` with it.
+
+Random numbers: with ``rng="default"`` every draw is a counter-based hash of (seed, canvas index, step,
+position), so a request's draws are the same whatever batch or row it runs in; with ``rng="reference"`` they
+come from the request's generator in the reference's order. An unseeded request gets a random seed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from ..config import LayerSpec
 from ..kv_cache import SequenceCache
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import StabilityTracker, StepResult
+from ..sampling.sampler import initial_canvas
 
 
 class Phase(enum.Enum):
@@ -80,11 +85,23 @@ class InvalidTransition(RuntimeError):
     pass
 
 
+@dataclass
+class StepRow:
+    """One request's share of a denoising tick: device tensors it keeps, host values read back in one batch."""
+
+    canvas: torch.Tensor  # [C] next canvas (device)
+    argmax: torch.Tensor  # [C] argmax canvas (device)
+    argmax_ids: list[int]  # the same, on the host
+    accepted: list[bool]
+    same_as_previous: bool  # argmax canvas unchanged from the previous step
+    confident: bool  # mean entropy below confidence_threshold
+
+
 class ModelState:
     def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
                  specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
                  on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None,
-                 cache: SequenceCache | None = None):
+                 cache: SequenceCache | None = None, constraint=None, infill=None):
         self.request_id = request_id
         self.request_index = request_index
         self.prompt_ids = list(prompt_ids)
@@ -95,16 +112,27 @@ class ModelState:
         self.eos = (set() if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids or [])
         self.on_event = on_event
         self.stop_checker = stop_checker  # fn(output_ids) -> cut index or None (stop strings)
+        # structured output (blockdiff.structured.CanvasConstraint): decides the canvas tokens and where the
+        # output ends; stop strings never cut a constrained output (that would break its guarantee).
+        self.constraint = constraint
+        self.infill = infill  # structured.infill.InfillPlan: the first canvas is the whole output
         self.phase = Phase.WAITING
         # The request's pages in the model's KV pool (a private pool when built without a model).
         self.cache: SequenceCache | None = cache if cache is not None else SequenceCache(specs)
         self.device = torch.device(device or "cpu")
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(62))
+        self.seed = params.seed if params.seed is not None else secrets.randbits(62)
+        self.generator = None
+        if params.rng == "reference":
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(self.seed)
         self.canvas: torch.Tensor | None = None  # [C]
         self.argmax: torch.Tensor | None = None  # [C]
+        self.argmax_ids: list[int] | None = None  # the argmax canvas on the host (read back by the engine)
         self.sc_embeds: torch.Tensor | None = None  # [C, H] self-conditioning signal for the next step
-        self.stability = StabilityTracker(params.stability_threshold)
+        # The reference's stop rule (argmax canvas equal to each of the last `stability_threshold` ones) as a
+        # count of consecutive unchanged steps: stable iff stable_run >= stability_threshold.
+        self.stable_run = 0
+        self.canvas_index = 0  # counter-based rng key: which canvas of this request is denoising
         self.step = 0  # denoising step within the current canvas
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -117,11 +145,10 @@ class ModelState:
             tt = torch.tensor(t, device=self.device)
             if bool((tt >= 0).any()):
                 self.fixed, self.template = tt >= 0, tt.clamp(min=0)
-        self.disallowed = None
+        self.disallowed = None  # bool [V]: True for tokens this request may never draw
         if params.allowed_token_ids is not None:
-            keep = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-            keep[torch.tensor(params.allowed_token_ids, device=self.device)] = True
-            self.disallowed = (~keep).nonzero().view(-1)
+            self.disallowed = torch.ones(vocab_size, dtype=torch.bool, device=self.device)
+            self.disallowed[torch.tensor(params.allowed_token_ids, device=self.device)] = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -145,7 +172,7 @@ class ModelState:
     def tokens_to_encode(self) -> list[int]:
         """What the next encode pass reads: the prompt (WAITING) or the finished canvas (COMMITTING)."""
         self._require(Phase.WAITING, Phase.COMMITTING)
-        return self.prompt_ids if self.phase is Phase.WAITING else self.argmax.tolist()
+        return self.prompt_ids if self.phase is Phase.WAITING else list(self.argmax_ids)
 
     def encoded(self) -> None:
         """The engine appended tokens_to_encode() to this request's cache: start a new canvas."""
@@ -153,48 +180,79 @@ class ModelState:
         if self.phase is Phase.COMMITTING:
             self.fixed = self.template = None  # the template shapes the first canvas only
         C = self.canvas_length
-        self.canvas = torch.randint(0, self.vocab_size, (1, C), generator=self.generator, device=self.device)[0]
+        self.canvas_index = self.metrics.canvases
+        if self.generator is not None:  # the reference's draw order: one randint per canvas start
+            self.canvas = torch.randint(0, self.vocab_size, (1, C), generator=self.generator,
+                                        device=self.device)[0]
+        else:
+            key = torch.tensor([[self.seed, self.canvas_index]], dtype=torch.int64, device=self.device)
+            self.canvas = initial_canvas(key[:, 0], key[:, 1], C, self.vocab_size)[0]
         if self.fixed is not None:
             self.canvas = torch.where(self.fixed, self.template, self.canvas)
         self.argmax = self.canvas
+        self.argmax_ids = None
+        if self.constraint is not None:
+            self.constraint.start_canvas()
         self.sc_embeds = None
-        self.stability = StabilityTracker(self.params.stability_threshold)
+        self.stable_run = 0
         self.step = 0
         self.phase = Phase.DENOISING
 
-    def apply_step(self, res: StepResult, sc_embeds: torch.Tensor) -> bool:
+    def sampler_row(self) -> dict:
+        """This request's per-row sampler parameters for the batched step (see ``RowParams.build``)."""
+        p = self.params
+        return {"step": self.step, "max_steps": p.max_denoising_steps, "t_min": p.t_min, "t_max": p.t_max,
+                "entropy_bound": p.entropy_bound, "confidence": p.confidence_threshold, "seed": self.seed,
+                "canvas_index": self.canvas_index, "fixed": self.fixed, "template": self.template,
+                "disallowed": self.disallowed}
+
+    def apply_step(self, row: StepRow, sc_embeds: torch.Tensor) -> bool:
         """Record one denoising step; returns True when the canvas is finished."""
         self._require(Phase.DENOISING)
         p = self.params
         self.metrics.denoise_steps += 1
-        self.canvas, self.argmax, self.sc_embeds = res.canvas, res.argmax, sc_embeds
+        self.canvas, self.argmax, self.argmax_ids, self.sc_embeds = row.canvas, row.argmax, row.argmax_ids, sc_embeds
+        # The first step of a canvas has no previous argmax to compare with (the reference's empty history).
+        self.stable_run = self.stable_run + 1 if (row.same_as_previous and self.step > 0) else 0
         self.step += 1
-        stable = self.stability.update(res.argmax)
-        done = (stable and res.mean_entropy < p.confidence_threshold) or self.step >= p.max_denoising_steps
-        if self.on_event is not None:  # drafts cost two .tolist() per step: only when someone listens
-            self._emit(Event("draft", self.request_id, self.request_index, res.argmax.tolist(), step=self.step,
-                             accepted=res.accepted.tolist()))
+        stable = self.stable_run >= p.stability_threshold
+        done = (stable and row.confident) or self.step >= p.max_denoising_steps
+        if self.on_event is not None:
+            self._emit(Event("draft", self.request_id, self.request_index, list(row.argmax_ids), step=self.step,
+                             accepted=list(row.accepted)))
+        if self.constraint is not None:  # a settled constrained canvas is done
+            done = done or self.constraint.settled
         if done:
             self._finish_canvas()
         return done
 
     def _finish_canvas(self) -> None:
-        tokens = self.argmax.tolist()
         self.metrics.canvases += 1
         if self.metrics.first_block_time is None:
             self.metrics.first_block_time = time.perf_counter()
         budget = self.params.max_new_tokens - len(self.output_ids)
         reason = None
-        for i, t in enumerate(tokens):
-            if t in self.eos:
-                tokens, reason = tokens[:i + 1], "stop"
-                break
-        if len(tokens) >= budget:
+        if self.constraint is not None:  # every position grammar-valid; "stop" only where the grammar is complete
+            tokens = self.constraint.complete(self.argmax_ids)
+            if len(tokens) == self.canvas_length:  # what the commit encodes
+                self.argmax_ids = list(tokens)
+                self.argmax = torch.tensor(tokens, device=self.device)
+            reason = "stop" if self.constraint.ended else None
+        elif self.infill is not None:  # text template / suffix: the filled canvas ends the request
+            tokens, reason, budget = self.infill.output(list(self.argmax_ids), self.eos), "stop", None
+        else:
+            tokens = list(self.argmax_ids)
+            for i, t in enumerate(tokens):
+                if t in self.eos:
+                    tokens, reason = tokens[:i + 1], "stop"
+                    break
+        if budget is not None and len(tokens) >= budget:
             if reason is None or len(tokens) > budget:
                 reason = "length"
             tokens = tokens[:budget]
         self.output_ids.extend(tokens)
-        if self.stop_checker is not None:  # on the last canvas (budget, EOS) too: a stop string wins
+        # On the last canvas (budget, EOS) too: a stop string wins, except over a constrained output.
+        if self.stop_checker is not None and self.constraint is None:
             cut = self.stop_checker(self.output_ids)
             if cut is not None:
                 tokens = tokens[:max(0, len(tokens) - (len(self.output_ids) - cut))]
@@ -214,7 +272,7 @@ class ModelState:
         self.error = error
         self.metrics.output_tokens = len(self.output_ids)
         self.metrics.finish_time = time.perf_counter()
-        self.canvas = self.argmax = self.sc_embeds = None
+        self.canvas = self.argmax = self.argmax_ids = self.sc_embeds = None
         if self.cache is not None:
             self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
         self.cache = None

@@ -24,7 +24,7 @@ class AttnMeta:
     """Masks of one attention span (sliding window or full) for one encode/denoise call."""
 
     mask: torch.Tensor  # bool [B, 1, S or 1, P + S]: True = attend
-    rows: list  # host, per row: (lo, hi) - the slice of the gathered prefix this row sees
+    rows: list | None = None  # host, per row: (lo, hi) - the slice of the gathered prefix this row sees
     row_masks: list | None = None  # per-row path: bool [S, hi - lo + S] or None (attend to everything)
     per_row: bool = False
 

@@ -17,12 +17,15 @@ The model computes only: it never samples, schedules or tokenizes.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, to_device
+from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, gather_prefix, to_device
 from .attention import AttnMeta
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 
@@ -44,6 +47,11 @@ class DiffusionGemma(nn.Module):
         self.batch_invariant = False
         self._kv_pool: KVPool | None = None
         self.spans = sorted({attention_span(s) for s in t.layers}, key=lambda w: -1 if w is None else w)
+        self._span_index = [self.spans.index(attention_span(s)) for s in t.layers]
+        # Compile the batched denoise step: None = automatic (CUDA only), True / False = force on / off.
+        self.compile_denoise: bool | None = None
+        self._compiled = None
+        self._compile_failed = False
         # One inverse-frequency table per layer type (head dims differ between sliding and full layers).
         for lt in sorted(set(t.layer_types)):
             spec = next(s for s in t.layers if s.layer_type == lt)
@@ -120,32 +128,51 @@ class DiffusionGemma(nn.Module):
                 raise ValueError(f"{name} holds ids outside [0, {self.vocab_size})")
         return to_device(ids, self.device) if ids.device != self.device else ids
 
-    def _metas(self, view, positions: torch.Tensor, new_valid: torch.Tensor | None) -> dict:
-        """Masks per attention span. positions [B, S]; new_valid [B, S] (encode: False on padding) or None (denoise:
-        every canvas position sees the row's visible prefix and the whole canvas)."""
+    def _masks(self, positions: torch.Tensor, span_pos: list, span_valid: list,
+               new_valid: torch.Tensor | None) -> list:
+        """Attention masks per span (``self.spans`` order). positions [B, S]; span_pos/valid [B, P] per span;
+        new_valid [B, S] (encode: False on padding) or None (denoise: every canvas position sees the row's visible
+        prefix and the whole canvas). Pure tensor ops: no host values."""
         B, S = positions.shape
-        per_row = self.batch_invariant
-        metas = {}
-        for g in self.spans:
-            pre = view.prefix(g)
-            P = pre.pos.shape[1]
+        masks = []
+        for g, ppos, pvalid in zip(self.spans, span_pos, span_valid):
             if new_valid is not None:  # causal (and windowed) over stored + new positions
-                kpos = torch.cat([pre.pos, positions], dim=1)[:, None, :]  # [B, 1, P + S]
+                kpos = torch.cat([ppos, positions], dim=1)[:, None, :]  # [B, 1, P + S]
                 q = positions[:, :, None]  # [B, S, 1]
-                m = torch.cat([pre.valid, new_valid], dim=1)[:, None, :] & (kpos <= q)  # [B, S, P + S]
+                m = torch.cat([pvalid, new_valid], dim=1)[:, None, :] & (kpos <= q)  # [B, S, P + S]
                 if g is not None:
                     m = m & (kpos > q - g)
-                rows = None
-                if per_row:
-                    rows = [torch.cat([m[b, :, lo:hi], m[b, :, P:]], dim=-1) for b, (lo, hi) in enumerate(pre.rows)]
-                metas[g] = AttnMeta(m[:, None], pre.rows, rows, per_row)
+                masks.append(m[:, None])  # [B, 1, S, P + S]
             else:
-                valid = pre.valid
                 if g is not None:  # a cache that keeps every position still shows only the window
-                    valid = valid & (pre.pos > positions[:, :1] - g)
-                kvalid = torch.cat([valid, torch.ones(B, S, dtype=torch.bool, device=valid.device)], dim=1)
-                metas[g] = AttnMeta(kvalid[:, None, None, :], pre.rows, None, per_row)
+                    pvalid = pvalid & (ppos > positions[:, :1] - g)
+                kvalid = torch.cat([pvalid, torch.ones(B, S, dtype=torch.bool, device=pvalid.device)], dim=1)
+                masks.append(kvalid[:, None, None, :])  # [B, 1, 1, P + S]
+        return masks
+
+    def _metas(self, masks: list, prefixes: list) -> list:
+        """AttnMeta per span; in batch-invariant mode with each row's visible slice and mask."""
+        metas = []
+        for m, pre in zip(masks, prefixes):
+            rows = None
+            if self.batch_invariant and m.shape[2] > 1:  # causal: per-row [S, P_b + S] masks
+                P = pre.pos.shape[1]
+                rows = [torch.cat([m[b, 0, :, lo:hi], m[b, 0, :, P:]], dim=-1) for b, (lo, hi) in enumerate(pre.rows)]
+            metas.append(AttnMeta(m, None if pre is None else pre.rows, rows, self.batch_invariant))
         return metas
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, metas: list, sources: list, causal: bool,
+                view=None) -> torch.Tensor:
+        """Run every layer; ``sources[i]`` feeds ``gather_prefix`` for layer i; encode writes new K/V to ``view``."""
+        rope = self._rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            spec = layer.self_attn.spec
+            cos, sin = rope[spec.layer_type]
+            x, k_new, v_new = layer(x, cos, sin, gather_prefix(*sources[i]), metas[self._span_index[i]],
+                                    causal=causal, moe_per_row=self.batch_invariant)
+            if view is not None:
+                view.write(i, k_new, v_new)
+        return x
 
     # ------------------------------------------------------------------ encode
     def encode(
@@ -174,15 +201,11 @@ class DiffusionGemma(nn.Module):
         steps = torch.arange(S, device=dev)[None]  # [1, S]
         positions = view.start[:, None] + steps  # [B, S]
         new_valid = steps < to_device(torch.tensor(lengths), dev)[:, None]  # [B, S]
-        x = self.embed(ids)
-        rope = self._rope(positions, x.dtype)
-        metas = self._metas(view, positions, new_valid)
-        for i, layer in enumerate(self.layers):
-            spec = layer.self_attn.spec
-            cos, sin = rope[spec.layer_type]
-            x, k_new, v_new = layer(x, cos, sin, view.read(i), metas[attention_span(spec)], causal=True,
-                                    moe_per_row=self.batch_invariant)
-            view.write(i, k_new, v_new)
+        prefixes = [view.prefix(g) for g in self.spans]
+        metas = self._metas(self._masks(positions, [p.pos for p in prefixes], [p.valid for p in prefixes],
+                                        new_valid), prefixes)
+        x = self._layers(self.embed(ids), positions, metas, [view.sources(i) for i in range(len(self.layers))],
+                         causal=True, view=view)
         view.commit()
         if logits is None:
             return None
@@ -213,24 +236,60 @@ class DiffusionGemma(nn.Module):
         if self_conditioning_logits is not None and self_conditioning_embeds is not None:
             raise ValueError("pass self_conditioning_logits or self_conditioning_embeds, not both")
         dev = self.device
-        x = self.embed(ids)
         if self_conditioning_logits is not None:
             soft = self.soft_embeddings(self_conditioning_logits.softmax(dim=-1, dtype=torch.float32))
         elif self_conditioning_embeds is not None:
-            soft = self_conditioning_embeds.to(x.dtype)
+            soft = self_conditioning_embeds.to(self.dtype)
         else:
-            soft = torch.zeros_like(x)
+            soft = torch.zeros(B, C, self.text.hidden_size, device=dev, dtype=self.dtype)
         if self_conditioning_mask is not None:
             soft = soft * to_device(self_conditioning_mask, dev).to(soft.dtype)[:, None, None]
-        x = self.self_conditioning(x, soft)
         view = cache.begin(None, C, dev, self.dtype)
-        positions = view.start[:, None] + torch.arange(C, device=dev)[None]  # [B, C]
-        rope = self._rope(positions, x.dtype)
-        metas = self._metas(view, positions, None)
-        for i, layer in enumerate(self.layers):
-            spec = layer.self_attn.spec
-            cos, sin = rope[spec.layer_type]
-            x, _, _ = layer(x, cos, sin, view.read(i), metas[attention_span(spec)], causal=False,
-                            moe_per_row=self.batch_invariant)
-        h = self.norm(x)
+        prefixes = [view.prefix(g) for g in self.spans]
+        sources = [view.sources(i) for i in range(len(self.layers))]
+        span_pos, span_valid = [p.pos for p in prefixes], [p.valid for p in prefixes]
+        if self.batch_invariant:  # per-row attention needs each row's host-side slice: eager
+            positions = view.start[:, None] + torch.arange(C, device=dev)[None]
+            metas = self._metas(self._masks(positions, span_pos, span_valid, None), prefixes)
+            x = self.self_conditioning(self.embed(ids), soft)
+            h = self.norm(self._layers(x, positions, metas, sources, causal=False))
+            return h if return_hidden else self.lm_head(h)
+        return self._run_step(ids, soft, view.start, span_pos, span_valid, sources, return_hidden)
+
+    def denoise_step(self, ids, soft, start, span_pos: list, span_valid: list, sources: list,
+                     return_hidden: bool = False) -> torch.Tensor:
+        """The batched denoise forward on tensors only (what ``torch.compile`` / graph capture sees): canvas ids
+        [B, C], self-conditioning embeddings [B, C, H], row starts [B], per span the gathered prefix's positions
+        and validity [B, P], per layer the ``gather_prefix`` sources."""
+        C = ids.shape[1]
+        positions = start[:, None] + torch.arange(C, device=ids.device)[None]  # [B, C]
+        metas = [AttnMeta(m, None) for m in self._masks(positions, span_pos, span_valid, None)]
+        x = self.self_conditioning(self.embed(ids), soft)
+        h = self.norm(self._layers(x, positions, metas, sources, causal=False))
         return h if return_hidden else self.lm_head(h)
+
+    def _run_step(self, *args) -> torch.Tensor:
+        fn = self._compiled_step()
+        if fn is not None:
+            try:
+                return fn(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager from now on
+                self._compile_failed = True
+                warnings.warn(f"torch.compile of the denoise step failed, running eager: {exc!r:.300}")
+        return self.denoise_step(*args)
+
+    def _compiled_step(self):
+        """The compiled denoise step, or None. ``compile_denoise``: True/False = force on/off; None = the environment
+        variable ``BLOCKDIFF_COMPILE`` (0/1), else automatic: on CUDA only, where kernel launch overhead dominates
+        small batches. Unmeasured on GPUs so far: see docs/benchmarks.md ("Graph capture")."""
+        want = self.compile_denoise
+        if want is None:
+            env = os.environ.get("BLOCKDIFF_COMPILE", "auto").lower()
+            want = self.device.type == "cuda" if env == "auto" else env not in ("0", "false", "off", "no")
+        if not want or self._compile_failed or torch.is_grad_enabled():
+            return None
+        if self._compiled is None:
+            # fullgraph: the step has no graph breaks (no host reads, no Python-side data-dependent branches);
+            # dynamic=None: specialise first, then one dynamic-shape graph once batch or prefix sizes change.
+            self._compiled = torch.compile(self.denoise_step, fullgraph=True)
+        return self._compiled

@@ -23,6 +23,20 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM_UNSUPPORTED: set = set()  # (device type, dtype) pairs whose grouped-mm kernel raised once
 
 
+@torch.library.custom_op("blockdiff::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [N, K] rows grouped by expert, w [E, K, M], offs [E] int32 group ends -> [N, M].
+
+    ``torch._grouped_mm`` behind a custom op: its registered shape function (what ``torch.compile`` traces with)
+    accepts only bf16, while the CPU kernel also runs fp32; this op's shape function is dtype-agnostic."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_shape(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
 class Router(nn.Module):
     """Top-k router on the raw residual: unscaled RMSNorm * scale * hidden^-0.5 -> softmax -> top-k, renormalised,
     times a per-expert scale."""
@@ -106,8 +120,8 @@ class Experts(nn.Module):
         if grouped_mm_usable(x, H, I2 // 2):
             # One GEMM per weight matrix for every token of the batch: each expert's weights are read once.
             try:
-                gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=r.offsets).chunk(2, dim=-1)
-                y = torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=r.offsets)
+                gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), r.offsets).chunk(2, dim=-1)
+                y = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), r.offsets)
             except RuntimeError:  # a device/dtype this build's kernel lacks (some GPUs): loop from now on
                 _GROUPED_MM_UNSUPPORTED.add((x.device.type, x.dtype))
         if y is None:

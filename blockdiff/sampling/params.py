@@ -42,8 +42,16 @@ class SamplingParams:
     # Infilling / templates: token ids for the first canvas, -1 where the model is free. Fixed positions are
     # never renoised and are always part of the committed canvas.
     canvas_template: list[int] | None = None
+    # Infilling through text (blockdiff/structured/infill.py): a template with holes written <|hole|> or
+    # <|hole:N|>, or a suffix the output must lead into (fill in the middle). Either one fills the first canvas
+    # and ends the request.
+    text_template: str | None = None
+    suffix: str | None = None
     # Constrained decoding: canvas tokens are drawn only from these ids.
     allowed_token_ids: list[int] | None = None
+    # Structured output: {"json": schema} | {"json_object": True} | {"regex": ...} | {"choice": [...]} |
+    # {"grammar": ...}, optionally "allow_whitespace" (see blockdiff/structured and docs/structured-output.md).
+    structured_outputs: dict | None = None
     stream_drafts: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -100,9 +108,35 @@ class SamplingParams:
                 raise ValueError(f"canvas_template has {len(t)} entries but the canvas holds {canvas_length}")
             if vocab_size is not None and any(x >= vocab_size for x in t):
                 raise ValueError(f"canvas_template holds ids outside the vocabulary [0, {vocab_size})")
-        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None):
+        for name in ("text_template", "suffix"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name} must be a non-empty string")
+        if self.text_template is not None and self.suffix is not None:
+            raise ValueError("give text_template or suffix, not both")
+        if (self.text_template is not None or self.suffix is not None) and self.canvas_template is not None:
+            raise ValueError(f"{'text_template' if self.text_template is not None else 'suffix'} builds the "
+                             "canvas_template itself; do not give both")
+        if self.structured_outputs is not None:
+            self._validate_structured()
+        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None
+                                        or self.text_template is not None or self.suffix is not None):
             raise ValueError("rng='reference' reproduces the reference sampler, which has no canvas_template "
                              "or allowed_token_ids; use rng='default' with them")
+
+    def _validate_structured(self) -> None:
+        from ..structured.spec import compile_spec, normalize
+
+        self.structured_outputs = normalize(self.structured_outputs)
+        compile_spec(self.structured_outputs)  # ValueError naming the problem in the schema / pattern / grammar
+        for name in ("canvas_template", "allowed_token_ids", "text_template", "suffix"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"structured_outputs cannot be combined with {name}")
+        if self.rng == "reference":
+            raise ValueError("structured_outputs needs rng='default' (the reference sampler has no constraints)")
+        if self.ignore_eos:
+            raise ValueError("structured_outputs cannot be combined with ignore_eos: the output ends where the "
+                             "grammar is complete")
 
     def resolved(self, d: GenerationDefaults) -> "SamplingParams":
         """A copy with every unset field filled from the checkpoint's generation defaults."""

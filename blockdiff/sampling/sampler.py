@@ -1,6 +1,6 @@
-"""The DiffusionGemma denoising step, as pure functions of (logits, generator, params, canvas state).
+"""The DiffusionGemma denoising step, as pure functions of (logits, random numbers, per-row params, canvas state).
 
-One step, for one request's canvas (``logits`` [C, V], soft-capped, from ``model.denoise``):
+One step, for each canvas of a batch (``logits`` [B, C, V], soft-capped, from ``model.denoise``):
 
 1. temperature: linear schedule t_max -> t_min over the remaining steps (step n of N uses
    t = t_min + (t_max - t_min) * (N - n) / N, computed in fp32 like the reference);
@@ -12,10 +12,16 @@ One step, for one request's canvas (``logits`` [C, V], soft-capped, from ``model
    mean entropy is below ``confidence_threshold`` (or the step cap is hit); the argmax canvas is committed;
 5. the tempered distribution, as a soft embedding, conditions the next step.
 
+``default_step`` runs the whole batch at once with per-row parameters as tensors and no host
+synchronisation (no ``.item()``, ``.tolist()``, ``nonzero`` or boolean indexing, no data-dependent
+shape): its random numbers are counter-based hashes of (seed, canvas, step, position) from
+``counter_rng``, so a row's draws do not depend on the batch. Its [B, C, V] work happens in place in
+the one logits buffer, ``ROW_CHUNK`` rows at a time, so the temporaries stay a few ``ROW_CHUNK x V``
+buffers whatever the batch.
+
 ``reference_step`` draws random numbers exactly as the transformers reference does (a full-vocabulary
-sample at every position, then a full-canvas ``randint``), so seeded runs are token-for-token equal.
-``fast_step`` keeps the same distribution but samples only the accepted positions and keeps the
-[C, V] temporaries to the one logits buffer (processed in row chunks, in place).
+sample at every position, then a full-canvas ``randint`` from the request's ``torch.Generator``), one
+canvas at a time, so seeded runs are token-for-token equal to the reference.
 """
 
 from __future__ import annotations
@@ -24,17 +30,61 @@ from dataclasses import dataclass
 
 import torch
 
-ROW_CHUNK = 32  # rows of [C, V] processed at once in fast_step: bounds temporaries to ROW_CHUNK x V
+from . import counter_rng
+
+ROW_CHUNK = 32  # rows of [B*C, V] processed at once: bounds the temporaries to a few ROW_CHUNK x V buffers
 
 
 @dataclass
 class StepResult:
-    canvas: torch.Tensor  # [C] next canvas (accepted tokens kept, the rest renoised)
-    argmax: torch.Tensor  # [C] argmax canvas (the draft; committed when the canvas finishes)
-    accepted: torch.Tensor  # [C] bool, positions accepted this step
-    entropy: torch.Tensor  # [C]
-    probs: torch.Tensor  # [C, V] tempered distribution (for self-conditioning)
-    mean_entropy: float
+    canvas: torch.Tensor  # [..., C] next canvas (accepted tokens kept, the rest renoised)
+    argmax: torch.Tensor  # [..., C] argmax canvas (the draft; committed when the canvas finishes)
+    accepted: torch.Tensor  # [..., C] bool, positions accepted this step
+    entropy: torch.Tensor  # [..., C]
+    probs: torch.Tensor  # [..., C, V] tempered distribution (for self-conditioning); the logits buffer
+    mean_entropy: torch.Tensor  # [...] mean entropy over the free (non-template) positions
+    confident: torch.Tensor  # [...] bool: mean_entropy < confidence_threshold
+
+
+@dataclass
+class RowParams:
+    """Per-row sampling parameters of a batch, as tensors on the logits' device (built once per tick)."""
+
+    step: torch.Tensor  # int32 [B] 0-based denoising step within the canvas
+    max_steps: torch.Tensor  # int32 [B]
+    t_min: torch.Tensor  # fp32 [B]
+    t_span: torch.Tensor  # fp32 [B] t_max - t_min (rounded from double like the reference's python scalar)
+    entropy_bound: torch.Tensor  # fp32 [B]
+    confidence: torch.Tensor  # fp32 [B] confidence_threshold
+    seed: torch.Tensor  # int64 [B]
+    canvas_index: torch.Tensor  # int64 [B] which canvas of the request this is (0, 1, ...)
+    fixed: torch.Tensor | None = None  # bool [B, C] template positions (None: no row has any)
+    template: torch.Tensor | None = None  # int64 [B, C] their tokens (0 elsewhere)
+    disallowed: torch.Tensor | None = None  # bool [B, V] tokens a row may never draw (None: no row has any)
+
+    @classmethod
+    def build(cls, rows: list[dict], device, canvas_length: int, vocab_size: int) -> "RowParams":
+        """rows: dicts with step, max_steps, t_min, t_max, entropy_bound, confidence, seed, canvas_index and
+        optional fixed [C] bool / template [C] / allowed (list of ids). One host-to-device copy per field."""
+        def col(key, dtype):
+            return torch.tensor([r[key] for r in rows], dtype=dtype).to(device, non_blocking=True)
+
+        span = torch.tensor([r["t_max"] - r["t_min"] for r in rows], dtype=torch.float32)
+        out = cls(step=col("step", torch.int32), max_steps=col("max_steps", torch.int32),
+                  t_min=col("t_min", torch.float32), t_span=span.to(device),
+                  entropy_bound=col("entropy_bound", torch.float32), confidence=col("confidence", torch.float32),
+                  seed=col("seed", torch.int64), canvas_index=col("canvas_index", torch.int64))
+        if any(r.get("fixed") is not None for r in rows):
+            C = canvas_length
+            out.fixed = torch.stack([r["fixed"].to(device) if r.get("fixed") is not None
+                                     else torch.zeros(C, dtype=torch.bool, device=device) for r in rows])
+            out.template = torch.stack([r["template"].to(device) if r.get("fixed") is not None
+                                        else torch.zeros(C, dtype=torch.long, device=device) for r in rows])
+        if any(r.get("disallowed") is not None for r in rows):
+            out.disallowed = torch.stack([r["disallowed"].to(device) if r.get("disallowed") is not None
+                                          else torch.zeros(vocab_size, dtype=torch.bool, device=device)
+                                          for r in rows])
+        return out
 
 
 def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
@@ -43,9 +93,17 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> torch.
     return t_min + (t_max - t_min) * (remaining / max_steps)
 
 
-def acceptance_mask(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+def row_temperature(p: RowParams) -> torch.Tensor:
+    """fp32 [B]: ``temperature`` for every row at once, bit-equal to the scalar version."""
+    return p.t_min + p.t_span * ((p.max_steps - p.step) / p.max_steps)
+
+
+def acceptance_mask(entropy: torch.Tensor, entropy_bound) -> torch.Tensor:
     """entropy [..., C] -> bool [..., C]: the lowest-entropy positions whose summed entropy minus the largest
-    of them stays within the bound (an upper bound on their joint mutual information)."""
+    of them stays within the bound (an upper bound on their joint mutual information). ``entropy_bound``:
+    a number or a tensor [...] (one bound per row)."""
+    if isinstance(entropy_bound, torch.Tensor):
+        entropy_bound = entropy_bound[..., None]
     sorted_h, order = torch.sort(entropy, dim=-1, descending=False)
     keep = torch.cumsum(sorted_h, dim=-1) - sorted_h <= entropy_bound
     return torch.scatter(torch.zeros_like(keep), -1, order, keep)
@@ -60,8 +118,9 @@ def reference_entropy(processed: torch.Tensor) -> torch.Tensor:
 
 
 def reference_step(logits: torch.Tensor, canvas: torch.Tensor, step: int, max_steps: int, t_min: float,
-                   t_max: float, entropy_bound: float, generator: torch.Generator) -> StepResult:
-    """The reference's step for one canvas, drawing from ``generator`` in the reference's order."""
+                   t_max: float, entropy_bound: float, generator: torch.Generator,
+                   confidence_threshold: float = 0.0) -> StepResult:
+    """The reference's step for one canvas ([C, V]), drawing from ``generator`` in the reference's order."""
     C, V = logits.shape
     processed = logits / temperature(step, max_steps, t_min, t_max)
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
@@ -72,62 +131,68 @@ def reference_step(logits: torch.Tensor, canvas: torch.Tensor, step: int, max_st
     kept = torch.where(accepted, sampled, canvas)
     noise = torch.randint(0, V, (1, C), generator=generator, device=logits.device)[0]
     new_canvas = torch.where(~accepted, noise, kept)
-    return StepResult(new_canvas, argmax, accepted, h, probs, float(h.mean()))
+    mean_h = h.mean()
+    return StepResult(new_canvas, argmax, accepted, h, probs, mean_h, mean_h < confidence_threshold)
 
 
-def fast_step(logits: torch.Tensor, canvas: torch.Tensor, step: int, max_steps: int, t_min: float, t_max: float,
-              entropy_bound: float, generator: torch.Generator, fixed: torch.Tensor | None = None,
-              template: torch.Tensor | None = None, disallowed: torch.Tensor | None = None) -> StepResult:
-    """Same distribution as ``reference_step`` with far less work. Overwrites ``logits`` with the tempered
-    probabilities (returned as ``probs``).
+def initial_canvas(seed: torch.Tensor, canvas_index: torch.Tensor, canvas_length: int, vocab_size: int,
+                   fixed: torch.Tensor | None = None, template: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C] uniform random tokens for a canvas's start (step -1 of the counter-based streams)."""
+    step = torch.full_like(seed, -1)
+    c = counter_rng.randint(seed, canvas_index, step, counter_rng.INIT, canvas_length, vocab_size)
+    return c if fixed is None else torch.where(fixed, template, c)
 
-    fixed [C] bool / template [C]: infill positions, always accepted with their template token, excluded
-    from the entropy budget and the confidence mean. disallowed [K]: token ids that may never be drawn.
+
+@torch.no_grad()
+def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> StepResult:
+    """One step for a batch of canvases, ``logits`` [B, C, V] fp32 (overwritten with the tempered
+    probabilities, returned as ``probs``), ``canvas`` [B, C]. Same distribution as ``reference_step``;
+    random numbers are counter-based (``counter_rng``), so a row's result does not depend on the others.
+
+    Template positions (``p.fixed``) are always accepted with their template token and left out of the
+    entropy budget and the confidence mean; ``p.disallowed`` tokens get probability zero.
     """
-    C, V = logits.shape
-    if disallowed is not None and disallowed.numel():
-        logits.index_fill_(1, disallowed, float("-inf"))
-    logits.div_(temperature(step, max_steps, t_min, t_max))
-    argmax = logits.argmax(dim=-1)
-    h = torch.empty(C, dtype=logits.dtype, device=logits.device)
-    for i in range(0, C, ROW_CHUNK):
-        p = torch.softmax(logits[i:i + ROW_CHUNK], dim=-1)
-        h[i:i + ROW_CHUNK] = torch.special.entr(p).sum(-1)
-        logits[i:i + ROW_CHUNK] = p
-    probs = logits
-    if fixed is not None:
-        h_rank = h.masked_fill(fixed, 0.0)
-        accepted = acceptance_mask(h_rank[None], entropy_bound)[0] | fixed
-        free = ~fixed
-        mean_h = float(h[free].mean()) if bool(free.any()) else 0.0
-        argmax = torch.where(fixed, template, argmax)
+    B, C, V = logits.shape
+    dev = logits.device
+    if p.disallowed is not None:
+        logits.masked_fill_(p.disallowed[:, None, :], float("-inf"))  # broadcast, in place
+    logits.div_(row_temperature(p)[:, None, None])
+    argmax = logits.argmax(dim=-1)  # [B, C]
+    flat = logits.view(B * C, V)
+    h = torch.empty(B * C, dtype=torch.float32, device=dev)
+    sampled = torch.empty(B * C, dtype=torch.long, device=dev)
+    u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C).view(B * C, 1)
+    cdf = torch.empty(min(ROW_CHUNK, B * C), V, dtype=torch.float32, device=dev)
+    for i in range(0, B * C, ROW_CHUNK):
+        rows = flat[i:i + ROW_CHUNK]
+        n = rows.shape[0]
+        probs = torch.softmax(rows, dim=-1, dtype=torch.float32)  # fp32 whatever the logits' dtype
+        h[i:i + n] = torch.special.entr(probs).sum(-1)
+        rows.copy_(probs)
+        # Inverse-CDF sampling: one uniform per position instead of V exponentials. The target is kept
+        # strictly below the total, so a token of probability zero can never be picked.
+        c = torch.cumsum(probs, dim=-1, out=cdf[:n])
+        del probs
+        total = c[:, -1:]
+        x = torch.minimum(u[i:i + n] * total, torch.nextafter(total, torch.zeros_like(total)))
+        sampled[i:i + n] = torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
+    h = h.view(B, C)
+    sampled = sampled.view(B, C)
+    noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
+    if p.fixed is not None:
+        free = ~p.fixed
+        accepted = acceptance_mask(h.masked_fill(p.fixed, 0.0), p.entropy_bound) | p.fixed
+        n_free = free.sum(-1)
+        mean_h = torch.where(n_free > 0, (h * free).sum(-1) / n_free.clamp(min=1), torch.zeros_like(h[:, 0]))
+        argmax = torch.where(p.fixed, p.template, argmax)
+        new_canvas = torch.where(p.fixed, p.template, torch.where(accepted, sampled, noise))
     else:
-        accepted = acceptance_mask(h[None], entropy_bound)[0]
-        mean_h = float(h.mean())
-    new_canvas = torch.randint(0, V, (C,), generator=generator, device=logits.device)
-    rows = accepted.nonzero().view(-1)
-    if fixed is not None:
-        new_canvas = torch.where(fixed, template, new_canvas)
-        rows = (accepted & ~fixed).nonzero().view(-1)
-    if rows.numel():
-        # Inverse-CDF sampling: one uniform per accepted row instead of V exponentials per row.
-        cdf = probs[rows].cumsum(dim=-1)
-        u = torch.rand(rows.numel(), 1, generator=generator, device=logits.device, dtype=cdf.dtype)
-        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1).view(-1)
-        new_canvas[rows] = tok
-    return StepResult(new_canvas, argmax, accepted, h, probs, mean_h)
+        accepted = acceptance_mask(h, p.entropy_bound)
+        mean_h = h.mean(-1)
+        new_canvas = torch.where(accepted, sampled, noise)
+    return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)
 
 
-class StabilityTracker:
-    """The reference's adaptive stop: the argmax canvas equal to each of the last ``threshold`` ones."""
-
-    def __init__(self, threshold: int):
-        self.threshold = threshold
-        self.history: list[torch.Tensor] = []
-
-    def update(self, argmax: torch.Tensor) -> bool:
-        if self.threshold == 0:
-            return True
-        stable = len(self.history) == self.threshold and all(bool(torch.equal(h, argmax)) for h in self.history)
-        self.history = (self.history + [argmax])[-self.threshold:]
-        return stable
+def same_as_previous(argmax: torch.Tensor, previous: torch.Tensor, has_previous: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the argmax canvas equals the previous step's (the stability rule's unit), on the device."""
+    return (argmax == previous).all(-1) & has_previous

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
                         "get an error event and [DONE]")
+    p.add_argument("--deterministic", action="store_true",
+                   help="a seeded request's output is bit-identical alone or in any batch (per-request compute: "
+                        "slower under load); default: one batched pass per tick")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -60,7 +63,8 @@ def cmd_serve(args) -> int:
     app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max_num_seqs {args.max_num_seqs}{', API key required' if args.api_key else ''})", flush=True)
+          f"(max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
+          f"{', API key required' if args.api_key else ''})", flush=True)
     grace = args.shutdown_grace
 
     class Server(uvicorn.Server):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from ..sampling.params import SamplingParams
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
+from .structured import structured_outputs as constraint_from
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request (each is a request in the engine)
@@ -82,8 +83,23 @@ class SamplingRequest(BaseModel):
                                               json_schema_extra={"maxProperties": 0})
     tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented",
                                     json_schema_extra={"maxItems": 0})
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}', json_schema_extra={
-        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]})
+    # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}: the output is JSON (valid for the schema)', json_schema_extra={
+            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                           "json_schema": {"type": "object", "properties": {
+                               "name": {"type": "string"}, "schema": {"type": "object"},
+                               "strict": {"type": ["boolean", "null"]}}}},
+            "required": ["type"]})
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="exactly one of json (a JSON Schema), json_object (true), regex, choice (strings), "
+        "grammar (Lark or GBNF); optional allow_whitespace (json only)", json_schema_extra={
+            "properties": {"json": {"type": "object"}, "json_object": {"enum": [True]}, "regex": {"type": "string"},
+                           "choice": {"type": "array", "items": {"type": "string"}},
+                           "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
+    text_template: str | None = Field(None, description="text with <|hole|> or <|hole:N|> holes laid on the first "
+                                      "canvas; the output is the filled template")
     # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
     max_denoising_steps: Int | None = Field(None, ge=1, le=10_000, description="denoising steps per canvas at most")
     stability_threshold: Int | None = Field(None, ge=0, le=10_000,
@@ -128,9 +144,6 @@ class SamplingRequest(BaseModel):
             _neutral(name, getattr(self, name), 0, "penalties are not implemented")
         _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
         _neutral("tools", self.tools, [], "tool calling is not implemented")
-        rf = self.response_format
-        if rf is not None and rf.get("type") != "text":
-            raise invalid("'response_format' is not supported (only {\"type\": \"text\"})", "response_format")
         if not self.stream:
             for name in ("stream_options", "stream_drafts"):
                 if getattr(self, name) not in (None, False):
@@ -161,7 +174,11 @@ class SamplingRequest(BaseModel):
         kw = {name: getattr(self, name) for name in (
             "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
             "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
-            "confidence_threshold")}
+            "confidence_threshold", "text_template")}
+        # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
+        kw["structured_outputs"] = constraint_from({"response_format": self.response_format,
+                                                    "structured_outputs": self.structured_outputs})
+        kw["suffix"] = getattr(self, "suffix", None) or None
         try:
             return SamplingParams(max_new_tokens=self.requested_max_tokens, **kw)
         except ValueError as e:
@@ -178,8 +195,8 @@ class CompletionRequest(SamplingRequest):
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                                         "minItems": 1}, "minItems": 1, "maxItems": 1}]})
     echo: bool = Field(False, description="return the prompt text before the completion")
-    suffix: str | None = Field(None, description="only '' (fill-in-the-middle is not implemented; see "
-                               "canvas_template)", json_schema_extra={"maxLength": 0})
+    suffix: str | None = Field(None, description="fill in the middle: text that follows the completion; the "
+                               "output is the middle (one canvas)")
     logprobs: Int | None = Field(None, description="only 0 (unset): logprobs are not implemented",
                                  json_schema_extra={"enum": [0, None]})
     best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
@@ -206,7 +223,6 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_rules(self):
-        _neutral("suffix", self.suffix, "", "suffix (fill-in-the-middle) is not implemented; see canvas_template")
         _neutral("logprobs", self.logprobs, 0, "logprobs are not implemented")
         _neutral("best_of", self.best_of, 1, "only one candidate per request (use 'n' for several choices)")
         return self
@@ -327,7 +343,7 @@ class ChatCompletionRequest(SamplingRequest):
 # ---------------------------------------------------------------------------------------------- engine errors
 PARAM_NAMES = ("max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
                "confidence_threshold", "t_min", "t_max", "rng", "stop_token_ids", "allowed_token_ids",
-               "canvas_template", "stop")
+               "canvas_template", "stop", "structured_outputs", "text_template", "suffix")
 
 
 def engine_error(e: ValueError, max_name: str = "max_tokens") -> APIError:

@@ -180,7 +180,8 @@ class Server:
     def text_stream(self, params: SamplingParams) -> TextStream:
         # The id that ended the output is not text: an EOS (unless ignore_eos) or an explicit stop token id.
         eos = (set() if params.ignore_eos else set(self.defaults.eos_token_ids)) | set(params.stop_token_ids or [])
-        return TextStream(self.tokenizer, params.stop, eos)
+        stops = None if params.structured_outputs is not None else params.stop  # never cut constrained text
+        return TextStream(self.tokenizer, stops, eos)
 
     async def generate(self, request: Request, p: Prepared) -> Response:
         rid = new_id("chatcmpl" if p.kind == "chat" else "cmpl")

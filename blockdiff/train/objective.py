@@ -76,6 +76,9 @@ class _TrainView:
         lo = 0 if window is None else max(0, L - (window - 1))
         return Prefix(pos, torch.ones(B, L, dtype=torch.bool, device=self.device), [(lo, L)] * B, window)
 
+    def sources(self, layer: int):
+        return (*self.read(layer), None)
+
     def read(self, layer: int):
         ks, vs = self.cache.keys[layer], self.cache.values[layer]
         if not ks:

@@ -1,0 +1,199 @@
+"""Grammar constraints enforced on a denoising canvas (see docs/structured-output.md for the design).
+
+Per request, a ``CanvasConstraint`` holds an llguidance matcher advanced through every token already fixed for
+the output, and the *frozen prefix* of the current canvas: positions ``[0, F)`` whose tokens, after the committed
+output, form a valid prefix of the grammar. One denoising step (``CanvasConstraint.step``):
+
+1. the first undecided position ``F`` is masked to the tokens the grammar allows there (one mask per step) and
+   is always accepted, so it is sampled from its masked distribution;
+2. every other position runs the ordinary entropy-bound accept / renoise step (frozen positions are kept, like
+   template positions, and leave the entropy budget);
+3. the run of positions accepted this step that starts at ``F`` is fed to the matcher; its longest valid prefix
+   is frozen (``F`` grows), the first token that breaks the grammar is renoised, never frozen;
+4. once the grammar is complete (no more bytes possible) an end token is frozen and the output is over; where it
+   is complete but could go on, the end ids are in the mask and the model chooses.
+
+When the canvas finishes (all positions frozen, the output complete, convergence or the step cap),
+``complete`` fills the still undecided positions left to right from the last argmax canvas, taking the model's
+most likely allowed token wherever its argmax would break the grammar: every committed canvas is valid.
+
+Grammar state lives on the host, so a constrained request takes this per-request path (a handful of small host
+reads per step) while unconstrained rows of the same batch keep the batched sampler.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, temperature
+from .spec import compile_spec
+
+
+class GrammarCompiler:
+    """Binds grammars to one checkpoint's tokenizer (the llguidance tokenizer is built once: ~1 s at 262k)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
+        import llguidance
+
+        self._llg = llguidance
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} entries but the model only "
+                             f"{vocab_size}: structured outputs need every token id to be a model id")
+        self.vocab_size = vocab_size
+        self.eos_ids = list(eos_ids)
+        self.lltok = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
+                                            eos_token=self.eos_ids or None)
+
+    def matcher(self, spec: dict):
+        grammar = compile_spec(spec)
+        m = self._llg.LLMatcher(self.lltok, grammar, log_level=0)
+        if m.is_error():
+            raise ValueError(f"structured_outputs: {m.get_error()}")
+        return m
+
+    def constraint(self, spec: dict, end_ids: list[int], canvas_length: int, seed: int | None = None,
+                   device=None) -> "CanvasConstraint":
+        return CanvasConstraint(self.matcher(spec), end_ids or self.eos_ids, self.vocab_size, canvas_length,
+                                seed, device)
+
+
+class CanvasConstraint:
+    def __init__(self, matcher, end_ids: list[int], vocab_size: int, canvas_length: int, seed: int | None = None,
+                 device=None):
+        if not end_ids:
+            raise ValueError("structured outputs need an end token: the model has no EOS id")
+        self.matcher = matcher
+        self.end_ids = list(end_ids)
+        self.end_set = set(end_ids)
+        self.vocab_size = vocab_size
+        self.canvas_length = canvas_length
+        self.frozen: list[int] = []  # the current canvas's grammar-valid prefix
+        self.ended = False  # the output is complete (an end token frozen, or the grammar cannot go on)
+        self.masks = 0  # masks computed, and host seconds spent on them and on settling (for benchmarks)
+        self.mask_seconds = 0.0
+        self.settle_seconds = 0.0
+        self._probs: torch.Tensor | None = None  # [C, V] this step's distribution, until the canvas is settled
+        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+        # Its own generator (seeded from the request's seed): the constrained step draws per request.
+        self.generator = torch.Generator(device=torch.device(device or "cpu"))
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    # ------------------------------------------------------------------ grammar
+    def start_canvas(self) -> None:
+        self.frozen = []
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to decide in this canvas."""
+        return self.ended or len(self.frozen) >= self.canvas_length
+
+    def allowed(self) -> torch.Tensor:
+        """[V] bool: tokens the grammar allows next (the end ids where the grammar is complete)."""
+        t0 = time.perf_counter()
+        b = self._bits
+        self.matcher.unsafe_compute_mask_ptr(b.data_ptr(), b.numel() * 4)
+        self.masks += 1
+        if self.matcher.is_error():
+            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
+        out = ((b.view(-1, 1) >> self._shifts) & 1).view(-1)[:self.vocab_size].bool()
+        if self.matcher.is_accepting():
+            out[self.end_ids] = True
+        self.mask_seconds += time.perf_counter() - t0
+        return out
+
+    def consume(self, tokens: list[int]) -> int:
+        """Freeze the longest grammar-valid prefix of ``tokens``; returns how many were taken."""
+        if self.settled or not tokens:
+            return 0
+        tokens = tokens[:self.canvas_length - len(self.frozen)]
+        n = self.matcher.try_consume_tokens(tokens)
+        if self.matcher.is_error():
+            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
+        self.frozen.extend(tokens[:n])
+        if n < len(tokens) and tokens[n] in self.end_set and self.matcher.is_accepting():
+            self.frozen.append(tokens[n])  # the model ended the output where the grammar allows it
+            self.ended = True
+            return n + 1
+        if self.matcher.is_stopped():  # complete, nothing may follow: end it now
+            self.ended = True
+            if len(self.frozen) < self.canvas_length:
+                self.frozen.append(self.end_ids[0])
+        return n
+
+    # ------------------------------------------------------------------ denoising
+    def step(self, logits: torch.Tensor, step: int, max_steps: int, t_min: float, t_max: float,
+             entropy_bound: float, confidence_threshold: float = 0.0) -> StepResult:
+        """One constrained denoising step over ``logits`` [C, V] (overwritten with the tempered probabilities)."""
+        C, V = logits.shape
+        generator = self.generator
+        dev = logits.device
+        F = len(self.frozen)
+        open_ = not self.settled
+        if open_:  # the first undecided position: only what the grammar allows
+            logits[F].masked_fill_(~self.allowed().to(dev), float("-inf"))
+        logits.div_(temperature(step, max_steps, t_min, t_max))
+        argmax = logits.argmax(dim=-1)
+        h = torch.empty(C, dtype=torch.float32, device=dev)
+        for i in range(0, C, ROW_CHUNK):  # entropy in fp32 whatever the logits dtype (bf16 on GPU)
+            p = torch.softmax(logits[i:i + ROW_CHUNK], dim=-1, dtype=torch.float32)
+            h[i:i + ROW_CHUNK] = torch.special.entr(p).sum(-1)
+            logits[i:i + ROW_CHUNK] = p
+        probs = logits
+        fixed = torch.arange(C, device=dev) < F  # [C]
+        accepted = acceptance_mask(h.masked_fill(fixed, 0.0)[None], entropy_bound)[0] | fixed
+        if open_:
+            accepted[F] = True  # progress every step: the masked position is always sampled
+        new_canvas = torch.randint(0, V, (C,), generator=generator, device=dev)
+        rows = (accepted & ~fixed).nonzero().view(-1)
+        if rows.numel():
+            cdf = probs[rows].float().cumsum(dim=-1)
+            u = torch.rand(rows.numel(), 1, generator=generator, device=dev, dtype=cdf.dtype)
+            new_canvas[rows] = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1).view(-1)
+        if open_:
+            acc = accepted[F:].tolist()
+            k = acc.index(False) if False in acc else len(acc)  # the accepted run that starts at F
+            run = new_canvas[F:F + k].tolist()
+            n = self.consume(run)
+            if n < k and not self.settled:  # it breaks the grammar: never kept
+                new_canvas[F + n] = torch.randint(0, V, (1,), generator=generator, device=dev)[0]
+                accepted[F + n] = False
+        F2 = len(self.frozen)
+        if F2:
+            frozen = torch.tensor(self.frozen, device=dev)
+            new_canvas[:F2] = frozen
+            argmax[:F2] = frozen
+            accepted[:F2] = True
+        mean_h = h[F2:].mean() if F2 < C else torch.zeros((), device=dev)  # over the undecided positions
+        self._probs = probs
+        return StepResult(new_canvas, argmax, accepted, h, probs, mean_h, mean_h < confidence_threshold)
+
+    def complete(self, argmax: list[int]) -> list[int]:
+        """Settle the canvas: fill the undecided positions left to right with the argmax token where the grammar
+        allows it, else the most likely allowed token. Returns the canvas's tokens (all C, or up to and
+        including the end token)."""
+        t0 = time.perf_counter()
+        F = len(self.frozen)
+        if not self.settled:
+            draft = list(argmax)
+            probs = self._probs
+            for p in range(F, self.canvas_length):
+                if self.consume([draft[p]]) == 0 and not self.settled:
+                    allowed = self.allowed()
+                    if probs is not None:
+                        row = probs[p].to("cpu", torch.float32)
+                        tok = int(torch.where(allowed, row, torch.tensor(-1.0)).argmax())
+                    else:
+                        tok = int(allowed.nonzero()[0])
+                    if self.consume([tok]) == 0 and not self.settled:
+                        raise RuntimeError(f"grammar matcher refused the token {tok} its own mask allowed")
+                if self.settled:
+                    break
+        self._probs = None
+        self.settle_seconds += time.perf_counter() - t0
+        return list(self.frozen)

@@ -1,0 +1,85 @@
+"""Infilling through text: a template with holes, or a prompt + suffix, laid out on the first canvas.
+
+``text_template``: text with holes written ``<|hole|>`` (length chosen for you) or ``<|hole:N|>`` (N tokens).
+The text between holes is tokenized piece by piece and fixed on the canvas; the holes are free positions.
+Hole lengths: explicit ones take N positions; the canvas positions left after the fixed text and the explicit
+holes are shared equally by the holes without a length (the first ones get one more when it does not divide).
+A hole is an upper bound: the model may end it early with an EOS token, and what follows the EOS inside that hole
+is dropped. The whole template must fit in one canvas. The output is the filled template and the request ends
+with that canvas (finish_reason "stop").
+
+``suffix`` (OpenAI's fill-in-the-middle): the prompt is the prefix, the suffix is fixed at the end of the first
+canvas and the positions before it form one hole of ``min(max_new_tokens, canvas_length - len(suffix))``
+tokens. The output is the middle only (cut at an EOS the model placed in it); the request ends with that canvas.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HOLE = re.compile(r"<\|hole(?::(\d+))?\|>")
+
+
+@dataclass
+class InfillPlan:
+    template: list[int]  # the first canvas's canvas_template: token ids, -1 in holes
+    holes: list[tuple[int, int]]  # [start, end) canvas positions of each hole
+    keep_fixed: bool  # the output holds the fixed text too (templates) or only the holes (suffix)
+
+    def output(self, canvas: list[int], eos: set[int]) -> list[int]:
+        """The output tokens of the filled canvas: fixed text and each hole up to its first EOS."""
+        out, pos = [], 0
+        for start, end in self.holes:
+            if self.keep_fixed:
+                out.extend(canvas[pos:start])
+            for t in canvas[start:end]:
+                if t in eos:
+                    break
+                out.append(t)
+            pos = end
+        if self.keep_fixed:
+            out.extend(canvas[pos:len(self.template)])
+        return out
+
+
+def plan_template(tokenizer, text: str, canvas_length: int) -> InfillPlan:
+    if tokenizer is None:
+        raise ValueError("text_template needs the checkpoint's tokenizer; this model has none")
+    pieces, sizes, pos = [], [], 0
+    for m in HOLE.finditer(text):
+        pieces.append(text[pos:m.start()])
+        n = None if m.group(1) is None else int(m.group(1))
+        if n is not None and n < 1:
+            raise ValueError(f"text_template: a hole must be at least 1 token long, got <|hole:{n}|>")
+        sizes.append(n)
+        pos = m.end()
+    pieces.append(text[pos:])
+    if not sizes:
+        raise ValueError("text_template has no hole: write <|hole|> or <|hole:N|> where the model should write")
+    fixed = [tokenizer.encode(p) if p else [] for p in pieces]
+    used = sum(len(f) for f in fixed) + sum(n for n in sizes if n is not None)
+    auto = [i for i, n in enumerate(sizes) if n is None]
+    free = canvas_length - used
+    if free < len(auto) or (not auto and free < 0):
+        raise ValueError(f"text_template needs {used + len(auto)} or more positions (fixed text and holes) but "
+                         f"the canvas holds {canvas_length}")
+    for k, i in enumerate(auto):
+        sizes[i] = free // len(auto) + (1 if k < free % len(auto) else 0)
+    template, holes = list(fixed[0]), []
+    for n, f in zip(sizes, fixed[1:]):
+        holes.append((len(template), len(template) + n))
+        template += [-1] * n + f
+    return InfillPlan(template, holes, keep_fixed=True)
+
+
+def plan_suffix(tokenizer, suffix: str, max_new_tokens: int, canvas_length: int) -> InfillPlan:
+    if tokenizer is None:
+        raise ValueError("suffix needs the checkpoint's tokenizer; this model has none")
+    ids = tokenizer.encode(suffix)
+    m = min(max_new_tokens, canvas_length - len(ids))
+    if m < 1:
+        raise ValueError(f"suffix is {len(ids)} tokens; with the middle it must fit in one canvas of "
+                         f"{canvas_length}")
+    template = [-1] * m + ids
+    return InfillPlan(template, [(0, m)], keep_fixed=False)

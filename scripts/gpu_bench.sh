@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 8, in one go on one H100/H200 (about 5 minutes; under 8): the released 26B-A4B
+# shape with random weights built on the device, per batch size (1, 4, 16): denoise tick time against the
+# memory-bandwidth floor, tok/s at 16 and 48 steps per canvas, peak memory; then one denoising tick's memory at
+# the real vocabulary (batch 16, canvas 256). JSON reports under $OUT.
+#
+#   OUT=/path/to/results scripts/gpu_bench.sh
+#   GPU_BENCH_SMOKE=1 OUT=/tmp/x scripts/gpu_bench.sh   # CPU smoke run of the same steps on a toy shape (tests)
+#
+# Environment: PYTHON (default python), DEVICE (default cuda), BATCHES (default 1,4,16), DTYPE (default auto:
+# bf16 on GPU), PEAK_BANDWIDTH (GB/s; default: the table in blockdiff/bench/fullshape.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:?set OUT to a folder for the JSON reports}
+mkdir -p "$OUT"
+BENCH=("$PY" -m blockdiff.cli bench)
+EXTRA=()
+[ -n "${PEAK_BANDWIDTH:-}" ] && EXTRA+=(--peak-bandwidth "$PEAK_BANDWIDTH")
+
+if [ -n "${GPU_BENCH_SMOKE:-}" ]; then
+  DEVICE=${DEVICE:-cpu}; SHAPE=full-smoke; BATCHES=${BATCHES:-1,2}; REPEATS=1; WARMUP=0; PROMPT=8
+  VOCAB_CONFIG=tiny; VOCAB_BATCH=2; EXTRA+=(--threads 1)
+else
+  DEVICE=${DEVICE:-cuda}; SHAPE=full; BATCHES=${BATCHES:-1,4,16}; REPEATS=5; WARMUP=2; PROMPT=256
+  VOCAB_CONFIG=vocab-full; VOCAB_BATCH=16
+  "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
+fi
+start=$(date +%s)
+
+# 1. The full shape, per batch size (bf16 on GPU).
+"${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --dtype "${DTYPE:-auto}" --batches "$BATCHES" \
+  --repeats "$REPEATS" --warmup "$WARMUP" --prompt-len "$PROMPT" "${EXTRA[@]}" --out "$OUT/full.json"
+
+# 2. Quantized variants of the same run. >>> QUANTIZATION SPOT: runs once `blockdiff bench` has --quantization
+#    (issue 9); the list of schemes comes from that option's help text.
+if grep -q -- '"--quantization"' blockdiff/bench/cli.py 2>/dev/null; then
+  for q in ${QUANT_SCHEMES:-int8 int4 fp8}; do
+    "${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --batches "$BATCHES" --repeats "$REPEATS" \
+      --warmup "$WARMUP" --prompt-len "$PROMPT" --quantization "$q" "${EXTRA[@]}" --out "$OUT/full_$q.json" \
+      || echo "quantization $q failed (see above)" >&2
+  done
+fi
+
+# 3. One denoising tick's memory at the real vocabulary: logits buffer vs everything beyond it.
+if [ -z "${GPU_BENCH_SMOKE:-}" ] || [ -n "${GPU_BENCH_SMOKE_MEMORY:-}" ]; then
+  "${BENCH[@]}" --random-config "$VOCAB_CONFIG" --device "$DEVICE" --batch "$VOCAB_BATCH" --tick-memory \
+    --no-oracle --systems blockdiff-default --steps 2 --repeats 1 --warmup 0 --prompt-len "$PROMPT" \
+    "${EXTRA[@]}" --out "$OUT/vocab_full_tick.json"
+fi
+echo "gpu_bench: done in $(( $(date +%s) - start )) s; reports in $OUT"

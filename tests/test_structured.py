@@ -1,0 +1,287 @@
+"""Structured output through the Python API on a random-weight model with a byte-level BPE tokenizer.
+
+The checkpoint has a canvas of 8 positions, so most outputs span several canvases. Every request of the schema
+suite runs in one ``LLM.generate`` call (one engine pass, batched); seed 2 runs with 2 denoising steps per canvas
+so the settle-time repair path does most of the work there. Whatever the weights, an output that finishes with
+"stop" must parse and validate (checked with ``jsonschema``), and for these bounded schemas every request must
+finish with "stop".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from blockdiff import LLM
+from blockdiff.sampling.params import SamplingParams
+from blockdiff.structured import GrammarCompiler, normalize
+from fixtures import EOS_ID, make_checkpoint
+from structured_schemas import SCHEMAS
+
+CANVAS = 8
+SEEDS = (0, 1, 2)
+MAX_TOKENS = 256
+REGEX = r"[a-z]{2,5}@[a-z]{2,4}\.(com|org)"
+CHOICES = ["positive", "negative", "neutral", "it is complicated"]
+LARK = 'start: expr\nexpr: NUM | "(" expr "+" expr ")"\nNUM: /[0-9]/'
+GBNF = 'root ::= answer " " [a-z] [a-z]?\nanswer ::= "yes" | "no"'
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("structured_ckpt"), canvas_length=CANVAS)
+    # Deterministic mode: "alone or batched" below is a bit-identity claim.
+    return LLM(path, dtype=torch.float32, max_num_seqs=256, deterministic=True)
+
+
+def _params(seed: int, spec: dict, **kw) -> SamplingParams:
+    steps = 2 if seed == 2 else None  # the step cap settles most of each canvas by repair
+    return SamplingParams(seed=seed, max_new_tokens=MAX_TOKENS, max_denoising_steps=steps,
+                          structured_outputs=spec, **kw)
+
+
+OTHER = {
+    "regex": {"regex": REGEX},
+    "choice": {"choice": CHOICES},
+    "lark": {"grammar": LARK},
+    "gbnf": {"grammar": GBNF},
+    "json_object": {"json_object": True},
+    "json_object_ws": {"json_object": True, "allow_whitespace": True},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(llm):
+    """{(name, seed): RequestOutput} for every schema and every other constraint, from one generate call."""
+    keys, params = [], []
+    for name, schema in SCHEMAS.items():
+        for seed in SEEDS:
+            keys.append((name, seed))
+            params.append(_params(seed, {"json": schema}))
+    for name, spec in OTHER.items():
+        for seed in SEEDS:
+            keys.append((name, seed))
+            params.append(_params(seed, spec))
+    outs = llm.generate(["Answer:"] * len(params), params)
+    return dict(zip(keys, outs))
+
+
+def test_there_are_at_least_30_schemas():
+    assert len(SCHEMAS) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_bounded_schema_stops_with_valid_json(runs, name):
+    for seed in SEEDS:
+        out = runs[name, seed]
+        assert out.finish_reason == "stop", (seed, out.text)
+        jsonschema.validate(json.loads(out.text), SCHEMAS[name])
+        assert len(out.token_ids) < 200
+        assert out.token_ids[-1] == EOS_ID or len(out.token_ids) % CANVAS == 0  # EOS, or the canvas ended it
+
+
+def test_outputs_span_several_canvases(runs):
+    canvases = [o.metrics.canvases for o in runs.values()]
+    assert max(canvases) >= 4 and sum(c >= 2 for c in canvases) > len(canvases) // 2
+
+
+def test_regex_output_matches_the_whole_pattern(runs):
+    for seed in SEEDS:
+        out = runs["regex", seed]
+        assert out.finish_reason == "stop" and re.fullmatch(REGEX, out.text), out.text
+
+
+def test_choice_output_is_exactly_one_choice(runs):
+    for seed in SEEDS:
+        out = runs["choice", seed]
+        assert out.finish_reason == "stop" and out.text in CHOICES
+
+
+def _eval_lark(text: str) -> bool:
+    while not re.fullmatch(r"[0-9]", text):
+        reduced = re.sub(r"\([0-9]\+[0-9]\)", "0", text)
+        if reduced == text:
+            return False
+        text = reduced
+    return True
+
+
+def test_lark_grammar_output_is_a_sentence(runs):
+    for seed in SEEDS:
+        out = runs["lark", seed]
+        assert out.finish_reason == "stop" and _eval_lark(out.text), out.text
+
+
+def test_gbnf_grammar_output_is_a_sentence(runs):
+    for seed in SEEDS:
+        out = runs["gbnf", seed]
+        assert out.finish_reason == "stop" and re.fullmatch(r"(yes|no) [a-z][a-z]?", out.text), out.text
+
+
+@pytest.mark.parametrize("name", ["json_object", "json_object_ws"])
+def test_any_json_object_is_an_object_when_it_stops(runs, name):
+    for seed in SEEDS:
+        out = runs[name, seed]
+        assert out.finish_reason in ("stop", "length")
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), dict)
+        else:
+            assert len(out.token_ids) == MAX_TOKENS
+
+
+def test_compact_json_has_no_free_whitespace(runs):
+    for name in SCHEMAS:
+        for seed in SEEDS:
+            outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', runs[name, seed].text)
+            assert not re.search(r"\s", outside_strings), runs[name, seed].text
+
+
+def test_length_when_max_tokens_runs_out_first(llm):
+    schema = SCHEMAS["nested_address"]
+    out = llm.generate("x", SamplingParams(seed=0, max_new_tokens=5, structured_outputs={"json": schema}))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out.text)
+
+
+def test_stop_strings_never_cut_a_constrained_output(llm):
+    schema = {"type": "object", "properties": {"k": {"const": "a STOP b"}}, "required": ["k"],
+              "additionalProperties": False}
+    out = llm.generate("x", SamplingParams(seed=1, max_new_tokens=64, stop=["STOP"],
+                                           structured_outputs={"json": schema}))[0]
+    assert out.finish_reason == "stop" and json.loads(out.text) == {"k": "a STOP b"}
+
+
+def test_seeded_constrained_output_is_the_same_alone_or_batched(llm, runs):
+    name = "array_of_objects"
+    alone = llm.generate("Answer:", _params(1, {"json": SCHEMAS[name]}))[0]
+    assert alone.token_ids == runs[name, 1].token_ids
+
+
+def test_unconstrained_rows_run_beside_constrained_ones(llm):
+    plain = SamplingParams(seed=3, max_new_tokens=16)
+    alone = llm.generate("Hi", plain)[0]
+    mixed = llm.generate(["Hi", "Hi"], [plain, _params(0, {"choice": CHOICES})])
+    assert mixed[0].token_ids == alone.token_ids and mixed[1].text in CHOICES
+
+
+# ---------------------------------------------------------------------------------------------- the canvas rule
+def _constraint(llm, spec):
+    comp = GrammarCompiler(llm.tokenizer, llm.model.vocab_size, [EOS_ID])
+    return comp.constraint(normalize(spec), [EOS_ID], CANVAS)
+
+
+def _peaked(llm, ids: list[int]) -> torch.Tensor:
+    """Logits [C, V] putting nearly all mass on ids[i] at position i."""
+    V = llm.model.vocab_size
+    logits = torch.zeros(len(ids), V)
+    logits[torch.arange(len(ids)), torch.tensor(ids)] = 40.0
+    return logits
+
+
+def _run_step(c, logits, bound=100.0, seed=0):
+    c.generator.manual_seed(seed)
+    return c.step(logits, step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=bound)
+
+
+def test_one_step_freezes_a_whole_valid_canvas(llm):
+    c = _constraint(llm, {"regex": "[a-z]{8,20}"})
+    ids = llm.tokenizer.encode("abcdefghijklmnop")[:CANVAS]
+    assert len(ids) == CANVAS
+    res = _run_step(c, _peaked(llm, ids))
+    assert c.frozen == ids and res.canvas.tolist() == ids and c.masks == 1  # parallel: one mask, 8 tokens
+
+
+def test_a_token_that_breaks_the_grammar_is_never_frozen(llm):
+    c = _constraint(llm, {"regex": "[a-z]+"})
+    ids = llm.tokenizer.encode("abc")
+    bad = llm.tokenizer.encode("7")
+    canvas = (ids + bad + ids)[:CANVAS]
+    canvas += [ids[0]] * (CANVAS - len(canvas))
+    res = _run_step(c, _peaked(llm, canvas))
+    n = len(ids)
+    assert c.frozen == ids  # the run stops before the digit and nothing after it is frozen
+    assert not res.accepted[n] and res.canvas[n].item() != bad[0]  # renoised (the draw cannot repeat it here)
+
+
+def test_first_undecided_position_is_sampled_from_its_masked_distribution(llm):
+    c = _constraint(llm, {"choice": ["yes", "no"]})
+    digit = llm.tokenizer.encode("7")[0]
+    for seed in range(5):
+        c.matcher.reset()
+        c.start_canvas()
+        res = _run_step(c, _peaked(llm, [digit] * CANVAS), bound=0.0, seed=seed)
+        first = llm.tokenizer.decode([res.canvas[0].item()])
+        assert first and ("yes".startswith(first) or "no".startswith(first))
+
+
+def test_settling_repairs_an_invalid_draft_into_a_valid_canvas(llm):
+    c = _constraint(llm, {"json": SCHEMAS["flat_person"]})
+    junk = llm.tokenizer.encode("!!!!!!!!")[:CANVAS]
+    tokens = c.complete(junk + [junk[0]] * (CANVAS - len(junk)))
+    assert len(tokens) == CANVAS and c.matcher.is_error() is False
+    text = llm.tokenizer.decode(tokens)
+    assert text.startswith("{") and "!" not in text[:2]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD = [
+    ("not a dict", "must be an object"),
+    ({}, "exactly one of"),
+    ({"json": {"type": "object"}, "regex": "a"}, "exactly one of"),
+    ({"xml": "<a/>"}, "unknown key"),
+    ({"json": [1, 2]}, "must be a JSON Schema object"),
+    ({"json": "{not json"}, "not valid JSON"),
+    ({"json": {"type": "foo"}}, "Invalid type: foo"),
+    ({"json": {"type": "string", "format": "weird"}}, "Unknown format: weird"),
+    ({"json": {"type": "string", "pattern": "(("}}, "unclosed group"),
+    ({"json": {"type": "integer", "minimum": "x"}}, "minimum"),
+    ({"json": {"$ref": "#/$defs/missing"}}, "missing"),
+    ({"json": {"type": "array", "uniqueItems": True}}, "Unimplemented keys"),
+    ({"json_object": 1}, "must be true"),
+    ({"regex": "(("}, "regular expression is invalid"),
+    ({"regex": ""}, "non-empty string"),
+    ({"choice": []}, "non-empty list"),
+    ({"choice": ["a", 3]}, "non-empty list"),
+    ({"grammar": "start: undefined_rule"}, "grammar is invalid"),
+    ({"grammar": 'root ::= ( "a"'}, "GBNF"),
+    ({"regex": "a+", "allow_whitespace": True}, "allow_whitespace applies"),
+    ({"json_object": True, "allow_whitespace": "yes"}, "must be a boolean"),
+]
+
+
+@pytest.mark.parametrize("spec,message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_structured_outputs_raise_value_error_naming_the_problem(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        SamplingParams(structured_outputs=spec)
+    assert "structured_outputs" in str(e.value)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"ignore_eos": True}, "ignore_eos"), ({"canvas_template": [-1, 5]}, "canvas_template"),
+    ({"allowed_token_ids": [5]}, "allowed_token_ids"), ({"rng": "reference"}, "rng='default'")])
+def test_structured_outputs_refuse_conflicting_fields(extra, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingParams(structured_outputs={"regex": "a"}, **extra)
+
+
+def test_a_model_without_tokenizer_refuses_structured_outputs(llm):
+    bare = LLM.from_model(llm.model, tokenizer=None)
+    with pytest.raises(ValueError, match="needs the checkpoint's tokenizer"):
+        bare.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(structured_outputs={"regex": "a"}))
+
+
+def test_structured_benchmark_reports_the_per_step_overhead(tiny_checkpoint):
+    from blockdiff.bench.structured import format_structured, run_structured_benchmark
+
+    rep = run_structured_benchmark(tiny_checkpoint, steps=2, repeats=1, prompt_len=8, dtype="float32",
+                                   log=lambda m: None)
+    row = rep["per_step"]["json (in a string)"]
+    assert row["steps"] == 2 and row["masks"] >= 2 and row["mask_ms_per_step"] > 0
+    assert rep["per_step"]["unconstrained"]["overhead"] == 0
+    assert rep["end_to_end"]["json (record schema)"]["tokens"] > 0
+    assert "overhead" in format_structured(rep)

@@ -1,0 +1,156 @@
+"""Structured output through the OpenAI-compatible server, with the official ``openai`` client on a live uvicorn
+(see test_server.py): ``response_format`` (json_schema, json_object), the ``structured_outputs`` field,
+``client.chat.completions.parse`` with a pydantic model, streaming, and the 400s for bad input.
+
+The schema suite runs concurrently (the engine batches the requests); every response must be "stop" and valid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+from pydantic import BaseModel, Field
+
+from blockdiff import LLM
+from blockdiff.engine.engine import Engine
+from blockdiff.server import build_app
+from fixtures import make_checkpoint
+from structured_schemas import SCHEMAS
+from test_server import LiveServer
+
+MODEL = "tiny-dg"
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("structured_serve"), canvas_length=8,
+                           generation_config={"max_denoising_steps": 6, "max_new_tokens": 256})
+    llm = LLM(path, dtype=torch.float32)
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=64))
+    yield srv
+    srv.close()
+
+
+def _schema_request(client, name: str, seed: int):
+    rf = {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Give {name}"}],
+                                          response_format=rf, seed=seed, max_tokens=256)
+
+
+def test_response_format_json_schema_suite_stops_and_validates(server):
+    client = server.client()
+    jobs = [(name, seed) for name in SCHEMAS for seed in SEEDS]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda j: _schema_request(client, *j), jobs))
+    for (name, seed), r in zip(jobs, results):
+        c = r.choices[0]
+        assert c.finish_reason == "stop", (name, seed, c.message.content)
+        jsonschema.validate(json.loads(c.message.content), SCHEMAS[name])
+
+
+class Pet(BaseModel):
+    kind: Literal["cat", "dog", "fish"]
+    name: str = Field(max_length=6)
+    age: int = Field(ge=0, le=30)
+
+
+class Owner(BaseModel):
+    name: str = Field(max_length=8)
+    pets: list[Pet] = Field(min_length=1, max_length=2)
+    verified: bool | None
+
+
+def test_openai_parse_with_a_pydantic_model(server):
+    client = server.client()
+    for seed in SEEDS:
+        r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "An owner"}],
+                                          response_format=Owner, seed=seed, max_tokens=256)
+        c = r.choices[0]
+        assert c.finish_reason == "stop"
+        assert isinstance(c.message.parsed, Owner) and 1 <= len(c.message.parsed.pets) <= 2
+
+
+def test_response_format_json_object(server):
+    r = server.client().completions.create(model=MODEL, prompt="{", max_tokens=64, seed=0,
+                                           extra_body={"response_format": {"type": "json_object"}})
+    c = r.choices[0]
+    assert c.finish_reason in ("stop", "length")
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.text), dict)
+
+
+@pytest.mark.parametrize("spec,check", [
+    ({"regex": r"[0-9]{3}-[a-z]{2}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
+    ({"choice": ["left", "right"]}, lambda t: t in ("left", "right")),
+    ({"grammar": 'root ::= "(" [a-c] ")" ("!" | "?")'}, lambda t: re.fullmatch(r"\([a-c]\)[!?]", t)),
+    ({"json": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3}},
+     lambda t: isinstance(json.loads(t), list)),
+])
+def test_structured_outputs_field_on_completions(server, spec, check):
+    for seed in SEEDS:
+        r = server.client().completions.create(model=MODEL, prompt="Answer:", max_tokens=64, seed=seed,
+                                               extra_body={"structured_outputs": spec})
+        c = r.choices[0]
+        assert c.finish_reason == "stop" and check(c.text), c.text
+
+
+def test_streamed_constrained_output_equals_the_plain_one(server):
+    client = server.client()
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["tool_call"]}}
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "call"}], response_format=rf, seed=3,
+              max_tokens=256)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    text = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(stream=True, **kw)
+                   if ch.choices)
+    assert text == plain
+    jsonschema.validate(json.loads(text), SCHEMAS["tool_call"])
+
+
+def test_stop_strings_do_not_cut_constrained_output(server):
+    schema = {"type": "object", "properties": {"k": {"const": "x;y"}}, "required": ["k"],
+              "additionalProperties": False}
+    r = server.client().completions.create(model=MODEL, prompt="a", max_tokens=64, seed=0, stop=[";"],
+                                           extra_body={"structured_outputs": {"json": schema}})
+    assert r.choices[0].finish_reason == "stop" and json.loads(r.choices[0].text) == {"k": "x;y"}
+
+
+@pytest.mark.parametrize("extra,param,message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", "response_format.json_schema.schema: the JSON Schema is not supported: Invalid type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "pattern": "(("}}}}, "response_format", "unclosed group"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "must be an object"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "'json_object' or 'json_schema'"),
+    ({"response_format": "json"}, "response_format", "must be an object"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regular expression is invalid"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
+    ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs", "grammar is invalid"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "not both"),
+    ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "structured_outputs", "ignore_eos"),
+])
+def test_bad_constraints_are_400_naming_the_problem(server, extra, param, message):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 8, **extra}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_openai_client_raises_bad_request_for_a_bad_schema(server):
+    with pytest.raises(openai.BadRequestError, match="Unknown format"):
+        server.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "string", "format": "weird"}}})
