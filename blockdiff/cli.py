@@ -113,11 +113,8 @@ def load_llm(args):
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-<<<<<<< HEAD
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, **quantization_kwargs(args))
-=======
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False))
->>>>>>> main
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
+              **quantization_kwargs(args))
     if not args.threads:
         auto_threads(llm.model)
     return llm

@@ -24,14 +24,6 @@ PRESETS: dict[str, dict] = {
                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
                 num_global_key_value_heads=1, num_experts=32, top_k_experts=4, moe_intermediate_size=256,
                 sliding_window=512, canvas_length=128),
-<<<<<<< HEAD
-    # The released 26B-A4B shape (~25.8B parameters): only built in memory, quantized tensor by tensor
-    # (``blockdiff bench --random-config full --quantization int4``, see blockdiff/bench/full_shape.py).
-    "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-                 num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-                 sliding_window=1024, canvas_length=256),
-=======
     # "mid" with the released model's 262,144-entry vocabulary (written with a byte-level BPE tokenizer.json of
     # that size): the structured-output benchmark's checkpoint, where token masks cost what they cost for real.
     "mid-v262k": dict(vocab_size=262144, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
@@ -44,7 +36,12 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
                        num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
                        sliding_window=1024, canvas_length=256),
->>>>>>> main
+    # The released 26B-A4B shape (~25.8B parameters): only built in memory, quantized tensor by tensor
+    # (``blockdiff bench --random-config full --quantization int4``, see blockdiff/bench/full_shape.py).
+    "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                 num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                 sliding_window=1024, canvas_length=256),
     # A few hundred KB: for tests of the harness itself.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,

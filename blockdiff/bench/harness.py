@@ -48,12 +48,9 @@ class BenchOptions:
     dtype: str = "auto"
     device: str = "cpu"
     systems: list[str] | None = None  # None: all of them
-<<<<<<< HEAD
     quantization: str | None = None  # blockdiff's weights (the oracle always runs full precision)
-=======
     memory_run: bool = True  # CPU: one extra untimed run per system for peak memory
     tick_memory: bool = False  # measure one default-mode denoising tick at `batch` (logits vs temporaries)
->>>>>>> main
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -37,34 +37,28 @@ def load_tokenizer(path: str):
 
 
 class LLM:
-<<<<<<< HEAD
+    """``deterministic=True``: a seeded request's output is bit-identical alone or in any batch (the model and
+    the sampler compute every request as they would alone; slower under load). The default batches the whole
+    tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
+    docs/serving.md, "What a seed guarantees"). ``quantization``: see blockdiff/quant (a ``.gguf`` path brings
+    its own configuration, weights and tokenizer)."""
+
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
-                 quantization: str | None = None, quantize_embedding: bool = True):
+                 deterministic: bool = False, quantization: str | None = None, quantize_embedding: bool = True):
         if is_gguf(model):  # config, weights and tokenizer all come from the one file
             from ..quant.gguf import load_gguf
             self.model_path = model
             self.model, self.tokenizer, self.defaults = load_gguf(model, dtype=dtype, device=device,
                                                                   quantization=quantization,
                                                                   quantize_embedding=quantize_embedding)
+            self.model.batch_invariant = bool(deterministic)
             self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
             return
         path = resolve_path(model)
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
                                 quantize_embedding=quantize_embedding)
-=======
-    """``deterministic=True``: a seeded request's output is bit-identical alone or in any batch (the model and
-    the sampler compute every request as they would alone; slower under load). The default batches the whole
-    tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
-    docs/serving.md, "What a seed guarantees")."""
-
-    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
-                 deterministic: bool = False):
-        path = resolve_path(model)
-        self.model_path = path
-        self.model = load_model(path, dtype=dtype, device=device)
         self.model.batch_invariant = bool(deterministic)
->>>>>>> main
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
