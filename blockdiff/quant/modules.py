@@ -169,10 +169,18 @@ class QuantEmbedding(nn.Module):
         self.packed = None
 
     def prepare(self) -> None:
-        # The LM head gets its own fbgemm-packed copy on CPU (3x faster than the fp32 LM head); the plain
-        # int8 table stays for row lookups and the self-conditioning product.
-        if self.weight.qweight.device.type == "cpu":
-            self.packed = self.weight._matrix(None)
+        # The LM head gets its own fbgemm-packed copy on CPU (3x faster than the fp32 LM head); the plain int8
+        # table stays for row lookups and the self-conditioning product. Packed in blocks of rows: packing the
+        # 262,144-row table in one piece took ~3 GB of temporaries.
+        w = self.weight
+        if w.qweight.device.type != "cpu":
+            return
+        blocks = []
+        for a, b in self._chunks():
+            zeros = torch.zeros(b - a, dtype=torch.long)
+            qt = torch._make_per_channel_quantized_tensor(w.qweight[a:b], w.qscale[a:b].double(), zeros, 0)
+            blocks.append((a, b, torch.ops.quantized.linear_prepack(qt, None)))
+        self.packed = blocks
 
     def lookup(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         w = self.weight
@@ -182,7 +190,10 @@ class QuantEmbedding(nn.Module):
         """h [..., H] -> logits [..., V] (not soft-capped)."""
         flat = h.reshape(-1, h.shape[-1])
         if self.packed is not None:
-            out = torch.ops.quantized.linear_dynamic(flat.float(), self.packed)
+            x = flat.float()
+            out = torch.empty(flat.shape[0], self.num_embeddings, dtype=torch.float32, device=flat.device)
+            for a, b, p in self.packed:
+                out[:, a:b] = torch.ops.quantized.linear_dynamic(x, p)
         else:
             out = torch.cat([F.linear(flat, self._rows(a, b, flat.dtype)) for a, b in self._chunks()], dim=-1)
         return out.reshape(*h.shape[:-1], self.num_embeddings)
