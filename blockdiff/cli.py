@@ -187,18 +187,42 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- run
+def read_images(paths: list[str] | None) -> list:
+    """--image files -> decoded images (one clear line for a missing, undecodable or unsupported file)."""
+    from .vision.media import ImageLoader, MediaLimits
+
+    if not paths:
+        return []
+    loader = ImageLoader(MediaLimits(max_images=len(paths), max_bytes=1 << 62, max_pixels=1 << 62))
+    images = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            images.append(loader.load(data, len(images)))
+        except OSError as e:
+            raise CLIError(f"--image {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise CLIError(f"--image {path}: {str(e).split(': ', 1)[-1]}") from None
+    return images
+
+
 def cmd_run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise CLIError("give a prompt, or --prompt-ids (not both)")
     params = sampling_params(args)  # validate before the (slow) model load
+    images = read_images(args.image)
     llm = load_llm(args)
+    if images and llm.model.vision is None:
+        raise CLIError(f"--image: {args.model} has no vision tower (a text-only checkpoint): it cannot take images")
     tok = llm.tokenizer
     steps = params.max_denoising_steps or llm.defaults.max_denoising_steps
     if args.prompt_ids is not None:
         ids = parse_token_ids(args.prompt_ids)
+        prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
         def generate(on_event):
-            return llm.generate(prompt_token_ids=[ids], sampling_params=params, on_event=on_event)
+            return llm.generate([prompt], sampling_params=params, on_event=on_event)
     else:
         if tok is None:
             raise CLIError(f"{args.model} has no tokenizer.json: pass the prompt as --prompt-ids")
@@ -206,14 +230,22 @@ def cmd_run(args) -> int:
         if use_chat and not has_chat_template(tok):
             raise CLIError(f"{args.model} has no chat template: use --raw")
         if use_chat:
+            content = args.prompt if not images else \
+                [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                [{"role": "user", "content": args.prompt}]
+                [{"role": "user", "content": content}]
 
             def generate(on_event):
                 return llm.chat(messages, params, on_event=on_event)
         else:
+            text = args.prompt
+            mark = llm.images.placeholder
+            if images and mark not in text:
+                text = mark * len(images) + text
+            prompt = {"prompt": text, "multi_modal_data": {"image": images}} if images else text
+
             def generate(on_event):
-                return llm.generate([args.prompt], params, on_event=on_event)
+                return llm.generate([prompt], params, on_event=on_event)
     out = generate_with_view(llm, generate, args.live, steps)[0]
     print(answer_text(out))
     print(closing_line(out), flush=True)
@@ -294,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wrap the prompt in the chat template (the default when the checkpoint has one)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as plain text")
     p.add_argument("--system", help="system message (chat mode)")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image for the prompt (repeatable; needs a checkpoint with a vision tower). Raw prompts "
+                        "mark where it goes with <|image|> (else the images come first)")
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_run)
 

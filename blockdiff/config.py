@@ -130,11 +130,58 @@ class TextConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The Gemma 4 vision tower (``config.json["vision_config"]``); defaults are transformers' Gemma4VisionConfig."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    default_output_length: int | None = None  # soft tokens per image when no processor config says otherwise
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        if d.get("model_type") not in (None, "gemma4_vision"):
+            raise ValueError(f"unsupported vision_config model_type {d.get('model_type')!r} (blockdiff runs the "
+                             "Gemma 4 vision tower, 'gemma4_vision')")
+        if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"unsupported vision hidden_activation {cfg.hidden_activation!r}")
+        rope = cfg.rope_parameters or {}
+        if rope.get("rope_type", "axial") not in ("axial", "default"):  # the tower only has 2-D axial RoPE
+            raise ValueError(f"unsupported vision rope_type {rope.get('rope_type')!r} (the Gemma 4 vision tower "
+                             "uses 2-D axial RoPE)")
+        cfg.rope_parameters = {"rope_type": "axial", "rope_theta": float(rope.get("rope_theta", 100.0))}
+        if cfg.head_dim % 4:
+            raise ValueError(f"vision head_dim must be a multiple of 4 (2-D RoPE), got {cfg.head_dim}")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"vision: {cfg.num_attention_heads} attention heads not divisible by "
+                             f"{cfg.num_key_value_heads} KV heads")
+        return cfg
+
+
+@dataclass
 class ModelConfig:
     text: TextConfig
     canvas_length: int = 256
     tie_word_embeddings: bool = True
     raw: dict = field(default_factory=dict, repr=False)
+    # Multimodal: the vision tower (None = text-only) and the ids of the image tokens in the prompt.
+    vision: VisionConfig | None = None
+    image_token_id: int | None = 258_880
+    boi_token_id: int | None = 255_999
+    eoi_token_id: int | None = 258_882
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -152,8 +199,11 @@ class ModelConfig:
         canvas = d.get("canvas_length") or 256
         if not isinstance(canvas, int) or canvas <= 0:
             raise ValueError(f"canvas_length must be a positive integer, got {canvas!r}")
+        vision = d.get("vision_config")
+        ids = {k: d.get(k, getattr(cls, k)) for k in ("image_token_id", "boi_token_id", "eoi_token_id")}
         return cls(text=TextConfig.from_dict(text), canvas_length=canvas,
-                   tie_word_embeddings=d.get("tie_word_embeddings", True), raw=d)
+                   tie_word_embeddings=d.get("tie_word_embeddings", True), raw=d,
+                   vision=VisionConfig.from_dict(vision) if isinstance(vision, dict) else None, **ids)
 
     @classmethod
     def from_file(cls, path: str) -> "ModelConfig":

@@ -2,8 +2,9 @@
 
 ``load_model(path_or_hub_id, dtype, device)``: reads ``config.json`` and (sharded) safetensors, builds the
 model on the meta device and fills it tensor by tensor, so a checkpoint is never held twice in memory.
-Strict: missing or unexpected tensors fail with a message naming them. The vision tower is recognised
-and skipped (one log line).
+Strict: missing or unexpected tensors fail with a message naming them. The vision tower
+(``model.encoder.vision_tower.*``, ``model.encoder.embed_vision.*``) loads into ``model.vision``; a checkpoint
+whose weights hold none of its tensors loads text-only (``model.vision is None``), whatever config.json says.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ log = logging.getLogger("blockdiff")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-_VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_VISION = {"model.encoder.vision_tower.": "vision.tower.", "model.encoder.embed_vision.": "vision.embedder."}
 _ENC = "model.encoder.language_model."
 _DEC = "model.decoder."
 
@@ -81,14 +82,25 @@ def checkpoint_to_model_name(name: str) -> str | None:
         return None  # the encoder's other text weights are tied to the decoder's
     if name == "lm_head.weight":
         return None  # tied to the embeddings
+    for prefix, ours in _VISION.items():
+        if name.startswith(prefix):
+            return ours + name[len(prefix):]
     raise KeyError(name)
+
+
+def _has_vision_tensors(files: list[str]) -> bool:
+    for file in files:
+        with open_safetensors(file) as f:
+            if any(n.startswith(tuple(_VISION)) for n in f.keys()):
+                return True
+    return False
 
 
 def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu", quantization: str | None = None,
                quantize_embedding: bool = True) -> DiffusionGemma:
     """``quantization``: None | "int8" | "int4" (| "int4-g32" | "int4-g128") | "fp8", applied tensor by tensor
     while loading (see blockdiff/quant); ``quantize_embedding=False`` keeps the tied embedding in full precision.
-    A ``.gguf`` file loads from its own metadata and tensors."""
+    A ``.gguf`` file loads from its own metadata and tensors (text only)."""
     if is_gguf(path_or_id):
         from .quant.gguf import load_gguf_model
         return load_gguf_model(path_or_id, dtype=dtype, device=device, quantization=quantization,
@@ -102,20 +114,21 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
     dtype = resolve_dtype(dtype, device)
     plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
-    with torch.device("meta"):
-        model = DiffusionGemma(config)
-    expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
-                if not n.startswith("inv_freq_")}
-    loaded: dict[str, torch.Tensor] = {}
-    unexpected, skipped_vision = [], 0
     files = _weight_files(path)
+    with_vision = config.vision is not None and _has_vision_tensors(files)
+    if config.vision is not None and not with_vision:
+        log.info("%s: config.json has a vision_config but the weights hold no vision tower: loading text-only",
+                 path)
+    with torch.device("meta"):
+        model = DiffusionGemma(config, with_vision=with_vision)
+    expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected = []
     all_names = _all_tensor_names(files) if plan is not None else set()
     for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
-                if name.startswith(_VISION):
-                    skipped_vision += 1
-                    continue
                 base, part = name, None
                 if plan is not None:  # quantized layouts: NAME.qweight, NAME_scale, ... belong to NAME
                     base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
@@ -159,8 +172,6 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         if unexpected:
             msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
         raise CheckpointError(" ".join(msg))
-    if skipped_vision:
-        log.info("skipped %d vision-tower tensors (the vision tower is not supported yet)", skipped_vision)
     if plan is not None:
         plan.install(model)
     model.load_state_dict(loaded, strict=False, assign=True)
@@ -171,6 +182,8 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)
         setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+    if model.vision is not None:
+        model.vision.tower.rebuild_buffers(device)
     model.eval()
     return model
 
@@ -194,6 +207,9 @@ def _all_tensor_names(files: list[str]) -> set[str]:
 
 
 def _model_to_checkpoint_name(ours: str) -> str:
+    for prefix, mine in _VISION.items():
+        if ours.startswith(mine):
+            return prefix + ours[len(mine):]
     m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", ours)
     if m:
         return f"{_ENC}layers.{m.group(1)}.layer_scalar"
@@ -206,7 +222,7 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
     os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        if name.startswith("inv_freq_"):
+        if name.startswith("inv_freq_") or name == "vision.tower.inv_freq":
             continue
         t = t.detach().to("cpu")
         if dtype is not None and t.is_floating_point():

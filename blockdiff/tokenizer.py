@@ -59,23 +59,33 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _message_text(content, index: int) -> str:
+def _message_text(content, index: int, image_placeholder: str | None = None):
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI-style content parts
-        texts = []
+        texts, images = [], 0
         for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":  # see blockdiff.vision.chat
+                images += 1
+                texts.append(None)
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"message {index}: only text content parts are supported, got {kind!r}")
+                raise ValueError(f"message {index}: only text and image content parts are supported, got {kind!r}")
             texts.append(part["text"])
-        return "\n".join(texts)
+        if not images:
+            return "\n".join(texts)
+        if image_placeholder is None:  # the parts, for a template that renders image items itself
+            return [{"type": "image"} if t is None else {"type": "text", "text": t} for t in texts]
+        return "".join(image_placeholder if t is None else t for t in texts)
     raise ValueError(f"message {index}: content must be a string or a list of text parts, "
                      f"got {type(content).__name__}")
 
 
-def normalize_messages(messages) -> list[dict[str, Any]]:
-    """Validate chat messages and turn content-part lists into plain strings (other keys pass through)."""
+def normalize_messages(messages, image_placeholder: str | None = None) -> list[dict[str, Any]]:
+    """Validate chat messages and turn content-part lists into plain strings (other keys pass through). A list
+    with image parts stays a list of text/image parts, or with ``image_placeholder`` becomes a string with the
+    placeholder where each image was."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -86,7 +96,7 @@ def normalize_messages(messages) -> list[dict[str, Any]]:
             raise ValueError(f"message {i} has no 'role' (a non-empty string)")
         if "content" not in m:
             raise ValueError(f"message {i} ({m['role']}) has no 'content'")
-        out.append({**m, "content": _message_text(m["content"], i)})
+        out.append({**m, "content": _message_text(m["content"], i, image_placeholder)})
     return out
 
 
@@ -100,6 +110,8 @@ class Tokenizer:
         self.eos_token = _token_name(self.config.get("eos_token"))
         self.pad_token = _token_name(self.config.get("pad_token"))
         self.bos_token_id = self.token_to_id(self.bos_token)
+        # The image placeholder a chat template writes for an image part (Gemma 4: <|image|>).
+        self.image_token = _token_name(self.config.get("image_token")) or "<|image|>"
         self.pad_token_id = self.token_to_id(self.pad_token)
         eos = [self.token_to_id(self.eos_token)] + list(extra_eos_ids or [])
         self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in eos if i is not None))
@@ -167,16 +179,31 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this checkpoint has no chat template (chat_template.jinja or "
                              "tokenizer_config.json['chat_template']); send a plain prompt instead")
-        messages = normalize_messages(messages)
+        n_images = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                       for p in m["content"] if isinstance(p, dict) and p.get("type") == "image")
         if self._template is None:
             self._template = _environment().from_string(self.chat_template)
-        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
-                   "pad_token": self.pad_token or "", **template_kwargs,
-                   "messages": messages, "add_generation_prompt": add_generation_prompt}
-        try:
-            return self._template.render(**context)
-        except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"chat template rejected the messages: {e}") from e
+
+        def render(msgs):
+            context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                       "pad_token": self.pad_token or "", **template_kwargs,
+                       "messages": msgs, "add_generation_prompt": add_generation_prompt}
+            try:
+                return self._template.render(**context)
+            except jinja2.exceptions.TemplateError as e:
+                raise ValueError(f"chat template rejected the messages: {e}") from e
+
+        if n_images:
+            # A template that renders image items (as Gemma 4's does) writes one placeholder per image; one that
+            # only knows string content gets the placeholders inline in the text instead.
+            try:
+                text = render(normalize_messages(messages))
+                if text.count(self.image_token) == n_images:
+                    return text
+            except (ValueError, TypeError):
+                pass
+            return render(normalize_messages(messages, image_placeholder=self.image_token))
+        return render(normalize_messages(messages))
 
     def encode_chat(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
         """Token ids of the rendered conversation; the template's own ``<bos>`` is the only BOS."""

@@ -39,6 +39,23 @@ TINY_TEXT_CONFIG = dict(
 TINY_VISION_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                           num_key_value_heads=2, head_dim=8)
 
+# Image tokens of multimodal test checkpoints, at small ids inside the tiny vocab (the released ids are 255999,
+# 258880 and 258882, with the same strings).
+BOI_ID, IMAGE_ID, EOI_ID = 60, 61, 62
+IMAGE_TOKENS = {BOI_ID: "<|image>", IMAGE_ID: "<|image|>", EOI_ID: "<image|>"}
+
+# Two tiny vision towers that differ in every knob the reference has: patch size, pooling kernel, depth, GQA,
+# clipped linears, standardisation. Position tables cover the widest patch grid of 70 soft tokens.
+TINY_VISION_CONFIGS = {
+    "patch8_pool2_clipped": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, head_dim=8, patch_size=8, pooling_kernel_size=2,
+                                 position_embedding_size=160, use_clipped_linears=True, standardize=False),
+    "patch16_pool3_gqa_std": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, patch_size=16, pooling_kernel_size=3,
+                                  position_embedding_size=224, use_clipped_linears=False, standardize=True,
+                                  rope_parameters={"rope_type": "axial", "rope_theta": 50.0}),
+}
+
 # generation_config.json of google/diffusiongemma-26B-A4B-it (see /work/shared/REFERENCE.md).
 RELEASED_GENERATION_CONFIG = {
     "max_denoising_steps": 48,
@@ -70,16 +87,39 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}\n"
 )
 
+# The same with content-part lists as the real Gemma 4 template renders them: an image part is <|image|> in place.
+MM_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}\n"
+    "{{- '<|turn>' ~ role ~ '\\n' }}\n"
+    "{%- if message['content'] is string %}{{- message['content'] | trim }}{% else %}\n"
+    "{%- for item in message['content'] %}\n"
+    "{%- if item['type'] == 'text' %}{{- item['text'] | trim }}"
+    "{%- elif item['type'] == 'image' %}{{- '<|image|>' }}{% endif %}\n"
+    "{%- endfor %}{% endif %}\n"
+    "{{- '<turn|>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}\n"
+)
+
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def make_checkpoint(path, text_overrides: dict | None = None, canvas_length: int = 16,
                     generation_config: dict | None = None, perturb: bool = True, seed: int = 0,
-                    with_tokenizer: bool = True) -> str:
+                    with_tokenizer: bool = True, vision: dict | None = None, max_soft_tokens: int = 70,
+                    processor_file: str = "processor_config.json") -> str:
     """Build a tiny random DiffusionGemma with the oracle, save it in the released layout at ``path``.
 
     Writes config.json, model.safetensors (vision tower included), generation_config.json with the released
     values (updated by ``generation_config``), and with ``with_tokenizer`` a byte-level tokenizer.json,
     tokenizer_config.json and chat_template.jinja. Deterministic in ``seed``. Returns ``path`` as a str.
+
+    ``vision`` (a vision_config dict) makes a multimodal checkpoint: the image tokens at ``IMAGE_TOKENS`` (also in
+    the tokenizer), ``use_bidirectional_attention="vision"`` unless ``text_overrides`` says otherwise, a perturbed
+    vision tower, and the image processor's settings in ``processor_file`` (``processor_config.json``, nested
+    as transformers 5 writes it, or the flat ``preprocessor_config.json``).
     """
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.utils import logging as hf_logging
@@ -87,17 +127,22 @@ def make_checkpoint(path, text_overrides: dict | None = None, canvas_length: int
     path = str(path)
     os.makedirs(path, exist_ok=True)
     text = dict(TINY_TEXT_CONFIG)
+    if vision is not None:
+        text["use_bidirectional_attention"] = "vision"
     text.update(text_overrides or {})
+    mm = {} if vision is None else dict(boi_token_id=BOI_ID, image_token_id=IMAGE_ID, eoi_token_id=EOI_ID)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "forcing last layer to full attention" etc.
     hf_logging.disable_progress_bar()
     try:
-        config = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION_CONFIG),
-                                      canvas_length=canvas_length)
+        config = DiffusionGemmaConfig(text_config=text, vision_config=dict(vision or TINY_VISION_CONFIG),
+                                      canvas_length=canvas_length, **mm)
         torch.manual_seed(seed)
         model = DiffusionGemmaForBlockDiffusion(config)
         if perturb:
             _perturb(model, seed)
+            if vision is not None:
+                _perturb_vision(model, seed)
         model.save_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -106,8 +151,53 @@ def make_checkpoint(path, text_overrides: dict | None = None, canvas_length: int
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2)
     if with_tokenizer:
-        write_tokenizer(path, text["vocab_size"])
+        write_tokenizer(path, text["vocab_size"], image_tokens=vision is not None)
+    if vision is not None:
+        write_processor_config(path, config.vision_config, max_soft_tokens, processor_file)
     return path
+
+
+def image_processor_kwargs(vision_config, max_soft_tokens: int) -> dict:
+    """The Gemma 4 image processor's settings for a vision tower (the keys its saved config holds)."""
+    return {"patch_size": vision_config.patch_size, "pooling_kernel_size": vision_config.pooling_kernel_size,
+            "max_soft_tokens": max_soft_tokens}
+
+
+def write_processor_config(path, vision_config, max_soft_tokens: int, file: str) -> None:
+    ip = {"image_processor_type": "Gemma4ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+          "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False,
+          "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0],
+          **image_processor_kwargs(vision_config, max_soft_tokens)}
+    body = {"processor_class": "Gemma4Processor", "image_seq_length": max_soft_tokens, "image_processor": ip} \
+        if file == "processor_config.json" else ip
+    with open(os.path.join(str(path), file), "w") as f:
+        json.dump(body, f, indent=2)
+
+
+@torch.no_grad()
+def _perturb_vision(model, seed: int) -> None:
+    """The vision tower's neutral values (norms, position tables, clip bounds, standardisation) moved off neutral,
+    from a generator of its own (the text weights stay what ``_perturb`` made them)."""
+    g = torch.Generator().manual_seed(seed + 777)
+    enc = model.model.encoder
+    for name, p in list(enc.vision_tower.named_parameters()) + list(enc.embed_vision.named_parameters()):
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            p.copy_(0.15 + 0.3 * torch.rand(p.shape, generator=g))  # keep attention (scale 1) unsaturated
+        elif "norm" in name:
+            p.copy_(0.5 + torch.rand(p.shape, generator=g))
+        elif name.endswith("position_embedding_table"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif p.dim() == 2:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7 / p.shape[1] ** 0.5)
+    for name, b in enc.vision_tower.named_buffers():
+        if name.endswith("std_bias"):
+            b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+        elif name.endswith("std_scale"):
+            b.copy_(0.05 + 0.1 * torch.rand(b.shape, generator=g))
+        elif name.endswith(("input_min", "output_min")):
+            b.fill_(-1.0 - float(torch.rand((), generator=g)))  # bounds that clip the tails
+        elif name.endswith(("input_max", "output_max")):
+            b.fill_(1.0 + float(torch.rand((), generator=g)))
 
 
 @torch.no_grad()
@@ -203,17 +293,19 @@ def _merges(symbols: list[str], n: int) -> list[tuple[str, str]]:
     raise ValueError(f"cannot build {n} merges")
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` ids and the Gemma specials at their real ids."""
+def build_tokenizer(vocab_size: int, image_tokens: bool = False):
+    """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` ids and the Gemma specials at their real ids
+    (with ``image_tokens``, the image tokens of ``IMAGE_TOKENS`` too)."""
+    specials = {**SPECIAL_TOKENS, **(IMAGE_TOKENS if image_tokens else {})}
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    if vocab_size < max(SPECIAL_TOKENS) + 1 or vocab_size < 256 + len(SPECIAL_TOKENS):
+    if vocab_size < max(specials) + 1 or vocab_size < 256 + len(specials):
         raise ValueError(f"vocab_size {vocab_size} is too small for 256 bytes + the Gemma specials")
     symbols = _byte_symbols()
-    merges = _merges(symbols, vocab_size - len(SPECIAL_TOKENS) - 256)
-    free_ids = (i for i in range(vocab_size) if i not in SPECIAL_TOKENS)
-    vocab = {tok: i for i, tok in SPECIAL_TOKENS.items()}
+    merges = _merges(symbols, vocab_size - len(specials) - 256)
+    free_ids = (i for i in range(vocab_size) if i not in specials)
+    vocab = {tok: i for i, tok in specials.items()}
     for tok in symbols + [a + b for a, b in merges]:
         vocab[tok] = next(free_ids)
     assert len(vocab) == vocab_size
@@ -221,8 +313,8 @@ def build_tokenizer(vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # Specials already sit in the vocab, so they keep their ids.
-    tok.add_special_tokens([AddedToken(SPECIAL_TOKENS[i], special=True, normalized=False)
-                            for i in sorted(SPECIAL_TOKENS)])
+    tok.add_special_tokens([AddedToken(specials[i], special=True, normalized=False)
+                            for i in sorted(specials)])
     # Like Gemma's tokenizer.json: add_special_tokens=True prepends <bos>.
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
                                                        special_tokens=[("<bos>", BOS_ID)])
@@ -230,10 +322,13 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def write_tokenizer(path, vocab_size: int, chat_template: str | None = CHAT_TEMPLATE) -> None:
+def write_tokenizer(path, vocab_size: int, chat_template: str | None = CHAT_TEMPLATE,
+                    image_tokens: bool = False) -> None:
     """tokenizer.json + tokenizer_config.json (+ chat_template.jinja unless ``chat_template`` is None)."""
     path = str(path)
-    build_tokenizer(vocab_size).save(os.path.join(path, "tokenizer.json"))
+    if chat_template == CHAT_TEMPLATE and image_tokens:
+        chat_template = MM_CHAT_TEMPLATE
+    build_tokenizer(vocab_size, image_tokens).save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
                    "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>",
@@ -259,12 +354,13 @@ def load_oracle(path):
     return _load_oracle(path, os.path.getmtime(os.path.join(path, "model.safetensors")))
 
 
-def oracle_generate(path, input_ids, seed: int, max_new_tokens: int):
+def oracle_generate(path, input_ids, seed: int, max_new_tokens: int, **model_kwargs):
     """``torch.manual_seed(seed); ref.generate(input_ids, max_new_tokens=n)``; the new tokens, cut to n and after
     the first EOS (inclusive, EOS ids from the checkpoint's generation config).
 
     ``input_ids``: a list of ids, a 1-D tensor or a [1, S] tensor -> list[int]; a [B, S] tensor with B > 1 ->
-    one list per row.
+    one list per row. ``model_kwargs`` go to ``generate`` (``pixel_values``, ``image_position_ids``,
+    ``mm_token_type_ids``).
     """
     ref = load_oracle(path)
     ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -272,7 +368,7 @@ def oracle_generate(path, input_ids, seed: int, max_new_tokens: int):
     if ids.dim() == 1:
         ids = ids[None]
     torch.manual_seed(seed)
-    out = ref.generate(ids, max_new_tokens=max_new_tokens)
+    out = ref.generate(ids, max_new_tokens=max_new_tokens, **model_kwargs)
     seqs = out.sequences if hasattr(out, "sequences") else out
     eos = ref.generation_config.eos_token_id
     eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))

@@ -272,7 +272,7 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
      "'messages[0].content' must be a string"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "only text is supported"),
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "local image files are not allowed"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "max_completion_tokens": -3}, 400, "'max_completion_tokens' must be >= 1"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 3000}]}, 400,

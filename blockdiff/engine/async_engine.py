@@ -186,7 +186,7 @@ class AsyncEngine:
             self._fail_all(EngineStoppedError("the engine was shut down"))
 
     # ------------------------------------------------------------------ client side (any thread)
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, images=None) -> RequestStream:
         """Validate and queue a request; call from a running event loop. Raises ``ValueError`` (bad request),
         ``EngineOverloadedError`` (full) or ``EngineStoppedError``."""
         loop = asyncio.get_running_loop()
@@ -205,7 +205,7 @@ class AsyncEngine:
             stream._put(ev)
 
         # Validates params and prompt (ValueError) and builds the state before anything is queued.
-        state = self.engine.make_state(prompt_ids, params, on_event=on_event, request_id=request_id)
+        state = self.engine.make_state(prompt_ids, params, on_event=on_event, request_id=request_id, images=images)
         stream = RequestStream(state, loop)
         holder.append(stream)
         with self._cond:

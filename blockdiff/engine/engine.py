@@ -62,7 +62,8 @@ class Engine:
                              f" in canvases of {C}) needs {needed} positions; the model's context is {ctx}")
 
     def make_state(self, prompt_ids: list[int], params: SamplingParams | None = None, on_event=None,
-                   request_id: str | None = None, request_index: int = 0) -> ModelState:
+                   request_id: str | None = None, request_index: int = 0, images=None) -> ModelState:
+        """``images``: the prompt's ``ImageInputs`` (``blockdiff.vision.prompt``), its image tokens expanded."""
         params = params or SamplingParams()
         params.validate(self.model.vocab_size, self.canvas_length)
         params = params.resolved(self.defaults)
@@ -81,7 +82,19 @@ class Engine:
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
                            device=self.model.device, cache=self.model.new_sequence(), constraint=constraint,
                            infill=infill)
+        if images is not None:
+            self._check_images(prompt_ids, images)
+            state.images = images
         return state
+
+    def _check_images(self, prompt_ids: list[int], images) -> None:
+        if self.model.vision is None:
+            raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
+        image_id = self.model.config.image_token_id
+        n = sum(1 for t in prompt_ids if t == image_id)
+        if n != sum(images.num_soft_tokens):
+            raise ValueError(f"the prompt holds {n} image tokens but its images give {sum(images.num_soft_tokens)} "
+                             "soft tokens")
 
     def grammars(self):
         """The checkpoint's grammar compiler (its token table takes ~5 s to build at 262k entries: the server
@@ -100,8 +113,9 @@ class Engine:
         return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length, params.seed,
                                           self.model.device)
 
-    def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0) -> ModelState:
-        state = self.make_state(prompt_ids, params, on_event, request_id, request_index)
+    def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0,
+                    images=None) -> ModelState:
+        state = self.make_state(prompt_ids, params, on_event, request_id, request_index, images=images)
         self.scheduler.add(state)
         return state
 
@@ -145,15 +159,19 @@ class Engine:
     def _encode(self, states: list[ModelState]) -> None:
         """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest)."""
         model = self.model
-        if model.batch_invariant:
-            # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
-            # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas.
-            for s in states:
-                ids = s.tokens_to_encode()
-                model.encode(torch.tensor([ids]), KVCache([s.cache]))
-                self.stats["encode_tokens"] += len(ids)
-                s.encoded()
-            return
+        # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
+        # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas. A prompt with
+        # images is read alone too (its vision pass and image masks are its own).
+        alone = [s for s in states if model.batch_invariant or (s.images is not None and s.phase is Phase.WAITING)]
+        for s in alone:
+            ids = s.tokens_to_encode()
+            model.encode(torch.tensor([ids]), KVCache([s.cache]), **self._image_kwargs(s, ids))
+            self.stats["encode_tokens"] += len(ids)
+            s.encoded()
+        if alone:
+            states = [s for s in states if all(s is not a for a in alone)]
+            if not states:
+                return
         for group in _encode_groups([(len(t), s, t) for s in states for t in [s.tokens_to_encode()]]):
             lengths = [n for n, _, _ in group]
             width = max(lengths)
@@ -162,6 +180,14 @@ class Engine:
             self.stats["encode_tokens"] += sum(lengths)
         for s in states:
             s.encoded()
+
+    def _image_kwargs(self, s: ModelState, ids: list[int]) -> dict:
+        """The prompt's images for its prefill encode (then dropped: later encodes are canvases)."""
+        if s.images is None or s.phase is not Phase.WAITING:
+            return {}
+        im, s.images = s.images, None
+        return {"pixel_values": im.pixel_values, "image_position_ids": im.image_position_ids,
+                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id)}
 
     def _denoise(self, states: list[ModelState]) -> None:
         model = self.model

@@ -1,6 +1,10 @@
 """Offline API in the shape vLLM users know: ``LLM(path).generate(...)`` and ``LLM(path).chat(...)``.
 
 All prompts of one call are admitted together and batched by the engine tick by tick.
+
+Images: ``generate([{"prompt": "<|image|> What is this?", "multi_modal_data": {"image": pil_or_list}}])``
+(one ``<|image|>`` placeholder per image in the prompt), or ``chat`` messages with ``image_url`` / ``image``
+content parts. Each placeholder becomes the image's soft tokens (``blockdiff.vision.prompt``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from ..config import GenerationDefaults
 from ..loader import is_gguf, load_model, resolve_path
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
+from ..vision.chat import extract_images
+from ..vision.media import ImageLoader, MediaLimits
+from ..vision.prompt import ImagePrompter
 from .engine import Engine
 from .model_state import Event, Metrics, ModelState
 
@@ -40,11 +47,14 @@ class LLM:
     """``deterministic=True``: a seeded request's output is bit-identical alone or in any batch (the model and
     the sampler compute every request as they would alone; slower under load). The default batches the whole
     tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
-    docs/serving.md, "What a seed guarantees"). ``quantization``: see blockdiff/quant (a ``.gguf`` path brings
-    its own configuration, weights and tokenizer)."""
+    docs/serving.md, "What a seed guarantees"). ``media_limits``: where image files may come from and how many
+    images, bytes and pixels one prompt may hold (``blockdiff.vision.media.MediaLimits``). ``quantization``: see
+    blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only)."""
 
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
-                 deterministic: bool = False, quantization: str | None = None, quantize_embedding: bool = True):
+                 deterministic: bool = False, media_limits: MediaLimits | None = None,
+                 quantization: str | None = None, quantize_embedding: bool = True):
+        self.media_limits = media_limits or MediaLimits()
         if is_gguf(model):  # config, weights and tokenizer all come from the one file
             from ..quant.gguf import load_gguf
             self.model_path = model
@@ -53,6 +63,7 @@ class LLM:
                                                                   quantize_embedding=quantize_embedding)
             self.model.batch_invariant = bool(deterministic)
             self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
+            self.images = ImagePrompter.for_model(self.model, None, self.tokenizer)
             return
         path = resolve_path(model)
         self.model_path = path
@@ -62,6 +73,7 @@ class LLM:
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs)
+        self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
 
     @property
     def deterministic(self) -> bool:
@@ -78,6 +90,8 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         self.defaults = generation_defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
         self.engine = Engine(model, self.defaults, tokenizer, max_num_seqs=max_num_seqs)
+        self.images = ImagePrompter.for_model(model, None, tokenizer)
+        self.media_limits = MediaLimits()
         return self
 
     # ------------------------------------------------------------------ prompts
@@ -89,6 +103,37 @@ class LLM:
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
         return ids
+
+    def _with_images(self, ids: list[int], images, wheres: list[str] | None = None) -> tuple[list[int], object]:
+        """Load (PIL images, bytes, data: URLs...) and process a prompt's images; expand its placeholders."""
+        if images is None:
+            return ids, None
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if images:
+            self.images.check_can_take_images()
+        return self.images.prepare(ids, ImageLoader(self.media_limits).load_all(list(images), wheres))
+
+    def _prompt(self, p, i: int) -> tuple[str | None, list[int], object]:
+        """One prompt: a string, or {"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ...}}."""
+        if isinstance(p, str):
+            return p, self._encode_text(p), None
+        if not isinstance(p, dict):
+            raise ValueError(f"prompt {i} must be a string or a dict with 'prompt' (and 'multi_modal_data')")
+        unknown = set(p) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+        if unknown:
+            raise ValueError(f"prompt {i} has unknown keys {sorted(unknown)}")
+        if ("prompt" in p) == ("prompt_token_ids" in p):
+            raise ValueError(f"prompt {i} needs exactly one of 'prompt' (text) or 'prompt_token_ids'")
+        text = p.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"prompt {i}: 'prompt' must be a string")
+        ids = self._encode_text(text) if text is not None else list(p["prompt_token_ids"])
+        mmd = p.get("multi_modal_data") or {}
+        if not isinstance(mmd, dict) or set(mmd) - {"image"}:
+            raise ValueError(f"prompt {i}: multi_modal_data takes only 'image' (a PIL image or a list of them)")
+        ids, images = self._with_images(ids, mmd.get("image"))
+        return text, ids, images
 
     def _decode(self, ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids)
@@ -104,18 +149,23 @@ class LLM:
     ) -> list[RequestOutput]:
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts (text) or prompt_token_ids")
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if prompts is not None:
-            texts = list(prompts)
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError("prompts must be strings (use prompt_token_ids for token ids)")
-            id_lists = [self._encode_text(t) for t in texts]
+            if not all(isinstance(t, (str, dict)) for t in prompts):
+                raise ValueError("prompts must be strings or {'prompt': ..., 'multi_modal_data': ...} dicts "
+                                 "(use prompt_token_ids for token ids)")
+            texts, id_lists, images = map(list, zip(*[self._prompt(p, i) for i, p in enumerate(prompts)])) \
+                if prompts else ([], [], [])
         else:
             id_lists = [list(x) for x in prompt_token_ids]
             if id_lists and isinstance(id_lists[0], int):
                 raise ValueError("prompt_token_ids must be a list of token-id lists")
             texts = [None] * len(id_lists)
+            images = [None] * len(id_lists)
+        return self._generate_ids(texts, id_lists, images, sampling_params, on_event, use_tqdm)
+
+    def _generate_ids(self, texts, id_lists, images, sampling_params, on_event, use_tqdm) -> list[RequestOutput]:
         if not id_lists:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -125,8 +175,8 @@ class LLM:
             if len(params) != len(id_lists):
                 raise ValueError(f"{len(params)} sampling params for {len(id_lists)} prompts")
         # Validate everything before running anything: a bad request never half-runs a batch.
-        states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i)
-                  for i, (ids, p) in enumerate(zip(id_lists, params))]
+        states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i, images=im)
+                  for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
         return self._run(states, texts, use_tqdm)
 
     def _run(self, states: list[ModelState], texts, use_tqdm: bool) -> list[RequestOutput]:
@@ -167,13 +217,21 @@ class LLM:
         on_event: Callable[[Event], None] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, rendered with the
-        checkpoint's chat template."""
+        checkpoint's chat template. Content may be a list of text and image parts (``image_url`` with a data: URL,
+        or ``{"type": "image", "image": <PIL image>}``)."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat template")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
         convs = [messages] if isinstance(messages[0], dict) else messages
-        ids = [self.tokenizer.encode_chat(c, add_generation_prompt=True, **(chat_template_kwargs or {}))
-               for c in convs]
-        return self.generate(prompt_token_ids=ids, sampling_params=sampling_params, on_event=on_event)
+        ids, images = [], []
+        for c in convs:
+            c, sources, wheres = extract_images(c)
+            if sources:
+                self.images.check_can_take_images()
+            x = self.tokenizer.encode_chat(c, add_generation_prompt=True, **(chat_template_kwargs or {}))
+            x, im = self._with_images(x, sources or None, wheres)
+            ids.append(x)
+            images.append(im)
+        return self._generate_ids([None] * len(ids), ids, images, sampling_params, on_event, False)
 

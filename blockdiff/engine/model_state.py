@@ -138,6 +138,7 @@ class ModelState:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.metrics = Metrics(prompt_tokens=len(prompt_ids))
+        self.images = None  # ImageInputs for the prompt (the engine passes them to the prefill encode, then drops them)
         # Infill template (first canvas only) and constrained vocabulary.
         self.fixed = self.template = None
         if params.canvas_template is not None:

@@ -1,7 +1,10 @@
 """DiffusionGemma: one weight set, two passes.
 
 - ``encode(input_ids, cache)``: causal; reads the prompt or a committed canvas, appends its keys/values to
-  the cache (positions continue after what the cache holds). Uses the encoder ``layer_scalar``s.
+  the cache (positions continue after what the cache holds). Uses the encoder ``layer_scalar``s. With
+  ``pixel_values`` / ``image_position_ids`` (see ``vision.py``) the vision tower's soft tokens replace the
+  embeddings at the image-token positions; with ``mm_token_type_ids`` (1 = image token) and
+  ``use_bidirectional_attention == "vision"``, the tokens of one image also attend to each other both ways.
 - ``denoise(canvas_ids, cache, ...)``: bidirectional over the canvas, read-only over the cached prefix
   (sliding layers see the last ``sliding_window - 1`` cached positions). Canvas embeddings first pass
   through the self-conditioning block. Returns soft-capped fp32 logits ``[B, C, V]``. Uses the decoder
@@ -28,10 +31,11 @@ from ..config import ModelConfig
 from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, gather_prefix, to_device
 from .attention import AttnMeta
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+from .vision import VisionEncoder, image_blocks, same_image, scatter_image_features
 
 
 class DiffusionGemma(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, with_vision: bool = False):
         super().__init__()
         self.config = config
         t = self.text = config.text
@@ -42,6 +46,9 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
         self.softcap = t.final_logit_softcapping
+        # The vision tower (images in the prompt); None for a text-only model. The loader builds it when the
+        # checkpoint holds its tensors.
+        self.vision = VisionEncoder(config.vision, t.hidden_size) if with_vision and config.vision else None
         # False: one batched pass (fast; a row's logits match the row alone to rounding). True: attention and
         # experts per row, so a row's result never depends on its batch (bit-identical; deterministic mode).
         self.batch_invariant = False
@@ -129,10 +136,11 @@ class DiffusionGemma(nn.Module):
         return to_device(ids, self.device) if ids.device != self.device else ids
 
     def _masks(self, positions: torch.Tensor, span_pos: list, span_valid: list,
-               new_valid: torch.Tensor | None) -> list:
+               new_valid: torch.Tensor | None, blocks: torch.Tensor | None = None) -> list:
         """Attention masks per span (``self.spans`` order). positions [B, S]; span_pos/valid [B, P] per span;
         new_valid [B, S] (encode: False on padding) or None (denoise: every canvas position sees the row's visible
-        prefix and the whole canvas). Pure tensor ops: no host values."""
+        prefix and the whole canvas); blocks [B, S] (encode with images: the image each new token belongs to, -1
+        for text) or None. Pure tensor ops: no host values."""
         B, S = positions.shape
         masks = []
         for g, ppos, pvalid in zip(self.spans, span_pos, span_valid):
@@ -142,6 +150,9 @@ class DiffusionGemma(nn.Module):
                 m = torch.cat([pvalid, new_valid], dim=1)[:, None, :] & (kpos <= q)  # [B, S, P + S]
                 if g is not None:
                     m = m & (kpos > q - g)
+                if blocks is not None:  # bidirectional within an image (past the window too, as the reference)
+                    P = ppos.shape[1]
+                    m = torch.cat([m[:, :, :P], m[:, :, P:] | same_image(blocks, new_valid)], dim=2)
                 masks.append(m[:, None])  # [B, 1, S, P + S]
             else:
                 if g is not None:  # a cache that keeps every position still shows only the window
@@ -181,11 +192,14 @@ class DiffusionGemma(nn.Module):
         cache,  # KVCache (or a TrainCache)
         lengths: list[int] | None = None,
         logits: str | None = None,  # None | "last" | "all"
+        pixel_values: torch.Tensor | None = None,  # [N, P, 3 * ps^2]: the images of all rows, in order
+        image_position_ids: torch.Tensor | None = None,  # [N, P, 2] (x, y) per patch, (-1, -1) = padding
+        mm_token_type_ids: torch.Tensor | None = None,  # [B, S]: 1 = image token, 0 = text
     ) -> torch.Tensor | None:
         """Causal pass over new tokens; appends their K/V to each cache row.
 
         ``logits="last"`` returns [B, V] for each row's last real token (the next-token head),
-        ``"all"`` returns [B, S, V]; default returns nothing.
+        ``"all"`` returns [B, S, V]; default returns nothing. Images: see the module docstring.
         """
         ids = self._check_ids(input_ids, "input_ids")
         B, S = ids.shape
@@ -201,10 +215,15 @@ class DiffusionGemma(nn.Module):
         steps = torch.arange(S, device=dev)[None]  # [1, S]
         positions = view.start[:, None] + steps  # [B, S]
         new_valid = steps < to_device(torch.tensor(lengths), dev)[:, None]  # [B, S]
+        x = self.embed(ids)
+        # --- images: soft tokens into the image-token positions; same-image tokens see each other ---
+        if pixel_values is not None:
+            x = scatter_image_features(self, x, ids, pixel_values, image_position_ids)
+        blocks = image_blocks(self.text, mm_token_type_ids, (B, S), dev)  # [B, S] image index or -1; or None
         prefixes = [view.prefix(g) for g in self.spans]
         metas = self._metas(self._masks(positions, [p.pos for p in prefixes], [p.valid for p in prefixes],
-                                        new_valid), prefixes)
-        x = self._layers(self.embed(ids), positions, metas, [view.sources(i) for i in range(len(self.layers))],
+                                        new_valid, blocks), prefixes)
+        x = self._layers(x, positions, metas, [view.sources(i) for i in range(len(self.layers))],
                          causal=True, view=view)
         view.commit()
         if logits is None:

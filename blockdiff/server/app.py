@@ -57,10 +57,13 @@ def _request_body(model) -> dict:
 
 
 def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None, max_num_seqs: int | None = None,
-              max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              media_limits=None) -> FastAPI:
     """``llm_or_engine``: an ``LLM``, an ``Engine`` or an ``AsyncEngine``. ``max_num_seqs`` (batch slots) overrides
     the engine's; ``max_waiting`` (default 4 * max_num_seqs) bounds the queue behind them (then 429);
-    ``max_body_bytes`` bounds a request body (then 413). ``api_key``: None for none; an empty key is refused."""
+    ``max_body_bytes`` bounds a request body (then 413). ``api_key``: None for none; an empty key is refused.
+    ``media_limits`` (``blockdiff.vision.media.MediaLimits``): images per request, their bytes and pixels, and the
+    folder local image files may come from (default: none)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: pass a non-empty key, or none to serve without one")
     if isinstance(llm_or_engine, AsyncEngine):
@@ -79,7 +82,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         aeng = AsyncEngine(core, max_waiting=max_waiting)
     elif max_waiting is not None:
         aeng.max_waiting = max_waiting
-    srv = Server(aeng, served_model_name, api_key)
+    srv = Server(aeng, served_model_name, api_key, images=getattr(llm_or_engine, "images", None),
+                 media_limits=media_limits)
     registry = prom.make_registry(aeng, srv.http_errors, served_model_name)
 
     @asynccontextmanager

@@ -26,6 +26,14 @@ def register(subparsers) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="a seeded request's output is bit-identical alone or in any batch (per-request compute: "
                         "slower under load); default: one batched pass per tick")
+    p.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="image_url parts may name local files (file:// URLs or paths) under DIR (default: none)")
+    p.add_argument("--max-images-per-request", type=int, default=8)
+    p.add_argument("--max-image-bytes", type=int, default=5 << 20,
+                   help="encoded bytes of all images in one request (default 5 MiB; they arrive base64 in the "
+                        "body: --max-body-bytes must hold 4/3 of this)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="decoded pixels of all images in one request (default 40M)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -54,6 +62,22 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    from ..vision.media import MediaLimits
+
+    try:
+        limits = MediaLimits(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
+                             max_pixels=args.max_image_pixels, allowed_local_media_path=args.allowed_local_media_path)
+    except ValueError as e:
+        msg = str(e)
+        for name in ("max_images", "max_bytes", "max_pixels", "allowed_local_media_path"):
+            flag = {"max_images": "--max-images-per-request", "max_bytes": "--max-image-bytes",
+                    "max_pixels": "--max-image-pixels"}.get(name, "--allowed-local-media-path")
+            msg = msg.replace(name, flag)
+        raise CLIError(msg) from None
+    if args.max_body_bytes < args.max_image_bytes * 4 // 3:
+        raise CLIError(f"--max-body-bytes ({args.max_body_bytes}) cannot hold --max-image-bytes "
+                       f"({args.max_image_bytes}) of base64 images: raise it to at least "
+                       f"{args.max_image_bytes * 4 // 3 + 65536}")
     import uvicorn
 
     from .app import build_app
@@ -61,7 +85,7 @@ def cmd_serve(args) -> int:
     llm = load_llm(args)
     name = args.served_model_name or default_model_name(args.model)
     app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes, media_limits=limits)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"(max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', API key required' if args.api_key else ''})", flush=True)

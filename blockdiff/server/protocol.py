@@ -234,13 +234,39 @@ class TextPart(BaseModel):
     text: str
 
 
-ContentPart = TextPart  # a Union as more part kinds are supported
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # "detail" is accepted and has no effect
+    url: str = Field(description="a data:image/...;base64 URL (or a local file under --allowed-local-media-path)")
+
+
+class ImageUrlPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart, Field(discriminator="type")]
+
+
+def _check_part(part, where: str) -> None:
+    """A text part or an image_url part; the error names the part and says what it must be."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return
+    if kind == "image_url":
+        v = part.get("image_url")
+        if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"]:
+            return
+        raise ValueError(f"'{where}.image_url.url' must be a string (a data:image/...;base64 URL)")
+    got = kind if kind is not None else json_type(part)
+    raise ValueError(f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image_url part "
+                     f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}), got {got!r}")
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
-    content: str | list[ContentPart] = Field(description="a string or an array of text parts")
+    content: str | list[ContentPart] = Field(description="a string or an array of text and image_url parts")
 
     @field_validator("role", mode="before")
     @classmethod
@@ -254,19 +280,23 @@ class ChatMessage(BaseModel):
     def _content(cls, v):
         if isinstance(v, list):
             for j, part in enumerate(v):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else json_type(part)
-                    raise ValueError(f"'{{path}}[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}),"
-                                     f" got {kind!r}: only text is supported")
+                _check_part(part, f"{{path}}[{j}]")
             return v
         if not isinstance(v, str):
-            raise ValueError(f"{{name}} must be a string or an array of text parts, got {json_type(v)}")
+            raise ValueError(f"{{name}} must be a string or an array of content parts, got {json_type(v)}")
         return v
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def template_content(self) -> str | list[dict]:
+        """The text, or (with images) the parts: text parts and {"type": "image_url", "image_url": {"url"}}."""
+        if isinstance(self.content, str) or all(isinstance(p, TextPart) for p in self.content):
+            return self.text()
+        return [{"type": "text", "text": p.text} if isinstance(p, TextPart)
+                else {"type": "image_url", "image_url": {"url": p.image_url.url}} for p in self.content]
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -328,11 +358,11 @@ class ChatCompletionRequest(SamplingRequest):
         return True if v is None else v
 
     def template_messages(self) -> list[dict]:
-        """[{"role", "content": str, extra keys...}] for the chat template."""
+        """[{"role", "content": str (or text/image_url parts), extra keys...}] for the chat template."""
         out = []
         for m in self.messages:
             d = {k: v for k, v in (m.model_extra or {}).items()}
-            d.update(role=m.role, content=m.text())
+            d.update(role=m.role, content=m.template_content())
             out.append(d)
         return out
 

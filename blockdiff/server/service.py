@@ -22,6 +22,9 @@ from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloa
                                    RequestStream)
 from ..engine.engine import Engine
 from ..sampling.params import SamplingParams
+from ..vision.chat import extract_images
+from ..vision.media import ImageLoader, MediaLimits
+from ..vision.prompt import ImagePrompter
 from .body import parse_body
 from .errors import APIError, bad, from_validation
 from .protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest, check_context, choice_seed,
@@ -53,10 +56,12 @@ class Prepared:
     ids: list[int]
     params: SamplingParams
     echo: str | None = None  # completions with echo: the prompt text
+    images: object = None  # chat with image_url parts: the prompt's ImageInputs (blockdiff.vision.prompt)
 
 
 class Server:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None, prep_workers: int = 2):
+    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None, prep_workers: int = 2,
+                 images: ImagePrompter | None = None, media_limits: MediaLimits | None = None):
         self.engine = engine
         self.core: Engine = engine.engine
         self.tokenizer = self.core.tokenizer
@@ -70,6 +75,8 @@ class Server:
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._max_chars: int | None = None
+        self.images = images or ImagePrompter.for_model(self.core.model, None, self.tokenizer)
+        self.media_limits = media_limits or MediaLimits()
 
     @property
     def context(self) -> int:
@@ -108,9 +115,9 @@ class Server:
         if req.n > self.engine.capacity:
             raise bad(f"'n' is {req.n}, more choices than this server runs at once ({self.engine.capacity})", "n")
         params = req.to_params()
-        echo = None
+        echo = images = None
         if kind == "chat":
-            ids = self.encode_chat(req)
+            ids, images = self.encode_chat(req)
             prompt_name = "messages"
         else:
             prompt_name = "prompt"
@@ -131,7 +138,7 @@ class Server:
             raise engine_error(e, req.max_tokens_name) from None
         check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
                       req.max_tokens_name, prompt_name)
-        return Prepared(kind, req, ids, params, echo)
+        return Prepared(kind, req, ids, params, echo, images)
 
     def encode_text(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -143,16 +150,32 @@ class Server:
             ids = [bos] + ids
         return ids
 
-    def encode_chat(self, req: ChatCompletionRequest) -> list[int]:
+    def encode_chat(self, req: ChatCompletionRequest) -> tuple[list[int], object]:
+        """-> (prompt ids, the images' ImageInputs or None); image_url parts load and expand here."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise bad("this model has no chat template: use /v1/completions", "messages")
-        messages = req.template_messages()
-        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
+        messages, sources, wheres = extract_images(req.template_messages())
+        self._check_chars(sum(len(m.text()) for m in req.messages), "messages")
+        loaded = self.load_images(sources, wheres)
         try:
-            return self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
-                                              **req.template_kwargs())
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
+                                             **req.template_kwargs())
         except (ValueError, TypeError) as e:
             raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
+        try:
+            return self.images.prepare(ids, loaded)
+        except ValueError as e:
+            raise bad(str(e), "messages") from None
+
+    def load_images(self, sources: list, wheres: list[str]) -> list:
+        """image_url sources -> decoded images, within the media limits (400 with one line otherwise)."""
+        if not sources:
+            return []
+        try:
+            self.images.check_can_take_images()
+            return ImageLoader(self.media_limits).load_all(sources, wheres)
+        except ValueError as e:
+            raise bad(str(e), "messages") from None
 
     # ------------------------------------------------------------------ running
     def submit(self, p: Prepared, rid: str) -> list[RequestStream]:
@@ -163,7 +186,8 @@ class Server:
         try:
             for i in range(p.req.n):
                 params = p.params if i == 0 else _with_seed(p.params, choice_seed(p.params.seed, i))
-                streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}"))
+                streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}",
+                                                  images=p.images))
         except BaseException as e:
             for s in streams:
                 self.engine.abort(s.request_id)

@@ -1,0 +1,139 @@
+"""Images from where requests point: PIL images, raw bytes, ``data:`` URLs (base64), local files (only under an
+allowed folder). Remote URLs are refused: the server fetches nothing. Every failure is a ``ValueError`` with one
+line saying what was wrong (the HTTP layer answers 400 with it).
+
+Limits are per request (``MediaLimits``): image count, encoded bytes, decoded pixels; the pixel count is read
+from the image header before anything is decoded, so an oversized image costs no memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+from dataclasses import dataclass
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what a request may send
+
+
+@dataclass
+class MediaLimits:
+    max_images: int = 8  # per request
+    max_bytes: int = 5 << 20  # encoded bytes of all images of a request
+    max_pixels: int = 40_000_000  # decoded pixels of all images of a request
+    allowed_local_media_path: str | None = None  # a folder: file paths / file:// URLs under it may be read
+
+    def __post_init__(self):
+        for name in ("max_images", "max_bytes", "max_pixels"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.allowed_local_media_path is not None:
+            p = os.path.realpath(os.path.expanduser(self.allowed_local_media_path))
+            if not os.path.isdir(p):
+                raise ValueError(f"allowed_local_media_path {self.allowed_local_media_path!r} is not a folder")
+            self.allowed_local_media_path = p
+
+
+class ImageLoader:
+    """Loads one request's images, counting them against ``MediaLimits``."""
+
+    def __init__(self, limits: MediaLimits | None = None):
+        self.limits = limits or MediaLimits()
+        self.count = self.bytes = self.pixels = 0
+
+    def load_all(self, sources: list, wheres: list[str] | None = None) -> list:
+        """Every image of a request; ``wheres`` names each in errors (default "image 0", "image 1"...)."""
+        if len(sources) > self.limits.max_images:
+            raise ValueError(f"the request has {len(sources)} images; the limit is {self.limits.max_images}")
+        return [self.load(s, wheres[i] if wheres else i) for i, s in enumerate(sources)]
+
+    def load(self, source, where: str | int = 0):
+        """A PIL image, bytes, a data: URL, a file:// URL or a local path -> a loaded PIL image."""
+        from PIL import Image
+
+        what = f"image {where}" if isinstance(where, int) else where
+        self.count += 1
+        if self.count > self.limits.max_images:
+            raise ValueError(f"the request has more than {self.limits.max_images} images")
+        if isinstance(source, Image.Image):
+            self._count_pixels(what, *source.size)
+            return source
+        if isinstance(source, (bytes, bytearray)):
+            return self._decode(bytes(source), what)
+        if not isinstance(source, str):
+            raise ValueError(f"{what}: expected an image, bytes or a URL string, got {type(source).__name__}")
+        url = source.strip()
+        if url.startswith("data:"):
+            return self._decode(self._data_url(url, what), what)
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+            raise ValueError(f"{what}: remote image URLs are not fetched ({url.split('://')[0]}://...): send the "
+                             "image inline as a data: URL (data:image/png;base64,...)")
+        return self._decode(self._local_file(url[len("file://"):] if url.startswith("file://") else url, what),
+                            what)
+
+    # ------------------------------------------------------------------ sources
+    def _data_url(self, url: str, what: str) -> bytes:
+        m = re.match(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", url, re.S)
+        if not m:
+            raise ValueError(f"{what}: malformed data: URL (expected data:image/<type>;base64,<data>)")
+        mime, params, payload = m.group(1).lower(), m.group(2), m.group(3)
+        if mime and not mime.startswith("image/"):
+            raise ValueError(f"{what}: a data: URL of type {mime!r} is not an image")
+        if ";base64" not in params.lower():
+            raise ValueError(f"{what}: only base64 data: URLs are supported (data:image/<type>;base64,...)")
+        if len(payload) * 3 // 4 > self.limits.max_bytes:  # refuse before decoding
+            raise ValueError(f"{what}: the image is larger than the {self.limits.max_bytes}-byte limit")
+        try:
+            return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{what}: the data: URL is not valid base64") from None
+
+    def _local_file(self, path: str, what: str) -> bytes:
+        root = self.limits.allowed_local_media_path
+        if root is None:
+            raise ValueError(f"{what}: local image files are not allowed (the server was started without "
+                             "--allowed-local-media-path); send a data: URL")
+        real = os.path.realpath(os.path.join(root, os.path.expanduser(path)))
+        if os.path.commonpath([real, root]) != root:
+            raise ValueError(f"{what}: {path!r} is outside the allowed media folder")
+        if not os.path.isfile(real):
+            raise ValueError(f"{what}: no image file at {path!r}")
+        size = os.path.getsize(real)
+        if self.bytes + size > self.limits.max_bytes:
+            raise ValueError(f"{what}: the request's images exceed the {self.limits.max_bytes}-byte limit")
+        with open(real, "rb") as f:
+            return f.read()
+
+    # ------------------------------------------------------------------ decoding
+    def _count_pixels(self, what: str, w: int, h: int) -> None:
+        self.pixels += w * h
+        if self.pixels > self.limits.max_pixels:
+            raise ValueError(f"{what}: {w}x{h} pixels; the request's images exceed the limit of "
+                             f"{self.limits.max_pixels} pixels")
+
+    def _decode(self, data: bytes, what: str):
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        self.bytes += len(data)
+        if self.bytes > self.limits.max_bytes:
+            raise ValueError(f"{what}: the request's images exceed the {self.limits.max_bytes}-byte limit")
+        if not data:
+            raise ValueError(f"{what}: the image is empty")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ValueError(f"{what}: not a decodable image (supported formats: {', '.join(FORMATS)})") from None
+        except Image.DecompressionBombError:
+            raise ValueError(f"{what}: the image has too many pixels") from None
+        if img.format not in FORMATS:
+            raise ValueError(f"{what}: unsupported image format {img.format} (supported: {', '.join(FORMATS)})")
+        self._count_pixels(what, *img.size)
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)  # as transformers' load_image: pixels in display orientation
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{what}: the {img.format} image could not be decoded ({e})") from None
+        return img
