@@ -103,7 +103,8 @@ def run(preset: str, quantization: str, prompt_len: int = 64, seed: int = 0, log
     gc.collect()
     built = time.perf_counter() - t0
     rss_loaded = _rss_gb()
-    log(f"built and quantized in {built:.0f} s; RSS {rss_loaded:.2f} GB (peak {_peak_gb():.2f} GB)")
+    peak_built = _peak_gb()
+    log(f"built and quantized in {built:.0f} s; RSS {rss_loaded:.2f} GB (peak {peak_built:.2f} GB)")
     g = torch.Generator().manual_seed(seed)
     V, C = model.vocab_size, model.canvas_length
     cache = model.new_cache(1)
@@ -116,7 +117,8 @@ def run(preset: str, quantization: str, prompt_len: int = 64, seed: int = 0, log
     t4 = time.perf_counter()
     report = {"preset": preset, "quantization": quantization, "layers": model.text.num_hidden_layers, "canvas": C, "prompt_len": prompt_len,
               "threads": torch.get_num_threads(), "rss_before_gb": round(rss0, 2),
-              "rss_after_load_gb": round(rss_loaded, 2), "peak_rss_gb": round(_peak_gb(), 2),
+              "rss_after_load_gb": round(rss_loaded, 2), "peak_rss_after_build_gb": round(peak_built, 2),
+              "peak_rss_gb": round(_peak_gb(), 2), "rss_after_step_gb": round(_rss_gb(), 2),
               "build_s": round(built, 1), "encode_s": round(t2 - t1, 2), "denoise_step_s": round(t3 - t2, 2),
               "self_conditioning_s": round(t4 - t3, 2), "logits_finite": bool(torch.isfinite(logits).all()),
               "soft_shape": list(soft.shape)}
