@@ -149,5 +149,5 @@ def test_converter_names_cover_every_model_tensor(tiny_checkpoint, tiny_model):
 
     mapped = {gguf_to_model_name(n) for n in converter_tensors(tiny_checkpoint)}
     want = {n for n, _ in list(tiny_model.named_parameters()) + list(tiny_model.named_buffers())
-            if not n.startswith("inv_freq_")}
+            if not n.startswith(("inv_freq_", "vision."))}  # GGUF files are read text-only
     assert mapped == want
