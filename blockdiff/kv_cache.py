@@ -259,6 +259,8 @@ class KVCache:
         return sum(s.nbytes() for s in self.seqs)
 
     def begin(self, new_tokens: list[int] | None, width: int, device, dtype) -> "CacheBatch":
+        if any(s.freed for s in self.seqs):
+            raise ValueError("this KVCache holds a sequence that was freed (its request finished)")
         return CacheBatch(self, new_tokens, width, torch.device(device), dtype)
 
     @torch.no_grad()

@@ -235,6 +235,10 @@ def test_dropping_a_sequence_returns_its_pages_and_pool_growth_keeps_contents(mo
     other = KVCache.empty(model.text.layers, 1)
     with pytest.raises(ValueError, match="share one KVPool"):
         KVCache([keep.seqs[0], other.seqs[0]])
+    keep.seqs[0].free()
+    assert pool.used_bytes() == before and keep.nbytes() == 0
+    with pytest.raises(ValueError, match="freed"):
+        model.denoise(_ids(g, model.canvas_length, model.vocab_size), keep)
 
 
 @torch.no_grad()
