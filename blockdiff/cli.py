@@ -18,7 +18,8 @@ import importlib
 import sys
 import time
 
-SUBCOMMAND_MODULES = ("blockdiff.bench.cli", "blockdiff.server.cli", "blockdiff.train.cli", "blockdiff.sudoku.cli")
+SUBCOMMAND_MODULES = ("blockdiff.bench.cli", "blockdiff.server.cli", "blockdiff.train.cli", "blockdiff.sudoku.cli",
+                      "blockdiff.quant.cli")
 
 
 class CLIError(ValueError):
@@ -27,11 +28,26 @@ class CLIError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- arguments
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder (or hub id)")
+    p.add_argument("model", help="checkpoint folder, hub id or .gguf file")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
+    add_quantization_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = auto: 1 for models under 20M parameters, else torch's default)")
+
+
+def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", default=None,
+                   help="quantize weights while loading: int8 | int4 (int4-g32, int4-g128) | fp8 (CUDA, compute "
+                        "capability 8.9+); quantized checkpoints and .gguf files need no flag")
+    p.add_argument("--keep-embedding", action="store_true",
+                   help="with --quantization: keep the tied embedding / LM head in full precision (default int8)")
+
+
+def quantization_kwargs(args) -> dict:
+    """The load_model / LLM keyword arguments of --quantization and --keep-embedding."""
+    return {"quantization": getattr(args, "quantization", None),
+            "quantize_embedding": not getattr(args, "keep_embedding", False)}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +114,7 @@ def load_llm(args, **engine_args):
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
-              **engine_args)
+              **quantization_kwargs(args), **engine_args)
     if not args.threads:
         auto_threads(llm.model)
     return llm

@@ -96,7 +96,15 @@ def _has_vision_tensors(files: list[str]) -> bool:
     return False
 
 
-def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu") -> DiffusionGemma:
+def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu", quantization: str | None = None,
+               quantize_embedding: bool = True) -> DiffusionGemma:
+    """``quantization``: None | "int8" | "int4" (| "int4-g32" | "int4-g128") | "fp8", applied tensor by tensor
+    while loading (see blockdiff/quant); ``quantize_embedding=False`` keeps the tied embedding in full precision.
+    A ``.gguf`` file loads from its own metadata and tensors (text only)."""
+    if is_gguf(path_or_id):
+        from .quant.gguf import load_gguf_model
+        return load_gguf_model(path_or_id, dtype=dtype, device=device, quantization=quantization,
+                               quantize_embedding=quantize_embedding)
     path = resolve_path(path_or_id)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
@@ -105,6 +113,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
     if not config.tie_word_embeddings:
         raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
     dtype = resolve_dtype(dtype, device)
+    plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
     files = _weight_files(path)
     with_vision = config.vision is not None and _has_vision_tensors(files)
     if config.vision is not None and not with_vision:
@@ -116,11 +125,17 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                 if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
     loaded: dict[str, torch.Tensor] = {}
     unexpected = []
+    all_names = _all_tensor_names(files) if plan is not None else set()
     for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
+                base, part = name, None
+                if plan is not None:  # quantized layouts: NAME.qweight, NAME_scale, ... belong to NAME
+                    base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
+                    if base is None:
+                        continue
                 try:
-                    ours = checkpoint_to_model_name(name)
+                    ours = checkpoint_to_model_name(base)
                 except KeyError:
                     unexpected.append(name)
                     continue
@@ -130,7 +145,11 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                     unexpected.append(name)
                     continue
                 t = read_tensor(f, file, name)
-                check_weight(name, t, file)
+                if part is None:  # stored quantized parts are integer by design
+                    check_weight(name, t, file)
+                if plan is not None:
+                    plan.add(ours, part, t, tuple(expected[ours].shape), name)
+                    continue
                 want = tuple(expected[ours].shape)
                 if tuple(t.shape) != want:
                     raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
@@ -138,7 +157,12 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                 # take other paths (logits then depend on the file layout, e.g. sharded or not); torch's
                 # allocator aligns. Moving to another device or dtype copies anyway.
                 loaded[ours] = t.to(device=device, dtype=dtype, copy=True)
-    missing = sorted(set(expected) - set(loaded))
+    if plan is not None:
+        plan.check_complete()
+        loaded, have = plan.state, plan.sources
+    else:
+        have = set(loaded)
+    missing = sorted(set(expected) - have)
     if missing or unexpected:
         def show(names):
             return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
@@ -148,7 +172,11 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         if unexpected:
             msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
         raise CheckpointError(" ".join(msg))
+    if plan is not None:
+        plan.install(model)
     model.load_state_dict(loaded, strict=False, assign=True)
+    if plan is not None:
+        plan.finalize(model)
     # Non-persistent RoPE tables were built on meta: rebuild them on the device.
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
@@ -158,6 +186,24 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         model.vision.tower.rebuild_buffers(device)
     model.eval()
     return model
+
+
+def is_gguf(path_or_id) -> bool:
+    return str(path_or_id).lower().endswith(".gguf")
+
+
+def _quant_plan(config, quantization, device, dtype, quantize_embedding):
+    """The quantize-while-loading plan (blockdiff/quant), or None for a plain full-precision load."""
+    from .quant import plan_for_checkpoint
+    return plan_for_checkpoint(config, quantization, device, dtype, embedding=quantize_embedding)
+
+
+def _all_tensor_names(files: list[str]) -> set[str]:
+    names: set[str] = set()
+    for file in files:
+        with open_safetensors(file) as f:
+            names.update(f.keys())
+    return names
 
 
 def _model_to_checkpoint_name(ours: str) -> str:

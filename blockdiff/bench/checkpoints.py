@@ -36,6 +36,12 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
                        num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
                        sliding_window=1024, canvas_length=256),
+    # The released 26B-A4B shape (~25.8B parameters): only built in memory, quantized tensor by tensor
+    # (``blockdiff bench --random-config full --quantization int4``, see blockdiff/bench/full_shape.py).
+    "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                 num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                 sliding_window=1024, canvas_length=256),
     # A few hundred KB: for tests of the harness itself.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
@@ -82,6 +88,9 @@ def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0, with_
     from ..loader import save_model
     from ..model import DiffusionGemma
 
+    if preset == "full":
+        raise ValueError("the 'full' shape is never written to disk (~100 GB in fp32); benchmark it in memory "
+                         "with --quantization int4 (or int8)")
     config = ModelConfig.from_dict(config_dict(preset))
     torch.manual_seed(seed)
     model = DiffusionGemma(config)

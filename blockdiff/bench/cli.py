@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .fullshape import SHAPES
 
     p.add_argument("model", nargs="?", help="checkpoint folder (or use --random-config)")
-    p.add_argument("--random-config", choices=sorted(PRESETS) + sorted(SHAPES),
+    p.add_argument("--random-config", choices=sorted(set(PRESETS) | set(SHAPES)),
                    help="benchmark a randomly initialised checkpoint of this size, built in a temp dir; 'full' / "
                         "'full-smoke': the released shape built on the device, timed per batch size")
     p.add_argument("--out", help="write the JSON report here")
@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--quantization", help="quantize blockdiff's weights while loading: int8 | int4 | fp8 (the "
+                   "oracle stays full precision, so the reference/oracle agreement measures the quantization); "
+                   "with --random-config full: int8/int4, the shape built in CPU memory quantized tensor by "
+                   "tensor, one denoise step timed (blockdiff/bench/full_shape.py)")
     p.add_argument("--structured", action="store_true",
                    help="instead, time structured output (JSON Schema) against unconstrained generation per step "
                         "and end to end (the checkpoint needs a tokenizer; --random-config writes one)")
@@ -82,14 +86,26 @@ def run(args) -> int:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..quant import check_device, parse_method
+    parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
+    if parsed:
+        check_device(parsed[0], args.device)
     from .fullshape import SHAPES
+    if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape.py)
+        from .full_shape import run as run_quantized_full
+        report = run_quantized_full("full", args.quantization, prompt_len=args.prompt_len, seed=args.seed,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True), layers=args.layers)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+        return 0
     if args.random_config in SHAPES:
         return run_full(args)
     options = BenchOptions(steps=args.steps, max_new_tokens=args.max_new_tokens, batch=args.batch,
                            ar_batches=tuple(args.ar_batches), prompt_len=args.prompt_len, repeats=args.repeats,
                            warmup=args.warmup, seed=args.seed, oracle=args.oracle, dtype=args.dtype,
                            device=args.device, systems=args.systems, memory_run=args.memory_run,
-                           tick_memory=args.tick_memory)
+                           tick_memory=args.tick_memory, quantization=args.quantization)
     options.validate()
 
     def log(msg):

@@ -48,6 +48,7 @@ class BenchOptions:
     dtype: str = "auto"
     device: str = "cpu"
     systems: list[str] | None = None  # None: all of them
+    quantization: str | None = None  # blockdiff's weights (the oracle always runs full precision)
     memory_run: bool = True  # CPU: one extra untimed run per system for peak memory
     tick_memory: bool = False  # measure one default-mode denoising tick at `batch` (logits vs temporaries)
     extra: dict = field(default_factory=dict)
@@ -190,7 +191,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     o.validate()
     device = torch.device(o.device)
     dtype = resolve_dtype(o.dtype, device)
-    llm = LLM(path, dtype=dtype, device=o.device)
+    llm = LLM(path, dtype=dtype, device=o.device, quantization=o.quantization)
     model = llm.model
     C = model.canvas_length
     n = o.max_new_tokens or C
@@ -307,7 +308,8 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         "settings": {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": o.batch,
                      "max_new_tokens": n, "steps": o.steps, "stability_threshold": o.steps + 1,
                      "prompt_len": o.prompt_len, "repeats": o.repeats, "warmup": o.warmup, "seed": o.seed,
-                     "threads": torch.get_num_threads(), "peak_memory": memory_metric(device)},
+                     "threads": torch.get_num_threads(), "peak_memory": memory_metric(device),
+                     "quantization": o.quantization},
         "environment": {"blockdiff": __version__, "torch": torch.__version__, "transformers": tf_version,
                         "python": platform.python_version(), "machine": platform.machine(),
                         "cpu_count": os.cpu_count(),

@@ -166,7 +166,7 @@ def profile_report(path: str, options, log=print) -> str:
 
     o = options
     dtype = resolve_dtype(o.dtype, torch.device(o.device))
-    llm = LLM(path, dtype=dtype, device=o.device)
+    llm = LLM(path, dtype=dtype, device=o.device, quantization=o.quantization)
     C = llm.model.canvas_length
     n = o.max_new_tokens or C
     prompts = [make_prompt(llm.model.vocab_size, o.prompt_len, o.seed)] * o.batch

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..config import GenerationDefaults
-from ..loader import load_model, resolve_path
+from ..loader import is_gguf, load_model, resolve_path
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
 from ..vision.chat import extract_images
@@ -50,21 +50,34 @@ class LLM:
     the sampler compute every request as they would alone; slower under load). The default batches the whole
     tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
     docs/serving.md, "What a seed guarantees"). ``media_limits``: where image files may come from and how many
-    images, bytes and pixels one prompt may hold (``blockdiff.vision.media.MediaLimits``)."""
+    images, bytes and pixels one prompt may hold (``blockdiff.vision.media.MediaLimits``). ``quantization``: see
+    blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only)."""
 
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True):
+        self.media_limits = media_limits or MediaLimits()
+        if is_gguf(model):  # config, weights and tokenizer all come from the one file
+            from ..quant.gguf import load_gguf
+            self.model_path = model
+            self.model, self.tokenizer, self.defaults = load_gguf(model, dtype=dtype, device=device,
+                                                                  quantization=quantization,
+                                                                  quantize_embedding=quantize_embedding)
+            self.model.batch_invariant = bool(deterministic)
+            self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
+                                 prefix_cache_bytes=prefix_cache_bytes)
+            self.images = ImagePrompter.for_model(self.model, None, self.tokenizer)
+            return
         path = resolve_path(model)
         self.model_path = path
-        self.model = load_model(path, dtype=dtype, device=device)
+        self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
+                                quantize_embedding=quantize_embedding)
         self.model.batch_invariant = bool(deterministic)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                              prefix_cache_bytes=prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
-        self.media_limits = media_limits or MediaLimits()
 
     @property
     def deterministic(self) -> bool:

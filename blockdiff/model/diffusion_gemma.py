@@ -68,11 +68,12 @@ class DiffusionGemma(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        # The final norm's weight is in the compute dtype even when the embedding is quantized.
+        return self.norm.weight.dtype
 
     @property
     def kv_pool(self) -> KVPool:
@@ -91,17 +92,24 @@ class DiffusionGemma(nn.Module):
         return KVCache([self.new_sequence() for _ in range(batch_size)])
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.embed_tokens, nn.Embedding):  # quantized table (blockdiff/quant)
+            return self.embed_tokens.lookup(ids, self.dtype) * torch.tensor(self.text.hidden_size ** 0.5).to(self.dtype)
         w = self.embed_tokens.weight
         return F.embedding(ids, w) * torch.tensor(self.text.hidden_size ** 0.5).to(w.dtype)
 
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [..., V] (a distribution per position) -> expected scaled embedding [..., H]."""
+        if not isinstance(self.embed_tokens, nn.Embedding):
+            return self.embed_tokens.mix(probs, self.dtype) * torch.tensor(self.text.hidden_size ** 0.5).to(self.dtype)
         w = self.embed_tokens.weight
         return torch.matmul(probs.to(w.dtype), w) * torch.tensor(self.text.hidden_size ** 0.5).to(w.dtype)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., H] -> soft-capped fp32 logits [..., V] (tied embeddings)."""
-        logits = F.linear(h, self.embed_tokens.weight).float()
+        if isinstance(self.embed_tokens, nn.Embedding):
+            logits = F.linear(h, self.embed_tokens.weight).float()
+        else:
+            logits = self.embed_tokens.project(h).float()
         if self.softcap:
             if torch.is_grad_enabled():
                 logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -37,7 +37,8 @@ def _load(args):
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
         raise _error(f"no model folder at {args.model}")
-    llm = LLM(args.model, dtype="float32", device=args.device)
+    from ..cli import quantization_kwargs
+    llm = LLM(args.model, dtype="float32", device=args.device, **quantization_kwargs(args))
     if not args.threads:
         auto_threads(llm.model)
     return llm
@@ -152,6 +153,8 @@ def _common(p):
     p.add_argument("--steps", type=int, help="max denoising steps (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
+    from ..cli import add_quantization_arguments
+    add_quantization_arguments(p)
 
 
 def register(subparsers) -> None:

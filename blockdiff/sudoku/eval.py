@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    from ..cli import add_quantization_arguments, quantization_kwargs
+    add_quantization_arguments(ap)
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     import torch
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     unknown = [b for b in bands if b not in EVAL_BANDS]
     if unknown:
         raise SystemExit(f"unknown band(s) {unknown}; use {list(EVAL_BANDS)}")
-    llm = LLM(args.model, dtype="float32", device=args.device)
+    llm = LLM(args.model, dtype="float32", device=args.device, **quantization_kwargs(args))
     sets = held_out(args.per_band, args.seed, bands)
     results = evaluate(llm, sets, modes=[m.strip() for m in args.modes.split(",")], seed=args.sample_seed,
                        batch_size=args.batch_size, max_denoising_steps=args.steps,
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({"model": args.model, "per_band": args.per_band, "seed": args.seed,
                        "max_denoising_steps": args.steps or llm.defaults.max_denoising_steps,
-                       "device": args.device, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+                       "device": args.device, "quantization": args.quantization, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
     return 0
 
 

@@ -1,0 +1,113 @@
+"""``blockdiff quantize SRC DST --method int8|int4|fp8``: write a quantized checkpoint that loads with no flag.
+
+int8 / int4 use blockdiff's layout (``NAME.qweight`` / ``.qscale`` / ``.qzero``; config.json
+``quantization_config = {"quant_method": "blockdiff", "method": ..., "group_size": ..., "embedding": ...}``).
+fp8 writes the compressed-tensors layout (``NAME`` in float8_e4m3fn + ``NAME_scale`` [N, 1], per-channel weights,
+dynamic per-token activations), which vLLM and other FP8 readers also understand.
+The source is read one tensor at a time; only the quantized output is held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+FP8_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "float-quantized",
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                              "dynamic": True},
+    }},
+    "ignore": ["lm_head"],
+}
+
+
+def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: bool = True, log=print) -> str:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..config import ModelConfig
+    from ..loader import CheckpointError, _weight_files, checkpoint_to_model_name, resolve_path
+    from .plan import QuantPlan, parse_method
+    from .tensors import quantize
+
+    parsed = parse_method(method)
+    if parsed is None:
+        raise ValueError("--method must be int8, int4 (int4-g32, int4-g128) or fp8")
+    method, group = parsed
+    path = resolve_path(src)
+    if os.path.abspath(path) == os.path.abspath(dst):
+        raise ValueError("DST must differ from SRC")
+    if os.path.exists(os.path.join(dst, "config.json")):
+        raise ValueError(f"{dst} already holds a checkpoint; choose an empty folder")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    config = ModelConfig.from_file(cfg_path)
+    if config.raw.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized ({config.raw['quantization_config'].get('quant_method')})")
+    embedding = quantize_embedding and method != "fp8"  # compressed-tensors keeps embeddings full precision
+    plan = QuantPlan(config.text, method, group, embedding)
+    out: dict[str, torch.Tensor] = {}
+    n_quant = 0
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                try:
+                    ours = checkpoint_to_model_name(name)
+                except KeyError:
+                    out[name] = f.get_tensor(name)  # e.g. the vision tower: carried over unchanged
+                    continue
+                if ours is None:
+                    continue  # tied aliases (lm_head, the encoder's shared weights): the loader never reads them
+                t = f.get_tensor(name)
+                if ours not in plan.targets:
+                    out[name] = t
+                    continue
+                if tuple(t.shape) != plan.targets[ours]:
+                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies "
+                                          f"{plan.targets[ours]}")
+                parts = quantize(t, plan.tensor_method(ours), group)
+                if method == "fp8":
+                    out[name] = parts["qweight"]
+                    out[name + "_scale"] = parts["qscale"][..., None].contiguous()
+                else:
+                    for k, v in parts.items():
+                        out[f"{name}.{k}"] = v.contiguous()
+                n_quant += 1
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    raw = dict(config.raw)
+    raw["quantization_config"] = FP8_CONFIG if method == "fp8" else {
+        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
+        full = os.path.join(path, entry)
+        if os.path.isfile(full) and entry != "config.json" and not entry.startswith("model") and \
+                not entry.endswith(".safetensors"):
+            shutil.copy2(full, os.path.join(dst, entry))
+    size = os.path.getsize(os.path.join(dst, "model.safetensors"))
+    log(f"quantized {n_quant} tensors to {method}; wrote {dst} ({size / 2 ** 20:.1f} MiB)")
+    return dst
+
+
+def cmd_quantize(args) -> int:
+    quantize_checkpoint(args.src, args.dst, args.method, quantize_embedding=not args.keep_embedding)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="write an int8 / int4 / fp8 copy of a checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="checkpoint folder (or hub id)")
+    p.add_argument("dst", help="output folder (created)")
+    p.add_argument("--method", required=True, help="int8 | int4 (int4-g32, int4-g128) | fp8")
+    p.add_argument("--keep-embedding", action="store_true",
+                   help="keep the tied embedding / LM head in full precision (default: int8 for int8/int4)")
+    p.set_defaults(func=cmd_quantize)

@@ -1,0 +1,325 @@
+"""GGUF files of llama.cpp's ``diffusion-gemma`` architecture: configuration, weights and tokenizer from one file.
+
+The tensor names follow llama.cpp's DiffusionGemma converter, which is NOT merged upstream yet (it lives in
+pull requests and forks); ``TENSOR_TABLE`` below is the one place that mapping is written down. The metadata keys
+are the Gemma 4 ones llama.cpp uses (``{arch}.attention.head_count_kv`` per layer,
+``attention.sliding_window_pattern``, ``attention.key_length`` / ``key_length_swa``, ``rope.freq_base`` /
+``freq_base_swa``, ...). No norm shift and no Q/K permutation are applied by that converter, so none is undone.
+
+Every tensor type the ``gguf`` package can dequantize is read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q2_K..Q6_K, IQ*): a tensor is dequantized on its own, then either kept in the compute dtype or re-quantized to
+blockdiff's int8 / int4 by the same quantize-while-loading plan as safetensors checkpoints. Without a
+``quantization`` argument a quantized file keeps about its size: int8 when every quantized weight has 6 bits or
+more (Q8_0, Q6_K), else int4 with groups of 32 (the block size of the Q4/Q5 formats).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
+from .plan import QuantizationError, QuantPlan, check_device, parse_method
+
+log = logging.getLogger("blockdiff")
+ARCH = "diffusion-gemma"
+
+# GGUF tensor name -> blockdiff model name ({i} = layer index). Alternatives a converter may write are listed
+# after a "|" (the first is the converter's name in REFERENCE.md). A trailing ".weight" is optional for scalars.
+TENSOR_TABLE: dict[str, str] = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "self_cond_pre_norm.weight|self_cond_norm.weight": "self_conditioning.pre_norm.weight",
+    "self_cond_gate.weight": "self_conditioning.gate_proj.weight",
+    "self_cond_up.weight": "self_conditioning.up_proj.weight",
+    "self_cond_down.weight": "self_conditioning.down_proj.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.self_attn.k_norm.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.input_layernorm.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm_1.weight": "layers.{i}.post_feedforward_layernorm_1.weight",
+    "blk.{i}.pre_ffw_norm_2.weight": "layers.{i}.pre_feedforward_layernorm_2.weight",
+    "blk.{i}.post_ffw_norm_2.weight": "layers.{i}.post_feedforward_layernorm_2.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.router.proj.weight",
+    "blk.{i}.ffn_gate_inp.scale": "layers.{i}.router.scale",
+    "blk.{i}.ffn_down_exps.scale": "layers.{i}.router.per_expert_scale",
+    "blk.{i}.ffn_gate_up_exps.weight": "layers.{i}.experts.gate_up_proj",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.experts.down_proj",
+    "blk.{i}.layer_output_scale.weight|blk.{i}.layer_output_scale": "layers.{i}.layer_scalar",
+    "blk.{i}.enc_layer_output_scale.weight|blk.{i}.enc_layer_output_scale": "layers.{i}.encoder_layer_scalar",
+}
+IGNORED = ("rope_freqs.weight", "output.weight")  # derived RoPE factors; the LM head is tied to token_embd
+
+_BITS = {"Q8_0": 8, "Q8_1": 8, "Q8_K": 8, "Q6_K": 6, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q4_0": 4, "Q4_1": 4,
+         "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q3_K": 3, "IQ3_S": 3, "IQ3_XXS": 3, "Q2_K": 2, "IQ2_XXS": 2,
+         "IQ2_XS": 2, "IQ2_S": 2, "IQ1_S": 1, "IQ1_M": 1, "TQ1_0": 2, "TQ2_0": 2, "MXFP4": 4}
+_FLOAT = ("F32", "F16", "BF16", "F64")
+
+
+def _compile_table() -> list[tuple[re.Pattern, str]]:
+    out = []
+    for names, ours in TENSOR_TABLE.items():
+        for name in names.split("|"):
+            out.append((re.compile(re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), ours))
+    return out
+
+
+_PATTERNS = _compile_table()
+
+
+def gguf_to_model_name(name: str) -> str | None:
+    for pat, ours in _PATTERNS:
+        m = pat.match(name)
+        if m:
+            return ours.format(i=m.group("i")) if "{i}" in ours else ours
+    return None
+
+
+def model_to_gguf_name(ours: str) -> str:
+    """The converter's (first) GGUF name for a blockdiff tensor name (for error messages)."""
+    m = re.match(r"layers\.(\d+)\.(.*)", ours)
+    for names, target in TENSOR_TABLE.items():
+        first = names.split("|")[0]
+        if m and target == "layers.{i}." + m.group(2):
+            return first.format(i=m.group(1))
+        if target == ours:
+            return first
+    return ours
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def open_gguf(path: str):
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading .gguf files needs the gguf package: pip install gguf==0.19.0") from e
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise QuantizationError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # bad magic, truncated header, ...
+        raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
+    arch = _field(reader, "general.architecture")
+    if arch != ARCH:
+        raise QuantizationError(f"{path}: GGUF architecture {arch!r} is not supported; blockdiff reads "
+                                f"'{ARCH}' files (llama.cpp's DiffusionGemma converter)")
+    return reader
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _need(reader, key):
+    v = _field(reader, key)
+    if v is None:
+        raise QuantizationError(f"GGUF metadata has no {key!r} (needed for the model configuration)")
+    return v
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    a = ARCH
+    n = int(_need(reader, f"{a}.block_count"))
+    kv = _need(reader, f"{a}.attention.head_count_kv")
+    kv = [int(x) for x in kv] if isinstance(kv, list) else [int(kv)] * n
+    pattern = _field(reader, f"{a}.attention.sliding_window_pattern")
+    if pattern is None:
+        pattern = [(i + 1) % 6 != 0 for i in range(n)]
+    layer_types = [SLIDING if bool(s) else FULL for s in pattern]
+    head_full = int(_need(reader, f"{a}.attention.key_length"))
+    head_swa = int(_field(reader, f"{a}.attention.key_length_swa", head_full))
+    swa_kv = next((k for k, t in zip(kv, layer_types) if t == SLIDING), kv[0])
+    full_kv = next((k for k, t in zip(kv, layer_types) if t == FULL), kv[-1])
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(_field(reader, f"{a}.vocab_size") or (len(tokens) if tokens else 0)) or None
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is not None:
+        vocab = int(emb.shape[1])  # GGML order: [hidden, vocab]
+    if not vocab:
+        raise QuantizationError("GGUF file has neither token_embd.weight nor a vocabulary")
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": int(_need(reader, f"{a}.embedding_length")),
+        "intermediate_size": int(_need(reader, f"{a}.feed_forward_length")),
+        "num_hidden_layers": n,
+        "num_attention_heads": int(_need(reader, f"{a}.attention.head_count")),
+        "num_key_value_heads": swa_kv, "head_dim": head_swa,
+        "global_head_dim": head_full, "num_global_key_value_heads": full_kv,
+        "max_position_embeddings": int(_field(reader, f"{a}.context_length", 131072)),
+        "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "sliding_window": int(_field(reader, f"{a}.attention.sliding_window", 1024)),
+        "final_logit_softcapping": _field(reader, f"{a}.final_logit_softcapping", 30.0),
+        "num_experts": int(_need(reader, f"{a}.expert_count")),
+        "top_k_experts": int(_need(reader, f"{a}.expert_used_count")),
+        "moe_intermediate_size": int(_need(reader, f"{a}.expert_feed_forward_length")),
+        "layer_types": layer_types,
+        "rope_parameters": {
+            SLIDING: {"rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", 1e4))},
+            FULL: {"rope_type": "proportional", "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 1e6)),
+                   "partial_rotary_factor": float(_field(reader, f"{a}.rope.partial_rotary_factor", 0.25))},
+        },
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", 2),
+        "eos_token_id": _eos_ids(reader) or 1,
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", 0),
+    }
+    canvas = _field(reader, f"{a}.diffusion.canvas_length") or _field(reader, f"{a}.canvas_length") or 256
+    return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": int(canvas),
+                                  "tie_word_embeddings": True, "text_config": text})
+
+
+def _eos_ids(reader) -> list[int]:
+    ids = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _tensor(t) -> torch.Tensor:
+    """One GGUF tensor -> fp32 torch tensor in PyTorch dimension order (dequantized on its own)."""
+    from gguf import quants
+    name = t.tensor_type.name
+    if name in ("F32", "F16", "F64"):
+        arr = np.asarray(t.data, dtype=np.float32)
+    else:
+        try:
+            arr = quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise QuantizationError(f"GGUF tensor {t.name} has type {name}, which blockdiff cannot read") from None
+    shape = tuple(int(x) for x in reversed(list(t.shape)))
+    return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape).astype(np.float32, copy=False))
+
+
+def default_method(reader, plan_targets: set[str]) -> str | None:
+    bits = [_BITS.get(t.tensor_type.name, 4) for t in reader.tensors
+            if t.tensor_type.name not in _FLOAT and gguf_to_model_name(t.name) in plan_targets]
+    if not bits:
+        return None
+    return "int8" if min(bits) >= 6 else "int4-g32"
+
+
+def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
+    from ..loader import resolve_dtype
+    from ..model import DiffusionGemma
+    from .plan import target_shapes
+
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    dtype = resolve_dtype(dtype, device)
+    if quantization is None:
+        quantization = default_method(reader, set(target_shapes(config.text, False)))
+        if quantization:
+            log.info("GGUF %s holds quantized weights: re-quantizing them to %s while loading", path, quantization)
+    parsed = parse_method(quantization)
+    if parsed:
+        check_device(parsed[0], device)
+    plan = QuantPlan(config.text, parsed[0] if parsed else None, parsed[1] if parsed else 64, quantize_embedding,
+                     device, dtype)
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = {n: tuple(p.shape) for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                if not n.startswith("inv_freq_")}
+    unexpected = []
+    for t in reader.tensors:
+        if t.name in IGNORED:
+            continue
+        ours = gguf_to_model_name(t.name)
+        if ours is None or ours not in expected:
+            unexpected.append(t.name)
+            continue
+        w = _tensor(t)
+        if w.numel() == 1 and len(expected[ours]) == 1:
+            w = w.reshape(expected[ours])
+        plan.add(ours, None, w, expected[ours], t.name)
+    missing = sorted(set(expected) - plan.sources)
+    if missing:
+        names = [model_to_gguf_name(n) for n in missing]
+        more = f" (+{len(names) - 12} more)" if len(names) > 12 else ""
+        raise QuantizationError(f"{path} lacks tensors blockdiff needs: {', '.join(names[:12])}{more}")
+    if unexpected:
+        raise QuantizationError(f"{path} has tensors blockdiff does not know: {', '.join(unexpected[:8])}")
+    plan.install(model)
+    model.load_state_dict(plan.state, strict=False, assign=True)
+    plan.finalize(model)
+    from ..model.layers import rope_inv_freq
+    for lt in set(config.text.layer_types):
+        spec = next(s for s in config.text.layers if s.layer_type == lt)
+        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+    model.eval()
+    return model
+
+
+def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
+    """(model, tokenizer or None, GenerationDefaults) from one .gguf file."""
+    model = load_gguf_model(path, dtype, device, quantization, quantize_embedding)
+    reader = open_gguf(path)
+    tokenizer = tokenizer_from_gguf(reader)
+    gen = {"eos_token_id": _eos_ids(reader) or None}
+    for k in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold",
+              "max_new_tokens"):
+        v = _field(reader, f"{ARCH}.diffusion.{k}")
+        if v is not None:
+            gen[k] = v
+    eb = _field(reader, f"{ARCH}.diffusion.entropy_bound")
+    if eb is not None:
+        gen["sampler_config"] = {"entropy_bound": eb}
+    return model, tokenizer, GenerationDefaults.from_dict(gen, model.text.eos_ids)
+
+
+def tokenizer_from_gguf(reader):
+    """A blockdiff Tokenizer from tokenizer.ggml.* metadata: byte-level BPE ("gpt2"), SentencePiece-style BPE with
+    merges ("gemma4", "llama" with merges) or a unigram vocabulary with scores ("llama"). None without a vocab."""
+    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE, Unigram
+
+    from ..tokenizer import Tokenizer
+
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    kind = _field(reader, "tokenizer.ggml.model", "gpt2")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else []
+    if kind == "gpt2":
+        tok = HFTokenizer(BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+    elif merges:
+        tok = HFTokenizer(BPE(vocab=vocab, merges=pairs, byte_fallback=True, fuse_unk=False))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = _field(reader, "tokenizer.ggml.unknown_token_id", 0)
+        tok = HFTokenizer(Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk, byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Control (3) and user-defined (4) tokens are specials: always one id, dropped by decode.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (3, 4)])
+
+    def name(key):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config = {"bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"),
+              "unk_token": name("unknown")}
+    return Tokenizer(tok, config, _field(reader, "tokenizer.chat_template"), _eos_ids(reader))

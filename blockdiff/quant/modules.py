@@ -1,0 +1,215 @@
+"""Quantized modules that replace ``nn.Linear``, ``Experts`` and the tied embedding after loading.
+
+Each holds its weights as a ``QTensor`` (stored parts from ``tensors.py`` as buffers, so ``state_dict`` is the
+checkpoint format) and, after ``prepare()``, in the layout of the kernel that runs it. Kernels, chosen by
+measurement on this project's CPU (figures in docs/quantization.md):
+
+- CPU int8: fbgemm's dynamic int8 linear (``torch.ops.quantized.linear_dynamic``; activations quantized per call
+  per tensor), 3-4x faster than fp32. ``torch._weight_int8pack_mm`` was 30-35x slower than fp32 with fp32
+  activations, dequantize-then-matmul slower than fp32.
+- CPU int4: ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (as fast as the fp32 matmul at mid
+  shapes, faster on the LM-head shape; with fp32/fp16 activations it is ~60x slower).
+- CPU experts: one packed kernel call per expert that has tokens (a loop: the grouped-mm kernels take float
+  weights only, and dequantizing every expert per call was 5-10x slower than the fp32 experts).
+- CUDA (UNMEASURED: no GPU was lent to this work): int8/int4 dequantize to the compute dtype then matmul, experts
+  dequantize then one ``torch._grouped_mm`` per matrix; fp8 via ``torch._scaled_mm`` with per-row activation
+  scales.
+
+After ``prepare()`` on CPU the plain buffers are dropped (the packed copies replace them), so the resident
+size is the quantized size once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import combine, route
+from ..model.norms import gelu_tanh
+from .tensors import FP8_MAX, dequantize, unpack_int4
+
+
+class QTensor(nn.Module):
+    """One quantized weight [..., N, K]: buffers ``qweight``, ``qscale`` (and ``qzero`` for int4)."""
+
+    def __init__(self, shape: tuple[int, ...], method: str, group: int = 64):
+        super().__init__()
+        from .tensors import stored_shapes
+        self.shape, self.method, self.group = tuple(shape), method, group
+        for name, (s, dt) in stored_shapes(self.shape, method, group).items():
+            self.register_buffer(name, torch.empty(s, dtype=dt, device="meta"))
+        if method != "int4":
+            self.qzero = None
+        self.packed = None  # kernel layout after prepare(): per matrix (2-D) or a list per expert (3-D)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        p = {"qweight": self.qweight, "qscale": self.qscale}
+        if self.method == "int4":
+            p["qzero"] = self.qzero
+        return p
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.parts(), self.method, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, shape={self.shape}" + (f", group={self.group}" if self.method == "int4" else "")
+
+    # ------------------------------------------------------------------ kernels
+    def prepare(self) -> None:
+        """Build the kernel layout for the device the buffers are on (CPU: packed, plain buffers dropped)."""
+        if self.qweight.device.type != "cpu" or self.method == "fp8":
+            return
+        mats = [self._matrix(i) for i in range(self.shape[0])] if len(self.shape) == 3 else [self._matrix(None)]
+        if any(m is None for m in mats):
+            return  # a kernel refused these shapes: stay on the dequantize path
+        self.packed = mats if len(self.shape) == 3 else mats[0]
+        self.qweight = self.qscale = None
+        self.qzero = None
+
+    def _matrix(self, i):
+        q = self.qweight if i is None else self.qweight[i]
+        s = self.qscale if i is None else self.qscale[i]
+        try:
+            if self.method == "int8":
+                zeros = torch.zeros(q.shape[0], dtype=torch.long)
+                qt = torch._make_per_channel_quantized_tensor(q, s.double(), zeros, 0)
+                return torch.ops.quantized.linear_prepack(qt, None)
+            z = self.qzero if i is None else self.qzero[i]
+            w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).to(torch.int32), 1)
+            sz = torch.stack([s.t(), z.t()], dim=-1).contiguous()  # [K/G, N, 2] bf16
+            g = self.shape[-1] // s.shape[-1]
+            return (w, g, sz)
+        except (RuntimeError, NotImplementedError):
+            return None
+
+    def matmul(self, x: torch.Tensor, i: int | None = None) -> torch.Tensor:
+        """x [M, K] @ W[i].T -> [M, N] in x's dtype (W the whole matrix when i is None)."""
+        packed = None if self.packed is None else (self.packed if i is None else self.packed[i])
+        if packed is not None:
+            if self.method == "int8":
+                return torch.ops.quantized.linear_dynamic(x.float(), packed).to(x.dtype)
+            w, g, sz = packed
+            return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, g, sz).to(x.dtype)
+        if self.method == "fp8" and x.is_cuda:
+            try:
+                return _fp8_matmul(x, self.qweight if i is None else self.qweight[i],
+                                   self.qscale if i is None else self.qscale[i])
+            except RuntimeError:  # shapes _scaled_mm refuses (dims not multiples of 16): dequantize instead
+                pass
+        parts = {k: (v if i is None else v[i]) for k, v in self.parts().items()}
+        return F.linear(x, dequantize(parts, self.method, x.dtype))
+
+
+def _fp8_matmul(x: torch.Tensor, qw: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp32) -> per-row fp8 activations; torch._scaled_mm with row-wise scales (sm89+). Unmeasured."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    xs = amax / FP8_MAX  # [M, 1]
+    xq = (x.float() / xs).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(xq, qw.t(), scale_a=xs, scale_b=qs.float()[None, :], out_dtype=torch.bfloat16)
+    return out.to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` with a quantized weight (bias, if any, stays full precision)."""
+
+    def __init__(self, in_features: int, out_features: int, method: str, group: int = 64, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = QTensor((out_features, in_features), method, group)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight.matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QuantExperts(nn.Module):
+    """Drop-in for ``layers.Experts`` with quantized gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, methods: tuple[str, str],
+                 groups: tuple[int, int] = (64, 64)):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = QTensor((num_experts, 2 * inter, hidden), methods[0], groups[0])
+        self.down_proj = QTensor((num_experts, hidden, inter), methods[1], groups[1])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; weights/idx [N, K] -> [N, H]. Routing and combine are the full-precision module's."""
+        r = route(idx, self.num_experts)
+        xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
+        if x.is_cuda:
+            y = self._grouped(xs, r.offsets)
+        else:
+            # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc).
+            parts, start = [], 0
+            for e, n in enumerate(r.counts.tolist()):
+                if n:
+                    gate, up = self.gate_up_proj.matmul(xs[start:start + n], e).chunk(2, dim=-1)
+                    parts.append(self.down_proj.matmul(gelu_tanh(gate) * up, e))
+                    start += n
+            y = torch.cat(parts)
+        return combine(y, r, weights, x.dtype)
+
+    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """GPU: dequantize each expert tensor once per call to the compute dtype, then one grouped GEMM per matrix
+        (no per-expert loop, no host sync). UNMEASURED: no GPU was available to this work."""
+        dt = xs.dtype
+        gate, up = torch._grouped_mm(xs, self.gate_up_proj.dequantize(dt).transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.dequantize(dt).transpose(1, 2), offs=offs)
+
+
+class QuantEmbedding(nn.Module):
+    """The tied embedding / LM head in int8 (per vocabulary row): lookup, LM head and probs @ E."""
+
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = vocab, hidden
+        self.weight = QTensor((vocab, hidden), "int8")
+        self.packed = None
+
+    def prepare(self) -> None:
+        # The LM head gets its own fbgemm-packed copy on CPU (3x faster than the fp32 LM head); the plain int8
+        # table stays for row lookups and the self-conditioning product. Packed in blocks of rows: packing the
+        # 262,144-row table in one piece took ~3 GB of temporaries.
+        w = self.weight
+        if w.qweight.device.type != "cpu":
+            return
+        blocks = []
+        for a, b in self._chunks():
+            zeros = torch.zeros(b - a, dtype=torch.long)
+            qt = torch._make_per_channel_quantized_tensor(w.qweight[a:b], w.qscale[a:b].double(), zeros, 0)
+            blocks.append((a, b, torch.ops.quantized.linear_prepack(qt, None)))
+        self.packed = blocks
+
+    def lookup(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        w = self.weight
+        return F.embedding(ids, w.qweight).to(dtype) * w.qscale[ids].to(dtype)[..., None]
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., H] -> logits [..., V] (not soft-capped)."""
+        flat = h.reshape(-1, h.shape[-1])
+        if self.packed is not None:
+            x = flat.float()
+            out = torch.empty(flat.shape[0], self.num_embeddings, dtype=torch.float32, device=flat.device)
+            for a, b, p in self.packed:
+                out[:, a:b] = torch.ops.quantized.linear_dynamic(x, p)
+        else:
+            out = torch.cat([F.linear(flat, self._rows(a, b, flat.dtype)) for a, b in self._chunks()], dim=-1)
+        return out.reshape(*h.shape[:-1], self.num_embeddings)
+
+    def mix(self, probs: torch.Tensor, dtype) -> torch.Tensor:
+        """probs [..., V] -> probs @ E [..., H], dequantizing the table a chunk of rows at a time."""
+        flat = probs.reshape(-1, probs.shape[-1]).to(dtype)
+        w = self.weight
+        out = None
+        for a, b in self._chunks():
+            part = (flat[:, a:b] * w.qscale[a:b].to(dtype)) @ w.qweight[a:b].to(dtype)
+            out = part if out is None else out.add_(part)
+        return out.reshape(*probs.shape[:-1], self.embedding_dim)
+
+    def _rows(self, a: int, b: int, dtype) -> torch.Tensor:
+        return self.weight.qweight[a:b].to(dtype) * self.weight.qscale[a:b, None].to(dtype)
+
+    def _chunks(self, rows: int = 16384):
+        return [(a, min(a + rows, self.num_embeddings)) for a in range(0, self.num_embeddings, rows)]

@@ -1,0 +1,100 @@
+"""CPU kernel candidates for quantized weights, timed at one thread on the mid-size model's shapes.
+
+    python scripts/quant_kernels.py
+
+Linear [M=128 canvas tokens] x [N, K] for fp32 F.linear, fbgemm dynamic int8 (torch.ops.quantized.linear_dynamic),
+torch._weight_int8pack_mm, dequantize-then-matmul (int8, int4), torch._weight_int4pack_mm_for_cpu with bf16 and
+fp32 activations; and one layer of 32 experts (top-4 of 128 tokens) as fp32 grouped mm, an fbgemm per-expert
+loop, dequantize-all + grouped mm and an int4pack per-expert loop. Prints ms per call (medians of 5 after warm-up)
+and, for the expert layer, the relative error against fp32.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+from blockdiff.quant.modules import QTensor  # noqa: E402
+from blockdiff.quant.tensors import dequantize, quantize  # noqa: E402
+
+
+def ms(fn, n=5):
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.process_time()
+        fn()
+        ts.append((time.process_time() - t) * 1e3)
+    return round(statistics.median(ts), 2)
+
+
+def packed(w, method, group=64):
+    q = QTensor(tuple(w.shape), method, group)
+    parts = quantize(w, method, group)
+    for k, v in parts.items():
+        setattr(q, k, v)
+    q.prepare()
+    return q, parts
+
+
+def main():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print("| shape [M x K] @ [N x K]^T | fp32 | fbgemm int8 | _weight_int8pack_mm | dequant int8 + mm | "
+          "int4pack (bf16 act.) | int4pack (fp32 act.) | dequant int4 + mm |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for M, K, N in [(128, 512, 1024), (128, 1024, 512), (128, 512, 32768)]:
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
+        q8, p8 = packed(w, "int8")
+        q4, p4 = packed(w, "int4")
+        wp, gs, sz = q4.packed
+        row = [ms(lambda: F.linear(x, w)), ms(lambda: q8.matmul(x)),
+               ms(lambda: torch._weight_int8pack_mm(x, p8["qweight"], p8["qscale"]), n=1),
+               ms(lambda: F.linear(x, dequantize(p8, "int8"))), ms(lambda: q4.matmul(x)),
+               ms(lambda: torch._weight_int4pack_mm_for_cpu(x, wp, gs, sz.float()), n=1),
+               ms(lambda: F.linear(x, dequantize(p4, "int4")))]
+        print(f"| [{M} x {K}] @ [{N} x {K}] | " + " | ".join(map(str, row)) + " |", flush=True)
+
+    E, H, I, T, K = 32, 512, 256, 128, 4
+    gu, dn = torch.randn(E, 2 * I, H, generator=g) * 0.02, torch.randn(E, H, I, generator=g) * 0.02
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    xs = torch.randn(T, H, generator=g)[order // K]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    cl = counts.tolist()
+
+    def grouped(a, b):
+        gate, up = torch._grouped_mm(xs, a.transpose(1, 2), offs=offs).chunk(2, -1)
+        return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, b.transpose(1, 2), offs=offs)
+
+    def loop(qa, qb):
+        out, st = [], 0
+        for e, n in enumerate(cl):
+            if n:
+                gate, up = qa.matmul(xs[st:st + n], e).chunk(2, -1)
+                out.append(qb.matmul(F.gelu(gate, approximate="tanh") * up, e))
+                st += n
+        return torch.cat(out)
+
+    ref = grouped(gu, dn)
+    rows = {"fp32 grouped mm": lambda: grouped(gu, dn)}
+    for m in ("int8", "int4"):
+        qa, pa = packed(gu, m)
+        qb, pb = packed(dn, m)
+        rows[f"{m} per-expert packed loop"] = lambda qa=qa, qb=qb: loop(qa, qb)
+        rows[f"{m} dequantize all + grouped mm"] = lambda pa=pa, pb=pb, m=m: grouped(dequantize(pa, m),
+                                                                                   dequantize(pb, m))
+    print("\n| one expert layer (32 experts, 128 tokens, top-4) | ms | rel. error vs fp32 |\n|---|---:|---:|")
+    for name, fn in rows.items():
+        print(f"| {name} | {ms(fn)} | {float((fn() - ref).norm() / ref.norm()):.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""GGUF files of the llama.cpp ``diffusion-gemma`` layout: written here with the gguf writer from the tiny oracle
+checkpoint (tests/gguf_fixtures.py spells the converter's names out independently of blockdiff's table)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blockdiff.cli import main as cli_main
+from blockdiff.loader import load_model
+from blockdiff.quant import QuantizationError
+from gguf_fixtures import converter_tensors, write_gguf
+
+gguf = pytest.importorskip("gguf")
+
+
+def _logits(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    V = model.vocab_size
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model.encode(torch.randint(0, V, (2, 6), generator=g), cache)
+        return model.denoise(torch.randint(0, V, (2, 16), generator=g), cache)
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_checkpoint, tmp_path_factory):
+    return write_gguf(tiny_checkpoint, str(tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"))
+
+
+def test_f32_gguf_gives_the_safetensors_logits_exactly(tiny_checkpoint, tiny_model, f32_gguf):
+    assert torch.equal(_logits(load_model(f32_gguf)), _logits(tiny_model))
+
+
+def test_gguf_tokenizer_config_and_defaults_come_from_the_file(tiny_checkpoint, tiny_model, f32_gguf):
+    from blockdiff.engine.llm import LLM
+    from blockdiff.tokenizer import Tokenizer
+
+    llm = LLM(f32_gguf)
+    ref = Tokenizer.from_dir(tiny_checkpoint)
+    text = "the model said hello to the user"
+    assert llm.tokenizer.encode(text) == ref.encode(text)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert llm.tokenizer.encode_chat(msgs) == ref.encode_chat(msgs)
+    assert llm.model.canvas_length == tiny_model.canvas_length
+    assert llm.model.text.layer_types == tiny_model.text.layer_types
+    assert 1 in llm.defaults.eos_token_ids and 106 in llm.defaults.eos_token_ids
+
+
+@pytest.mark.parametrize("types", [
+    {"": "Q8_0"},
+    {"exps": "Q4_0", "attn": "Q5_0", "": "Q8_0"},
+    {"ffn_gate_up": "Q4_1", "ffn_down": "Q5_1", "attn_q": "F16", "attn_k": "BF16", "": "Q8_0"},
+])
+def test_quantized_gguf_weights_are_the_files_dequantized_values(tiny_checkpoint, tiny_model, tmp_path, types):
+    from gguf import quants
+
+    path = write_gguf(tiny_checkpoint, str(tmp_path / "q.gguf"), types={k: v for k, v in types.items() if k},
+                      default_type=types[""])
+    m = load_model(path, quantization="none")  # keep the dequantized values
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_up_exps.weight")
+    want = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).reshape(m.layers[0].experts.gate_up_proj.shape))
+    assert torch.equal(m.layers[0].experts.gate_up_proj, want)
+    assert (_logits(m) - _logits(tiny_model)).norm() / _logits(tiny_model).norm() < 0.6
+    # With no flag a quantized file is re-quantized to blockdiff's int8/int4 while loading.
+    from blockdiff.quant.modules import QuantExperts
+    assert isinstance(load_model(path).layers[0].experts, QuantExperts)
+
+
+def _kquant_bytes(kind: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random K-quant blocks with finite fp16 scales (the gguf package cannot quantize K-quants in Python)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    block, size = GGML_QUANT_SIZES[T[kind]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    if kind in ("Q4_K", "Q5_K"):  # d, dmin first
+        raw[..., 0:2] = scale
+        raw[..., 2:4] = scale
+    elif kind == "Q2_K":  # d, dmin last
+        raw[..., -4:-2] = scale
+        raw[..., -2:] = scale
+    else:  # Q3_K, Q6_K: d last
+        raw[..., -2:] = scale
+    return raw.reshape(rows, -1)
+
+
+def test_k_quant_and_unsupported_types(tmp_path):
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType as T
+
+    from blockdiff.quant.gguf import _tensor
+
+    path = str(tmp_path / "k.gguf")
+    w = gguf.GGUFWriter(path, "diffusion-gemma")
+    kinds = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+    for i, k in enumerate(kinds):
+        w.add_tensor(k, _kquant_bytes(k, 4, 512, i), raw_dtype=T[k])
+    w.add_tensor("Q8_1", np.zeros((4, 40 * 2), dtype=np.uint8), raw_dtype=T.Q8_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(path)
+    for t in reader.tensors:
+        if t.name == "Q8_1":
+            with pytest.raises(QuantizationError, match="Q8_1, which blockdiff cannot read"):
+                _tensor(t)
+            continue
+        got = _tensor(t)
+        assert got.shape == (4, 512) and torch.isfinite(got).all()
+        assert torch.equal(got, torch.from_numpy(quants.dequantize(t.data, t.tensor_type)))
+
+
+def test_gguf_missing_self_conditioning_is_refused_naming_them(tiny_checkpoint, tmp_path, capsys):
+    path = write_gguf(tiny_checkpoint, str(tmp_path / "noself.gguf"), drop=("self_cond_",))
+    with pytest.raises(QuantizationError) as e:
+        load_model(path)
+    msg = str(e.value)
+    for name in ("self_cond_pre_norm.weight", "self_cond_gate.weight", "self_cond_up.weight",
+                 "self_cond_down.weight"):
+        assert name in msg
+    rc = cli_main(["run", path, "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "lacks tensors" in err[0]
+
+
+def test_gguf_of_another_architecture_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    path = write_gguf(tiny_checkpoint, str(tmp_path / "llama.gguf"), arch="llama")
+    rc = cli_main(["run", path, "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'llama' is not supported" in err[0]
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(QuantizationError, match="not a readable GGUF file"):
+        load_model(str(tmp_path / "junk.gguf"))
+
+
+def test_blockdiff_run_accepts_a_gguf_path(f32_gguf, capsys):
+    rc = cli_main(["run", f32_gguf, "hello", "--raw", "--max-new-tokens", "4", "--seed", "0", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "denoising steps" in out
+
+
+def test_converter_names_cover_every_model_tensor(tiny_checkpoint, tiny_model):
+    from blockdiff.quant.gguf import gguf_to_model_name
+
+    mapped = {gguf_to_model_name(n) for n in converter_tensors(tiny_checkpoint)}
+    want = {n for n, _ in list(tiny_model.named_parameters()) + list(tiny_model.named_buffers())
+            if not n.startswith(("inv_freq_", "vision."))}  # GGUF files are read text-only
+    assert mapped == want

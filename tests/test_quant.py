@@ -1,0 +1,266 @@
+"""Quantized weights: formats, kernels, the loaded model, ``blockdiff quantize`` round trips, FP8 checkpoints and
+bad input. Reference for the kernels is the same weights dequantized and run through plain fp32 ops, so a wrong
+kernel layout, scale or wiring shows up as a large difference while the (small) activation rounding does not."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockdiff.cli import main as cli_main
+from blockdiff.loader import load_model
+from blockdiff.model.layers import Experts
+from blockdiff.quant import QuantizationError, parse_method
+from blockdiff.quant.modules import QTensor, QuantEmbedding, QuantExperts, QuantLinear
+from blockdiff.quant.plan import target_shapes
+from blockdiff.quant.tensors import dequantize, quantize, stored_shapes
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def qtensor(w, method, group=64, prepare=True):
+    q = QTensor(tuple(w.shape), method, group)
+    parts = quantize(w, method, group)
+    for k, v in parts.items():
+        setattr(q, k, v)
+    if prepare:
+        q.prepare()
+    return q, dequantize(parts, method)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("method,bound", [("int8", 0.01), ("int4", 0.12), ("fp8", 0.04)])
+def test_quantize_dequantize_error_is_bounded_and_shapes_are_declared(method, bound):
+    w = torch.randn(3, 64, 256)
+    parts = quantize(w, method, 64)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in parts.items()} == stored_shapes(w.shape, method, 64)
+    assert rel(dequantize(parts, method), w) < bound
+
+
+def test_int4_groups_fall_back_to_a_divisor_of_the_row():
+    w = torch.randn(8, 96)  # 96 = 3 x 32: neither 128 nor 64 divides it
+    parts = quantize(w, "int4", 128)
+    assert parts["qscale"].shape == (8, 3)
+    assert rel(dequantize(parts, "int4"), w) < 0.1
+
+
+def test_parse_method_accepts_the_documented_spellings_only():
+    assert parse_method(None) is None and parse_method("none") is None
+    assert parse_method("int8") == ("int8", 64)
+    assert parse_method("INT4-g128") == ("int4", 128)
+    for bad in ("int3", "int4-g48", "q4_k", "fp16"):
+        with pytest.raises(QuantizationError, match="int8|group size"):
+            parse_method(bad)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("method,tol", [("int8", 0.03), ("int4", 0.02)])
+def test_cpu_kernels_match_the_dequantized_matmul(method, tol):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128) * 0.05, torch.randn(17, 128)
+    q, deq = qtensor(w, method)
+    assert q.packed is not None and q.qweight is None  # packed for the kernel, plain copy dropped
+    assert rel(q.matmul(x), F.linear(x, deq)) < tol
+    lin = QuantLinear(128, 96, method)
+    lin.weight = q
+    assert lin(x[None]).shape == (1, 17, 96)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_experts_match_experts_with_dequantized_weights(method, tiny_model):
+    cfg = tiny_model.text
+    torch.manual_seed(1)
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    gu, dn = torch.randn(E, 2 * I, H) / H ** 0.5, torch.randn(E, H, I) / I ** 0.5
+    qe = QuantExperts(E, H, I, (method, method), (64, 32))
+    qe.gate_up_proj, gu_deq = qtensor(gu, method, 64)
+    qe.down_proj, dn_deq = qtensor(dn, method, 32)
+    ref = Experts(cfg)
+    ref.gate_up_proj.data.copy_(gu_deq)
+    ref.down_proj.data.copy_(dn_deq)
+    x = torch.randn(20, H)
+    w, idx = torch.softmax(torch.randn(20, E), -1).topk(cfg.top_k_experts, -1)
+    with torch.no_grad():
+        assert rel(qe(x, w, idx), ref(x, w, idx)) < 0.04
+
+
+def test_quantized_embedding_lookup_head_and_soft_embeddings():
+    torch.manual_seed(2)
+    V, H = 300, 64
+    emb = QuantEmbedding(V, H)
+    emb.weight, deq = qtensor(torch.randn(V, H), "int8", prepare=False)
+    emb.prepare()
+    ids = torch.tensor([[0, 5, 299]])
+    assert torch.allclose(emb.lookup(ids, torch.float32), deq[ids], atol=1e-6)
+    h = torch.randn(2, 3, H)
+    assert rel(emb.project(h), h @ deq.T) < 0.03
+    probs = torch.softmax(torch.randn(2, 3, V), -1)
+    assert rel(emb.mix(probs, torch.float32), probs @ deq) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _logits(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    V = model.vocab_size
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model.encode(torch.randint(0, V, (2, 6), generator=g), cache)
+        return model.denoise(torch.randint(0, V, (2, 16), generator=g), cache)
+
+
+@pytest.mark.parametrize("method,tol", [("int8", 0.06), ("int4", 0.03)])
+def test_quantized_model_matches_the_model_with_dequantized_weights(tiny_checkpoint, method, tol):
+    """Every targeted tensor reaches the right module with the right scales: the quantized model equals an fp32
+    model whose weights were quantized and dequantized (up to activation rounding in the kernels)."""
+    qm = load_model(tiny_checkpoint, quantization=method)
+    fake = load_model(tiny_checkpoint)
+    sd = fake.state_dict()
+    for name in target_shapes(fake.text, embedding=True):
+        m = "int8" if name == "embed_tokens.weight" else method
+        sd[name].copy_(dequantize(quantize(sd[name], m, 64), m))
+    assert rel(_logits(qm), _logits(fake)) < tol
+    # what stays full precision
+    layer = qm.layers[0]
+    assert isinstance(layer.router.proj, nn.Linear) and layer.router.proj.weight.dtype == torch.float32
+    assert isinstance(layer.self_attn.q_proj, QuantLinear) and isinstance(layer.experts, QuantExperts)
+    assert isinstance(qm.self_conditioning.down_proj, QuantLinear) and isinstance(qm.embed_tokens, QuantEmbedding)
+    assert layer.input_layernorm.weight.dtype == torch.float32
+
+
+def test_keep_embedding_leaves_the_tied_embedding_in_full_precision(tiny_checkpoint):
+    m = load_model(tiny_checkpoint, quantization="int8", quantize_embedding=False)
+    ref = load_model(tiny_checkpoint)
+    assert isinstance(m.embed_tokens, nn.Embedding)
+    assert torch.equal(m.embed_tokens.weight, ref.embed_tokens.weight)
+
+
+def test_generation_runs_with_quantized_weights(tiny_checkpoint):
+    from blockdiff.engine.llm import LLM
+    from blockdiff.sampling.params import SamplingParams
+
+    llm = LLM(tiny_checkpoint, quantization="int4")
+    out = llm.generate(prompt_token_ids=[[2, 10, 20]], sampling_params=SamplingParams(max_new_tokens=8, seed=0))[0]
+    assert 1 <= len(out.token_ids) <= 8
+
+
+# ---------------------------------------------------------------------------------------------- blockdiff quantize
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_command_round_trip_loads_with_no_flag(tiny_checkpoint, tmp_path, method, capsys):
+    dst = str(tmp_path / method)
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", method]) == 0
+    with open(os.path.join(dst, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["quant_method"] == "blockdiff" and qc["method"] == method
+    assert os.path.exists(os.path.join(dst, "tokenizer.json"))
+    assert os.path.getsize(os.path.join(dst, "model.safetensors")) < \
+        os.path.getsize(os.path.join(tiny_checkpoint, "model.safetensors"))
+    # Same bits as quantizing while loading: the stored layout is the in-memory one.
+    assert torch.equal(_logits(load_model(dst)), _logits(load_model(tiny_checkpoint, quantization=method)))
+    # Asking for another method on an already-quantized checkpoint is refused in one line.
+    other = "int4" if method == "int8" else "int8"
+    with pytest.raises(QuantizationError, match=f"already quantized to {method}"):
+        load_model(dst, quantization=other)
+
+
+def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    dst = str(tmp_path / "fp8")
+    cli_main(["quantize", tiny_checkpoint, dst, "--method", "fp8"])
+    with open(os.path.join(dst, "config.json")) as f:
+        assert json.load(f)["quantization_config"]["quant_method"] == "compressed-tensors"
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+    with safe_open(os.path.join(dst, "model.safetensors"), "pt") as f:
+        w, s = f.get_tensor(name), f.get_tensor(name + "_scale")
+    assert w.dtype == torch.float8_e4m3fn and s.shape == (w.shape[0], 1)
+    loaded = load_model(dst)  # CPU: no FP8 matmul, so weights are dequantized while loading
+    assert torch.allclose(loaded.layers[0].self_attn.q_proj.weight, w.float() * s, atol=0, rtol=1e-6)
+    ref = load_model(tiny_checkpoint)
+    assert rel(loaded.layers[0].self_attn.q_proj.weight, ref.layers[0].self_attn.q_proj.weight) < 0.04
+
+
+def test_fp8_block_and_tensor_scales_are_understood():
+    from blockdiff.quant.plan import _dequant_fp8
+
+    w = torch.randn(256, 256).to(torch.float8_e4m3fn)
+    block = torch.rand(2, 2) + 0.5
+    out = _dequant_fp8(w, block, "x")
+    assert torch.equal(out[:128, 128:], w.float()[:128, 128:] * block[0, 1])
+    assert torch.equal(_dequant_fp8(w, torch.tensor([2.0]), "x"), w.float() * 2)
+    with pytest.raises(QuantizationError, match="does not fit"):
+        _dequant_fp8(w, torch.rand(3, 5), "x")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_fp8_on_a_device_without_fp8_is_one_clear_line(tiny_checkpoint, capsys):
+    with pytest.raises(QuantizationError, match="compute capability 8.9"):
+        load_model(tiny_checkpoint, quantization="fp8")
+    rc = cli_main(["run", tiny_checkpoint, "--prompt-ids", "2,3", "--quantization", "fp8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "fp8" in err[0] and "8.9" in err[0]
+
+
+def test_unknown_method_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    rc = cli_main(["run", tiny_checkpoint, "--prompt-ids", "2,3", "--quantization", "int3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown quantization 'int3'" in err[0]
+    rc = cli_main(["quantize", tiny_checkpoint, str(tmp_path / "x"), "--method", "q4"])
+    assert rc == 2 and "unknown quantization 'q4'" in capsys.readouterr().err
+
+
+def test_corrupt_quantized_checkpoint_is_refused_naming_the_tensor(tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    dst = str(tmp_path / "q")
+    cli_main(["quantize", tiny_checkpoint, dst, "--method", "int4"])
+    path = os.path.join(dst, "model.safetensors")
+    good = load_file(path)
+    name = "model.decoder.layers.1.mlp.down_proj.weight.qscale"
+    bad = dict(good)
+    bad[name] = good[name][:, :1].contiguous()  # wrong shape
+    save_file(bad, path)
+    with pytest.raises(QuantizationError, match=r"corrupt quantized tensor layers\.1\.mlp\.down_proj\.weight\.qscale"):
+        load_model(dst)
+    bad = dict(good)
+    del bad[name]  # a part missing
+    save_file(bad, path)
+    rc = cli_main(["run", dst, "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "layers.1.mlp.down_proj.weight" in err[0] and "missing" in err[0]
+
+
+def test_bench_takes_a_quantization(capsys):
+    rc = cli_main(["bench", "--random-config", "tiny", "--quantization", "int8", "--no-oracle", "--repeats", "1",
+                   "--warmup", "0", "--systems", "blockdiff-default", "--steps", "2"])
+    assert rc == 0 and "blockdiff-default" in capsys.readouterr().out
+
+
+def test_in_memory_random_model_is_built_quantized_and_runs_a_step():
+    from blockdiff.bench.full_shape import random_quantized_model
+
+    m = random_quantized_model("tiny", "int4", log=lambda s: None)
+    assert isinstance(m.layers[0].experts, QuantExperts) and m.layers[0].experts.gate_up_proj.packed is not None
+    cache = m.new_cache(1)
+    with torch.no_grad():
+        m.encode(torch.tensor([[2, 3, 4]]), cache)
+        assert torch.isfinite(m.denoise(torch.zeros(1, m.canvas_length, dtype=torch.long), cache)).all()
+    with pytest.raises(ValueError, match="int8 or int4"):
+        random_quantized_model("tiny", None)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_quantizing_in_row_blocks_gives_the_same_parts(method, monkeypatch):
+    import blockdiff.quant.tensors as T
+
+    w = torch.randn(2, 100, 128)
+    whole = quantize(w, method, 64)
+    monkeypatch.setattr(T, "CHUNK_ROWS", 7)  # bounded temporaries for huge tensors (the 262k-row embedding)
+    blocks = quantize(w, method, 64)
+    assert all(torch.equal(whole[k].float(), blocks[k].float()) for k in whole)
