@@ -62,10 +62,17 @@ def config_dict(preset: str) -> dict:
         raise ValueError(f"unknown random config {preset!r}; choose from {sorted(PRESETS)}")
     text = dict(PRESETS[preset])
     canvas = text.pop("canvas_length")
+    return released_layout(text, canvas, max_positions=4096)
+
+
+def released_layout(text: dict, canvas: int, max_positions: int) -> dict:
+    """A config.json dict in the released layout around ``text`` (sizes): the released model's fixed settings,
+    five sliding layers then one full (the last always full), its RoPE, and a tiny vision config."""
+    text = dict(text)
     n = text["num_hidden_layers"]
     text.update({
         "model_type": "diffusion_gemma_text", "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "final_logit_softcapping": 30.0,
+        "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "final_logit_softcapping": 30.0,
         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
         "attention_bias": False, "enable_moe_block": True,
         "layer_types": ["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention"

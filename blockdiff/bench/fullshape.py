@@ -75,7 +75,7 @@ def peak_bandwidth(device: torch.device, override: float | None = None) -> tuple
 
 def shape_config(shape: str, layers: int | None = None):
     from ..config import ModelConfig
-    from .checkpoints import TINY_VISION_CONFIG
+    from .checkpoints import released_layout
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
@@ -85,25 +85,7 @@ def shape_config(shape: str, layers: int | None = None):
         if layers < 1:
             raise ValueError(f"--layers must be >= 1, got {layers}")
         text["num_hidden_layers"] = layers
-    n = text["num_hidden_layers"]
-    text.update({
-        "model_type": "diffusion_gemma_text", "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "final_logit_softcapping": 30.0,
-        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
-        "attention_bias": False, "enable_moe_block": True,
-        # five sliding layers then one full (5, 11, ...); the last layer is always full
-        "layer_types": ["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention"
-                        for i in range(n)],
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                               "rope_theta": 1_000_000.0},
-        },
-    })
-    return ModelConfig.from_dict({"architectures": ["DiffusionGemmaForBlockDiffusion"],
-                                  "model_type": "diffusion_gemma", "canvas_length": canvas,
-                                  "tie_word_embeddings": True, "text_config": text,
-                                  "vision_config": dict(TINY_VISION_CONFIG), "eos_token_id": [1, 106]})
+    return ModelConfig.from_dict(released_layout(text, canvas, max_positions=262144))
 
 
 @contextmanager
