@@ -1,6 +1,6 @@
 """Write small GGUF files in the layout of llama.cpp's (unmerged) DiffusionGemma converter, from a tiny checkpoint.
 
-The names are spelled out here from /work/shared/REFERENCE.md, independently of blockdiff's own table, so a wrong
+The names are spelled out here from the project's REFERENCE.md (llama.cpp names), independently of blockdiff's own table, so a wrong
 entry in ``blockdiff.quant.gguf.TENSOR_TABLE`` shows up as a test failure.
 """
 
@@ -10,6 +10,7 @@ import json
 import os
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file
 
 DEC = "model.decoder."
@@ -145,3 +146,14 @@ def _add_tokenizer(w, ckpt: str) -> None:
     if os.path.exists(tpl):
         with open(tpl) as f:
             w.add_chat_template(f.read())
+
+
+def denoise_logits(model, seed=5):
+    """Denoise logits of a fixed random prompt and canvas (two rows): the model comparison used by the
+    quantization and GGUF tests."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.vocab_size
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model.encode(torch.randint(0, V, (2, 6), generator=g), cache)
+        return model.denoise(torch.randint(0, V, (2, 16), generator=g), cache)

@@ -11,17 +11,9 @@ from blockdiff.cli import main as cli_main
 from blockdiff.loader import load_model
 from blockdiff.quant import QuantizationError
 from gguf_fixtures import converter_tensors, write_gguf
+from gguf_fixtures import denoise_logits as _logits
 
 gguf = pytest.importorskip("gguf")
-
-
-def _logits(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    V = model.vocab_size
-    cache = model.new_cache(2)
-    with torch.no_grad():
-        model.encode(torch.randint(0, V, (2, 6), generator=g), cache)
-        return model.denoise(torch.randint(0, V, (2, 16), generator=g), cache)
 
 
 @pytest.fixture(scope="module")

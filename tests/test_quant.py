@@ -19,6 +19,7 @@ from blockdiff.quant import QuantizationError, parse_method
 from blockdiff.quant.modules import QTensor, QuantEmbedding, QuantExperts, QuantLinear
 from blockdiff.quant.plan import target_shapes
 from blockdiff.quant.tensors import dequantize, quantize, stored_shapes
+from gguf_fixtures import denoise_logits as _logits
 
 
 def rel(a, b):
@@ -106,15 +107,6 @@ def test_quantized_embedding_lookup_head_and_soft_embeddings():
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _logits(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    V = model.vocab_size
-    cache = model.new_cache(2)
-    with torch.no_grad():
-        model.encode(torch.randint(0, V, (2, 6), generator=g), cache)
-        return model.denoise(torch.randint(0, V, (2, 16), generator=g), cache)
-
-
 @pytest.mark.parametrize("method,tol", [("int8", 0.06), ("int4", 0.03)])
 def test_quantized_model_matches_the_model_with_dequantized_weights(tiny_checkpoint, method, tol):
     """Every targeted tensor reaches the right module with the right scales: the quantized model equals an fp32
