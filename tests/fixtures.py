@@ -56,7 +56,7 @@ TINY_VISION_CONFIGS = {
                                   rope_parameters={"rope_type": "axial", "rope_theta": 50.0}),
 }
 
-# generation_config.json of google/diffusiongemma-26B-A4B-it (see /work/shared/REFERENCE.md).
+# generation_config.json of google/diffusiongemma-26B-A4B-it (see the project's shared/REFERENCE.md).
 RELEASED_GENERATION_CONFIG = {
     "max_denoising_steps": 48,
     "max_new_tokens": 256,
