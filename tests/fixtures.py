@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from blockdiff.bench.checkpoints import byte_symbols
+
 # The tiny text model every test starts from; make_checkpoint(text_overrides=...) changes any key.
 TINY_TEXT_CONFIG = dict(
     vocab_size=512,
@@ -258,17 +260,7 @@ def _byte_symbols() -> list[str]:
     from tokenizers import pre_tokenizers
 
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    # Rebuild the byte -> char table so the list is in byte order (ids stay stable across versions).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    symbols = [table[b] for b in range(256)]
+    symbols = byte_symbols()  # byte order, so ids stay stable across tokenizers versions
     assert set(symbols) == alphabet
     return symbols
 

@@ -119,6 +119,18 @@ SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|
             106: "<turn|>"}
 
 
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes of a byte-level BPE alphabet, in byte order."""
+    out, extra = [], 0
+    for b in range(256):
+        if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
 def write_tokenizer(path: str, vocab_size: int) -> None:
     """A byte-level BPE ``tokenizer.json`` with exactly ``vocab_size`` entries (Gemma's specials at their ids):
     the 256 bytes, then byte pairs and triples, printable ASCII first, so a large vocabulary is full of tokens
@@ -126,15 +138,7 @@ def write_tokenizer(path: str, vocab_size: int) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    byte_chr = {}  # GPT-2's printable stand-ins for the 256 bytes
-    printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    extra = 0
-    for b in range(256):
-        if b in printable:
-            byte_chr[b] = chr(b)
-        else:
-            byte_chr[b] = chr(256 + extra)
-            extra += 1
+    byte_chr = byte_symbols()
     ascii_first = [byte_chr[b] for b in range(32, 127)] + [byte_chr[b] for b in range(256) if not 32 <= b < 127]
     n_merges = vocab_size - 256 - len(SPECIALS)
     merges: list[tuple[str, str]] = []
