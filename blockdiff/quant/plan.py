@@ -15,11 +15,13 @@ embedding / LM head in int8. Routers, norms and scalars stay in full precision.
 
 from __future__ import annotations
 
+
 import re
 
 import torch
 
 from ..config import TextConfig
+from ..heap import malloc_trim
 from .tensors import int4_group, quantize, stored_shapes
 
 METHODS = ("int8", "int4", "fp8")
@@ -219,18 +221,7 @@ class QuantPlan:
             elif isinstance(m, QuantEmbedding):
                 m.prepare()
         if self.device.type == "cpu":
-            _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Give the heap pages freed while loading back to the OS (glibc keeps them otherwise: the loading
-    temporaries would stay in the resident set)."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+            malloc_trim()
 
 
 def _dequant_fp8(w: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
