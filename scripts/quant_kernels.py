@@ -5,8 +5,9 @@
 Linear [M=128 canvas tokens] x [N, K] for fp32 F.linear, fbgemm dynamic int8 (torch.ops.quantized.linear_dynamic),
 torch._weight_int8pack_mm, dequantize-then-matmul (int8, int4), torch._weight_int4pack_mm_for_cpu with bf16 and
 fp32 activations; and one layer of 32 experts (top-4 of 128 tokens) as fp32 grouped mm, an fbgemm per-expert
-loop, dequantize-all + grouped mm and an int4pack per-expert loop. Prints ms per call (medians of 5 after warm-up)
-and, for the expert layer, the relative error against fp32.
+loop, dequantize-all + grouped mm and an int4pack per-expert loop; and the tied int8 embedding's two vocabulary-sized
+products (LM head [128 x 512] @ [32768 x 512]^T, self-conditioning probs [128 x 32768] @ [32768 x 512]) per candidate
+kernel. Prints ms per call (medians of 5 after warm-up) and, where it matters, the relative error against fp32.
 """
 
 from __future__ import annotations
@@ -94,6 +95,54 @@ def main():
     print("\n| one expert layer (32 experts, 128 tokens, top-4) | ms | rel. error vs fp32 |\n|---|---:|---:|")
     for name, fn in rows.items():
         print(f"| {name} | {ms(fn)} | {float((fn() - ref).norm() / ref.norm()):.4f} |", flush=True)
+
+    embedding(g)
+
+
+def embedding(g):
+    """The int8 table's LM head and probs @ E candidates (QuantEmbedding uses _int_mm and, with native bf16, bf16)."""
+    from blockdiff.quant.modules import QuantEmbedding
+    V, H, M = 32768, 512, 128
+    emb = QuantEmbedding(V, H)
+    parts = quantize(torch.randn(V, H, generator=g) * 0.02, "int8")
+    q, s = parts["qweight"], parts["qscale"]
+    emb.weight.qweight, emb.weight.qscale = q, s
+    emb.prepare()
+    deq = q.float() * s[:, None]
+    h = torch.randn(M, H, generator=g)
+    probs = torch.softmax(torch.randn(M, V, generator=g) * 3, -1)
+    ref_head, ref_mix = h @ deq.T, probs @ deq
+    zeros = torch.zeros(V, dtype=torch.long)
+    pk = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(q, s.double(), zeros, 0), None)
+    pkT = torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+        q.t().contiguous(), torch.ones(H, dtype=torch.double), torch.zeros(H, dtype=torch.long), 0), None)
+
+    def rel(a, b):
+        return f"{float((a - b).norm() / b.norm()):.4f}"
+
+    def mix(dt):
+        emb.mix_dtype = dt
+        return emb.mix(probs, torch.float32)
+
+    def int8_probs():
+        ps = probs * s
+        sc = ps.amax(-1, keepdim=True) / 127
+        return torch._int_mm(torch.round(ps / sc).to(torch.int8), q).float() * sc
+
+    rows = {
+        "LM head: fp32 matmul": (lambda: h @ deq.T, ref_head),
+        "LM head: fbgemm on a packed copy": (lambda: torch.ops.quantized.linear_dynamic(h, pk), ref_head),
+        "LM head: torch._int_mm on the plain table (used)": (lambda: emb.project(h), ref_head),
+        "probs @ E: fp32 matmul of a dequantized table": (lambda: mix(torch.float32), ref_mix),
+        "probs @ E: bf16 matmul of a dequantized table (used with native bf16)": (lambda: mix(torch.bfloat16),
+                                                                                 ref_mix),
+        "probs @ E: fbgemm on a transposed packed copy": (
+            lambda: torch.ops.quantized.linear_dynamic(probs * s * 1000, pkT) / 1000, ref_mix),
+        "probs @ E: torch._int_mm on int8 probabilities": (int8_probs, ref_mix),
+    }
+    print("\n| tied int8 embedding, mid shape | ms | rel. error vs fp32 |\n|---|---:|---:|")
+    for name, (fn, ref) in rows.items():
+        print(f"| {name} | {ms(fn)} | {rel(fn(), ref)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,11 +67,26 @@ def test_cpu_kernels_match_the_dequantized_matmul(method, tol):
     torch.manual_seed(0)
     w, x = torch.randn(96, 128) * 0.05, torch.randn(17, 128)
     q, deq = qtensor(w, method)
-    assert q.packed is not None and q.qweight is None  # packed for the kernel, plain copy dropped
+    if method == "int8":  # torch._int_mm reads the stored layout: nothing packed, nothing held twice
+        assert q.int_mm and q.packed is None and q.qweight.dtype == torch.int8
+    else:
+        assert q.packed is not None and q.qweight is None  # packed for the kernel, plain copy dropped
     assert rel(q.matmul(x), F.linear(x, deq)) < tol
     lin = QuantLinear(128, 96, method)
     lin.weight = q
     assert lin(x[None]).shape == (1, 17, 96)
+
+
+def test_int8_fbgemm_fallback_matches_the_int_mm_kernel(monkeypatch):
+    """Where torch._int_mm is missing, int8 falls back to fbgemm on a packed copy: same product within rounding."""
+    import blockdiff.quant.modules as qm
+    torch.manual_seed(3)
+    w, x = torch.randn(64, 96) * 0.05, torch.randn(9, 96)
+    fast, deq = qtensor(w, "int8")
+    monkeypatch.setattr(qm, "_INT_MM", False)
+    slow, _ = qtensor(w, "int8")
+    assert not slow.int_mm and slow.packed is not None
+    assert rel(fast.matmul(x), F.linear(x, deq)) < 0.02 and rel(slow.matmul(x), fast.matmul(x)) < 0.03
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -4,9 +4,11 @@ Each holds its weights as a ``QTensor`` (stored parts from ``tensors.py`` as buf
 checkpoint format) and, after ``prepare()``, in the layout of the kernel that runs it. Kernels, chosen by
 measurement on this project's CPU (figures in docs/quantization.md):
 
-- CPU int8: fbgemm's dynamic int8 linear (``torch.ops.quantized.linear_dynamic``; activations quantized per call
-  per tensor), 3-4x faster than fp32. ``torch._weight_int8pack_mm`` was 30-35x slower than fp32 with fp32
-  activations, dequantize-then-matmul slower than fp32.
+- CPU int8: activations quantized per row to int8 on each call, then ``torch._int_mm`` (int8 x int8 -> int32)
+  against the transposed view of the stored weight, 3-4x faster than fp32; no packed copy. fbgemm's dynamic int8
+  linear (``torch.ops.quantized.linear_dynamic``, per-tensor activation scales) is as fast but less accurate and
+  needs a packed copy; it stays as the fallback where ``torch._int_mm`` is missing. ``torch._weight_int8pack_mm``
+  was 30-35x slower than fp32 with fp32 activations, dequantize-then-matmul slower than fp32.
 - CPU int4: ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (as fast as the fp32 matmul at mid
   shapes, faster on the LM-head shape; with fp32/fp16 activations it is ~60x slower).
 - CPU experts: one packed kernel call per expert that has tokens (a loop: the grouped-mm kernels take float
@@ -15,8 +17,8 @@ measurement on this project's CPU (figures in docs/quantization.md):
   dequantize then one ``torch._grouped_mm`` per matrix; fp8 via ``torch._scaled_mm`` with per-row activation
   scales.
 
-After ``prepare()`` on CPU the plain buffers are dropped (the packed copies replace them), so the resident
-size is the quantized size once.
+After ``prepare()`` on CPU int8 weights stay in their stored layout (``torch._int_mm`` reads it); int4 (and
+fbgemm int8) plain buffers are dropped once packed, so the resident size is the quantized size once.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class QTensor(nn.Module):
         if method != "int4":
             self.qzero = None
         self.packed = None  # kernel layout after prepare(): per matrix (2-D) or a list per expert (3-D)
+        self.int_mm = False  # int8 on CPU through torch._int_mm on the stored layout (set by prepare())
 
     def parts(self) -> dict[str, torch.Tensor]:
         p = {"qweight": self.qweight, "qscale": self.qscale}
@@ -59,6 +62,10 @@ class QTensor(nn.Module):
     def prepare(self) -> None:
         """Build the kernel layout for the device the buffers are on (CPU: packed, plain buffers dropped)."""
         if self.qweight.device.type != "cpu" or self.method == "fp8":
+            return
+        if self.method == "int8" and _int_mm_works():
+            self.int_mm = True
+            self.qscale = self.qscale.float()
             return
         mats = [self._matrix(i) for i in range(self.shape[0])] if len(self.shape) == 3 else [self._matrix(None)]
         if any(m is None for m in mats):
@@ -85,6 +92,9 @@ class QTensor(nn.Module):
 
     def matmul(self, x: torch.Tensor, i: int | None = None) -> torch.Tensor:
         """x [M, K] @ W[i].T -> [M, N] in x's dtype (W the whole matrix when i is None)."""
+        if self.int_mm:
+            xq, xs = quantize_rows(x)
+            return self.matmul_q(xq, xs, i).to(x.dtype)
         packed = None if self.packed is None else (self.packed if i is None else self.packed[i])
         if packed is not None:
             if self.method == "int8":
@@ -99,6 +109,36 @@ class QTensor(nn.Module):
                 pass
         parts = {k: (v if i is None else v[i]) for k, v in self.parts().items()}
         return F.linear(x, dequantize(parts, self.method, x.dtype))
+
+
+    def matmul_q(self, xq: torch.Tensor, xs: torch.Tensor | None, i: int | None = None) -> torch.Tensor:
+        """int8 on CPU (``int_mm``): rows already quantized (``quantize_rows``) -> fp32 [M, N]. ``xs`` None leaves the
+        activation scale out (the caller applies it to many products at once)."""
+        w, s = (self.qweight, self.qscale) if i is None else (self.qweight[i], self.qscale[i])
+        out = torch._int_mm(xq, w.t()).float().mul_(s)
+        return out if xs is None else out.mul_(xs)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]): symmetric per-row dynamic quantization of activations."""
+    x = x.float()
+    xs = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)
+    return torch.round(x / xs).to(torch.int8), xs
+
+
+def _int_mm_works() -> bool:
+    """torch._int_mm on this CPU build (exact int8 x int8 -> int32)."""
+    global _INT_MM
+    if _INT_MM is None:
+        try:
+            a = torch.ones(2, 8, dtype=torch.int8)
+            _INT_MM = bool((torch._int_mm(a, a.t()) == 8).all())
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _INT_MM = False
+    return _INT_MM
+
+
+_INT_MM: bool | None = None
 
 
 def _fp8_matmul(x: torch.Tensor, qw: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -140,6 +180,8 @@ class QuantExperts(nn.Module):
         xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
         if x.is_cuda:
             y = self._grouped(xs, r.offsets)
+        elif self.gate_up_proj.int_mm and self.down_proj.int_mm:
+            y = self._int8_loop(xs, r.counts.tolist())
         else:
             # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc).
             parts, start = [], 0
@@ -150,6 +192,19 @@ class QuantExperts(nn.Module):
                     start += n
             y = torch.cat(parts)
         return combine(y, r, weights, x.dtype)
+
+    def _int8_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """CPU int8: the routed rows quantized once per matrix (per-row scales), one torch._int_mm per expert."""
+        xq, xsc = quantize_rows(xs)
+        spans, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                spans.append((e, start, start + n))
+                start += n
+        gate, up = torch.cat([self.gate_up_proj.matmul_q(xq[a:b], None, e) for e, a, b in spans]).mul_(xsc).chunk(2, -1)
+        hq, hsc = quantize_rows(gelu_tanh(gate) * up)
+        y = torch.cat([self.down_proj.matmul_q(hq[a:b], None, e) for e, a, b in spans]).mul_(hsc)
+        return y.to(xs.dtype)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """GPU: dequantize each expert tensor once per call to the compute dtype, then one grouped GEMM per matrix
@@ -192,9 +247,7 @@ class QuantEmbedding(nn.Module):
         flat = h.reshape(-1, h.shape[-1])
         w = self.weight
         if self.int_mm:
-            x = flat.float()
-            xs = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)  # per-row activation scale
-            xq = torch.round(x / xs).to(torch.int8)
+            xq, xs = quantize_rows(flat)
             out = torch.empty(flat.shape[0], self.num_embeddings, dtype=torch.float32, device=flat.device)
             for a, b in self._chunks():
                 torch.mul(torch._int_mm(xq, w.qweight[a:b].t()), w.qscale[a:b].float(), out=out[:, a:b])
@@ -220,15 +273,6 @@ class QuantEmbedding(nn.Module):
 
     def _chunks(self):
         return [(a, min(a + self.ROWS, self.num_embeddings)) for a in range(0, self.num_embeddings, self.ROWS)]
-
-
-def _int_mm_works() -> bool:
-    """torch._int_mm on this CPU build (exact int8 x int8 -> int32)."""
-    try:
-        a = torch.ones(2, 8, dtype=torch.int8)
-        return bool((torch._int_mm(a, a.t()) == 8).all())
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 def _cpu_has_fast_bf16() -> bool:
