@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
-from blockdiff.quant.modules import QTensor  # noqa: E402
+import blockdiff.quant.modules as qmod  # noqa: E402
+from blockdiff.quant.modules import QTensor, QuantExperts  # noqa: E402
 from blockdiff.quant.tensors import dequantize, quantize  # noqa: E402
 
 
@@ -34,27 +35,34 @@ def ms(fn, n=5):
     return round(statistics.median(ts), 2)
 
 
-def packed(w, method, group=64):
+def packed(w, method, group=64, fbgemm=False):
+    """A prepared QTensor (int8: torch._int_mm on the stored layout, or fbgemm on a packed copy) and its parts."""
     q = QTensor(tuple(w.shape), method, group)
     parts = quantize(w, method, group)
     for k, v in parts.items():
         setattr(q, k, v)
-    q.prepare()
+    saved = qmod._INT_MM
+    qmod._INT_MM = False if fbgemm else saved
+    try:
+        q.prepare()
+    finally:
+        qmod._INT_MM = saved
     return q, parts
 
 
 def main():
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    print("| shape [M x K] @ [N x K]^T | fp32 | fbgemm int8 | _weight_int8pack_mm | dequant int8 + mm | "
-          "int4pack (bf16 act.) | int4pack (fp32 act.) | dequant int4 + mm |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape [M x K] @ [N x K]^T | fp32 | int8 _int_mm (used) | fbgemm int8 | _weight_int8pack_mm | "
+          "dequant int8 + mm | int4pack (bf16 act.) | int4pack (fp32 act.) | dequant int4 + mm |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for M, K, N in [(128, 512, 1024), (128, 1024, 512), (128, 512, 32768)]:
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
         q8, p8 = packed(w, "int8")
+        f8, _ = packed(w, "int8", fbgemm=True)
         q4, p4 = packed(w, "int4")
         wp, gs, sz = q4.packed
-        row = [ms(lambda: F.linear(x, w)), ms(lambda: q8.matmul(x)),
+        row = [ms(lambda: F.linear(x, w)), ms(lambda: q8.matmul(x)), ms(lambda: f8.matmul(x)),
                ms(lambda: torch._weight_int8pack_mm(x, p8["qweight"], p8["qscale"]), n=1),
                ms(lambda: F.linear(x, dequantize(p8, "int8"))), ms(lambda: q4.matmul(x)),
                ms(lambda: torch._weight_int4pack_mm_for_cpu(x, wp, gs, sz.float()), n=1),
@@ -86,10 +94,16 @@ def main():
 
     ref = grouped(gu, dn)
     rows = {"fp32 grouped mm": lambda: grouped(gu, dn)}
+    qe = QuantExperts(E, H, I, ("int8", "int8"))
+    qe.gate_up_proj, qe.down_proj = packed(gu, "int8")[0], packed(dn, "int8")[0]
+    rows["int8 _int_mm per expert, rows quantized once per matrix (used)"] = lambda: qe._int8_loop(xs, cl)
+    fa, fb = packed(gu, "int8", fbgemm=True)[0], packed(dn, "int8", fbgemm=True)[0]
+    rows["int8 fbgemm per-expert packed loop"] = lambda: loop(fa, fb)
     for m in ("int8", "int4"):
         qa, pa = packed(gu, m)
         qb, pb = packed(dn, m)
-        rows[f"{m} per-expert packed loop"] = lambda qa=qa, qb=qb: loop(qa, qb)
+        if m == "int4":
+            rows[f"{m} per-expert packed loop (used)"] = lambda qa=qa, qb=qb: loop(qa, qb)
         rows[f"{m} dequantize all + grouped mm"] = lambda pa=pa, pb=pb, m=m: grouped(dequantize(pa, m),
                                                                                    dequantize(pb, m))
     print("\n| one expert layer (32 experts, 128 tokens, top-4) | ms | rel. error vs fp32 |\n|---|---:|---:|")

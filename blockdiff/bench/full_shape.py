@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from ..heap import lean_heap
+
 
 def _rss_gb() -> float:
     import os
@@ -99,8 +101,9 @@ def run(preset: str, quantization: str, prompt_len: int = 64, seed: int = 0, log
         layers: int | None = None) -> dict:
     t0 = time.perf_counter()
     rss0 = _rss_gb()
-    model = random_quantized_model(preset, quantization, seed, log, layers)
-    gc.collect()
+    with lean_heap("cpu"):  # as load_model does (blockdiff/heap.py)
+        model = random_quantized_model(preset, quantization, seed, log, layers)
+        gc.collect()
     built = time.perf_counter() - t0
     rss_loaded = _rss_gb()
     peak_built = _peak_gb()
