@@ -82,6 +82,28 @@ def test_evaluate_reports_every_band_for_both_decodings(tiny_sudoku_model):
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")),
                     reason="no bundled model")
+def test_eval_command_applies_sampling_overrides_and_refuses_bad_ones(tmp_path, capsys):
+    from blockdiff.sudoku.eval import main
+
+    base = ["--per-band", "3", "--bands", "30-39", "--modes", "diffusion", "--threads", "1"]
+
+    def steps(threshold):
+        out = tmp_path / f"{threshold}.json"
+        assert main(base + ["--confidence-threshold", threshold, "--out", str(out)]) == 0
+        return json.loads(out.read_text())["results"]["30-39"]["diffusion"]["mean_steps"]
+
+    # a canvas stops once stable and below the threshold: rarely below 1e-12 (most run to the 48-step cap),
+    # as soon as it is stable below 1e9
+    strict, loose = steps("1e-12"), steps("1e9")
+    assert strict > 30 and loose < 10
+    assert main(base + ["--confidence-threshold", "-1"]) == 2
+    assert "confidence_threshold" in capsys.readouterr().err
+    assert main(base + ["--t-max", "0.2", "--t-min", "0.5"]) == 2
+    assert "t_max must be greater than t_min" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(BUNDLED_MODEL, "model.safetensors")),
+                    reason="no bundled model")
 def test_demo_verifies_the_bundled_models_answer_with_the_exact_solver(capsys):
     rc = main(["demo", "--seed", "0", "--threads", "1"])
     out = capsys.readouterr().out

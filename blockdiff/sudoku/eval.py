@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--t-max", type=float, help="sampling temperature at the first step (default: checkpoint's)")
     ap.add_argument("--t-min", type=float)
     ap.add_argument("--entropy-bound", type=float)
+    ap.add_argument("--confidence-threshold", type=float,
+                    help="stop a canvas once its mean entropy is below this (default: checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -127,10 +129,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown band(s) {unknown}; use {list(EVAL_BANDS)}")
     llm = LLM(args.model, dtype="float32", device=args.device, **quantization_kwargs(args))
     sets = held_out(args.per_band, args.seed, bands)
-    results = evaluate(llm, sets, modes=[m.strip() for m in args.modes.split(",")], seed=args.sample_seed,
-                       batch_size=args.batch_size, max_denoising_steps=args.steps,
-                       log=lambda s: print(s, file=sys.stderr, flush=True), t_max=args.t_max, t_min=args.t_min,
-                       entropy_bound=args.entropy_bound)
+    try:
+        results = evaluate(llm, sets, modes=[m.strip() for m in args.modes.split(",")], seed=args.sample_seed,
+                           batch_size=args.batch_size, max_denoising_steps=args.steps,
+                           log=lambda s: print(s, file=sys.stderr, flush=True), t_max=args.t_max, t_min=args.t_min,
+                           entropy_bound=args.entropy_bound, confidence_threshold=args.confidence_threshold)
+    except ValueError as e:  # a sampling setting the engine refuses (e.g. t_max <= t_min): one line, status 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(markdown_table(results))
     if args.out:
         with open(args.out, "w") as f:
