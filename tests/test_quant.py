@@ -283,3 +283,38 @@ def test_quantizing_in_row_blocks_gives_the_same_parts(method, monkeypatch):
     monkeypatch.setattr(T, "CHUNK_ROWS", 7)  # bounded temporaries for huge tensors (the 262k-row embedding)
     blocks = quantize(w, method, 64)
     assert all(torch.equal(whole[k].float(), blocks[k].float()) for k in whole)
+
+
+# ---------------------------------------------------------------------------------------------- heap settings
+def test_lean_heap_maps_large_allocations_while_loading_and_fixes_the_run_thresholds(monkeypatch):
+    """blockdiff/heap.py: a 128 KiB mmap threshold inside, the steady-state thresholds after (also when the load
+    fails), nothing at all for a non-CPU device."""
+    import blockdiff.heap as heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.setattr(heap, "malloc_trim", lambda: calls.append("trim"))
+    with heap.lean_heap("cpu"):
+        assert calls == [(heap._M_MMAP_THRESHOLD, heap.LOAD_MMAP_THRESHOLD)]
+    after = [(heap._M_MMAP_THRESHOLD, heap.RUN_MMAP_THRESHOLD), (heap._M_TRIM_THRESHOLD, heap.RUN_TRIM_THRESHOLD),
+             "trim"]
+    assert calls[1:] == after
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        with heap.lean_heap(torch.device("cpu")):
+            raise RuntimeError("corrupt file")
+    assert calls[1:] == after
+    calls.clear()
+    with heap.lean_heap("meta"):
+        pass
+    assert calls == []
+
+
+def test_loading_quantized_keeps_one_int8_copy_of_every_weight(tiny_checkpoint):
+    """int8 on CPU: every quantized weight is held once, in its stored int8 layout (no packed duplicates)."""
+    m = load_model(tiny_checkpoint, quantization="int8")
+    qts = [q for q in m.modules() if isinstance(q, QTensor) and q is not m.embed_tokens.weight]
+    assert qts and all(q.int_mm and q.packed is None and q.qweight.dtype == torch.int8 for q in qts)
+    emb = m.embed_tokens  # the LM head reads the same int8 table as the lookups
+    assert isinstance(emb, QuantEmbedding) and emb.int_mm and emb.weight.qweight.dtype == torch.int8
+    assert not any(isinstance(getattr(mod, "packed", None), list) for mod in m.modules())
