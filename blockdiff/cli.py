@@ -38,7 +38,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None,
-                   help="quantize weights while loading: int8 | int4 (int4-g32, int4-g128) | fp8 (CUDA, compute "
+                   help="quantize weights while loading: int8 | int4 (int4-g32, int4-g128; int4-all) | fp8 (CUDA, compute "
                         "capability 8.9+); quantized checkpoints and .gguf files need no flag")
     p.add_argument("--keep-embedding", action="store_true",
                    help="with --quantization: keep the tied embedding / LM head in full precision (default int8)")

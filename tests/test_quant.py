@@ -134,15 +134,20 @@ def test_quantized_embedding_lookup_head_and_soft_embeddings():
 
 
 # ---------------------------------------------------------------------------------------------- the model
-@pytest.mark.parametrize("method,tol", [("int8", 0.06), ("int4", 0.03)])
+@pytest.mark.parametrize("method,tol", [("int8", 0.06), ("int4", 0.03), ("int4-all", 0.03)])
 def test_quantized_model_matches_the_model_with_dequantized_weights(tiny_checkpoint, method, tol):
     """Every targeted tensor reaches the right module with the right scales: the quantized model equals an fp32
     model whose weights were quantized and dequantized (up to activation rounding in the kernels)."""
+    from blockdiff.quant.plan import QuantPlan, int4_scope
     qm = load_model(tiny_checkpoint, quantization=method)
     fake = load_model(tiny_checkpoint)
     sd = fake.state_dict()
+    plan = QuantPlan(fake.text, parse_method(method)[0], 64, scope=int4_scope(method))
     for name in target_shapes(fake.text, embedding=True):
-        m = "int8" if name == "embed_tokens.weight" else method
+        m = plan.tensor_method(name)
+        # int4: the routed experts in 4 bits, the other linears in int8; int4-all: every linear in 4 bits
+        assert m == ("int8" if name == "embed_tokens.weight" or (method == "int4" and "experts" not in name)
+                     else parse_method(method)[0])
         sd[name].copy_(dequantize(quantize(sd[name], m, 64), m))
     assert rel(_logits(qm), _logits(fake)) < tol
     # what stays full precision
@@ -238,7 +243,7 @@ def test_corrupt_quantized_checkpoint_is_refused_naming_the_tensor(tiny_checkpoi
     from safetensors.torch import load_file, save_file
 
     dst = str(tmp_path / "q")
-    cli_main(["quantize", tiny_checkpoint, dst, "--method", "int4"])
+    cli_main(["quantize", tiny_checkpoint, dst, "--method", "int4-all"])
     path = os.path.join(dst, "model.safetensors")
     good = load_file(path)
     name = "model.decoder.layers.1.mlp.down_proj.weight.qscale"
@@ -318,3 +323,21 @@ def test_loading_quantized_keeps_one_int8_copy_of_every_weight(tiny_checkpoint):
     emb = m.embed_tokens  # the LM head reads the same int8 table as the lookups
     assert isinstance(emb, QuantEmbedding) and emb.int_mm and emb.weight.qweight.dtype == torch.int8
     assert not any(isinstance(getattr(mod, "packed", None), list) for mod in m.modules())
+
+
+def test_int4_scope_is_recorded_and_files_without_it_load_as_all(tiny_checkpoint, tmp_path):
+    """`blockdiff quantize --method int4` keeps the non-expert linears in int8 and says so in config.json; an int4
+    file written before the scope existed (no "int4_scope") holds every linear in int4 and still loads."""
+    mixed, full = str(tmp_path / "mixed"), str(tmp_path / "all")
+    cli_main(["quantize", tiny_checkpoint, mixed, "--method", "int4"])
+    cli_main(["quantize", tiny_checkpoint, full, "--method", "int4-all"])
+    for path, scope, attn in ((mixed, "experts", "int8"), (full, "all", "int4")):
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        assert cfg["quantization_config"]["int4_scope"] == scope
+        m = load_model(path)
+        assert m.layers[0].self_attn.q_proj.weight.method == attn and m.layers[0].experts.gate_up_proj.method == "int4"
+    cfg = json.load(open(os.path.join(full, "config.json")))
+    del cfg["quantization_config"]["int4_scope"]
+    json.dump(cfg, open(os.path.join(full, "config.json"), "w"))
+    ref = _logits(load_model(tiny_checkpoint, quantization="int4-all"))
+    assert torch.equal(_logits(load_model(full)), ref)

@@ -46,7 +46,7 @@ def random_quantized_model(preset: str, quantization: str, seed: int = 0, log=pr
     from ..config import ModelConfig
     from ..model import DiffusionGemma
     from ..quant import parse_method
-    from ..quant.plan import QuantPlan
+    from ..quant.plan import QuantPlan, int4_scope
     from ..quant.tensors import quantize
     from .checkpoints import config_dict
 
@@ -58,7 +58,7 @@ def random_quantized_model(preset: str, quantization: str, seed: int = 0, log=pr
         t = cd["text_config"]
         t["num_hidden_layers"], t["layer_types"] = layers, t["layer_types"][:layers]
     config = ModelConfig.from_dict(cd)
-    plan = QuantPlan(config.text, parsed[0], parsed[1], embedding=True)
+    plan = QuantPlan(config.text, parsed[0], parsed[1], embedding=True, scope=int4_scope(quantization))
     with torch.device("meta"):
         model = DiffusionGemma(config)
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .plan import METHODS, QuantizationError, QuantPlan, check_device, parse_method
+from .plan import METHODS, QuantizationError, QuantPlan, check_device, int4_scope, parse_method
 
 log = logging.getLogger("blockdiff")
 
@@ -43,8 +43,9 @@ def plan_for_checkpoint(config, quantization, device, dtype: torch.dtype, embedd
             if parsed and parsed[0] != stored:
                 raise QuantizationError(f"this checkpoint is already quantized to {stored}; load it without "
                                         f"quantization (asked for {parsed[0]})")
+            # files written before the int4 scope existed hold every linear in int4: "all" when absent
             return QuantPlan(config.text, stored, int(qc.get("group_size", 64)), bool(qc.get("embedding", True)),
-                             device, dtype, stored=stored)
+                             device, dtype, stored=stored, scope=str(qc.get("int4_scope", "all")))
         if kind != "compressed-tensors":
             raise QuantizationError(f"unsupported quantization_config quant_method {kind!r}: blockdiff reads its "
                                     "own int8/int4 checkpoints and compressed-tensors FP8 ones")
@@ -56,4 +57,4 @@ def plan_for_checkpoint(config, quantization, device, dtype: torch.dtype, embedd
                 return QuantPlan(config.text, None, device=device, dtype=dtype)
     if not parsed:
         return None
-    return QuantPlan(config.text, parsed[0], parsed[1], embedding, device, dtype)
+    return QuantPlan(config.text, parsed[0], parsed[1], embedding, device, dtype, scope=int4_scope(quantization))

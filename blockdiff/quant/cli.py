@@ -33,12 +33,13 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
 
     from ..config import ModelConfig
     from ..loader import CheckpointError, _weight_files, checkpoint_to_model_name, resolve_path
-    from .plan import QuantPlan, parse_method
+    from .plan import QuantPlan, int4_scope, parse_method
     from .tensors import quantize
 
+    scope = int4_scope(method)
     parsed = parse_method(method)
     if parsed is None:
-        raise ValueError("--method must be int8, int4 (int4-g32, int4-g128) or fp8")
+        raise ValueError("--method must be int8, int4 (int4-g32, int4-g128, int4-all) or fp8")
     method, group = parsed
     path = resolve_path(src)
     if os.path.abspath(path) == os.path.abspath(dst):
@@ -52,7 +53,7 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     if config.raw.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({config.raw['quantization_config'].get('quant_method')})")
     embedding = quantize_embedding and method != "fp8"  # compressed-tensors keeps embeddings full precision
-    plan = QuantPlan(config.text, method, group, embedding)
+    plan = QuantPlan(config.text, method, group, embedding, scope=scope)
     out: dict[str, torch.Tensor] = {}
     n_quant = 0
     for file in _weight_files(path):
@@ -84,7 +85,8 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     raw = dict(config.raw)
     raw["quantization_config"] = FP8_CONFIG if method == "fp8" else {
-        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding}
+        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding,
+        "int4_scope": plan.scope}
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
@@ -107,7 +109,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint folder (or hub id)")
     p.add_argument("dst", help="output folder (created)")
-    p.add_argument("--method", required=True, help="int8 | int4 (int4-g32, int4-g128) | fp8")
+    p.add_argument("--method", required=True, help="int8 | int4 (experts in 4 bits, other linears int8; int4-g32, int4-g128) | int4-all (every linear in 4 bits) | fp8")
     p.add_argument("--keep-embedding", action="store_true",
                    help="keep the tied embedding / LM head in full precision (default: int8 for int8/int4)")
     p.set_defaults(func=cmd_quantize)

@@ -24,7 +24,7 @@ import torch
 
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
 from ..heap import lean_heap
-from .plan import QuantizationError, QuantPlan, check_device, parse_method
+from .plan import QuantizationError, QuantPlan, check_device, int4_scope, parse_method
 
 log = logging.getLogger("blockdiff")
 ARCH = "diffusion-gemma"
@@ -230,7 +230,7 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
     if parsed:
         check_device(parsed[0], device)
     plan = QuantPlan(config.text, parsed[0] if parsed else None, parsed[1] if parsed else 64, quantize_embedding,
-                     device, dtype)
+                     device, dtype, scope=int4_scope(quantization))
     with torch.device("meta"):
         model = DiffusionGemma(config)
     expected = {n: tuple(p.shape) for n, p in list(model.named_parameters()) + list(model.named_buffers())

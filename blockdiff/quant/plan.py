@@ -34,11 +34,12 @@ class QuantizationError(ValueError):
 
 
 def parse_method(quantization) -> tuple[str, int] | None:
-    """None/"none" -> None; "int8" | "int4" | "int4-g32" | "int4-g64" | "int4-g128" | "fp8" -> (method, group)."""
+    """None/"none" -> None; "int8" | "int4[-all][-g32|-g64|-g128]" | "fp8" -> (method, group). The int4 scope
+    (``-all`` or not) is read by ``int4_scope``."""
     if quantization in (None, "", "none"):
         return None
     q = str(quantization).lower()
-    m = re.fullmatch(r"int4(?:-g(\d+))?", q)
+    m = re.fullmatch(r"int4(?:-all)?(?:-g(\d+))?", q)
     if m:
         group = int(m.group(1) or 64)
         if group not in (32, 64, 128):
@@ -46,8 +47,18 @@ def parse_method(quantization) -> tuple[str, int] | None:
         return "int4", group
     if q in ("int8", "fp8"):
         return q, 64
-    raise QuantizationError(f"unknown quantization {quantization!r}; use one of int8, int4 (int4-g32, int4-g128), "
-                            "fp8 or none")
+    raise QuantizationError(f"unknown quantization {quantization!r}; use one of int8, int4 (int4-g32, int4-g128, "
+                            "int4-all), fp8 or none")
+
+
+def int4_scope(quantization) -> str:
+    """Which weights ``int4`` puts in 4 bits: "experts" (the default: the routed experts, ~90% of the real model's
+    bytes, with attention, the dense MLP and the self-conditioning MLP in int8, like llama.cpp's mixed K-quants)
+    or "all" (``int4-all``: every quantized linear in 4 bits)."""
+    return "all" if "-all" in str(quantization or "").lower() else "experts"
+
+
+_EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def check_device(method: str, device) -> None:
@@ -92,8 +103,10 @@ class QuantPlan:
     """Quantize-while-loading for one model. ``method`` None: only decode stored formats (FP8 -> dtype)."""
 
     def __init__(self, cfg: TextConfig, method: str | None, group: int = 64, embedding: bool = True,
-                 device="cpu", dtype=torch.float32, stored: str | None = None):
-        self.cfg, self.method, self.group = cfg, method, group
+                 device="cpu", dtype=torch.float32, stored: str | None = None, scope: str = "experts"):
+        if scope not in ("experts", "all"):
+            raise QuantizationError(f"int4 scope must be 'experts' or 'all', got {scope!r}")
+        self.cfg, self.method, self.group, self.scope = cfg, method, group, scope
         self.device, self.dtype = torch.device(device), dtype
         self.stored = stored  # the method of a blockdiff-quantized checkpoint, else None
         self.targets = target_shapes(cfg, embedding) if method else {}
@@ -103,9 +116,11 @@ class QuantPlan:
 
     # ------------------------------------------------------------------ per-tensor decisions
     def tensor_method(self, name: str) -> str:
-        """The method for one target: int4 falls back to int8 for rows no int4 group size divides;
-        the embedding is always int8."""
+        """The method for one target: the embedding is always int8; int4 covers the routed experts only unless the
+        scope is "all", and falls back to int8 for rows no int4 group size divides."""
         if name == "embed_tokens.weight":
+            return "int8"
+        if self.method == "int4" and self.scope == "experts" and not name.endswith(_EXPERT_SUFFIXES):
             return "int8"
         if self.method == "int4" and int4_group(self.targets[name][-1], self.group) is None:
             return "int8"
