@@ -285,10 +285,10 @@ def _merges(symbols: list[str], n: int) -> list[tuple[str, str]]:
     raise ValueError(f"cannot build {n} merges")
 
 
-def build_tokenizer(vocab_size: int, image_tokens: bool = False):
+def build_tokenizer(vocab_size: int, image_tokens: bool = False, extra_specials: dict | None = None):
     """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` ids and the Gemma specials at their real ids
-    (with ``image_tokens``, the image tokens of ``IMAGE_TOKENS`` too)."""
-    specials = {**SPECIAL_TOKENS, **(IMAGE_TOKENS if image_tokens else {})}
+    (with ``image_tokens``, the image tokens of ``IMAGE_TOKENS`` too; ``extra_specials``: {id: token} more)."""
+    specials = {**SPECIAL_TOKENS, **(IMAGE_TOKENS if image_tokens else {}), **(extra_specials or {})}
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -315,12 +315,12 @@ def build_tokenizer(vocab_size: int, image_tokens: bool = False):
 
 
 def write_tokenizer(path, vocab_size: int, chat_template: str | None = CHAT_TEMPLATE,
-                    image_tokens: bool = False) -> None:
+                    image_tokens: bool = False, extra_specials: dict | None = None) -> None:
     """tokenizer.json + tokenizer_config.json (+ chat_template.jinja unless ``chat_template`` is None)."""
     path = str(path)
     if chat_template == CHAT_TEMPLATE and image_tokens:
         chat_template = MM_CHAT_TEMPLATE
-    build_tokenizer(vocab_size, image_tokens).save(os.path.join(path, "tokenizer.json"))
+    build_tokenizer(vocab_size, image_tokens, extra_specials).save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
                    "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>",

@@ -14,9 +14,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..sampling.params import MAX_LOGPROBS, SamplingParams
+from ..tools.render import ToolError, ToolPlan
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import structured_outputs as constraint_from
 
@@ -79,8 +80,6 @@ class SamplingRequest(BaseModel):
                                           json_schema_extra={"enum": [0, None]})
     logit_bias: dict[str, Any] | None = Field(None, description="only {}: not implemented",
                                               json_schema_extra={"maxProperties": 0})
-    tools: list[Any] | None = Field(None, description="only []: tool calling is not implemented",
-                                    json_schema_extra={"maxItems": 0})
     # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
@@ -147,7 +146,6 @@ class SamplingRequest(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             _neutral(name, getattr(self, name), 0, "penalties are not implemented")
         _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
-        _neutral("tools", self.tools, [], "tool calling is not implemented")
         if not self.stream:
             for name in ("stream_options", "stream_drafts"):
                 if getattr(self, name) not in (None, False):
@@ -288,7 +286,8 @@ def _check_part(part, where: str) -> None:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
-    content: str | list[ContentPart] = Field(description="a string or an array of text and image_url parts")
+    content: str | list[ContentPart] | None = Field(None, description="a string or an array of text and image_url "
+                                                    "parts; may be null on an assistant message with tool_calls")
 
     @field_validator("role", mode="before")
     @classmethod
@@ -308,13 +307,23 @@ class ChatMessage(BaseModel):
             raise ValueError(f"{{name}} must be a string or an array of content parts, got {json_type(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+            raise ValueError("'content' is required (it may be null only on an assistant message with tool_calls)")
+        return self
+
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
     def template_content(self) -> str | list[dict]:
         """The text, or (with images) the parts: text parts and {"type": "image_url", "image_url": {"url"}}."""
+        if self.content is None:
+            return None
         if isinstance(self.content, str) or all(isinstance(p, TextPart) for p in self.content):
             return self.text()
         return [{"type": "text", "text": p.text} if isinstance(p, TextPart)
@@ -332,6 +341,15 @@ class ChatCompletionRequest(SamplingRequest):
                                   "docs/serving.md)")
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many most "
                                      "likely alternatives per token")
+    # Tool calling (blockdiff/tools; docs/serving.md "Tools and thinking").
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': "
+                                               "'function', 'function': {'name', 'description', 'parameters'}}]")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="'none', 'auto' (default with tools), 'required', or {'type': 'function', 'function': "
+        "{'name'}}; required and named calls are generated under a grammar of the tools' schemas",
+        json_schema_extra={"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]})
+    parallel_tool_calls: bool | None = Field(None, description="allow several calls in one answer (default true)")
+    _plan: ToolPlan | None = PrivateAttr(None)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -364,7 +382,16 @@ class ChatCompletionRequest(SamplingRequest):
     def _chat_rules(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        try:
+            self._plan = ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls,
+                                               self.chat_template_kwargs)
+        except ToolError as e:
+            raise invalid(str(e), e.param) from None
         return self
+
+    @property
+    def tool_plan(self) -> ToolPlan:
+        return self._plan if self._plan is not None else ToolPlan()
 
     @property
     def requested_logprobs(self) -> int | None:

@@ -72,16 +72,31 @@ class Completion(BaseModel):
                                     "time_to_first_block (of choice 0)")
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object in a string")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls")
+    reasoning_content: str | None = Field(None, description="the model's thinking (with chat_template_kwargs "
+                                          "enable_thinking), present when it thought")
+    tool_calls: list[ToolCallOut] | None = Field(None, description="present when the model called tools")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None
+    finish_reason: str | None = Field(description="stop | length | abort | tool_calls | invalid_tool_call (calls "
+                                      "that did not parse, returned as content)")
     metrics: dict[str, Any] | None = None
 
 

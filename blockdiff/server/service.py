@@ -22,6 +22,8 @@ from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloa
                                    RequestStream)
 from ..engine.engine import Engine
 from ..sampling.params import SamplingParams
+from ..tools.output import ChatText
+from ..tools.output import message as tool_message
 from ..vision.chat import extract_images
 from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
@@ -31,6 +33,7 @@ from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest, check_context, choice_seed,
                        engine_error, new_id, now, usage)
 from .text import TextStream
+from .tools import chat_inputs, constrain
 
 log = logging.getLogger("blockdiff.server")
 
@@ -120,6 +123,8 @@ class Server:
         if kind == "chat":
             ids, images = self.encode_chat(req)
             prompt_name = "messages"
+            if req.tool_plan.parse_calls:  # required / named / auto: the calls are generated under a grammar
+                params = constrain(params, req.tool_plan, self.tokenizer)
         else:
             prompt_name = "prompt"
             if isinstance(req.prompt, str):
@@ -157,10 +162,10 @@ class Server:
             raise bad("this model has no chat template: use /v1/completions", "messages")
         messages, sources, wheres = extract_images(req.template_messages())
         self._check_chars(sum(len(m.text()) for m in req.messages), "messages")
+        messages, kwargs = chat_inputs(messages, req.template_kwargs(), req.tool_plan)
         loaded = self.load_images(sources, wheres)
         try:
-            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
-                                             **req.template_kwargs())
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, **kwargs)
         except (ValueError, TypeError) as e:
             raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
         try:
@@ -208,6 +213,14 @@ class Server:
         stops = None if params.structured_outputs is not None else params.stop  # never cut constrained text
         return TextStream(self.tokenizer, stops, eos)
 
+    def chat_text(self, p: Prepared) -> ChatText | None:
+        """With tools or thinking: the output parsed into content, reasoning and tool calls (else None)."""
+        plan = p.req.tool_plan if p.kind == "chat" else None
+        if plan is None or not plan.active or self.tokenizer is None:
+            return None
+        ts = self.text_stream(p.params)
+        return ChatText(self.tokenizer, plan, ts.eos_ids, ts.stops)
+
     async def generate(self, request: Request, p: Prepared) -> Response:
         rid = new_id("chatcmpl" if p.kind == "chat" else "cmpl")
         streams = self.submit(p, rid)
@@ -229,13 +242,22 @@ class Server:
 
     async def _complete(self, request: Request, p: Prepared, rid: str, streams: list[RequestStream]) -> Response:
         texts = [[] for _ in streams]
+        parsed = [None] * len(streams)  # with tools / thinking: (message, finish_reason) per choice
 
         async def consume(i: int, rs: RequestStream):
             ts = self.text_stream(p.params)
+            ct = self.chat_text(p)
             async for ev in rs:
                 if ev.kind == "block":
-                    texts[i].append(ts.push(ev.token_ids))
-            texts[i].append(ts.finish())
+                    if ct is not None:
+                        ct.push(ev.token_ids)
+                    else:
+                        texts[i].append(ts.push(ev.token_ids))
+                elif ev.kind == "done" and ct is not None:
+                    _, out, reason = ct.finish(ev.finish_reason)
+                    parsed[i] = (tool_message(out), reason)
+            if ct is None:
+                texts[i].append(ts.finish())
 
         async def client_left():  # after the body was read, receive() returns only on disconnect
             while (await request.receive())["type"] != "http.disconnect":
@@ -262,7 +284,9 @@ class Server:
             if s.output_logprobs is not None:
                 lps = (chat_logprobs if p.kind == "chat" else completion_logprobs)(
                     self.tokenizer, s.output_ids, s.output_logprobs)
-            if p.kind == "chat":
+            if p.kind == "chat" and parsed[i] is not None:
+                c = {"index": i, "message": parsed[i][0], "logprobs": lps, "finish_reason": parsed[i][1]}
+            elif p.kind == "chat":
                 c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lps,
                      "finish_reason": s.finish_reason}
             else:
@@ -283,9 +307,10 @@ class Server:
         include_usage = p.req.include_usage
 
         def chunk(i: int, text: str | None = None, finish: str | None = None, role: bool = False, lps=None,
-                  **extra) -> str:
+                  delta: dict | None = None, **extra) -> str:
             if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+                if delta is None:
+                    delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
                 choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": lps, "finish_reason": finish}
@@ -307,6 +332,7 @@ class Server:
                 return
         pumps = [asyncio.ensure_future(pump(i, rs)) for i, rs in enumerate(streams)]
         text_streams = [self.text_stream(p.params) for _ in streams]
+        chat_texts = [self.chat_text(p) for _ in streams]  # with tools / thinking: parsed deltas
         canvases = [0] * len(streams)
         offsets = [0] * len(streams)  # completions logprobs: text_offset of the next token
         left = len(streams)
@@ -324,6 +350,20 @@ class Server:
                     text = None if self.tokenizer is None else self.tokenizer.decode(ev.token_ids)
                     yield chunk(i, draft={"canvas": canvases[i], "step": ev.step, "token_ids": ev.token_ids,
                                           "accepted": ev.accepted, "text": text})
+                elif ev.kind == "block" and chat_texts[i] is not None:
+                    canvases[i] += 1
+                    lps = chat_logprobs(self.tokenizer, ev.token_ids, ev.logprobs) if ev.logprobs is not None else None
+                    deltas = chat_texts[i].push(ev.token_ids)
+                    for k, d in enumerate(deltas):
+                        yield chunk(i, delta=d, lps=lps if k == 0 else None)
+                    if lps is not None and not deltas:
+                        yield chunk(i, delta={}, lps=lps)
+                elif ev.kind == "done" and chat_texts[i] is not None:
+                    left -= 1
+                    deltas, _, reason = chat_texts[i].finish(ev.finish_reason)
+                    for d in deltas:
+                        yield chunk(i, delta=d)
+                    yield chunk(i, finish=reason)
                 elif ev.kind == "block":
                     canvases[i] += 1
                     delta = text_streams[i].push(ev.token_ids)

@@ -1,0 +1,56 @@
+"""One chat output's token ids -> OpenAI message pieces (content, reasoning_content, tool_calls) and the deltas
+that stream them; the HTTP server and ``LLM.chat`` both use it, so streamed and whole answers agree by
+construction.
+
+The text is decoded with the special tokens kept (the parser needs the markers), whatever the request says about
+special tokens; the id that ended the output (an EOS or a stop token id) is not text.
+"""
+
+from __future__ import annotations
+
+from .parser import OutputStream, ParsedOutput
+from .render import ToolPlan
+
+INVALID_TOOL_CALL = "invalid_tool_call"  # finish_reason of an output whose calls did not parse (sent as content)
+
+
+class ChatText:
+    def __init__(self, tokenizer, plan: ToolPlan, end_ids=(), stops: list[str] | None = None):
+        self.tok = tokenizer
+        self.plan = plan
+        self.end_ids = set(end_ids)
+        self.stops = list(stops or [])
+        self.ids: list[int] = []
+        self.stream = OutputStream(plan.markers, plan.names if plan.parse_calls else None, plan.parse_calls)
+
+    def text(self) -> str:
+        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.end_ids else self.ids
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        return text if cut < 0 else text[:cut]
+
+    def push(self, ids: list[int]) -> list[dict]:
+        """Committed ids -> deltas that are now certain."""
+        self.ids.extend(ids)
+        return self.stream.push(self.text())
+
+    def finish(self, engine_reason: str | None) -> tuple[list[dict], ParsedOutput, str | None]:
+        """-> (last deltas, the parsed output, the finish_reason to report)."""
+        deltas, parsed = self.stream.finish(self.text())
+        reason = engine_reason
+        if parsed.tool_calls:
+            reason = "tool_calls"
+        elif parsed.error is not None and engine_reason != "length":
+            reason = INVALID_TOOL_CALL
+        return deltas, parsed, reason
+
+
+def message(parsed: ParsedOutput) -> dict:
+    """The assistant message of a parsed output (content null when it is only calls)."""
+    m = {"role": "assistant",
+         "content": parsed.content if (parsed.content or not parsed.tool_calls) else None}
+    if parsed.reasoning is not None:
+        m["reasoning_content"] = parsed.reasoning
+    if parsed.tool_calls:
+        m["tool_calls"] = [c.openai() for c in parsed.tool_calls]
+    return m
