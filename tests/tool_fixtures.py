@@ -58,7 +58,7 @@ GEMMA4_TOOLS_TEMPLATE = r"""{%- macro val(v) -%}
 <|tool_call>call:{{ c['function']['name'] }}{{ val(c['function']['arguments']) }}<tool_call|>
 {%- endfor -%}
 {%- if m['tool_calls'] %}{% set ns.open = true %}{% else %}<turn|>
-{% endif -%}
+{% set ns.open = false %}{% endif -%}
 {%- elif m['role'] in ['user', 'system', 'developer'] -%}
 <|turn>{{ 'user' if m['role'] == 'user' else 'system' }}
 {{ m['content'] | trim }}<turn|>

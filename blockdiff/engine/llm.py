@@ -18,6 +18,9 @@ from ..config import GenerationDefaults
 from ..loader import is_gguf, load_model, resolve_path
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
+from ..tools.output import ChatText
+from ..tools.output import message as chat_message
+from ..tools.render import ToolPlan, template_messages
 from ..vision.chat import extract_images
 from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
@@ -36,6 +39,10 @@ class RequestOutput:
     metrics: Metrics
     # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
     logprobs: list | None = None
+    # LLM.chat with tools or thinking: the parsed answer (see blockdiff/tools)
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 def load_tokenizer(path: str):
@@ -221,23 +228,52 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template_kwargs: dict | None = None,
         on_event: Callable[[Event], None] | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them, rendered with the
         checkpoint's chat template. Content may be a list of text and image parts (``image_url`` with a data: URL,
-        or ``{"type": "image", "image": <PIL image>}``)."""
+        or ``{"type": "image", "image": <PIL image>}``).
+
+        ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` as in OpenAI's API (see docs/serving.md, "Tools and
+        thinking"): with tools, or with ``chat_template_kwargs={"enable_thinking": True}``, each output also
+        carries ``content``, ``reasoning_content`` and ``tool_calls`` (OpenAI-shaped dicts), and
+        ``finish_reason`` is "tool_calls" when it called tools."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat template")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list")
+        plan = ToolPlan.from_request(tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
+        kwargs = dict(chat_template_kwargs or {})
+        if plan.template_tools() is not None:
+            kwargs["tools"] = plan.template_tools()
         convs = [messages] if isinstance(messages[0], dict) else messages
         ids, images = [], []
         for c in convs:
-            c, sources, wheres = extract_images(c)
+            c, sources, wheres = extract_images(template_messages(c))
             if sources:
                 self.images.check_can_take_images()
-            x = self.tokenizer.encode_chat(c, add_generation_prompt=True, **(chat_template_kwargs or {}))
+            x = self.tokenizer.encode_chat(c, add_generation_prompt=True, **kwargs)
             x, im = self._with_images(x, sources or None, wheres)
             ids.append(x)
             images.append(im)
-        return self._generate_ids([None] * len(ids), ids, images, sampling_params, on_event, False)
+        if plan.parse_calls:  # the calls' grammar joins each request's params
+            if sampling_params is None or isinstance(sampling_params, SamplingParams):
+                sampling_params = plan.constrain(sampling_params or SamplingParams(), self.tokenizer)
+            else:
+                sampling_params = [plan.constrain(p, self.tokenizer) for p in sampling_params]
+        outs = self._generate_ids([None] * len(ids), ids, images, sampling_params, on_event, False)
+        if plan.active:
+            for o in outs:
+                self._parse_chat(o, plan)
+        return outs
+
+    def _parse_chat(self, out: RequestOutput, plan: ToolPlan) -> None:
+        ct = ChatText(self.tokenizer, plan, set(self.defaults.eos_token_ids))
+        ct.push(out.token_ids)
+        _, parsed, out.finish_reason = ct.finish(out.finish_reason)
+        msg = chat_message(parsed)
+        out.content, out.reasoning_content = msg["content"], msg.get("reasoning_content")
+        out.tool_calls = msg.get("tool_calls")
 

@@ -1,10 +1,10 @@
 """Tools and thinking at the HTTP edge: a chat request's ``ToolPlan`` -> the template's messages and variables and
-the constraint of its calls; the answer's message and streaming deltas come from ``blockdiff.tools.output``."""
+the constraint of its calls (errors as 400s naming the field); the answer's message and streaming deltas come from
+``blockdiff.tools.output``."""
 
 from __future__ import annotations
 
 from ..sampling.params import SamplingParams
-from ..structured.spec import compile_spec, normalize
 from ..tools.render import ToolError, ToolPlan, template_messages
 from .errors import bad
 
@@ -22,20 +22,8 @@ def chat_inputs(messages: list[dict], kwargs: dict, plan: ToolPlan) -> tuple[lis
 
 
 def constrain(params: SamplingParams, plan: ToolPlan, tokenizer) -> SamplingParams:
-    """Put the calls' grammar on ``params`` (required / named / auto with markers in the tokenizer)."""
+    """``params`` with the calls' grammar (required / named / auto, when the tokenizer has the markers)."""
     try:
-        grammar = plan.grammar(tokenizer)
+        return plan.constrain(params, tokenizer)
     except ToolError as e:
         raise bad(str(e), e.param) from None
-    if grammar is None:
-        return params
-    if params.structured_outputs is not None:
-        raise bad("'response_format' / 'structured_outputs' cannot be combined with tool calls (tool_choice "
-                  f"{plan.mode!r}); send tool_choice 'none' to constrain the text instead", "tool_choice")
-    try:
-        spec = normalize({"grammar": grammar})
-        compile_spec(spec)
-    except ValueError as e:  # a schema the grammar engine refuses (a bad pattern...)
-        raise bad(f"'tools': the tools' schemas cannot be compiled to a grammar: {e}", "tools") from None
-    params.structured_outputs = spec
-    return params

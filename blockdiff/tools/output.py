@@ -40,7 +40,9 @@ class ChatText:
         reason = engine_reason
         if parsed.tool_calls:
             reason = "tool_calls"
-        elif parsed.error is not None and engine_reason != "length":
+        elif engine_reason != "length" and (parsed.error is not None or self.plan.mode == "required"):
+            # calls that did not parse, or none where tool_choice asked for one (a checkpoint without the
+            # format's tokens is not constrained): the text is the content, and the reason says so
             reason = INVALID_TOOL_CALL
         return deltas, parsed, reason
 

@@ -9,6 +9,7 @@ result they carry (looked up from ``tool_call_id`` when the client did not send 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -115,7 +116,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
             name = names_by_id.get(m.get("tool_call_id"))
             if name is not None:
                 m["name"] = name
-        if m.get("content") is None:
+        if m.get("content") is None and m.get("tool_calls"):  # OpenAI: null content beside tool calls
             m["content"] = ""
         out.append(m)
     return out
@@ -172,8 +173,27 @@ class ToolPlan:
         if ids is None:
             return None
         tools = [t for t in self.tools if t["name"] in self.names]
+        parallel = self.parallel and self.named is None  # a named function is called once, as in OpenAI's API
         try:
-            return tool_call_grammar(tools, ids, self.mode, self.parallel, self.thinking)
+            return tool_call_grammar(tools, ids, self.mode, parallel, self.thinking)
         except ValueError as e:
             msg = str(e)
             raise ToolError(msg.split(":", 1)[0], msg.split(":", 1)[1].strip() if ":" in msg else msg) from None
+
+    def constrain(self, params, tokenizer):
+        """``params`` (a ``SamplingParams``) with the calls' grammar as its ``structured_outputs`` (a copy), or
+        ``params`` itself when nothing is constrained. ``ToolError`` names the field at fault."""
+        grammar = self.grammar(tokenizer)
+        if grammar is None:
+            return params
+        if params.structured_outputs is not None:
+            raise ToolError("tool_choice", f"is {self.mode!r}, which constrains the output to tool calls: it cannot "
+                            "be combined with response_format / structured_outputs (use tool_choice 'none')")
+        from ..structured.spec import compile_spec, normalize
+
+        try:
+            spec = normalize({"grammar": grammar})
+            compile_spec(spec)
+        except ValueError as e:  # a schema piece the grammar engine refuses (a bad pattern...)
+            raise ToolError("tools", f"cannot be compiled to a grammar: {e}") from None
+        return dataclasses.replace(params, structured_outputs=spec)
