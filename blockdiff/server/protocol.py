@@ -299,6 +299,8 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _content(cls, v):
+        if v is None:  # allowed beside tool_calls (checked with the role below)
+            return v
         if isinstance(v, list):
             for j, part in enumerate(v):
                 _check_part(part, f"{{path}}[{j}]")
