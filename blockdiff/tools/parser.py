@@ -109,6 +109,13 @@ def parse_output(text: str, markers: Markers = MARKERS, tool_names=None, calls: 
     return ParsedOutput(body[:j] + after, reasoning, found)
 
 
+def _hold(text: str, markers) -> str:
+    """``text`` without a tail that may still grow into one of ``markers`` (split across pushes)."""
+    hold = max((k for mk in markers for k in range(1, min(len(mk) - 1, len(text)) + 1) if text.endswith(mk[:k])),
+               default=0)
+    return text[:len(text) - hold]
+
+
 class OutputStream:
     """Deltas of one output as its text grows: ``push(text_so_far)`` -> [delta dicts]; ``finish(text)`` ->
     (deltas, final ParsedOutput). A delta is ``{"reasoning_content": s}``, ``{"content": s}`` or
@@ -133,16 +140,10 @@ class OutputStream:
         text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
         body, reasoning, open_ = _split_channels(text, self.m)
         if open_:  # content written before an open channel is final; the channel's text grows
-            return self._deltas(reasoning, body)
+            return self._deltas(_hold(reasoning, (self.m.channel_close,)), body)
         j = body.find(self.m.call_open) if self.calls else -1
         content = body if j < 0 else body[:j]
-        # Hold back a tail that may still become the start of a marker written as plain characters.
-        for mk in (self.m.call_open, self.m.channel_open):
-            for k in range(min(len(mk) - 1, len(content)), 0, -1):
-                if content.endswith(mk[:k]):
-                    content = content[:-k]
-                    break
-        return self._deltas(reasoning, content)
+        return self._deltas(reasoning, _hold(content, (self.m.call_open, self.m.channel_open)))
 
     def finish(self, text: str) -> tuple[list[dict], ParsedOutput]:
         final = parse_output(text, self.m, self.names, self.calls)
