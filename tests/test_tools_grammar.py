@@ -1,0 +1,147 @@
+"""The call grammar built from tools' JSON Schemas (blockdiff/tools/grammar.py), checked without a model:
+random walks through the grammar (any token its mask allows) always end in calls that parse and whose
+arguments validate; hand-written calls are accepted or refused as the schema says; what cannot be enforced is
+refused naming the schema path."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import llguidance
+import pytest
+
+from blockdiff.tokenizer import Tokenizer
+from blockdiff.tools.grammar import tool_call_grammar
+from blockdiff.tools.parser import parse_output
+from blockdiff.tools.syntax import MARKERS, dumps
+from fixtures import write_tokenizer
+from structured_schemas import SCHEMAS
+from tool_fixtures import GEMMA4_TOOLS_TEMPLATE, TOOL_TOKENS
+
+CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object" and k != "number_bounds"}
+EOS = [1, 106, 50]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tool_tok")
+    write_tokenizer(d, 512, chat_template=GEMMA4_TOOLS_TEMPLATE, extra_specials=TOOL_TOKENS)
+    t = Tokenizer.from_dir(str(d))
+    t.lltok = llguidance.LLTokenizer(t.to_json(), n_vocab=512, eos_token=EOS)
+    return t
+
+
+def matcher(tok, tools, mode="required", parallel=True, thinking=False):
+    g = tool_call_grammar(tools, MARKERS.ids(tok), mode, parallel, thinking)
+    m = llguidance.LLMatcher(tok.lltok, llguidance.LLMatcher.grammar_from_lark(g), log_level=1)
+    assert not m.is_error(), m.get_error()
+    return m
+
+
+def walk(tok, m, rng: random.Random, limit: int = 600) -> list[int]:
+    """Random tokens the grammar allows, ending where it may end (or must)."""
+    import torch
+    ids = []
+    bits = torch.zeros((512 + 31) // 32, dtype=torch.int32)
+    for _ in range(limit):
+        if m.is_stopped() or (m.is_accepting() and rng.random() < 0.3):
+            return ids
+        m.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+        allowed = [i for i in range(512) if (int(bits[i // 32]) >> (i % 32)) & 1 and i not in EOS]
+        t = rng.choice(allowed)
+        assert m.consume_token(t), m.get_error()
+        ids.append(t)
+    raise AssertionError("the walk did not end")
+
+
+@pytest.mark.parametrize("name", list(CALL_SCHEMAS))
+def test_every_sentence_of_the_grammar_is_a_valid_call(tok, name):
+    schema = CALL_SCHEMAS[name]
+    rng = random.Random(name)
+    for _ in range(3):
+        m = matcher(tok, [{"name": name, "parameters": schema}], parallel=False)
+        text = tok.decode(walk(tok, m, rng), skip_special_tokens=False)
+        p = parse_output(text, tool_names=[name])
+        assert p.error is None and len(p.tool_calls) == 1, (text, p.error)
+        jsonschema.validate(p.tool_calls[0].arguments, schema)
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "n": {"type": "integer", "minimum": 0},
+                                            "xs": {"type": "array", "items": {"type": "integer", "minimum": -3,
+                                                                             "maximum": 3},
+                                                   "minItems": 2, "maxItems": 4},
+                                            "o": {"type": "object"}, "opt": {"type": "boolean"}},
+           "required": ["city", "xs"]}
+TOOLS = [{"name": "get_weather", "parameters": WEATHER}, {"name": "noargs", "parameters": {}}]
+
+
+def consumes(tok, m, text: str) -> bool:
+    ids = tok.encode(text)
+    return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+
+
+@pytest.mark.parametrize("args, ok", [
+    ({"city": "Pa{r},is", "xs": [1, -2]}, True),
+    ({"city": "", "n": 12, "xs": [1, 2, 3], "o": {"a": [1, {"b": "x"}], "c": None}, "opt": True}, True),
+    ({"city": "x", "xs": [1]}, False),            # minItems
+    ({"xs": [1, 2]}, False),                      # required city
+    ({"city": "x", "xs": [1, 5]}, False),         # item maximum
+    ({"city": "x" * 11, "xs": [1, 2]}, False),    # maxLength
+    ({"city": "x", "xs": [1, 2], "extra": 1}, False),  # undeclared key
+    ({"xs": [1, 2], "city": "x"}, False),         # keys in declared order only
+    ({"city": "x", "n": -1, "xs": [1, 2]}, False),  # minimum 0
+])
+def test_hand_written_calls_are_accepted_exactly_when_valid(tok, args, ok):
+    for mode, thinking, prefix in (("required", False, ""), ("auto", True, "<|channel>thought\nhm<channel|>ok ")):
+        m = matcher(tok, TOOLS, mode, True, thinking)
+        text = prefix + f"<|tool_call>call:get_weather{dumps(args)}<tool_call|><|tool_call>call:noargs{{}}<tool_call|>"
+        assert consumes(tok, m, text) == ok
+
+
+def test_auto_allows_plain_text_and_required_does_not(tok):
+    assert consumes(tok, matcher(tok, TOOLS, "auto"), "Just an answer {with braces}.")
+    assert not consumes(tok, matcher(tok, TOOLS, "required"), "Just an answer.")
+
+
+def test_required_with_thinking_must_think_first(tok):
+    call = "<|tool_call>call:noargs{}<tool_call|>"
+    assert not consumes(tok, matcher(tok, TOOLS, "required", thinking=True), call)
+    assert consumes(tok, matcher(tok, TOOLS, "required", thinking=True), "<|channel>thought\nok<channel|>" + call)
+
+
+def test_one_call_unless_parallel(tok):
+    two = "<|tool_call>call:noargs{}<tool_call|>" * 2
+    assert consumes(tok, matcher(tok, TOOLS, parallel=True), two)
+    assert not consumes(tok, matcher(tok, TOOLS, parallel=False), two)
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"type": "object", "properties": {"x": {"type": "number", "maximum": 3}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 5}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 10 ** 6}}}, "properties.x"),
+    ({"type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}, "properties.xs"),
+    ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}}, "properties.x.$ref"),
+    ({"type": "object", "properties": {"bad key": {"type": "string"}}}, "properties"),
+    ({"type": "array"}, ""),
+])
+def test_what_cannot_be_enforced_is_refused_naming_the_path(tok, schema, where):
+    with pytest.raises(ValueError) as e:
+        tool_call_grammar([{"name": "f", "parameters": schema}], MARKERS.ids(tok), "required")
+    assert str(e.value).startswith("tools[0].function.parameters" + ("." + where if where else "")), str(e.value)
+
+
+def test_recursive_refs_are_followed(tok):
+    tree = {"$defs": {"node": {"type": "object", "properties": {
+        "v": {"type": "integer", "minimum": 0, "maximum": 9},
+        "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}, "required": ["v"],
+        "additionalProperties": False}}, "type": "object", "properties": {"root": {"$ref": "#/$defs/node"}},
+        "required": ["root"], "additionalProperties": False}
+    m = matcher(tok, [{"name": "t", "parameters": tree}])
+    args = {"root": {"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": [{"v": 4}]}]}}
+    assert consumes(tok, m, f"<|tool_call>call:t{dumps(args)}<tool_call|>")
+    jsonschema.validate(args, tree)
+    assert json.loads(json.dumps(args)) == args
