@@ -34,6 +34,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = auto: 1 for models under 20M parameters, else torch's default)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the checkpoint's (e.g. one that declares tools)")
 
 
 def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,7 +119,24 @@ def load_llm(args, **engine_args):
               **quantization_kwargs(args), **engine_args)
     if not args.threads:
         auto_threads(llm.model)
+    if getattr(args, "chat_template", None):
+        use_chat_template(llm, args.chat_template)
     return llm
+
+
+def use_chat_template(llm, path: str) -> None:
+    """``--chat-template FILE``: the template replaces the checkpoint's (checked for Jinja syntax now)."""
+    if llm.tokenizer is None:
+        raise CLIError(f"--chat-template: {llm.model_path} has no tokenizer.json to go with a chat template")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise CLIError(f"--chat-template: cannot read {path}: {e.strerror}") from None
+    try:
+        llm.tokenizer.set_chat_template(text)
+    except ValueError as e:
+        raise CLIError(f"--chat-template: {path}: {e}") from None
 
 
 SMALL_MODEL_PARAMS = 20_000_000

@@ -60,7 +60,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 def _message_text(content, index: int, image_placeholder: str | None = None):
-    if isinstance(content, str):
+    if isinstance(content, str) or content is None:  # None: an assistant message with only tool calls
         return content
     if isinstance(content, list):  # OpenAI-style content parts
         texts, images = [], 0
@@ -175,6 +175,14 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
+    def set_chat_template(self, template: str) -> None:
+        """Use ``template`` instead of the checkpoint's; ``ValueError`` when it is not valid Jinja."""
+        try:
+            compiled = _environment().from_string(template)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ValueError(f"not a valid Jinja template (line {e.lineno}: {e.message})") from None
+        self.chat_template, self._template = template, compiled
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
         if not self.chat_template:
             raise ValueError("this checkpoint has no chat template (chat_template.jinja or "
