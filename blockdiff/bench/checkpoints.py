@@ -114,8 +114,11 @@ def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0, with_
     return path
 
 
-SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|tool_response>", 105: "<|turn>",
-            106: "<turn|>"}
+# Gemma's specials; with Gemma 4's tool and thinking markers (<|"|> and <|think|> at their released ids 52 and 98,
+# the others at free small ids), so tool-call grammars can be timed at the released vocabulary size.
+SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 46: "<|tool>", 47: "<tool|>",
+            48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>',
+            98: "<|think|>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
 
 
 def byte_symbols() -> list[str]:

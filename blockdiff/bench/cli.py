@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--structured", action="store_true",
                    help="instead, time structured output (JSON Schema) against unconstrained generation per step "
                         "and end to end (the checkpoint needs a tokenizer; --random-config writes one)")
+    p.add_argument("--tools", action="store_true",
+                   help="with --structured: also time tool calls (tool_choice required / auto) per step; "
+                        "--tools-only: those without the JSON rows")
+    p.add_argument("--tools-only", action="store_true", help="with --structured: only the tool-call rows")
     p.add_argument("--no-memory-run", dest="memory_run", action="store_false",
                    help="CPU: skip the separate untimed run per system that measures peak memory")
     p.add_argument("--tick-memory", action="store_true",
@@ -122,7 +126,8 @@ def run(args) -> int:
             from .structured import format_structured, run_structured_benchmark
             report = run_structured_benchmark(path, steps=args.steps, repeats=args.repeats,
                                               prompt_len=args.prompt_len, seed=args.seed, dtype=args.dtype,
-                                              device=args.device, log=log)
+                                              device=args.device, log=log, tools=args.tools or args.tools_only,
+                                              json_rows=not args.tools_only)
             print(format_structured(report))
             if args.out:
                 with open(args.out, "w") as f:

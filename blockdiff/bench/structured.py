@@ -38,8 +38,33 @@ def _run(llm, prompt: list[int], params) -> tuple[float, float, object]:
     return time.perf_counter() - t0, time.process_time() - c0, state
 
 
+# A tool whose call spends every step inside one long string argument: the expensive mask, as for JSON above.
+LONG_ARGUMENT_TOOL = {"type": "function", "function": {"name": "write_file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string", "maxLength": 32},
+                                     "text": {"type": "string", "minLength": 4000, "maxLength": 8000}},
+    "required": ["path", "text"], "additionalProperties": False}}}
+
+
+def tool_systems(llm, fixed: dict) -> dict:
+    """Per-step systems for tool calls (the tokenizer must hold Gemma 4's markers): tool_choice "required" (the
+    call grammar, inside a long string argument) and "auto" (free text that may open a constrained call)."""
+    from ..sampling.params import SamplingParams
+    from ..tools.render import ToolPlan
+
+    out = {}
+    for name, choice in (("tool call (required, in a string)", "required"), ("tool choice auto (free text)", "auto")):
+        plan = ToolPlan.from_request([LONG_ARGUMENT_TOOL], choice)
+        p = plan.constrain(SamplingParams(**fixed), llm.tokenizer)
+        if p.structured_outputs is None:
+            raise ValueError("--tools: the tokenizer lacks Gemma 4's tool markers (<|tool_call>, <|\"|>, ...)")
+        out[name] = p
+    return out
+
+
 def run_structured_benchmark(path: str, steps: int = 16, repeats: int = 3, prompt_len: int = 64, seed: int = 0,
-                             dtype: str = "auto", device: str = "cpu", log=print) -> dict:
+                             dtype: str = "auto", device: str = "cpu", log=print, tools: bool = False,
+                             json_rows: bool = True) -> dict:
+    """``tools``: also time tool calls (``tool_systems``); ``json_rows=False``: only those (no JSON rows)."""
     from ..engine.llm import LLM
     from ..sampling.params import SamplingParams
     from .harness import make_prompt
@@ -50,10 +75,13 @@ def run_structured_benchmark(path: str, steps: int = 16, repeats: int = 3, promp
     V, C = llm.model.vocab_size, llm.model.canvas_length
     prompt = make_prompt(V, prompt_len, seed)
     fixed = dict(max_denoising_steps=steps, stability_threshold=steps + 1, max_new_tokens=C, seed=seed)
-    systems = {"unconstrained": SamplingParams(ignore_eos=True, **fixed),
-               "json (in a string)": SamplingParams(structured_outputs={"json": LONG_STRING}, **fixed)}
+    systems = {"unconstrained": SamplingParams(ignore_eos=True, **fixed)}
+    if json_rows:
+        systems["json (in a string)"] = SamplingParams(structured_outputs={"json": LONG_STRING}, **fixed)
+    if tools:
+        systems.update(tool_systems(llm, fixed))
     t0 = time.perf_counter()
-    llm.engine.make_state(prompt, systems["json (in a string)"])  # builds the 262k-entry grammar tokenizer once
+    llm.engine.make_state(prompt, list(systems.values())[1])  # builds the 262k-entry grammar tokenizer once
     setup_s = time.perf_counter() - t0
     log(f"grammar tokenizer for {V} entries built in {setup_s:.2f} s")
     per_step: dict[str, dict] = {}
@@ -83,7 +111,7 @@ def run_structured_benchmark(path: str, steps: int = 16, repeats: int = 3, promp
 
     # End to end: the checkpoint's sampler settings with early stopping on, steps capped at --steps.
     e2e = {}
-    for name, p in {"unconstrained": SamplingParams(seed=seed, max_new_tokens=2 * C, max_denoising_steps=steps),
+    for name, p in {} if not json_rows else {"unconstrained": SamplingParams(seed=seed, max_new_tokens=2 * C, max_denoising_steps=steps),
                     "json (record schema)": SamplingParams(seed=seed, max_new_tokens=2 * C, max_denoising_steps=steps,
                                                           structured_outputs={"json": RECORD})}.items():
         dt, cpu, st = _run(llm, prompt, p)
