@@ -151,3 +151,25 @@ def test_a_tail_that_may_become_a_marker_is_held_back():
     s = OutputStream()
     assert s.push("Hi <|c") == [{"content": "Hi "}]
     assert s.push("Hi <|channel>thought\nhm <chan") == [{"reasoning_content": "hm "}]
+
+
+class _CharTokenizer:
+    """Token id = a character's code point (ids under 10 are the 'special' end ids)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_chat_text_streams_what_the_whole_answer_holds_with_stop_strings():
+    from blockdiff.tools.output import ChatText
+    from blockdiff.tools.render import ToolPlan
+
+    plan = ToolPlan.from_request([{"type": "function", "function": {"name": "f"}}], "none")
+    text = "Hello wor" + "ld END more"
+    ct = ChatText(_CharTokenizer(), plan, end_ids={1}, stops=["END"])
+    deltas = []
+    for i in range(0, len(text), 4):
+        deltas += ct.push([ord(c) for c in text[i:i + 4]])
+    last, parsed, reason = ct.finish("stop")
+    assert parsed.content == "Hello world "
+    assert "".join(d.get("content", "") for d in deltas + last) == "Hello world "

@@ -8,7 +8,7 @@ special tokens; the id that ended the output (an EOS or a stop token id) is not 
 
 from __future__ import annotations
 
-from .parser import OutputStream, ParsedOutput
+from .parser import OutputStream, ParsedOutput, hold_back
 from .render import ToolPlan
 
 INVALID_TOOL_CALL = "invalid_tool_call"  # finish_reason of an output whose calls did not parse (sent as content)
@@ -32,7 +32,7 @@ class ChatText:
     def push(self, ids: list[int]) -> list[dict]:
         """Committed ids -> deltas that are now certain."""
         self.ids.extend(ids)
-        return self.stream.push(self.text())
+        return self.stream.push(hold_back(self.text(), self.stops))  # a tail that may become a stop string waits
 
     def finish(self, engine_reason: str | None) -> tuple[list[dict], ParsedOutput, str | None]:
         """-> (last deltas, the parsed output, the finish_reason to report)."""

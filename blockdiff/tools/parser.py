@@ -109,7 +109,7 @@ def parse_output(text: str, markers: Markers = MARKERS, tool_names=None, calls: 
     return ParsedOutput(body[:j] + after, reasoning, found)
 
 
-def _hold(text: str, markers) -> str:
+def hold_back(text: str, markers) -> str:
     """``text`` without a tail that may still grow into one of ``markers`` (split across pushes)."""
     hold = max((k for mk in markers for k in range(1, min(len(mk) - 1, len(text)) + 1) if text.endswith(mk[:k])),
                default=0)
@@ -140,10 +140,10 @@ class OutputStream:
         text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
         body, reasoning, open_ = _split_channels(text, self.m)
         if open_:  # content written before an open channel is final; the channel's text grows
-            return self._deltas(_hold(reasoning, (self.m.channel_close,)), body)
+            return self._deltas(hold_back(reasoning, (self.m.channel_close,)), body)
         j = body.find(self.m.call_open) if self.calls else -1
         content = body if j < 0 else body[:j]
-        return self._deltas(reasoning, _hold(content, (self.m.call_open, self.m.channel_open)))
+        return self._deltas(reasoning, hold_back(content, (self.m.call_open, self.m.channel_open)))
 
     def finish(self, text: str) -> tuple[list[dict], ParsedOutput]:
         final = parse_output(text, self.m, self.names, self.calls)
