@@ -31,6 +31,9 @@ from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, temperatu
 from .spec import compile_spec
 
 
+MAX_SETTLE_TRIES = 64  # allowed tokens tried, most likely first, where the argmax breaks the grammar
+
+
 class GrammarCompiler:
     """Binds grammars to one checkpoint's tokenizer (the llguidance tokenizer is built once: ~1 s at 262k)."""
 
@@ -186,12 +189,18 @@ class CanvasConstraint:
                 if self.consume([draft[p]]) == 0 and not self.settled:
                     allowed = self.allowed()
                     if probs is not None:
-                        row = probs[p].to("cpu", torch.float32)
-                        tok = int(torch.where(allowed, row, torch.tensor(-1.0)).argmax())
+                        row = torch.where(allowed, probs[p].to("cpu", torch.float32), torch.tensor(-1.0))
                     else:
-                        tok = int(allowed.nonzero()[0])
-                    if self.consume([tok]) == 0 and not self.settled:
-                        raise RuntimeError(f"grammar matcher refused the token {tok} its own mask allowed")
+                        row = allowed.float()
+                    # llguidance's mask may over-approximate (a lexeme that allows any text lets through tokens
+                    # with bytes that are never valid UTF-8, which consuming then refuses): take the most likely
+                    # allowed token the matcher really accepts.
+                    for tok in row.topk(min(MAX_SETTLE_TRIES, int(allowed.sum()))).indices.tolist():
+                        if self.consume([tok]) or self.settled:
+                            break
+                    else:
+                        raise RuntimeError(f"grammar matcher refused the {MAX_SETTLE_TRIES} most likely tokens its "
+                                           "own mask allowed")
                 if self.settled:
                     break
         self._probs = None
