@@ -60,7 +60,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 def _message_text(content, index: int, image_placeholder: str | None = None):
-    if isinstance(content, str) or content is None:  # None: an assistant message with only tool calls
+    if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI-style content parts
         texts, images = [], 0
@@ -96,6 +96,9 @@ def normalize_messages(messages, image_placeholder: str | None = None) -> list[d
             raise ValueError(f"message {i} has no 'role' (a non-empty string)")
         if "content" not in m:
             raise ValueError(f"message {i} ({m['role']}) has no 'content'")
+        if m["content"] is None and m.get("tool_calls"):  # an assistant message with only tool calls
+            out.append(dict(m))
+            continue
         out.append({**m, "content": _message_text(m["content"], i, image_placeholder)})
     return out
 
