@@ -267,7 +267,7 @@ def test_bench_takes_a_quantization(capsys):
 
 
 def test_in_memory_random_model_is_built_quantized_and_runs_a_step():
-    from blockdiff.bench.full_shape import random_quantized_model
+    from blockdiff.bench.full_shape_quantized import random_quantized_model
 
     m = random_quantized_model("tiny", "int4", log=lambda s: None)
     assert isinstance(m.layers[0].experts, QuantExperts) and m.layers[0].experts.gate_up_proj.packed is not None

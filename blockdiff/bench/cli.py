@@ -31,7 +31,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .checkpoints import PRESETS
-    from .fullshape import SHAPES
+    from .full_shape_ticks import SHAPES
 
     p.add_argument("model", nargs="?", help="checkpoint folder (or use --random-config)")
     p.add_argument("--random-config", choices=sorted(set(PRESETS) | set(SHAPES)),
@@ -90,9 +90,9 @@ def run(args) -> int:
     parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
     if parsed:
         check_device(parsed[0], args.device)
-    from .fullshape import SHAPES
+    from .full_shape_ticks import SHAPES
     if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape.py)
-        from .full_shape import run as run_quantized_full
+        from .full_shape_quantized import run as run_quantized_full
         report = run_quantized_full("full", args.quantization, prompt_len=args.prompt_len, seed=args.seed,
                                     log=lambda m: print(m, file=sys.stderr, flush=True), layers=args.layers)
         if args.out:
@@ -144,7 +144,7 @@ def run(args) -> int:
 
 
 def run_full(args) -> int:
-    from .fullshape import format_full, run_full_benchmark
+    from .full_shape_ticks import format_full, run_full_benchmark
 
     if args.peak_bandwidth is not None and not args.peak_bandwidth > 0:
         raise ValueError(f"--peak-bandwidth must be > 0 GB/s, got {args.peak_bandwidth}")
