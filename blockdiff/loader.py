@@ -19,27 +19,15 @@ from safetensors.torch import save_file
 
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
+from .dtypes import resolve_dtype  # noqa: F401 (also re-exported: loader.resolve_dtype)
 from .model import DiffusionGemma
 from .heap import lean_heap
 
 log = logging.getLogger("blockdiff")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 _VISION = {"model.encoder.vision_tower.": "vision.tower.", "model.encoder.embed_vision.": "vision.embedder."}
 _ENC = "model.encoder.language_model."
 _DEC = "model.decoder."
-
-
-def resolve_dtype(dtype, device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        # bf16 matmul is ~100x slower than fp32 on CPUs: compute in fp32 there.
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or 'auto'")
-    return _DTYPES[dtype]
 
 
 def resolve_path(path_or_id: str) -> str:

@@ -1,7 +1,7 @@
 """How often a seeded request's output differs alone vs batched, in the default and the deterministic mode.
 
-    python -m blockdiff.bench.seeds --sudoku --requests 16 --out seeds_sudoku.json
-    python -m blockdiff.bench.seeds --random-config tiny --requests 16 --max-new-tokens 64
+    python scripts/seed_stability.py --sudoku --requests 16 --out seeds_sudoku.json
+    python scripts/seed_stability.py --random-config tiny --requests 16 --max-new-tokens 64
 
 Each request runs once alone and once among all ``--requests`` (one ``generate`` call, so the engine batches
 them tick by tick, at different steps). Reported per mode: the fraction of requests whose tokens differ and the

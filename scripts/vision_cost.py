@@ -1,6 +1,6 @@
 """Cost of an image: vision-tower encode time per image and prompt tokens per image, at a given vision shape.
 
-    python -m blockdiff.bench.vision --threads 1 --out vision.json
+    python scripts/vision_cost.py --threads 1 --out vision.json
 
 Builds the vision tower + embedder with random weights (the released shape by default: see ``RELEASED_VISION``),
 runs ``image_features`` on processed images of several sizes and soft-token budgets, and reports per image: the

@@ -10,7 +10,7 @@ Examples::
 
 ``--random-config full`` (and its toy twin ``full-smoke``) times denoising ticks of the released 26B-A4B shape
 built with random weights directly on the device, per batch size, against the memory-bandwidth floor
-(see blockdiff/bench/fullshape.py); the other options of the side-by-side comparison do not apply to it.
+(see blockdiff/bench/full_shape_ticks.py); the other options of the side-by-side comparison do not apply to it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", help="quantize blockdiff's weights while loading: int8 | int4 | fp8 (the "
                    "oracle stays full precision, so the reference/oracle agreement measures the quantization); "
                    "with --random-config full: int8/int4, the shape built in CPU memory quantized tensor by "
-                   "tensor, one denoise step timed (blockdiff/bench/full_shape.py)")
+                   "tensor, one denoise step timed (blockdiff/bench/full_shape_quantized.py)")
     p.add_argument("--structured", action="store_true",
                    help="instead, time structured output (JSON Schema) against unconstrained generation per step "
                         "and end to end (the checkpoint needs a tokenizer; --random-config writes one)")
@@ -91,7 +91,7 @@ def run(args) -> int:
     if parsed:
         check_device(parsed[0], args.device)
     from .full_shape_ticks import SHAPES
-    if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape.py)
+    if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape_quantized.py)
         from .full_shape_quantized import run as run_quantized_full
         report = run_quantized_full("full", args.quantization, prompt_len=args.prompt_len, seed=args.seed,
                                     log=lambda m: print(m, file=sys.stderr, flush=True), layers=args.layers)

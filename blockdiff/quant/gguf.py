@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
+from ..dtypes import resolve_dtype
 from ..heap import lean_heap
 from .plan import QuantizationError, QuantPlan, check_device, int4_scope, parse_method
 
@@ -215,7 +216,6 @@ def default_method(reader, plan_targets: set[str]) -> str | None:
 
 
 def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
-    from ..loader import resolve_dtype
     from ..model import DiffusionGemma
     from .plan import target_shapes
 
