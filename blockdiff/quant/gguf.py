@@ -204,7 +204,10 @@ def _tensor(t) -> torch.Tensor:
         except NotImplementedError:
             raise QuantizationError(f"GGUF tensor {t.name} has type {name}, which blockdiff cannot read") from None
     shape = tuple(int(x) for x in reversed(list(t.shape)))
-    return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape).astype(np.float32, copy=False))
+    arr = np.ascontiguousarray(arr).reshape(shape).astype(np.float32, copy=False)
+    if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map; torch wants writable memory
+        arr = arr.copy()
+    return torch.from_numpy(arr)
 
 
 def default_method(reader, plan_targets: set[str]) -> str | None:
