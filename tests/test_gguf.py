@@ -146,7 +146,7 @@ def test_converter_names_cover_every_model_tensor(tiny_checkpoint, tiny_model):
 
 
 def test_gguf_module_never_imports_the_loader():
-    """loader.py imports quant/gguf.py; the reverse would make the two a cycle (shared parts live in dtypes.py)."""
+    """loader.py imports quant/gguf.py; the reverse would make the two a cycle (shared parts live in placement.py)."""
     import ast
     import blockdiff.quant.gguf as g
 

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark a randomly initialised checkpoint of this size, built in a temp dir; 'full' / "
                         "'full-smoke': the released shape built on the device, timed per batch size")
     p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16")
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (early stopping disabled)")
     p.add_argument("--max-new-tokens", type=int, help="tokens per request (default: one canvas)")
@@ -83,7 +83,7 @@ def run(args) -> int:
     from ..cli import check_device, check_threads
 
     check_threads(args.threads)
-    check_device(args.device)
+    args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..quant import check_device, parse_method

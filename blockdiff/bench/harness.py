@@ -185,7 +185,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     """Time every system on the checkpoint at ``path``; returns the report (see ``docs/benchmarks.md``)."""
     from .. import __version__
     from ..engine.llm import LLM
-    from ..dtypes import resolve_dtype
+    from ..placement import resolve_dtype
 
     o = options or BenchOptions()
     o.validate()

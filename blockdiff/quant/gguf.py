@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
-from ..dtypes import resolve_dtype
+from ..placement import resolve_dtype
 from ..heap import lean_heap
+from ..progress import progress
 from .plan import QuantizationError, QuantPlan, check_device, int4_scope, parse_method
 
 log = logging.getLogger("blockdiff")
@@ -238,9 +239,11 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
         model = DiffusionGemma(config)
     expected = {n: tuple(p.shape) for n, p in list(model.named_parameters()) + list(model.named_buffers())
                 if not n.startswith("inv_freq_")}
-    with lean_heap(device):
+    what = f"loading {os.path.basename(path)}" + (f", quantizing to {quantization}" if quantization else "")
+    with lean_heap(device), progress(what, total=len(reader.tensors)) as bar:
         unexpected = []
         for t in reader.tensors:
+            bar.advance()
             if t.name in IGNORED:
                 continue
             ours = gguf_to_model_name(t.name)
