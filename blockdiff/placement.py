@@ -29,7 +29,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
         return dtype
     if dtype in (None, "auto"):
         # bf16 matmul is ~100x slower than fp32 on CPUs: compute in fp32 there.
-        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if torch.device(resolve_device(device)).type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))} or 'auto'")
     return DTYPES[dtype]
