@@ -134,12 +134,14 @@ def load_llm(args, **engine_args):
     args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log.info("device: %s%s", describe_device(args.device),
-             " (--device auto: no CUDA device found)" if asked == "auto" and args.device == "cpu" else
-             " (--device auto)" if asked == "auto" else "")
+    t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
               revision=args.revision, download_dir=args.download_dir, gguf_file=args.gguf_file,
               **quantization_kwargs(args), **engine_args)
+    why = "" if asked != "auto" else " (--device auto: no CUDA device found)" if args.device == "cpu" else \
+        " (--device auto)"
+    log.info("loaded %s in %.1f s; device: %s%s, dtype %s", args.model, time.perf_counter() - t0,
+             describe_device(args.device), why, str(llm.model.dtype).removeprefix("torch."))
     if not args.threads:
         auto_threads(llm.model)
     return llm
