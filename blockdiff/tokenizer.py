@@ -174,6 +174,12 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self, skip_special_tokens: bool = True) -> "DecodeStream":
+        """Incremental detokenizing (tokenizers' ``DecodeStream``): ``step(id)`` returns the text that id completes,
+        or None while it ends inside a multi-byte character; each step costs O(1), not a decode of everything."""
+        return DecodeStream(self._tok, skip_special_tokens)
+
+
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **template_kwargs) -> str:
         if not self.chat_template:
@@ -209,3 +215,14 @@ class Tokenizer:
         """Token ids of the rendered conversation; the template's own ``<bos>`` is the only BOS."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_kwargs),
                            add_special_tokens=False)
+
+
+class DecodeStream:
+    """One request's incremental detokenizer over the shared ``tokenizers.Tokenizer``."""
+
+    def __init__(self, tokenizer: _HFTokenizer, skip_special_tokens: bool = True):
+        from tokenizers.decoders import DecodeStream as _Stream
+        self._tok, self._stream = tokenizer, _Stream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str | None:
+        return self._stream.step(self._tok, int(token_id))
