@@ -175,8 +175,9 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_stream(self, skip_special_tokens: bool = True) -> "DecodeStream":
-        """Incremental detokenizing (tokenizers' ``DecodeStream``): ``step(id)`` returns the text that id completes,
-        or None while it ends inside a multi-byte character; each step costs O(1), not a decode of everything."""
+        """Incremental detokenizing (tokenizers' ``DecodeStream``): ``step(ids)`` returns the text those ids
+        complete, or None while they end inside a multi-byte character; a step costs O(len(ids)), not a decode of
+        everything so far."""
         return DecodeStream(self._tok, skip_special_tokens)
 
 
@@ -223,6 +224,16 @@ class DecodeStream:
     def __init__(self, tokenizer: _HFTokenizer, skip_special_tokens: bool = True):
         from tokenizers.decoders import DecodeStream as _Stream
         self._tok, self._stream = tokenizer, _Stream(skip_special_tokens=skip_special_tokens)
+        self._lists = True
 
-    def step(self, token_id: int) -> str | None:
-        return self._stream.step(self._tok, int(token_id))
+    def step(self, token_ids: list[int]) -> str | None:
+        """The text these ids (one canvas' worth) complete, or None. One call into Rust for all of them where
+        tokenizers takes a list (one per id on older versions)."""
+        ids = [int(i) for i in token_ids]
+        if self._lists:
+            try:
+                return self._stream.step(self._tok, ids)
+            except TypeError:  # tokenizers without list steps
+                self._lists = False
+        pieces = [self._stream.step(self._tok, i) for i in ids]
+        return "".join(p for p in pieces if p) or None

@@ -251,6 +251,21 @@ def test_streamed_text_for_random_ids(seed, tok):
     assert checked > 0
 
 
+def test_per_id_steps_give_the_same_text_as_list_steps(tok, monkeypatch):
+    """tokenizers versions whose DecodeStream.step takes one id at a time: the same text."""
+    from blockdiff import tokenizer as tk
+    ids = tok.encode(STREAM_TEXTS[0], add_special_tokens=False)
+    want = _stream(tok, ids, 3)
+    original = tk.DecodeStream.__init__
+
+    def per_id(self, *a, **k):
+        original(self, *a, **k)
+        self._lists = False
+    monkeypatch.setattr(tk.DecodeStream, "__init__", per_id)
+    got = _stream(tok, ids, 3)  # a delta may come one canvas later or earlier: the text is the same
+    assert "".join(got) == "".join(want) == tok.decode(ids) and not any("\ufffd" in d for d in got)
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_streamed_text_stops_before_a_stop_string_split_across_chunks(chunk, tok):
     text = "naïve 🙂 words STOP🙂 after"

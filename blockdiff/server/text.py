@@ -5,10 +5,10 @@ string (as ``LLM.generate`` does). While streaming, a tail that may still become
 character is held back until the next canvas decides it, so the streamed deltas add up to exactly the
 non-streamed text.
 
-Ids are detokenized incrementally with tokenizers' ``DecodeStream`` (``Tokenizer.decode_stream``): each id costs
-O(1) instead of decoding the whole output again on every canvas. It returns nothing for an id that ends inside a
-multi-byte character until the character is complete; what it still holds at the end (bytes no later id
-completed) comes from one full decode in ``finish``, so the text equals ``tokenizer.decode(ids)`` exactly.
+Ids are detokenized incrementally with tokenizers' ``DecodeStream`` (``Tokenizer.decode_stream``): one call per
+canvas for its new ids, instead of decoding the whole output again on every canvas. It returns nothing for ids
+that end inside a multi-byte character until the character is complete; what it still holds at the end (bytes no
+later id completed) comes from one full decode in ``finish``, so the text equals ``tokenizer.decode(ids)`` exactly.
 Byte soup that decodes differently once more bytes arrive (invalid UTF-8 from byte-fallback tokens) makes
 ``DecodeStream`` raise; that request then decodes its whole output on every canvas, as blockdiff did before.
 """
@@ -29,18 +29,17 @@ class TextStream:
         self.stopped = False
 
     def _add(self, ids: list[int]) -> None:
-        for i in ids:
-            if i in self.eos_ids:  # the EOS (or a stop token id) ends the output; it is not text
-                break
-            self.ids.append(i)
-            if self._decoder is not None:
-                try:
-                    piece = self._decoder.step(i)
-                except Exception:  # tokenizers: "Invalid prefix encountered while decoding stream"
-                    self._decoder, self._redecode = None, True
-                    continue
-                if piece:
-                    self.text += piece
+        cut = next((k for k, i in enumerate(ids) if i in self.eos_ids), len(ids))
+        ids = list(ids[:cut])  # the EOS (or a stop token id) ends the output; it is not text
+        self.ids.extend(ids)
+        if self._decoder is not None and ids:
+            try:
+                piece = self._decoder.step(ids)
+            except Exception:  # tokenizers: "Invalid prefix encountered while decoding stream"
+                self._decoder, self._redecode = None, True
+                return
+            if piece:
+                self.text += piece
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """Add committed ids; return the text that is now certain. ``final``: no more ids will come."""

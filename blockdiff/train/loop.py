@@ -203,8 +203,8 @@ class Trainer:
             with open(os.path.join(o.out_dir, "tokenizer.json"), "w") as f:
                 json.dump(tok, f, indent=1)
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
-                 "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(), "torch_rng": self.gen.get_state(),
-                 "options": asdict(o)}
+                 "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(),
+                 "torch_rng": self.gen.get_state(), "options": asdict(o)}
         tmp = os.path.join(o.out_dir, STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(o.out_dir, STATE_FILE))
