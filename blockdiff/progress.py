@@ -106,9 +106,10 @@ class _Bar:
 
 
 @contextmanager
-def progress(description: str, total: float | None = None, completed: float = 0):
-    """``with progress("loading", total=n) as bar: ... bar.advance()``; a no-op unless ``enabled()``."""
-    if not enabled():
+def progress(description: str, total: float | None = None, completed: float = 0, show: bool = True):
+    """``with progress("loading", total=n) as bar: ... bar.advance()``; a no-op unless ``enabled()`` and ``show``
+    (False where the caller draws its own live view: two live displays on one terminal garble each other)."""
+    if not (show and enabled()):
         yield _Bar()
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,

@@ -108,6 +108,10 @@ def test_solving_and_training_show_progress_bars(tmp_path):
             config=model_config(32, 8, **RECIPES["tiny"]), log=lambda s: None).run()
     text = buf.getvalue()
     assert "solving 1 puzzles" in text and "training" in text
+    buf.seek(0)
+    buf.truncate(0)
+    solve_diffusion(LLM(BUNDLED_MODEL), [PUZZLE], max_denoising_steps=1, on_event=lambda ev: None)
+    assert "solving" not in buf.getvalue()  # the caller draws its own live view (the demo's grid): no bar over it
 
 
 # ---------------------------------------------------------------------------------------------- devices

@@ -37,7 +37,8 @@ def solve_diffusion(llm, puzzles: list[list[int]], seed: int = 0, batch_size: in
                     max_denoising_steps: int | None = None, on_event=None, **overrides) -> list[Solution]:
     """Batches of puzzles through ``llm.generate``; puzzle i samples with seed ``seed + i``."""
     out: list[Solution] = []
-    with progress(f"solving {len(puzzles)} puzzles", total=len(puzzles)) as bar:
+    # A caller that watches the events (the demo's live grid) draws its own view: no bar over it.
+    with progress(f"solving {len(puzzles)} puzzles", total=len(puzzles), show=on_event is None) as bar:
         for start in range(0, len(puzzles), batch_size):
             chunk = puzzles[start:start + batch_size]
             t0 = time.perf_counter()
