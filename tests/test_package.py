@@ -194,23 +194,31 @@ def _hub_cache(root, repo: str, commit: str, ref: str = "main") -> None:
 
 
 def test_hf_home_and_download_dir_with_the_real_huggingface_hub_offline(tmp_path):
-    """No fake: huggingface_hub itself (offline mode) finds the checkpoint in $HF_HOME/hub, or in --download-dir
-    when given, at the revision asked for."""
+    """No fake: huggingface_hub itself (offline mode; it reads HF_HOME when imported, hence a fresh interpreter)
+    finds the checkpoint in $HF_HOME/hub, or in --download-dir when given, at the revision asked for."""
     home, other = tmp_path / "home", tmp_path / "dl"
     _hub_cache(home / "hub", "someone/sudoku", "a" * 40)
     _hub_cache(other, "someone/sudoku", "b" * 40, ref="v2")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    base = [sys.executable, "-m", "blockdiff", "run", "someone/sudoku", "--prompt-ids", PROMPT_IDS, "--steps", "1",
-            "--device", "cpu", "--log-level", "debug"]
-    r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "tokens" in r.stdout, r.stderr
-    r = subprocess.run(base + ["--download-dir", str(other), "--revision", "v2"], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and "tokens" in r.stdout, r.stderr
-    r = subprocess.run(base + ["--revision", "v2"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "could not fetch 'someone/sudoku'" in r.stderr  # v2 is only in --download-dir
+    script = f"""
+from blockdiff.hub import resolve_path
+from blockdiff.checks import CheckpointError
+print(resolve_path("someone/sudoku"))
+print(resolve_path("someone/sudoku", revision="v2", download_dir={str(other)!r}))
+try:
+    resolve_path("someone/sudoku", revision="v2")
+except CheckpointError as e:
+    print("refused:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    default, custom, refused = r.stdout.strip().splitlines()
+    assert default == str(home / "hub" / "models--someone--sudoku" / "snapshots" / ("a" * 40))
+    assert custom == str(other / "models--someone--sudoku" / "snapshots" / ("b" * 40))
+    assert refused.startswith("refused: could not fetch 'someone/sudoku'")  # v2 is only in the download dir
+    assert os.path.exists(os.path.join(default, "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------- metadata
