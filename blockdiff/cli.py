@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 
 SUBCOMMAND_MODULES = ("blockdiff.bench.cli", "blockdiff.server.cli", "blockdiff.train.cli", "blockdiff.sudoku.cli",
                       "blockdiff.quant.cli")
+
+
+log = logging.getLogger("blockdiff")
 
 
 class CLIError(ValueError):
@@ -28,14 +32,23 @@ class CLIError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- arguments
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint folder, hub id or .gguf file")
+    p.add_argument("model", help="checkpoint folder, hub id (org/name), .gguf file or org/name:file.gguf")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
     add_quantization_arguments(p)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    add_device_argument(p)
+    g = p.add_argument_group("hub ids (huggingface_hub; its cache is $HF_HOME/hub unless --download-dir)")
+    g.add_argument("--revision", help="branch, tag or commit of the hub repo (default: its main branch)")
+    g.add_argument("--download-dir", help="download into / read from this cache folder instead of $HF_HOME/hub")
+    g.add_argument("--gguf-file", metavar="NAME", help="load this .gguf file of the hub repo MODEL (same as "
+                   "MODEL:NAME)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = auto: 1 for models under 20M parameters, else torch's default)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (e.g. one that declares tools)")
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
 
 
 def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,17 +90,21 @@ def sampling_params(args):
                           confidence_threshold=args.confidence_threshold, rng=args.rng, stop=args.stop)
 
 
-def check_device(device: str) -> None:
-    """One line for a device this machine cannot use (unknown name, a backend that is not available, an index
-    past the devices there are) instead of a traceback from deep inside the load."""
+def check_device(device: str) -> str:
+    """The device to use (``auto`` resolved); one line for a device this machine cannot use (unknown name, a
+    backend that is not available, an index past the devices there are) instead of a traceback from deep inside
+    the load."""
     import torch
 
+    from .placement import resolve_device
+
+    device = resolve_device(device)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise CLIError(f"bad --device {device!r}: {e}") from None
     if dev.type == "cpu":
-        return
+        return device
     backend = getattr(torch, dev.type, None)
     if dev.type == "mps":
         available = torch.backends.mps.is_available()
@@ -99,6 +116,7 @@ def check_device(device: str) -> None:
     count = getattr(backend, "device_count", None)
     if dev.index is not None and count is not None and dev.index >= count():
         raise CLIError(f"--device {device}: this machine has {count()} {dev.type} device(s)")
+    return device
 
 
 def check_threads(threads: int) -> None:
@@ -111,12 +129,21 @@ def load_llm(args, **engine_args):
 
     from .engine.llm import LLM
 
+    from .placement import describe_device
+
     check_threads(args.threads)
-    check_device(args.device)
+    asked = args.device
+    args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
+              revision=args.revision, download_dir=args.download_dir, gguf_file=args.gguf_file,
               **quantization_kwargs(args), **engine_args)
+    why = "" if asked != "auto" else " (--device auto: no CUDA device found)" if args.device == "cpu" else \
+        " (--device auto)"
+    log.info("loaded %s in %.1f s; device: %s%s, dtype %s", args.model, time.perf_counter() - t0,
+             describe_device(args.device), why, str(llm.model.dtype).removeprefix("torch."))
     if not args.threads:
         auto_threads(llm.model)
     if getattr(args, "chat_template", None):
@@ -369,7 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(mod, "register", None)
         if register is not None:
             register(sub)
+    for command in sub.choices.values():
+        add_output_arguments(command)
     return parser
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """--log-level and --quiet, on every command (blockdiff/progress.py)."""
+    from .progress import ENV_LOG_LEVEL, LEVELS
+
+    g = p.add_argument_group("output")
+    g.add_argument("--log-level", type=str.lower, choices=LEVELS, default=None,
+                   help=f"messages of the blockdiff logger from this level on (default: ${ENV_LOG_LEVEL}, else info; "
+                        "warning with --quiet)")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal) and no info messages")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        from .progress import configure
+        args.log_level = configure(args.log_level, args.quiet)
         rc = func(args)
     except KeyboardInterrupt:
         print("blockdiff: interrupted", file=sys.stderr)

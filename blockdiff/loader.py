@@ -19,43 +19,17 @@ from safetensors.torch import save_file
 
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
+from .hub import is_gguf, resolve_gguf, resolve_path  # noqa: F401 (also re-exported from here)
+from .placement import resolve_device, resolve_dtype  # noqa: F401 (also re-exported: loader.resolve_dtype)
 from .model import DiffusionGemma
 from .heap import lean_heap
+from .progress import progress
 
 log = logging.getLogger("blockdiff")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 _VISION = {"model.encoder.vision_tower.": "vision.tower.", "model.encoder.embed_vision.": "vision.embedder."}
 _ENC = "model.encoder.language_model."
 _DEC = "model.decoder."
-
-
-def resolve_dtype(dtype, device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        # bf16 matmul is ~100x slower than fp32 on CPUs: compute in fp32 there.
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or 'auto'")
-    return _DTYPES[dtype]
-
-
-def resolve_path(path_or_id: str) -> str:
-    """A local folder, or a hub id fetched with huggingface_hub (needs a network; tests never do this)."""
-    path_or_id = os.path.expanduser(path_or_id)  # "~/ckpt" is a local path, never a hub id
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id):
-        raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder")
-    if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
-        raise CheckpointError(f"no checkpoint folder at {path_or_id!r} (and it is not a hub id like 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
-    except Exception as e:  # offline, unknown repo, gated...
-        raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {e}") from e
 
 
 def _weight_files(path: str) -> list[str]:
@@ -98,15 +72,19 @@ def _has_vision_tensors(files: list[str]) -> bool:
 
 
 def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu", quantization: str | None = None,
-               quantize_embedding: bool = True) -> DiffusionGemma:
+               quantize_embedding: bool = True, revision: str | None = None, download_dir: str | None = None,
+               gguf_file: str | None = None) -> DiffusionGemma:
     """``quantization``: None | "int8" | "int4" (| "int4-g32" | "int4-g128") | "fp8", applied tensor by tensor
     while loading (see blockdiff/quant); ``quantize_embedding=False`` keeps the tied embedding in full precision.
-    A ``.gguf`` file loads from its own metadata and tensors (text only)."""
-    if is_gguf(path_or_id):
+    A ``.gguf`` file (local, ``org/name:file.gguf`` or ``gguf_file=`` with a hub id) loads from its own metadata and
+    tensors (text only). ``device="auto"``: CUDA when present, else CPU. ``revision`` / ``download_dir``: for hub
+    ids (blockdiff/hub.py)."""
+    device = resolve_device(device)
+    if is_gguf(path_or_id, gguf_file):
         from .quant.gguf import load_gguf_model
-        return load_gguf_model(path_or_id, dtype=dtype, device=device, quantization=quantization,
-                               quantize_embedding=quantize_embedding)
-    path = resolve_path(path_or_id)
+        return load_gguf_model(resolve_gguf(path_or_id, gguf_file, revision, download_dir), dtype=dtype,
+                               device=device, quantization=quantization, quantize_embedding=quantize_embedding)
+    path = resolve_path(path_or_id, revision, download_dir)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: no config.json")
@@ -115,7 +93,8 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
         raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
     dtype = resolve_dtype(dtype, device)
     plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
-    with lean_heap(device):  # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
+    # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
+    with lean_heap(device), progress(_describe_load(path, quantization)) as bar:
         files = _weight_files(path)
         with_vision = config.vision is not None and _has_vision_tensors(files)
         if config.vision is not None and not with_vision:
@@ -127,10 +106,12 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
                     if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
         loaded: dict[str, torch.Tensor] = {}
         unexpected = []
-        all_names = _all_tensor_names(files) if plan is not None else set()
+        all_names = _all_tensor_names(files)  # headers only: cheap
+        bar.update(total=len(all_names))
         for file in files:
             with open_safetensors(file) as f:
                 for name in f.keys():
+                    bar.advance()
                     base, part = name, None
                     if plan is not None:  # quantized layouts: NAME.qweight, NAME_scale, ... belong to NAME
                         base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
@@ -190,8 +171,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
     return model
 
 
-def is_gguf(path_or_id) -> bool:
-    return str(path_or_id).lower().endswith(".gguf")
+def _describe_load(path: str, quantization: str | None) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    return f"loading {name}" + (f", quantizing to {quantization}" if quantization else "")
 
 
 def _quant_plan(config, quantization, device, dtype, quantize_embedding):

@@ -177,6 +177,13 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self, skip_special_tokens: bool = True) -> "DecodeStream":
+        """Incremental detokenizing (tokenizers' ``DecodeStream``): ``step(ids)`` returns the text those ids
+        complete, or None while they end inside a multi-byte character; a step costs O(len(ids)), not a decode of
+        everything so far."""
+        return DecodeStream(self._tok, skip_special_tokens)
+
+
     # ------------------------------------------------------------------ chat
     def set_chat_template(self, template: str) -> None:
         """Use ``template`` instead of the checkpoint's; ``ValueError`` when it is not valid Jinja."""
@@ -220,3 +227,24 @@ class Tokenizer:
         """Token ids of the rendered conversation; the template's own ``<bos>`` is the only BOS."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_kwargs),
                            add_special_tokens=False)
+
+
+class DecodeStream:
+    """One request's incremental detokenizer over the shared ``tokenizers.Tokenizer``."""
+
+    def __init__(self, tokenizer: _HFTokenizer, skip_special_tokens: bool = True):
+        from tokenizers.decoders import DecodeStream as _Stream
+        self._tok, self._stream = tokenizer, _Stream(skip_special_tokens=skip_special_tokens)
+        self._lists = True
+
+    def step(self, token_ids: list[int]) -> str | None:
+        """The text these ids (one canvas' worth) complete, or None. One call into Rust for all of them where
+        tokenizers takes a list (one per id on older versions)."""
+        ids = [int(i) for i in token_ids]
+        if self._lists:
+            try:
+                return self._stream.step(self._tok, ids)
+            except TypeError:  # tokenizers without list steps
+                self._lists = False
+        pieces = [self._stream.step(self._tok, i) for i in ids]
+        return "".join(p for p in pieces if p) or None

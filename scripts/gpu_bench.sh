@@ -8,7 +8,7 @@
 #   GPU_BENCH_SMOKE=1 OUT=/tmp/x scripts/gpu_bench.sh   # CPU smoke run of the same steps on a toy shape (tests)
 #
 # Environment: PYTHON (default python), DEVICE (default cuda), BATCHES (default 1,4,16), DTYPE (default auto:
-# bf16 on GPU), PEAK_BANDWIDTH (GB/s; default: the table in blockdiff/bench/fullshape.py), BUDGET_S (default 450:
+# bf16 on GPU), PEAK_BANDWIDTH (GB/s; default: the table in blockdiff/bench/full_shape_ticks.py), BUDGET_S (default 450:
 # the compiled run only starts with enough of it left, and is cut at the budget).
 #
 # The main run is eager (BLOCKDIFF_COMPILE=0): the first torch.compile of the 30-layer shape is unmeasured and may

@@ -51,7 +51,7 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
     out = {}
     for name in ("blockdiff_denoise_steps_total", "blockdiff_generation_tokens_total", "blockdiff_engine_ticks_total",
                  "blockdiff_step_seconds_sum", "blockdiff_step_seconds_count"):
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)  # labels: model_name
         out[name] = float(m.group(1)) if m else 0.0
     return out
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
-import blockdiff.quant.modules as qmod  # noqa: E402
 from blockdiff.quant.modules import QTensor, QuantExperts  # noqa: E402
 from blockdiff.quant.tensors import dequantize, quantize  # noqa: E402
 
@@ -35,19 +34,29 @@ def ms(fn, n=5):
     return round(statistics.median(ts), 2)
 
 
-def packed(w, method, group=64, fbgemm=False):
-    """A prepared QTensor (int8: torch._int_mm on the stored layout, or fbgemm on a packed copy) and its parts."""
+def packed(w, method, group=64):
+    """A prepared QTensor (int8: torch._int_mm on the stored layout) and its parts."""
     q = QTensor(tuple(w.shape), method, group)
     parts = quantize(w, method, group)
     for k, v in parts.items():
         setattr(q, k, v)
-    saved = qmod._INT_MM
-    qmod._INT_MM = False if fbgemm else saved
-    try:
-        q.prepare()
-    finally:
-        qmod._INT_MM = saved
+    q.prepare()
     return q, parts
+
+
+class Fbgemm:
+    """The candidate blockdiff no longer uses: fbgemm's dynamic int8 linear on a packed copy (torch's deprecated
+    quantized-tensor API), per matrix or per expert."""
+
+    def __init__(self, w):
+        parts = quantize(w, "int8")
+        q, s = parts["qweight"], parts["qscale"]
+        mats = [(q, s)] if w.dim() == 2 else list(zip(q, s))
+        self.packed = [torch.ops.quantized.linear_prepack(torch._make_per_channel_quantized_tensor(
+            qi, si.double(), torch.zeros(qi.shape[0], dtype=torch.long), 0), None) for qi, si in mats]
+
+    def matmul(self, x, i=None):
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed[0 if i is None else i])
 
 
 def main():
@@ -59,7 +68,7 @@ def main():
     for M, K, N in [(128, 512, 1024), (128, 1024, 512), (128, 512, 32768)]:
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
         q8, p8 = packed(w, "int8")
-        f8, _ = packed(w, "int8", fbgemm=True)
+        f8 = Fbgemm(w)
         q4, p4 = packed(w, "int4")
         wp, gs, sz = q4.packed
         row = [ms(lambda: F.linear(x, w)), ms(lambda: q8.matmul(x)), ms(lambda: f8.matmul(x)),
@@ -97,7 +106,7 @@ def main():
     qe = QuantExperts(E, H, I, ("int8", "int8"))
     qe.gate_up_proj, qe.down_proj = packed(gu, "int8")[0], packed(dn, "int8")[0]
     rows["int8 _int_mm per expert, rows quantized once per matrix (used)"] = lambda: qe._int8_loop(xs, cl)
-    fa, fb = packed(gu, "int8", fbgemm=True)[0], packed(dn, "int8", fbgemm=True)[0]
+    fa, fb = Fbgemm(gu), Fbgemm(dn)
     rows["int8 fbgemm per-expert packed loop"] = lambda: loop(fa, fb)
     for m in ("int8", "int4"):
         qa, pa = packed(gu, m)

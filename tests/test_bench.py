@@ -80,8 +80,14 @@ def test_missing_oracle_is_a_clear_error(monkeypatch, tiny_checkpoint):
         load_oracle(tiny_checkpoint, torch.float32, "cpu")
 
 
-def test_peak_memory_sees_a_temporary_allocation():
+@pytest.mark.parametrize("probe", ["malloc", "rss"])
+def test_peak_memory_sees_a_temporary_allocation(probe, monkeypatch):
+    """glibc's malloc statistics, or (without glibc) the resident set through psutil."""
+    from blockdiff.bench import harness
+    if probe == "rss":
+        monkeypatch.setattr(harness, "_MALLINFO2", None)
     with PeakMemory(torch.device("cpu")) as mem:
+        assert mem._probe is (harness._rss_bytes if probe == "rss" else harness._malloc_in_use)
         x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
         time.sleep(0.05)
         del x

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from blockdiff.bench import fullshape
-from blockdiff.bench.fullshape import build_random_model, bytes_read, peak_bandwidth, shape_config
+from blockdiff.bench import full_shape_ticks as fullshape
+from blockdiff.bench.full_shape_ticks import build_random_model, bytes_read, peak_bandwidth, shape_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -143,3 +143,13 @@ def test_converter_names_cover_every_model_tensor(tiny_checkpoint, tiny_model):
     want = {n for n, _ in list(tiny_model.named_parameters()) + list(tiny_model.named_buffers())
             if not n.startswith(("inv_freq_", "vision."))}  # GGUF files are read text-only
     assert mapped == want
+
+
+def test_gguf_module_never_imports_the_loader():
+    """loader.py imports quant/gguf.py; the reverse would make the two a cycle (shared parts live in placement.py)."""
+    import ast
+    import blockdiff.quant.gguf as g
+
+    tree = ast.parse(open(g.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m == "loader" or m.endswith(".loader") for m in imported), imported

@@ -77,16 +77,28 @@ def test_cpu_kernels_match_the_dequantized_matmul(method, tol):
     assert lin(x[None]).shape == (1, 17, 96)
 
 
-def test_int8_fbgemm_fallback_matches_the_int_mm_kernel(monkeypatch):
-    """Where torch._int_mm is missing, int8 falls back to fbgemm on a packed copy: same product within rounding."""
+def test_int8_without_int_mm_dequantizes_and_matches_the_int_mm_kernel(monkeypatch):
+    """Where torch._int_mm is missing, int8 multiplies the dequantized weight (no packed copy, no deprecated
+    quantized-tensor API): the same product within the activation rounding of the int_mm kernel."""
     import blockdiff.quant.modules as qm
     torch.manual_seed(3)
     w, x = torch.randn(64, 96) * 0.05, torch.randn(9, 96)
     fast, deq = qtensor(w, "int8")
     monkeypatch.setattr(qm, "_INT_MM", False)
     slow, _ = qtensor(w, "int8")
-    assert not slow.int_mm and slow.packed is not None
-    assert rel(fast.matmul(x), F.linear(x, deq)) < 0.02 and rel(slow.matmul(x), fast.matmul(x)) < 0.03
+    assert not slow.int_mm and slow.packed is None and slow.qweight.dtype == torch.int8
+    assert torch.allclose(slow.matmul(x), F.linear(x, deq), atol=1e-5)
+    assert rel(fast.matmul(x), F.linear(x, deq)) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5), (1, 1, 1), (17, 8, 8), (3, 100, 7)])
+def test_int_mm_takes_every_cpu_shape(shape):
+    """Why no fallback kernel is kept: torch._int_mm is exact on CPU for odd shapes too (M, K, N)."""
+    m, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    assert torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -267,7 +279,7 @@ def test_bench_takes_a_quantization(capsys):
 
 
 def test_in_memory_random_model_is_built_quantized_and_runs_a_step():
-    from blockdiff.bench.full_shape import random_quantized_model
+    from blockdiff.bench.full_shape_quantized import random_quantized_model
 
     m = random_quantized_model("tiny", "int4", log=lambda s: None)
     assert isinstance(m.layers[0].experts, QuantExperts) and m.layers[0].experts.gate_up_proj.packed is not None

@@ -118,9 +118,15 @@ def wait_until(cond, timeout=10.0) -> bool:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-    assert m, f"{name}{labels} not in /metrics"
-    return float(m.group(1))
+    """The value of the sample ``name`` whose labels include ``labels`` ('{outcome="stop"}'); every sample also
+    carries model_name."""
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for m in re.finditer(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        assert have.get("model_name") == MODEL, m.group(0)
+        if want.items() <= have.items():
+            return float(m.group(2))
+    raise AssertionError(f"{name}{labels} not in /metrics")
 
 
 # ---------------------------------------------------------------------------------------------- basics

@@ -141,3 +141,134 @@ def test_template_sandbox_blocks_attribute_escapes(tmp_path):
 def test_folder_without_tokenizer_json_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- streaming text
+def _sentencepiece_tokenizer() -> Tokenizer:
+    """SentencePiece-style BPE with byte fallback and Gemma's decoder (Replace, ByteFallback, Fuse): multi-byte
+    characters outside the vocabulary arrive as one <0xNN> token per byte."""
+    from tokenizers import AddedToken, decoders, normalizers
+    from tokenizers import Tokenizer as HF
+    from tokenizers.models import BPE
+
+    pieces = ["<pad>", "<eos>", "<bos>"] + [f"<0x{b:02X}>" for b in range(256)] + \
+        ["\u2581", "h", "e", "l", "o", "\u2581h", "he", "ll", "\u2581he", "\u2581hell", "lo", "\u2581hello", "é", "中"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [("\u2581", "h"), ("h", "e"), ("l", "l"), ("\u2581h", "e"), ("\u2581he", "ll"), ("l", "o"),
+              ("\u2581hell", "o")]
+    hf = HF(BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "<eos>", "<bos>")])
+    return Tokenizer(hf, {"eos_token": "<eos>", "bos_token": "<bos>"})
+
+
+STREAM_TEXTS = ["hello héllo 中文 🙂👍🏽 naïve", "🙂🙂🙂", " leading space and ünïcödé ✓", "a\tb\nc 𝔘𝔫𝔦",
+                "Привет, мир! 👨‍👩‍👧 end"]
+
+
+def _stream(tok, ids, chunk, stops=None, eos=frozenset()):
+    from blockdiff.server.text import TextStream
+    ts = TextStream(tok, stops, eos)
+    deltas = [ts.push(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+    return deltas + [ts.finish()]
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_streamed_text_equals_one_decode_across_multibyte_splits(kind, chunk, tok):
+    """DecodeStream deltas, however the ids are cut into canvases (emoji and CJK split across tokens and
+    chunks), add up to exactly tokenizer.decode(ids), and no delta ever holds half a character."""
+    t = tok if kind == "byte-level" else _sentencepiece_tokenizer()
+    for text in STREAM_TEXTS:
+        ids = t.encode(text, add_special_tokens=False)
+        deltas = _stream(t, ids, chunk)
+        assert "".join(deltas) == t.decode(ids), text
+        assert not any("\ufffd" in d for d in deltas), deltas
+
+
+class _WholeDecodeStream:
+    """The streaming text as blockdiff computed it before DecodeStream: the whole output decoded on every push."""
+
+    def __init__(self, tok, stops, eos_ids):
+        self.tok, self.stops, self.eos_ids, self.ids, self.sent, self.stopped = tok, list(stops or []), eos_ids, [], \
+            0, False
+
+    def push(self, ids, final=False):
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.eos_ids else self.ids
+        text = self.tok.decode(ids)
+        end = len(text)
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            end, final = min(hits), True
+            self.stopped = True
+        if not final:
+            stripped = text.rstrip("\ufffd")
+            end = len(stripped)
+            for s in self.stops:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if stripped.endswith(s[:k]):
+                        end = min(end, len(stripped) - k)
+                        break
+        delta = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+
+def _monotone(t, ids) -> bool:
+    """Every prefix's decode (less an incomplete last character) starts the full decode: the case in which a
+    stream of deltas can equal the whole text at all (random byte soup may decode differently once more bytes
+    come)."""
+    full = t.decode(ids)
+    return all(full.startswith(t.decode(ids[:k]).rstrip("\ufffd")) for k in range(1, len(ids)))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_streamed_text_for_random_ids(seed, tok):
+    """Random ids (invalid UTF-8, specials in between, an EOS at the end) never break the stream; whenever the
+    prefixes decode consistently, the deltas add up to exactly the full decode, as the former decode-everything
+    stream's did (where DecodeStream gives up on byte soup, the stream decodes everything, as before)."""
+    import random
+    rng = random.Random(seed)
+    checked = 0
+    for t in (tok, _sentencepiece_tokenizer()):
+        eos = t.eos_token_ids[0]
+        for _ in range(6):
+            ids = [i for i in (rng.randrange(t.vocab_size) for _ in range(rng.randrange(1, 40))) if i != eos]
+            for chunk in (1, 4):
+                got = "".join(_stream(t, ids + [eos], chunk, eos={eos}))
+                old = _WholeDecodeStream(t, None, {eos})
+                want = "".join([old.push((ids + [eos])[i:i + chunk]) for i in range(0, len(ids) + 1, chunk)]
+                               + [old.push([], final=True)])
+                if _monotone(t, ids):
+                    assert got == want == t.decode(ids)
+                    checked += 1
+                else:
+                    assert isinstance(got, str)
+    assert checked > 0
+
+
+def test_per_id_steps_give_the_same_text_as_list_steps(tok, monkeypatch):
+    """tokenizers versions whose DecodeStream.step takes one id at a time: the same text."""
+    from blockdiff import tokenizer as tk
+    ids = tok.encode(STREAM_TEXTS[0], add_special_tokens=False)
+    want = _stream(tok, ids, 3)
+    original = tk.DecodeStream.__init__
+
+    def per_id(self, *a, **k):
+        original(self, *a, **k)
+        self._lists = False
+    monkeypatch.setattr(tk.DecodeStream, "__init__", per_id)
+    got = _stream(tok, ids, 3)  # a delta may come one canvas later or earlier: the text is the same
+    assert "".join(got) == "".join(want) == tok.decode(ids) and not any("\ufffd" in d for d in got)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streamed_text_stops_before_a_stop_string_split_across_chunks(chunk, tok):
+    text = "naïve 🙂 words STOP🙂 after"
+    ids = tok.encode(text, add_special_tokens=False)
+    deltas = _stream(tok, ids, chunk, stops=["STOP🙂"])
+    assert "".join(deltas) == "naïve 🙂 words "

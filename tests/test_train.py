@@ -1,6 +1,7 @@
 """Training: the objective, resumable runs, and checkpoints the transformers reference loads."""
 
 import json
+import math
 import os
 
 import pytest
@@ -16,8 +17,8 @@ from blockdiff.train.tasks import CopyTask
 
 def _trainer(out, steps, seed=0, lr=3e-3, resume=True, batch=8, **kw):
     task = CopyTask(vocab_size=32, canvas_length=8)
-    o = TrainOptions(out_dir=str(out), max_steps=steps, batch_size=batch, lr=lr, warmup_steps=1, seed=seed,
-                     log_every=1000, save_every=0, resume=resume, **kw)
+    o = TrainOptions(**{**dict(out_dir=str(out), max_steps=steps, batch_size=batch, lr=lr, warmup_steps=1, seed=seed,
+                               log_every=1000, save_every=0, resume=resume), **kw})
     return Trainer(task, o, config=model_config(32, 8, **RECIPES["tiny"]), log=lambda s: None)
 
 
@@ -135,14 +136,62 @@ def test_canvases_per_prompt_shares_one_encoder_pass():
     assert torch.isfinite(out.loss)
 
 
+def _reference_lr(step: int, o: TrainOptions) -> float:
+    """The schedule as blockdiff computed it by hand before torch.optim.lr_scheduler took over (the values to keep)."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        frac = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    if o.decay_start and step >= o.decay_start:
+        frac = min(1.0, (step - o.decay_start) / max(1, o.max_steps - o.decay_start))
+        return o.lr * (1 - (1 - o.min_lr_ratio) * frac)
+    return o.lr
+
+
+SCHEDULES = [dict(max_steps=300, warmup_steps=10, decay_start=200, min_lr_ratio=0.1),
+             dict(max_steps=110, warmup_steps=10, schedule="cosine"),
+             dict(max_steps=50, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0),
+             dict(max_steps=40, warmup_steps=1),
+             dict(max_steps=40, warmup_steps=0),
+             dict(max_steps=60, warmup_steps=20, decay_start=5, min_lr_ratio=0.2),
+             dict(max_steps=60, warmup_steps=0, decay_start=30)]
+
+
+@pytest.mark.parametrize("kw", SCHEDULES)
+@pytest.mark.parametrize("stride", [1, 7])
+def test_lr_scheduler_gives_the_hand_written_schedule_values(kw, stride):
+    """torch.optim.lr_scheduler phases reproduce the former formula at every schedule step, also when a time
+    budget makes the schedule jump several steps at once."""
+    from blockdiff.train.loop import advance_scheduler, make_scheduler
+    o = TrainOptions(out_dir="x", lr=1e-3, **kw)
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [w]}, {"params": [], "weight_decay": 0.0}], lr=o.lr)
+    sched = make_scheduler(opt, o)
+    for step in range(0, o.max_steps + 1, stride):
+        advance_scheduler(sched, step)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([_reference_lr(step, o)] * 2, rel=1e-9, abs=1e-15)
+        opt.step()
+
+
 def test_lr_schedule_warms_up_then_holds_or_decays():
-    from blockdiff.train.loop import lr_at
     o = TrainOptions(out_dir="x", lr=1e-3, max_steps=300, warmup_steps=10, decay_start=200, min_lr_ratio=0.1)
-    assert lr_at(0, o) == pytest.approx(1e-4) and lr_at(9, o) == pytest.approx(1e-3)
-    assert lr_at(150, o) == pytest.approx(1e-3) and lr_at(250, o) == pytest.approx(5.5e-4)
-    assert lr_at(300, o) == pytest.approx(1e-4) and lr_at(400, o) == pytest.approx(1e-4)
-    c = TrainOptions(out_dir="x", lr=1e-3, max_steps=110, warmup_steps=10, schedule="cosine")
-    assert lr_at(60, c) == pytest.approx(5.5e-4) and lr_at(110, c) == pytest.approx(1e-4)
+    assert _reference_lr(0, o) == pytest.approx(1e-4) and _reference_lr(9, o) == pytest.approx(1e-3)
+    assert _reference_lr(150, o) == pytest.approx(1e-3) and _reference_lr(250, o) == pytest.approx(5.5e-4)
+    assert _reference_lr(300, o) == pytest.approx(1e-4)
+
+
+def test_resumed_run_continues_the_lr_schedule(tmp_path):
+    """Stopped and resumed, the run sees the same learning rates as one uninterrupted run (scheduler state saved)."""
+    whole = _trainer(tmp_path / "whole", 30, warmup_steps=5, decay_start=10)
+    lrs = [whole.train_step()["lr"] for _ in range(30)]
+    part = _trainer(tmp_path / "part", 30, warmup_steps=5, decay_start=10)
+    first = [part.train_step()["lr"] for _ in range(12)]
+    part.save()
+    resumed = _trainer(tmp_path / "part", 30, warmup_steps=5, decay_start=10)
+    assert resumed.step == 12
+    rest = [resumed.train_step()["lr"] for _ in range(18)]
+    assert first + rest == pytest.approx(lrs, rel=1e-12)
 
 
 def test_time_budget_drives_schedule_and_ends_the_run(tmp_path):

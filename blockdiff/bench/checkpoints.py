@@ -36,7 +36,7 @@ PRESETS: dict[str, dict] = {
                        num_global_key_value_heads=1, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
                        sliding_window=1024, canvas_length=256),
     # The released 26B-A4B shape (~25.8B parameters): only built in memory, quantized tensor by tensor
-    # (``blockdiff bench --random-config full --quantization int4``, see blockdiff/bench/full_shape.py).
+    # (``blockdiff bench --random-config full --quantization int4``, see blockdiff/bench/full_shape_quantized.py).
     "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
                  num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,

@@ -10,7 +10,7 @@ Examples::
 
 ``--random-config full`` (and its toy twin ``full-smoke``) times denoising ticks of the released 26B-A4B shape
 built with random weights directly on the device, per batch size, against the memory-bandwidth floor
-(see blockdiff/bench/fullshape.py); the other options of the side-by-side comparison do not apply to it.
+(see blockdiff/bench/full_shape_ticks.py); the other options of the side-by-side comparison do not apply to it.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .checkpoints import PRESETS
-    from .fullshape import SHAPES
+    from .full_shape_ticks import SHAPES
 
     p.add_argument("model", nargs="?", help="checkpoint folder (or use --random-config)")
     p.add_argument("--random-config", choices=sorted(set(PRESETS) | set(SHAPES)),
                    help="benchmark a randomly initialised checkpoint of this size, built in a temp dir; 'full' / "
                         "'full-smoke': the released shape built on the device, timed per batch size")
     p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16")
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (early stopping disabled)")
     p.add_argument("--max-new-tokens", type=int, help="tokens per request (default: one canvas)")
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", help="quantize blockdiff's weights while loading: int8 | int4 | fp8 (the "
                    "oracle stays full precision, so the reference/oracle agreement measures the quantization); "
                    "with --random-config full: int8/int4, the shape built in CPU memory quantized tensor by "
-                   "tensor, one denoise step timed (blockdiff/bench/full_shape.py)")
+                   "tensor, one denoise step timed (blockdiff/bench/full_shape_quantized.py)")
     p.add_argument("--structured", action="store_true",
                    help="instead, time structured output (JSON Schema) against unconstrained generation per step "
                         "and end to end (the checkpoint needs a tokenizer; --random-config writes one)")
@@ -87,16 +87,16 @@ def run(args) -> int:
     from ..cli import check_device, check_threads
 
     check_threads(args.threads)
-    check_device(args.device)
+    args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from ..quant import check_device, parse_method
     parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
     if parsed:
         check_device(parsed[0], args.device)
-    from .fullshape import SHAPES
-    if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape.py)
-        from .full_shape import run as run_quantized_full
+    from .full_shape_ticks import SHAPES
+    if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape_quantized.py)
+        from .full_shape_quantized import run as run_quantized_full
         report = run_quantized_full("full", args.quantization, prompt_len=args.prompt_len, seed=args.seed,
                                     log=lambda m: print(m, file=sys.stderr, flush=True), layers=args.layers)
         if args.out:
@@ -149,7 +149,7 @@ def run(args) -> int:
 
 
 def run_full(args) -> int:
-    from .fullshape import format_full, run_full_benchmark
+    from .full_shape_ticks import format_full, run_full_benchmark
 
     if args.peak_bandwidth is not None and not args.peak_bandwidth > 0:
         raise ValueError(f"--peak-bandwidth must be > 0 GB/s, got {args.peak_bandwidth}")

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import psutil
 import torch
 
 from .systems import RunResult, ar_system, blockdiff_system, load_oracle, oracle_system
@@ -94,11 +95,14 @@ def _malloc_in_use() -> int | None:
     return m.uordblks + m.hblkhd
 
 
+_PROCESS = psutil.Process()
+
+
 def _rss_bytes() -> int | None:
+    """Resident set size (psutil: /proc on Linux, the OS's own call elsewhere)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
+        return _PROCESS.memory_info().rss
+    except psutil.Error:
         return None
 
 
@@ -185,7 +189,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     """Time every system on the checkpoint at ``path``; returns the report (see ``docs/benchmarks.md``)."""
     from .. import __version__
     from ..engine.llm import LLM
-    from ..loader import resolve_dtype
+    from ..placement import resolve_dtype
 
     o = options or BenchOptions()
     o.validate()

@@ -160,7 +160,7 @@ def _op_table(fn, steps: int, rows: int = 15) -> list[str]:
 
 def profile_report(path: str, options, log=print) -> str:
     from ..engine.llm import LLM
-    from ..loader import resolve_dtype
+    from ..placement import resolve_dtype
     from .harness import make_prompt
     from .systems import blockdiff_system, load_oracle, oracle_system
 

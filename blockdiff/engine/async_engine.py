@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 from ..sampling.params import SamplingParams
 from .engine import Engine
 from .model_state import Event, ModelState
@@ -43,21 +45,9 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
-    sum: float = 0.0
-    count: int = 0
-
-    def __post_init__(self):
-        self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, v: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if v <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += v
-        self.count += 1
+def _histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    # registry=None: each engine's histograms are its own; the server's /metrics collector exposes them per app.
+    return Histogram(name, doc, buckets=buckets, registry=None)
 
 
 @dataclass
@@ -71,9 +61,12 @@ class Counters:
     denoise_steps: int = 0  # decoder forwards, one per request per step
     canvases: int = 0
     ticks: int = 0
-    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
-    time_to_first_block: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
-    request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    step_seconds: Histogram = field(default_factory=lambda: _histogram(
+        "blockdiff_step_seconds", "Engine tick latency.", STEP_BUCKETS))
+    time_to_first_block: Histogram = field(default_factory=lambda: _histogram(
+        "blockdiff_time_to_first_block_seconds", "Arrival to first committed canvas.", LATENCY_BUCKETS))
+    request_seconds: Histogram = field(default_factory=lambda: _histogram(
+        "blockdiff_request_seconds", "Arrival to finish.", LATENCY_BUCKETS))
 
     @property
     def tokens_per_forward(self) -> float:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..config import GenerationDefaults
-from ..loader import is_gguf, load_model, resolve_path
+from ..hub import is_gguf, resolve_gguf, resolve_path
+from ..loader import load_model
+from ..placement import resolve_device
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
 from ..tools.output import ChatText
@@ -58,14 +60,20 @@ class LLM:
     tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
     docs/serving.md, "What a seed guarantees"). ``media_limits``: where image files may come from and how many
     images, bytes and pixels one prompt may hold (``blockdiff.vision.media.MediaLimits``). ``quantization``: see
-    blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only)."""
+    blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only).
+    ``device="auto"``: CUDA when present, else CPU. Hub ids: ``revision``, ``download_dir`` (default: the
+    huggingface_hub cache under ``$HF_HOME``), and ``gguf_file`` (or ``"org/name:file.gguf"``) for one GGUF file of
+    a repo (blockdiff/hub.py)."""
 
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
-                 prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True):
+                 prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True,
+                 revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None):
         self.media_limits = media_limits or MediaLimits()
-        if is_gguf(model):  # config, weights and tokenizer all come from the one file
+        device = resolve_device(device)
+        if is_gguf(model, gguf_file):  # config, weights and tokenizer all come from the one file
             from ..quant.gguf import load_gguf
+            model = resolve_gguf(model, gguf_file, revision, download_dir)
             self.model_path = model
             self.model, self.tokenizer, self.defaults = load_gguf(model, dtype=dtype, device=device,
                                                                   quantization=quantization,
@@ -75,7 +83,7 @@ class LLM:
                                  prefix_cache_bytes=prefix_cache_bytes)
             self.images = ImagePrompter.for_model(self.model, None, self.tokenizer)
             return
-        path = resolve_path(model)
+        path = resolve_path(model, revision, download_dir)
         self.model_path = path
         self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
                                 quantize_embedding=quantize_embedding)

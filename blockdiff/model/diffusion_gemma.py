@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, gather_prefix, to_device
 from .attention import AttnMeta
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
-from .vision import VisionEncoder, image_blocks, same_image, scatter_image_features
+from .vision_tower import VisionEncoder, image_blocks, same_image, scatter_image_features
 
 
 class DiffusionGemma(nn.Module):

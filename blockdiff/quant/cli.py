@@ -32,7 +32,8 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     from safetensors.torch import save_file
 
     from ..config import ModelConfig
-    from ..loader import CheckpointError, _weight_files, checkpoint_to_model_name, resolve_path
+    from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
+    from ..progress import progress
     from .plan import QuantPlan, int4_scope, parse_method
     from .tensors import quantize
 
@@ -56,31 +57,35 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     plan = QuantPlan(config.text, method, group, embedding, scope=scope)
     out: dict[str, torch.Tensor] = {}
     n_quant = 0
-    for file in _weight_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                try:
-                    ours = checkpoint_to_model_name(name)
-                except KeyError:
-                    out[name] = f.get_tensor(name)  # e.g. the vision tower: carried over unchanged
-                    continue
-                if ours is None:
-                    continue  # tied aliases (lm_head, the encoder's shared weights): the loader never reads them
-                t = f.get_tensor(name)
-                if ours not in plan.targets:
-                    out[name] = t
-                    continue
-                if tuple(t.shape) != plan.targets[ours]:
-                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies "
-                                          f"{plan.targets[ours]}")
-                parts = quantize(t, plan.tensor_method(ours), group)
-                if method == "fp8":
-                    out[name] = parts["qweight"]
-                    out[name + "_scale"] = parts["qscale"][..., None].contiguous()
-                else:
-                    for k, v in parts.items():
-                        out[f"{name}.{k}"] = v.contiguous()
-                n_quant += 1
+    files = _weight_files(path)
+    name = os.path.basename(os.path.normpath(path))
+    with progress(f"quantizing {name} to {method}", total=len(_all_tensor_names(files))) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    bar.advance()
+                    try:
+                        ours = checkpoint_to_model_name(name)
+                    except KeyError:
+                        out[name] = f.get_tensor(name)  # e.g. the vision tower: carried over unchanged
+                        continue
+                    if ours is None:
+                        continue  # tied aliases (lm_head, the encoder's shared weights): never read by the loader
+                    t = f.get_tensor(name)
+                    if ours not in plan.targets:
+                        out[name] = t
+                        continue
+                    if tuple(t.shape) != plan.targets[ours]:
+                        raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config implies "
+                                              f"{plan.targets[ours]}")
+                    parts = quantize(t, plan.tensor_method(ours), group)
+                    if method == "fp8":
+                        out[name] = parts["qweight"]
+                        out[name + "_scale"] = parts["qscale"][..., None].contiguous()
+                    else:
+                        for k, v in parts.items():
+                            out[f"{name}.{k}"] = v.contiguous()
+                    n_quant += 1
     os.makedirs(dst, exist_ok=True)
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     raw = dict(config.raw)

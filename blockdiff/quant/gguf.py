@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
+from ..placement import resolve_dtype
 from ..heap import lean_heap
+from ..progress import progress
 from .plan import QuantizationError, QuantPlan, check_device, int4_scope, parse_method
 
 log = logging.getLogger("blockdiff")
@@ -203,7 +205,10 @@ def _tensor(t) -> torch.Tensor:
         except NotImplementedError:
             raise QuantizationError(f"GGUF tensor {t.name} has type {name}, which blockdiff cannot read") from None
     shape = tuple(int(x) for x in reversed(list(t.shape)))
-    return torch.from_numpy(np.ascontiguousarray(arr).reshape(shape).astype(np.float32, copy=False))
+    arr = np.ascontiguousarray(arr).reshape(shape).astype(np.float32, copy=False)
+    if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map; torch wants writable memory
+        arr = arr.copy()
+    return torch.from_numpy(arr)
 
 
 def default_method(reader, plan_targets: set[str]) -> str | None:
@@ -215,7 +220,6 @@ def default_method(reader, plan_targets: set[str]) -> str | None:
 
 
 def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
-    from ..loader import resolve_dtype
     from ..model import DiffusionGemma
     from .plan import target_shapes
 
@@ -235,9 +239,11 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
         model = DiffusionGemma(config)
     expected = {n: tuple(p.shape) for n, p in list(model.named_parameters()) + list(model.named_buffers())
                 if not n.startswith("inv_freq_")}
-    with lean_heap(device):
+    what = f"loading {os.path.basename(path)}" + (f", quantizing to {quantization}" if quantization else "")
+    with lean_heap(device), progress(what, total=len(reader.tensors)) as bar:
         unexpected = []
         for t in reader.tensors:
+            bar.advance()
             if t.name in IGNORED:
                 continue
             ours = gguf_to_model_name(t.name)

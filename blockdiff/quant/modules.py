@@ -5,10 +5,11 @@ checkpoint format) and, after ``prepare()``, in the layout of the kernel that ru
 measurement on this project's CPU (figures in docs/quantization.md):
 
 - CPU int8: activations quantized per row to int8 on each call, then ``torch._int_mm`` (int8 x int8 -> int32)
-  against the transposed view of the stored weight, 3-4x faster than fp32; no packed copy. fbgemm's dynamic int8
-  linear (``torch.ops.quantized.linear_dynamic``, per-tensor activation scales) is as fast but less accurate and
-  needs a packed copy; it stays as the fallback where ``torch._int_mm`` is missing. ``torch._weight_int8pack_mm``
-  was 30-35x slower than fp32 with fp32 activations, dequantize-then-matmul slower than fp32.
+  against the transposed view of the stored weight, 3-4x faster than fp32; no packed copy. It takes every shape
+  on CPU from torch 2.13 on (the floor); should it be missing, int8 dequantizes then multiplies. fbgemm's dynamic
+  int8 linear (``torch.ops.quantized.linear_dynamic``) was as fast but less accurate, needed a packed copy and
+  goes through torch's deprecated quantized-tensor API: not used. ``torch._weight_int8pack_mm`` was 30-35x slower
+  than fp32 with fp32 activations, dequantize-then-matmul slower than fp32.
 - CPU int4: ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (as fast as the fp32 matmul at mid
   shapes, faster on the LM-head shape; with fp32/fp16 activations it is ~60x slower).
 - CPU experts: one packed kernel call per expert that has tokens (a loop: the grouped-mm kernels take float
@@ -17,8 +18,8 @@ measurement on this project's CPU (figures in docs/quantization.md):
   dequantize then one ``torch._grouped_mm`` per matrix; fp8 via ``torch._scaled_mm`` with per-row activation
   scales.
 
-After ``prepare()`` on CPU int8 weights stay in their stored layout (``torch._int_mm`` reads it); int4 (and
-fbgemm int8) plain buffers are dropped once packed, so the resident size is the quantized size once.
+After ``prepare()`` on CPU int8 weights stay in their stored layout (``torch._int_mm`` reads it); int4 plain
+buffers are dropped once packed, so the resident size is the quantized size once.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class QTensor(nn.Module):
         """Build the kernel layout for the device the buffers are on (CPU: packed, plain buffers dropped)."""
         if self.qweight.device.type != "cpu" or self.method == "fp8":
             return
-        if self.method == "int8" and _int_mm_works():
-            self.int_mm = True
-            self.qscale = self.qscale.float()
-            return
+        if self.method == "int8":
+            if _int_mm_works():
+                self.int_mm = True
+                self.qscale = self.qscale.float()
+            return  # else the dequantize path
         mats = [self._matrix(i) for i in range(self.shape[0])] if len(self.shape) == 3 else [self._matrix(None)]
         if any(m is None for m in mats):
             return  # a kernel refused these shapes: stay on the dequantize path
@@ -78,10 +80,6 @@ class QTensor(nn.Module):
         q = self.qweight if i is None else self.qweight[i]
         s = self.qscale if i is None else self.qscale[i]
         try:
-            if self.method == "int8":
-                zeros = torch.zeros(q.shape[0], dtype=torch.long)
-                qt = torch._make_per_channel_quantized_tensor(q, s.double(), zeros, 0)
-                return torch.ops.quantized.linear_prepack(qt, None)
             z = self.qzero if i is None else self.qzero[i]
             w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).to(torch.int32), 1)
             sz = torch.stack([s.t(), z.t()], dim=-1).contiguous()  # [K/G, N, 2] bf16
@@ -96,9 +94,7 @@ class QTensor(nn.Module):
             xq, xs = quantize_rows(x)
             return self.matmul_q(xq, xs, i).to(x.dtype)
         packed = None if self.packed is None else (self.packed if i is None else self.packed[i])
-        if packed is not None:
-            if self.method == "int8":
-                return torch.ops.quantized.linear_dynamic(x.float(), packed).to(x.dtype)
+        if packed is not None:  # int4
             w, g, sz = packed
             return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w, g, sz).to(x.dtype)
         if self.method == "fp8" and x.is_cuda:

@@ -10,8 +10,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    # Each of host, port and key falls back to its environment variable (documented together in docs/serving.md).
+    p.add_argument("--host", default=os.environ.get("BLOCKDIFF_HOST") or "127.0.0.1",
+                   help="bind address (default: $BLOCKDIFF_HOST, else 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=None, help="port (default: $BLOCKDIFF_PORT, else 8000)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder's name "
                    "for a local path, else the MODEL argument)")
     p.add_argument("--api-key", default=os.environ.get("BLOCKDIFF_API_KEY"),
@@ -38,7 +40,6 @@ def register(subparsers) -> None:
                         "body: --max-body-bytes must hold 4/3 of this)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="decoded pixels of all images in one request (default 40M)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
 
@@ -66,6 +67,12 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.prefix_cache_bytes < 0:
         raise CLIError(f"--prefix-cache-bytes must be >= 0, got {args.prefix_cache_bytes}")
+    if args.port is None:
+        env = os.environ.get("BLOCKDIFF_PORT") or "8000"
+        try:
+            args.port = int(env)
+        except ValueError:
+            raise CLIError(f"$BLOCKDIFF_PORT must be a port number, got {env!r}") from None
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     from ..vision.media import MediaLimits
@@ -93,7 +100,7 @@ def cmd_serve(args) -> int:
     app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
-          f"(max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
+          f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', API key required' if args.api_key else ''})", flush=True)
     grace = args.shutdown_grace
 

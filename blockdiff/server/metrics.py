@@ -1,26 +1,19 @@
 """``/metrics``: the ``AsyncEngine`` counters and the server's own, exposed with ``prometheus_client``.
 
-The counters live in the engine (written by its thread); a custom collector reads them at scrape time into a
-registry of this app's own, so two apps in one process (the tests run several) never share or clash.
+The counters live in the engine (written by its thread; its latency histograms are prometheus_client
+``Histogram`` objects outside any registry); a custom collector reads them at scrape time into a registry of this
+app's own, so two apps in one process (the tests run several) never share or clash. Every sample carries a
+``model_name`` label (the served model id), as vLLM's metrics do, so one Prometheus can scrape several servers.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..engine.async_engine import AsyncEngine, Histogram
+from ..engine.async_engine import AsyncEngine
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-def _histogram(name: str, help: str, h: Histogram) -> HistogramMetricFamily:
-    buckets, cum = [], 0
-    for b, c in zip(h.buckets, h.counts):
-        cum += c
-        buckets.append((repr(float(b)), cum))
-    buckets.append(("+Inf", h.count))
-    return HistogramMetricFamily(name, help, buckets=buckets, sum_value=h.sum)
 
 
 def _counter(name: str, help: str, value: float) -> CounterMetricFamily:
@@ -36,6 +29,11 @@ class EngineCollector:
         self.engine, self.http_errors, self.model_name = engine, http_errors, model_name
 
     def collect(self):
+        for family in self._families():
+            family.samples = [s._replace(labels={"model_name": self.model_name, **s.labels}) for s in family.samples]
+            yield family
+
+    def _families(self):
         e, c = self.engine, self.engine.counters
         req = CounterMetricFamily("blockdiff_requests_total", "Requests by outcome: stop/length (finished), abort "
                                   "(cancelled, e.g. the client left), error (the engine failed), rejected (over "
@@ -71,10 +69,8 @@ class EngineCollector:
         yield _gauge("blockdiff_requests_waiting", "Admitted requests waiting for a batch slot.", e.num_waiting)
         yield _gauge("blockdiff_max_num_seqs", "Batch slots.", e.max_num_seqs)
         yield _gauge("blockdiff_max_waiting", "Waiting slots before requests are refused with 429.", e.max_waiting)
-        yield _histogram("blockdiff_step_seconds", "Engine tick latency.", c.step_seconds)
-        yield _histogram("blockdiff_time_to_first_block_seconds", "Arrival to first committed canvas.",
-                         c.time_to_first_block)
-        yield _histogram("blockdiff_request_seconds", "Arrival to finish.", c.request_seconds)
+        for h in (c.step_seconds, c.time_to_first_block, c.request_seconds):
+            yield from h.collect()
         info = GaugeMetricFamily("blockdiff_model_info", "The served model.", labels=["model"])
         info.add_metric([self.model_name], 1)
         yield info

@@ -4,6 +4,13 @@ The engine cuts ``output_ids`` at the token that completes a stop string; the te
 string (as ``LLM.generate`` does). While streaming, a tail that may still become a stop string or a multi-byte
 character is held back until the next canvas decides it, so the streamed deltas add up to exactly the
 non-streamed text.
+
+Ids are detokenized incrementally with tokenizers' ``DecodeStream`` (``Tokenizer.decode_stream``): one call per
+canvas for its new ids, instead of decoding the whole output again on every canvas. It returns nothing for ids
+that end inside a multi-byte character until the character is complete; what it still holds at the end (bytes no
+later id completed) comes from one full decode in ``finish``, so the text equals ``tokenizer.decode(ids)`` exactly.
+Byte soup that decodes differently once more bytes arrive (invalid UTF-8 from byte-fallback tokens) makes
+``DecodeStream`` raise; that request then decodes its whole output on every canvas, as blockdiff did before.
 """
 
 from __future__ import annotations
@@ -14,36 +21,47 @@ class TextStream:
         self.tok = tokenizer
         self.stops = list(stops or [])
         self.eos_ids = set(eos_ids)
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the output's text ids (the id that ended it, EOS or a stop id, left out)
+        self.text = ""  # what the decode stream has produced so far
+        self._decoder = None if tokenizer is None else tokenizer.decode_stream()
+        self._redecode = False  # the decode stream gave up: decode all ids on every push
         self.sent = 0  # characters of the text already handed out
         self.stopped = False
 
-    def _text(self) -> str:
-        if self.tok is None:
-            return ""
-        ids = self.ids
-        if ids and ids[-1] in self.eos_ids:  # the EOS (or a stop token id) ends the output; it is not text
-            ids = ids[:-1]
-        return self.tok.decode(ids)
+    def _add(self, ids: list[int]) -> None:
+        cut = next((k for k, i in enumerate(ids) if i in self.eos_ids), len(ids))
+        ids = list(ids[:cut])  # the EOS (or a stop token id) ends the output; it is not text
+        self.ids.extend(ids)
+        if self._decoder is not None and ids:
+            try:
+                piece = self._decoder.step(ids)
+            except Exception:  # tokenizers: "Invalid prefix encountered while decoding stream"
+                self._decoder, self._redecode = None, True
+                return
+            if piece:
+                self.text += piece
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """Add committed ids; return the text that is now certain. ``final``: no more ids will come."""
         if self.stopped:
             return ""
-        self.ids.extend(ids)
-        text = self._text()
+        self._add(ids)
+        if self.tok is not None and (final or self._redecode):
+            # Final: bytes no later id completed are still inside the decode stream; the full decode has them.
+            self.text = self.tok.decode(self.ids)
+            if not final:
+                self.text = self.text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
+        text = self.text
         end = len(text)
         hits = [text.find(s) for s in self.stops if s in text]
         if hits:
             end, final = min(hits), True
             self.stopped = True
         if not final:
-            stripped = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
-            end = len(stripped)
             for s in self.stops:  # the longest tail that is a proper prefix of a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
-                    if stripped.endswith(s[:k]):
-                        end = min(end, len(stripped) - k)
+                    if text.endswith(s[:k]):
+                        end = min(end, len(text) - k)
                         break
         delta = text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)

@@ -32,7 +32,7 @@ def _load(args):
     from ..cli import auto_threads, check_device, check_threads
 
     check_threads(args.threads)
-    check_device(args.device)
+    args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
@@ -151,7 +151,7 @@ def cmd_demo(args) -> int:
 def _common(p):
     p.add_argument("--model", default=BUNDLED_MODEL, help="checkpoint folder (default: the bundled model)")
     p.add_argument("--steps", type=int, help="max denoising steps (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0)
     from ..cli import add_quantization_arguments
     add_quantization_arguments(p)

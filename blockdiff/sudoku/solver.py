@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..progress import progress
 from . import format as fmt
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "sudoku")
@@ -36,16 +37,19 @@ def solve_diffusion(llm, puzzles: list[list[int]], seed: int = 0, batch_size: in
                     max_denoising_steps: int | None = None, on_event=None, **overrides) -> list[Solution]:
     """Batches of puzzles through ``llm.generate``; puzzle i samples with seed ``seed + i``."""
     out: list[Solution] = []
-    for start in range(0, len(puzzles), batch_size):
-        chunk = puzzles[start:start + batch_size]
-        t0 = time.perf_counter()
-        res = llm.generate(prompt_token_ids=[fmt.encode_prompt(p) for p in chunk],
-                           sampling_params=[sampling_params(p, seed + start + i, max_denoising_steps, **overrides)
-                                            for i, p in enumerate(chunk)],
-                           on_event=on_event)
-        dt = (time.perf_counter() - t0) / len(chunk)
-        for r in res:
-            out.append(Solution(fmt.decode_canvas(r.token_ids), r.metrics.denoise_steps, dt))
+    # A caller that watches the events (the demo's live grid) draws its own view: no bar over it.
+    with progress(f"solving {len(puzzles)} puzzles", total=len(puzzles), show=on_event is None) as bar:
+        for start in range(0, len(puzzles), batch_size):
+            chunk = puzzles[start:start + batch_size]
+            t0 = time.perf_counter()
+            res = llm.generate(prompt_token_ids=[fmt.encode_prompt(p) for p in chunk],
+                               sampling_params=[sampling_params(p, seed + start + i, max_denoising_steps, **overrides)
+                                                for i, p in enumerate(chunk)],
+                               on_event=on_event)
+            dt = (time.perf_counter() - t0) / len(chunk)
+            for r in res:
+                out.append(Solution(fmt.decode_canvas(r.token_ids), r.metrics.denoise_steps, dt))
+            bar.advance(len(chunk))
     return out
 
 
@@ -53,11 +57,13 @@ def solve_autoregressive(model, puzzles: list[list[int]], batch_size: int = 64) 
     from ..engine.ar import ar_generate
 
     out: list[Solution] = []
-    for start in range(0, len(puzzles), batch_size):
-        chunk = puzzles[start:start + batch_size]
-        t0 = time.perf_counter()
-        res = ar_generate(model, [fmt.encode_prompt(p) for p in chunk], fmt.CANVAS_LENGTH,
-                          allowed_token_ids=fmt.DIGIT_TOKEN_IDS)
-        dt = (time.perf_counter() - t0) / len(chunk)
-        out.extend(Solution(fmt.decode_canvas(ids), 0, dt) for ids in res)
+    with progress(f"solving {len(puzzles)} puzzles (autoregressive)", total=len(puzzles)) as bar:
+        for start in range(0, len(puzzles), batch_size):
+            chunk = puzzles[start:start + batch_size]
+            t0 = time.perf_counter()
+            res = ar_generate(model, [fmt.encode_prompt(p) for p in chunk], fmt.CANVAS_LENGTH,
+                              allowed_token_ids=fmt.DIGIT_TOKEN_IDS)
+            dt = (time.perf_counter() - t0) / len(chunk)
+            out.extend(Solution(fmt.decode_canvas(ids), 0, dt) for ids in res)
+            bar.advance(len(chunk))
     return out

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-puzzles", type=int, default=64)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
@@ -76,7 +76,7 @@ def run(args) -> int:
 
     check_threads(args.threads)
     if getattr(args, "device", None):
-        check_device(args.device)
+        args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = build_task(args)

@@ -9,11 +9,11 @@ reference - plus ``trainer_state.pt`` (optimizer, step, RNG states, elapsed time
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,6 +21,7 @@ import torch
 from ..config import ModelConfig
 from ..loader import load_model, save_model
 from ..model import DiffusionGemma
+from ..progress import progress
 from .objective import diffusion_loss
 from .recipes import count_parameters, init_weights
 from .tasks import Task
@@ -59,16 +60,41 @@ class TrainOptions:
     extra: dict = field(default_factory=dict)
 
 
-def lr_at(step: int, o: TrainOptions) -> float:
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
+def make_scheduler(opt: torch.optim.Optimizer, o: TrainOptions) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate per schedule step, from torch.optim.lr_scheduler: a linear warm-up to ``lr`` over
+    ``warmup_steps`` (step s: lr * (s + 1) / warmup), then constant, or a linear decay from ``decay_start`` to
+    ``lr * min_lr_ratio`` at ``max_steps``, or (``schedule="cosine"``) a cosine to ``lr * min_lr_ratio`` at
+    ``max_steps``. Build it while the optimizer's groups still hold ``lr`` (before loading a saved state)."""
+    from torch.optim import lr_scheduler as ls
+
+    w, t, m = o.warmup_steps, o.max_steps, o.min_lr_ratio
+    phases, starts = [], []
+
+    def phase(sched, start):
+        phases.append(sched)
+        starts.append(start)
+
+    if w > 0:
+        phase(ls.LinearLR(opt, start_factor=1 / w, end_factor=1.0, total_iters=max(w - 1, 1)), 0)
     if o.schedule == "cosine":
-        frac = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
-        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-    if o.decay_start and step >= o.decay_start:
-        frac = min(1.0, (step - o.decay_start) / max(1, o.max_steps - o.decay_start))
-        return o.lr * (1 - (1 - o.min_lr_ratio) * frac)
-    return o.lr
+        phase(ls.CosineAnnealingLR(opt, T_max=max(1, t - w), eta_min=o.lr * m), w)
+    elif o.decay_start:
+        d = max(o.decay_start, w)  # a decay that starts inside the warm-up takes over where the warm-up ends
+        if d > w:
+            phase(ls.ConstantLR(opt, factor=1.0, total_iters=0), w)
+        f0 = 1 - (1 - m) * (d - o.decay_start) / max(1, t - o.decay_start)
+        phase(ls.LinearLR(opt, start_factor=f0, end_factor=m, total_iters=max(1, t - d)), d)
+    if not phases:
+        phase(ls.ConstantLR(opt, factor=1.0, total_iters=0), 0)
+    if len(phases) == 1:
+        return phases[0]
+    return ls.SequentialLR(opt, phases, milestones=starts[1:])
+
+
+def advance_scheduler(sched: torch.optim.lr_scheduler.LRScheduler, to_step: int) -> None:
+    """Step the scheduler up to schedule step ``to_step`` (several steps at once when a time budget jumps)."""
+    while sched.last_epoch < to_step:
+        sched.step()
 
 
 def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optimizer:
@@ -104,10 +130,19 @@ class Trainer:
             raise ValueError(f"model (vocab {m.vocab_size}, canvas {m.canvas_length}) does not fit task "
                              f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length})")
         self.opt = make_optimizer(m, o)
+        self.scheduler = make_scheduler(self.opt, o)
         if resuming:
             st = torch.load(state_path, map_location="cpu", weights_only=False)
-            self.opt.load_state_dict(st["optimizer"])
             self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
+            if "scheduler" not in st:  # a state saved before the scheduler was: replay the schedule
+                with warnings.catch_warnings():  # torch warns about stepping before optimizer.step(): intended
+                    warnings.simplefilter("ignore", UserWarning)
+                    advance_scheduler(self.scheduler, self.schedule_step())
+            self.opt.load_state_dict(st["optimizer"])
+            if "scheduler" in st:
+                self.scheduler.load_state_dict(st["scheduler"])
+            for g, lr in zip(self.opt.param_groups, self.scheduler.get_last_lr()):
+                g["lr"] = lr
             self.rng.setstate(st["python_rng"])
             self.gen.set_state(st["torch_rng"])
             self.log(f"resumed {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min trained so far)")
@@ -134,8 +169,7 @@ class Trainer:
         dev = o.device
         prompt, answer = batch.prompt.to(dev), batch.answer.to(dev)
         fixed = batch.fixed.to(dev) if (o.clamp_givens and batch.fixed is not None) else None
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(sched, o)
+        advance_scheduler(self.scheduler, sched)
         gen = self.gen if dev == "cpu" else None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=o.amp_bf16 and dev.startswith("cuda")):
             out = diffusion_loss(m, prompt, answer, self._device_gen(gen), fixed=fixed, sc_prob=o.sc_prob,
@@ -168,9 +202,9 @@ class Trainer:
         if tok is not None:
             with open(os.path.join(o.out_dir, "tokenizer.json"), "w") as f:
                 json.dump(tok, f, indent=1)
-        state = {"optimizer": self.opt.state_dict(), "step": self.step, "elapsed_s": self.elapsed_s,
-                 "examples": self.examples, "python_rng": self.rng.getstate(), "torch_rng": self.gen.get_state(),
-                 "options": asdict(o)}
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
+                 "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(),
+                 "torch_rng": self.gen.get_state(), "options": asdict(o)}
         tmp = os.path.join(o.out_dir, STATE_FILE + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(o.out_dir, STATE_FILE))
@@ -185,41 +219,43 @@ class Trainer:
         start_wall = time.time()
         window, t_window = [], time.time()
         last = {}
-        while not self.finished():
-            t0 = time.time()
-            rec = self.train_step()
-            self.elapsed_s += time.time() - t0
-            window.append(rec)
-            last = rec
-            if self.step % o.log_every == 0 or self.step == o.max_steps:
-                dt = time.time() - t_window
-                n = len(window)
-                avg = {k: sum(r[k] for r in window) / n for k in ("loss", "dec", "enc", "acc")}
-                ex_s = n * o.batch_size / max(dt, 1e-9)
-                eta = (o.max_steps - self.step) * dt / n
-                if o.time_budget_s:
-                    eta = min(eta, max(0.0, o.time_budget_s - self.elapsed_s))
-                self.log(f"step {self.step}/{o.max_steps} loss {avg['loss']:.4f} (dec {avg['dec']:.4f} "
-                         f"enc {avg['enc']:.4f}) noised-acc {avg['acc']:.3f} lr {rec['lr']:.2e} "
-                         f"{ex_s:.1f} ex/s {ex_s * self.task.canvas_length:.0f} canvas tok/s "
-                         f"ETA {eta / 60:.1f} min {self.task.describe(self.schedule_step())}")
-                self._log_json({"step": self.step, "examples": self.examples, "elapsed_s": round(self.elapsed_s, 1),
-                                **{k: round(v, 5) for k, v in avg.items()}, "lr": rec["lr"],
-                                "stage": self.task.describe(self.schedule_step())})
-                window, t_window = [], time.time()
-            if o.eval_every and self.step % o.eval_every == 0:
-                t1 = time.time()
-                ev = self.task.evaluate(self.model, self.step)
-                if ev:
-                    self.log(f"eval step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items())
-                             + f" ({time.time() - t1:.1f}s)")
-                    self._log_json({"step": self.step, "elapsed_s": round(self.elapsed_s, 1), "eval": ev})
-                t_window += time.time() - t1
-            if o.save_every and self.step % o.save_every == 0:
-                self.save()
-            if o.time_limit_s and time.time() - start_wall > o.time_limit_s:
-                self.log(f"time limit reached at step {self.step}")
-                break
+        with progress("training", total=o.max_steps, completed=self.step) as bar:
+            while not self.finished():
+                t0 = time.time()
+                rec = self.train_step()
+                bar.update(completed=self.step)
+                self.elapsed_s += time.time() - t0
+                window.append(rec)
+                last = rec
+                if self.step % o.log_every == 0 or self.step == o.max_steps:
+                    dt = time.time() - t_window
+                    n = len(window)
+                    avg = {k: sum(r[k] for r in window) / n for k in ("loss", "dec", "enc", "acc")}
+                    ex_s = n * o.batch_size / max(dt, 1e-9)
+                    eta = (o.max_steps - self.step) * dt / n
+                    if o.time_budget_s:
+                        eta = min(eta, max(0.0, o.time_budget_s - self.elapsed_s))
+                    self.log(f"step {self.step}/{o.max_steps} loss {avg['loss']:.4f} (dec {avg['dec']:.4f} "
+                             f"enc {avg['enc']:.4f}) noised-acc {avg['acc']:.3f} lr {rec['lr']:.2e} "
+                             f"{ex_s:.1f} ex/s {ex_s * self.task.canvas_length:.0f} canvas tok/s "
+                             f"ETA {eta / 60:.1f} min {self.task.describe(self.schedule_step())}")
+                    self._log_json({"step": self.step, "examples": self.examples, "elapsed_s": round(self.elapsed_s, 1),
+                                    **{k: round(v, 5) for k, v in avg.items()}, "lr": rec["lr"],
+                                    "stage": self.task.describe(self.schedule_step())})
+                    window, t_window = [], time.time()
+                if o.eval_every and self.step % o.eval_every == 0:
+                    t1 = time.time()
+                    ev = self.task.evaluate(self.model, self.step)
+                    if ev:
+                        self.log(f"eval step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items())
+                                 + f" ({time.time() - t1:.1f}s)")
+                        self._log_json({"step": self.step, "elapsed_s": round(self.elapsed_s, 1), "eval": ev})
+                    t_window += time.time() - t1
+                if o.save_every and self.step % o.save_every == 0:
+                    self.save()
+                if o.time_limit_s and time.time() - start_wall > o.time_limit_s:
+                    self.log(f"time limit reached at step {self.step}")
+                    break
         self.save()
         self.log(f"saved {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min of training)")
         sys.stdout.flush()

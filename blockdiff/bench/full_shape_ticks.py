@@ -169,7 +169,7 @@ def run_full_benchmark(shape: str = "full", device: str = "cuda", dtype: str = "
                        peak_bandwidth_gbs: float | None = None, seed: int = 0, log=print) -> dict:
     from .. import __version__
     from ..engine.llm import LLM
-    from ..loader import resolve_dtype
+    from ..placement import resolve_dtype
     from ..sampling.params import SamplingParams
     from .harness import make_prompt
 

@@ -1,7 +1,7 @@
 """How often a seeded request's output differs alone vs batched, in the default and the deterministic mode.
 
-    python -m blockdiff.bench.seeds --sudoku --requests 16 --out seeds_sudoku.json
-    python -m blockdiff.bench.seeds --random-config tiny --requests 16 --max-new-tokens 64
+    python scripts/seed_stability.py --sudoku --requests 16 --out seeds_sudoku.json
+    python scripts/seed_stability.py --random-config tiny --requests 16 --max-new-tokens 64
 
 Each request runs once alone and once among all ``--requests`` (one ``generate`` call, so the engine batches
 them tick by tick, at different steps). Reported per mode: the fraction of requests whose tokens differ and the
@@ -39,9 +39,9 @@ def agreement(llm, prompts: list[list[int]], params: list) -> dict:
 
 
 def sudoku_requests(n: int, seed: int, steps: int | None):
-    from ..sudoku import format as fmt
-    from ..sudoku.puzzles import generate
-    from ..sudoku.solver import sampling_params
+    from blockdiff.sudoku import format as fmt
+    from blockdiff.sudoku.puzzles import generate
+    from blockdiff.sudoku.solver import sampling_params
 
     r = random.Random(seed)
     puzzles = [generate(r, 30, 45)[0] for _ in range(n)]
@@ -49,8 +49,8 @@ def sudoku_requests(n: int, seed: int, steps: int | None):
 
 
 def random_requests(vocab: int, n: int, seed: int, max_new_tokens: int, steps: int | None):
-    from ..sampling.params import SamplingParams
-    from .harness import make_prompt
+    from blockdiff.sampling.params import SamplingParams
+    from blockdiff.bench.harness import make_prompt
 
     base = SamplingParams(max_new_tokens=max_new_tokens, max_denoising_steps=steps, ignore_eos=True)
     prompts = [make_prompt(vocab, 4 + (7 * i) % 29, seed + i) for i in range(n)]
@@ -60,7 +60,7 @@ def random_requests(vocab: int, n: int, seed: int, max_new_tokens: int, steps: i
 def main(argv=None) -> int:
     import torch
 
-    from ..engine.llm import LLM
+    from blockdiff.engine.llm import LLM
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model
         if a.sudoku:
-            from ..sudoku.solver import BUNDLED_MODEL
+            from blockdiff.sudoku.solver import BUNDLED_MODEL
             path = BUNDLED_MODEL
         elif a.random_config:
             from .checkpoints import write_random_checkpoint

@@ -18,15 +18,14 @@ import json
 import resource
 import time
 
+import psutil
 import torch
 
 from ..heap import lean_heap
 
 
 def _rss_gb() -> float:
-    import os
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    return psutil.Process().memory_info().rss / 2 ** 30
 
 
 def _peak_gb() -> float:
@@ -34,9 +33,7 @@ def _peak_gb() -> float:
 
 
 def _check_available(name: str, floor_gb: float = 2.0) -> None:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    avail = int(info["MemAvailable"].split()[0]) / 2 ** 20
+    avail = psutil.virtual_memory().available / 2 ** 30
     if avail < floor_gb:
         raise MemoryError(f"stopped before {name}: only {avail:.1f} GB of memory left on this machine")
 

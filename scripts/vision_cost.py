@@ -1,6 +1,6 @@
 """Cost of an image: vision-tower encode time per image and prompt tokens per image, at a given vision shape.
 
-    python -m blockdiff.bench.vision --threads 1 --out vision.json
+    python scripts/vision_cost.py --threads 1 --out vision.json
 
 Builds the vision tower + embedder with random weights (the released shape by default: see ``RELEASED_VISION``),
 runs ``image_features`` on processed images of several sizes and soft-token budgets, and reports per image: the
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from ..config import VisionConfig
-from ..model.vision import VisionEncoder
-from ..vision.processor import ImageProcessor
+from blockdiff.config import VisionConfig
+from blockdiff.model.vision_tower import VisionEncoder
+from blockdiff.vision.processor import ImageProcessor
 
 # Assumed vision_config of google/diffusiongemma-26B-A4B-it (the Gemma 4 26B-A4B tower; REFERENCE.md gives 27
 # layers): SigLIP-so400m widths with Gemma 4's GeGLU MLP and 2-D RoPE; 280 soft tokens per image by default.

@@ -1,0 +1,81 @@
+"""A model reference -> files on this machine: a local folder, a local ``.gguf`` file, or a Hugging Face hub id.
+
+- ``org/name``: the checkpoint's config, tokenizer and safetensors through ``huggingface_hub.snapshot_download``
+  (its own progress bars; its cache: ``$HF_HOME/hub`` unless ``download_dir`` is given, as vLLM's
+  ``--download-dir``), at ``revision`` (a branch, tag or commit; default the repo's main branch).
+- ``org/name:file.gguf`` or ``org/name`` with ``gguf_file="file.gguf"``: that one GGUF file through
+  ``huggingface_hub.hf_hub_download``.
+
+Anything that looks like a path (``./x``, ``/x``, ``~/x``, more than one ``/``) never goes to the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .checks import CheckpointError
+
+log = logging.getLogger("blockdiff")
+
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and all(ref.split("/"))
+
+
+def split_gguf_ref(ref: str, gguf_file: str | None = None) -> tuple[str, str] | None:
+    """``(repo_id, filename)`` when ``ref`` names a GGUF file on the hub, else None (a local path or a folder)."""
+    ref = str(ref)
+    if gguf_file is not None:
+        if not gguf_file.lower().endswith(".gguf"):
+            raise ValueError(f"--gguf-file must name a .gguf file, got {gguf_file!r}")
+        if not _looks_like_hub_id(ref):
+            raise ValueError(f"--gguf-file needs a hub id like 'org/name' as the model, got {ref!r}")
+        return ref, gguf_file
+    if ":" in ref and ref.lower().endswith(".gguf") and not os.path.exists(os.path.expanduser(ref)):
+        repo, _, name = ref.partition(":")
+        if _looks_like_hub_id(repo) and name:
+            return repo, name
+    return None
+
+
+def is_gguf(ref, gguf_file: str | None = None) -> bool:
+    return gguf_file is not None or str(ref).lower().endswith(".gguf")
+
+
+def resolve_gguf(ref: str, gguf_file: str | None = None, revision: str | None = None,
+                 download_dir: str | None = None) -> str:
+    """A local ``.gguf`` path for ``ref`` (downloaded from the hub for ``org/name:file.gguf`` / ``gguf_file``)."""
+    hub = split_gguf_ref(ref, gguf_file)
+    if hub is None:
+        return os.path.expanduser(str(ref))
+    repo, name = hub
+    log.info("fetching %s from %s on the Hugging Face hub (or its local cache)", name, repo)
+    try:
+        from huggingface_hub import hf_hub_download
+        return hf_hub_download(repo, name, revision=revision, cache_dir=download_dir)
+    except Exception as e:  # offline, unknown repo or file, gated...
+        raise CheckpointError(f"could not fetch {name!r} from {repo!r} on the hub: {e}") from e
+
+
+def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str | None = None) -> str:
+    """A local folder, or a hub id fetched with huggingface_hub (needs a network; tests never do this)."""
+    path_or_id = os.path.expanduser(path_or_id)  # "~/ckpt" is a local path, never a hub id
+    if os.path.isdir(path_or_id):
+        if revision is not None:
+            log.warning("--revision %s is ignored for the local folder %s", revision, path_or_id)
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder")
+    if not _looks_like_hub_id(path_or_id):
+        raise CheckpointError(f"no checkpoint folder at {path_or_id!r} (and it is not a hub id like 'org/name')")
+    log.info("fetching %s%s from the Hugging Face hub (or its local cache)", path_or_id,
+             f" at revision {revision}" if revision else "")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, revision=revision, cache_dir=download_dir,
+                                 allow_patterns=CHECKPOINT_FILES)
+    except Exception as e:  # offline, unknown repo, gated...
+        raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {e}") from e

@@ -1,0 +1,35 @@
+"""Where and in what precision a model lives: ``--device`` and ``--dtype`` resolved for every loader (safetensors in
+loader.py, GGUF in quant/gguf.py) and every command."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device):
+    """``"auto"`` (or None): ``"cuda"`` when a CUDA device is present, else ``"cpu"``; anything else unchanged."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def describe_device(device) -> str:
+    """One line for the start-up message: which device, and why when ``auto`` chose it."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # bf16 matmul is ~100x slower than fp32 on CPUs: compute in fp32 there.
+        return torch.bfloat16 if torch.device(resolve_device(device)).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))} or 'auto'")
+    return DTYPES[dtype]
