@@ -22,6 +22,7 @@ from ..vision.chat import extract_images
 from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
 from .engine import Engine
+from .failures import one_line
 from .model_state import Event, Metrics, ModelState
 
 
@@ -32,10 +33,11 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids only; ends with the EOS id when it stopped on EOS
     text: str | None
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" (this request alone failed: see ``error``)
     metrics: Metrics
     # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
     logprobs: list | None = None
+    error: str | None = None  # finish_reason "error": what failed, one line (the other requests ran on)
 
 
 def load_tokenizer(path: str):
@@ -204,16 +206,23 @@ class LLM:
             raise
         if use_tqdm:
             print(file=sys.stderr)
-        outs = []
-        for s, text in zip(states, texts):
-            out_text = self._decode(s.output_ids)
-            if out_text is not None and s.params.stop and s.constraint is None:  # stops never cut constrained text
-                cut = min((out_text.find(x) for x in s.params.stop if x in out_text), default=-1)
-                if cut >= 0:
-                    out_text = out_text[:cut]
-            outs.append(RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text,
-                                      s.finish_reason, s.metrics, s.output_logprobs))
-        return outs
+        return [self._output(s, text) for s, text in zip(states, texts)]
+
+    def _output(self, s: ModelState, text: str | None) -> RequestOutput:
+        """A finished request's output; a failure to detokenize it fails this output alone (finish_reason
+        "error")."""
+        out_text = None
+        if s.finish_reason != "error":
+            try:
+                out_text = self._decode(s.output_ids)
+            except Exception as e:  # noqa: BLE001 - this request's text only
+                s.finish_reason, s.error = "error", f"detokenizing its output failed: {one_line(e)}"
+        if out_text is not None and s.params.stop and s.constraint is None:  # stops never cut constrained text
+            cut = min((out_text.find(x) for x in s.params.stop if x in out_text), default=-1)
+            if cut >= 0:
+                out_text = out_text[:cut]
+        return RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text, s.finish_reason,
+                             s.metrics, s.output_logprobs, s.error)
 
     def chat(
         self,

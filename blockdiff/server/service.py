@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloadedError, EngineStoppedError,
-                                   RequestStream)
+                                   RequestFailedError, RequestStream)
 from ..engine.engine import Engine
 from ..sampling.params import SamplingParams
 from ..vision.chat import extract_images
@@ -45,6 +45,8 @@ def _sse(d: dict) -> str:
 def engine_failure(e: EngineFailedError) -> APIError:
     if isinstance(e, EngineStoppedError):
         return APIError(503, str(e), code="engine_stopped")
+    if isinstance(e, RequestFailedError):  # this request alone (docs/serving.md, "When one request fails")
+        return APIError(500, str(e), code="request_failed")
     return APIError(500, str(e), code="engine_error")
 
 
