@@ -113,6 +113,14 @@ class Engine:
                                                  self.defaults.eos_token_ids)
         return self._grammars
 
+    def check_structured(self, params: SamplingParams) -> None:
+        """Admission of a request's ``structured_outputs``: compiled, bound to the tokenizer and its first mask
+        computed within llguidance's limits and a time budget, or ``ValueError`` naming the field. The verdict is
+        cached, so ``make_state`` (on the server's event loop) only copies the admitted matcher. The server calls
+        this while preparing a request, off the event loop."""
+        if params.structured_outputs is not None:
+            self.grammars().prepared(params.structured_outputs)
+
     def _constraint(self, params: SamplingParams):
         end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
         return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length, params.seed,
