@@ -23,7 +23,7 @@ from ..prefix_cache import PrefixCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
 from ..sampling.truncation import logprob_columns, split_logprob_row
-from .failures import NON_FINITE, fail_request, guarded
+from .failures import NON_FINITE, fail_request, guarded, one_line
 from .model_state import ModelState, Phase, StepRow
 from .scheduler import Scheduler
 
@@ -109,8 +109,14 @@ class Engine:
         with self._grammars_lock:
             if self._grammars is None:
                 from ..structured import GrammarCompiler
-                self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
-                                                 self.defaults.eos_token_ids)
+                try:
+                    self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
+                                                     self.defaults.eos_token_ids)
+                except Exception as e:  # noqa: BLE001 - kept: every later request gets the same one-line 400
+                    self._grammars = ValueError(f"structured_outputs is not available with this checkpoint: the "
+                                                f"grammar engine cannot read its tokenizer ({one_line(e)})")
+        if isinstance(self._grammars, ValueError):
+            raise ValueError(str(self._grammars))
         return self._grammars
 
     def check_structured(self, params: SamplingParams) -> None:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ..checks import check_tokenizer_fits
 from ..config import GenerationDefaults
 from ..loader import is_gguf, load_model, resolve_path
 from ..model import DiffusionGemma
@@ -66,6 +67,8 @@ class LLM:
                                                                   quantization=quantization,
                                                                   quantize_embedding=quantize_embedding)
             self.model.batch_invariant = bool(deterministic)
+            if self.tokenizer is not None:
+                check_tokenizer_fits(self.tokenizer, self.model.vocab_size, f"{model} (its tokenizer)")
             self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                                  prefix_cache_bytes=prefix_cache_bytes)
             self.images = ImagePrompter.for_model(self.model, None, self.tokenizer)
@@ -77,6 +80,8 @@ class LLM:
         self.model.batch_invariant = bool(deterministic)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
+        if self.tokenizer is not None:
+            check_tokenizer_fits(self.tokenizer, self.model.vocab_size, os.path.join(path, "tokenizer.json"))
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                              prefix_cache_bytes=prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
