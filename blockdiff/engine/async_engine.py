@@ -10,7 +10,8 @@ Contract:
 - A request that fails alone inside a tick (``Engine``: its constraint, sampler row, stop check, image,
   non-finite logits) ends with ``RequestFailedError`` on its stream; the tick goes on for the others. A tick that
   raises anyway (a bug in batched work) fails the requests it was running with ``EngineFailedError`` (HTTP 500);
-  the thread keeps serving the others. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError`` (HTTP 503).
+  the thread keeps serving the others. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError``
+  (HTTP 503).
 """
 
 from __future__ import annotations

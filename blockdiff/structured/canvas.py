@@ -40,8 +40,8 @@ from .spec import compile_spec, kind
 # not bound everything (``a{1000}{1000}`` took 5 s for its first mask under the defaults), hence the clock too.
 ADMIT_SECONDS = 1.0
 STEP_SECONDS = 1.0
-ADMITTED_CACHE = 64
-MAX_FORCED_BYTES = 16384  # a constraint may force at most this much text before the model chooses anything  # specs whose verdict (a ready matcher, or the refusal) is kept
+ADMITTED_CACHE = 64  # specs whose verdict (a ready matcher, or the refusal) is kept
+MAX_FORCED_BYTES = 16384  # a constraint may force at most this much text before the model chooses anything
 
 
 def _clean(msg: str) -> str:
