@@ -5,7 +5,13 @@ commits a canvas (per request in deterministic mode), then one batched ``denoise
 a canvas (each against its own prefix, at its own step, with its own sampling parameters), then one batched
 sampler step over all default-mode rows (per-row parameters as tensors, counter-based random numbers, no host
 sync) and the reference-mode rows one by one (their generators draw in the reference's order). The host reads
-back once per tick, in one transfer: the argmax canvases, acceptance and the stop flags.
+back once per tick, in one transfer: the argmax canvases, acceptance, the stop flags and whether each row's
+logits were finite.
+
+Failure is per request (``failures.py``): whatever fails for one request inside a tick (its encode or image, its
+sampler settings, its constraint, its stop check, non-finite logits) ends that request with
+``finish_reason="error"``; a batched call that raises is retried row by row where that is exact (encode, the
+forward, building the sampler's row parameters) to find the request it was; the tick goes on for the others.
 """
 
 from __future__ import annotations
