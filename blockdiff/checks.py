@@ -36,6 +36,15 @@ def read_json(path: str, what: str = "an object") -> dict:
     return data
 
 
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """A tokenizer with more entries than the model has embeddings would turn prompts into ids the model cannot
+    read: every request would fail, so the checkpoint fails at load, naming the file."""
+    n = tokenizer.vocab_size
+    if n > vocab_size:
+        raise CheckpointError(f"{where} has {n} entries but the model's vocabulary (vocab_size in config.json) "
+                              f"has {vocab_size}: prompts would hold token ids the model has no embedding for")
+
+
 def json_type(v) -> str:
     if v is None:
         return "null"

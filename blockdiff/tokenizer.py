@@ -59,6 +59,17 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+def _compile_template(template: str, where: str):
+    """The chat template compiled at load: a syntax error fails the checkpoint in one line naming the file, not
+    every chat request later."""
+    try:
+        return _environment().from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise CheckpointError(f"{where} is not a valid jinja template: {e.message} (line {e.lineno})") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise CheckpointError(f"{where} is not a valid jinja template: {e}") from None
+
+
 def _message_text(content, index: int, image_placeholder: str | None = None):
     if isinstance(content, str):
         return content
@@ -133,13 +144,21 @@ class Tokenizer:
         template = None
         jinja_path = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja_path):
-            with open(jinja_path, encoding="utf-8") as f:
-                template = f.read()
+            template_where = jinja_path
+            try:
+                with open(jinja_path, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"cannot read {jinja_path}: {e}") from None
         else:
+            template_where = f"{cfg_path} ('chat_template')"
             template = config.get("chat_template")
             if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
                 named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default")
+            if template is not None and not isinstance(template, str):
+                raise CheckpointError(f"{template_where} must be a string (a jinja template)")
+        compiled = _compile_template(template, template_where) if template else None
         extra_eos = []
         gen_path = os.path.join(path, "generation_config.json")
         if os.path.exists(gen_path):
@@ -150,7 +169,9 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{tj} is not a valid tokenizer.json: {msg}") from None
-        return cls(tok, config, template, extra_eos)
+        out = cls(tok, config, template, extra_eos)
+        out._template = compiled
+        return out
 
     # ------------------------------------------------------------------ ids
     @property

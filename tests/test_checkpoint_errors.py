@@ -147,3 +147,80 @@ def test_sudoku_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
     assert "/nonexistent" in err and "does not exist" in err, err
     err = run_fails(capsys, ["sudoku", "--puzzles", str(puzzles), "--out", str(tmp_path)])
     assert "is a folder" in err
+
+
+# ---------------------------------------------------------------- checkpoints that would start, then fail every request
+def test_chat_template_with_a_syntax_error_fails_at_load_naming_the_file(ckpt, capsys):
+    with open(os.path.join(ckpt, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m['content'] }")  # unclosed tag and loop
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert os.path.join(ckpt, "chat_template.jinja") in err and "is not a valid jinja template" in err, err
+
+
+def test_chat_template_in_tokenizer_config_with_a_syntax_error_names_the_file(ckpt, capsys):
+    os.remove(os.path.join(ckpt, "chat_template.jinja"))
+    edit_json(os.path.join(ckpt, "tokenizer_config.json"), lambda d: d.update(chat_template="{% if %}"))
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert "tokenizer_config.json ('chat_template') is not a valid jinja template" in err, err
+
+
+def test_tokenizer_with_more_entries_than_the_vocabulary_fails_at_load(ckpt, capsys):
+    from fixtures import write_tokenizer
+
+    write_tokenizer(ckpt, 600)  # the model has 512 embeddings
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert os.path.join(ckpt, "tokenizer.json") in err and "has 600 entries" in err and "512" in err, err
+
+
+@pytest.mark.parametrize("content,words", [
+    ("{not json", "is not valid JSON"),
+    ('{"image_processor": {"patch_size": "big"}}', "invalid image processor settings"),
+], ids=["syntax", "value"])
+def test_invalid_processor_config_names_the_file(tmp_path, capsys, content, words):
+    from fixtures import TINY_VISION_CONFIG, make_checkpoint
+
+    path = make_checkpoint(tmp_path / "mm", vision=dict(TINY_VISION_CONFIG, patch_size=8, pooling_kernel_size=2,
+                                                        position_embedding_size=160))
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        f.write(content)
+    err = run_fails(capsys, ["run", path, "hi"])
+    assert os.path.join(path, "processor_config.json") in err and words in err, err
+
+
+def test_server_start_leaves_no_unretrieved_future(caplog):
+    """The structured-output warm-up runs in the background at start-up; with the bundled model (whose tokenizer the
+    grammar engine cannot read) its failure is logged once as a warning, never asyncio's "Future exception was
+    never retrieved"; structured requests then get a one-line 400 saying why."""
+    import gc
+    import logging
+
+    import httpx
+
+    from blockdiff import LLM
+    from blockdiff.server import build_app
+    from test_server import LiveServer
+
+    llm = LLM(os.path.join(os.path.dirname(__file__), "..", "blockdiff", "models", "sudoku"), dtype="float32")
+    caplog.set_level(logging.WARNING)
+    app = build_app(llm, "sudoku")
+    srv = LiveServer(app)
+    try:
+        fut = None
+        for _ in range(500):
+            fut = getattr(app.state, "grammar_warmup", None)
+            if fut is not None and fut.done():
+                break
+            import time
+            time.sleep(0.01)
+        assert fut is not None and fut.done()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "sudoku", "prompt": "1", "max_tokens": 8,
+                                                           "structured_outputs": {"regex": "[0-9]+"}}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "structured_outputs"
+        assert "not available with this checkpoint" in r.json()["error"]["message"]
+    finally:
+        srv.close()
+    del fut
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert any("structured outputs are unavailable" in r.getMessage() for r in caplog.records)

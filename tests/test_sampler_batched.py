@@ -98,12 +98,12 @@ def test_engine_tick_reads_back_once(tiny_checkpoint, monkeypatch):
     with torch.no_grad():
         llm.engine._denoise(states)
     C = llm.model.canvas_length
-    assert calls == [(5, C + 2)], calls  # stop flags + argmax canvases (no listener: no acceptance masks)
+    assert calls == [(5, C + 3)], calls  # stop flags, finite flags + argmax canvases (no listener: no masks)
     states[0].on_event = lambda ev: None
     calls.clear()
     with torch.no_grad():
         llm.engine._denoise([s for s in states if s.phase is Phase.DENOISING])
-    assert calls == [(5, 2 * C + 2)], calls  # a draft listener: the acceptance masks come along
+    assert calls == [(5, 2 * C + 3)], calls  # a draft listener: the acceptance masks come along
 
 
 def test_counter_rng_stays_in_int64_without_overflow_for_every_seed_bit():

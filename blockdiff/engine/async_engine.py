@@ -7,8 +7,11 @@ Contract:
 - Each request's events reach its ``RequestStream`` (an async iterator) through ``loop.call_soon_threadsafe``.
 - Admission: at most ``max_num_seqs`` requests run and ``max_waiting`` more wait; beyond that ``submit`` raises
   ``EngineOverloadedError`` (HTTP 429) instead of queueing without bound.
-- A tick that raises fails the requests it was running with ``EngineFailedError`` (HTTP 500); the thread keeps
-  serving the others. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError`` (HTTP 503).
+- A request that fails alone inside a tick (``Engine``: its constraint, sampler row, stop check, image,
+  non-finite logits) ends with ``RequestFailedError`` on its stream; the tick goes on for the others. A tick that
+  raises anyway (a bug in batched work) fails the requests it was running with ``EngineFailedError`` (HTTP 500);
+  the thread keeps serving the others. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError``
+  (HTTP 503).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineFailedError(RuntimeError):
     """The engine raised while running this request (HTTP 500)."""
+
+
+class RequestFailedError(EngineFailedError):
+    """This request alone failed inside a tick (its constraint, sampler row, stop check, image, non-finite
+    logits): its neighbours ran on. The message is one line naming what failed (HTTP 500 / an error event)."""
 
 
 class EngineStoppedError(EngineFailedError):
@@ -195,6 +203,9 @@ class AsyncEngine:
                 with self._cond:
                     self._streams.pop(stream.request_id, None)
                 self.counters.record(stream.state, ev.finish_reason or "abort")
+                if ev.finish_reason == "error":  # it failed alone: its stream raises, the others run on
+                    stream._put(RequestFailedError(f"this request failed: {ev.error}"))
+                    return
             stream._put(ev)
 
         # Validates params and prompt (ValueError) and builds the state before anything is queued.

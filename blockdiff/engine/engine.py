@@ -5,7 +5,13 @@ commits a canvas (per request in deterministic mode), then one batched ``denoise
 a canvas (each against its own prefix, at its own step, with its own sampling parameters), then one batched
 sampler step over all default-mode rows (per-row parameters as tensors, counter-based random numbers, no host
 sync) and the reference-mode rows one by one (their generators draw in the reference's order). The host reads
-back once per tick, in one transfer: the argmax canvases, acceptance and the stop flags.
+back once per tick, in one transfer: the argmax canvases, acceptance, the stop flags and whether each row's
+logits were finite.
+
+Failure is per request (``failures.py``): whatever fails for one request inside a tick (its encode or image, its
+sampler settings, its constraint, its stop check, non-finite logits) ends that request with
+``finish_reason="error"``; a batched call that raises is retried row by row where that is exact (encode, the
+forward, building the sampler's row parameters) to find the request it was; the tick goes on for the others.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ..prefix_cache import PrefixCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
 from ..sampling.truncation import logprob_columns, split_logprob_row
+from .failures import NON_FINITE, fail_request, guarded, one_line
 from .model_state import ModelState, Phase, StepRow
 from .scheduler import Scheduler
 
@@ -108,9 +115,23 @@ class Engine:
         with self._grammars_lock:
             if self._grammars is None:
                 from ..structured import GrammarCompiler
-                self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
-                                                 self.defaults.eos_token_ids)
+                try:
+                    self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size,
+                                                     self.defaults.eos_token_ids)
+                except Exception as e:  # noqa: BLE001 - kept: every later request gets the same one-line 400
+                    self._grammars = ValueError(f"structured_outputs is not available with this checkpoint: the "
+                                                f"grammar engine cannot read its tokenizer ({one_line(e)})")
+        if isinstance(self._grammars, ValueError):
+            raise ValueError(str(self._grammars))
         return self._grammars
+
+    def check_structured(self, params: SamplingParams) -> None:
+        """Admission of a request's ``structured_outputs``: compiled, bound to the tokenizer and its first mask
+        computed within llguidance's limits and a time budget, or ``ValueError`` naming the field. The verdict is
+        cached, so ``make_state`` (on the server's event loop) only copies the admitted matcher. The server calls
+        this while preparing a request, off the event loop."""
+        if params.structured_outputs is not None:
+            self.grammars().prepared(params.structured_outputs)
 
     def _constraint(self, params: SamplingParams):
         end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
@@ -161,17 +182,17 @@ class Engine:
         return self.scheduler.collect_finished()
 
     def _encode(self, states: list[ModelState]) -> None:
-        """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest)."""
+        """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest). A
+        request whose encode fails (its image, its tokens) ends alone: a failed batched call is retried row by row
+        to find it (the cache rows were not committed, so nothing half-written stays)."""
         model = self.model
         # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
         # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas. A prompt with
         # images is read alone too (its vision pass and image masks are its own).
         alone = [s for s in states if model.batch_invariant or (s.images is not None and s.phase is Phase.WAITING)]
         for s in alone:
-            ids = s.tokens_to_encode()
-            model.encode(torch.tensor([ids]), KVCache([s.cache]), **self._image_kwargs(s, ids))
-            self.stats["encode_tokens"] += len(ids)
-            s.encoded()
+            guarded(s, "encoding its prompt" if s.phase is Phase.WAITING else "committing its canvas",
+                    self._encode_alone, s, None)
         if alone:
             states = [s for s in states if all(s is not a for a in alone)]
             if not states:
@@ -191,12 +212,32 @@ class Engine:
             lengths = [n for n, _, _ in group]
             width = max(lengths)
             ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
-            model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
-            self.stats["encode_tokens"] += sum(lengths)
+            try:
+                model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
+                self.stats["encode_tokens"] += sum(lengths)
+            except Exception as e:
+                if len(group) == 1:
+                    fail_request(group[0][1], "encoding failed", e)
+                    continue
+                for _, s, t in group:  # find the request it was: each alone
+                    guarded(s, "encoding failed", self._encode_ids, s, t)
         for s, prompt, reused in prompts:
-            pc.insert(s.cache, prompt, reused)
+            if not s.finished:
+                pc.insert(s.cache, prompt, reused)
         for s in states:
-            s.encoded()
+            if not s.finished:
+                guarded(s, "starting its canvas", s.encoded)
+
+    def _encode_alone(self, s: ModelState, ids: list[int] | None) -> None:
+        ids = s.tokens_to_encode() if ids is None else ids
+        self.model.encode(torch.tensor([ids]), KVCache([s.cache]), **self._image_kwargs(s, ids))
+        self.stats["encode_tokens"] += len(ids)
+        s.encoded()
+
+    def _encode_ids(self, s: ModelState, ids: list[int]) -> None:
+        """Re-run one row of a failed batched encode (its prefix-cache blocks already attached)."""
+        self.model.encode(torch.tensor([ids]), KVCache([s.cache]))
+        self.stats["encode_tokens"] += len(ids)
 
     def _image_kwargs(self, s: ModelState, ids: list[int]) -> dict:
         """The prompt's images for its prefill encode (then dropped: later encodes are canvases)."""
@@ -212,11 +253,84 @@ class Engine:
         # Default-mode rows first, then reference-mode rows, then constrained rows (structured output: grammar
         # state lives on the host, so each takes its own step): each group is a contiguous view of the logits.
         states = sorted(states, key=_row_group)
+        # Each default row's sampler parameters, built before the forward: a request whose row cannot be built
+        # ends here, alone, and costs nobody a forward.
+        rows = {}
+        for s in states:
+            if _row_group(s) == 0:
+                rows[id(s)] = guarded(s, "its sampler settings failed", s.sampler_row)
+        states = [s for s in states if not s.finished]
+        if not states:
+            return
+        states, logits = self._denoise_logits(states)  # [B, C, V]
+        if not states:
+            return
         nd = sum(_row_group(s) == 0 for s in states)
         nr = nd + sum(_row_group(s) == 1 for s in states)
         B, C = len(states), self.canvas_length
         canvas = torch.stack([s.canvas for s in states]).to(dev)  # [B, C]
+        parts = []  # (row indices, (canvas, argmax, accepted, confident, finite)) in row order
+        if nd:
+            parts += self._default_rows(logits[:nd], canvas[:nd], states[:nd], [rows[id(s)] for s in states[:nd]])
+        for b in range(nd, nr):  # the reference's generator draws: one canvas at a time
+            s, p = states[b], states[b].params
+            res = guarded(s, "its sampler failed", reference_step, logits[b], canvas[b], s.step,
+                          p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound, s.generator,
+                          p.confidence_threshold)
+            if res is not None:
+                logits[b].copy_(res.probs)  # the buffer now holds every row's tempered distribution
+                parts.append(([b], _unsqueeze(res)))
+        for b in range(nr, B):  # constrained rows: a grammar mask at the first undecided position (structured/)
+            s, p = states[b], states[b].params
+            res = guarded(s, "its structured output constraint failed", s.constraint.step, logits[b], s.step,
+                          p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound, p.confidence_threshold)
+            if res is not None:
+                parts.append(([b], _unsqueeze(res)))
+        parts.sort(key=lambda x: x[0][0])
+        order = [b for idx, _ in parts for b in idx]
+        if not order:
+            return
+        if len(order) < B:  # rows that failed in the sampler leave the tick (a copy, on failure only)
+            logits, states = logits[order], [states[b] for b in order]
+        new_canvas, argmax, accepted, confident, finite = (torch.cat(x) for x in zip(*(r for _, r in parts)))
         previous = torch.stack([s.argmax for s in states]).to(dev)  # [B, C] last step's argmax canvas
+        soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
+        same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
+        # The one device-to-host transfer of the tick: the stop flags, whether each row's logits were finite, the
+        # argmax canvases (committed when a canvas finishes), only when someone listens to draft events the
+        # acceptance masks, and only when a request asked for them the logprobs (fp32 bit patterns).
+        drafts = any(s.on_event is not None for s in states)
+        lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
+        cols = [same[:, None].long(), confident[:, None].long(), finite[:, None].long(), argmax]
+        cols += [accepted.long()] if drafts else []
+        if lp_k is not None:
+            cols.append(logprob_columns(logits, argmax, lp_k))
+        host = torch.cat(cols, 1).tolist()
+        A = 3  # argmax columns start here
+        lp_at = A + C + (C if drafts else 0)
+        for b, s in enumerate(states):
+            row = host[b]
+            if not row[2]:  # non-finite logits: never a success with garbage
+                fail_request(s, NON_FINITE.format(step=s.step + 1))
+                continue
+            guarded(s, "finishing its denoising step failed", self._apply, s, row, new_canvas[b], argmax[b],
+                    soft[b], C, A, drafts, lp_k, lp_at)
+        self.stats["denoise_steps"] += len(states)
+
+    @staticmethod
+    def _apply(s: ModelState, row: list, canvas, argmax, soft, C: int, A: int, drafts: bool, lp_k, lp_at: int):
+        """One request's share of the readback: its logprobs, then its step (stop checks, constraint settling and
+        its events happen in ``apply_step``)."""
+        if lp_k is not None and s.params.logprobs is not None:  # before apply_step: it may commit the canvas
+            s.step_logprobs = split_logprob_row(row[lp_at:], C, lp_k, s.params.logprobs)
+        s.apply_step(StepRow(canvas, argmax, row[A:A + C], [bool(x) for x in row[A + C:A + 2 * C]] if drafts
+                             else None, bool(row[0]), bool(row[1])), soft)
+
+    def _denoise_logits(self, states: list[ModelState]) -> tuple[list[ModelState], torch.Tensor]:
+        """The batched denoise forward -> (states, logits [B, C, V]). If it raises, each row is run alone to find
+        the request it was; the rows that fail end alone and leave the tick."""
+        model, dev, C = self.model, self.model.device, self.canvas_length
+        canvas = torch.stack([s.canvas for s in states]).to(dev)  # [B, C]
         have_sc = [s.sc_embeds is not None for s in states]
         sc = mask = None
         if any(have_sc):
@@ -224,56 +338,57 @@ class Engine:
             sc = torch.stack([s.sc_embeds if s.sc_embeds is not None
                               else torch.zeros(C, H, device=dev, dtype=model.dtype) for s in states])
             mask = to_device(torch.tensor(have_sc), dev)
-        logits = model.denoise(canvas, KVCache([s.cache for s in states]),
-                               self_conditioning_embeds=sc, self_conditioning_mask=mask)  # [B, C, V]
-        parts = []
-        if nd:
-            parts += self._default_rows(logits[:nd], canvas[:nd], states[:nd])
-        for b in range(nd, nr):  # the reference's generator draws: one canvas at a time
-            s, p = states[b], states[b].params
-            res = reference_step(logits[b], canvas[b], s.step, p.max_denoising_steps, p.t_min, p.t_max,
-                                 p.entropy_bound, s.generator, p.confidence_threshold)
-            logits[b].copy_(res.probs)  # the buffer now holds every row's tempered distribution
-            parts.append(_unsqueeze(res))
-        for b in range(nr, B):  # constrained rows: a grammar mask at the first undecided position (structured/)
-            s, p = states[b], states[b].params
-            res = s.constraint.step(logits[b], s.step, p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound,
-                                    p.confidence_threshold)
-            parts.append(_unsqueeze(res))
-        new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
-        soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
-        same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
-        # The one device-to-host transfer of the tick: the stop flags, the argmax canvases (committed when a canvas
-        # finishes), only when someone listens to draft events the acceptance masks, and only when a request asked
-        # for them the logprobs (fp32 bit patterns).
-        drafts = any(s.on_event is not None for s in states)
-        lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
-        parts = [same[:, None].long(), confident[:, None].long(), argmax] + ([accepted.long()] if drafts else [])
-        if lp_k is not None:
-            parts.append(logprob_columns(logits, argmax, lp_k))
-        host = torch.cat(parts, 1).tolist()
-        lp_at = 2 + C + (C if drafts else 0)
+        try:
+            return states, model.denoise(canvas, KVCache([s.cache for s in states]),
+                                         self_conditioning_embeds=sc, self_conditioning_mask=mask)
+        except Exception as e:
+            if len(states) == 1:
+                fail_request(states[0], "its denoising forward failed", e)
+                return [], None
+        kept, out = [], []
         for b, s in enumerate(states):
-            row = host[b]
-            if lp_k is not None and s.params.logprobs is not None:  # before apply_step: it may commit the canvas
-                s.step_logprobs = split_logprob_row(row[lp_at:], C, lp_k, s.params.logprobs)
-            s.apply_step(StepRow(new_canvas[b], argmax[b], row[2:2 + C],
-                                 [bool(x) for x in row[2 + C:2 + 2 * C]] if drafts else None,
-                                 bool(row[0]), bool(row[1])), soft[b])
-        self.stats["denoise_steps"] += len(states)
+            one = guarded(s, "its denoising forward failed", model.denoise, canvas[b:b + 1], KVCache([s.cache]),
+                          None, None if sc is None else sc[b:b + 1], None if mask is None else mask[b:b + 1])
+            if one is not None:
+                kept.append(s)
+                out.append(one)
+        return kept, (torch.cat(out) if out else None)
 
-    def _default_rows(self, logits: torch.Tensor, canvas: torch.Tensor, states: list[ModelState]) -> list[tuple]:
+    def _default_rows(self, logits: torch.Tensor, canvas: torch.Tensor, states: list[ModelState],
+                      rows: list[dict]) -> list[tuple]:
         """The batched default-mode sampler over ``logits`` [n, C, V] (in place); per request in deterministic
-        mode, so each row runs exactly the kernels (and reduction shapes) it would run alone."""
+        mode, so each row runs exactly the kernels (and reduction shapes) it would run alone. Rows whose
+        parameters cannot be put on the device end alone. The step itself is pure tensor work with no per-row
+        host input: it runs in place on the one logits buffer, so a failure inside it cannot be retried and
+        ends the rows it ran (a bug, not a request's doing)."""
         dev, C, V = logits.device, self.canvas_length, self.model.vocab_size
-        groups = [[i] for i in range(len(states))] if self.deterministic else [list(range(len(states)))]
+        n = len(states)
+        groups = [[i] for i in range(n)] if self.deterministic else [list(range(n))]
         out = []
         for g in groups:
             lo, hi = g[0], g[-1] + 1
-            params = RowParams.build([s.sampler_row() for s in states[lo:hi]], dev, C, V)
-            res = default_step(logits[lo:hi], canvas[lo:hi], params)
-            out.append((res.canvas, res.argmax, res.accepted, res.confident))
+            try:
+                params = RowParams.build(rows[lo:hi], dev, C, V)
+            except Exception:  # find the row: each alone (host values only: nothing was touched)
+                bad = [b for b in range(lo, hi) if guarded(states[b], "its sampler settings failed",
+                                                         RowParams.build, rows[b:b + 1], dev, C, V) is None]
+                keep = [b for b in range(lo, hi) if b not in bad]
+                out += [r for b in keep for r in self._default_group(logits, canvas, states, rows, b, b + 1)]
+                continue
+            out += self._default_group(logits, canvas, states, rows, lo, hi, params)
         return out
+
+    def _default_group(self, logits, canvas, states, rows, lo: int, hi: int, params=None) -> list[tuple]:
+        try:
+            if params is None:
+                params = RowParams.build(rows[lo:hi], logits.device, self.canvas_length, self.model.vocab_size)
+            res = default_step(logits[lo:hi], canvas[lo:hi], params)
+        except Exception as e:
+            for b in range(lo, hi):
+                fail_request(states[b], "the sampler failed", e)
+            return []
+        return [(list(range(lo, hi)), (res.canvas, res.argmax, res.accepted, res.confident,
+                                       torch.isfinite(res.entropy).all(-1)))]
 
     def _soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [B, C, V] -> [B, C, H]. In the model dtype: when that is not fp32 the cast happens per chunk of
@@ -314,4 +429,5 @@ def _row_group(s: ModelState) -> int:
 
 
 def _unsqueeze(res):
-    return (res.canvas[None], res.argmax[None], res.accepted[None], res.confident.reshape(1))
+    return (res.canvas[None], res.argmax[None], res.accepted[None], res.confident.reshape(1),
+            torch.isfinite(res.entropy).all().reshape(1))

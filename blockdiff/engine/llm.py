@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ..checks import check_tokenizer_fits
 from ..config import GenerationDefaults
 from ..hub import is_gguf, resolve_gguf, resolve_path
 from ..loader import load_model
@@ -27,6 +28,7 @@ from ..vision.chat import extract_images
 from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
 from .engine import Engine
+from .failures import one_line
 from .model_state import Event, Metrics, ModelState
 
 
@@ -37,7 +39,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids only; ends with the EOS id when it stopped on EOS
     text: str | None
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" (this request alone failed: see ``error``)
     metrics: Metrics
     # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
     logprobs: list | None = None
@@ -45,6 +47,7 @@ class RequestOutput:
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[dict] | None = None
+    error: str | None = None  # finish_reason "error": what failed, one line (the other requests ran on)
 
 
 def load_tokenizer(path: str):
@@ -79,6 +82,8 @@ class LLM:
                                                                   quantization=quantization,
                                                                   quantize_embedding=quantize_embedding)
             self.model.batch_invariant = bool(deterministic)
+            if self.tokenizer is not None:
+                check_tokenizer_fits(self.tokenizer, self.model.vocab_size, f"{model} (its tokenizer)")
             self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                                  prefix_cache_bytes=prefix_cache_bytes)
             self.images = ImagePrompter.for_model(self.model, None, self.tokenizer)
@@ -90,6 +95,8 @@ class LLM:
         self.model.batch_invariant = bool(deterministic)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
+        if self.tokenizer is not None:
+            check_tokenizer_fits(self.tokenizer, self.model.vocab_size, os.path.join(path, "tokenizer.json"))
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                              prefix_cache_bytes=prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
@@ -219,16 +226,23 @@ class LLM:
             raise
         if use_tqdm:
             print(file=sys.stderr)
-        outs = []
-        for s, text in zip(states, texts):
-            out_text = self._decode(s.output_ids)
-            if out_text is not None and s.params.stop and s.constraint is None:  # stops never cut constrained text
-                cut = min((out_text.find(x) for x in s.params.stop if x in out_text), default=-1)
-                if cut >= 0:
-                    out_text = out_text[:cut]
-            outs.append(RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text,
-                                      s.finish_reason, s.metrics, s.output_logprobs))
-        return outs
+        return [self._output(s, text) for s, text in zip(states, texts)]
+
+    def _output(self, s: ModelState, text: str | None) -> RequestOutput:
+        """A finished request's output; a failure to detokenize it fails this output alone (finish_reason
+        "error")."""
+        out_text = None
+        if s.finish_reason != "error":
+            try:
+                out_text = self._decode(s.output_ids)
+            except Exception as e:  # noqa: BLE001 - this request's text only
+                s.finish_reason, s.error = "error", f"detokenizing its output failed: {one_line(e)}"
+        if out_text is not None and s.params.stop and s.constraint is None:  # stops never cut constrained text
+            cut = min((out_text.find(x) for x in s.params.stop if x in out_text), default=-1)
+            if cut >= 0:
+                out_text = out_text[:cut]
+        return RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text, s.finish_reason,
+                             s.metrics, s.output_logprobs, s.error)
 
     def chat(
         self,

@@ -50,6 +50,7 @@ class Event:
     finish_reason: str | None = None
     # block/done with params.logprobs set: per token (logprob, [(token id, logprob), ...] the most likely first)
     logprobs: list | None = None
+    error: str | None = None  # done with finish_reason "error": what failed (one line, no internal state)
 
 
 @dataclass
@@ -295,4 +296,4 @@ class ModelState:
             self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
         self.cache = None
         self._emit(Event("done", self.request_id, self.request_index, list(self.output_ids),
-                         finish_reason=reason, logprobs=self.output_logprobs))
+                         finish_reason=reason, logprobs=self.output_logprobs, error=error))

@@ -13,7 +13,8 @@
 Both run the whole batch at once: per layer one attention call (each row against its own cached prefix, padded
 and masked) and one grouped GEMM per expert matrix over every row's routed tokens, with a number of dispatched ops
 that does not depend on the batch size, and no host read of device values. ``batch_invariant = True`` instead
-computes attention and experts per row, so a row's result is bit-identical to the row alone (deterministic mode).
+runs every row alone (its own forward, at batch 1), so a row's result is bit-identical to the row alone whatever
+the shapes (deterministic mode).
 
 The model computes only: it never samples, schedules or tokenizes.
 """
@@ -49,8 +50,8 @@ class DiffusionGemma(nn.Module):
         # The vision tower (images in the prompt); None for a text-only model. The loader builds it when the
         # checkpoint holds its tensors.
         self.vision = VisionEncoder(config.vision, t.hidden_size) if with_vision and config.vision else None
-        # False: one batched pass (fast; a row's logits match the row alone to rounding). True: attention and
-        # experts per row, so a row's result never depends on its batch (bit-identical; deterministic mode).
+        # False: one batched pass (fast; a row's logits match the row alone to rounding). True: each row runs its
+        # own batch-1 forward, so a row's result never depends on its batch (bit-identical; deterministic mode).
         self.batch_invariant = False
         self._kv_pool: KVPool | None = None
         self.spans = sorted({attention_span(s) for s in t.layers}, key=lambda w: -1 if w is None else w)
@@ -211,6 +212,8 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"lengths must give 1..{S} tokens for each of {B} rows, got {lengths}")
         if logits not in (None, "last", "all"):
             raise ValueError(f"logits must be None, 'last' or 'all', got {logits!r}")
+        if self.batch_invariant and B > 1 and isinstance(cache, KVCache) and pixel_values is None:
+            return self._encode_rows(ids, cache, lengths, logits, mm_token_type_ids)
         dev = self.device
         view = cache.begin(lengths, S, dev, self.dtype)
         steps = torch.arange(S, device=dev)[None]  # [1, S]
@@ -255,6 +258,9 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"cache holds {cache.batch_size} rows but the canvas batch has {B}")
         if self_conditioning_logits is not None and self_conditioning_embeds is not None:
             raise ValueError("pass self_conditioning_logits or self_conditioning_embeds, not both")
+        if self.batch_invariant and B > 1 and isinstance(cache, KVCache):
+            return self._denoise_rows(ids, cache, self_conditioning_logits, self_conditioning_embeds,
+                                      self_conditioning_mask, return_hidden)
         dev = self.device
         if self_conditioning_logits is not None:
             soft = self.soft_embeddings(self_conditioning_logits.softmax(dim=-1, dtype=torch.float32))
@@ -275,6 +281,41 @@ class DiffusionGemma(nn.Module):
             h = self.norm(self._layers(x, positions, metas, sources, causal=False))
             return h if return_hidden else self.lm_head(h)
         return self._run_step(ids, soft, view.start, span_pos, span_valid, sources, return_hidden)
+
+    # ------------------------------------------------------------------ batch-invariant (deterministic) mode
+    # Every matmul (projections, dense MLP, experts, LM head), norm and attention call of a row runs with exactly
+    # the shapes it has when the row is alone: a GEMM's blocking, and so its rounding, depends on the row count
+    # (measured: hidden 200 gave logits 8e-6 apart between a row alone and the same row in a batch of 4).
+    # Reads the weights once per row: the price of bit-identical outputs in any batch.
+    def _denoise_rows(self, ids, cache, sc_logits, sc_embeds, sc_mask, return_hidden: bool) -> torch.Tensor:
+        out = None
+        for b, seq in enumerate(cache.seqs):
+            one = self.denoise(ids[b:b + 1], KVCache([seq]),
+                               self_conditioning_logits=None if sc_logits is None else sc_logits[b:b + 1],
+                               self_conditioning_embeds=None if sc_embeds is None else sc_embeds[b:b + 1],
+                               self_conditioning_mask=None if sc_mask is None else sc_mask[b:b + 1],
+                               return_hidden=return_hidden)  # [1, C, V or H]
+            if out is None:  # one output buffer, filled row by row
+                out = one.new_empty((ids.shape[0],) + tuple(one.shape[1:]))
+            out[b] = one[0]
+        return out
+
+    def _encode_rows(self, ids, cache, lengths: list[int], logits, mm_token_type_ids):
+        """Each row unpadded, alone (text rows; a prompt with images is encoded alone by the engine)."""
+        outs = []
+        for b, (seq, n) in enumerate(zip(cache.seqs, lengths)):
+            outs.append(self.encode(ids[b:b + 1, :n], KVCache([seq]), logits=logits,
+                                    mm_token_type_ids=None if mm_token_type_ids is None
+                                    else mm_token_type_ids[b:b + 1, :n]))
+        if logits is None:
+            return None
+        if logits == "last":
+            return torch.cat(outs)  # [B, V]
+        S = ids.shape[1]
+        out = outs[0].new_zeros(len(outs), S, outs[0].shape[-1])  # [B, S, V]: padding positions stay 0
+        for b, (o, n) in enumerate(zip(outs, lengths)):
+            out[b, :n] = o[0]
+        return out
 
     def denoise_step(self, ids, soft, start, span_pos: list, span_valid: list, sources: list,
                      return_hidden: bool = False) -> torch.Tensor:

@@ -56,6 +56,17 @@ def _request_body(model) -> dict:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
+def _warmup_done(fut) -> None:
+    """The structured-output warm-up's outcome: a checkpoint whose tokenizer the grammar engine cannot read serves
+    everything else (structured requests get a 400 saying why); say so once in the log, not as asyncio's
+    "Future exception was never retrieved" traceback."""
+    if fut.cancelled():
+        return
+    e = fut.exception()
+    if e is not None:
+        log.warning("structured outputs are unavailable: %s", e)
+
+
 def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None, max_num_seqs: int | None = None,
               max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               media_limits=None) -> FastAPI:
@@ -91,7 +102,9 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         srv.loop = asyncio.get_running_loop()
         aeng.start()
         if core.tokenizer is not None:  # structured output's token table (seconds at 262k), off the event loop
-            srv.loop.run_in_executor(None, core.grammars)
+            warmup = srv.loop.run_in_executor(None, core.grammars)
+            warmup.add_done_callback(_warmup_done)  # its outcome is read (and logged), never left unretrieved
+            app.state.grammar_warmup = warmup
         try:
             yield
         finally:

@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloadedError, EngineStoppedError,
-                                   RequestStream)
+                                   RequestFailedError, RequestStream)
 from ..engine.engine import Engine
+from ..engine.failures import one_line
 from ..sampling.params import SamplingParams
 from ..tools.output import ChatText
 from ..tools.output import message as tool_message
@@ -48,6 +49,8 @@ def _sse(d: dict) -> str:
 def engine_failure(e: EngineFailedError) -> APIError:
     if isinstance(e, EngineStoppedError):
         return APIError(503, str(e), code="engine_stopped")
+    if isinstance(e, RequestFailedError):  # this request alone (docs/serving.md, "When one request fails")
+        return APIError(500, str(e), code="request_failed")
     return APIError(500, str(e), code="engine_error")
 
 
@@ -142,9 +145,26 @@ class Server:
             params.validate(self.core.model.vocab_size, self.core.canvas_length)
         except ValueError as e:
             raise engine_error(e, req.max_tokens_name) from None
+        self._admit_structured(req, params)
         check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
                       req.max_tokens_name, prompt_name)
         return Prepared(kind, req, ids, params, echo, images)
+
+    def _admit_structured(self, req, params: SamplingParams) -> None:
+        """A constraint is bound and its first step run here, within a budget (``Engine.check_structured``): one
+        that admits no output or costs too much is a 400 naming the field the client sent, never a failure
+        inside a tick."""
+        if params.structured_outputs is None:
+            return
+        try:
+            self.core.check_structured(params)
+        except ValueError as e:
+            msg, param = str(e), "structured_outputs"
+            if getattr(req, "response_format", None) is not None:  # name the field the client sent
+                msg = msg.replace("structured_outputs.json:", "response_format.json_schema.schema:")
+                msg = msg.replace("structured_outputs.json_object:", "response_format:")
+                param = "response_format"
+            raise bad(msg, param) from None
 
     def encode_text(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -274,6 +294,10 @@ class Server:
                 work.result()
             except EngineFailedError as e:
                 raise engine_failure(e) from None
+            except Exception as e:  # detokenizing this request's output: this request fails, alone
+                log.exception("request %s: detokenizing its output failed", rid)
+                raise APIError(500, f"this request failed: detokenizing its output failed: {one_line(e)}",
+                               code="request_failed") from None
         finally:
             watch.cancel()
         states = [rs.state for rs in streams]
@@ -392,10 +416,10 @@ class Server:
             self.count_error(err.status)
             yield _sse(err.body())
             yield "data: [DONE]\n\n"
-        except Exception as e:  # a bug while streaming: the client still gets an error event and [DONE]
+        except Exception as e:  # detokenizing, or a bug, while streaming: an error event and [DONE], this stream only
             log.exception("error while streaming %s", rid)
             self.count_error(500)
-            yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
+            yield _sse(APIError(500, f"this request failed: {one_line(e)}", code="request_failed").body())
             yield "data: [DONE]\n\n"
         finally:  # the client left (the response was cancelled) or the stream ended
             for t in pumps:

@@ -23,19 +23,42 @@ reads per step) while unconstrained rows of the same batch keep the batched samp
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from collections import OrderedDict
 
 import torch
 
 from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, temperature
-from .spec import compile_spec
+from .spec import compile_spec, kind
+
+
+# Admission budget: binding a grammar to the tokenizer and computing its first mask must fit in ADMIT_SECONDS, or
+# the request is refused (400); at run time one mask over ``STEP_SECONDS`` ends its request alone. llguidance's
+# own limits (``LLParserLimits``: lexer fuel, Earley items, lexer states, grammar size) bound most work; they do
+# not bound everything (``a{1000}{1000}`` took 5 s for its first mask under the defaults), hence the clock too.
+ADMIT_SECONDS = 1.0
+STEP_SECONDS = 1.0
+ADMITTED_CACHE = 64  # specs whose verdict (a ready matcher, or the refusal) is kept
+MAX_FORCED_BYTES = 16384  # a constraint may force at most this much text before the model chooses anything
+
+
+def _clean(msg: str) -> str:
+    """llguidance's error text without its parser-state dump: the first line, bounded."""
+    first = (msg or "invalid").strip().splitlines()[0].replace("<non-verbose/>", "").strip()
+    return first[:200] or "invalid"
 
 
 MAX_SETTLE_TRIES = 64  # allowed tokens tried, most likely first, where the argmax breaks the grammar
 
 
 class GrammarCompiler:
-    """Binds grammars to one checkpoint's tokenizer (the llguidance tokenizer is built once: ~1 s at 262k)."""
+    """Binds grammars to one checkpoint's tokenizer (the llguidance tokenizer is built once: ~1 s at 262k) and
+    admits them: ``prepared(spec)`` compiles, binds and computes the first mask within the limits and the time
+    budget, or raises ``ValueError`` naming the field (a grammar with no finite sentence, such as ``start: start``
+    or a JSON Schema that is only ``{"$ref": "#"}``, admits no first token). The verdict is cached per spec;
+    each request gets a copy of the admitted matcher."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
         import llguidance
@@ -48,18 +71,76 @@ class GrammarCompiler:
         self.eos_ids = list(eos_ids)
         self.lltok = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size,
                                             eos_token=self.eos_ids or None)
+        self.admit_seconds = ADMIT_SECONDS
+        self.step_seconds = STEP_SECONDS
+        self._admitted: OrderedDict[str, object] = OrderedDict()  # spec key -> matcher | refusal message
+        self._lock = threading.Lock()
+
+    def limits(self):
+        # verbose_errors=False: an error never carries the parser's state (it can quote the schema or the text).
+        return self._llg.LLParserLimits(verbose_errors=False)
+
+    def prepared(self, spec: dict):
+        """The admitted matcher for ``spec`` (shared: copy it before use), or ``ValueError``."""
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            hit = self._admitted.get(key)
+            if hit is not None:
+                self._admitted.move_to_end(key)
+        if hit is None:
+            try:
+                hit = self._admit(spec)
+            except ValueError as e:
+                hit = str(e)
+            with self._lock:
+                self._admitted[key] = hit
+                while len(self._admitted) > ADMITTED_CACHE:
+                    self._admitted.popitem(last=False)
+        if isinstance(hit, str):
+            raise ValueError(hit)
+        return hit
+
+    def _admit(self, spec: dict):
+        where = f"structured_outputs.{kind(spec)}"
+        grammar = compile_spec(spec)  # ValueError naming the problem
+        t0 = time.perf_counter()
+        m = self._llg.LLMatcher(self.lltok, grammar, log_level=0, limits=self.limits())
+        if not m.is_error():
+            first = m.compute_bitmask()  # the first step's work, done once here
+        seconds = time.perf_counter() - t0
+        if m.is_error():
+            err = m.get_error() or ""
+            if "NoExtensionBias" in err:
+                raise ValueError(f"{where}: {NO_OUTPUT}")
+            raise ValueError(f"{where}: the constraint cannot be enforced: {_clean(err)}")
+        if not any(first) and not m.is_accepting():
+            raise ValueError(f"{where}: {NO_OUTPUT}")
+        # Bytes the grammar forces before any choice: a rule that only repeats itself ('start: "a" start', a
+        # required property whose $ref leads back to itself) forces an endless run, cut by llguidance's item
+        # limit at tens of KB; at run time the same walk fails the request a few steps in.
+        if len(m.deep_copy().compute_ff_bytes()) > MAX_FORCED_BYTES:
+            raise ValueError(f"{where}: {NO_OUTPUT}: it forces more than {MAX_FORCED_BYTES} bytes before any "
+                             "choice")
+        if seconds > self.admit_seconds:
+            raise ValueError(f"{where}: the constraint is too costly to enforce: preparing it took {seconds:.1f} s "
+                             f"(the budget is {self.admit_seconds:g} s); simplify it (e.g. smaller repetition "
+                             "counts or fewer alternatives)")
+        return m
 
     def matcher(self, spec: dict):
-        grammar = compile_spec(spec)
-        m = self._llg.LLMatcher(self.lltok, grammar, log_level=0)  # errors (limits too) land in is_error()
-        if m.is_error():
-            raise ValueError(f"structured_outputs: {m.get_error()}")
-        return m
+        return self.prepared(spec).deep_copy()
 
     def constraint(self, spec: dict, end_ids: list[int], canvas_length: int, seed: int | None = None,
                    device=None) -> "CanvasConstraint":
-        return CanvasConstraint(self.matcher(spec), end_ids or self.eos_ids, self.vocab_size, canvas_length,
-                                seed, device)
+        c = CanvasConstraint(self.matcher(spec), end_ids or self.eos_ids, self.vocab_size, canvas_length,
+                             seed, device)
+        c.step_seconds = self.step_seconds
+        return c
+
+
+NO_OUTPUT = ("no finite output satisfies it (a rule that only refers back to itself, e.g. 'start: start', "
+             "'start: \"a\" start', left recursion without a base case, or a JSON Schema whose $ref cycle "
+             "has no way out)")
 
 
 class CanvasConstraint:
@@ -77,6 +158,7 @@ class CanvasConstraint:
         self.masks = 0  # masks computed, and host seconds spent on them and on settling (for benchmarks)
         self.mask_seconds = 0.0
         self.settle_seconds = 0.0
+        self.step_seconds = STEP_SECONDS  # one mask longer than this ends the request (GrammarCompiler sets it)
         self._probs: torch.Tensor | None = None  # [C, V] this step's distribution, until the canvas is settled
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
@@ -103,7 +185,11 @@ class CanvasConstraint:
         self.matcher.unsafe_compute_mask_ptr(b.data_ptr(), b.numel() * 4)
         self.masks += 1
         if self.matcher.is_error():
-            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
+            raise RuntimeError(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
+        took = time.perf_counter() - t0
+        if took > self.step_seconds:  # it would slow every tick of the batch: end this request (engine rule)
+            raise RuntimeError(f"the constraint is too costly to enforce: one grammar step took {took:.1f} s "
+                               f"(the budget is {self.step_seconds:g} s)")
         out = ((b.view(-1, 1) >> self._shifts) & 1).view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting():
             out[self.end_ids] = True
@@ -117,7 +203,7 @@ class CanvasConstraint:
         tokens = tokens[:self.canvas_length - len(self.frozen)]
         n = self.matcher.try_consume_tokens(tokens)
         if self.matcher.is_error():
-            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
+            raise RuntimeError(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
         self.frozen.extend(tokens[:n])
         if n < len(tokens) and tokens[n] in self.end_set and self.matcher.is_accepting():
             self.frozen.append(tokens[n])  # the model ended the output where the grammar allows it

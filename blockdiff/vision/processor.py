@@ -13,13 +13,14 @@ Settings come from the checkpoint: ``processor_config.json`` (its ``image_proces
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+from ..checks import CheckpointError, read_json
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # what the reference processor accepts
 
@@ -90,13 +91,15 @@ class ImageProcessor:
         for file in ("processor_config.json", "preprocessor_config.json"):
             p = os.path.join(path, file)
             if os.path.exists(p):
-                with open(p, encoding="utf-8") as f:
-                    d = json.load(f)
+                d = read_json(p, "the image processor's settings")  # a broken file fails naming itself
                 if file == "processor_config.json":
                     if not isinstance(d.get("image_processor"), dict):
                         continue  # a processor config without image settings: try the next file
                     d = d["image_processor"]
-                return cls.from_dict(d)
+                try:
+                    return cls.from_dict(d)
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(f"{p}: invalid image processor settings: {e}") from None
         if vision_config is None:
             return cls()
         return cls(patch_size=vision_config.patch_size, pooling_kernel_size=vision_config.pooling_kernel_size,

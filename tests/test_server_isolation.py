@@ -1,0 +1,183 @@
+"""Through the server, with concurrent requests: a constraint that cannot be admitted is a 400 naming the field
+(never a failure inside a tick), and a request that fails inside a tick — its constraint, its sampler row, its
+stop check, its non-finite logits, its detokenizer — fails alone (non-streamed: HTTP 500 ``request_failed`` with a
+one-line message; streamed: an error event, then ``[DONE]``) while the requests running beside it get their 200s,
+bit-identical to their solo runs (deterministic mode)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from blockdiff import LLM
+from blockdiff.engine import engine as engine_mod
+from blockdiff.engine.engine import Engine
+from blockdiff.engine.model_state import ModelState
+from blockdiff.server import build_app
+from blockdiff.server.service import Server
+from blockdiff.structured import CanvasConstraint
+from fixtures import make_checkpoint
+from test_server import LiveServer
+
+MODEL = "tiny-dg"
+BAD_SEED = 666
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("iso_ckpt"),
+                           generation_config={"max_denoising_steps": 4, "max_new_tokens": 32})
+    llm = LLM(path, dtype=torch.float32, max_num_seqs=16, deterministic=True)
+    s = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL))
+    yield s
+    s.close()
+
+
+def body(content: str, seed: int, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 32, "seed": seed,
+            "ignore_eos": True, **kw}
+
+
+def post(url: str, b: dict) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json=b, timeout=60)
+
+
+NOT_ADMITTED = [
+    ("structured_outputs", {"grammar": "start: start"}),
+    ("structured_outputs", {"grammar": "start: \"a\" start"}),
+    ("structured_outputs", {"grammar": "root ::= \"a\" root"}),
+    ("structured_outputs", {"grammar": "start: a\na: a \"x\""}),
+    ("structured_outputs", {"regex": "a{1000}{1000}"}),
+    ("structured_outputs", {"json": {"$ref": "#"}}),
+    ("structured_outputs", {"json": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}),
+    ("structured_outputs", {"json": {"$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}},
+                                     "$ref": "#/$defs/A"}}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}),
+]
+
+
+@pytest.mark.parametrize("field,value", NOT_ADMITTED, ids=[json.dumps(v)[:40] for _, v in NOT_ADMITTED])
+def test_constraints_with_no_finite_output_are_400_naming_the_field(srv, field, value):
+    b = body("Go", 1, **{field: value})
+    del b["ignore_eos"]
+    r = post(srv.url, b)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field
+    assert "\n" not in err["message"] and "<state>" not in err["message"] and len(err["message"]) < 600
+    assert ("no finite output" in err["message"] or "too costly" in err["message"]), err["message"]
+    if field == "response_format":
+        assert err["message"].startswith("response_format.json_schema.schema:")
+
+
+def test_a_legal_recursive_schema_runs_beside_others(srv):
+    """A $ref that may recurse but need not: admitted, and it runs without failing anyone."""
+    schema = {"type": "object", "properties": {"a": {"$ref": "#"}}}
+    with ThreadPoolExecutor(3) as ex:
+        futs = [ex.submit(post, srv.url, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                          "max_tokens": 32, "seed": 3, "structured_outputs": {"json": schema}})]
+        futs += [ex.submit(post, srv.url, body(f"neighbour {i}", i)) for i in range(2)]
+        rs = [f.result() for f in futs]
+    assert [r.status_code for r in rs] == [200, 200, 200], [r.text for r in rs]
+
+
+def _inject(monkeypatch, place: str, victims: dict) -> dict:
+    """Make the request with seed BAD_SEED fail at ``place``; returns the extra body fields that request needs."""
+    if place == "sampler_row":
+        real = ModelState.sampler_row
+
+        def sampler_row(self):
+            if self.seed == BAD_SEED and self.step == 1:
+                raise RuntimeError("injected sampler failure")
+            return real(self)
+        monkeypatch.setattr(ModelState, "sampler_row", sampler_row)
+        return {}
+    if place == "constraint":
+        real = CanvasConstraint.step
+
+        def step(self, logits, step, *a, **k):
+            if step == 1:
+                raise RuntimeError("grammar matcher failed: boom\n<state>\nTokens: internal\n")
+            return real(self, logits, step, *a, **k)
+        monkeypatch.setattr(CanvasConstraint, "step", step)
+        return {"structured_outputs": {"regex": "[a-z ]{1,200}"}, "ignore_eos": False}
+    if place == "stop_check":
+        real = engine_mod.Engine._stop_checker
+
+        def stop_checker(self, stops):
+            if "BOOM" not in stops:
+                return real(self, stops)
+
+            def check(ids):
+                raise ValueError("injected stop-check failure")
+            return check
+        monkeypatch.setattr(engine_mod.Engine, "_stop_checker", stop_checker)
+        return {"stop": ["BOOM"]}
+    if place == "detokenizer":
+        real = Server.text_stream
+
+        class Broken:
+            def push(self, ids):
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+
+            def finish(self):
+                return ""
+
+        def text_stream(self, params):
+            return Broken() if "DETOK" in (params.stop or []) else real(self, params)
+        monkeypatch.setattr(Server, "text_stream", text_stream)
+        return {"stop": ["DETOK"]}
+    if place == "non_finite":
+        real_make, real_denoise = Engine.make_state, type(victims["model"]).denoise
+
+        def make_state(self, *a, **k):
+            s = real_make(self, *a, **k)
+            if s.seed == BAD_SEED:
+                victims["caches"].append(s.cache)
+            return s
+
+        def denoise(self, canvas, cache, *a, **k):
+            out = real_denoise(self, canvas, cache, *a, **k)
+            for b, seq in enumerate(cache.seqs):
+                if any(seq is c for c in victims["caches"]):
+                    out[b] = float("nan")
+            return out
+        monkeypatch.setattr(Engine, "make_state", make_state)
+        monkeypatch.setattr(type(victims["model"]), "denoise", denoise)
+        return {}
+    raise AssertionError(place)
+
+
+PLACES = ["sampler_row", "constraint", "stop_check", "detokenizer", "non_finite"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("place", PLACES)
+def test_a_request_failing_inside_a_tick_fails_alone(srv, monkeypatch, place, stream):
+    neighbours = [body(f"neighbour number {i}", 10 + i) for i in range(4)]
+    solo = [post(srv.url, b).json()["choices"][0]["message"]["content"] for b in neighbours]
+    extra = _inject(monkeypatch, place, {"model": srv.engine.engine.model, "caches": []})
+    bad = dict(body("the bad request", BAD_SEED), **extra, stream=stream)
+    with ThreadPoolExecutor(5) as ex:
+        futs = [ex.submit(post, srv.url, b) for b in neighbours[:2] + [bad] + neighbours[2:]]
+        rs = [f.result() for f in futs]
+    bad_r = rs.pop(2)
+    for r, want in zip(rs, solo):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+    if stream:
+        assert bad_r.status_code == 200
+        events = [ln[6:] for ln in bad_r.text.splitlines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+    else:
+        assert bad_r.status_code == 500, bad_r.text
+        err = bad_r.json()["error"]
+    assert err["code"] == "request_failed", err
+    assert err["message"].startswith("this request failed:") and "\n" not in err["message"]
+    assert "<state>" not in err["message"] and "internal" not in err["message"]
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
