@@ -242,7 +242,7 @@ class LLM:
             if cut >= 0:
                 out_text = out_text[:cut]
         return RequestOutput(s.request_id, text, s.prompt_ids, list(s.output_ids), out_text, s.finish_reason,
-                             s.metrics, s.output_logprobs, s.error)
+                             s.metrics, s.output_logprobs, error=s.error)
 
     def chat(
         self,
