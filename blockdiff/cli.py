@@ -152,6 +152,11 @@ def answer_text(out) -> str:
     return out.text if out.text is not None else " ".join(map(str, out.token_ids))
 
 
+def shown_answer(llm, text: str) -> str:
+    """The answer as the terminal shows it (the Sudoku model's 81 digits also as a grid)."""
+    return llm.tokenizer.display(text) if llm.tokenizer is not None and text else text
+
+
 def generate_with_view(llm, generate, live: bool, max_steps: int, title: str | None = None):
     """Run ``generate(on_event)``; with ``live`` and a terminal on stdout, redraw the canvas while it runs."""
     from rich.console import Console
@@ -247,7 +252,7 @@ def cmd_run(args) -> int:
             def generate(on_event):
                 return llm.generate([prompt], params, on_event=on_event)
     out = generate_with_view(llm, generate, args.live, steps)[0]
-    print(answer_text(out))
+    print(shown_answer(llm, answer_text(out)))
     print(closing_line(out), flush=True)
     return 0
 
@@ -303,7 +308,7 @@ def cmd_chat(args) -> int:
             continue
         turn += 1
         text = answer_text(out)
-        print(text)
+        print(shown_answer(llm, text))
         print(closing_line(out), flush=True)
         messages.append({"role": "assistant", "content": text})
     return 0

@@ -69,6 +69,8 @@ class Engine:
                    request_id: str | None = None, request_index: int = 0, images=None) -> ModelState:
         """``images``: the prompt's ``ImageInputs`` (``blockdiff.vision.prompt``), its image tokens expanded."""
         params = params or SamplingParams()
+        if self.tokenizer is not None and hasattr(self.tokenizer, "task_params"):
+            params = self.tokenizer.task_params(prompt_ids, params)  # e.g. the Sudoku model's fixed givens
         params.validate(self.model.vocab_size, self.canvas_length)
         params = params.resolved(self.defaults)
         self.validate_prompt(prompt_ids, params)
@@ -105,6 +107,8 @@ class Engine:
         builds it in the background at start-up; any thread may call this)."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs needs the checkpoint's tokenizer; this model has none")
+        if getattr(self.tokenizer, "structured_output_refusal", None):
+            raise ValueError(self.tokenizer.structured_output_refusal)
         with self._grammars_lock:
             if self._grammars is None:
                 from ..structured import GrammarCompiler

@@ -90,7 +90,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
     async def lifespan(app):
         srv.loop = asyncio.get_running_loop()
         aeng.start()
-        if core.tokenizer is not None:  # structured output's token table (seconds at 262k), off the event loop
+        if core.tokenizer is not None and not getattr(core.tokenizer, "structured_output_refusal", None):
+            # structured output's token table (seconds at 262k), off the event loop
             srv.loop.run_in_executor(None, core.grammars)
         try:
             yield
