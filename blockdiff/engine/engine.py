@@ -244,26 +244,28 @@ class Engine:
             res = s.constraint.step(logits[b], s.step, p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound,
                                     p.confidence_threshold)
             parts.append(_unsqueeze(res))
-        new_canvas, argmax, accepted, confident = (torch.cat(x) for x in zip(*parts))
+        new_canvas, argmax, accepted, confident, entropy = (torch.cat(x) for x in zip(*parts))
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
         same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
         # The one device-to-host transfer of the tick: the stop flags, the argmax canvases (committed when a canvas
-        # finishes), only when someone listens to draft events the acceptance masks, and only when a request asked
-        # for them the logprobs (fp32 bit patterns).
+        # finishes), only when someone listens to draft events the acceptance masks and per-position entropies (in
+        # thousandths: one integer tensor), and only when a request asked for them the logprobs (fp32 bit patterns).
         drafts = any(s.on_event is not None for s in states)
         lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
-        parts = [same[:, None].long(), confident[:, None].long(), argmax] + ([accepted.long()] if drafts else [])
+        parts = [same[:, None].long(), confident[:, None].long(), argmax] + \
+            ([accepted.long(), (entropy.float() * 1000).round().long()] if drafts else [])
         if lp_k is not None:
             parts.append(logprob_columns(logits, argmax, lp_k))
         host = torch.cat(parts, 1).tolist()
-        lp_at = 2 + C + (C if drafts else 0)
+        lp_at = 2 + C + (2 * C if drafts else 0)
         for b, s in enumerate(states):
             row = host[b]
             if lp_k is not None and s.params.logprobs is not None:  # before apply_step: it may commit the canvas
                 s.step_logprobs = split_logprob_row(row[lp_at:], C, lp_k, s.params.logprobs)
             s.apply_step(StepRow(new_canvas[b], argmax[b], row[2:2 + C],
                                  [bool(x) for x in row[2 + C:2 + 2 * C]] if drafts else None,
-                                 bool(row[0]), bool(row[1])), soft[b])
+                                 bool(row[0]), bool(row[1]),
+                                 [x / 1000 for x in row[2 + 2 * C:2 + 3 * C]] if drafts else None), soft[b])
         self.stats["denoise_steps"] += len(states)
 
     def _default_rows(self, logits: torch.Tensor, canvas: torch.Tensor, states: list[ModelState]) -> list[tuple]:
@@ -276,7 +278,7 @@ class Engine:
             lo, hi = g[0], g[-1] + 1
             params = RowParams.build([s.sampler_row() for s in states[lo:hi]], dev, C, V)
             res = default_step(logits[lo:hi], canvas[lo:hi], params)
-            out.append((res.canvas, res.argmax, res.accepted, res.confident))
+            out.append((res.canvas, res.argmax, res.accepted, res.confident, res.entropy))
         return out
 
     def _soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
@@ -318,4 +320,4 @@ def _row_group(s: ModelState) -> int:
 
 
 def _unsqueeze(res):
-    return (res.canvas[None], res.argmax[None], res.accepted[None], res.confident.reshape(1))
+    return (res.canvas[None], res.argmax[None], res.accepted[None], res.confident.reshape(1), res.entropy[None])

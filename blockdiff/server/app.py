@@ -193,4 +193,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         return app.openapi_schema
 
     app.openapi = openapi
+    from ..sudoku.talk import SudokuTokenizer
+    from .playground import add_playground
+    add_playground(app, api_key_required=api_key is not None, sudoku=isinstance(core.tokenizer, SudokuTokenizer))
     return app

@@ -321,9 +321,13 @@ class Server:
                 if isinstance(ev, BaseException):
                     raise ev
                 if ev.kind == "draft":
-                    text = None if self.tokenizer is None else self.tokenizer.decode(ev.token_ids)
+                    text = tokens = None
+                    if self.tokenizer is not None:
+                        text = self.tokenizer.decode(ev.token_ids)
+                        tokens = [self.tokenizer.decode([t]) for t in ev.token_ids]  # what each position shows
                     yield chunk(i, draft={"canvas": canvases[i], "step": ev.step, "token_ids": ev.token_ids,
-                                          "accepted": ev.accepted, "text": text})
+                                          "accepted": ev.accepted, "entropy": ev.entropy, "tokens": tokens,
+                                          "text": text})
                 elif ev.kind == "block":
                     canvases[i] += 1
                     delta = text_streams[i].push(ev.token_ids)
