@@ -1,7 +1,7 @@
-"""The ``blockdiff`` command line: ``run``, ``chat`` and ``bench`` here; ``serve``, ``train``, ``sudoku`` / ``demo``
-registered by their own packages when they are importable.
+"""The blockdiff command line: run, chat and bench here; serve, train, sudoku / demo and quantize registered by
+their own packages when they are importable.
 
-Examples::
+Examples:
 
     blockdiff run path/to/checkpoint "Why is the sky blue?" --max-new-tokens 256 --seed 0 --live
     blockdiff run path/to/checkpoint "1 2 3" --raw --steps 16
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import time
 
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
 
+    parser.subcommands = sub.choices  # name -> its parser: main() reports errors with the subcommand's usage
     for name in SUBCOMMAND_MODULES:
         # Each piece registers its own subcommand; a missing or broken piece never takes the CLI down.
         try:
@@ -355,12 +357,54 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(mod, "register", None)
         if register is not None:
             register(sub)
+    for sp in sub.choices.values():
+        plain_help(sp, sub)
     return parser
+
+
+_RST = [(re.compile(r":(?:func|class|meth|mod|attr|data):`~?([^`]+)`"), r"\1"), (re.compile(r"``([^`]+)``"), r"\1"),
+        (re.compile(r"::$", re.M), ":")]
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as a terminal shows it: no reST markup (``x``, :func:`x`, a closing ::)."""
+    for pattern, repl in _RST:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def plain_help(p: argparse.ArgumentParser, sub) -> None:
+    """Every subcommand gets a description (its one-line help when it has none) and help without reST markup:
+    the subcommands' descriptions are their modules' docstrings."""
+    if not p.description:
+        helps = {a.dest: a.help for a in sub._choices_actions}
+        line = helps.get(p.prog.split()[-1]) or ""
+        p.description = line[:1].upper() + line[1:] + ("." if line and not line.endswith(".") else "")
+    p.description = plain_text(p.description)
+    for action in p._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
+
+
+def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
+    """A message in the words the user typed: the parameter names of a ValueError (``max_denoising_steps``)
+    become the subcommand's flags (``--steps``). Names that are a flag's own spelling (seed) stay as they are."""
+    if parser is None:
+        return message
+    for action in parser._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or action.dest == flag[2:]:
+            continue
+        message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}(?!\w)", flag, message)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    sub = parser.subcommands.get(getattr(args, "command", None) or "")
+    if extras:  # argparse would print the top-level usage: the subcommand's says which flags there are
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extras)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
@@ -371,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as e:  # bad path/params, I/O, a missing optional dependency
-        print(f"blockdiff: error: {e}", file=sys.stderr)
+        print(f"blockdiff: error: {flag_names(sub, str(e))}", file=sys.stderr)
         return 2
     except SystemExit as e:  # subcommands that exit with a message
         if isinstance(e.code, str):
