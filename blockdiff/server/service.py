@@ -145,7 +145,10 @@ class Server:
         if self.tokenizer is None:
             raise bad("this model has no tokenizer: send 'prompt' as an array of token ids", "prompt")
         self._check_chars(len(text), "prompt")
-        ids = self.tokenizer.encode(text)
+        try:
+            ids = self.tokenizer.encode(text)
+        except ValueError as e:  # a checkpoint that reads only some texts (the Sudoku model: puzzles)
+            raise bad(str(e), "prompt") from None
         bos = self.tokenizer.bos_token_id
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids

@@ -57,11 +57,11 @@ def puzzle_text(text: str) -> str | None:
 def parse(text: str) -> list[int]:
     """A puzzle string -> grid, or a ValueError that says what the model reads."""
     s = _SEPARATORS.sub("", text)
-    if len(s) != 81:
-        raise ValueError(f"the Sudoku model reads {PUZZLE_HELP}; got {len(s)} characters")
     bad = next((c for c in s if c not in "0123456789."), None)
     if bad is not None:
         raise ValueError(f"the Sudoku model reads {PUZZLE_HELP}; got the character {bad!r}")
+    if len(s) != 81:
+        raise ValueError(f"the Sudoku model reads {PUZZLE_HELP}; got {len(s)} characters")
     return [0 if c in ".0" else int(c) for c in s]
 
 
