@@ -204,7 +204,7 @@ async function sendChat() {
   if (!state.model && !(await connect())) return;
   $("chat-input").value = "";
   state.messages.push({ role: "user", content: text });
-  addMessage("user", text);
+  const asked = addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.classList.add("live");
   setBusy(true);
@@ -217,8 +217,11 @@ async function sendChat() {
     meta.textContent = `${r.tokens} tokens · ${r.steps} denoising steps · ${(r.tokens / Math.max(1, r.steps)).toFixed(2)} tokens/forward · ${(r.tokens / r.seconds).toFixed(1)} tok/s`;
     reply.appendChild(meta);
   } catch (e) {
+    // refused or failed: the turn is taken back and the text returned to the input, to fix and resend
     state.messages.pop();
     reply.remove();
+    asked.remove();
+    if (!$("chat-input").value) $("chat-input").value = text;
     showError(e.message);
   } finally {
     setBusy(false);
