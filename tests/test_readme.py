@@ -106,26 +106,32 @@ class Servers:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
         self.urls: dict[str, str] = {}  # served model id -> base url
+        self.lines: dict[str, tuple] = {}  # served model id -> (command line, process)
 
     def start(self, line: str, env: dict, cwd: str, name: str) -> None:
+        """Start the server line in the background (it loads while the next lines run); ``wait`` checks it."""
         port = free_port()
         line = re.sub(r"--port \d+", "", re.sub(r"\s+#\s.*$", "", line)) + f" --port {port}"
         proc = subprocess.Popen(["bash", "-c", line], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self.procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
+        self.urls[name] = f"http://127.0.0.1:{port}"
+        self.lines[name] = (line, proc)
+
+    def wait(self) -> None:
+        """Every server started so far answers /health (or the test fails with its output)."""
         deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise AssertionError(f"`{line}` did not start a server: {proc.communicate()[0]}")
-            time.sleep(0.2)
-        self.urls[name] = url
+        for name, (line, proc) in self.lines.items():
+            while True:
+                try:
+                    if httpx.get(self.urls[name] + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"`{line}` did not start a server: {proc.communicate()[0]}")
+                time.sleep(0.2)
 
     def close(self) -> None:
         for p in self.procs:
@@ -206,6 +212,7 @@ def test_every_readme_block_runs(scratch):
                     continue
                 for model, url in servers.urls.items():
                     if f'"model": "{model}"' in cmd:
+                        servers.wait()
                         cmd = cmd.replace("http://127.0.0.1:8000", url)
                 rc, out, err = run_line(cmd, scratch)
                 assert rc in (0, 1) if cmd.startswith("blockdiff demo") else rc == 0, \
@@ -214,6 +221,7 @@ def test_every_readme_block_runs(scratch):
         assert used == set(SUBSTITUTED), f"substitutions that match no README line: {set(SUBSTITUTED) - used}"
 
         # ------------------------------------------------------------------ python blocks: one session
+        servers.wait()
         script = ["import traceback", "ns = {}"]
         for lang, code, line_no in blocks:
             if lang != "python":
