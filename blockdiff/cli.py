@@ -7,6 +7,7 @@ Examples:
     blockdiff run path/to/checkpoint "1 2 3" --raw --steps 16
     blockdiff chat path/to/checkpoint
     blockdiff bench --random-config mid --out bench.json
+    blockdiff demo --web                  # the playground on the bundled Sudoku model
 
 Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2.
 """
