@@ -156,7 +156,8 @@ def answer_text(out) -> str:
 
 def shown_answer(llm, text: str) -> str:
     """The answer as the terminal shows it (the Sudoku model's 81 digits also as a grid)."""
-    return llm.tokenizer.display(text) if llm.tokenizer is not None and text else text
+    display = getattr(llm.tokenizer, "display", None)
+    return display(text) if display is not None and text else text
 
 
 def generate_with_view(llm, generate, live: bool, max_steps: int, title: str | None = None):

@@ -253,7 +253,7 @@ class Engine:
         drafts = any(s.on_event is not None for s in states)
         lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
         parts = [same[:, None].long(), confident[:, None].long(), argmax] + \
-            ([accepted.long(), (entropy.float() * 1000).round().long()] if drafts else [])
+            ([accepted.long(), (entropy.float().nan_to_num(0.0).clamp(0, 1e3) * 1000).round().long()] if drafts else [])
         if lp_k is not None:
             parts.append(logprob_columns(logits, argmax, lp_k))
         host = torch.cat(parts, 1).tolist()
