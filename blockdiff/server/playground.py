@@ -32,7 +32,7 @@ def add_playground(app: FastAPI, api_key_required: bool, sudoku: bool) -> None:
         return {"api_key_required": api_key_required, "sudoku": sudoku}
 
     @app.get("/playground/puzzle", include_in_schema=False)
-    async def puzzle():
+    def puzzle():  # plain def: FastAPI runs it in a worker thread, off the event loop (the search takes ms)
         # Unique puzzles with 40-49 givens: the band the bundled model solves almost always (docs/sudoku.md).
         return {"puzzle": new_puzzle(random.Random(), 40, 49)}
 
