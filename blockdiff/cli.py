@@ -417,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as e:  # bad path/params, I/O, a missing optional dependency
-        print(f"blockdiff: error: {flag_names(sub, str(e))}", file=sys.stderr)
+        from .checks import CheckpointError
+
+        # A parameter named in a checkpoint's file is that file's key, not a flag the user typed.
+        msg = str(e) if isinstance(e, CheckpointError) else flag_names(sub, str(e))
+        print(f"blockdiff: error: {msg}", file=sys.stderr)
         return 2
     except SystemExit as e:  # subcommands that exit with a message
         if isinstance(e.code, str):
