@@ -1,12 +1,13 @@
-"""The ``blockdiff`` command line: ``run``, ``chat`` and ``bench`` here; ``serve``, ``train``, ``sudoku`` / ``demo``
-registered by their own packages when they are importable.
+"""The blockdiff command line: run, chat and bench here; serve, train, sudoku / demo and quantize registered by
+their own packages when they are importable.
 
-Examples::
+Examples:
 
     blockdiff run path/to/checkpoint "Why is the sky blue?" --max-new-tokens 256 --seed 0 --live
     blockdiff run path/to/checkpoint "1 2 3" --raw --steps 16
     blockdiff chat path/to/checkpoint
     blockdiff bench --random-config mid --out bench.json
+    blockdiff demo --web                  # the playground on the bundled Sudoku model
 
 Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import time
 
@@ -198,6 +200,12 @@ def answer_text(out) -> str:
     return out.text if out.text is not None else " ".join(map(str, out.token_ids))
 
 
+def shown_answer(llm, text: str) -> str:
+    """The answer as the terminal shows it (the Sudoku model's 81 digits also as a grid)."""
+    display = getattr(llm.tokenizer, "display", None)
+    return display(text) if display is not None and text else text
+
+
 def generate_with_view(llm, generate, live: bool, max_steps: int, title: str | None = None):
     """Run ``generate(on_event)``; with ``live`` and a terminal on stdout, redraw the canvas while it runs."""
     from rich.console import Console
@@ -293,7 +301,7 @@ def cmd_run(args) -> int:
             def generate(on_event):
                 return llm.generate([prompt], params, on_event=on_event)
     out = generate_with_view(llm, generate, args.live, steps)[0]
-    print(answer_text(out))
+    print(shown_answer(llm, answer_text(out)))
     print(closing_line(out), flush=True)
     return 0
 
@@ -349,7 +357,7 @@ def cmd_chat(args) -> int:
             continue
         turn += 1
         text = answer_text(out)
-        print(text)
+        print(shown_answer(llm, text))
         print(closing_line(out), flush=True)
         messages.append({"role": "assistant", "content": text})
     return 0
@@ -384,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
 
+    parser.subcommands = sub.choices  # name -> its parser: main() reports errors with the subcommand's usage
     for name in SUBCOMMAND_MODULES:
         # Each piece registers its own subcommand; a missing or broken piece never takes the CLI down.
         try:
@@ -398,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
             register(sub)
     for command in sub.choices.values():
         add_output_arguments(command)
+        plain_help(command, sub)
     return parser
 
 
@@ -413,9 +423,49 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bars (they are off anyway when stderr is not a terminal) and no info messages")
 
 
+_RST = [(re.compile(r":(?:func|class|meth|mod|attr|data):`~?([^`]+)`"), r"\1"), (re.compile(r"``([^`]+)``"), r"\1"),
+        (re.compile(r"::$", re.M), ":")]
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as a terminal shows it: no reST markup (``x``, :func:`x`, a closing ::)."""
+    for pattern, repl in _RST:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def plain_help(p: argparse.ArgumentParser, sub) -> None:
+    """Every subcommand gets a description (its one-line help when it has none) and help without reST markup:
+    the subcommands' descriptions are their modules' docstrings."""
+    if not p.description:
+        helps = {a.dest: a.help for a in sub._choices_actions}
+        line = helps.get(p.prog.split()[-1]) or ""
+        p.description = line[:1].upper() + line[1:] + ("." if line and not line.endswith(".") else "")
+    p.description = plain_text(p.description)
+    for action in p._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
+
+
+def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
+    """A message in the words the user typed: the parameter names of a ValueError (``max_denoising_steps``)
+    become the subcommand's flags (``--steps``). Names that are a flag's own spelling (seed) stay as they are."""
+    if parser is None:
+        return message
+    for action in parser._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or action.dest == flag[2:]:
+            continue
+        message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}(?!\w)", flag, message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    sub = parser.subcommands.get(getattr(args, "command", None) or "")
+    if extras:  # argparse would print the top-level usage: the subcommand's says which flags there are
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extras)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
@@ -428,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as e:  # bad path/params, I/O, a missing optional dependency
-        print(f"blockdiff: error: {e}", file=sys.stderr)
+        from .checks import CheckpointError
+
+        # A parameter named in a checkpoint's file is that file's key, not a flag the user typed.
+        msg = str(e) if isinstance(e, CheckpointError) else flag_names(sub, str(e))
+        print(f"blockdiff: error: {msg}", file=sys.stderr)
         return 2
     except SystemExit as e:  # subcommands that exit with a message
         if isinstance(e.code, str):

@@ -115,6 +115,17 @@ def normalize_messages(messages, image_placeholder: str | None = None) -> list[d
 
 
 class Tokenizer:
+    # A one-line reason when this checkpoint cannot take structured output (the engine refuses with it).
+    structured_output_refusal: str | None = None
+
+    def task_params(self, prompt_ids: list[int], params):
+        """The checkpoint's own sampling settings for a prompt (the Sudoku model fixes its givens); as-is here."""
+        return params
+
+    def display(self, text: str) -> str:
+        """A reply as the terminal shows it."""
+        return text
+
     def __init__(self, tokenizer: _HFTokenizer, config: dict | None = None, chat_template: str | None = None,
                  extra_eos_ids: list[int] | None = None):
         self._tok = tokenizer
@@ -169,6 +180,10 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{tj} is not a valid tokenizer.json: {msg}") from None
+        if cls is Tokenizer:
+            from .sudoku.talk import SudokuTokenizer, is_sudoku_vocabulary
+            if is_sudoku_vocabulary(tok):  # puzzles in, solutions out (see blockdiff/sudoku/talk.py)
+                cls = SudokuTokenizer
         out = cls(tok, config, template, extra_eos)
         out._template = compiled
         return out

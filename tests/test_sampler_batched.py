@@ -103,7 +103,7 @@ def test_engine_tick_reads_back_once(tiny_checkpoint, monkeypatch):
     calls.clear()
     with torch.no_grad():
         llm.engine._denoise([s for s in states if s.phase is Phase.DENOISING])
-    assert calls == [(5, 2 * C + 3)], calls  # a draft listener: the acceptance masks come along
+    assert calls == [(5, 3 * C + 3)], calls  # a draft listener: the acceptance masks and entropies come along
 
 
 def test_counter_rng_stays_in_int64_without_overflow_for_every_seed_bit():

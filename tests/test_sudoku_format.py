@@ -53,4 +53,5 @@ def test_tokenizer_json_encodes_and_decodes_the_text_form(tmp_path):
     fmt.write_tokenizer(str(tmp_path))
     ours = Tokenizer.from_dir(str(tmp_path))
     assert ours.encode(fmt.text_of(ids)) == ids
-    assert ours.decode(fmt.encode_canvas(solution)).split() == [fmt.token_string(t) for t in fmt.encode_canvas(solution)]
+    # the Sudoku tokenizer reads cell tokens as their digits (blockdiff/sudoku/talk.py): a reply is the 81-digit grid
+    assert ours.decode(fmt.encode_canvas(solution)) == "".join(map(str, solution))

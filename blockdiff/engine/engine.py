@@ -76,6 +76,8 @@ class Engine:
                    request_id: str | None = None, request_index: int = 0, images=None) -> ModelState:
         """``images``: the prompt's ``ImageInputs`` (``blockdiff.vision.prompt``), its image tokens expanded."""
         params = params or SamplingParams()
+        if self.tokenizer is not None and hasattr(self.tokenizer, "task_params"):
+            params = self.tokenizer.task_params(prompt_ids, params)  # e.g. the Sudoku model's fixed givens
         params.validate(self.model.vocab_size, self.canvas_length)
         params = params.resolved(self.defaults)
         self.validate_prompt(prompt_ids, params)
@@ -112,6 +114,8 @@ class Engine:
         builds it in the background at start-up; any thread may call this)."""
         if self.tokenizer is None:
             raise ValueError("structured_outputs needs the checkpoint's tokenizer; this model has none")
+        if getattr(self.tokenizer, "structured_output_refusal", None):
+            raise ValueError(self.tokenizer.structured_output_refusal)
         with self._grammars_lock:
             if self._grammars is None:
                 from ..structured import GrammarCompiler
@@ -292,22 +296,24 @@ class Engine:
             return
         if len(order) < B:  # rows that failed in the sampler leave the tick (a copy, on failure only)
             logits, states = logits[order], [states[b] for b in order]
-        new_canvas, argmax, accepted, confident, finite = (torch.cat(x) for x in zip(*(r for _, r in parts)))
+        new_canvas, argmax, accepted, confident, finite, entropy = (torch.cat(x) for x in zip(*(r for _, r in parts)))
         previous = torch.stack([s.argmax for s in states]).to(dev)  # [B, C] last step's argmax canvas
         soft = self._soft_embeddings(logits)  # [B, C, H]: self-conditioning for the next step
         same = same_as_previous(argmax, previous, to_device(torch.tensor([s.step > 0 for s in states]), dev))
         # The one device-to-host transfer of the tick: the stop flags, whether each row's logits were finite, the
         # argmax canvases (committed when a canvas finishes), only when someone listens to draft events the
-        # acceptance masks, and only when a request asked for them the logprobs (fp32 bit patterns).
+        # acceptance masks and per-position entropies (in thousandths: one integer tensor), and only when a request
+        # asked for them the logprobs (fp32 bit patterns).
         drafts = any(s.on_event is not None for s in states)
         lp_k = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
         cols = [same[:, None].long(), confident[:, None].long(), finite[:, None].long(), argmax]
-        cols += [accepted.long()] if drafts else []
+        if drafts:
+            cols += [accepted.long(), (entropy.float().nan_to_num(0.0).clamp(0, 1e3) * 1000).round().long()]
         if lp_k is not None:
             cols.append(logprob_columns(logits, argmax, lp_k))
         host = torch.cat(cols, 1).tolist()
         A = 3  # argmax columns start here
-        lp_at = A + C + (C if drafts else 0)
+        lp_at = A + C + (2 * C if drafts else 0)
         for b, s in enumerate(states):
             row = host[b]
             if not row[2]:  # non-finite logits: never a success with garbage
@@ -324,7 +330,8 @@ class Engine:
         if lp_k is not None and s.params.logprobs is not None:  # before apply_step: it may commit the canvas
             s.step_logprobs = split_logprob_row(row[lp_at:], C, lp_k, s.params.logprobs)
         s.apply_step(StepRow(canvas, argmax, row[A:A + C], [bool(x) for x in row[A + C:A + 2 * C]] if drafts
-                             else None, bool(row[0]), bool(row[1])), soft)
+                             else None, bool(row[0]), bool(row[1]),
+                             [x / 1000 for x in row[A + 2 * C:A + 3 * C]] if drafts else None), soft)
 
     def _denoise_logits(self, states: list[ModelState]) -> tuple[list[ModelState], torch.Tensor]:
         """The batched denoise forward -> (states, logits [B, C, V]). If it raises, each row is run alone to find
@@ -388,7 +395,7 @@ class Engine:
                 fail_request(states[b], "the sampler failed", e)
             return []
         return [(list(range(lo, hi)), (res.canvas, res.argmax, res.accepted, res.confident,
-                                       torch.isfinite(res.entropy).all(-1)))]
+                                       torch.isfinite(res.entropy).all(-1), res.entropy))]
 
     def _soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [B, C, V] -> [B, C, H]. In the model dtype: when that is not fp32 the cast happens per chunk of
@@ -430,4 +437,4 @@ def _row_group(s: ModelState) -> int:
 
 def _unsqueeze(res):
     return (res.canvas[None], res.argmax[None], res.accepted[None], res.confident.reshape(1),
-            torch.isfinite(res.entropy).all().reshape(1))
+            torch.isfinite(res.entropy).all().reshape(1), res.entropy[None])

@@ -47,6 +47,7 @@ class Event:
     token_ids: list[int]  # draft: the argmax canvas; block: the committed tokens; done: all output tokens
     step: int = 0
     accepted: list[bool] | None = None
+    entropy: list[float] | None = None  # draft: per position, of the tempered distribution (nats; 0 = certain)
     finish_reason: str | None = None
     # block/done with params.logprobs set: per token (logprob, [(token id, logprob), ...] the most likely first)
     logprobs: list | None = None
@@ -100,6 +101,7 @@ class StepRow:
     accepted: list[bool] | None  # read back only when someone listens to draft events
     same_as_previous: bool  # argmax canvas unchanged from the previous step
     confident: bool  # mean entropy below confidence_threshold
+    entropy: list[float] | None = None  # per position (nats), read back only for draft listeners
 
 
 class ModelState:
@@ -230,7 +232,7 @@ class ModelState:
         done = (stable and row.confident) or self.step >= p.max_denoising_steps
         if self.on_event is not None:
             self._emit(Event("draft", self.request_id, self.request_index, list(row.argmax_ids), step=self.step,
-                             accepted=None if row.accepted is None else list(row.accepted)))
+                             accepted=None if row.accepted is None else list(row.accepted), entropy=row.entropy))
         if self.constraint is not None:  # a settled constrained canvas is done
             done = done or self.constraint.settled
         if done:

@@ -101,7 +101,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
     async def lifespan(app):
         srv.loop = asyncio.get_running_loop()
         aeng.start()
-        if core.tokenizer is not None:  # structured output's token table (seconds at 262k), off the event loop
+        if core.tokenizer is not None and not getattr(core.tokenizer, "structured_output_refusal", None):
+            # structured output's token table (seconds at 262k), off the event loop
             warmup = srv.loop.run_in_executor(None, core.grammars)
             warmup.add_done_callback(_warmup_done)  # its outcome is read (and logged), never left unretrieved
             app.state.grammar_warmup = warmup
@@ -205,4 +206,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         return app.openapi_schema
 
     app.openapi = openapi
+    from ..sudoku.talk import SudokuTokenizer
+    from .playground import add_playground
+    add_playground(app, api_key_required=api_key is not None, sudoku=isinstance(core.tokenizer, SudokuTokenizer))
     return app

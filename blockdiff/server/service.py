@@ -170,7 +170,10 @@ class Server:
         if self.tokenizer is None:
             raise bad("this model has no tokenizer: send 'prompt' as an array of token ids", "prompt")
         self._check_chars(len(text), "prompt")
-        ids = self.tokenizer.encode(text)
+        try:
+            ids = self.tokenizer.encode(text)
+        except ValueError as e:  # a checkpoint that reads only some texts (the Sudoku model: puzzles)
+            raise bad(str(e), "prompt") from None
         bos = self.tokenizer.bos_token_id
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
@@ -371,9 +374,13 @@ class Server:
                 if isinstance(ev, BaseException):
                     raise ev
                 if ev.kind == "draft":
-                    text = None if self.tokenizer is None else self.tokenizer.decode(ev.token_ids)
+                    text = tokens = None
+                    if self.tokenizer is not None:
+                        text = self.tokenizer.decode(ev.token_ids)
+                        tokens = [self.tokenizer.decode([t]) for t in ev.token_ids]  # what each position shows
                     yield chunk(i, draft={"canvas": canvases[i], "step": ev.step, "token_ids": ev.token_ids,
-                                          "accepted": ev.accepted, "text": text})
+                                          "accepted": ev.accepted, "entropy": ev.entropy, "tokens": tokens,
+                                          "text": text})
                 elif ev.kind == "block" and chat_texts[i] is not None:
                     canvases[i] += 1
                     lps = chat_logprobs(self.tokenizer, ev.token_ids, ev.logprobs) if ev.logprobs is not None else None

@@ -1,10 +1,12 @@
-"""``blockdiff sudoku`` and ``blockdiff demo``: Sudoku with the bundled DiffusionGemma model.
+"""blockdiff sudoku and blockdiff demo: Sudoku with the bundled DiffusionGemma model.
 
-    blockdiff demo                                   # a random >=40-clue puzzle, live canvas, verified
+    blockdiff demo                                   # a random 40-49 clue puzzle, live canvas, verified
+    blockdiff demo --web                             # the same in the browser: the playground on the bundled model
     blockdiff sudoku --puzzles in.txt --out out.txt  # one puzzle per line -> one 81-digit solution per line
+    cat in.txt | blockdiff sudoku --puzzles - --out -   # stdin to stdout
 
 Puzzles are 81 characters, digits with '.' or '0' for blanks. Lines that are blank or start with '#' are
-skipped. Unsolved puzzles still get the model's best grid (check it with ``is_valid_solution``).
+skipped. A puzzle the model did not solve still gets its best grid, with " # unsolved" after it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def _load(args):
 
     from ..cli import auto_threads, check_device, check_threads
 
+    if args.steps is not None and not 1 <= args.steps <= 10_000:
+        raise _error(f"--steps must be an integer in [1, 10000], got {args.steps}")
     check_threads(args.threads)
     args.device = check_device(args.device)
     if args.threads:
@@ -71,6 +75,9 @@ def _check_writable(path: str) -> None:
     """Fail before any work (the model load, the solving) when the output file cannot be written."""
     import os
 
+    if path == "-":
+        return
+
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise _error(f"--out {path} is a folder; name a file")
@@ -81,27 +88,12 @@ def _check_writable(path: str) -> None:
 
 
 def cmd_sudoku(args) -> int:
-    from .puzzles import format_grid, is_consistent, parse_puzzle
+    from .puzzles import format_grid
     from .solver import solve_diffusion
 
     _check_writable(args.out)
 
-    puzzles = []
-    try:
-        with open(args.puzzles) as f:
-            for n, line in enumerate(f, 1):
-                s = line.strip()
-                if not s or s.startswith("#"):
-                    continue
-                try:
-                    p = parse_puzzle(s)
-                except ValueError as e:
-                    raise _error(f"{args.puzzles}: line {n}: {e}") from None
-                if not is_consistent(p):
-                    raise _error(f"{args.puzzles}: line {n}: the givens conflict (a digit repeats in a unit)")
-                puzzles.append(p)
-    except OSError as e:
-        raise _error(f"cannot read {args.puzzles}: {e.strerror}") from None
+    puzzles = _read_puzzles(args.puzzles)
     llm = _load(args)
     t0 = time.perf_counter()
     if args.live:
@@ -111,20 +103,55 @@ def cmd_sudoku(args) -> int:
     else:
         sols = solve_diffusion(llm, puzzles, seed=args.seed, batch_size=args.batch_size,
                                max_denoising_steps=args.steps)
-    with open(args.out, "w") as f:
-        for s in sols:
-            f.write(format_grid(s.grid, blank="0") + "\n")
     from .puzzles import is_valid_solution
-    ok = sum(is_valid_solution(p, s.grid) for p, s in zip(puzzles, sols))
+    solved = [is_valid_solution(p, s.grid) for p, s in zip(puzzles, sols)]
+    lines = "".join(format_grid(s.grid, blank="0") + ("" if ok else UNSOLVED) + "\n" for s, ok in zip(sols, solved))
+    if args.out == "-":
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+    else:
+        with open(args.out, "w") as f:
+            f.write(lines)
     steps = sum(s.denoise_steps for s in sols) / max(1, len(sols))
-    print(f"[{len(puzzles)} puzzles · {ok} solved · {steps:.1f} denoising steps per puzzle · "
-          f"{time.perf_counter() - t0:.2f} s] -> {args.out}", file=sys.stderr)
+    print(f"[{len(puzzles)} puzzles · {sum(solved)} solved · {steps:.1f} denoising steps per puzzle · "
+          f"{time.perf_counter() - t0:.2f} s] -> {'stdout' if args.out == '-' else args.out}", file=sys.stderr)
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .puzzles import count_solutions, format_grid, generate, is_valid_solution, pretty, solve
+UNSOLVED = " # unsolved"  # after the model's best grid when it is not a valid solution
 
+
+def _read_puzzles(path: str) -> list[list[int]]:
+    """One puzzle per line from a file, or stdin for '-'; a bad line is an error naming it."""
+    from .puzzles import is_consistent, parse_puzzle
+
+    name = "stdin" if path == "-" else path
+    try:
+        lines = sys.stdin.readlines() if path == "-" else open(path).readlines()
+    except OSError as e:
+        raise _error(f"--puzzles {path}: cannot read it: {e.strerror}") from None
+    puzzles = []
+    for n, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        try:
+            p = parse_puzzle(s)
+        except ValueError as e:
+            raise _error(f"{name}: line {n}: {e}") from None
+        if not is_consistent(p):
+            raise _error(f"{name}: line {n}: the givens conflict (a digit repeats in a unit)")
+        puzzles.append(p)
+    if not puzzles:
+        raise _error(f"--puzzles {path}: no puzzles (one 81-character puzzle per line)")
+    return puzzles
+
+
+def cmd_demo(args) -> int:
+    from .puzzles import count_solutions, format_grid, generate, is_valid_solution, solve
+
+    if args.web:
+        return _serve_playground(args)
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     puzzle, _ = generate(random.Random(seed), 40, 49, unique=True)
     llm = _load(args)
@@ -133,8 +160,6 @@ def cmd_demo(args) -> int:
                     f"blockdiff demo · DiffusionGemma Sudoku · puzzle seed {seed}")
     secs = time.perf_counter() - t0
     ok = is_valid_solution(puzzle, sol.grid)
-    if not sys.stdout.isatty():
-        print(pretty(sol.grid, blank="?"))
     print(f"puzzle   {format_grid(puzzle)}")
     print(f"solution {format_grid(sol.grid, blank='?')}")
     if ok:
@@ -146,6 +171,25 @@ def cmd_demo(args) -> int:
     print(f"verified by the exact solver: NOT a valid solution ({wrong} of {puzzle.count(0)} cells wrong) · "
           f"{sol.denoise_steps} denoising steps · {secs:.2f} s; try another --seed")
     return 1
+
+
+def _serve_playground(args) -> int:
+    """``demo --web``: the server with its playground page on the bundled model (loopback only)."""
+    import uvicorn
+
+    from ..server.app import build_app
+
+    if not 0 <= args.port < 65536:
+        raise _error(f"--port must be in [0, 65535], got {args.port}")
+    llm = _load(args)
+    app = build_app(llm, "sudoku")
+    url = f"http://127.0.0.1:{args.port}/"
+    print(f"blockdiff demo: the playground is at {url} (Ctrl-C stops it)", flush=True)
+    if args.open:
+        import webbrowser
+        webbrowser.open(url)
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")).run()
+    return 0
 
 
 def _common(p):
@@ -161,13 +205,21 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sudoku", help="solve Sudoku puzzles with the bundled model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--puzzles", required=True, help="input: one puzzle per line")
-    p.add_argument("--out", required=True, help="output: one 81-digit solution per line")
+    p.add_argument("--puzzles", required=True, help="input: one puzzle per line ('-' for stdin)")
+    p.add_argument("--out", required=True, help="output: one 81-digit solution per line, ' # unsolved' after a grid "
+                   "the model did not solve ('-' for stdout)")
     p.add_argument("--live", action="store_true", help="show each puzzle's canvas as it denoises")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_sudoku)
-    d = subparsers.add_parser("demo", help="solve a random Sudoku live with the bundled model (CPU, seconds)")
+    d = subparsers.add_parser("demo", help="solve a random Sudoku live with the bundled model (CPU, seconds)",
+                              description="Solve a random Sudoku (40-49 givens) with the bundled model: the board "
+                              "is redrawn at every denoising step in a terminal (printed once otherwise), then "
+                              "checked by the exact solver. --web serves the same in the browser.")
     _common(d)
     d.add_argument("--seed", type=int, help="puzzle seed (default: random)")
+    d.add_argument("--web", action="store_true", help="serve the playground page on the bundled model instead and "
+                   "print its URL")
+    d.add_argument("--port", type=int, default=8000, help="with --web: the port on 127.0.0.1 (default 8000)")
+    d.add_argument("--open", action="store_true", help="with --web: also open the page in a browser")
     d.set_defaults(func=cmd_demo)

@@ -1,0 +1,107 @@
+"""The command line as a newcomer meets it: stdin/stdout for `sudoku`, unsolved puzzles marked, `demo` printing its
+board once when piped, errors in the flags the user typed, the subcommand's usage for a bad flag, plain help text,
+and `demo --web` serving the playground."""
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from blockdiff.cli import build_parser, main
+from blockdiff.sudoku.puzzles import is_valid_solution, parse_puzzle
+from blockdiff.sudoku.solver import BUNDLED_MODEL
+
+PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sudoku_reads_stdin_and_writes_stdout(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"# a comment\n{PUZZLE}\n\n{PUZZLE.replace('.', '0')}\n"))
+    assert main(["sudoku", "--puzzles", "-", "--out", "-", "--threads", "1"]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert len(lines) == 2 and all(is_valid_solution(parse_puzzle(PUZZLE), parse_puzzle(x)) for x in lines)
+    assert "2 puzzles · 2 solved" in cap.err and "stdout" in cap.err  # the summary stays off stdout
+
+
+def test_sudoku_marks_a_puzzle_the_model_did_not_solve(monkeypatch, capsys):
+    # one denoising step on an empty grid: the model's draft is no valid Sudoku
+    monkeypatch.setattr("sys.stdin", io.StringIO("." * 81 + "\n"))
+    assert main(["sudoku", "--puzzles", "-", "--out", "-", "--steps", "1", "--threads", "1"]) == 0
+    cap = capsys.readouterr()
+    grid, mark = cap.out.strip().split(" ", 1)
+    assert len(grid) == 81 and mark == "# unsolved"
+    assert "1 puzzles · 0 solved" in cap.err
+
+
+def test_demo_piped_prints_the_final_board_once(capsys):
+    main(["demo", "--seed", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    board_rows = [line for line in out.splitlines() if re.fullmatch(r"(\S \S \S \| ){2}\S \S \S", line)]
+    assert len(board_rows) == 9, out
+    assert "\x1b[" not in out  # no cursor movement: no live redraw
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["run", BUNDLED_MODEL, PUZZLE, "--steps", "0"], "--steps"),
+    (["run", BUNDLED_MODEL, PUZZLE, "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["run", BUNDLED_MODEL, PUZZLE, "--t-max", "0.1", "--t-min", "0.5"], "--t-max must be greater than --t-min"),
+    (["demo", "--steps", "0"], "--steps"),
+])
+def test_errors_name_the_flag_the_user_typed(argv, flag, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "max_denoising_steps" not in err and "max_new_tokens" not in err and "t_max" not in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["run", "sudoku", "serve"])
+def test_a_bad_flag_prints_the_subcommands_usage(command, capsys):
+    needed = ["--puzzles", "-", "--out", "-"] if command == "sudoku" else [BUNDLED_MODEL]
+    argv = [command] + needed + ["--no-such-flag"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: blockdiff {command}" in err and "unrecognized arguments: --no-such-flag" in err
+
+
+def test_help_has_no_rest_markup_and_every_subcommand_a_description():
+    parser = build_parser()
+    markup = re.compile(r"``|:(?:func|class|meth|mod|attr):`|::\s*$", re.M)
+    assert not markup.search(parser.format_help())
+    assert set(parser.subcommands) >= {"run", "chat", "serve", "bench", "train", "sudoku", "demo", "quantize"}
+    for name, sub in parser.subcommands.items():
+        assert sub.description and sub.description.strip(), name
+        assert not markup.search(sub.format_help()), (name, markup.search(sub.format_help()))
+
+
+def test_demo_web_serves_the_playground_and_prints_its_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "blockdiff", "demo", "--web", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line, line
+        deadline = time.time() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        assert r.status_code == 200 and 'data-testid="sudoku-board"' in r.text
+        assert httpx.get(f"http://127.0.0.1:{port}/playground/config").json()["sudoku"] is True
+    finally:
+        proc.terminate()
+        proc.wait(15)
