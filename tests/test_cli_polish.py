@@ -90,8 +90,10 @@ def test_demo_web_serves_the_playground_and_prints_its_url():
     proc = subprocess.Popen([sys.executable, "-m", "blockdiff", "demo", "--web", "--port", str(port), "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     try:
-        line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/" in line, line
+        lines = []  # log lines (the loader's info) may come first
+        while not lines or (f"http://127.0.0.1:{port}/" not in lines[-1] and len(lines) < 20 and lines[-1]):
+            lines.append(proc.stdout.readline())
+        assert f"http://127.0.0.1:{port}/" in lines[-1], lines
         deadline = time.time() + 60
         while True:
             try:

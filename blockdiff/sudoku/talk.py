@@ -108,6 +108,10 @@ class SudokuTokenizer(Tokenizer):
                 out.append(fmt.SPECIALS[int(t)] if 0 <= int(t) < fmt.CELL_BASE else "")
         return "".join(out)
 
+    def decode_stream(self, skip_special_tokens: bool = True) -> "_CellStream":
+        """Incremental detokenizing in the same words as ``decode`` (one token is one cell: nothing to hold back)."""
+        return _CellStream(self, skip_special_tokens)
+
     def task_params(self, prompt_ids: list[int], params):
         """The engine's hook: a puzzle prompt gets its givens fixed and digits-only cells (unless the request
         already set ``canvas_template`` / ``allowed_token_ids``, as ``solver.py`` does)."""
@@ -138,3 +142,13 @@ class SudokuTokenizer(Tokenizer):
         if len(text) != 81:
             return text
         return pretty([0 if c == "." else int(c) for c in text]) + "\n" + text
+
+
+class _CellStream:
+    """``Tokenizer.decode_stream``'s interface over ``SudokuTokenizer.decode``."""
+
+    def __init__(self, tokenizer: SudokuTokenizer, skip_special_tokens: bool):
+        self._tok, self._skip = tokenizer, skip_special_tokens
+
+    def step(self, token_ids: list[int]) -> str | None:
+        return self._tok.decode(token_ids, self._skip) or None
