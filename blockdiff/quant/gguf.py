@@ -181,9 +181,41 @@ def config_from_gguf(reader) -> ModelConfig:
         "eos_token_id": _eos_ids(reader) or 1,
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", 0),
     }
-    canvas = _field(reader, f"{a}.diffusion.canvas_length") or _field(reader, f"{a}.canvas_length") or 256
+    canvas = _diffusion_field(reader, "canvas_length") or _field(reader, f"{a}.canvas_length") or 256
     return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": int(canvas),
                                   "tie_word_embeddings": True, "text_config": text})
+
+
+# Sampler defaults: GenerationDefaults field -> the key suffix llama.cpp's DiffusionGemma converter writes under
+# "diffusion." (no architecture prefix: ``diffusion.eb_max_steps`` ...). Files written before that spelling, with
+# ``diffusion-gemma.diffusion.<field>``, are still read.
+DIFFUSION_KEYS = {"max_denoising_steps": "eb_max_steps", "t_min": "eb_t_min", "t_max": "eb_t_max",
+                  "entropy_bound": "eb_entropy_bound", "stability_threshold": "eb_stability_threshold",
+                  "confidence_threshold": "eb_confidence_threshold"}
+
+
+def _diffusion_field(reader, name: str, legacy: str | None = None):
+    """``diffusion.<name>`` as the converter writes it, else the older ``diffusion-gemma.diffusion.<legacy>``."""
+    v = _field(reader, f"diffusion.{name}")
+    return v if v is not None else _field(reader, f"{ARCH}.diffusion.{legacy or name}")
+
+
+def generation_from_gguf(reader) -> dict:
+    """The generation-config dict (GenerationDefaults.from_dict's input) held in the file's metadata."""
+    gen = {"eos_token_id": _eos_ids(reader) or None}
+    for ours, key in DIFFUSION_KEYS.items():
+        v = _diffusion_field(reader, key, legacy=ours)
+        if v is not None:
+            # Floats are stored as float32: take the shortest decimal that round-trips (0.3, not 0.30000001192...),
+            # so the sampler sees the value the checkpoint's generation_config.json held.
+            gen[ours] = int(v) if ours in ("max_denoising_steps", "stability_threshold") else float(str(np.float32(v)))
+    v = _field(reader, f"{ARCH}.diffusion.max_new_tokens")
+    if v is not None:
+        gen["max_new_tokens"] = int(v)
+    eb = gen.pop("entropy_bound", None)
+    if eb is not None:
+        gen["sampler_config"] = {"entropy_bound": eb}
+    return gen
 
 
 def _eos_ids(reader) -> list[int]:
@@ -271,16 +303,7 @@ def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize
     model = load_gguf_model(path, dtype, device, quantization, quantize_embedding)
     reader = open_gguf(path)
     tokenizer = tokenizer_from_gguf(reader)
-    gen = {"eos_token_id": _eos_ids(reader) or None}
-    for k in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold",
-              "max_new_tokens"):
-        v = _field(reader, f"{ARCH}.diffusion.{k}")
-        if v is not None:
-            gen[k] = v
-    eb = _field(reader, f"{ARCH}.diffusion.entropy_bound")
-    if eb is not None:
-        gen["sampler_config"] = {"entropy_bound": eb}
-    return model, tokenizer, GenerationDefaults.from_dict(gen, model.text.eos_ids)
+    return model, tokenizer, GenerationDefaults.from_dict(generation_from_gguf(reader), model.text.eos_ids)
 
 
 def tokenizer_from_gguf(reader):
