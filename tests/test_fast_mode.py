@@ -123,3 +123,25 @@ def test_rows_that_need_exact_distributions_run_exact_in_fast_mode(tiny_model):
 def test_fast_must_be_a_boolean():
     with pytest.raises(ValueError, match="fast must be true or false"):
         SamplingParams(fast="yes")
+
+
+def test_request_field_fast_reaches_the_sampling_params():
+    from pydantic import ValidationError
+
+    from blockdiff.server.protocol import CompletionRequest
+
+    assert CompletionRequest(model="m", prompt="hi", fast=True).to_params().fast is True
+    assert CompletionRequest(model="m", prompt="hi").to_params().fast is None  # the server's default decides
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="hi", fast="sometimes")
+
+
+def test_serve_fast_flag_sets_the_engine_default():
+    import argparse
+
+    from blockdiff.server.cli import register
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    assert ap.parse_args(["serve", "m", "--fast"]).fast is True
+    assert ap.parse_args(["serve", "m"]).fast is False
