@@ -35,6 +35,7 @@ from .model_state import ModelState, StepRow
 
 REFRESH = 4  # every REFRESH-th step of a canvas recomputes every position (step 0 included)
 VICINITY = 1  # neighbours either side of a newly frozen position recomputed at the next step
+FREEZE_AFTER = 1  # consecutive steps a position must be accepted with an unchanged argmax before it freezes
 
 
 @dataclass
@@ -45,6 +46,7 @@ class FastState:
     kv_tokens: torch.Tensor  # [C] the input tokens those keys/values were computed from (-1: never)
     frozen: torch.Tensor  # bool [C]
     newly_frozen: torch.Tensor  # bool [C] froze at the previous step
+    streak: torch.Tensor  # int [C] consecutive steps accepted with an unchanged argmax
 
 
 def uses_fast(s: ModelState, deterministic: bool) -> bool:
@@ -57,7 +59,8 @@ def _fresh(model, C: int) -> FastState:
     store = [(k[0], v[0]) for k, v in empty_store(model, 1, C)]
     dev = model.device
     z = torch.zeros(C, dtype=torch.bool, device=dev)
-    return FastState(store, torch.full((C,), -1, dtype=torch.long, device=dev), z, z.clone())
+    return FastState(store, torch.full((C,), -1, dtype=torch.long, device=dev), z, z.clone(),
+                     torch.zeros(C, dtype=torch.int32, device=dev))
 
 
 def _dilate(mask: torch.Tensor, w: int) -> torch.Tensor:
@@ -125,7 +128,9 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, params)
     confident = mean_h < params.confidence
     has_prev = to_device(torch.tensor([s.step > 0 for s in states]), dev)
-    newly = accepted & ~frozen & (sampled == argmax) & (argmax == previous) & has_prev[:, None]
+    settled = accepted & (sampled == argmax) & (argmax == previous) & has_prev[:, None]
+    streak = torch.where(settled, torch.stack([f.streak for f in fs]) + 1, 0)
+    newly = ~frozen & (streak >= FREEZE_AFTER)
     if params.fixed is not None:
         newly &= ~params.fixed  # template positions are kept by the sampler already
     # --- self-conditioning for the next step: the active positions' distributions, frozen ones their token ---
@@ -142,7 +147,7 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     for b, s in enumerate(states):
         f = s.fast
         f.store = [(k[b], v[b]) for k, v in store]
-        f.kv_tokens, f.frozen, f.newly_frozen = kv_tokens[b], frozen[b] | newly[b], newly[b]
+        f.kv_tokens, f.frozen, f.newly_frozen, f.streak = kv_tokens[b], frozen[b] | newly[b], newly[b], streak[b]
         row = host[b]
         s.apply_step(StepRow(new_canvas[b], argmax[b], row[2:2 + C],
                              [bool(x) for x in row[2 + C:2 + 2 * C]] if drafts else None,
