@@ -249,6 +249,7 @@ def default_method(reader, plan_targets: set[str]) -> str | None:
 def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
     from ..loader import resolve_dtype
     from ..model import DiffusionGemma
+    from .gguf_repack import tensor_parts
     from .plan import target_shapes
 
     reader = open_gguf(path)
@@ -275,6 +276,11 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
             ours = gguf_to_model_name(t.name)
             if ours is None or ours not in expected:
                 unexpected.append(t.name)
+                continue
+            if ours in plan.targets and tuple(reversed([int(x) for x in t.shape])) == expected[ours]:
+                # Straight from the file's blocks to int8 / int4 parts: never the whole tensor in fp32.
+                plan.add_parts(ours, tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours)),
+                               expected[ours], t.name)
                 continue
             w = _tensor(t)
             if w.numel() == 1 and len(expected[ours]) == 1:
