@@ -33,7 +33,7 @@ from ..sampling import counter_rng
 from ..sampling.sampler import RowParams, _entropy_and_draw, accept_and_renoise, row_temperature, same_as_previous
 from .model_state import ModelState, StepRow
 
-REFRESH = 4  # every REFRESH-th step of a canvas recomputes every position (step 0 included)
+REFRESH = 2  # every REFRESH-th step of a canvas recomputes every position (step 0 included)
 VICINITY = 1  # neighbours either side of a newly frozen position recomputed at the next step
 FREEZE_AFTER = 1  # consecutive steps a position must be accepted with an unchanged argmax before it freezes
 
