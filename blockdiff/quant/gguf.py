@@ -7,8 +7,9 @@ are the Gemma 4 ones llama.cpp uses (``{arch}.attention.head_count_kv`` per laye
 ``freq_base_swa``, ...). No norm shift and no Q/K permutation are applied by that converter, so none is undone.
 
 Every tensor type the ``gguf`` package can dequantize is read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q2_K..Q6_K, IQ*): a tensor is dequantized on its own, then either kept in the compute dtype or re-quantized to
-blockdiff's int8 / int4 by the same quantize-while-loading plan as safetensors checkpoints. Without a
+Q2_K..Q6_K, IQ*). A weight the quantize-while-loading plan targets goes straight from the file's blocks to
+blockdiff's int8 / int4 parts (``gguf_repack``: Q4_0 / Q4_K repacked, other types a few rows at a time), never whole
+in fp32; every other tensor (norms, scalars, router) is dequantized on its own. Without a
 ``quantization`` argument a quantized file keeps about its size: int8 when every quantized weight has 6 bits or
 more (Q8_0, Q6_K), else int4 with groups of 32 (the block size of the Q4/Q5 formats).
 """
