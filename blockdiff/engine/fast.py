@@ -30,7 +30,7 @@ import torch
 from ..kv_cache import KVCache, to_device
 from ..model.fast_denoise import denoise_active, empty_store
 from ..sampling import counter_rng
-from ..sampling.sampler import RowParams, _entropy_and_draw, accept_and_renoise, row_temperature, same_as_previous
+from ..sampling.sampler import RowParams, entropy_and_draw, accept_and_renoise, row_temperature, same_as_previous
 from .model_state import ModelState, StepRow
 
 REFRESH = 2  # every REFRESH-th step of a canvas recomputes every position (step 0 included)
@@ -116,7 +116,7 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     logits.div_(row_temperature(params)[:, None, None])
     arg_a = logits.argmax(dim=-1)  # [B, A]
     u = counter_rng.uniform(params.seed, params.canvas_index, params.step.long(), counter_rng.SAMPLE, C)
-    h_a, sampled_a = _entropy_and_draw(logits, u.gather(1, index), params)  # logits now hold the probabilities
+    h_a, sampled_a = entropy_and_draw(logits, u.gather(1, index), params)  # logits now hold the probabilities
     h = torch.zeros(B, C, dtype=torch.float32, device=dev).scatter_(1, index, h_a)
     fresh_argmax = canvas.clone().scatter_(1, index, arg_a)
     # A refresh re-decides a frozen position whose fresh argmax disagrees with its kept token.

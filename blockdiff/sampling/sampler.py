@@ -177,13 +177,13 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
     logits.div_(row_temperature(p)[:, None, None])
     argmax = logits.argmax(dim=-1)  # [B, C]
     u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C)  # [B, C]
-    h, sampled = _entropy_and_draw(logits, u, p)
+    h, sampled = entropy_and_draw(logits, u, p)
     noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
     new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, p)
     return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)
 
 
-def _entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Tempered ``logits`` [B, S, V] (overwritten with their probabilities), one uniform per position ``u`` [B, S]
     -> (entropy fp32 [B, S], sampled token [B, S]), ``ROW_CHUNK`` positions at a time. ``default_step`` passes
     the whole canvas (S = C); fast mode (``engine/fast.py``) only its undecided positions."""
