@@ -4,9 +4,10 @@
 
 DIR holds ``ckpt/`` (a checkpoint folder, e.g. ``blockdiff bench``'s random "mid" written by
 ``blockdiff.bench.checkpoints.write_random_checkpoint``) and ``*.gguf`` files converted from it (written with
-``tests/gguf_fixtures.write_gguf``, the layout of llama.cpp's DiffusionGemma converter). For each: the growth of the
-resident set over a process that imported torch, blockdiff and the file readers (after the load and a malloc_trim, and its peak during the load, from
-/proc/self/status VmRSS / VmHWM), as a fraction of the fp32 safetensors load.
+``tests/gguf_fixtures.write_gguf``, the layout of llama.cpp's DiffusionGemma converter). For each, in a process that
+already loaded the same file once (so one-time runtime set-up is not counted): the growth of the resident set from
+a second load (after it and a malloc_trim), and its peak during that load (/proc/self/status VmRSS / VmHWM, the
+peak reset through /proc/self/clear_refs), as fractions of the fp32 safetensors model.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def measure(path: str, quantization: str | None = None) -> dict:
 
 def main(argv=None) -> int:
     d = (argv or sys.argv[1:])[0]
-    runs = [("safetensors fp32", os.path.join(d, "ckpt"), None), ("safetensors -> int8", os.path.join(d, "ckpt"), "int8"),
-            ("safetensors -> int4", os.path.join(d, "ckpt"), "int4-g32")]
+    ckpt = os.path.join(d, "ckpt")
+    runs = [("safetensors fp32", ckpt, None), ("safetensors -> int8", ckpt, "int8"),
+            ("safetensors -> int4", ckpt, "int4-g32")]
     runs += [(os.path.basename(p), p, None) for p in sorted(glob.glob(os.path.join(d, "*.gguf")))]
     base = None
     print("| load | resident after load (MB) | x fp32 | peak during load (MB) | x fp32 |\n|---|---|---|---|---|")
