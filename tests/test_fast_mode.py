@@ -145,3 +145,14 @@ def test_serve_fast_flag_sets_the_engine_default():
     register(ap.add_subparsers())
     assert ap.parse_args(["serve", "m", "--fast"]).fast is True
     assert ap.parse_args(["serve", "m"]).fast is False
+
+
+def test_a_fully_fixed_canvas_runs_in_fast_mode(tiny_model):
+    """Every position a template token: nothing to recompute after the first step, the request still finishes."""
+    C = tiny_model.canvas_length
+    eng = Engine(tiny_model)
+    s = eng.add_request([2, 3], SamplingParams(max_new_tokens=C, seed=1, fast=True, canvas_template=[7] * C,
+                                               max_denoising_steps=5, stability_threshold=10))
+    while eng.has_unfinished():
+        eng.step()
+    assert s.output_ids == [7] * C and s.metrics.denoise_steps == 5

@@ -90,6 +90,7 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     refresh = to_device(torch.tensor([s.step % REFRESH == 0 for s in states]), dev)  # [B]
     stale = canvas != torch.stack([f.kv_tokens for f in fs])
     active = ~kept | stale | _dilate(torch.stack([f.newly_frozen for f in fs]), VICINITY) | refresh[:, None]
+    active[:, 0] |= ~active.any(-1)  # a row with everything kept (a full template, all frozen) still runs one
     # --- pack the active positions: [B, A], a row's real ones first, padded with repeats of its first one ---
     counts = active.sum(-1)
     order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)  # active positions first, in order
