@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark of issue 8, in one go on one H100/H200 (about 5 minutes; under 8): the released 26B-A4B
-# shape with random weights built on the device, per batch size (1, 4, 16): denoise tick time against the
+# shape with random weights built on the device, per batch size (1, 4, 16), exact and fast mode: denoise tick time against the
 # memory-bandwidth floor, tok/s at 16 and 48 steps per canvas, peak memory; then one denoising tick's memory at
 # the real vocabulary (batch 16, canvas 256). JSON reports under $OUT.
 #
@@ -33,9 +33,9 @@ else
 fi
 start=$(date +%s)
 
-# 1. The full shape, per batch size (bf16 on GPU), eager.
+# 1. The full shape, per batch size (bf16 on GPU), eager; exact and fast mode (approximate) at each batch size.
 BLOCKDIFF_COMPILE=0 "${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --dtype "${DTYPE:-auto}" --batches "$BATCHES" \
-  --repeats "$REPEATS" --warmup "$WARMUP" --prompt-len "$PROMPT" "${EXTRA[@]}" --out "$OUT/full.json"
+  --repeats "$REPEATS" --warmup "$WARMUP" --prompt-len "$PROMPT" --fast "${EXTRA[@]}" --out "$OUT/full.json"
 
 # 2. Quantized variants of the same run. >>> QUANTIZATION SPOT: runs once `blockdiff bench` has --quantization
 #    (issue 9); the list of schemes comes from that option's help text.

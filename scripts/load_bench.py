@@ -81,7 +81,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 
 
 async def run_level(url: str, headers: dict, model: str, conc: int, n_requests: int, max_seconds: float,
-                    args) -> dict:
+                    args, mode: str | None = None) -> dict:
     before = scrape(url, headers)
     results: list[dict] = []
     counter = iter(range(n_requests))
@@ -96,6 +96,8 @@ async def run_level(url: str, headers: dict, model: str, conc: int, n_requests: 
                     "ignore_eos": args.ignore_eos}
             if args.max_denoising_steps:
                 body["max_denoising_steps"] = args.max_denoising_steps
+            if mode is not None:
+                body["fast"] = mode == "fast"
             results.append(await one_request(client, url, body))
 
     t0 = time.perf_counter()
@@ -114,7 +116,7 @@ async def run_level(url: str, headers: dict, model: str, conc: int, n_requests: 
     ttfb = [r["ttfb"] for r in ok]
     rnd = lambda x: None if x is None else round(x, 4)  # noqa: E731
     return {
-        "concurrency": conc, "requests": len(ok), "errors": len(errors), "first_errors": errors[:3],
+        "concurrency": conc, "mode": mode or "server default", "requests": len(ok), "errors": len(errors), "first_errors": errors[:3],
         "wall_seconds": round(wall, 3), "requests_per_second": round(len(ok) / wall, 3),
         "output_tokens_per_second": round(toks / wall, 2), "output_tokens": toks,
         "tokens_per_forward": round(toks / steps, 3) if steps else None,
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--modes", nargs="+", choices=["exact", "fast"], default=None,
+                   help="send \"fast\": false / true (each level runs every mode, interleaved; default: neither "
+                        "field, the server's default)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if (args.checkpoint is None) == (args.url is None):
@@ -184,10 +189,10 @@ def main(argv=None) -> int:
         model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         asyncio.run(run_level(url, headers, model, 1, 2, 60, args))  # warm-up, not reported
         levels = []
-        for c in args.concurrency:
-            r = asyncio.run(run_level(url, headers, model, c, max(args.requests, c), args.max_seconds, args))
+        for c, mode in [(c, m) for c in args.concurrency for m in (args.modes or [None])]:
+            r = asyncio.run(run_level(url, headers, model, c, max(args.requests, c), args.max_seconds, args, mode))
             levels.append(r)
-            print(f"c={c:3d}  {r['requests']:4d} req  {r['requests_per_second']:7.2f} req/s  "
+            print(f"c={c:3d} {r['mode']:>5} {r['requests']:4d} req  {r['requests_per_second']:7.2f} req/s  "
                   f"{r['output_tokens_per_second']:8.1f} tok/s  TTFB p50 {r['ttfb_p50']} p90 {r['ttfb_p90']} "
                   f"p99 {r['ttfb_p99']}  latency p50 {r['latency_p50']} p90 {r['latency_p90']} "
                   f"p99 {r['latency_p99']}  batch {r['mean_batch']}  tick {r['mean_tick_ms']} ms"
@@ -202,6 +207,7 @@ def main(argv=None) -> int:
     out = {"checkpoint": args.checkpoint, "url": None if proc else url, "command": " ".join(sys.argv),
            "max_tokens": args.max_tokens, "max_denoising_steps": args.max_denoising_steps,
            "ignore_eos": args.ignore_eos, "max_num_seqs": args.max_num_seqs, "threads": args.threads,
+           "modes": args.modes,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
            "levels": levels}
     if args.out:

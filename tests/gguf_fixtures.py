@@ -100,7 +100,8 @@ def write_gguf(ckpt: str, out_path: str, types: dict[str, str] | None = None, de
     w.add_uint32(f"{a}.expert_count", tc.num_experts)
     w.add_uint32(f"{a}.expert_used_count", tc.top_k_experts)
     w.add_uint32(f"{a}.expert_feed_forward_length", tc.moe_intermediate_size)
-    w.add_uint32(f"{a}.diffusion.canvas_length", cfg["canvas_length"])
+    w.add_bool(f"{a}.attention.causal", False)
+    _add_diffusion_keys(w, ckpt, cfg["canvas_length"])
     _add_tokenizer(w, ckpt)
     for name, arr in converter_tensors(ckpt).items():
         if any(d in name for d in drop):
@@ -120,6 +121,30 @@ def write_gguf(ckpt: str, out_path: str, types: dict[str, str] | None = None, de
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+def _add_diffusion_keys(w, ckpt: str, canvas_length: int) -> None:
+    """What llama.cpp's DiffusionGemma converter (``set_gguf_parameters``) writes: ``diffusion.canvas_length`` and the
+    entropy-bound sampler defaults from generation_config.json, under ``diffusion.`` with NO architecture prefix,
+    integers as uint32 and floats as float32; a key absent from the generation config is not written."""
+    w.add_uint32("diffusion.canvas_length", int(canvas_length))
+    path = os.path.join(ckpt, "generation_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        gen = json.load(f)
+    sampler = gen.get("sampler_config") or {}
+    if "max_denoising_steps" in gen:
+        w.add_uint32("diffusion.eb_max_steps", int(gen["max_denoising_steps"]))
+    for key in ("t_min", "t_max"):
+        if key in gen:
+            w.add_float32(f"diffusion.eb_{key}", float(gen[key]))
+    if "entropy_bound" in sampler:
+        w.add_float32("diffusion.eb_entropy_bound", float(sampler["entropy_bound"]))
+    if "stability_threshold" in gen:
+        w.add_uint32("diffusion.eb_stability_threshold", int(gen["stability_threshold"]))
+    if "confidence_threshold" in gen:
+        w.add_float32("diffusion.eb_confidence_threshold", float(gen["confidence_threshold"]))
 
 
 def _add_tokenizer(w, ckpt: str) -> None:

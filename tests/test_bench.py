@@ -32,7 +32,8 @@ def test_bench_writes_a_json_report_with_every_system(tiny_checkpoint, tmp_path,
     report, table = run_bench([tiny_checkpoint], tmp_path, capsys)
     assert set(report) >= {"checkpoint", "model", "settings", "environment", "results", "ratios", "cpu_time_ratios",
                            "reference_matches_oracle"}
-    systems = {"blockdiff-default", "blockdiff-reference", "ar-b1", "ar-b2"} | ({"oracle"} if HAVE_ORACLE else set())
+    systems = {"blockdiff-default", "blockdiff-reference", "blockdiff-fast", "ar-b1", "ar-b2"} | (
+        {"oracle"} if HAVE_ORACLE else set())
     assert set(report["results"]) == systems
     for name, r in report["results"].items():
         assert METRICS <= set(r), name
@@ -44,6 +45,10 @@ def test_bench_writes_a_json_report_with_every_system(tiny_checkpoint, tmp_path,
     assert report["results"]["blockdiff-default"]["forwards_per_row"] == 2
     assert report["results"]["blockdiff-default"]["tokens_per_forward"] == canvas / 2
     assert report["results"]["ar-b2"]["tokens"] == 2 * canvas
+    # fast mode beside exact: same fixed steps, its agreement with the default mode's tokens reported
+    assert report["results"]["blockdiff-fast"]["forwards_per_row"] == 2
+    assert "fast_vs_default" in report["ratios"] and 0 <= report["fast_default_token_agreement"] <= 1
+    assert "fast mode (approximate)" in table
     assert report["results"]["ar-b1"]["tokens_per_forward"] == 1.0
     for name in report["results"]:
         assert name in table

@@ -74,7 +74,7 @@ def test_gpu_bench_script_smoke_run_on_cpu(tmp_path):
     report = json.loads((tmp_path / "full.json").read_text())
     assert report["shape"] == "full-smoke" and report["settings"]["device"] == "cpu"
     C = report["model"]["canvas_length"]
-    assert [x["batch"] for x in report["results"]] == [1, 2]
+    assert [(x["batch"], x["fast"]) for x in report["results"]] == [(1, False), (1, True), (2, False), (2, True)]
     for x in report["results"]:
         step = x["step_ms_min"] / 1000
         assert step > 0 and x["step_ms_median"] >= x["step_ms_min"]

@@ -40,6 +40,63 @@ def test_gguf_tokenizer_config_and_defaults_come_from_the_file(tiny_checkpoint, 
     assert 1 in llm.defaults.eos_token_ids and 106 in llm.defaults.eos_token_ids
 
 
+# Non-default sampler values and a canvas that is neither 256 nor the tiny default: a loader that reads the wrong
+# keys falls back to 256 / the reference defaults and fails here.
+_GEN = {"max_denoising_steps": 5, "t_min": 0.3, "t_max": 0.9, "sampler_config": {"entropy_bound": 0.7},
+        "stability_threshold": 2, "confidence_threshold": 0.02, "max_new_tokens": 40}
+
+
+@pytest.fixture(scope="module")
+def canvas24(tmp_path_factory):
+    from fixtures import make_checkpoint
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("c24"), canvas_length=24, generation_config=_GEN)
+    return ckpt, write_gguf(ckpt, str(tmp_path_factory.mktemp("g24") / "c24-f32.gguf"))
+
+
+def test_gguf_reads_canvas_and_sampler_defaults_from_the_converters_keys(canvas24):
+    from blockdiff.engine.llm import LLM
+
+    ckpt, path = canvas24
+    keys = set(gguf.GGUFReader(path).fields)
+    assert "diffusion.canvas_length" in keys and "diffusion.eb_max_steps" in keys  # the converter's spelling
+    assert not any(k.startswith("diffusion-gemma.diffusion.") for k in keys)
+    a, b = LLM(path), LLM(ckpt)
+    assert a.model.canvas_length == 24
+    for k in ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+              "confidence_threshold"):
+        assert getattr(a.defaults, k) == getattr(b.defaults, k) != getattr(type(b.defaults)(), k), k
+
+
+def test_generation_from_the_f32_gguf_equals_the_safetensors_it_came_from(canvas24):
+    from blockdiff.engine.llm import LLM
+    from blockdiff.sampling.params import SamplingParams
+
+    ckpt, path = canvas24
+    p = SamplingParams(seed=3, rng="reference", max_new_tokens=48, ignore_eos=True)  # sampler values: the files'
+    a = LLM(path).generate(prompt_token_ids=[[2, 7, 9, 11]], sampling_params=p)[0]
+    b = LLM(ckpt).generate(prompt_token_ids=[[2, 7, 9, 11]], sampling_params=p)[0]
+    assert a.token_ids == b.token_ids and len(b.token_ids) == 48
+    assert a.metrics.denoise_steps == b.metrics.denoise_steps <= 2 * 5  # the file's max_denoising_steps
+
+
+def test_prefixed_diffusion_keys_of_older_files_are_still_read(tiny_checkpoint, tmp_path):
+    from blockdiff.quant.gguf import _diffusion_field, generation_from_gguf
+
+    path = str(tmp_path / "old.gguf")
+    w = gguf.GGUFWriter(path, "diffusion-gemma")
+    w.add_uint32("diffusion-gemma.diffusion.canvas_length", 40)
+    w.add_uint32("diffusion-gemma.diffusion.max_denoising_steps", 9)
+    w.add_float32("diffusion-gemma.diffusion.entropy_bound", 0.25)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(path)
+    gen = generation_from_gguf(reader)
+    assert gen["max_denoising_steps"] == 9 and gen["sampler_config"] == {"entropy_bound": 0.25}
+    assert _diffusion_field(reader, "canvas_length") == 40
+
+
 @pytest.mark.parametrize("types", [
     {"": "Q8_0"},
     {"exps": "Q4_0", "attn": "Q5_0", "": "Q8_0"},

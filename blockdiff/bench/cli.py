@@ -70,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "temporaries beyond it (untimed)")
     g = p.add_argument_group("--random-config full / full-smoke")
     g.add_argument("--batches", type=_int_list, default=(1, 4, 16), help="batch sizes (default 1,4,16)")
+    g.add_argument("--fast", action="store_true", help="also time every batch size in fast mode (approximate)")
     g.add_argument("--layers", type=int, help="override the number of layers (smoke runs)")
     g.add_argument("--peak-bandwidth", type=float, help="the device's peak memory bandwidth in GB/s "
                    "(default: a table by torch.cuda.get_device_name)")
@@ -156,7 +157,7 @@ def run_full(args) -> int:
     report = run_full_benchmark(args.random_config, device=args.device, dtype=args.dtype, batches=args.batches,
                                 layers=args.layers, prompt_len=args.prompt_len, warmup=args.warmup,
                                 repeats=args.repeats, peak_bandwidth_gbs=args.peak_bandwidth, seed=args.seed,
-                                log=lambda m: print(m, file=sys.stderr, flush=True))
+                                log=lambda m: print(m, file=sys.stderr, flush=True), fast=args.fast)
     print(format_full(report))
     if args.out:
         with open(args.out, "w") as f:

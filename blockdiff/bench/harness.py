@@ -32,7 +32,7 @@ import torch
 
 from .systems import RunResult, ar_system, blockdiff_system, load_oracle, oracle_system
 
-DEFAULT, REFERENCE, ORACLE = "blockdiff-default", "blockdiff-reference", "oracle"
+DEFAULT, REFERENCE, ORACLE, FAST = "blockdiff-default", "blockdiff-reference", "oracle", "blockdiff-fast"
 
 
 @dataclass
@@ -205,6 +205,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     systems = {
         DEFAULT: (o.batch, blockdiff_system(llm, prompts, n, o.steps, "default")),
         REFERENCE: (o.batch, blockdiff_system(llm, prompts, n, o.steps, "reference")),
+        FAST: (o.batch, blockdiff_system(llm, prompts, n, o.steps, "default", fast=True)),
     }
     wanted = set(o.systems) if o.systems else None
     if o.oracle and (wanted is None or ORACLE in wanted):
@@ -279,7 +280,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         return None
 
     pairs = {"default_vs_oracle": (DEFAULT, ORACLE), "reference_vs_oracle": (REFERENCE, ORACLE),
-             "default_vs_reference": (DEFAULT, REFERENCE),
+             "default_vs_reference": (DEFAULT, REFERENCE), "fast_vs_default": (FAST, DEFAULT),
              **{f"default_vs_ar_b{b}": (DEFAULT, f"ar-b{b}") for b in o.ar_batches}}
     ratios = {k: v for k, v in {name: ratio(a, b, "tok_per_s") for name, (a, b) in pairs.items()}.items()
               if v is not None}
@@ -295,6 +296,11 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         b = _cut_at_eos(runs[ORACLE][0][2].first_row, eos)
         parity = a == b
         agreement = round(sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1), 4)
+
+    fast_agreement = None
+    if FAST in runs and DEFAULT in runs:  # same seeds: how many tokens fast mode shares with exact (approximate)
+        a, b = runs[FAST][0][2].first_row, runs[DEFAULT][0][2].first_row
+        fast_agreement = round(sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1), 4)
 
     t = model.text
     try:
@@ -324,6 +330,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         "tick_memory": tick,
         "reference_matches_oracle": parity,
         "reference_oracle_token_agreement": agreement,
+        "fast_default_token_agreement": fast_agreement,
         "options": {k: v for k, v in asdict(o).items() if k != "extra"},
     }
 
@@ -349,6 +356,11 @@ def format_table(report: dict) -> str:
         lines.append(f"one denoising tick at batch {t['batch']}: logits {t['logits_mb']:.1f} MB, peak growth "
                      f"{t['tick_peak_mb']:.1f} MB, temporaries beyond the logits {t['temporaries_mb']:.1f} MB "
                      f"({t['temporaries_over_logits']:.1%} of the logits; {t['metric']})")
+    if report.get("fast_default_token_agreement") is not None:
+        r = report.get("ratios", {}).get("fast_vs_default")
+        lines.append(f"fast mode (approximate): {r if r is not None else '-'}x the default mode's tok/s, "
+                     f"{report['fast_default_token_agreement']:.1%} of its tokens equal to the default mode's "
+                     "(same seeds)")
     if report.get("reference_matches_oracle") is not None:
         lines.append(f"reference mode == oracle tokens: {report['reference_matches_oracle']} "
                      f"(agreement {report['reference_oracle_token_agreement']:.1%})")

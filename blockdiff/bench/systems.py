@@ -1,6 +1,7 @@
 """The generators the benchmark times, each as ``fn(seed) -> RunResult`` over the same weights and prompt.
 
-- ``blockdiff-default`` / ``blockdiff-reference``: ``LLM.generate`` in the two rng modes;
+- ``blockdiff-default`` / ``blockdiff-reference``: ``LLM.generate`` in the two rng modes; ``blockdiff-fast``: the
+  default rng in fast mode (approximate, ``engine/fast.py``);
 - ``oracle``: the transformers reference's ``generate`` (imported lazily: never a runtime dependency);
 - ``ar-bN``: greedy autoregressive decoding with the encoder's causal next-token head, N rows at once.
 
@@ -28,11 +29,12 @@ class RunResult:
     first_row: list[int]  # the first row's tokens (for the reference-vs-oracle check)
 
 
-def blockdiff_system(llm, prompts: list[list[int]], max_new_tokens: int, steps: int, rng: str) -> Callable:
+def blockdiff_system(llm, prompts: list[list[int]], max_new_tokens: int, steps: int, rng: str,
+                     fast: bool = False) -> Callable:
     from ..sampling.params import SamplingParams
 
     base = SamplingParams(max_new_tokens=max_new_tokens, max_denoising_steps=steps,
-                          stability_threshold=steps + 1, rng=rng, ignore_eos=True)
+                          stability_threshold=steps + 1, rng=rng, ignore_eos=True, fast=fast)
 
     def run(seed: int) -> RunResult:
         params = [dataclasses.replace(base, seed=seed + i) for i in range(len(prompts))]

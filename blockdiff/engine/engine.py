@@ -30,14 +30,17 @@ from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
 from ..sampling.truncation import logprob_columns, split_logprob_row
 from .failures import NON_FINITE, fail_request, guarded, one_line
+from .fast import fast_tick, uses_fast
 from .model_state import ModelState, Phase, StepRow
 from .scheduler import Scheduler
 
 
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
-                 max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0):
+                 max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0,
+                 fast: bool = False):
         self.model = model
+        self.fast = bool(fast)  # fast mode for requests that do not say (``blockdiff serve --fast``)
         # Prompt blocks already encoded, reused by later prompts that start with them (0 bytes: off).
         self.prefix_cache = PrefixCache(model.kv_pool, prefix_cache_bytes)
         self.defaults = defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
@@ -80,6 +83,8 @@ class Engine:
             params = self.tokenizer.task_params(prompt_ids, params)  # e.g. the Sudoku model's fixed givens
         params.validate(self.model.vocab_size, self.canvas_length)
         params = params.resolved(self.defaults)
+        if params.fast is None:
+            params.fast = self.fast
         self.validate_prompt(prompt_ids, params)
         stop_checker = self._stop_checker(params.stop) if params.stop else None
         constraint = self._constraint(params) if params.structured_outputs is not None else None
@@ -179,11 +184,26 @@ class Engine:
         if out.encode:
             self._encode(out.encode)
         dn = [s for s in out.denoise if s.phase is Phase.DENOISING]
+        fast = [s for s in dn if uses_fast(s, self.deterministic)]  # approximate mode: engine/fast.py
+        if fast:
+            dn = [s for s in dn if all(s is not f for f in fast)]
+            self._fast(fast)
         if dn:
             self._denoise(dn)
         self.stats["ticks"] += 1
         self.stats["last_tick_seconds"] = time.perf_counter() - t0
         return self.scheduler.collect_finished()
+
+    def _fast(self, states: list[ModelState]) -> None:
+        """Fast mode's tick over ``states``. If it raises before any request's step was applied (the steps are
+        applied last, each guarded), each request is run alone so that only the one it was fails."""
+        try:
+            return fast_tick(self, states)
+        except Exception as e:
+            if len(states) == 1:
+                return fail_request(states[0], "its fast-mode denoising step failed", e)
+        for s in states:
+            guarded(s, "its fast-mode denoising step failed", fast_tick, self, [s])
 
     def _encode(self, states: list[ModelState]) -> None:
         """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest). A

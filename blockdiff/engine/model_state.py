@@ -136,6 +136,7 @@ class ModelState:
         self.argmax: torch.Tensor | None = None  # [C]
         self.argmax_ids: list[int] | None = None  # the argmax canvas on the host (read back by the engine)
         self.sc_embeds: torch.Tensor | None = None  # [C, H] self-conditioning signal for the next step
+        self.fast = None  # engine.fast.FastState in fast mode (the canvas's K/V store and frozen positions)
         # The reference's stop rule (argmax canvas equal to each of the last `stability_threshold` ones) as a
         # count of consecutive unchanged steps: stable iff stable_run >= stability_threshold.
         self.stable_run = 0
@@ -293,7 +294,7 @@ class ModelState:
         self.error = error
         self.metrics.output_tokens = len(self.output_ids)
         self.metrics.finish_time = time.perf_counter()
-        self.canvas = self.argmax = self.argmax_ids = self.sc_embeds = self.step_logprobs = None
+        self.canvas = self.argmax = self.argmax_ids = self.sc_embeds = self.step_logprobs = self.fast = None
         if self.cache is not None:
             self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
         self.cache = None

@@ -7,8 +7,9 @@ are the Gemma 4 ones llama.cpp uses (``{arch}.attention.head_count_kv`` per laye
 ``freq_base_swa``, ...). No norm shift and no Q/K permutation are applied by that converter, so none is undone.
 
 Every tensor type the ``gguf`` package can dequantize is read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q2_K..Q6_K, IQ*): a tensor is dequantized on its own, then either kept in the compute dtype or re-quantized to
-blockdiff's int8 / int4 by the same quantize-while-loading plan as safetensors checkpoints. Without a
+Q2_K..Q6_K, IQ*). A weight the quantize-while-loading plan targets goes straight from the file's blocks to
+blockdiff's int8 / int4 parts (``gguf_repack``: Q4_0 / Q4_K repacked, other types a few rows at a time), never whole
+in fp32; every other tensor (norms, scalars, router) is dequantized on its own. Without a
 ``quantization`` argument a quantized file keeps about its size: int8 when every quantized weight has 6 bits or
 more (Q8_0, Q6_K), else int4 with groups of 32 (the block size of the Q4/Q5 formats).
 """
@@ -183,9 +184,41 @@ def config_from_gguf(reader) -> ModelConfig:
         "eos_token_id": _eos_ids(reader) or 1,
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", 0),
     }
-    canvas = _field(reader, f"{a}.diffusion.canvas_length") or _field(reader, f"{a}.canvas_length") or 256
+    canvas = _diffusion_field(reader, "canvas_length") or _field(reader, f"{a}.canvas_length") or 256
     return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": int(canvas),
                                   "tie_word_embeddings": True, "text_config": text})
+
+
+# Sampler defaults: GenerationDefaults field -> the key suffix llama.cpp's DiffusionGemma converter writes under
+# "diffusion." (no architecture prefix: ``diffusion.eb_max_steps`` ...). Files written before that spelling, with
+# ``diffusion-gemma.diffusion.<field>``, are still read.
+DIFFUSION_KEYS = {"max_denoising_steps": "eb_max_steps", "t_min": "eb_t_min", "t_max": "eb_t_max",
+                  "entropy_bound": "eb_entropy_bound", "stability_threshold": "eb_stability_threshold",
+                  "confidence_threshold": "eb_confidence_threshold"}
+
+
+def _diffusion_field(reader, name: str, legacy: str | None = None):
+    """``diffusion.<name>`` as the converter writes it, else the older ``diffusion-gemma.diffusion.<legacy>``."""
+    v = _field(reader, f"diffusion.{name}")
+    return v if v is not None else _field(reader, f"{ARCH}.diffusion.{legacy or name}")
+
+
+def generation_from_gguf(reader) -> dict:
+    """The generation-config dict (GenerationDefaults.from_dict's input) held in the file's metadata."""
+    gen = {"eos_token_id": _eos_ids(reader) or None}
+    for ours, key in DIFFUSION_KEYS.items():
+        v = _diffusion_field(reader, key, legacy=ours)
+        if v is not None:
+            # Floats are stored as float32: take the shortest decimal that round-trips (0.3, not 0.30000001192...),
+            # so the sampler sees the value the checkpoint's generation_config.json held.
+            gen[ours] = int(v) if ours in ("max_denoising_steps", "stability_threshold") else float(str(np.float32(v)))
+    v = _field(reader, f"{ARCH}.diffusion.max_new_tokens")
+    if v is not None:
+        gen["max_new_tokens"] = int(v)
+    eb = gen.pop("entropy_bound", None)
+    if eb is not None:
+        gen["sampler_config"] = {"entropy_bound": eb}
+    return gen
 
 
 def _eos_ids(reader) -> list[int]:
@@ -221,6 +254,7 @@ def default_method(reader, plan_targets: set[str]) -> str | None:
 
 def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
     from ..model import DiffusionGemma
+    from .gguf_repack import tensor_parts
     from .plan import target_shapes
 
     reader = open_gguf(path)
@@ -250,6 +284,11 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
             if ours is None or ours not in expected:
                 unexpected.append(t.name)
                 continue
+            if ours in plan.targets and tuple(reversed([int(x) for x in t.shape])) == expected[ours]:
+                # Straight from the file's blocks to int8 / int4 parts: never the whole tensor in fp32.
+                plan.add_parts(ours, tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours)),
+                               expected[ours], t.name)
+                continue
             w = _tensor(t)
             if w.numel() == 1 and len(expected[ours]) == 1:
                 w = w.reshape(expected[ours])
@@ -277,16 +316,7 @@ def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize
     model = load_gguf_model(path, dtype, device, quantization, quantize_embedding)
     reader = open_gguf(path)
     tokenizer = tokenizer_from_gguf(reader)
-    gen = {"eos_token_id": _eos_ids(reader) or None}
-    for k in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold",
-              "max_new_tokens"):
-        v = _field(reader, f"{ARCH}.diffusion.{k}")
-        if v is not None:
-            gen[k] = v
-    eb = _field(reader, f"{ARCH}.diffusion.entropy_bound")
-    if eb is not None:
-        gen["sampler_config"] = {"entropy_bound": eb}
-    return model, tokenizer, GenerationDefaults.from_dict(gen, model.text.eos_ids)
+    return model, tokenizer, GenerationDefaults.from_dict(generation_from_gguf(reader), model.text.eos_ids)
 
 
 def tokenizer_from_gguf(reader):

@@ -178,6 +178,17 @@ class QuantPlan:
             del self._pending[ours]
             self._convert(ours, _dequant_fp8(w, got["fp8_scale"], ours))
 
+    def add_parts(self, ours: str, parts: dict[str, torch.Tensor], want: tuple[int, ...], source: str) -> None:
+        """A target already in its stored parts (GGUF blocks repacked or converted in chunks, ``gguf_repack``)."""
+        need = stored_shapes(want, self.tensor_method(ours), self.tensor_group(ours))
+        for k, (shape, dt) in need.items():
+            v = parts.get(k)
+            if v is None or tuple(v.shape) != shape or v.dtype != dt:
+                got = None if v is None else f"{v.dtype} {tuple(v.shape)}"
+                raise QuantizationError(f"tensor {source}: its {k} came out as {got}, expected {dt} {shape}")
+            self.state[f"{ours}.{k}"] = v.to(self.device)
+        self.sources.add(ours)
+
     def _convert(self, ours: str, t: torch.Tensor) -> None:
         if ours in self.targets:
             t = t.to(self.device)

@@ -64,6 +64,9 @@ class SamplingParams:
     # likely tokens of each position's distribution.
     logprobs: int | None = None
     stream_drafts: bool = False
+    # Fast mode (approximate, engine/fast.py): reuse the keys/values of settled canvas positions across steps and
+    # recompute only the undecided ones. None: the engine's default (``blockdiff serve --fast``), else exact.
+    fast: bool | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -136,6 +139,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
         pos_int("top_k", self.top_k, 1, 2 ** 31 - 1)
         pos_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.fast is not None and not isinstance(self.fast, bool):
+            raise ValueError(f"fast must be true or false, got {self.fast!r}")
         if self.rng == "reference" and self.truncates:
             raise ValueError("rng='reference' reproduces the reference sampler, which has no top_p, top_k or "
                              "min_p; use rng='default' with them")

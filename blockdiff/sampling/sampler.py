@@ -172,17 +172,29 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
     acceptance, the argmax and the returned probabilities use the whole tempered distribution.
     """
     B, C, V = logits.shape
-    dev = logits.device
     if p.disallowed is not None:
         logits.masked_fill_(p.disallowed[:, None, :], float("-inf"))  # broadcast, in place
     logits.div_(row_temperature(p)[:, None, None])
     argmax = logits.argmax(dim=-1)  # [B, C]
-    flat = logits.view(B * C, V)
-    h = torch.empty(B * C, dtype=torch.float32, device=dev)
-    sampled = torch.empty(B * C, dtype=torch.long, device=dev)
-    u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C).view(B * C, 1)
-    cdf = torch.empty(min(ROW_CHUNK, B * C), V, dtype=torch.float32, device=dev)
-    for i in range(0, B * C, ROW_CHUNK):
+    u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C)  # [B, C]
+    h, sampled = entropy_and_draw(logits, u, p)
+    noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
+    new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, p)
+    return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)
+
+
+def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tempered ``logits`` [B, S, V] (overwritten with their probabilities), one uniform per position ``u`` [B, S]
+    -> (entropy fp32 [B, S], sampled token [B, S]), ``ROW_CHUNK`` positions at a time. ``default_step`` passes
+    the whole canvas (S = C); fast mode (``engine/fast.py``) only its undecided positions."""
+    B, S, V = logits.shape
+    dev = logits.device
+    flat = logits.view(B * S, V)
+    h = torch.empty(B * S, dtype=torch.float32, device=dev)
+    sampled = torch.empty(B * S, dtype=torch.long, device=dev)
+    u = u.reshape(B * S, 1)
+    cdf = torch.empty(min(ROW_CHUNK, B * S), V, dtype=torch.float32, device=dev)
+    for i in range(0, B * S, ROW_CHUNK):
         rows = flat[i:i + ROW_CHUNK]
         n = rows.shape[0]
         probs = torch.softmax(rows, dim=-1, dtype=torch.float32)  # fp32 whatever the logits' dtype
@@ -195,16 +207,21 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
         # Inverse-CDF sampling: one uniform per position instead of V exponentials. The target is kept
         # strictly below the total, so a token of probability zero can never be picked.
         if p.truncates:  # per position: its row's cut (rows that set none are left bit-identical)
-            r = torch.arange(i, i + n, device=dev) // C
+            r = torch.arange(i, i + n, device=dev) // S
             probs = truncate(probs, *(None if t is None else t[r] for t in (p.top_k, p.top_p, p.min_p)))
         c = torch.cumsum(probs, dim=-1, out=cdf[:n])
         del probs
         total = c[:, -1:]
         x = torch.minimum(u[i:i + n] * total, torch.nextafter(total, torch.zeros_like(total)))
         sampled[i:i + n] = torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
-    h = h.clamp_(min=0.0).view(B, C)  # the difference can round to -1e-7 on a one-hot row
-    sampled = sampled.view(B, C)
-    noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
+    h = h.clamp_(min=0.0).view(B, S)  # the difference can round to -1e-7 on a one-hot row
+    return h, sampled.view(B, S)
+
+
+def accept_and_renoise(h: torch.Tensor, argmax: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor,
+                       p: RowParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole canvases [B, C] -> (next canvas, argmax, accepted, mean entropy [B]): the entropy-bound acceptance,
+    template positions (``p.fixed``) always accepted with their token and left out of the budget and the mean."""
     if p.fixed is not None:
         free = ~p.fixed
         accepted = acceptance_mask(h.masked_fill(p.fixed, 0.0), p.entropy_bound) | p.fixed
@@ -216,7 +233,7 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
         accepted = acceptance_mask(h, p.entropy_bound)
         mean_h = h.mean(-1)
         new_canvas = torch.where(accepted, sampled, noise)
-    return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)
+    return new_canvas, argmax, accepted, mean_h
 
 
 def same_as_previous(argmax: torch.Tensor, previous: torch.Tensor, has_previous: torch.Tensor) -> torch.Tensor:

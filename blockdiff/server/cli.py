@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="a seeded request's output is bit-identical alone or in any batch (per-request compute: "
                         "slower under load); default: one batched pass per tick")
+    p.add_argument("--fast", action="store_true",
+                   help="approximate fast mode for requests that do not set \"fast\": settled canvas positions "
+                        "keep their keys/values across denoising steps (docs/serving.md, \"Fast mode\")")
     p.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="image_url parts may name local files (file:// URLs or paths) under DIR (default: none)")
     p.add_argument("--max-images-per-request", type=int, default=8)
@@ -96,11 +99,13 @@ def cmd_serve(args) -> int:
     from .app import build_app
 
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
+    llm.engine.fast = bool(args.fast)
     name = args.served_model_name or default_model_name(args.model)
     app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
+          f"{', fast mode by default' if args.fast else ''}"
           f"{', API key required' if args.api_key else ''})", flush=True)
     grace = args.shutdown_grace
 

@@ -123,6 +123,8 @@ class SamplingRequest(BaseModel):
         None, description="token ids for the first canvas, -1 where the model is free")
     stream_drafts: bool = Field(False, description="with stream: true, also send the argmax canvas after every "
                                 "denoising step")
+    fast: bool | None = Field(None, description="approximate fast mode: reuse the keys/values of settled canvas "
+                              "positions across denoising steps (null: the server's default, see serve --fast)")
 
     # ------------------------------------------------------------------ field rules
     @field_validator("stop", mode="before")
@@ -186,7 +188,7 @@ class SamplingRequest(BaseModel):
         kw = {name: getattr(self, name) for name in (
             "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
             "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
-            "confidence_threshold", "text_template", "top_p", "min_p")}
+            "confidence_threshold", "text_template", "top_p", "min_p", "fast")}
         # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
         kw["structured_outputs"] = constraint_from({"response_format": self.response_format,
                                                     "structured_outputs": self.structured_outputs})

@@ -66,9 +66,9 @@ def evaluate(llm, sets: dict[str, list], modes=("diffusion", "ar"), seed: int = 
         puzzles = [p for p, _ in pairs]
         for mode in modes:
             t0 = time.perf_counter()
-            if mode == "diffusion":
+            if mode in ("diffusion", "fast"):  # "fast": the approximate fast mode (engine/fast.py)
                 sols = solve_diffusion(llm, puzzles, seed=seed, batch_size=batch_size,
-                                       max_denoising_steps=max_denoising_steps, **overrides)
+                                       max_denoising_steps=max_denoising_steps, fast=mode == "fast", **overrides)
             else:
                 sols = solve_autoregressive(llm.model, puzzles, batch_size=batch_size)
             r = score(pairs, sols)
@@ -84,7 +84,7 @@ def markdown_table(results: dict, max_steps: int | None = None) -> str:
              "wall time / puzzle |", "|---|---|---|---|---|---|---|"]
     for band, by_mode in results.items():
         for mode, r in by_mode.items():
-            if mode == "diffusion":
+            if mode in ("diffusion", "fast"):
                 steps = f"{r['mean_steps']:.1f}"
                 if r["mean_steps_solved"] is not None:
                     steps += f" ({r['mean_steps_solved']:.1f})"
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bands", default=",".join(EVAL_BANDS), help="comma-separated subset of >=40,30-39,<30")
     ap.add_argument("--seed", type=int, default=1000, help="held-out puzzle seed")
     ap.add_argument("--sample-seed", type=int, default=0)
-    ap.add_argument("--modes", default="diffusion,ar")
+    ap.add_argument("--modes", default="diffusion,ar", help="comma-separated: diffusion (exact), fast (approximate "
+                    "fast mode), ar")
     ap.add_argument("--steps", type=int, help="max denoising steps (default: the checkpoint's)")
     ap.add_argument("--t-max", type=float, help="sampling temperature at the first step (default: checkpoint's)")
     ap.add_argument("--t-min", type=float)
