@@ -20,6 +20,7 @@ from ..config import GenerationDefaults
 from ..kv_cache import KVCache, to_device
 from ..model import DiffusionGemma
 from ..prefix_cache import PrefixCache
+from ..sampling.fields import ParamError
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
 from ..sampling.truncation import logprob_columns, split_logprob_row
@@ -77,9 +78,13 @@ class Engine:
         infill = None
         if params.text_template is not None or params.suffix is not None:
             from ..structured.infill import plan_suffix, plan_template
-            infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
-                      if params.text_template is not None else
-                      plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            field = "text_template" if params.text_template is not None else "suffix"
+            try:
+                infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
+                          if params.text_template is not None else
+                          plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            except ValueError as e:  # the template's own problem: name the field it came in
+                raise ParamError(str(e), field) from None
             params.canvas_template = infill.template  # params is the engine's resolved copy
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,

@@ -17,10 +17,10 @@ from pydantic_core import PydanticCustomError
 
 MAX_LOGPROBS = 20  # top alternatives per output token
 MAX_STOP = 16  # stop strings per request
-# The smallest temperature a canvas may start from (t_max after the ``temperature`` factor): logits soft-capped
-# at ~30 divided by t_max / max_denoising_steps stay far inside fp32 above it; far below it (1e-45, 1e-300)
-# they overflow to inf and the distribution is NaN.
-MIN_TEMPERATURE = 1e-3
+# The smallest temperature a canvas may start from (t_max after the ``temperature`` factor). The coldest step
+# runs at >= t_max / max_denoising_steps >= 1e-10, where soft-capped logits (|l| <= ~30) / t stay finite in fp32;
+# 1e-45 or 1e-300 round to 0 in fp32 and turn the distribution into NaN (all-<pad> output).
+MIN_TEMPERATURE = 1e-6
 # ``temperature`` is 0 (greedy) or a factor in [MIN_TEMPERATURE_FACTOR, MAX_TEMPERATURE_FACTOR] on t_max / t_min.
 MIN_TEMPERATURE_FACTOR = 0.01
 MAX_TEMPERATURE_FACTOR = 2.0
@@ -57,6 +57,10 @@ def _temperature(v: float) -> float:
 
 
 def _stop(v):
+    if v is not None and not isinstance(v, (str, list)):
+        raise invalid(f"'stop' must be a string or an array of strings, got {json_type(v)}", "stop")
+    if isinstance(v, list) and len(v) > MAX_STOP:
+        raise invalid(f"'stop' holds {len(v)} strings; at most {MAX_STOP}", "stop")
     return [v] if isinstance(v, str) else v
 
 
@@ -70,8 +74,10 @@ class SamplingFields(BaseModel):
     max_tokens: Int | None = Field(None, ge=1, le=1_000_000, description="output tokens at most (unset: the "
                                    "checkpoint's max_new_tokens, capped to what fits the context)")
     seed: Int | None = Field(None, ge=0, le=2 ** 63 - 1, description="makes the output reproducible")
-    stop: Annotated[list[StopText], Field(max_length=MAX_STOP), BeforeValidator(_stop)] | StopText | None = Field(
-        None, description=f"a string or up to {MAX_STOP} strings; the text ends before the first")
+    stop: Annotated[list[StopText] | StopText | None, BeforeValidator(_stop)] = Field(
+        None, description=f"a string or up to {MAX_STOP} strings; the text ends before the first",
+        json_schema_extra={"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}, {
+            "type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]})
     # OpenAI's sampling knobs, mapped onto the canvas sampler (docs/serving.md "Sampling").
     temperature: Annotated[Num, AfterValidator(_temperature)] | None = Field(
         None, description="0: greedy (each accepted position takes its most likely token; seeded with 0 when no "

@@ -114,7 +114,7 @@ class SamplingParams:
             raise ParamError(f"canvas_template has {len(self.canvas_template)} entries but the canvas holds "
                              f"{canvas_length}", "canvas_template")
         if self.text_template is not None and self.suffix is not None:
-            raise ParamError("give text_template or suffix, not both", "suffix")
+            raise ParamError("suffix cannot be combined with text_template: give one of them, not both", "suffix")
         infill = "text_template" if self.text_template is not None else "suffix" if self.suffix is not None else None
         if infill is not None and self.canvas_template is not None:
             raise ParamError(f"{infill} builds the canvas_template itself; do not give both", infill)
@@ -124,18 +124,18 @@ class SamplingParams:
         if self.rng == "reference":
             why = "rng='reference' reproduces the reference sampler, which has no "
             if cut is not None:
-                raise ParamError(f"{cut}: {why}top_p, top_k or min_p; use rng='default' with them", cut)
+                raise ParamError(f"{cut} needs rng='default': {why}top_p, top_k or min_p", cut)
             if self.canvas_template is not None or self.allowed_token_ids is not None or infill is not None:
                 raise ParamError(f"{why}canvas_template or allowed_token_ids; use rng='default' with them", "rng")
             knob = self.penalty_field or ("temperature" if self.temperature not in (None, 1) else None)
             if knob is not None:
-                raise ParamError(f"{knob}: {why}temperature factor, penalties or logit_bias; use rng='default' "
-                                 "with them", knob)
+                raise ParamError(f"{knob} needs rng='default': {why}temperature factor, penalties or "
+                                 "logit_bias", knob)
         what = "structured_outputs" if self.structured_outputs is not None else infill
         if what is not None:
             if cut is not None:
-                raise ParamError(f"{cut}: top_p, top_k and min_p cannot be combined with {what}: its canvas is "
-                                 "drawn under its own constraint", cut)
+                raise ParamError(f"{cut} cannot be combined with {what}: its canvas is drawn under its own "
+                                 "constraint (no top_p, top_k or min_p)", cut)
             if self.logprobs is not None:
                 raise ParamError(f"logprobs cannot be combined with {what}: its output is not the argmax canvas",
                                  "logprobs")
@@ -161,7 +161,7 @@ class SamplingParams:
                              "rng")
         if self.ignore_eos:
             raise ParamError("structured_outputs cannot be combined with ignore_eos: the output ends where the "
-                             "grammar is complete", "ignore_eos")
+                             "grammar is complete", "structured_outputs")
 
     @property
     def truncates(self) -> bool:

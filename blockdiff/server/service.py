@@ -136,7 +136,7 @@ class Server:
         try:
             params.validate(self.core.model.vocab_size, self.core.canvas_length)
         except ValueError as e:
-            raise engine_error(e, req.max_tokens_name) from None
+            raise engine_error(e, req.max_tokens_name, req.field_names) from None
         check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
                       req.max_tokens_name, prompt_name)
         return Prepared(kind, req, ids, params, echo, images)
@@ -193,7 +193,7 @@ class Server:
             for s in streams:
                 self.engine.abort(s.request_id)
             if isinstance(e, ValueError):
-                raise engine_error(e, p.req.max_tokens_name) from None
+                raise engine_error(e, p.req.max_tokens_name, p.req.field_names) from None
             if isinstance(e, EngineOverloadedError):
                 raise APIError(429, str(e), code="server_overloaded",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
