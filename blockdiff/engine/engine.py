@@ -186,7 +186,7 @@ class Engine:
         for s in states:
             ids = s.tokens_to_encode()
             if s.phase is Phase.WAITING and pc.max_blocks:
-                reused = pc.attach(s.cache, ids)
+                reused = pc.attach(s.cache, ids, s.params.cache_salt)
                 pc.prepare(s.cache, ids)
                 prompts.append((s, ids, reused))
                 s.metrics.cached_tokens = reused
@@ -199,7 +199,7 @@ class Engine:
             model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
             self.stats["encode_tokens"] += sum(lengths)
         for s, prompt, reused in prompts:
-            pc.insert(s.cache, prompt, reused)
+            pc.insert(s.cache, prompt, reused, s.params.cache_salt)
         for s in states:
             s.encoded()
 

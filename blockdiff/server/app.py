@@ -11,6 +11,7 @@ not) aborts its request, which frees its KV cache at the next engine tick.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -31,6 +32,14 @@ from .protocol import ChatCompletionRequest, CompletionRequest
 from .service import Server
 
 log = logging.getLogger("blockdiff.server")
+
+
+class ErrorJSONResponse(JSONResponse):
+    """Error bodies as ASCII JSON: a message that quotes a client's text (even a lone surrogate) always encodes,
+    so an error can never turn into a 500 while it is being sent."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class _Route(APIRoute):
@@ -111,7 +120,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         headers = dict(e.headers or {})
         if e.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
+        return ErrorJSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
