@@ -10,9 +10,9 @@ live in ``SamplingParams.validate`` and reach HTTP clients as a 400 naming the f
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_LOGPROBS = 20  # top alternatives per output token
@@ -43,7 +43,32 @@ def _integral(v):
     return v
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+# An integer field (16.0 is accepted as 16 by ``IntegralFloats``; a validator on the type itself would hide the
+# field's bounds from the JSON Schema).
+Int = int
+
+
+class IntegralFloats(BaseModel):
+    """Base of the request models: a float with no fraction sent for a top-level integer field is that integer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data):
+        if isinstance(data, dict):
+            ints = _int_fields(cls)
+            if any(k in ints and isinstance(v, float) for k, v in data.items()):
+                data = {k: _integral(v) if k in ints else v for k, v in data.items()}
+        return data
+
+
+_INT_FIELDS: dict[type, frozenset] = {}
+
+
+def _int_fields(cls) -> frozenset:
+    if cls not in _INT_FIELDS:
+        _INT_FIELDS[cls] = frozenset(name for name, f in cls.model_fields.items()
+                                     if f.annotation is int or int in get_args(f.annotation))
+    return _INT_FIELDS[cls]
 Num = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0)]
 StopText = Annotated[str, Field(min_length=1)]
@@ -64,7 +89,7 @@ def _stop(v):
     return [v] if isinstance(v, str) else v
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(IntegralFloats):
     """Fields shared by ``SamplingParams`` and both HTTP endpoints (strict: no "16" for 16; unknown keys are
     ignored, as OpenAI-compatible servers do). To add one: declare it here with its bounds and description, and as
     a dataclass field of ``SamplingParams``; cross-field rules go to ``SamplingParams.validate``."""
@@ -133,7 +158,7 @@ class SamplingFields(BaseModel):
                                 "denoising step (ignored without stream)")
 
 
-class OutputFields(BaseModel):
+class OutputFields(IntegralFloats):
     """Fields ``SamplingParams`` and /v1/completions share (chat spells logprobs differently, and has no suffix)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)

@@ -313,6 +313,32 @@ class ChatCompletionRequest(SamplingRequest):
         return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k != "add_generation_prompt"}
 
 
+# ---------------------------------------------------------------------------------------------- /tokenize
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text ``prompt`` or chat ``messages`` (rendered with the chat template)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = Field(None, description="the served model id (optional)")
+    prompt: str | None = Field(None, description="text to tokenize (give prompt or messages)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered with "
+                                               "the chat template (text parts only)")
+    add_special_tokens: bool = Field(True, description="prompt: start with the BOS token, as /v1/completions does")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant turn's opening")
+    return_token_strs: bool = Field(False, description="also return each token's text")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid("give exactly one of 'prompt' or 'messages'", "prompt")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = Field(None, description="the served model id (optional)")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="token ids")
+
+
 # ---------------------------------------------------------------------------------------------- engine errors
 def engine_error(e: ValueError, max_name: str = "max_tokens", names: dict | None = None) -> APIError:
     """A ``SamplingParams`` / engine ``ValueError`` as a 400 naming the request field: a ``ParamError`` carries
