@@ -50,7 +50,7 @@ def parse_body(raw: bytes):
     if not raw.strip():
         raise bad("the request body is empty; send a JSON object", "body")
     try:
-        body = json.loads(raw, parse_int=_parse_int)
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float)
     except RecursionError:
         raise bad(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels of arrays and objects",
                   "body") from None
@@ -73,6 +73,13 @@ class _HugeInt:
 def _parse_int(s: str):
     digits = len(s) - s.startswith("-")
     return _HugeInt(digits) if digits > MAX_INT_DIGITS else int(s)
+
+
+def _parse_float(s: str):
+    # JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), wherever it sits (token-id arrays
+    # included); a float field takes the int unchanged.
+    f = float(s)
+    return int(f) if f.is_integer() and abs(f) < 2 ** 63 else f
 
 
 def _printable(key: str) -> str:
