@@ -224,7 +224,7 @@ def describe(err: dict) -> tuple[str, str | None]:
     loc = tuple(err["loc"])
     is_key = len(loc) >= 2 and loc[-1] == "[key]"  # a dict key is at fault: the param is the dict
     param = param_path(loc[:-2] if is_key else loc)
-    name = f"a key of '{param}'" if is_key else f"'{param}'" if param else "the request body"
+    name = f"'{param}' key" if is_key else f"'{param}'" if param else "the request body"
     v = err.get("input")
     t = err["type"]
     if t == "missing":

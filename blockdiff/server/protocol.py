@@ -329,7 +329,7 @@ class TokenizeRequest(BaseModel):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise invalid("give exactly one of 'prompt' or 'messages'", "prompt")
+            raise invalid("'prompt': give exactly one of 'prompt' or 'messages'", "prompt")
         return self
 
 
