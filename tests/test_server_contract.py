@@ -187,3 +187,29 @@ def test_vllm_helper_routes(srv, llm):
     assert httpx.get(srv.url + "/version").json()["version"]
     assert httpx.post(srv.url + "/tokenize", json={"prompt": "x"}).status_code == 401
     assert httpx.get(srv.url + "/v1/models/" + MODEL, headers=h).json()["max_model_len"] == 96
+
+
+def test_serve_flags_for_keys_and_caps(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from blockdiff.cli import main as cli_main
+    from blockdiff.server.cli import api_keys
+
+    f = tmp_path / "keys"
+    f.write_text("# tenants\nk2\n\nk3\nk1\n")
+    monkeypatch.setenv("BLOCKDIFF_API_KEY", "env-key")
+    ns = argparse.Namespace
+    assert api_keys(ns(api_key=["k1", "k2"], api_key_file=str(f))) == ["k1", "k2", "k3"]
+    assert api_keys(ns(api_key=None, api_key_file=None)) == ["env-key"]  # the variable only when no flag
+    monkeypatch.delenv("BLOCKDIFF_API_KEY")
+    assert api_keys(ns(api_key=None, api_key_file=None)) == []
+    empty = tmp_path / "empty"
+    empty.write_text("# none\n")
+    for argv, words in [(["--max-model-len", "0"], "--max-model-len must be >= 1"),
+                        (["--max-denoising-steps", "-1"], "--max-denoising-steps must be >= 1"),
+                        (["--api-key-file", str(empty)], "holds no key"),
+                        (["--api-key-file", str(tmp_path / "missing")], "--api-key-file"),
+                        (["--api-key", "a", "--api-key", " "], "API key")]:
+        assert cli_main(["serve", str(tmp_path)] + argv) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
