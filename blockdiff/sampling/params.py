@@ -210,6 +210,7 @@ class SamplingParams:
             if out.t_max < MIN_TEMPERATURE:
                 raise ParamError(f"temperature {f} makes the first denoising step's temperature {out.t_max:.3g} "
                                  f"(t_max x temperature), below the floor of {MIN_TEMPERATURE}", "temperature")
+            out.temperature = None  # applied: the copy's t_max / t_min are the schedule
         if out.greedy and out.seed is None:  # greedy is deterministic: renoising draws from a fixed seed
             out.seed = 0
         return out

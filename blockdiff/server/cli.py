@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-# --max-denoising-steps default: this many times the checkpoint's own max_denoising_steps (192 for the released
-# checkpoint's 48): room to ask for more steps than the default, not for ~1M denoising passes.
-STEPS_FACTOR = 4
+# --max-denoising-steps default (or the checkpoint's own max_denoising_steps when larger): ~5x the released
+# checkpoint's 48, room to ask for more steps than the default, not for ~1M denoising passes.
+DEFAULT_MAX_STEPS = 256
 
 
 def register(subparsers) -> None:
@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                    help="salt each request's prefix-cache blocks by its API key, so tenants never share cached "
                         "prefixes (auto: on with several keys)")
     p.add_argument("--max-denoising-steps", type=int, help="the most denoising steps per canvas one request may "
-                   f"ask for (default: {STEPS_FACTOR} x the checkpoint's max_denoising_steps); over it, HTTP 400")
+                   f"ask for (default: {DEFAULT_MAX_STEPS}, or the checkpoint's max_denoising_steps when larger); "
+                   "over it, HTTP 400")
     p.add_argument("--max-model-len", type=int, help="the most positions (prompt + output) one request may use "
                    "(default: the model's context); over it, HTTP 400")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
@@ -126,7 +127,7 @@ def cmd_serve(args) -> int:
 
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
     name = args.served_model_name or default_model_name(args.model)
-    steps = args.max_denoising_steps or STEPS_FACTOR * llm.defaults.max_denoising_steps
+    steps = args.max_denoising_steps or max(DEFAULT_MAX_STEPS, llm.defaults.max_denoising_steps)
     salt = {"auto": None, "on": True, "off": False}[args.cache_salt_by_key]
     app = build_app(llm, name, api_key=keys or None, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits, max_denoising_steps=steps,

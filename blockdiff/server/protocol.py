@@ -1,11 +1,16 @@
 """The OpenAI wire format at the edge, as pydantic models: request bodies -> (prompt, ``SamplingParams``).
 
-One place for validation, error wording and ``/openapi.json``: every field is typed here (strict: no "16" for
-16), bounds and cross-field rules are validators whose messages name the field (``errors.from_validation`` turns
-them into OpenAI's error shape with ``param``). Unknown fields are ignored, as OpenAI-compatible servers do.
+One place for validation, error wording and ``/openapi.json``: every field is typed (strict: no "16" for 16). The
+sampling fields are not declared here: the request models inherit ``SamplingFields`` (and ``OutputFields``) from
+``blockdiff/sampling/fields.py``, the same declarations ``SamplingParams`` validates with, so the Python API, the
+server and the document agree. Rules between fields run once, in ``SamplingParams.validate``; its ``ParamError``
+names the field, which ``engine_error`` maps onto the request's own name (``max_new_tokens`` -> ``max_tokens``,
+``structured_outputs`` -> ``response_format``). ``errors.from_validation`` turns pydantic errors into OpenAI's
+error shape with ``param``. Unknown fields are ignored, as OpenAI-compatible servers do.
 
-To add a request field: declare it on ``SamplingRequest`` (both endpoints) or on the endpoint's model, with a
-type and a ``Field(description=...)``; map it onto ``SamplingParams`` in ``to_params`` if the engine needs it.
+To add a request field: a sampling knob the engine needs goes on ``SamplingFields`` (and ``SamplingParams``); a
+wire-only field goes on ``SamplingRequest`` (both endpoints) or on the endpoint's model (``ChatCompletionRequest``
+for chat-only fields such as tools and tool_choice), with a type and a ``Field(description=...)``.
 """
 
 from __future__ import annotations
