@@ -31,12 +31,18 @@ BUDGET = (("max_tokens", 32), ("max_completion_tokens", 32), ("max_denoising_ste
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory):
+def llm(tmp_path_factory):
     torch.set_num_threads(1)
     path = make_checkpoint(tmp_path_factory.mktemp("schema_ckpt"),
                            generation_config={"max_denoising_steps": 2, "max_new_tokens": 16})
     llm = LLM(path, dtype=torch.float32, max_num_seqs=16)
     assert llm.model.vocab_size == VOCAB
+    return llm
+
+
+@pytest.fixture
+def api_schema(llm):
+    # One app per test: schemathesis' pytest plugin ends an ASGI app's lifespan (engine, thread pool) with the test.
     app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=16, max_denoising_steps=8)
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     app.state.engine.shutdown()
@@ -90,7 +96,7 @@ def semantic(body, path: str) -> None:
     if body.get("logprobs") is not None and body.get("echo"):
         body.pop("echo")
     if isinstance(body.get("logit_bias"), dict):  # token ids within this vocabulary
-        body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if int(k) < VOCAB}
+        body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if k.isdigit() and int(k) < VOCAB}
     for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
         # This checkpoint's tokenizer has no image tokens; its chat template knows system/user/assistant only.
         if isinstance(m, dict) and m.get("role") in ("tool", "developer"):

@@ -119,7 +119,7 @@ class SamplingFields(IntegralFloats):
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, allow_inf_nan=False)]] | None = \
         Field(None, description="token id (as a string) -> a bias in [-100, 100] added to its logits at every "
-              "denoising step")
+              "denoising step", json_schema_extra={"additionalProperties": False})  # keys: token ids only
     # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
     top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
                               "holding this much probability (1 or unset: no cut)")

@@ -83,7 +83,8 @@ class SamplingParams:
     def validate(self, vocab_size: int | None = None, canvas_length: int | None = None) -> None:
         """Types and bounds from ``ParamsFields`` (the same declarations the HTTP API documents), then the rules
         between fields. Every error is a ``ParamError`` whose ``.param`` names the field at fault."""
-        values = {name: getattr(self, name) for name in FIELD_NAMES}
+        # (tuples are fine from Python: the declarations say "array", which JSON spells as a list)
+        values = {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in FIELD_NAMES}
         if isinstance(self.logit_bias, dict):  # the Python API may key it by int
             values["logit_bias"] = {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()}
         checked = check_fields(ParamsFields, values)
