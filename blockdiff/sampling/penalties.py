@@ -65,17 +65,16 @@ class Penalties:
         return out if self.logit_bias is None else out + self.logit_bias
 
 
-def apply_penalties(logits: torch.Tensor, rep: torch.Tensor | None, bias: torch.Tensor | None,
-                    chunk: int) -> None:
-    """In place on ``logits`` [B, C, V], ``chunk`` rows at a time (the temporaries stay chunk x V): seen tokens'
-    positive logits divided by ``rep`` [B, V] and negative ones multiplied, then ``bias`` [B, V] added."""
-    B, C, V = logits.shape
-    flat = logits.view(B * C, V)
-    for i in range(0, B * C, chunk):
-        rows = flat[i:i + chunk]
-        r = torch.arange(i, i + rows.shape[0], device=logits.device) // C
-        if rep is not None:
-            f = rep[r]
-            rows.copy_(torch.where(rows > 0, rows / f, rows * f))
-        if bias is not None:
-            rows.add_(bias[r])
+def apply_penalties(logits: torch.Tensor, rep: torch.Tensor | None, bias: torch.Tensor | None, chunk: int) -> None:
+    """In place on ``logits`` [B, C, V]: seen tokens' positive logits divided by ``rep`` [B, V] and negative ones
+    multiplied (``chunk`` positions of one canvas at a time, so the temporaries stay chunk x V), then ``bias``
+    [B, V] added (broadcast, no temporary)."""
+    if rep is not None:
+        inv = rep.reciprocal()  # [B, V]: one multiply per entry instead of a divide, a multiply and a select
+        B, C, _ = logits.shape
+        for b in range(B):
+            for j in range(0, C, chunk):
+                rows = logits[b, j:j + chunk]  # [<=chunk, V]
+                rows.mul_(torch.where(rows > 0, inv[b], rep[b]))
+    if bias is not None:
+        logits.add_(bias[:, None, :])
