@@ -15,7 +15,9 @@ What a block holds, per attention span of the model (``KVPool`` groups):
 
 A lookup attaches the longest cached chain to an empty ``SequenceCache`` (its length becomes the hit) and the
 engine encodes only the rest; the prompt's remaining whole blocks are captured by that encode and inserted after
-it. At least one prompt token is always encoded. Only prompt blocks are cached (the canvases a request commits
+it. At least one prompt token is always encoded. A request's ``cache_salt`` roots its chain at a key of the salt:
+blocks cached under one salt are never found under another (or unsalted), so tenants with different salts cannot
+learn from ``cached_tokens`` or the time to first token what the others sent. Only prompt blocks are cached (the canvases a request commits
 start wherever the prompt ended, not on a block boundary); in a multi-turn chat, turn ``n + 1`` reuses turn ``n``'s
 whole prompt, and re-encodes the previous answer once.
 
@@ -65,19 +67,26 @@ class PrefixCache:
         return len(self.blocks) * self.block_bytes
 
     # ------------------------------------------------------------------ keys
-    def _chain(self, tokens: list[int], n_blocks: int):
+    @staticmethod
+    def root(salt: str | None):
+        """The parent key of a chain's first block: None unsalted, else a key of the salt (so chains under
+        different salts share no block: their first blocks already differ in ``parent``)."""
+        return None if salt is None else hash(("cache_salt", salt))
+
+    def _chain(self, tokens: list[int], n_blocks: int, salt: str | None = None):
         """(key, parent key, block tokens) of the first n_blocks blocks of tokens."""
-        bs, parent = self.block_size, None
+        bs, parent = self.block_size, self.root(salt)
         for j in range(n_blocks):
             t = tuple(tokens[j * bs:(j + 1) * bs])
             key = hash((parent, t))
             yield key, parent, t
             parent = key
 
-    def match(self, tokens: list[int]) -> list[Block]:
-        """The longest cached chain of whole blocks that leaves at least one token of ``tokens`` to encode."""
+    def match(self, tokens: list[int], salt: str | None = None) -> list[Block]:
+        """The longest cached chain of whole blocks (under ``salt``) that leaves at least one token of ``tokens``
+        to encode."""
         found = []
-        for key, parent, t in self._chain(tokens, (len(tokens) - 1) // self.block_size):
+        for key, parent, t in self._chain(tokens, (len(tokens) - 1) // self.block_size, salt):
             b = self.blocks.get(key)
             if b is None or b.parent != parent or b.tokens != t:
                 break
@@ -90,13 +99,13 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ reuse
     @torch.no_grad()
-    def attach(self, seq: SequenceCache, tokens: list[int]) -> int:
-        """Point an empty ``seq`` at the longest cached prefix of ``tokens``; returns the tokens reused (its new
-        length). Counts the query and the hit."""
+    def attach(self, seq: SequenceCache, tokens: list[int], salt: str | None = None) -> int:
+        """Point an empty ``seq`` at the longest cached prefix of ``tokens`` cached under ``salt``; returns the
+        tokens reused (its new length). Counts the query and the hit."""
         if seq.length or any(seq.pages.values()):
             raise ValueError("a prefix can only be attached to an empty sequence")
         self.query_tokens += len(tokens)
-        blocks = self.match(tokens) if self.max_blocks else []
+        blocks = self.match(tokens, salt) if self.max_blocks else []
         if not blocks:
             return 0
         self._touch(blocks)
@@ -142,7 +151,7 @@ class PrefixCache:
         for g in self.sliding:
             seq.capture[g] = (first, self.pool.allocate(g, n))
 
-    def insert(self, seq: SequenceCache, tokens: list[int], reused: int) -> None:
+    def insert(self, seq: SequenceCache, tokens: list[int], reused: int, salt: str | None = None) -> None:
         """After the encode of ``tokens[reused:]`` (``reused`` = what ``attach`` returned): cache the whole blocks it
         wrote, up to the budget (evicting the least recently used)."""
         capture = {g: seq.capture.pop(g) for g in list(seq.capture)}
@@ -152,7 +161,7 @@ class PrefixCache:
         bs = self.block_size
         start = reused // bs
         end = min(len(tokens) // bs, start + self.max_blocks)
-        chain = list(self._chain(tokens, end))
+        chain = list(self._chain(tokens, end, salt))
         touched = []
         for j in range(start, end):
             key, parent, t = chain[j]

@@ -121,7 +121,7 @@ def test_rows_that_need_exact_distributions_run_exact_in_fast_mode(tiny_model):
 
 
 def test_fast_must_be_a_boolean():
-    with pytest.raises(ValueError, match="fast must be true or false"):
+    with pytest.raises(ValueError, match="'fast' must be a boolean"):
         SamplingParams(fast="yes")
 
 
@@ -173,8 +173,24 @@ def test_a_failure_in_one_fast_request_ends_it_alone(tiny_checkpoint, monkeypatc
             raise RuntimeError("injected sampler failure")
         return real_row(self)
     monkeypatch.setattr(ModelState, "sampler_row", sampler_row)
-    ps = [SamplingParams(max_new_tokens=20, seed=i, max_denoising_steps=4, ignore_eos=True, fast=True,
-                         t_max=1e-300 if i == 3 else None, t_min=0.0 if i == 3 else None)
+    from blockdiff.engine import fast as fast_mod
+    real_active, real_make_state, victim = fast_mod.denoise_active, llm.engine.make_state, {}
+
+    def make_state(*a, **k):
+        s = real_make_state(*a, **k)
+        if s.request_index == 3:
+            victim["cache"] = s.cache
+        return s
+
+    def denoise_active(model, ids, index, valid, soft, cache, *a):
+        out = real_active(model, ids, index, valid, soft, cache, *a)
+        for b, seq in enumerate(cache.seqs):
+            if seq is victim.get("cache"):
+                out[b, 0] = float("nan")  # one position of one row, as an overflow would
+        return out
+    monkeypatch.setattr(llm.engine, "make_state", make_state)
+    monkeypatch.setattr(fast_mod, "denoise_active", denoise_active)
+    ps = [SamplingParams(max_new_tokens=20, seed=i, max_denoising_steps=4, ignore_eos=True, fast=True)
           for i in range(4)]
     outs = llm.generate(prompts, ps)
     assert outs[1].finish_reason == "error" and "injected sampler failure" in outs[1].error

@@ -109,6 +109,21 @@ def test_a_block_is_keyed_by_its_whole_prefix(checkpoints):
     assert pc.query_tokens == 20 + 20 + 16 and pc.hit_tokens == 12
 
 
+def test_blocks_under_different_cache_salts_are_never_shared(checkpoints):
+    eng = Engine(_model(checkpoints[8], 4), prefix_cache_bytes=1 << 24)
+    x = list(range(10, 30))
+
+    def cached(salt):
+        s = eng.make_state(x, SamplingParams(seed=0, max_new_tokens=16, cache_salt=salt))
+        eng._encode([s])
+        return s.metrics.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0 and cached(None) == 0  # another salt, or none, sees nothing of tenant-a's
+    assert cached("tenant-a") == 16 and cached("tenant-b") == 16 and cached(None) == 16  # each its own chain
+    assert len(eng.prefix_cache) == 3 * 5  # three chains of the prompt's 5 whole blocks, none shared
+
+
 def test_budget_bounds_blocks_and_evicts_least_recently_used(checkpoints):
     model = _model(checkpoints[8], 4)
     pool = model.kv_pool

@@ -4,10 +4,13 @@ distribution (the definition in docs/serving.md)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from blockdiff import LLM, SamplingParams
+from blockdiff.sampling.fields import ParamError
 from blockdiff.sampling.sampler import RowParams, default_step, temperature
 from blockdiff.sampling.truncation import truncate
 
@@ -77,13 +80,14 @@ def test_draws_stay_inside_each_rows_cut_and_other_rows_are_untouched():
 
 
 def test_sampling_params_validate_truncation_and_logprobs():
-    for kw, words in [({"top_p": 0}, "top_p must be"), ({"top_p": 1.5}, "top_p must be"),
-                      ({"top_k": 0}, "top_k must be an integer in [1, 2147483647]"), ({"min_p": -0.1}, "min_p must be"),
-                      ({"logprobs": 21}, "logprobs must be an integer in [0, 20]"),
+    for kw, words in [({"top_p": 0}, "'top_p' must be > 0"), ({"top_p": 1.5}, "'top_p' must be <= 1"),
+                      ({"top_k": -2}, "'top_k' must be >= -1"), ({"min_p": -0.1}, "'min_p' must be >= 0"),
+                      ({"logprobs": 21}, "'logprobs' must be <= 20"),
                       ({"rng": "reference", "top_k": 4}, "no top_p, top_k or min_p"),
                       ({"rng": "reference", "min_p": 0.1}, "no top_p, top_k or min_p")]:
-        with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(ParamError, match=re.escape(words)) as e:
             SamplingParams(**kw)
+        assert e.value.param == next(iter(kw if "rng" not in kw else set(kw) - {"rng"}))
     SamplingParams(rng="reference", top_p=1.0, min_p=0.0)  # neutral values cut nothing: reference stays exact
 
 

@@ -216,10 +216,12 @@ def test_429_says_when_to_retry(llm):
 
 
 # ---------------------------------------------------------------------------------------------- fields
-def test_stream_drafts_without_stream_is_400(srv):
-    r = post(srv, "/v1/completions", {"model": MODEL, "prompt": "hi", "stream_drafts": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_drafts"
-    assert "'stream_drafts' is only allowed when 'stream' is true" in r.json()["error"]["message"]
+def test_harmless_stream_fields_without_stream_are_ignored(srv):
+    # The document allows them without stream (as OpenAI's does): accepted, and they change nothing.
+    for extra in ({"stream_drafts": True}, {"stream_options": {"include_usage": True}}):
+        r = post(srv, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["object"] == "text_completion"
 
 
 def test_add_generation_prompt_is_honoured_and_bad_template_kwargs_are_plain_400s(srv, llm):

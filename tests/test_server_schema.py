@@ -1,6 +1,11 @@
-"""schemathesis against the ASGI app: requests generated from ``/openapi.json`` never get a 5xx, and every response
-conforms to the document (status code, content type, body schema). Bounded: a few examples per operation, the
-tiny model, generation budgets clamped so each request is a few engine ticks."""
+"""schemathesis against the ASGI app, both ways: requests generated from ``/openapi.json`` (positive: valid for the
+document) are accepted and answered as documented, and requests that violate it (negative) are refused with a 4xx;
+never a 5xx. Bounded: a few examples per operation, the tiny model, budgets kept small so each request is a few
+engine ticks.
+
+The positive run fixes up, in ``semantic``, only what a JSON Schema cannot say: rules between fields (t_max above
+t_min, what rng='reference' or a constraint excludes), the content of grammars / templates, and this checkpoint's
+chat template (which knows three roles and no images). Everything else the document promises, the server keeps."""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                               positive_data_acceptance, response_schema_conformance,
                                                status_code_conformance)
 
 from blockdiff import LLM
@@ -18,73 +25,120 @@ from blockdiff.server import build_app
 from fixtures import make_checkpoint
 
 MODEL = "tiny-dg"
+VOCAB = 512
+BUDGET = (("max_tokens", 32), ("max_completion_tokens", 32), ("max_denoising_steps", 3), ("stability_threshold", 3),
+          ("n", 2))
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory):
+def llm(tmp_path_factory):
     torch.set_num_threads(1)
     path = make_checkpoint(tmp_path_factory.mktemp("schema_ckpt"),
                            generation_config={"max_denoising_steps": 2, "max_new_tokens": 16})
     llm = LLM(path, dtype=torch.float32, max_num_seqs=16)
-    app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=16)
+    assert llm.model.vocab_size == VOCAB
+    return llm
+
+
+@pytest.fixture
+def api_schema(llm):
+    # One app per test: schemathesis' pytest plugin ends an ASGI app's lifespan (engine, thread pool) with the test.
+    app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=16, max_denoising_steps=8)
     yield schemathesis.openapi.from_asgi("/openapi.json", app)
     app.state.engine.shutdown()
 
 
-def clamp(body) -> None:
-    """Keep generated requests short (the point is the wire format, not long generations); half of them name
-    the served model so they reach the engine."""
+def _fix_temperatures(body: dict) -> None:
+    """t_max > t_min (the checkpoint's 0.4 / 0.8 fill the one not given), and the temperature factor keeps t_max
+    above the floor."""
+    def num(name):
+        v = body.get(name)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    t_min, t_max = num("t_min"), num("t_max")
+    if t_min is not None and t_min > 1e6:
+        t_min = body["t_min"] = 1.0
+    if t_max is not None and t_max > 1e6:
+        t_max = body["t_max"] = 2.0
+    lo = 0.4 if t_min is None else t_min
+    hi = 0.8 if t_max is None else t_max
+    if hi <= lo:
+        if t_max is not None:
+            hi = body["t_max"] = lo * 2 + 1
+        else:
+            body["t_min"] = hi / 2
+    f = num("temperature")
+    if f and hi * f < 1e-6:
+        body["t_max"] = lo * 2 + 1
+
+
+def semantic(body, path: str) -> None:
     if not isinstance(body, dict):
         return
-    if isinstance(body.get("model"), str) and len(body["model"]) % 2 == 0:
-        body["model"] = MODEL
-        # ... and of those, drop what would be refused anyway (drafts without a stream, fuzzed structured-output
-        # and infill fields), so some reach the engine.
-        if not body.get("stream"):
-            body.pop("stream_drafts", None)
-        body.pop("structured_outputs", None)
-        # Fuzzed infill text (no holes, too long) and schemas are 400s: keep the constraint-free formats only.
-        body.pop("text_template", None)
-        body.pop("suffix", None)
-        if not (isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "text"):
-            body.pop("response_format", None)
-    for name, hi in (("max_tokens", 32), ("max_completion_tokens", 32), ("max_denoising_steps", 3),
-                     ("stability_threshold", 3), ("n", 2)):
+    for name, hi in BUDGET:
         v = body.get(name)
         if isinstance(v, int) and not isinstance(v, bool) and v > hi:
             body[name] = hi
+    if path == "/tokenize":  # exactly one of prompt / messages
+        if (body.get("prompt") is None) == (body.get("messages") is None):
+            body.pop("messages", None)
+            body["prompt"] = "hi"
+    # The content of constraints and templates (grammars, schemas, holes) is not the document's to describe.
+    for name in ("structured_outputs", "text_template", "suffix", "chat_template_kwargs"):
+        body.pop(name, None)
+    if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") != "text":
+        body.pop("response_format")
+    _fix_temperatures(body)
+    if body.get("rng") == "reference":  # the reference sampler has no cuts, templates, penalties or factor
+        for name in ("top_p", "top_k", "min_p", "canvas_template", "allowed_token_ids", "temperature",
+                     "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
+            body.pop(name, None)
+    if body.get("logprobs") is not None and body.get("echo"):
+        body.pop("echo")
+    if isinstance(body.get("logit_bias"), dict):  # token ids within this vocabulary
+        body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if k.isdigit() and int(k) < VOCAB}
     for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
-        # This checkpoint's tokenizer has no image tokens (a 400 for any image): keep the text parts. Its chat
-        # template knows system/user/assistant only: other roles would make every generated chat a 400.
+        # This checkpoint's tokenizer has no image tokens; its chat template knows system/user/assistant only.
         if isinstance(m, dict) and m.get("role") in ("tool", "developer"):
             m["role"] = "user"
         if isinstance(m, dict) and isinstance(m.get("content"), list):
             m["content"] = [p for p in m["content"] if not (isinstance(p, dict) and p.get("type") == "image_url")]
 
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+BOTH = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def test_api_conforms_to_its_openapi_document(api_schema):
-    # Driven with hypothesis directly (schemathesis' pytest plugin does not load with this pytest).
-    ops = [r.ok() for r in api_schema.get_all_operations()]
+def _run(api_schema, mode: GenerationMode, checks: list, fix, examples: int) -> list:
     seen = []
-    assert {f"{o.method.upper()} {o.path}" for o in ops} >= {"POST /v1/completions", "POST /v1/chat/completions",
-                                                              "GET /v1/models", "GET /health", "GET /metrics"}
-    for op in ops:
-        @given(case=op.as_strategy())
-        @settings(max_examples=25 if op.method.upper() == "POST" else 3, deadline=None, database=None,
+    for op in (r.ok() for r in api_schema.get_all_operations()):
+        post = op.method.upper() == "POST"
+        if mode is GenerationMode.NEGATIVE and not post:
+            continue  # nothing to violate: no body, and a path parameter is any string
+
+        @given(case=op.as_strategy(generation_mode=mode))
+        @settings(max_examples=examples if post else 3, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck), derandomize=True)
         def run(case):
-            clamp(case.body)
-            r = case.call_and_validate(checks=CHECKS)
+            fix(case.body, op.path)
+            r = case.call_and_validate(checks=checks)
             seen.append((op.path, r.status_code))
 
         run()
-        if op.method.upper() == "POST":  # one plain valid request per route, checked against the document too
-            body = {"model": MODEL, "max_tokens": 4}
-            body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in op.path else {"prompt": "hi"})
-            r = op.Case(body=body, media_type="application/json").call_and_validate(checks=CHECKS)
-            seen.append((op.path, r.status_code))
-    for path in ("/v1/completions", "/v1/chat/completions"):  # requests reached the engine and conformed
-        assert (path, 200) in seen
+    return seen
+
+
+def test_valid_requests_are_accepted_and_answered_as_documented(api_schema):
+    # Driven with hypothesis directly (schemathesis' pytest plugin does not load with this pytest).
+    ops = {f"{r.ok().method.upper()} {r.ok().path}" for r in api_schema.get_all_operations()}
+    assert ops >= {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{model_id}",
+                   "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
+    seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 15)
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        assert (path, 200) in seen  # requests reached the engine / tokenizer and conformed
+    assert not [s for s in seen if s[1] == 400], seen  # valid for the document: never refused
+
+
+def test_invalid_requests_are_refused_with_a_4xx(api_schema):
+    seen = _run(api_schema, GenerationMode.NEGATIVE, BOTH + [negative_data_rejection], lambda body, path: None, 15)
+    assert any(p == "/v1/completions" and s == 400 for p, s in seen)
+    assert all(400 <= s < 500 for _, s in seen), seen

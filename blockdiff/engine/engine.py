@@ -26,6 +26,7 @@ from ..config import GenerationDefaults
 from ..kv_cache import KVCache, to_device
 from ..model import DiffusionGemma
 from ..prefix_cache import PrefixCache
+from ..sampling.fields import ParamError
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import RowParams, default_step, reference_step, same_as_previous
 from ..sampling.truncation import logprob_columns, split_logprob_row
@@ -91,9 +92,13 @@ class Engine:
         infill = None
         if params.text_template is not None or params.suffix is not None:
             from ..structured.infill import plan_suffix, plan_template
-            infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
-                      if params.text_template is not None else
-                      plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            field = "text_template" if params.text_template is not None else "suffix"
+            try:
+                infill = (plan_template(self.tokenizer, params.text_template, self.canvas_length)
+                          if params.text_template is not None else
+                          plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
+            except ValueError as e:  # the template's own problem: name the field it came in
+                raise ParamError(str(e), field) from None
             params.canvas_template = infill.template  # params is the engine's resolved copy
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
@@ -226,7 +231,7 @@ class Engine:
         for s in states:
             ids = s.tokens_to_encode()
             if s.phase is Phase.WAITING and pc.max_blocks:
-                reused = pc.attach(s.cache, ids)
+                reused = pc.attach(s.cache, ids, s.params.cache_salt)
                 pc.prepare(s.cache, ids)
                 prompts.append((s, ids, reused))
                 s.metrics.cached_tokens = reused
@@ -247,7 +252,7 @@ class Engine:
                     guarded(s, "encoding failed", self._encode_ids, s, t)
         for s, prompt, reused in prompts:
             if not s.finished:
-                pc.insert(s.cache, prompt, reused)
+                pc.insert(s.cache, prompt, reused, s.params.cache_salt)
         for s in states:
             if not s.finished:
                 guarded(s, "starting its canvas", s.encoded)

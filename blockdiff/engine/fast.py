@@ -30,7 +30,9 @@ import torch
 from ..kv_cache import KVCache, to_device
 from ..model.fast_denoise import denoise_active, empty_store
 from ..sampling import counter_rng
-from ..sampling.sampler import RowParams, entropy_and_draw, accept_and_renoise, row_temperature, same_as_previous
+from ..sampling.penalties import apply_penalties
+from ..sampling.sampler import (ROW_CHUNK, RowParams, accept_and_renoise, entropy_and_draw, row_temperature,
+                                same_as_previous)
 from .failures import NON_FINITE, fail_request, guarded
 from .model_state import ModelState, StepRow
 
@@ -113,12 +115,16 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     logits = denoise_active(model, ids, index, valid, soft, KVCache([s.cache for s in states]), store,
                             store_valid)  # [B, A, V]
     # --- the sampler on the active positions only; frozen ones keep their token with entropy 0 ---
+    if params.rep is not None or params.bias is not None:  # penalties and logit_bias, as in exact mode
+        apply_penalties(logits, params.rep, params.bias, ROW_CHUNK)
     if params.disallowed is not None:
         logits.masked_fill_(params.disallowed[:, None, :], float("-inf"))
     logits.div_(row_temperature(params)[:, None, None])
     arg_a = logits.argmax(dim=-1)  # [B, A]
     u = counter_rng.uniform(params.seed, params.canvas_index, params.step.long(), counter_rng.SAMPLE, C)
     h_a, sampled_a = entropy_and_draw(logits, u.gather(1, index), params)  # logits now hold the probabilities
+    if params.greedy is not None:  # temperature 0: the argmax where a row is greedy
+        sampled_a = torch.where(params.greedy[:, None], arg_a, sampled_a)
     h = torch.zeros(B, C, dtype=torch.float32, device=dev).scatter_(1, index, h_a)
     fresh_argmax = canvas.clone().scatter_(1, index, arg_a)
     # A refresh re-decides a frozen position whose fresh argmax disagrees with its kept token.

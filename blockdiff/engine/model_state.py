@@ -29,6 +29,7 @@ import torch
 from ..config import LayerSpec
 from ..kv_cache import SequenceCache, to_device
 from ..sampling.params import SamplingParams
+from ..sampling.penalties import Penalties
 from ..sampling.sampler import initial_canvas
 
 
@@ -158,6 +159,9 @@ class ModelState:
             tt = torch.tensor(t, device=self.device)
             if bool((tt >= 0).any()):
                 self.fixed, self.template = tt >= 0, tt.clamp(min=0)
+        # presence / frequency / repetition penalties and logit_bias (None: neutral, the sampler skips them)
+        self.penalty = (Penalties(params, prompt_ids, vocab_size, self.device)
+                        if params.penalty_field is not None else None)
         self.disallowed = None  # bool [V]: True for tokens this request may never draw
         if params.allowed_token_ids is not None:
             self.disallowed = torch.ones(vocab_size, dtype=torch.bool, device=self.device)
@@ -218,7 +222,8 @@ class ModelState:
                 "entropy_bound": p.entropy_bound, "confidence": p.confidence_threshold, "seed": self.seed,
                 "canvas_index": self.canvas_index, "fixed": self.fixed, "template": self.template,
                 "disallowed": self.disallowed, "top_k": p.top_k,
-                "top_p": p.top_p if p.top_p is not None and p.top_p < 1 else None, "min_p": p.min_p or None}
+                "top_p": p.top_p if p.top_p is not None and p.top_p < 1 else None, "min_p": p.min_p or None,
+                "greedy": p.greedy, "penalty": self.penalty}
 
     def apply_step(self, row: StepRow, sc_embeds: torch.Tensor) -> bool:
         """Record one denoising step; returns True when the canvas is finished."""
@@ -267,6 +272,8 @@ class ModelState:
                 reason = "length"
             tokens = tokens[:budget]
         self.output_ids.extend(tokens)
+        if self.penalty is not None:
+            self.penalty.commit(tokens)
         # On the last canvas (budget, EOS) too: a stop string wins, except over a constrained output.
         if self.stop_checker is not None and self.constraint is None:
             cut = self.stop_checker(self.output_ids)

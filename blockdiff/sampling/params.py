@@ -10,17 +10,15 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..config import GenerationDefaults
+from .fields import (MAX_LOGPROBS, MIN_TEMPERATURE, ParamError, ParamsFields,  # noqa: F401  (re-exported)
+                     check_fields)
 
 RNG_MODES = ("default", "reference")
-MAX_LOGPROBS = 20  # top alternatives per output token
+FIELD_NAMES = tuple(ParamsFields.model_fields)  # the fields whose types and bounds ParamsFields checks
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -67,6 +65,17 @@ class SamplingParams:
     # Fast mode (approximate, engine/fast.py): reuse the keys/values of settled canvas positions across steps and
     # recompute only the undecided ones. None: the engine's default (``blockdiff serve --fast``), else exact.
     fast: bool | None = None
+    # vLLM's name for max_new_tokens (give either; folded into max_new_tokens by validate()).
+    max_tokens: int | None = None
+    # OpenAI's knobs on the canvas sampler (docs/serving.md "Sampling"): temperature 0 = greedy, else a factor on
+    # t_max and t_min; penalties and logit_bias change the logits before tempering (None / neutral values: off).
+    temperature: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict | None = None  # token id (int or its decimal string) -> bias in [-100, 100]
+    # Prefix-cache blocks are shared only between requests with the same salt (None: the unsalted cache).
+    cache_salt: str | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -75,115 +84,137 @@ class SamplingParams:
         self.validate()
 
     def validate(self, vocab_size: int | None = None, canvas_length: int | None = None) -> None:
-        def pos_int(name, v, lo=1, hi=None):
-            if v is None:
-                return
-            if not _is_int(v) or v < lo or (hi is not None and v > hi):
-                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ValueError(f"{name} must be an integer {rng}, got {v!r}")
-
-        pos_int("max_new_tokens", self.max_new_tokens, 1, 1_000_000)
-        pos_int("max_denoising_steps", self.max_denoising_steps, 1, 10_000)
-        pos_int("stability_threshold", self.stability_threshold, 0, 10_000)
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        for name in ("entropy_bound", "confidence_threshold"):
-            v = getattr(self, name)
-            if v is not None and (not _is_num(v) or not v > 0 or v != v or v == float("inf")):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("t_min", "t_max"):
-            v = getattr(self, name)
-            if v is not None and (not _is_num(v) or not 0 <= v < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        """Types and bounds from ``ParamsFields`` (the same declarations the HTTP API documents), then the rules
+        between fields. Every error is a ``ParamError`` whose ``.param`` names the field at fault."""
+        # (tuples are fine from Python: the declarations say "array", which JSON spells as a list)
+        values = {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in FIELD_NAMES}
+        if isinstance(self.logit_bias, dict):  # the Python API may key it by int
+            values["logit_bias"] = {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()}
+        checked = check_fields(ParamsFields, values)
+        for name in FIELD_NAMES:
+            if name not in ("structured_outputs", "logit_bias"):
+                setattr(self, name, getattr(checked, name))
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if checked.logit_bias is not None:
+            self.logit_bias = {int(k): float(v) for k, v in checked.logit_bias.items()}
+        if self.top_k in (-1, 0):  # vLLM's spelling of "no cut"
+            self.top_k = None
+        if self.max_tokens is not None:
+            if self.max_new_tokens is not None and self.max_new_tokens != self.max_tokens:
+                raise ParamError(f"max_tokens ({self.max_tokens}) and max_new_tokens ({self.max_new_tokens}) "
+                                 "disagree: give one of them", "max_tokens")
+            self.max_new_tokens, self.max_tokens = self.max_tokens, None
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
-            raise ValueError(f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
-        if self.rng not in RNG_MODES:
-            raise ValueError(f"rng must be one of {RNG_MODES}, got {self.rng!r}")
-        if self.stop is not None:
-            if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-                raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-            if len(self.stop) > 16:
-                raise ValueError(f"at most 16 stop strings, got {len(self.stop)}")
-        for name in ("stop_token_ids", "allowed_token_ids"):
+            raise ParamError(f"t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})",
+                             "t_max")
+        for name in ("stop_token_ids", "allowed_token_ids", "canvas_template"):
             v = getattr(self, name)
-            if v is None:
-                continue
-            if not isinstance(v, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in v):
-                raise ValueError(f"{name} must be a list of non-negative token ids")
-            if vocab_size is not None and any(t >= vocab_size for t in v):
-                raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size})")
-        if self.allowed_token_ids is not None and len(self.allowed_token_ids) == 0:
-            raise ValueError("allowed_token_ids must not be empty")
-        if self.canvas_template is not None:
-            t = self.canvas_template
-            if not isinstance(t, (list, tuple)) or not all(_is_int(x) and x >= -1 for x in t):
-                raise ValueError("canvas_template must be a list of token ids, -1 for free positions")
-            if canvas_length is not None and len(t) > canvas_length:
-                raise ValueError(f"canvas_template has {len(t)} entries but the canvas holds {canvas_length}")
-            if vocab_size is not None and any(x >= vocab_size for x in t):
-                raise ValueError(f"canvas_template holds ids outside the vocabulary [0, {vocab_size})")
-        for name in ("text_template", "suffix"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, str) or not v):
-                raise ValueError(f"{name} must be a non-empty string")
+            if v is not None and vocab_size is not None and any(t >= vocab_size for t in v):
+                raise ParamError(f"{name} holds ids outside the vocabulary [0, {vocab_size})", name)
+        if self.logit_bias and vocab_size is not None and any(t >= vocab_size for t in self.logit_bias):
+            raise ParamError(f"logit_bias holds ids outside the vocabulary [0, {vocab_size})", "logit_bias")
+        if self.canvas_template is not None and canvas_length is not None and len(self.canvas_template) > canvas_length:
+            raise ParamError(f"canvas_template has {len(self.canvas_template)} entries but the canvas holds "
+                             f"{canvas_length}", "canvas_template")
         if self.text_template is not None and self.suffix is not None:
-            raise ValueError("give text_template or suffix, not both")
-        if (self.text_template is not None or self.suffix is not None) and self.canvas_template is not None:
-            raise ValueError(f"{'text_template' if self.text_template is not None else 'suffix'} builds the "
-                             "canvas_template itself; do not give both")
+            raise ParamError("suffix cannot be combined with text_template: give one of them, not both", "suffix")
+        infill = "text_template" if self.text_template is not None else "suffix" if self.suffix is not None else None
+        if infill is not None and self.canvas_template is not None:
+            raise ParamError(f"{infill} builds the canvas_template itself; do not give both", infill)
         if self.structured_outputs is not None:
             self._validate_structured()
-        if self.top_p is not None and (not _is_num(self.top_p) or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and (not _is_num(self.min_p) or not 0 <= self.min_p <= 1):
-            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
-        pos_int("top_k", self.top_k, 1, 2 ** 31 - 1)
-        pos_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
-        if self.fast is not None and not isinstance(self.fast, bool):
-            raise ValueError(f"fast must be true or false, got {self.fast!r}")
-        if self.rng == "reference" and self.truncates:
-            raise ValueError("rng='reference' reproduces the reference sampler, which has no top_p, top_k or "
-                             "min_p; use rng='default' with them")
-        if self.structured_outputs is not None or self.text_template is not None or self.suffix is not None:
-            what = "structured_outputs" if self.structured_outputs is not None else \
-                "text_template" if self.text_template is not None else "suffix"
-            if self.truncates:
-                raise ValueError(f"top_p, top_k and min_p cannot be combined with {what}: its canvas is drawn under "
-                                 "its own constraint")
+        cut = self.truncating_field
+        if self.rng == "reference":
+            why = "rng='reference' reproduces the reference sampler, which has no "
+            if cut is not None:
+                raise ParamError(f"{cut} needs rng='default': {why}top_p, top_k or min_p", cut)
+            if self.canvas_template is not None or self.allowed_token_ids is not None or infill is not None:
+                raise ParamError(f"{why}canvas_template or allowed_token_ids; use rng='default' with them", "rng")
+            knob = self.penalty_field or ("temperature" if self.temperature not in (None, 1) else None)
+            if knob is not None:
+                raise ParamError(f"{knob} needs rng='default': {why}temperature factor, penalties or "
+                                 "logit_bias", knob)
+        what = "structured_outputs" if self.structured_outputs is not None else infill
+        if what is not None:
+            if cut is not None:
+                raise ParamError(f"{cut} cannot be combined with {what}: its canvas is drawn under its own "
+                                 "constraint (no top_p, top_k or min_p)", cut)
             if self.logprobs is not None:
-                raise ValueError(f"logprobs cannot be combined with {what}: its output is not the argmax canvas")
-        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None
-                                        or self.text_template is not None or self.suffix is not None):
-            raise ValueError("rng='reference' reproduces the reference sampler, which has no canvas_template "
-                             "or allowed_token_ids; use rng='default' with them")
+                raise ParamError(f"logprobs cannot be combined with {what}: its output is not the argmax canvas",
+                                 "logprobs")
+        if self.structured_outputs is not None and self.penalty_field is not None:
+            raise ParamError(f"{self.penalty_field} cannot be combined with structured_outputs: its canvas is drawn "
+                             "under its own constraint", self.penalty_field)
 
     def _validate_structured(self) -> None:
         from ..structured.spec import compile_spec, normalize
 
-        self.structured_outputs = normalize(self.structured_outputs)
-        compile_spec(self.structured_outputs)  # ValueError naming the problem in the schema / pattern / grammar
+        try:
+            self.structured_outputs = normalize(self.structured_outputs)
+            compile_spec(self.structured_outputs)  # ValueError naming the problem in the schema / pattern / grammar
+        except ParamError:
+            raise
+        except ValueError as e:
+            raise ParamError(str(e), "structured_outputs") from None
         for name in ("canvas_template", "allowed_token_ids", "text_template", "suffix"):
             if getattr(self, name) is not None:
-                raise ValueError(f"structured_outputs cannot be combined with {name}")
+                raise ParamError(f"structured_outputs cannot be combined with {name}", "structured_outputs")
         if self.rng == "reference":
-            raise ValueError("structured_outputs needs rng='default' (the reference sampler has no constraints)")
+            raise ParamError("structured_outputs needs rng='default' (the reference sampler has no constraints)",
+                             "rng")
         if self.ignore_eos:
-            raise ValueError("structured_outputs cannot be combined with ignore_eos: the output ends where the "
-                             "grammar is complete")
+            raise ParamError("structured_outputs cannot be combined with ignore_eos: the output ends where the "
+                             "grammar is complete", "structured_outputs")
 
     @property
     def truncates(self) -> bool:
         """Whether top_p / top_k / min_p cut anything (top_p = 1 and min_p = 0 keep every token)."""
-        return ((self.top_p is not None and self.top_p < 1) or self.top_k is not None
-                or (self.min_p is not None and self.min_p > 0))
+        return self.truncating_field is not None
+
+    @property
+    def truncating_field(self) -> str | None:
+        """The first of top_p / top_k / min_p that cuts anything, or None."""
+        if self.top_p is not None and self.top_p < 1:
+            return "top_p"
+        if self.top_k is not None and self.top_k not in (-1, 0):
+            return "top_k"
+        if self.min_p is not None and self.min_p > 0:
+            return "min_p"
+        return None
+
+    @property
+    def penalty_field(self) -> str | None:
+        """The first penalty / logit_bias field set to a value that changes anything, or None."""
+        for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1)):
+            if getattr(self, name) not in (None, neutral):
+                return name
+        return "logit_bias" if self.logit_bias else None
+
+    @property
+    def greedy(self) -> bool:
+        """temperature 0: accepted positions take their most likely token."""
+        return self.temperature == 0
 
     def resolved(self, d: GenerationDefaults) -> "SamplingParams":
-        """A copy with every unset field filled from the checkpoint's generation defaults."""
+        """A copy with every unset field filled from the checkpoint's generation defaults, and the
+        ``temperature`` factor applied to t_max and t_min."""
         out = dataclasses.replace(self)
+        given = {name for name in ("t_min", "t_max") if getattr(self, name) is not None}
         for name in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
                      "stability_threshold", "confidence_threshold"):
             if getattr(out, name) is None:
                 setattr(out, name, getattr(d, name))
         if out.t_max <= out.t_min:
-            raise ValueError(f"t_max must be greater than t_min (got t_max={out.t_max}, t_min={out.t_min})")
+            raise ParamError(f"t_max must be greater than t_min (got t_max={out.t_max}, t_min={out.t_min}; the "
+                             "checkpoint's defaults fill the one not given)", "t_min" if given == {"t_min"} else "t_max")
+        f = out.temperature
+        if f is not None and f not in (0, 1):
+            out.t_min, out.t_max = out.t_min * f, out.t_max * f
+            if out.t_max < MIN_TEMPERATURE:
+                raise ParamError(f"temperature {f} makes the first denoising step's temperature {out.t_max:.3g} "
+                                 f"(t_max x temperature), below the floor of {MIN_TEMPERATURE}", "temperature")
+            out.temperature = None  # applied: the copy's t_max / t_min are the schedule
+        if out.greedy and out.seed is None:  # greedy is deterministic: renoising draws from a fixed seed
+            out.seed = 0
         return out

@@ -32,6 +32,7 @@ import torch
 
 from ..kv_cache import to_device
 from . import counter_rng
+from .penalties import apply_penalties, penalty_rows
 from .truncation import row_params, truncate
 
 ROW_CHUNK = 32  # rows of [B*C, V] processed at once: bounds the temporaries to a few ROW_CHUNK x V buffers
@@ -68,6 +69,13 @@ class RowParams:
     top_k: torch.Tensor | None = None  # int64 [B]
     top_p: torch.Tensor | None = None  # fp32 [B]
     min_p: torch.Tensor | None = None  # fp32 [B]
+    # temperature 0 (``greedy`` rows): accepted positions take the argmax instead of a draw (None: no row is).
+    greedy: torch.Tensor | None = None  # bool [B]
+    # Penalties and logit_bias, applied to the logits before anything else (None: no row sets any):
+    # ``rep`` divides positive / multiplies negative logits of seen tokens (1 elsewhere), then ``bias`` is added
+    # (logit_bias - presence_penalty * [in output] - frequency_penalty * count in output).
+    rep: torch.Tensor | None = None  # fp32 [B, V]
+    bias: torch.Tensor | None = None  # fp32 [B, V]
 
     @property
     def truncates(self) -> bool:
@@ -98,6 +106,9 @@ class RowParams:
             out.disallowed = torch.stack([r["disallowed"].to(device) if r.get("disallowed") is not None
                                           else torch.zeros(vocab_size, dtype=torch.bool, device=device)
                                           for r in rows])
+        if any(r.get("greedy") for r in rows):
+            out.greedy = col("greedy", torch.bool)
+        out.rep, out.bias = penalty_rows(rows, vocab_size, device)
         out.top_k = row_params([r.get("top_k") for r in rows], vocab_size, torch.int64, device)
         out.top_p = row_params([r.get("top_p") for r in rows], 1.0, torch.float32, device)
         out.min_p = row_params([r.get("min_p") for r in rows], 0.0, torch.float32, device)
@@ -166,18 +177,24 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
     probabilities, returned as ``probs``), ``canvas`` [B, C]. Same distribution as ``reference_step``;
     random numbers are counter-based (``counter_rng``), so a row's result does not depend on the others.
 
-    Template positions (``p.fixed``) are always accepted with their template token and left out of the
-    entropy budget and the confidence mean; ``p.disallowed`` tokens get probability zero. ``p.top_k`` /
+    Penalties and logit_bias (``p.rep`` / ``p.bias``) change the logits first; greedy rows (``p.greedy``) take
+    the argmax at accepted positions. Template positions (``p.fixed``) are always accepted with their template
+    token and left out of the entropy budget and the confidence mean; ``p.disallowed`` tokens get probability
+    zero. ``p.top_k`` /
     ``p.top_p`` / ``p.min_p`` cut the distribution a token is drawn from (``truncation.truncate``); entropy,
     acceptance, the argmax and the returned probabilities use the whole tempered distribution.
     """
     B, C, V = logits.shape
+    if p.rep is not None or p.bias is not None:
+        apply_penalties(logits, p.rep, p.bias, ROW_CHUNK)
     if p.disallowed is not None:
         logits.masked_fill_(p.disallowed[:, None, :], float("-inf"))  # broadcast, in place
     logits.div_(row_temperature(p)[:, None, None])
     argmax = logits.argmax(dim=-1)  # [B, C]
     u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C)  # [B, C]
     h, sampled = entropy_and_draw(logits, u, p)
+    if p.greedy is not None:  # temperature 0: the argmax where a row is greedy
+        sampled = torch.where(p.greedy[:, None], argmax, sampled)
     noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
     new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, p)
     return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API over one ``AsyncEngine``.
 
 ``build_app(llm_or_engine, served_model_name, api_key=None, max_num_seqs=None)`` returns a FastAPI app:
-``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (JSON or SSE), ``/health``, ``/metrics``,
-``/openapi.json`` and ``/docs``. Request bodies are pydantic models (``protocol.py``); every error is OpenAI's JSON
+``/v1/models`` (and ``/v1/models/{id}``), ``/v1/completions``, ``/v1/chat/completions`` (JSON or SSE),
+``/tokenize``, ``/detokenize``, ``/version``, ``/health``, ``/metrics``, ``/openapi.json`` and ``/docs``. Request bodies are pydantic models (``protocol.py``); every error is OpenAI's JSON
 shape ``{"error": {"message", "type", "param", "code"}}`` and never takes the server down or its connection: an
 unexpected exception is a 500 answered on a connection that stays usable. A client that disconnects (streaming or
 not) aborts its request, which frees its KV cache at the next engine tick.
@@ -11,6 +11,7 @@ not) aborts its request, which frees its KV cache at the next engine tick.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -21,16 +22,25 @@ from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine
 from . import metrics as prom
 from . import schemas
 from .body import MAX_BODY_BYTES, check_content_type, read_body
 from .errors import APIError
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .service import Server
 
 log = logging.getLogger("blockdiff.server")
+
+
+class ErrorJSONResponse(JSONResponse):
+    """Error bodies as ASCII JSON: a message that quotes a client's text (even a lone surrogate) always encodes,
+    so an error can never turn into a 500 while it is being sent."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class _Route(APIRoute):
@@ -67,15 +77,20 @@ def _warmup_done(fut) -> None:
         log.warning("structured outputs are unavailable: %s", e)
 
 
-def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None, max_num_seqs: int | None = None,
-              max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-              media_limits=None) -> FastAPI:
+def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | None = None,
+              max_num_seqs: int | None = None, max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              media_limits=None, max_denoising_steps: int | None = None, max_model_len: int | None = None,
+              salt_by_key: bool | None = None) -> FastAPI:
     """``llm_or_engine``: an ``LLM``, an ``Engine`` or an ``AsyncEngine``. ``max_num_seqs`` (batch slots) overrides
     the engine's; ``max_waiting`` (default 4 * max_num_seqs) bounds the queue behind them (then 429);
-    ``max_body_bytes`` bounds a request body (then 413). ``api_key``: None for none; an empty key is refused.
+    ``max_body_bytes`` bounds a request body (then 413). ``api_key``: None for none, one key or several (each
+    a tenant); an empty key is refused. ``salt_by_key`` (default: when several keys are given) salts each request's
+    prefix-cache blocks by its key, so tenants never share cached prefixes. ``max_denoising_steps`` and
+    ``max_model_len`` cap one request's work (steps per canvas; prompt + output positions): over them, a 400.
     ``media_limits`` (``blockdiff.vision.media.MediaLimits``): images per request, their bytes and pixels, and the
     folder local image files may come from (default: none)."""
-    if api_key is not None and not api_key.strip():
+    keys = [api_key] if isinstance(api_key, str) else list(api_key) if api_key is not None else []
+    if api_key is not None and (not keys or any(not isinstance(k, str) or not k.strip() for k in keys)):
         raise ValueError("the API key is empty: pass a non-empty key, or none to serve without one")
     if isinstance(llm_or_engine, AsyncEngine):
         aeng = llm_or_engine
@@ -93,8 +108,9 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         aeng = AsyncEngine(core, max_waiting=max_waiting)
     elif max_waiting is not None:
         aeng.max_waiting = max_waiting
-    srv = Server(aeng, served_model_name, api_key, images=getattr(llm_or_engine, "images", None),
-                 media_limits=media_limits)
+    srv = Server(aeng, served_model_name, keys or None, images=getattr(llm_or_engine, "images", None),
+                 media_limits=media_limits, max_denoising_steps=max_denoising_steps, max_model_len=max_model_len,
+                 salt_by_key=len(keys) > 1 if salt_by_key is None else salt_by_key)
     registry = prom.make_registry(aeng, srv.http_errors, served_model_name)
 
     @asynccontextmanager
@@ -113,7 +129,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
             srv.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="blockdiff", summary="OpenAI-compatible API for block-diffusion language models",
-                  version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json")
     app.router.route_class = _Route
     app.state.engine = aeng
@@ -125,7 +141,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
         headers = dict(e.headers or {})
         if e.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
+        return ErrorJSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -146,20 +162,25 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
 
     # ------------------------------------------------------------------ auth
     async def auth(request: Request) -> None:
-        if srv.api_key is None:
+        request.state.tenant = None
+        if srv.api_keys is None:
             return
         h = request.headers.get("authorization", "")
         scheme, _, token = h.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), srv.api_key.encode()):
+        given = token.strip().encode()
+        # Every key is compared (no early exit): the time taken does not say which key came close.
+        hits = [secrets.compare_digest(given, k.encode()) for k in srv.api_keys]
+        if scheme.lower() != "bearer" or not any(hits):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+        request.state.tenant = srv.tenant_salt(srv.api_keys[hits.index(True)])
 
     guarded = [Depends(auth)]
 
     async def prepared(request: Request, kind: str):
         check_content_type(request)
         raw = await read_body(request, max_body_bytes)
-        return await srv.prepare(kind, raw)
+        return await srv.prepare(kind, raw, getattr(request.state, "tenant", None))
 
     # ------------------------------------------------------------------ routes
     @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
@@ -176,9 +197,31 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
     @app.get("/v1/models", dependencies=guarded, response_model=schemas.ModelList,
              responses={401: schemas.ERRORS[401]})
     async def models():
-        return {"object": "list", "data": [{
-            "id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "blockdiff",
-            "max_model_len": srv.context, "canvas_length": core.canvas_length}]}
+        return {"object": "list", "data": [srv.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded, response_model=schemas.ModelCard,
+             responses={401: schemas.ERRORS[401], 404: schemas.ERRORS[404]})
+    async def model(model_id: str):
+        if model_id != srv.model_name:
+            raise APIError(404, f"the model '{model_id}' does not exist; this server serves ['{srv.model_name}']",
+                           "model", "model_not_found")
+        return srv.model_card()
+
+    @app.post("/tokenize", dependencies=guarded, openapi_extra=_request_body(TokenizeRequest),
+              responses={200: {"model": schemas.Tokenized}, **schemas.ERRORS})
+    async def tokenize(request: Request):
+        check_content_type(request)
+        return await srv.tokenize(await read_body(request, max_body_bytes))
+
+    @app.post("/detokenize", dependencies=guarded, openapi_extra=_request_body(DetokenizeRequest),
+              responses={200: {"model": schemas.Detokenized}, **schemas.ERRORS})
+    async def detokenize(request: Request):
+        check_content_type(request)
+        return await srv.detokenize(await read_body(request, max_body_bytes))
+
+    @app.get("/version", response_model=schemas.Version)
+    async def version():
+        return {"version": __version__}
 
     @app.post("/v1/completions", dependencies=guarded, openapi_extra=_request_body(CompletionRequest),
               responses={200: {"model": schemas.Completion, "content": schemas.SSE}, **schemas.ERRORS})
@@ -197,10 +240,10 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | None = None,
     def openapi():
         if app.openapi_schema is None:
             doc = base_openapi()
-            _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+            _, defs = models_json_schema([(m, "validation") for m in (CompletionRequest, ChatCompletionRequest,
+                                                                        TokenizeRequest, DetokenizeRequest)],
                                          ref_template="#/components/schemas/{model}")
-            for name in ("CompletionRequest", "ChatCompletionRequest"):  # the one model this server serves
-                defs["$defs"][name]["properties"]["model"]["enum"] = [srv.model_name]
+            srv.document_limits(defs["$defs"])
             doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
             app.openapi_schema = doc
         return app.openapi_schema

@@ -1,4 +1,5 @@
-"""Reading a request body safely: content type, size, JSON syntax, nesting depth and text that cannot be encoded.
+"""Reading a request body safely: content type, size, JSON syntax, nesting depth, text that cannot be encoded and
+integers too long to read.
 
 ``read_body`` runs on the event loop and only collects bytes (refusing a body over the limit as soon as its
 ``Content-Length`` or its bytes say so); ``parse_body`` is CPU work and runs in the request-preparation thread
@@ -15,6 +16,7 @@ from .errors import APIError, bad, json_type
 
 MAX_BODY_BYTES = 8 << 20
 MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 4300  # Python's int-string conversion limit (sys.get_int_max_str_digits() by default)
 
 
 def check_content_type(request: Request) -> None:
@@ -48,7 +50,7 @@ def parse_body(raw: bytes):
     if not raw.strip():
         raise bad("the request body is empty; send a JSON object", "body")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float)
     except RecursionError:
         raise bad(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels of arrays and objects",
                   "body") from None
@@ -60,10 +62,35 @@ def parse_body(raw: bytes):
     return body
 
 
+class _HugeInt:
+    """An integer literal too long for Python to convert (its int-string limit): kept as a marker, so the error can
+    name the field it was sent in (``check_tree``)."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(s: str):
+    digits = len(s) - s.startswith("-")
+    return _HugeInt(digits) if digits > MAX_INT_DIGITS else int(s)
+
+
+def _parse_float(s: str):
+    # JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), wherever it sits (token-id arrays
+    # included); a float field takes the int unchanged.
+    f = float(s)
+    return int(f) if f.is_integer() and abs(f) < 2 ** 63 else f
+
+
+def _printable(key: str) -> str:
+    # A key holding a lone surrogate cannot be encoded into the (UTF-8) error response: escape it.
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _path(parts) -> str:
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + _printable(str(p))
     return out
 
 
@@ -74,12 +101,21 @@ def _check_text(s: str, parts) -> None:
         s.encode("utf-8")
     except UnicodeEncodeError as e:  # "\ud800" in JSON decodes to a lone surrogate: no text encodes it
         p = _path(parts) or "body"
-        raise bad(f"'{p}' holds a lone UTF-16 surrogate ({s[e.start]!r} at character {e.start}); send valid "
-                  "Unicode text", p) from None
+        raise bad(f"'{p}' holds a lone UTF-16 surrogate ({_printable(s[e.start])} at character {e.start}); send "
+                  "valid Unicode text", p) from None
+
+
+def _check_value(v, parts) -> None:
+    if isinstance(v, str):
+        _check_text(v, parts)
+    elif isinstance(v, _HugeInt):
+        p = _path(parts) or "body"
+        raise bad(f"'{p}' is an integer of {v.digits} digits; at most {MAX_INT_DIGITS} digits are read", p)
 
 
 def check_tree(body: dict) -> None:
-    """Depth at most ``MAX_JSON_DEPTH`` and no lone surrogates in any string (keys included), naming the field.
+    """Depth at most ``MAX_JSON_DEPTH``, no lone surrogates in any string (keys included) and no integer over
+    ``MAX_INT_DIGITS`` digits, naming the field.
     Iterative: a deep body must not recurse here either."""
     stack = [(body, (), 1)]
     while stack:
@@ -90,13 +126,13 @@ def check_tree(body: dict) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
                 _check_text(k, parts + (k,))
-                if isinstance(v, str):
-                    _check_text(v, parts + (k,))
-                elif isinstance(v, (dict, list)):
+                if isinstance(v, (dict, list)):
                     stack.append((v, parts + (k,), depth + 1))
+                else:
+                    _check_value(v, parts + (k,))
         else:
             for i, v in enumerate(node):
-                if isinstance(v, str):
-                    _check_text(v, parts + (i,))
-                elif isinstance(v, (dict, list)):
+                if not isinstance(v, (dict, list)):
+                    _check_value(v, parts + (i,))
+                else:
                     stack.append((v, parts + (i,), depth + 1))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# --max-denoising-steps default (or the checkpoint's own max_denoising_steps when larger): ~5x the released
+# checkpoint's 48, room to ask for more steps than the default, not for ~1M denoising passes.
+DEFAULT_MAX_STEPS = 256
+
 
 def register(subparsers) -> None:
     from ..cli import add_model_arguments
@@ -16,8 +20,19 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: $BLOCKDIFF_PORT, else 8000)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint folder's name "
                    "for a local path, else the MODEL argument)")
-    p.add_argument("--api-key", default=os.environ.get("BLOCKDIFF_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $BLOCKDIFF_API_KEY)")
+    p.add_argument("--api-key", action="append",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize and /metrics; repeat "
+                        "for several keys (tenants) (default: $BLOCKDIFF_API_KEY)")
+    p.add_argument("--api-key-file", metavar="FILE", help="more API keys, one per line (blank lines and lines "
+                   "starting with # are skipped)")
+    p.add_argument("--cache-salt-by-key", choices=["auto", "on", "off"], default="auto",
+                   help="salt each request's prefix-cache blocks by its API key, so tenants never share cached "
+                        "prefixes (auto: on with several keys)")
+    p.add_argument("--max-denoising-steps", type=int, help="the most denoising steps per canvas one request may "
+                   f"ask for (default: {DEFAULT_MAX_STEPS}, or the checkpoint's max_denoising_steps when larger); "
+                   "over it, HTTP 400")
+    p.add_argument("--max-model-len", type=int, help="the most positions (prompt + output) one request may use "
+                   "(default: the model's context); over it, HTTP 400")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond max-num-seqs before 429 "
                    "(default 4 * max-num-seqs)")
@@ -46,6 +61,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def api_keys(args) -> list[str]:
+    """--api-key (repeated) and --api-key-file, else $BLOCKDIFF_API_KEY; [] for none."""
+    from ..cli import CLIError
+
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                keys += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"--api-key-file {args.api_key_file}: {e}") from None
+        if not keys:
+            raise CLIError(f"--api-key-file {args.api_key_file} holds no key")
+    if not keys and os.environ.get("BLOCKDIFF_API_KEY") is not None:
+        keys = [os.environ["BLOCKDIFF_API_KEY"]]
+    return list(dict.fromkeys(keys))
+
+
 def default_model_name(model: str) -> str:
     """The checkpoint folder's name for a local path ('./ckpts/dg-sudoku/' -> 'dg-sudoku'), else the hub id."""
     path = os.path.expanduser(model)
@@ -57,9 +90,13 @@ def default_model_name(model: str) -> str:
 def cmd_serve(args) -> int:
     from ..cli import CLIError, load_llm
 
-    if args.api_key is not None and not args.api_key.strip():
+    keys = api_keys(args)
+    if any(not k.strip() for k in keys):
         raise CLIError("the API key (--api-key or $BLOCKDIFF_API_KEY) is empty: pass a non-empty key, or leave "
                        "both unset to serve without one")
+    for flag, v in (("--max-denoising-steps", args.max_denoising_steps), ("--max-model-len", args.max_model_len)):
+        if v is not None and v < 1:
+            raise CLIError(f"{flag} must be >= 1, got {v}")
     if args.max_body_bytes < 1024:
         raise CLIError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
     if args.shutdown_grace < 0:
@@ -101,12 +138,16 @@ def cmd_serve(args) -> int:
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
     llm.engine.fast = bool(args.fast)
     name = args.served_model_name or default_model_name(args.model)
-    app = build_app(llm, name, api_key=args.api_key, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-                    max_body_bytes=args.max_body_bytes, media_limits=limits)
+    steps = args.max_denoising_steps or max(DEFAULT_MAX_STEPS, llm.defaults.max_denoising_steps)
+    salt = {"auto": None, "on": True, "off": False}[args.cache_salt_by_key]
+    app = build_app(llm, name, api_key=keys or None, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+                    max_body_bytes=args.max_body_bytes, media_limits=limits, max_denoising_steps=steps,
+                    max_model_len=args.max_model_len, salt_by_key=salt)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', fast mode by default' if args.fast else ''}"
-          f"{', API key required' if args.api_key else ''})", flush=True)
+          f"{', API key required' if keys else ''}{f' ({len(keys)} keys)' if len(keys) > 1 else ''}, "
+          f"max_denoising_steps {steps}, max_model_len {app.state.server.context})", flush=True)
     grace = args.shutdown_grace
 
     class Server(uvicorn.Server):

@@ -1,11 +1,16 @@
 """The OpenAI wire format at the edge, as pydantic models: request bodies -> (prompt, ``SamplingParams``).
 
-One place for validation, error wording and ``/openapi.json``: every field is typed here (strict: no "16" for
-16), bounds and cross-field rules are validators whose messages name the field (``errors.from_validation`` turns
-them into OpenAI's error shape with ``param``). Unknown fields are ignored, as OpenAI-compatible servers do.
+One place for validation, error wording and ``/openapi.json``: every field is typed (strict: no "16" for 16). The
+sampling fields are not declared here: the request models inherit ``SamplingFields`` (and ``OutputFields``) from
+``blockdiff/sampling/fields.py``, the same declarations ``SamplingParams`` validates with, so the Python API, the
+server and the document agree. Rules between fields run once, in ``SamplingParams.validate``; its ``ParamError``
+names the field, which ``engine_error`` maps onto the request's own name (``max_new_tokens`` -> ``max_tokens``,
+``structured_outputs`` -> ``response_format``). ``errors.from_validation`` turns pydantic errors into OpenAI's
+error shape with ``param``. Unknown fields are ignored, as OpenAI-compatible servers do.
 
-To add a request field: declare it on ``SamplingRequest`` (both endpoints) or on the endpoint's model, with a
-type and a ``Field(description=...)``; map it onto ``SamplingParams`` in ``to_params`` if the engine needs it.
+To add a request field: a sampling knob the engine needs goes on ``SamplingFields`` (and ``SamplingParams``); a
+wire-only field goes on ``SamplingRequest`` (both endpoints) or on the endpoint's model (``ChatCompletionRequest``
+for chat-only fields such as tools and tool_choice), with a type and a ``Field(description=...)``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from ..sampling.params import MAX_LOGPROBS, SamplingParams
+from ..sampling.fields import MAX_LOGPROBS, Int, OutputFields, ParamError, SamplingFields
+from ..sampling.params import SamplingParams
 from ..tools.render import ToolError, ToolPlan
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import structured_outputs as constraint_from
@@ -25,24 +31,8 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request (each is a request in the engine)
 
 
-def _integral(v):
-    # JSON has one number type: 16.0 is the integer 16 (as before), 16.5 is not an integer.
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
-Num = Annotated[float, Field(allow_inf_nan=False)]
-
-TEMPERATURE_WHY = ("diffusion sampling anneals its temperature from t_max to t_min per denoising step; leave "
-                   "temperature unset (or 1) and send 't_min' / 't_max' instead")
-TRUNCATION_REF = ("'{}' needs rng='default': rng='reference' reproduces the reference sampler, which has no "
-                  "top_p, top_k or min_p")
-
-
 def _neutral(name: str, v, neutral, why: str):
-    """Fields OpenAI clients may send that diffusion sampling cannot honour: accept only their neutral value."""
+    """Fields OpenAI clients may send that this server cannot honour: accept only their neutral value."""
     if v is None or v == neutral or (isinstance(neutral, (list, dict)) and not v):
         return v
     raise invalid(f"'{name}'={v!r} is not supported: {why}", name)
@@ -53,117 +43,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="send a last chunk with 'usage' (and 'choices': [])")
 
 
-class SamplingRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions (diffusion knobs at the top level; the openai
-    client sends them with ``extra_body=``)."""
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str | None = Field(None, description="accepted for compatibility; not used")
+    description: str | None = Field(None, description="accepted for compatibility; not used")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema the output must be "
+                                           "valid for (unset: any JSON object)")
+    strict: bool | None = Field(None, description="always enforced: changes nothing")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text: no constraint; json_object: any "
+                                                                "JSON object; json_schema: JSON valid for the schema")
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+    def as_dict(self) -> dict:
+        d = {"type": self.type}
+        if self.json_schema is not None:
+            d["json_schema"] = self.json_schema.model_dump(by_alias=True, exclude_none=True)
+        return d
+
+
+class SamplingRequest(SamplingFields):
+    """Fields shared by /v1/completions and /v1/chat/completions: the sampling fields of ``SamplingFields`` (the
+    same declarations ``SamplingParams`` validates with; diffusion knobs at the top level, the openai client sends
+    them with ``extra_body=``) and the wire-only fields below."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(description="the served model id (see /v1/models)")
-    max_tokens: Int | None = Field(None, ge=1, description="output tokens at most (unset: the checkpoint's "
-                                   "max_new_tokens, capped to what fits the context)")
     n: Int = Field(1, ge=1, le=MAX_N, description="independent choices (canvases) for the prompt; choice i>0 "
                    "uses a seed derived from 'seed'")
-    seed: Int | None = Field(None, ge=0, le=2 ** 63 - 1, description="makes the output reproducible")
-    stop: str | list[str] | None = Field(None, description="up to 16 strings; the text ends before the first")
     stream: bool = Field(False, description="send Server-Sent Events, one chunk per committed canvas")
-    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
+    stream_options: StreamOptions | None = Field(None, description="with stream: true (ignored without)")
     user: str | None = Field(None, description="accepted for compatibility; not used")
     metadata: dict[str, str] | None = Field(None, description="accepted for compatibility; not used")
-    # Fields of the OpenAI API that diffusion sampling accepts only at their neutral value.
-    # (json_schema_extra: the document says which values are accepted, so generated clients stay within them)
-    temperature: Num | None = Field(None, description="only 1 (or unset): see t_min / t_max",
-                                    json_schema_extra={"enum": [1, None]})
-    presence_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
-                                         json_schema_extra={"enum": [0, None]})
-    frequency_penalty: Num | None = Field(None, description="only 0: penalties are not implemented",
-                                          json_schema_extra={"enum": [0, None]})
-    logit_bias: dict[str, Any] | None = Field(None, description="only {}: not implemented",
-                                              json_schema_extra={"maxProperties": 0})
     # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
-    response_format: dict[str, Any] | None = Field(
-        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
-        '{"name", "schema", "strict"}}: the output is JSON (valid for the schema)', json_schema_extra={
-            "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
-                           "json_schema": {"type": "object", "properties": {
-                               "name": {"type": "string"}, "schema": {"type": "object"},
-                               "strict": {"type": ["boolean", "null"]}}}},
-            "required": ["type"]})
-    structured_outputs: dict[str, Any] | None = Field(
-        None, description="exactly one of json (a JSON Schema), json_object (true), regex, choice (strings), "
-        "grammar (Lark or GBNF); optional allow_whitespace (json only)", json_schema_extra={
-            "properties": {"json": {"type": "object"}, "json_object": {"enum": [True]}, "regex": {"type": "string"},
-                           "choice": {"type": "array", "items": {"type": "string"}},
-                           "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
-    text_template: str | None = Field(None, description="text with <|hole|> or <|hole:N|> holes laid on the first "
-                                      "canvas; the output is the filled template")
-    # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
-    top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
-                              "holding this much probability (1 or unset: no cut)")
-    top_k: Int | None = Field(None, ge=-1, le=2 ** 31 - 1, description="draw from the k most likely tokens "
-                              "(unset, 0 or -1: no cut)")
-    min_p: Num | None = Field(None, ge=0, le=1, description="draw only tokens with p >= min_p * the largest p "
-                              "(0 or unset: no cut)")
-    # blockdiff's diffusion knobs (unset: the checkpoint's generation_config.json).
-    max_denoising_steps: Int | None = Field(None, ge=1, le=10_000, description="denoising steps per canvas at most")
-    stability_threshold: Int | None = Field(None, ge=0, le=10_000,
-                                            description="adaptive stop: argmax unchanged this many steps")
-    entropy_bound: Num | None = Field(None, gt=0, description="per-step acceptance budget (summed entropy)")
-    confidence_threshold: Num | None = Field(None, gt=0, description="adaptive stop: mean entropy below this")
-    t_min: Num | None = Field(None, ge=0, description="temperature at the last denoising step")
-    t_max: Num | None = Field(None, ge=0, description="temperature at the first denoising step")
-    rng: Literal["default", "reference"] = Field("default", description="'reference': draw random numbers "
-                                                 "exactly as the transformers reference does")
-    ignore_eos: bool = Field(False, description="keep generating after an EOS token")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="token ids that end the "
-                                                                     "output")
-    allowed_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, min_length=1, description="canvas tokens are drawn only from these ids")
-    canvas_template: list[Annotated[int, Field(ge=-1)]] | None = Field(
-        None, description="token ids for the first canvas, -1 where the model is free")
-    stream_drafts: bool = Field(False, description="with stream: true, also send the argmax canvas after every "
-                                "denoising step")
-    fast: bool | None = Field(None, description="approximate fast mode: reuse the keys/values of settled canvas "
-                              "positions across denoising steps (null: the server's default, see serve --fast)")
-
-    # ------------------------------------------------------------------ field rules
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop(cls, v):
-        if v is None:
-            return None
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise invalid("'stop' must be a string or an array of strings", "stop")
-        if any(s == "" for s in v):
-            raise invalid("'stop' strings must not be empty", "stop")
-        if len(v) > 16:
-            raise invalid(f"'stop' holds {len(v)} strings; at most 16", "stop")
-        return v or None
-
-    @model_validator(mode="after")
-    def _rules(self):
-        _neutral("temperature", self.temperature, 1, TEMPERATURE_WHY)
-        for name in ("presence_penalty", "frequency_penalty"):
-            _neutral(name, getattr(self, name), 0, "penalties are not implemented")
-        _neutral("logit_bias", self.logit_bias, {}, "logit_bias is not implemented")
-        if not self.stream:
-            for name in ("stream_options", "stream_drafts"):
-                if getattr(self, name) not in (None, False):
-                    raise invalid(f"'{name}' is only allowed when 'stream' is true", name)
-        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
-            raise invalid(f"'t_max' must be greater than 't_min' (got t_max={self.t_max}, t_min={self.t_min})",
-                          "t_max")
-        if self.rng == "reference":
-            for name, off in (("top_p", 1), ("top_k", 0), ("min_p", 0)):
-                v = getattr(self, name)
-                if v is not None and v != off and not (name == "top_k" and v == -1):
-                    raise invalid(TRUNCATION_REF.format(name), name)
-        if self.rng == "reference" and (self.canvas_template is not None or self.allowed_token_ids is not None):
-            raise invalid("rng='reference' reproduces the reference sampler, which has no canvas_template or "
-                          "allowed_token_ids; use rng='default' with them", "rng")
-        return self
+    response_format: ResponseFormat | None = Field(None, description="the output is JSON (valid for the schema)")
 
     # ------------------------------------------------------------------ to the engine
     @property
@@ -181,27 +98,33 @@ class SamplingRequest(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def to_params(self) -> SamplingParams:
         """``max_new_tokens`` holds the requested max tokens (None = as many as fit, capped by the defaults)."""
-        kw = {name: getattr(self, name) for name in (
-            "seed", "stop", "rng", "stop_token_ids", "ignore_eos", "allowed_token_ids", "canvas_template",
-            "stream_drafts", "max_denoising_steps", "stability_threshold", "entropy_bound", "t_min", "t_max",
-            "confidence_threshold", "text_template", "top_p", "min_p", "fast")}
+        kw = {name: getattr(self, name) for name in SamplingFields.model_fields if name != "max_tokens"}
         # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
-        kw["structured_outputs"] = constraint_from({"response_format": self.response_format,
-                                                    "structured_outputs": self.structured_outputs})
-        kw["suffix"] = getattr(self, "suffix", None) or None
-        kw["top_k"] = self.top_k if self.top_k not in (-1, 0) else None
+        kw["structured_outputs"] = constraint_from({
+            "response_format": None if self.response_format is None else self.response_format.as_dict(),
+            "structured_outputs": self.structured_outputs})
+        kw["stream_drafts"] = self.stream_drafts and self.stream  # harmless without a stream: ignored
+        kw["suffix"] = getattr(self, "suffix", None)
         kw["logprobs"] = self.requested_logprobs
         try:
             return SamplingParams(max_new_tokens=self.requested_max_tokens, **kw)
         except ValueError as e:
-            raise engine_error(e, self.max_tokens_name) from None
+            raise engine_error(e, self.max_tokens_name, self.field_names) from None
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        """SamplingParams field -> the request field the client sent it as."""
+        names = {"max_new_tokens": self.max_tokens_name, "max_tokens": self.max_tokens_name}
+        if self.response_format is not None:
+            names["structured_outputs"] = "response_format"
+        return names
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, OutputFields):
     prompt: Any = Field(description="a string, an array of token ids, or a one-element array of either",
                         json_schema_extra={"anyOf": [
                             {"type": "string", "minLength": 1},
@@ -211,11 +134,9 @@ class CompletionRequest(SamplingRequest):
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                                         "minItems": 1}, "minItems": 1, "maxItems": 1}]})
     echo: bool = Field(False, description="return the prompt text before the completion")
-    suffix: str | None = Field(None, description="fill in the middle: text that follows the completion; the "
-                               "output is the middle (one canvas)")
-    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="return each output token's "
-                                 "log-probability and this many most likely alternatives (see docs/serving.md)")
     best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
+    tools: list[Any] | None = Field(None, description="only [] here: tools are served on /v1/chat/completions",
+                                    json_schema_extra={"maxItems": 0})
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -243,6 +164,8 @@ class CompletionRequest(SamplingRequest):
             raise invalid("'logprobs' with 'echo' is not supported: log-probabilities cover the generated tokens "
                           "only", "logprobs")
         _neutral("best_of", self.best_of, 1, "only one candidate per request (use 'n' for several choices)")
+        _neutral("tools", self.tools, [], "tool calling is served on /v1/chat/completions (a completion has no chat "
+                 "template to declare tools in)")
         return self
 
     @property
@@ -344,7 +267,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = Field(None, description="return each output token's log-probability (see "
                                   "docs/serving.md)")
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many most "
-                                     "likely alternatives per token")
+                                     "likely alternatives per token (ignored without logprobs)")
     # Tool calling (blockdiff/tools; docs/serving.md "Tools and thinking").
     tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': "
                                                "'function', 'function': {'name', 'description', 'parameters'}}]")
@@ -384,8 +307,6 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_rules(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         try:
             self._plan = ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls,
                                                self.chat_template_kwargs)
@@ -427,24 +348,51 @@ class ChatCompletionRequest(SamplingRequest):
         return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k != "add_generation_prompt"}
 
 
+# ---------------------------------------------------------------------------------------------- /tokenize
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text ``prompt`` or chat ``messages`` (rendered with the chat template)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = Field(None, description="the served model id (optional)")
+    prompt: str | None = Field(None, description="text to tokenize (give prompt or messages)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered with "
+                                               "the chat template (text parts only)")
+    add_special_tokens: bool = Field(True, description="prompt: start with the BOS token, as /v1/completions does")
+    add_generation_prompt: bool = Field(True, description="messages: end with the assistant turn's opening")
+    return_token_strs: bool = Field(False, description="also return each token's text")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid("'prompt': give exactly one of 'prompt' or 'messages'", "prompt")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = Field(None, description="the served model id (optional)")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="token ids")
+
+
 # ---------------------------------------------------------------------------------------------- engine errors
-PARAM_NAMES = ("max_new_tokens", "max_denoising_steps", "stability_threshold", "seed", "entropy_bound",
-               "top_p", "top_k", "min_p", "logprobs", "confidence_threshold", "t_min", "t_max", "rng",
-               "stop_token_ids", "allowed_token_ids", "canvas_template", "stop", "structured_outputs", "text_template", "suffix")
-
-
-def engine_error(e: ValueError, max_name: str = "max_tokens") -> APIError:
-    """A ``SamplingParams`` / engine ``ValueError`` as a 400 naming the request field (messages start with it)."""
+def engine_error(e: ValueError, max_name: str = "max_tokens", names: dict | None = None) -> APIError:
+    """A ``SamplingParams`` / engine ``ValueError`` as a 400 naming the request field: a ``ParamError`` carries
+    the field (``names`` maps SamplingParams' names onto the request's); any other is about the prompt."""
+    names = {"max_new_tokens": max_name, "max_tokens": max_name, **(names or {})}
     msg = str(e)
-    first = msg.split(" ", 1)[0].strip("'")
-    param = first if first in PARAM_NAMES else None
-    if param == "max_new_tokens":
-        param = max_name
-    if param is not None:
-        msg = f"'{param}'" + msg[len(msg.split(' ', 1)[0]):]
-    elif msg.startswith("prompt"):
-        param = "prompt"
-    return bad(msg.replace("max_new_tokens", max_name), param)
+    if isinstance(e, ParamError):
+        param = e.param
+        root = (param or "").split(".", 1)[0].split("[", 1)[0]
+        if root in names:
+            param = names[root] + (param or "")[len(root):]
+        for old, new in names.items():
+            if old != new:
+                msg = msg.replace(old, new)
+        if param and not msg.startswith(f"'{param}'"):  # the server's wording: "'field' must ..."
+            bare = msg.startswith(param) and msg[len(param):len(param) + 1] in (" ", ":")
+            msg = f"'{param}'" + msg[len(param):] if bare else f"'{param}': {msg}"
+        return bad(msg, param)
+    return bad(msg.replace("max_new_tokens", max_name), "prompt" if "prompt" in msg else None)
 
 
 def check_context(prompt_len: int, params: SamplingParams, default_max: int, canvas: int, context: int,

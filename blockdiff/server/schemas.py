@@ -124,6 +124,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Tokenized(BaseModel):
+    count: int = Field(description="the number of tokens")
+    max_model_len: int = Field(description="positions a request may use (prompt + output)")
+    tokens: list[int]
+    token_strs: list[str] | None = Field(None, description="each token's text, with return_token_strs")
+
+
+class Detokenized(BaseModel):
+    prompt: str = Field(description="the tokens' text")
+
+
+class Version(BaseModel):
+    version: str
+
+
 class Health(BaseModel):
     status: str
 

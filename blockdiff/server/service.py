@@ -9,6 +9,7 @@ A prompt whose text is too long to fit the context in any tokenization is refuse
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +32,8 @@ from ..vision.prompt import ImagePrompter
 from .body import parse_body
 from .errors import APIError, bad, from_validation
 from .logprobs import chat_logprobs, completion_logprobs
-from .protocol import (ChatCompletionRequest, CompletionRequest, SamplingRequest, check_context, choice_seed,
-                       engine_error, new_id, now, usage)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
+                       TokenizeRequest, check_context, choice_seed, engine_error, new_id, now, usage)
 from .text import TextStream
 from .tools import chat_inputs, constrain
 
@@ -67,14 +68,21 @@ class Prepared:
 
 
 class Server:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None, prep_workers: int = 2,
-                 images: ImagePrompter | None = None, media_limits: MediaLimits | None = None):
+    def __init__(self, engine: AsyncEngine, served_model_name: str, api_keys: list[str] | None, prep_workers: int = 2,
+                 images: ImagePrompter | None = None, media_limits: MediaLimits | None = None,
+                 max_denoising_steps: int | None = None, max_model_len: int | None = None, salt_by_key: bool = False):
         self.engine = engine
         self.core: Engine = engine.engine
         self.tokenizer = self.core.tokenizer
         self.defaults = self.core.defaults
         self.model_name = served_model_name
-        self.api_key = api_key
+        self.api_keys = api_keys
+        self.salt_by_key = salt_by_key
+        for name, v in (("max_denoising_steps", max_denoising_steps), ("max_model_len", max_model_len)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        self.max_denoising_steps = max_denoising_steps  # per-request caps (None: the field's own bound)
+        self.max_model_len = max_model_len
         self.http_errors: dict[int, int] = {}
         self.created = now()
         self.pool = ThreadPoolExecutor(prep_workers, thread_name_prefix="blockdiff-prep")
@@ -87,14 +95,49 @@ class Server:
 
     @property
     def context(self) -> int:
-        return self.core.model.text.max_position_embeddings
+        """Positions one request may use (prompt + output): the model's context, or less with max_model_len."""
+        ctx = self.core.model.text.max_position_embeddings
+        return ctx if self.max_model_len is None else min(ctx, self.max_model_len)
+
+    def tenant_salt(self, key: str) -> str | None:
+        """The prefix-cache salt of requests made with ``key`` (when salting by key): a digest, never the key."""
+        return hashlib.sha256(key.encode()).hexdigest()[:32] if self.salt_by_key else None
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "blockdiff",
+                "max_model_len": self.context, "canvas_length": self.core.canvas_length}
+
+    def document_limits(self, defs: dict) -> None:
+        """Write this server's own bounds into the request schemas of ``/openapi.json`` (the served model id, the
+        vocabulary, the canvas, the caps), so the document promises only what the server accepts."""
+        top = self.core.model.vocab_size - 1
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = defs[name]["properties"]
+            props["model"]["enum"] = [self.model_name]
+            for field in ("stop_token_ids", "allowed_token_ids", "canvas_template"):
+                _array_items(props[field])["maximum"] = top
+            _array_of(props["canvas_template"])["maxItems"] = self.core.canvas_length
+            if self.max_denoising_steps is not None:
+                _number(props["max_denoising_steps"])["maximum"] = self.max_denoising_steps
+            for field in ("max_tokens", "max_completion_tokens"):
+                if field in props:
+                    _number(props[field])["maximum"] = self.context
+        for branch in defs["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+            items = branch.get("items", {})
+            if items.get("type") == "integer":
+                items["maximum"] = top
+            elif items.get("type") == "array":
+                items["items"]["maximum"] = top
+        defs["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = top
+        for name in ("TokenizeRequest", "DetokenizeRequest"):
+            _union(defs[name]["properties"]["model"], "string")["enum"] = [self.model_name]
 
     def count_error(self, status: int) -> None:
         self.http_errors[status] = self.http_errors.get(status, 0) + 1
 
     # ------------------------------------------------------------------ preparation (thread pool)
-    async def prepare(self, kind: str, raw: bytes) -> Prepared:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, kind, raw)
+    async def prepare(self, kind: str, raw: bytes, tenant: str | None = None) -> Prepared:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._prepare, kind, raw, tenant)
 
     @property
     def max_prompt_chars(self) -> int:
@@ -110,7 +153,7 @@ class Server:
             raise bad(f"the prompt is too long: {n} characters cannot fit in the model's context of {self.context} "
                       f"tokens (at most {self.max_prompt_chars} characters)", param, "context_length_exceeded")
 
-    def _prepare(self, kind: str, raw: bytes) -> Prepared:
+    def _prepare(self, kind: str, raw: bytes, tenant: str | None = None) -> Prepared:
         body = parse_body(raw)
         try:
             req = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
@@ -122,6 +165,9 @@ class Server:
         if req.n > self.engine.capacity:
             raise bad(f"'n' is {req.n}, more choices than this server runs at once ({self.engine.capacity})", "n")
         params = req.to_params()
+        self._cap(params)
+        if tenant is not None:  # salted by API key: no tenant's cached prefix is visible to another
+            params.cache_salt = f"{tenant}:{params.cache_salt or ''}"
         echo = images = None
         if kind == "chat":
             ids, images = self.encode_chat(req)
@@ -144,7 +190,7 @@ class Server:
         try:
             params.validate(self.core.model.vocab_size, self.core.canvas_length)
         except ValueError as e:
-            raise engine_error(e, req.max_tokens_name) from None
+            raise engine_error(e, req.max_tokens_name, req.field_names) from None
         self._admit_structured(req, params)
         check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
                       req.max_tokens_name, prompt_name)
@@ -165,6 +211,67 @@ class Server:
                 msg = msg.replace("structured_outputs.json_object:", "response_format:")
                 param = "response_format"
             raise bad(msg, param) from None
+
+    def _cap(self, params: SamplingParams) -> None:
+        """The server's per-request caps: an explicit value over one is a 400 naming it; unset, the checkpoint's
+        default is capped."""
+        cap = self.max_denoising_steps
+        if cap is None:
+            return
+        if params.max_denoising_steps is None:
+            params.max_denoising_steps = min(self.defaults.max_denoising_steps, cap)
+        elif params.max_denoising_steps > cap:
+            raise bad(f"'max_denoising_steps' is {params.max_denoising_steps}; this server allows at most {cap} "
+                      "denoising steps per canvas (--max-denoising-steps)", "max_denoising_steps")
+
+    # ------------------------------------------------------------------ /tokenize, /detokenize
+    def _model_of(self, req) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves ['{self.model_name}']",
+                           "model", "model_not_found")
+
+    def _validated(self, model, raw: bytes):
+        try:
+            req = model.model_validate(parse_body(raw))
+        except ValidationError as e:
+            raise from_validation(e) from None
+        self._model_of(req)
+        if self.tokenizer is None:
+            raise bad("this model has no tokenizer", "model")
+        return req
+
+    def _tokenize(self, raw: bytes) -> dict:
+        req = self._validated(TokenizeRequest, raw)
+        if req.prompt is not None:
+            self._check_chars(len(req.prompt), "prompt")
+            ids = self.encode_text(req.prompt) if req.add_special_tokens else self.tokenizer.encode(req.prompt)
+        else:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise bad("this model has no chat template: send 'prompt'", "messages")
+            self._check_chars(sum(len(m.text()) for m in req.messages), "messages")
+            try:
+                ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages],
+                                                 add_generation_prompt=req.add_generation_prompt)
+            except (ValueError, TypeError) as e:
+                raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
+        out = {"count": len(ids), "max_model_len": self.context, "tokens": ids, "token_strs": None}
+        if req.return_token_strs:
+            out["token_strs"] = [self.tokenizer.decode([t]) for t in ids]
+        return out
+
+    def _detokenize(self, raw: bytes) -> dict:
+        req = self._validated(DetokenizeRequest, raw)
+        V = self.core.model.vocab_size
+        bad_ids = [t for t in req.tokens if t >= V]
+        if bad_ids:
+            raise bad(f"'tokens' must be ids in [0, {V}), got {bad_ids[0]}", "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    async def tokenize(self, raw: bytes) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._tokenize, raw)
+
+    async def detokenize(self, raw: bytes) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._detokenize, raw)
 
     def encode_text(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -221,7 +328,7 @@ class Server:
             for s in streams:
                 self.engine.abort(s.request_id)
             if isinstance(e, ValueError):
-                raise engine_error(e, p.req.max_tokens_name) from None
+                raise engine_error(e, p.req.max_tokens_name, p.req.field_names) from None
             if isinstance(e, EngineOverloadedError):
                 raise APIError(429, str(e), code="server_overloaded",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -459,3 +566,23 @@ def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
     import dataclasses
 
     return dataclasses.replace(params, seed=seed)
+
+
+# JSON Schema helpers for document_limits: a field's schema is often anyOf [its type, null].
+def _union(schema: dict, type_: str) -> dict:
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == type_:
+            return branch
+    return schema
+
+
+def _number(schema: dict) -> dict:
+    return _union(schema, "integer")
+
+
+def _array_of(schema: dict) -> dict:
+    return _union(schema, "array")
+
+
+def _array_items(schema: dict) -> dict:
+    return _array_of(schema)["items"]
