@@ -280,3 +280,16 @@ def _cpu_has_fast_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
+def prepare_quantized(model: nn.Module) -> None:
+    """Build the kernel layout of every quantized module of ``model`` (CPU: packed weights, plain buffers dropped).
+    Run once, after the weights are final (loaded, and sharded when the model is split over ranks)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight.prepare()
+        elif isinstance(m, QuantExperts):
+            m.gate_up_proj.prepare()
+            m.down_proj.prepare()
+        elif isinstance(m, QuantEmbedding):
+            m.prepare()
