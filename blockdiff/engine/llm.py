@@ -25,6 +25,14 @@ from .engine import Engine
 from .model_state import Event, Metrics, ModelState
 
 
+def _check_parallel(tensor_parallel_size, expert_parallel) -> int:
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tensor_parallel_size!r}")
+    if expert_parallel and tensor_parallel_size < 2:
+        raise ValueError("expert_parallel needs tensor_parallel_size >= 2 (the ranks the experts are placed on)")
+    return tensor_parallel_size
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -51,12 +59,19 @@ class LLM:
     tick; a seed then fixes every random draw, but batched arithmetic may round differently (see
     docs/serving.md, "What a seed guarantees"). ``media_limits``: where image files may come from and how many
     images, bytes and pixels one prompt may hold (``blockdiff.vision.media.MediaLimits``). ``quantization``: see
-    blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only)."""
+    blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only).
+    ``tensor_parallel_size=N`` splits the model over N processes (``blockdiff.distributed``: this process is rank 0
+    and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
+    ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md."""
 
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
-                 prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True):
+                 prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True,
+                 tensor_parallel_size: int = 1, expert_parallel: bool = False):
         self.media_limits = media_limits or MediaLimits()
+        tp = _check_parallel(tensor_parallel_size, expert_parallel)
+        if tp > 1 and is_gguf(model):
+            raise ValueError("tensor_parallel_size > 1 takes a safetensors checkpoint, not a .gguf file")
         if is_gguf(model):  # config, weights and tokenizer all come from the one file
             from ..quant.gguf import load_gguf
             self.model_path = model
@@ -70,14 +85,33 @@ class LLM:
             return
         path = resolve_path(model)
         self.model_path = path
-        self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
-                                quantize_embedding=quantize_embedding)
+        load = dict(dtype=dtype, quantization=quantization, quantize_embedding=quantize_embedding)
+        if tp > 1:
+            from ..distributed import start
+            self.model = start(path, tp, expert_parallel, device=device, **load)
+        else:
+            self.model = load_model(path, device=device, **load)
         self.model.batch_invariant = bool(deterministic)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                              prefix_cache_bytes=prefix_cache_bytes)
+        if tp > 1:  # page copies of the prefix cache run on every rank
+            from ..distributed import ParallelPrefixCache
+            self.engine.prefix_cache = ParallelPrefixCache(self.model, prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
+
+    def close(self) -> None:
+        """End the other ranks of a split model (a no-op for one process)."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def deterministic(self) -> bool:
