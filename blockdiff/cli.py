@@ -34,6 +34,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = auto: 1 for models under 20M parameters, else torch's default)")
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (N GPUs with NCCL on CUDA, gloo on CPU; this process is "
+                        "rank 0; see docs/scaling.md)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: whole experts per rank instead of a slice of every expert")
+
+
+def parallel_kwargs(args) -> dict:
+    """The LLM keyword arguments of --tensor-parallel-size / --expert-parallel."""
+    return {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
+            "expert_parallel": getattr(args, "expert_parallel", False)}
 
 
 def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,7 +129,7 @@ def load_llm(args, **engine_args):
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
-              **quantization_kwargs(args), **engine_args)
+              **quantization_kwargs(args), **parallel_kwargs(args), **engine_args)
     if not args.threads:
         auto_threads(llm.model)
     return llm

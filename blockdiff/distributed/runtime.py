@@ -192,7 +192,7 @@ class LeaderModel:
         kw = dict(ids=ids, lengths=lengths, logits=logits, pixel_values=pixel_values,
                   image_position_ids=image_position_ids, mm_token_type_ids=mm_token_type_ids)
         self._channel.send("encode", rows=_rows(cache), capacity=dict(cache.pool.capacity),
-                           batch_invariant=self._model.batch_invariant, **kw)
+                           batch_invariant=self._model.batch_invariant, threads=torch.get_num_threads(), **kw)
         return _encode(self._model, self._channel, cache, kw)
 
     def denoise(self, canvas_ids, cache, self_conditioning_logits=None, self_conditioning_embeds=None,
@@ -203,7 +203,7 @@ class LeaderModel:
         kw = dict(ids=ids, sc_embeds=self_conditioning_embeds, sc_mask=self_conditioning_mask,
                   has_sc_logits=self_conditioning_logits is not None, return_hidden=bool(return_hidden))
         self._channel.send("denoise", rows=_rows(cache), capacity=dict(cache.pool.capacity),
-                           batch_invariant=self._model.batch_invariant, **kw)
+                           batch_invariant=self._model.batch_invariant, threads=torch.get_num_threads(), **kw)
         return _denoise(self._model, self._channel, cache, kw, self_conditioning_logits)
 
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
@@ -255,6 +255,8 @@ def follow(channel: Channel, load) -> None:
             try:
                 if op == "encode" or op == "denoise":
                     model.batch_invariant = kw["batch_invariant"]
+                    if kw["threads"] != torch.get_num_threads():  # rank 0 decides (blockdiff --threads / auto)
+                        torch.set_num_threads(kw["threads"])
                     cache = _mirror(pool, kw["rows"], kw["capacity"])
                     if op == "encode":
                         _encode(model, channel, cache, kw)

@@ -102,6 +102,9 @@ def cmd_serve(args) -> int:
             app.state.server.begin_drain(grace)
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          timeout_graceful_shutdown=grace)).run()
+    try:
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              timeout_graceful_shutdown=grace)).run()
+    finally:
+        llm.close()  # a split model: end the other ranks
     return 0
