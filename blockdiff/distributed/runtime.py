@@ -160,6 +160,23 @@ def _soft(model, channel: Channel, probs: torch.Tensor | None, lead: tuple, dtyp
     return model.soft_embeddings(channel.scatter_vocab(probs, lead, dtype, model.device))
 
 
+def _stats(model, channel: Channel) -> list[dict] | None:
+    from .shard import weight_bytes
+    mine = {"rank": channel.rank, "weight_bytes": weight_bytes(model), "rss_bytes": _rss()}
+    out = [None] * channel.world if channel.rank == 0 else None
+    dist.gather_object(mine, out, dst=0)
+    return out
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class LeaderModel:
     """Rank 0's view of the split model: the rank's shard, whose ``encode``/``denoise``/``soft_embeddings`` bring
     the followers along and return whole-vocabulary results. Everything else is the shard's."""
@@ -216,6 +233,11 @@ class LeaderModel:
         """Tell the followers about a prefix-cache page copy (rank 0 does its own)."""
         self._channel.send("copy", group=g, src=list(src), dst=list(dst), capacity=dict(self._model.kv_pool.capacity))
 
+    def rank_stats(self) -> list[dict]:
+        """Per rank: the bytes of weights it holds and its resident memory (RSS), for memory accounting."""
+        self._channel.send("stats")
+        return _stats(self._model, self._channel)
+
     def close(self) -> None:
         """Release the followers (they leave their loop) and the process group."""
         if self.group is not None:
@@ -264,6 +286,8 @@ def follow(channel: Channel, load) -> None:
                         _denoise(model, channel, cache, kw, None)
                 elif op == "soft":
                     _soft(model, channel, None, kw["lead"], kw["dtype"])
+                elif op == "stats":
+                    _stats(model, channel)
                 elif op == "copy":
                     pool.capacity = dict(kw["capacity"])
                     pages._copy_pages(kw["group"], kw["src"], kw["dst"])

@@ -52,8 +52,22 @@ def all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     return x
 
 
+class _RowMax:
+    """All-reduce (max) of per-row activation maxima: int8 weights cut along their inputs then quantize each
+    activation row with the whole row's scale, as one process does (``quant.modules.quantize_rows``)."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, amax: torch.Tensor) -> torch.Tensor:
+        amax = amax.contiguous()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
+        return amax
+
+
 # ---------------------------------------------------------------------------------------------- quantized tensors
-def _qtensor_cut(qt, rows=None, cols: tuple[int, int] | None = None, experts: tuple[int, int] | None = None):
+def _qtensor_cut(qt, rows=None, cols: tuple[int, int] | None = None, experts: tuple[int, int] | None = None,
+                 group=None):
     """A new QTensor holding rows (an index list along the output dim), input columns [lo, hi) and/or experts
     [lo, hi) of ``qt``, in its stored form (before ``prepare()``)."""
     from ..quant.modules import QTensor
@@ -87,6 +101,8 @@ def _qtensor_cut(qt, rows=None, cols: tuple[int, int] | None = None, experts: tu
     out = QTensor(tuple(shape), qt.method, qt.group)
     for k, v in parts.items():
         setattr(out, k, v.contiguous())
+    if cols is not None:
+        out.reduce_rows = _RowMax(group)
     return out
 
 
@@ -98,7 +114,8 @@ def _col_align(module) -> int:
     return 1
 
 
-def _cut_linear(lin: nn.Module, rows=None, cols: tuple[int, int] | None = None, bias: bool = True) -> nn.Module:
+def _cut_linear(lin: nn.Module, rows=None, cols: tuple[int, int] | None = None, bias: bool = True,
+                group=None) -> nn.Module:
     """nn.Linear / QuantLinear -> a plain module of the same kind with the given output rows / input columns.
     ``bias=False`` drops the bias (row-parallel layers add it once, after the all-reduce)."""
     from ..quant.modules import QuantLinear
@@ -107,7 +124,7 @@ def _cut_linear(lin: nn.Module, rows=None, cols: tuple[int, int] | None = None, 
     if b is not None and rows is not None:
         b = b[torch.as_tensor(rows, dtype=torch.long)]
     if isinstance(lin, QuantLinear):
-        w = _qtensor_cut(lin.weight, rows=rows, cols=cols)
+        w = _qtensor_cut(lin.weight, rows=rows, cols=cols, group=group)
         out = QuantLinear.__new__(QuantLinear)
         nn.Module.__init__(out)
         out.in_features, out.out_features = w.shape[-1], w.shape[-2]
@@ -141,7 +158,7 @@ class RowParallelLinear(nn.Module):
 
 
 def _row_parallel(lin: nn.Module, cols: tuple[int, int], group) -> RowParallelLinear:
-    return RowParallelLinear(_cut_linear(lin, cols=cols, bias=False), lin.bias, group)
+    return RowParallelLinear(_cut_linear(lin, cols=cols, bias=False, group=group), lin.bias, group)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -232,8 +249,8 @@ class ExpertParallel(nn.Module):
         return all_reduce(out.contiguous(), self.group)
 
 
-def _cut_experts(experts: nn.Module, rows_gu=None, cols_down=None, rows_down=None, cols_gu=None,
-                 expert_range: tuple[int, int] | None = None) -> nn.Module:
+def _cut_experts(experts: nn.Module, rows_gu=None, cols_down=None, expert_range: tuple[int, int] | None = None,
+                 group=None) -> nn.Module:
     """Experts / QuantExperts -> same kind with gate_up rows, down input columns and/or a range of experts."""
     from ..quant.modules import QuantExperts
 
@@ -241,7 +258,7 @@ def _cut_experts(experts: nn.Module, rows_gu=None, cols_down=None, rows_down=Non
         out = QuantExperts.__new__(QuantExperts)
         nn.Module.__init__(out)
         out.gate_up_proj = _qtensor_cut(experts.gate_up_proj, rows=rows_gu, experts=expert_range)
-        out.down_proj = _qtensor_cut(experts.down_proj, cols=cols_down, experts=expert_range)
+        out.down_proj = _qtensor_cut(experts.down_proj, cols=cols_down, experts=expert_range, group=group)
         out.num_experts = out.gate_up_proj.shape[0]
         return out
     gu, dn = experts.gate_up_proj, experts.down_proj
@@ -274,7 +291,7 @@ def shard_experts(layer: nn.Module, world: int, rank: int, expert_parallel: bool
     if hi <= lo:
         raise ValueError(f"tensor_parallel_size {world} leaves a rank without expert features ({I})")
     rows = list(range(lo, hi)) + list(range(I + lo, I + hi))
-    layer.experts = ParallelExperts(_cut_experts(experts, rows_gu=rows, cols_down=(lo, hi)), group)
+    layer.experts = ParallelExperts(_cut_experts(experts, rows_gu=rows, cols_down=(lo, hi), group=group), group)
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
