@@ -47,15 +47,17 @@ def _device(device, local_rank: int) -> torch.device:
     return d
 
 
-def _load_shard(path: str, world: int, rank: int, expert_parallel: bool, device: torch.device, load: dict):
+def _load_shard(path: str, world: int, rank: int, expert_parallel: bool, device: torch.device, load: dict,
+                quant_kernels: bool = True):
     from ..loader import load_model
     model = load_model(path, device=device, prepare_quantized=False, **load)
-    return shard_model(model, world, rank, expert_parallel)
+    return shard_model(model, world, rank, expert_parallel, prepare=quant_kernels)
 
 
 def _follow(rank: int, world: int, dev: torch.device) -> None:
     channel = Channel(rank, world, dev if dev.type == "cuda" else torch.device("cpu"))
-    follow(channel, lambda path, expert_parallel, load: _load_shard(path, world, rank, expert_parallel, dev, load))
+    follow(channel, lambda path, expert_parallel, load, quant_kernels: _load_shard(path, world, rank, expert_parallel,
+                                                                                 dev, load, quant_kernels))
 
 
 def _follower_main(rank: int, world: int, port: int, device: str, threads: int) -> None:
@@ -118,13 +120,16 @@ class Group:
             raise
         return cls(world, dev, procs)
 
-    def load(self, path: str, expert_parallel: bool = False, **load) -> LeaderModel:
+    def load(self, path: str, expert_parallel: bool = False, quant_kernels: bool = True, **load) -> LeaderModel:
         """Every rank loads ``path`` and keeps its shard; returns rank 0's ``LeaderModel``. ``load``: keyword arguments
-        of ``load_model`` (dtype, quantization, quantize_embedding)."""
+        of ``load_model`` (dtype, quantization, quantize_embedding). ``quant_kernels=False``: quantized layers computed from
+        their dequantized weights (``load_model(prepare_quantized=False)``): no dynamic int8 activations or bf16
+        casts, whose roundings are discontinuous - the path on which shards equal one process to 1e-5."""
         if self.closed:
             raise RuntimeError("this group of ranks is closed")
-        self.channel.send("load", path=path, expert_parallel=bool(expert_parallel), load=load)
-        model = _load_shard(path, self.world, 0, expert_parallel, self.device, load)
+        self.channel.send("load", path=path, expert_parallel=bool(expert_parallel), load=load,
+                          quant_kernels=bool(quant_kernels))
+        model = _load_shard(path, self.world, 0, expert_parallel, self.device, load, quant_kernels)
         self.channel.share_ranges(model.vocab_range)
         return LeaderModel(model, self.channel, self)
 

@@ -19,7 +19,9 @@ Messages: a pickled header (``broadcast_object_list``) with tensors replaced by 
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -177,11 +179,22 @@ def _rss() -> int | None:
         return None
 
 
+def _one_at_a_time(method):
+    """One call at a time over the channel: each call is a message plus its collectives, and two engines (threads)
+    sharing one split model must not interleave theirs."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class LeaderModel:
     """Rank 0's view of the split model: the rank's shard, whose ``encode``/``denoise``/``soft_embeddings`` bring
     the followers along and return whole-vocabulary results. Everything else is the shard's."""
 
     def __init__(self, model, channel: Channel, group=None):
+        object.__setattr__(self, "_lock", threading.RLock())
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_channel", channel)
         object.__setattr__(self, "group", group)  # the launcher's ``Group``: close() ends it
@@ -200,6 +213,7 @@ class LeaderModel:
         for s, n in zip(cache.seqs, lengths):
             s.reserve(n)
 
+    @_one_at_a_time
     def encode(self, input_ids, cache, lengths=None, logits=None, pixel_values=None, image_position_ids=None,
                mm_token_type_ids=None):
         ids = self._model._check_ids(input_ids, "input_ids").cpu()
@@ -212,6 +226,7 @@ class LeaderModel:
                            batch_invariant=self._model.batch_invariant, threads=torch.get_num_threads(), **kw)
         return _encode(self._model, self._channel, cache, kw)
 
+    @_one_at_a_time
     def denoise(self, canvas_ids, cache, self_conditioning_logits=None, self_conditioning_embeds=None,
                 self_conditioning_mask=None, return_hidden: bool = False):
         if self_conditioning_logits is not None and self_conditioning_embeds is not None:
@@ -223,21 +238,29 @@ class LeaderModel:
                            batch_invariant=self._model.batch_invariant, threads=torch.get_num_threads(), **kw)
         return _denoise(self._model, self._channel, cache, kw, self_conditioning_logits)
 
+    @_one_at_a_time
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [..., V] (whole distributions, rank 0) -> probs @ E [..., H], each rank over its slice."""
         lead = tuple(probs.shape[:-1])
         self._channel.send("soft", lead=lead, dtype=probs.dtype)
         return _soft(self._model, self._channel, probs, lead, probs.dtype)
 
+    @_one_at_a_time
     def copy_pages(self, g, src: list[int], dst: list[int]) -> None:
         """Tell the followers about a prefix-cache page copy (rank 0 does its own)."""
         self._channel.send("copy", group=g, src=list(src), dst=list(dst), capacity=dict(self._model.kv_pool.capacity))
 
+    @_one_at_a_time
     def rank_stats(self) -> list[dict]:
         """Per rank: the bytes of weights it holds and its resident memory (RSS), for memory accounting."""
         self._channel.send("stats")
         return _stats(self._model, self._channel)
 
+    def make_prefix_cache(self, capacity_bytes: int) -> "ParallelPrefixCache":
+        """The engine's prefix cache for this model (``Engine`` asks)."""
+        return ParallelPrefixCache(self, capacity_bytes)
+
+    @_one_at_a_time
     def close(self) -> None:
         """Release the followers (they leave their loop) and the process group."""
         if self.group is not None:

@@ -363,13 +363,17 @@ def shard_embedding(model: nn.Module, world: int, rank: int, group=None) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------- the whole model
-def shard_model(model: nn.Module, world: int, rank: int, expert_parallel: bool = False, group=None) -> nn.Module:
+def shard_model(model: nn.Module, world: int, rank: int, expert_parallel: bool = False, group=None,
+                prepare: bool = True) -> nn.Module:
     """In place: ``model`` (loaded whole, quantized weights not yet prepared) becomes rank ``rank``'s shard.
-    Builds the rank's KV pool with its local KV heads, then prepares quantized kernels."""
+    Builds the rank's KV pool with its local KV heads, then prepares quantized kernels (``prepare=False`` leaves
+    them on the dequantize-then-matmul path: see ``launch.Group.load``)."""
     from ..kv_cache import KVPool
     from ..quant.modules import prepare_quantized
 
     if world < 2:
+        if prepare:
+            prepare_quantized(model)
         return model
     for layer in model.layers:
         shard_attention(layer.self_attn, world, rank, group)
@@ -379,7 +383,8 @@ def shard_model(model: nn.Module, world: int, rank: int, expert_parallel: bool =
     model.vocab_range = shard_embedding(model, world, rank, group)
     specs = [layer.self_attn.spec for layer in model.layers]
     model._kv_pool = KVPool(specs, device=model.device, dtype=model.dtype)
-    prepare_quantized(model)
+    if prepare:
+        prepare_quantized(model)
     return model
 
 

@@ -96,9 +96,6 @@ class LLM:
         self.tokenizer = load_tokenizer(path)
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                              prefix_cache_bytes=prefix_cache_bytes)
-        if tp > 1:  # page copies of the prefix cache run on every rank
-            from ..distributed import ParallelPrefixCache
-            self.engine.prefix_cache = ParallelPrefixCache(self.model, prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
 
     def close(self) -> None:
