@@ -164,7 +164,8 @@ def _soft(model, channel: Channel, probs: torch.Tensor | None, lead: tuple, dtyp
 
 def _stats(model, channel: Channel) -> list[dict] | None:
     from .shard import weight_bytes
-    mine = {"rank": channel.rank, "weight_bytes": weight_bytes(model), "rss_bytes": _rss()}
+    mine = {"rank": channel.rank, "weight_bytes": weight_bytes(model),
+            "text_weight_bytes": weight_bytes(model, text_only=True), "rss_bytes": _rss()}
     out = [None] * channel.world if channel.rank == 0 else None
     dist.gather_object(mine, out, dst=0)
     return out

@@ -388,14 +388,19 @@ def shard_model(model: nn.Module, world: int, rank: int, expert_parallel: bool =
     return model
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights this process holds (parameters + persistent buffers + packed quantized layouts)."""
-    seen, total = set(), 0
+def weight_bytes(model: nn.Module, text_only: bool = False) -> int:
+    """Bytes of the weights this process holds (parameters + buffers + packed quantized layouts); ``text_only``
+    leaves the vision tower out (replicated on every rank)."""
+    from ..quant.modules import QTensor
+
+    skip = set()
+    if text_only and getattr(model, "vision", None) is not None:
+        skip = {t.data_ptr() for t in list(model.vision.parameters()) + list(model.vision.buffers())}
+    seen, total = set(skip), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type != "meta" and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    from ..quant.modules import QTensor
     for m in model.modules():
         if isinstance(m, QTensor) and m.packed is not None:
             for p in (m.packed if isinstance(m.packed, list) else [m.packed]):
