@@ -25,8 +25,8 @@ A replica that dies: requests not yet sent to it go to the others; requests in f
 ``ray[serve]`` is an optional extra (``pip install -e '.[ray]'``): nothing else in blockdiff imports this module.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the route's annotations through Ray's wrapper, and
+# string annotations there turn ``request: Request`` into a required query parameter (HTTP 422).
 import asyncio
 import json
 import logging
@@ -193,6 +193,8 @@ class BlockdiffReplica:
 ingress_app = FastAPI(title="blockdiff (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+# Decorated here, at import: a replica process imports this module and must find its routes already bound.
+@serve.ingress(ingress_app)
 class BlockdiffIngress:
     def __init__(self, replica):
         self.replica = replica
@@ -307,8 +309,7 @@ def build_app(args: dict):
             raise ValueError(f"num_replicas must be >= 1, got {n}")
         options["num_replicas"] = n
     replica = serve.deployment(BlockdiffReplica, name="BlockdiffReplica").options(**options)
-    ingress = serve.deployment(serve.ingress(ingress_app)(BlockdiffIngress), name="BlockdiffIngress",
-                               ray_actor_options={"num_cpus": 0})
+    ingress = serve.deployment(BlockdiffIngress, name="BlockdiffIngress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs))
 
 

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="decoded pixels of all images in one request (default 40M)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="serve N data-parallel replicas on Ray Serve (blockdiff.ray; a local Ray is started when none "
+                        "runs; requests go to the replica holding their prefix). Needs pip install 'blockdiff[ray]'")
     p.set_defaults(func=cmd_serve)
 
 
@@ -68,6 +71,16 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--prefix-cache-bytes must be >= 0, got {args.prefix_cache_bytes}")
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if args.replicas < 0:
+        raise CLIError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas:
+        if getattr(args, "tensor_parallel_size", 1) > 1:
+            raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
+        try:
+            from ..ray import serve_replicas
+        except ImportError as e:
+            raise CLIError(f"--replicas needs Ray Serve: pip install 'blockdiff[ray]' ({e})") from None
+        return serve_replicas(args)
     from ..vision.media import MediaLimits
 
     try:
