@@ -193,6 +193,23 @@ class BlockdiffReplica:
 ingress_app = FastAPI(title="blockdiff (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+# Defined before the ingress class: Ray serializes the class (with the globals it uses) as it is decorated.
+async def _relay(gen):
+    try:
+        async for chunk in gen:
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - the replica died mid-stream: an error event, then the end
+        err = {"error": {"message": f"the replica serving this stream failed: {type(e).__name__}",
+                         "type": "server_error", "param": None, "code": 503}}
+        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+def _unavailable(e: Exception) -> JSONResponse:
+    return JSONResponse({"error": {"message": f"no replica could answer: {type(e).__name__}: {str(e)[:200]}",
+                                   "type": "server_error", "param": None, "code": 503}}, status_code=503)
+
+
 # Decorated here, at import: a replica process imports this module and must find its routes already bound.
 @serve.ingress(ingress_app)
 class BlockdiffIngress:
@@ -219,22 +236,6 @@ class BlockdiffIngress:
         except Exception as e:  # noqa: BLE001 - the replica died mid-answer
             return _unavailable(e)
         return Response(data, status_code=status, headers=dict(headers))
-
-
-async def _relay(gen):
-    try:
-        async for chunk in gen:
-            yield chunk
-    except Exception as e:  # noqa: BLE001 - the replica died mid-stream: an error event, then the end
-        err = {"error": {"message": f"the replica serving this stream failed: {type(e).__name__}",
-                         "type": "server_error", "param": None, "code": 503}}
-        yield f"data: {json.dumps(err)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-
-
-def _unavailable(e: Exception) -> JSONResponse:
-    return JSONResponse({"error": {"message": f"no replica could answer: {type(e).__name__}: {str(e)[:200]}",
-                                   "type": "server_error", "param": None, "code": 503}}, status_code=503)
 
 
 # ---------------------------------------------------------------------------------------------- building the app
