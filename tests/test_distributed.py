@@ -242,3 +242,56 @@ def test_tp4_reference_generation_token_equal_and_weights_quartered(group4, path
     assert a == b
     full = weight_bytes(one.model, text_only=True)
     assert all(s["text_weight_bytes"] < 0.32 * full for s in model.rank_stats())
+
+
+# ---------------------------------------------------------------------------------------------- arguments, torchrun
+def test_parallel_arguments_are_refused_clearly(paths):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM("unused", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="expert_parallel needs tensor_parallel_size"):
+        LLM("unused", expert_parallel=True)
+    from blockdiff.distributed.shard import shard_attention, shard_experts
+    one = load_model(paths["tiny"], dtype=torch.float32)
+    with pytest.raises(ValueError, match="exceeds the 4 attention heads"):
+        shard_attention(one.layers[0].self_attn, 8, 0)
+    with pytest.raises(ValueError, match="at least 8 experts"):
+        shard_experts(one.layers[0], 8, 0, expert_parallel=True)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+from blockdiff import LLM, SamplingParams
+torch.set_num_threads(1)
+llm = LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)  # ranks > 0 follow here, then exit
+out = llm.generate(prompt_token_ids=[[2, 10, 20, 30]],
+                   sampling_params=SamplingParams(max_new_tokens=16, seed=4, rng="reference", max_denoising_steps=6))
+print("TOKENS", out[0].token_ids, flush=True)
+llm.close()
+"""
+
+
+def test_under_torchrun_rank0_generates_what_one_process_generates(paths, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "tp.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), str(script), paths["tiny"]],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [x for x in out.stdout.splitlines() if x.startswith("TOKENS")]
+    assert len(lines) == 1  # printed on rank 0 only: rank 1 left the constructor with SystemExit(0)
+    one = LLM(paths["tiny"], dtype="float32")
+    want = one.generate(prompt_token_ids=[[2, 10, 20, 30]],
+                        sampling_params=SamplingParams(max_new_tokens=16, seed=4, rng="reference",
+                                                       max_denoising_steps=6))[0].token_ids
+    assert lines[0] == f"TOKENS {want}"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
