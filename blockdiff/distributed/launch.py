@@ -51,7 +51,14 @@ def _load_shard(path: str, world: int, rank: int, expert_parallel: bool, device:
                 quant_kernels: bool = True):
     from ..loader import load_model
     model = load_model(path, device=device, prepare_quantized=False, **load)
-    return shard_model(model, world, rank, expert_parallel, prepare=quant_kernels)
+    model = shard_model(model, world, rank, expert_parallel, prepare=quant_kernels)
+    if device.type == "cpu":  # the whole model was read: give the other ranks' share back to the system
+        import gc
+
+        from ..heap import malloc_trim
+        gc.collect()
+        malloc_trim()
+    return model
 
 
 def _follow(rank: int, world: int, dev: torch.device) -> None:
