@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts, combine, route
-from ..model.norms import gelu_tanh
 
 
 def split(n: int, world: int, rank: int, align: int = 1) -> tuple[int, int]:
