@@ -47,6 +47,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (0 = auto: 1 for models under 20M parameters, else torch's default)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template to use instead of the checkpoint's (e.g. one that declares tools)")
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N processes (N GPUs with NCCL on CUDA, gloo on CPU; this process is "
+                        "rank 0; see docs/scaling.md)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: whole experts per rank instead of a slice of every expert")
+
+
+def parallel_kwargs(args) -> dict:
+    """The LLM keyword arguments of --tensor-parallel-size / --expert-parallel."""
+    return {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
+            "expert_parallel": getattr(args, "expert_parallel", False)}
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -141,7 +156,7 @@ def load_llm(args, **engine_args):
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, deterministic=getattr(args, "deterministic", False),
               revision=args.revision, download_dir=args.download_dir, gguf_file=args.gguf_file,
-              **quantization_kwargs(args), **engine_args)
+              **quantization_kwargs(args), **parallel_kwargs(args), **engine_args)
     why = "" if asked != "auto" else " (--device auto: no CUDA device found)" if args.device == "cpu" else \
         " (--device auto)"
     log.info("loaded %s in %.1f s; device: %s%s, dtype %s", args.model, time.perf_counter() - t0,

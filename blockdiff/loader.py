@@ -73,9 +73,11 @@ def _has_vision_tensors(files: list[str]) -> bool:
 
 def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu", quantization: str | None = None,
                quantize_embedding: bool = True, revision: str | None = None, download_dir: str | None = None,
-               gguf_file: str | None = None) -> DiffusionGemma:
+               gguf_file: str | None = None, prepare_quantized: bool = True) -> DiffusionGemma:
     """``quantization``: None | "int8" | "int4" (| "int4-g32" | "int4-g128") | "fp8", applied tensor by tensor
-    while loading (see blockdiff/quant); ``quantize_embedding=False`` keeps the tied embedding in full precision.
+    while loading (see blockdiff/quant); ``quantize_embedding=False`` keeps the tied embedding in full precision;
+    ``prepare_quantized=False`` keeps quantized weights in their stored layout (``blockdiff.distributed`` cuts
+    them into shards, then prepares the kernels).
     A ``.gguf`` file (local, ``org/name:file.gguf`` or ``gguf_file=`` with a hub id) loads from its own metadata and
     tensors (text only). ``device="auto"``: CUDA when present, else CPU. ``revision`` / ``download_dir``: for hub
     ids (blockdiff/hub.py)."""
@@ -159,7 +161,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu"
             plan.install(model)
         model.load_state_dict(loaded, strict=False, assign=True)
         if plan is not None:
-            plan.finalize(model)
+            plan.finalize(model, prepare=prepare_quantized)
     # Non-persistent RoPE tables were built on meta: rebuild them on the device.
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    from ..cli import add_parallel_arguments
+    add_parallel_arguments(p)
     p.add_argument("--quantization", help="quantize blockdiff's weights while loading: int8 | int4 | fp8 (the "
                    "oracle stays full precision, so the reference/oracle agreement measures the quantization); "
                    "with --random-config full: int8/int4, the shape built in CPU memory quantized tensor by "
@@ -110,7 +112,8 @@ def run(args) -> int:
                            ar_batches=tuple(args.ar_batches), prompt_len=args.prompt_len, repeats=args.repeats,
                            warmup=args.warmup, seed=args.seed, oracle=args.oracle, dtype=args.dtype,
                            device=args.device, systems=args.systems, memory_run=args.memory_run,
-                           tick_memory=args.tick_memory, quantization=args.quantization)
+                           tick_memory=args.tick_memory, quantization=args.quantization,
+                           tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
     options.validate()
 
     def log(msg):

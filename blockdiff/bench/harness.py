@@ -52,6 +52,8 @@ class BenchOptions:
     quantization: str | None = None  # blockdiff's weights (the oracle always runs full precision)
     memory_run: bool = True  # CPU: one extra untimed run per system for peak memory
     tick_memory: bool = False  # measure one default-mode denoising tick at `batch` (logits vs temporaries)
+    tensor_parallel_size: int = 1  # blockdiff split over this many processes (blockdiff.distributed)
+    expert_parallel: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -187,7 +189,6 @@ def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> dict:
     """Time every system on the checkpoint at ``path``; returns the report (see ``docs/benchmarks.md``)."""
-    from .. import __version__
     from ..engine.llm import LLM
     from ..placement import resolve_dtype
 
@@ -195,7 +196,17 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     o.validate()
     device = torch.device(o.device)
     dtype = resolve_dtype(o.dtype, device)
-    llm = LLM(path, dtype=dtype, device=o.device, quantization=o.quantization)
+    llm = LLM(path, dtype=dtype, device=o.device, quantization=o.quantization,
+              tensor_parallel_size=o.tensor_parallel_size, expert_parallel=o.expert_parallel)
+    try:
+        return _run_systems(llm, path, o, device, dtype, log)
+    finally:
+        llm.close()
+
+
+def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
+    from .. import __version__
+
     model = llm.model
     C = model.canvas_length
     n = o.max_new_tokens or C
@@ -212,7 +223,7 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         log("loading the transformers oracle ...")
         ref = load_oracle(llm.model_path, dtype, o.device)
         systems[ORACLE] = (o.batch, oracle_system(ref, prompts, n, o.steps, C))
-    for b in o.ar_batches:
+    for b in (o.ar_batches if o.tensor_parallel_size == 1 else ()):  # the AR baseline runs one process only
         systems[f"ar-b{b}"] = (b, ar_system(model, prompt, b, n))
     if wanted is not None:
         unknown = wanted - set(systems) - {ORACLE}
@@ -319,7 +330,8 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
                      "max_new_tokens": n, "steps": o.steps, "stability_threshold": o.steps + 1,
                      "prompt_len": o.prompt_len, "repeats": o.repeats, "warmup": o.warmup, "seed": o.seed,
                      "threads": torch.get_num_threads(), "peak_memory": memory_metric(device),
-                     "quantization": o.quantization},
+                     "quantization": o.quantization, "tensor_parallel_size": o.tensor_parallel_size,
+                     "expert_parallel": o.expert_parallel},
         "environment": {"blockdiff": __version__, "torch": torch.__version__, "transformers": tf_version,
                         "python": platform.python_version(), "machine": platform.machine(),
                         "cpu_count": os.cpu_count(),

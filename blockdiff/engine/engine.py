@@ -42,8 +42,10 @@ class Engine:
                  fast: bool = False):
         self.model = model
         self.fast = bool(fast)  # fast mode for requests that do not say (``blockdiff serve --fast``)
-        # Prompt blocks already encoded, reused by later prompts that start with them (0 bytes: off).
-        self.prefix_cache = PrefixCache(model.kv_pool, prefix_cache_bytes)
+        # Prompt blocks already encoded, reused by later prompts that start with them (0 bytes: off). A model split
+        # over ranks (blockdiff.distributed) makes its own: its page copies run on every rank.
+        make = getattr(model, "make_prefix_cache", None)
+        self.prefix_cache = make(prefix_cache_bytes) if make else PrefixCache(model.kv_pool, prefix_cache_bytes)
         self.defaults = defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)

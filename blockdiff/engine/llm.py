@@ -32,6 +32,14 @@ from .failures import one_line
 from .model_state import Event, Metrics, ModelState
 
 
+def _check_parallel(tensor_parallel_size, expert_parallel) -> int:
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tensor_parallel_size!r}")
+    if expert_parallel and tensor_parallel_size < 2:
+        raise ValueError("expert_parallel needs tensor_parallel_size >= 2 (the ranks the experts are placed on)")
+    return tensor_parallel_size
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -66,14 +74,22 @@ class LLM:
     blockdiff/quant (a ``.gguf`` path brings its own configuration, weights and tokenizer; text only).
     ``device="auto"``: CUDA when present, else CPU. Hub ids: ``revision``, ``download_dir`` (default: the
     huggingface_hub cache under ``$HF_HOME``), and ``gguf_file`` (or ``"org/name:file.gguf"``) for one GGUF file of
-    a repo (blockdiff/hub.py)."""
+    a repo (blockdiff/hub.py).
+
+    ``tensor_parallel_size=N`` splits the model over N processes (``blockdiff.distributed``: this process is rank 0
+    and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
+    ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md."""
 
     def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
                  prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True,
-                 revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None):
+                 revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None,
+                 tensor_parallel_size: int = 1, expert_parallel: bool = False):
         self.media_limits = media_limits or MediaLimits()
         device = resolve_device(device)
+        tp = _check_parallel(tensor_parallel_size, expert_parallel)
+        if tp > 1 and is_gguf(model, gguf_file):
+            raise ValueError("tensor_parallel_size > 1 takes a safetensors checkpoint, not a .gguf file")
         if is_gguf(model, gguf_file):  # config, weights and tokenizer all come from the one file
             from ..quant.gguf import load_gguf
             model = resolve_gguf(model, gguf_file, revision, download_dir)
@@ -90,8 +106,12 @@ class LLM:
             return
         path = resolve_path(model, revision, download_dir)
         self.model_path = path
-        self.model = load_model(path, dtype=dtype, device=device, quantization=quantization,
-                                quantize_embedding=quantize_embedding)
+        load = dict(dtype=dtype, quantization=quantization, quantize_embedding=quantize_embedding)
+        if tp > 1:
+            from ..distributed import start
+            self.model = start(path, tp, expert_parallel, device=device, **load)
+        else:
+            self.model = load_model(path, device=device, **load)
         self.model.batch_invariant = bool(deterministic)
         self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
         self.tokenizer = load_tokenizer(path)
@@ -100,6 +120,18 @@ class LLM:
         self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
                              prefix_cache_bytes=prefix_cache_bytes)
         self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
+
+    def close(self) -> None:
+        """End the other ranks of a split model (a no-op for one process)."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def deterministic(self) -> bool:

@@ -46,6 +46,9 @@ class QTensor(nn.Module):
             self.qzero = None
         self.packed = None  # kernel layout after prepare(): per matrix (2-D) or a list per expert (3-D)
         self.int_mm = False  # int8 on CPU through torch._int_mm on the stored layout (set by prepare())
+        # A weight cut along its inputs over ranks (blockdiff.distributed): the all-reduce (max) that makes each
+        # activation row's quantization scale the whole row's, so the shards' int8 products sum to one process's.
+        self.reduce_rows = None
 
     def parts(self) -> dict[str, torch.Tensor]:
         p = {"qweight": self.qweight, "qscale": self.qscale}
@@ -91,7 +94,7 @@ class QTensor(nn.Module):
     def matmul(self, x: torch.Tensor, i: int | None = None) -> torch.Tensor:
         """x [M, K] @ W[i].T -> [M, N] in x's dtype (W the whole matrix when i is None)."""
         if self.int_mm:
-            xq, xs = quantize_rows(x)
+            xq, xs = quantize_rows(x, self.reduce_rows)
             return self.matmul_q(xq, xs, i).to(x.dtype)
         packed = None if self.packed is None else (self.packed if i is None else self.packed[i])
         if packed is not None:  # int4
@@ -115,10 +118,14 @@ class QTensor(nn.Module):
         return out if xs is None else out.mul_(xs)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]): symmetric per-row dynamic quantization of activations."""
+def quantize_rows(x: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scale [M, 1]): symmetric per-row dynamic quantization of activations.
+    ``reduce``: applied to the per-row maxima (rows split over ranks: an all-reduce of the max)."""
     x = x.float()
-    xs = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    if reduce is not None:
+        amax = reduce(amax)
+    xs = amax.clamp_(min=1e-12).div_(127.0)
     return torch.round(x / xs).to(torch.int8), xs
 
 
@@ -198,7 +205,7 @@ class QuantExperts(nn.Module):
                 spans.append((e, start, start + n))
                 start += n
         gate, up = torch.cat([self.gate_up_proj.matmul_q(xq[a:b], None, e) for e, a, b in spans]).mul_(xsc).chunk(2, -1)
-        hq, hsc = quantize_rows(gelu_tanh(gate) * up)
+        hq, hsc = quantize_rows(gelu_tanh(gate) * up, self.down_proj.reduce_rows)
         y = torch.cat([self.down_proj.matmul_q(hq[a:b], None, e) for e, a, b in spans]).mul_(hsc)
         return y.to(xs.dtype)
 
@@ -276,3 +283,16 @@ def _cpu_has_fast_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
+def prepare_quantized(model: nn.Module) -> None:
+    """Build the kernel layout of every quantized module of ``model`` (CPU: packed weights, plain buffers dropped).
+    Run once, after the weights are final (loaded, and sharded when the model is split over ranks)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight.prepare()
+        elif isinstance(m, QuantExperts):
+            m.gate_up_proj.prepare()
+            m.down_proj.prepare()
+        elif isinstance(m, QuantEmbedding):
+            m.prepare()

@@ -233,19 +233,14 @@ class QuantPlan:
         if "embed_tokens.weight" in self.targets:
             model.embed_tokens = QuantEmbedding(*self.targets["embed_tokens.weight"])
 
-    def finalize(self, model) -> None:
-        """Build the kernel layouts (CPU: packed weights, plain buffers dropped), after ``load_state_dict``."""
-        from .modules import QuantEmbedding, QuantExperts, QuantLinear
+    def finalize(self, model, prepare: bool = True) -> None:
+        """Build the kernel layouts (CPU: packed weights, plain buffers dropped), after ``load_state_dict``.
+        ``prepare=False`` keeps the stored layout (a model about to be sharded over ranks prepares after)."""
+        from .modules import prepare_quantized
 
         self.state.clear()  # the model holds the tensors now: packing then frees each plain copy as it goes
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                m.weight.prepare()
-            elif isinstance(m, QuantExperts):
-                m.gate_up_proj.prepare()
-                m.down_proj.prepare()
-            elif isinstance(m, QuantEmbedding):
-                m.prepare()
+        if prepare:
+            prepare_quantized(model)
         if self.device.type == "cpu":
             malloc_trim()
 

@@ -58,6 +58,9 @@ def register(subparsers) -> None:
                         "body: --max-body-bytes must hold 4/3 of this)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="decoded pixels of all images in one request (default 40M)")
+    p.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="serve N data-parallel replicas on Ray Serve (blockdiff.ray; a local Ray is started when none "
+                        "runs; requests go to the replica holding their prefix). Needs pip install 'blockdiff[ray]'")
     p.set_defaults(func=cmd_serve)
 
 
@@ -115,6 +118,16 @@ def cmd_serve(args) -> int:
             raise CLIError(f"$BLOCKDIFF_PORT must be a port number, got {env!r}") from None
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if args.replicas < 0:
+        raise CLIError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas:
+        if getattr(args, "tensor_parallel_size", 1) > 1:
+            raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
+        try:
+            from ..ray import serve_replicas
+        except ImportError as e:
+            raise CLIError(f"--replicas needs Ray Serve: pip install 'blockdiff[ray]' ({e})") from None
+        return serve_replicas(args)
     from ..vision.media import MediaLimits
 
     try:
@@ -155,6 +168,9 @@ def cmd_serve(args) -> int:
             app.state.server.begin_drain(grace)
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          timeout_graceful_shutdown=grace)).run()
+    try:
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              timeout_graceful_shutdown=grace)).run()
+    finally:
+        llm.close()  # a split model: end the other ranks
     return 0

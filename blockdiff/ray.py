@@ -1,0 +1,339 @@
+"""Data-parallel replicas of the blockdiff server on Ray Serve.
+
+``blockdiff serve CHECKPOINT --replicas N`` (a local Ray is started when none is running), or the application
+builder ``blockdiff.ray:build_app`` for ``serve run blockdiff.ray:build_app model=PATH num_replicas=N`` and Ray Serve
+config files. Two deployments:
+
+- ``BlockdiffReplica`` (N replicas, or an autoscaling range): one whole blockdiff server each - its own ``LLM``,
+  engine, prefix cache and the unchanged FastAPI app of ``blockdiff.server``, called in-process over ASGI. Resources
+  per replica: ``replica_cpus`` / ``replica_gpus`` (default 1 CPU; 1 GPU when ``device`` is CUDA).
+- ``BlockdiffIngress`` (the HTTP entry): reads the body of each request and hands it to a replica through a
+  ``DeploymentHandle``. The request carries ``prompt``: the text of its prompt or of its chat messages, which Ray Serve's
+  ``PrefixCacheAffinityRouter`` (``ray.serve.llm.request_router``) matches against what each replica served before, so
+  a chat's next turn goes to the replica that holds its prefix in cache. Responses stream through (SSE chunks as the
+  replica yields them).
+
+The same OpenAI routes as ``blockdiff serve`` (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+``/health``, ``/metrics``), answered by whichever replica the router picks. ``/metrics`` through the ingress is one
+replica's; per-replica figures go to Ray's metrics instead: each replica mirrors its blockdiff counters and gauges
+(``blockdiff_*``) into Ray Serve metrics every few seconds, tagged with the deployment and replica (scrape Ray's
+metrics export port, e.g. ``ray start --head --metrics-export-port 8080``; see docs/scaling.md).
+
+A replica that dies: requests not yet sent to it go to the others; requests in flight on it end with an error
+(a 503 body, or a stream cut with an error event); Ray Serve starts a replacement.
+
+``ray[serve]`` is an optional extra (``pip install -e '.[ray]'``): nothing else in blockdiff imports this module.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route's annotations through Ray's wrapper, and
+# string annotations there turn ``request: Request`` into a required query parameter (HTTP 422).
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+log = logging.getLogger("blockdiff.ray")
+
+# Ray Serve's prefix-aware router: the public path imports all of ray.serve.llm (it needs the ray[llm] extra: pyarrow,
+# vllm ...); the module that defines the class needs nothing beyond ray[serve].
+PREFIX_ROUTERS = ("ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+                  "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter")
+METRICS_PERIOD_S = 5.0
+
+
+@dataclass
+class RoutedRequest:
+    """One HTTP request on its way to a replica. ``prompt`` is what the prefix-aware router matches (never empty:
+    it divides by its length)."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list
+    body: bytes
+    prompt: str = field(default=" ")
+
+
+def routing_text(path: str, body: bytes) -> str:
+    """The text a request's prompt starts with: chat messages' contents in order, or the completion prompt."""
+    try:
+        data = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError):
+        return path or " "
+    if not isinstance(data, dict):
+        return path or " "
+    parts = []
+    if isinstance(data.get("messages"), list):
+        for m in data["messages"]:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            parts.append("\n")
+    elif isinstance(data.get("prompt"), str):
+        parts.append(data["prompt"])
+    elif isinstance(data.get("prompt"), list) and data["prompt"] and isinstance(data["prompt"][0], str):
+        parts.append(data["prompt"][0])
+    return "".join(parts) or path or " "
+
+
+# ---------------------------------------------------------------------------------------------- in-process ASGI
+async def call_asgi(app, req: RoutedRequest):
+    """Run one request through an ASGI app; yields (status, headers) first, then the body chunks as the app sends
+    them. Leaving early (the caller went away) tells the app the client disconnected."""
+    sent: asyncio.Queue = asyncio.Queue()
+    gone = asyncio.Event()
+    delivered = False
+
+    async def receive():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": req.body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await sent.put(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": req.method,
+             "scheme": "http", "path": req.path, "raw_path": req.path.encode(), "query_string": req.query,
+             "root_path": "", "headers": req.headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80)}
+    task = asyncio.create_task(app(scope, receive, send))
+    try:
+        while True:
+            getter = asyncio.create_task(sent.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                task.result()  # the app raised: surface it
+                raise RuntimeError("the app ended without a response")
+            msg = getter.result()
+            if msg["type"] == "http.response.start":
+                yield msg["status"], [(k.decode("latin-1"), v.decode("latin-1")) for k, v in msg.get("headers", [])]
+            elif msg["type"] == "http.response.body":
+                if msg.get("body"):
+                    yield msg["body"]
+                if not msg.get("more_body"):
+                    return
+    finally:
+        gone.set()
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        except Exception:  # noqa: BLE001 - the request is over either way
+            task.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- the replica
+class BlockdiffReplica:
+    """One blockdiff server: model, engine and the FastAPI app of ``blockdiff.server``."""
+
+    def __init__(self, model: str, served_model_name: str, llm_kwargs: dict, app_kwargs: dict):
+        from .engine.llm import LLM
+        from .server import build_app
+
+        threads = llm_kwargs.pop("threads", 0)
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        self.llm = LLM(model, **llm_kwargs)
+        self.app = build_app(self.llm, served_model_name, **app_kwargs)
+        self._lifespan = None
+        self._started = asyncio.Lock()
+        self._gauges: dict = {}
+
+    async def _start(self) -> None:
+        async with self._started:
+            if self._lifespan is None:
+                self._lifespan = self.app.router.lifespan_context(self.app)
+                await self._lifespan.__aenter__()
+                asyncio.get_running_loop().create_task(self._mirror_metrics())
+
+    async def handle(self, req: RoutedRequest):
+        """Streams (status, headers), then body chunks (``handle.options(stream=True)``)."""
+        await self._start()
+        async for item in call_asgi(self.app, req):
+            yield item
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def _mirror_metrics(self) -> None:
+        """Copy this replica's blockdiff metrics into Ray Serve metrics (tagged per replica by Ray)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        from ray.serve import metrics as ray_metrics
+
+        while True:
+            await asyncio.sleep(METRICS_PERIOD_S)
+            try:
+                req = RoutedRequest("GET", "/metrics", b"", [], b"")
+                chunks = [c async for c in call_asgi(self.app, req)][1:]
+                for fam in text_string_to_metric_families(b"".join(chunks).decode()):
+                    for s in fam.samples:
+                        if s.name.endswith("_created"):
+                            continue
+                        keys = tuple(sorted(s.labels))
+                        g = self._gauges.get((s.name, keys))
+                        if g is None:
+                            g = self._gauges[(s.name, keys)] = ray_metrics.Gauge(
+                                s.name, description=fam.documentation or s.name, tag_keys=keys)
+                        g.set(float(s.value), tags=dict(s.labels) or None)
+            except Exception as e:  # noqa: BLE001 - metrics never take a replica down
+                log.debug("metrics mirror: %s", e)
+
+
+# ---------------------------------------------------------------------------------------------- the ingress
+ingress_app = FastAPI(title="blockdiff (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+# Defined before the ingress class: Ray serializes the class (with the globals it uses) as it is decorated.
+async def _relay(gen):
+    try:
+        async for chunk in gen:
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - the replica died mid-stream: an error event, then the end
+        err = {"error": {"message": f"the replica serving this stream failed: {type(e).__name__}",
+                         "type": "server_error", "param": None, "code": 503}}
+        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+def _unavailable(e: Exception) -> JSONResponse:
+    return JSONResponse({"error": {"message": f"no replica could answer: {type(e).__name__}: {str(e)[:200]}",
+                                   "type": "server_error", "param": None, "code": 503}}, status_code=503)
+
+
+# Decorated here, at import: a replica process imports this module and must find its routes already bound.
+@serve.ingress(ingress_app)
+class BlockdiffIngress:
+    def __init__(self, replica):
+        self.replica = replica
+
+    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "HEAD"])
+    async def forward(self, path: str, request: Request) -> Response:
+        body = await request.body()
+        req = RoutedRequest(request.method, "/" + path, request.url.query.encode(),
+                            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()], body,
+                            routing_text("/" + path, body))
+        gen = self.replica.options(stream=True).handle.remote(req)
+        try:
+            status, headers = await gen.__anext__()
+        except Exception as e:  # noqa: BLE001 - the replica died or refused before answering
+            return _unavailable(e)
+        headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
+        media = next((v for k, v in headers if k.lower() == "content-type"), "")
+        if media.startswith("text/event-stream"):
+            return StreamingResponse(_relay(gen), status_code=status, headers=dict(headers))
+        try:
+            data = b"".join([chunk async for chunk in gen])
+        except Exception as e:  # noqa: BLE001 - the replica died mid-answer
+            return _unavailable(e)
+        return Response(data, status_code=status, headers=dict(headers))
+
+
+# ---------------------------------------------------------------------------------------------- building the app
+_BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def prefix_router():
+    """Ray Serve's ``PrefixCacheAffinityRouter`` class from the first place this Ray has it importable, or None."""
+    import importlib
+
+    for spec in PREFIX_ROUTERS:
+        mod, _, cls = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), cls)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _arg(args: dict, name: str, kind, default):
+    """One builder argument (``serve run`` passes strings; config files and Python pass typed values)."""
+    v = args.get(name, default)
+    if v is None or isinstance(v, kind) and not (kind is int and isinstance(v, bool)):
+        return v
+    try:
+        if kind is bool:
+            return _BOOL[str(v).lower()]
+        return kind(v)
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{name} must be a {kind.__name__}, got {v!r}") from None
+
+
+def build_app(args: dict):
+    """The Ray Serve application: ``serve run blockdiff.ray:build_app model=PATH num_replicas=N``.
+
+    Arguments: ``model`` (required), ``served_model_name``, ``num_replicas`` (default 1; or ``min_replicas`` /
+    ``max_replicas`` / ``target_ongoing_requests`` for autoscaling), ``replica_cpus`` (default 1), ``replica_gpus``
+    (default 1 on CUDA, else 0), ``device``, ``dtype``, ``quantization``, ``max_num_seqs`` (16),
+    ``prefix_cache_bytes`` (1 GiB), ``threads`` (torch threads per replica; 0 = torch's default),
+    ``prefix_routing`` (true: Ray Serve's ``PrefixCacheAffinityRouter``; false: its default power-of-two router),
+    ``max_ongoing_requests`` (per replica, default 64), ``api_key``."""
+    if not isinstance(args, dict) or not args.get("model"):
+        raise ValueError("build_app needs model=PATH (a checkpoint folder or hub id)")
+    model = str(args["model"])
+    device = _arg(args, "device", str, "cpu")
+    name = _arg(args, "served_model_name", str, None) or os.path.basename(os.path.normpath(model)) or model
+    llm_kwargs = {"dtype": _arg(args, "dtype", str, "auto"), "device": device,
+                  "quantization": _arg(args, "quantization", str, None),
+                  "max_num_seqs": _arg(args, "max_num_seqs", int, 16),
+                  "prefix_cache_bytes": _arg(args, "prefix_cache_bytes", int, 1 << 30),
+                  "threads": _arg(args, "threads", int, 0)}
+    app_kwargs = {"api_key": _arg(args, "api_key", str, None), "max_num_seqs": llm_kwargs["max_num_seqs"]}
+    options: dict = {
+        "ray_actor_options": {"num_cpus": _arg(args, "replica_cpus", float, 1.0),
+                              "num_gpus": _arg(args, "replica_gpus", float, 1.0 if device.startswith("cuda") else 0.0)},
+        "max_ongoing_requests": _arg(args, "max_ongoing_requests", int, 64),
+    }
+    if _arg(args, "prefix_routing", bool, True):
+        router = prefix_router()
+        if router is None:
+            log.warning("this Ray has no PrefixCacheAffinityRouter: replicas are picked by Ray Serve's default router")
+        else:
+            options["request_router_config"] = RequestRouterConfig(request_router_class=router)
+    lo, hi = _arg(args, "min_replicas", int, None), _arg(args, "max_replicas", int, None)
+    if lo is not None or hi is not None:
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=lo or 1, max_replicas=hi or max(lo or 1, 1),
+            target_ongoing_requests=_arg(args, "target_ongoing_requests", float, 8.0))
+    else:
+        n = _arg(args, "num_replicas", int, 1)
+        if n < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {n}")
+        options["num_replicas"] = n
+    replica = serve.deployment(BlockdiffReplica, name="BlockdiffReplica").options(**options)
+    ingress = serve.deployment(BlockdiffIngress, name="BlockdiffIngress", ray_actor_options={"num_cpus": 0})
+    return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs))
+
+
+def serve_replicas(args) -> int:
+    """``blockdiff serve CHECKPOINT --replicas N``: Ray Serve on ``--host``/``--port`` (a local Ray when none runs)."""
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address="auto", log_to_driver=False)
+        except (ConnectionError, RuntimeError):
+            ray.init(log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({"model": args.model, "num_replicas": args.replicas, "device": args.device, "dtype": args.dtype,
+                     "quantization": args.quantization, "max_num_seqs": args.max_num_seqs,
+                     "prefix_cache_bytes": args.prefix_cache_bytes, "threads": args.threads,
+                     "api_key": args.api_key, "served_model_name": args.served_model_name})
+    serve.run(app, name="blockdiff", route_prefix="/")
+    print(f"blockdiff: {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        while True:
+            import time
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0

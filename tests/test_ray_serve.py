@@ -1,0 +1,129 @@
+"""Replicas on Ray Serve (blockdiff.ray): a local Ray, 2 replicas of a tiny checkpoint, the official openai client.
+
+One Ray cluster and one application for the whole module (Ray's start-up takes seconds). Skipped when ray[serve] is
+not installed (``pip install -e '.[ray]'``; CI installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+serve = pytest.importorskip("ray.serve")
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from fixtures import make_checkpoint  # noqa: E402
+
+MODEL = "tiny-dg"
+X = {"max_denoising_steps": 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from blockdiff.ray import build_app
+
+    path = make_checkpoint(tmp_path_factory.mktemp("ray_ckpt"),
+                           generation_config={"max_denoising_steps": 4, "max_new_tokens": 32})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": path, "num_replicas": "2", "served_model_name": MODEL, "dtype": "float32",
+                         "threads": "1", "max_num_seqs": "8", "prefix_cache_bytes": str(1 << 24)}),
+              name="blockdiff", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_chat_completions_and_streaming_through_the_replicas(cluster):
+    c = client(cluster)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi there"}], max_tokens=16,
+                                  seed=1, extra_body=X)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens > 0
+    t = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, seed=2, extra_body=X)
+    assert t.choices[0].finish_reason in ("stop", "length")
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi there"}],
+                                            max_tokens=16, seed=1, stream=True, extra_body=X))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == r.choices[0].message.content
+    bad = c.with_options(max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        bad.chat.completions.create(model=MODEL, messages=[], max_tokens=16)
+
+
+def test_second_turns_of_chats_hit_the_replica_holding_their_prefix(cluster):
+    c = client(cluster)
+    hits = 0
+    n = 10
+    for i in range(n):
+        system = {"role": "system", "content": f"Conversation {i}: you are a careful assistant. " * 4}
+        turn1 = [system, {"role": "user", "content": f"Tell me story number {i}."}]
+        r1 = c.chat.completions.create(model=MODEL, messages=turn1, max_tokens=16, seed=i, extra_body=X)
+        turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                         {"role": "user", "content": "And then?"}]
+        r2 = c.chat.completions.create(model=MODEL, messages=turn2, max_tokens=16, seed=i, extra_body=X)
+        hits += r2.usage.prompt_tokens_details.cached_tokens > 0
+    assert hits >= 0.9 * n
+
+
+def _replica_pids() -> set[int]:
+    h = serve.get_deployment_handle("BlockdiffReplica", app_name="blockdiff")
+    return {h.pid.remote().result(timeout_s=60) for _ in range(12)}
+
+
+def test_killing_a_replica_under_load_fails_only_its_requests_and_ray_replaces_it(cluster):
+    pids = _replica_pids()
+    assert len(pids) == 2
+    victim = sorted(pids)[0]
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        try:
+            stream = client(cluster).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Long story {i}"}], max_tokens=64,
+                seed=i, stream=True, extra_body={"max_denoising_steps": 8, "ignore_eos": True})
+            text = ""
+            for ch in stream:
+                text += (ch.choices[0].delta.content or "") if ch.choices else ""
+            results[i] = "ok"
+        except Exception as e:  # noqa: BLE001 - an error is an allowed outcome for requests on the victim
+            results[i] = f"error: {type(e).__name__}"
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # requests are in flight on both replicas
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert len(results) == 6 and any(v == "ok" for v in results.values())
+    # Requests sent after the kill all succeed (the router skips the dead replica, then uses its replacement).
+    c = client(cluster)
+    for i in range(4):
+        r = c.completions.create(model=MODEL, prompt=f"After {i}", max_tokens=8, seed=i, extra_body=X)
+        assert r.choices[0].text is not None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        pids_now = _replica_pids()
+        if len(pids_now) == 2 and victim not in pids_now:
+            break
+        time.sleep(2)
+    assert len(pids_now) == 2 and victim not in pids_now
