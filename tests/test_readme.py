@@ -39,6 +39,12 @@ SUBSTITUTED = {
     "blockdiff bench --random-config mid --out bench.json": "minutes of CPU: `blockdiff bench --help` instead "
                                                           "(the bench has its own tests)",
     "blockdiff bench --random-config mid-v262k --structured": "minutes of CPU: `blockdiff bench --help` instead",
+    "blockdiff run google/diffusiongemma-26B-A4B-it": "a ~50 GB download: tests/test_package.py runs --revision and "
+                                                      "--download-dir offline",
+    "blockdiff run someone/diffusiongemma-GGUF:": "a download: tests/test_package.py loads org/name:file.gguf offline",
+    "--tensor-parallel-size 4 ": "4 ranks per server: tests/test_distributed.py and tests/test_server_tp.py",
+    "blockdiff serve CHECKPOINT --replicas 2": "a Ray cluster: tests/test_ray_serve.py",
+    "serve run blockdiff.ray:build_app": "Ray Serve's own CLI, in the foreground: tests/test_ray_serve.py",
 }
 
 

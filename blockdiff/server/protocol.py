@@ -212,7 +212,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
     content: str | list[ContentPart] | None = Field(None, description="a string or an array of text and image_url "
-                                                    "parts; may be null on an assistant message with tool_calls")
+                                                    "parts; null or absent: empty (none beside an assistant "
+                                                    "message's tool_calls)")
 
     @field_validator("role", mode="before")
     @classmethod
@@ -234,12 +235,6 @@ class ChatMessage(BaseModel):
             raise ValueError(f"{{name}} must be a string or an array of content parts, got {json_type(v)}")
         return v
 
-    @model_validator(mode="after")
-    def _content_or_calls(self):
-        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
-            raise ValueError("'content' is required (it may be null only on an assistant message with tool_calls)")
-        return self
-
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -249,8 +244,8 @@ class ChatMessage(BaseModel):
 
     def template_content(self) -> str | list[dict]:
         """The text, or (with images) the parts: text parts and {"type": "image_url", "image_url": {"url"}}."""
-        if self.content is None:
-            return None
+        if self.content is None:  # null (or absent): none beside tool_calls, else an empty message
+            return None if (self.model_extra or {}).get("tool_calls") else ""
         if isinstance(self.content, str) or all(isinstance(p, TextPart) for p in self.content):
             return self.text()
         return [{"type": "text", "text": p.text} if isinstance(p, TextPart)
