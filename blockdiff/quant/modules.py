@@ -106,6 +106,10 @@ class QTensor(nn.Module):
             except RuntimeError:  # shapes _scaled_mm refuses (dims not multiples of 16): dequantize instead
                 pass
         parts = {k: (v if i is None else v[i]) for k, v in self.parts().items()}
+        if self.method == "int8" and not x.is_cuda:
+            # Scale the output columns, not the weight: [M, N] multiplies instead of [N, K] (M is ~16 rows per
+            # expert), which cut the dequantize path's elementwise time several-fold (docs/benchmarks.md).
+            return F.linear(x, parts["qweight"].to(x.dtype)).mul_(parts["qscale"].to(x.dtype))
         return F.linear(x, dequantize(parts, self.method, x.dtype))
 
 
@@ -274,7 +278,9 @@ class QuantEmbedding(nn.Module):
                 torch.mul(torch._int_mm(xq, w.qweight[a:b].t()), w.qscale[a:b].float(), out=out[:, a:b])
             out.mul_(xs)
         else:
-            out = torch.cat([F.linear(flat, self._rows(a, b, flat.dtype)) for a, b in self._chunks()], dim=-1)
+            # the scale on the [M, rows] output rather than the [rows, H] table block (fewer multiplies)
+            out = torch.cat([F.linear(flat, w.qweight[a:b].to(flat.dtype)).mul_(w.qscale[a:b].to(flat.dtype))
+                             for a, b in self._chunks()], dim=-1)
         return out.reshape(*h.shape[:-1], self.num_embeddings)
 
     def mix(self, probs: torch.Tensor, dtype) -> torch.Tensor:
@@ -289,8 +295,6 @@ class QuantEmbedding(nn.Module):
             out = part if out is None else out.add_(part)
         return out.reshape(*probs.shape[:-1], self.embedding_dim)
 
-    def _rows(self, a: int, b: int, dtype) -> torch.Tensor:
-        return self.weight.qweight[a:b].to(dtype) * self.weight.qscale[a:b, None].to(dtype)
 
     def _chunks(self):
         return [(a, min(a + self.ROWS, self.num_embeddings)) for a in range(0, self.num_embeddings, self.ROWS)]
