@@ -62,8 +62,16 @@ def test_parse_method_accepts_the_documented_spellings_only():
 
 
 # ---------------------------------------------------------------------------------------------- kernels
+@pytest.fixture
+def int_mm_kernel(monkeypatch):
+    """Use torch._int_mm even where the once-per-process speed probe turned it down (AVX2-only CPUs): its
+    properties (layout, accuracy) are tested everywhere."""
+    import blockdiff.quant.modules as qm
+    monkeypatch.setattr(qm, "_INT_MM", True)
+
+
 @pytest.mark.parametrize("method,tol", [("int8", 0.03), ("int4", 0.02)])
-def test_cpu_kernels_match_the_dequantized_matmul(method, tol):
+def test_cpu_kernels_match_the_dequantized_matmul(method, tol, int_mm_kernel):
     torch.manual_seed(0)
     w, x = torch.randn(96, 128) * 0.05, torch.randn(17, 128)
     q, deq = qtensor(w, method)
@@ -77,7 +85,7 @@ def test_cpu_kernels_match_the_dequantized_matmul(method, tol):
     assert lin(x[None]).shape == (1, 17, 96)
 
 
-def test_int8_without_int_mm_dequantizes_and_matches_the_int_mm_kernel(monkeypatch):
+def test_int8_without_int_mm_dequantizes_and_matches_the_int_mm_kernel(monkeypatch, int_mm_kernel):
     """Where torch._int_mm is missing, int8 multiplies the dequantized weight (no packed copy, no deprecated
     quantized-tensor API): the same product within the activation rounding of the int_mm kernel."""
     import blockdiff.quant.modules as qm
@@ -89,6 +97,20 @@ def test_int8_without_int_mm_dequantizes_and_matches_the_int_mm_kernel(monkeypat
     assert not slow.int_mm and slow.packed is None and slow.qweight.dtype == torch.int8
     assert torch.allclose(slow.matmul(x), F.linear(x, deq), atol=1e-5)
     assert rel(fast.matmul(x), F.linear(x, deq)) < 0.02
+
+
+def test_int_mm_is_used_only_where_it_beats_the_fp32_matmul(monkeypatch):
+    """AVX2-only CPUs run torch._int_mm on a slow single-threaded reference kernel: the probe turns it down and
+    int8 multiplies the dequantized weight (multi-threaded like fp32); a fast kernel is kept."""
+    import blockdiff.quant.modules as qm
+    w = torch.randn(32, 64) * 0.05
+    for faster in (False, True):
+        monkeypatch.setattr(qm, "_INT_MM", None)
+        monkeypatch.setattr(qm, "_int_mm_is_faster", lambda faster=faster: faster)
+        q, deq = qtensor(w, "int8")
+        assert q.int_mm is faster and q.qweight.dtype == torch.int8 and q.packed is None
+    monkeypatch.undo()
+    assert isinstance(qm._int_mm_is_faster(8, 32, 16), bool)  # the real probe runs on this CPU
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 5), (1, 1, 1), (17, 8, 8), (3, 100, 7)])
@@ -119,7 +141,7 @@ def test_quantized_experts_match_experts_with_dequantized_weights(method, tiny_m
         assert rel(qe(x, w, idx), ref(x, w, idx)) < 0.04
 
 
-def test_quantized_embedding_lookup_head_and_soft_embeddings():
+def test_quantized_embedding_lookup_head_and_soft_embeddings(int_mm_kernel):
     torch.manual_seed(2)
     V, H = 300, 64
     emb = QuantEmbedding(V, H)
@@ -327,7 +349,7 @@ def test_lean_heap_maps_large_allocations_while_loading_and_fixes_the_run_thresh
     assert calls == []
 
 
-def test_loading_quantized_keeps_one_int8_copy_of_every_weight(tiny_checkpoint):
+def test_loading_quantized_keeps_one_int8_copy_of_every_weight(tiny_checkpoint, int_mm_kernel):
     """int8 on CPU: every quantized weight is held once, in its stored int8 layout (no packed duplicates)."""
     m = load_model(tiny_checkpoint, quantization="int8")
     qts = [q for q in m.modules() if isinstance(q, QTensor) and q is not m.embed_tokens.weight]

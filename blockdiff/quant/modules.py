@@ -5,8 +5,10 @@ checkpoint format) and, after ``prepare()``, in the layout of the kernel that ru
 measurement on this project's CPU (figures in docs/quantization.md):
 
 - CPU int8: activations quantized per row to int8 on each call, then ``torch._int_mm`` (int8 x int8 -> int32)
-  against the transposed view of the stored weight, 3-4x faster than fp32; no packed copy. It takes every shape
-  on CPU from torch 2.13 on (the floor); should it be missing, int8 dequantizes then multiplies. fbgemm's dynamic
+  against the transposed view of the stored weight, 3-4x faster than fp32 where the CPU has VNNI; no packed copy.
+  It takes every shape on CPU from torch 2.13 on (the floor); should it be missing, or slower than the fp32 matmul
+  (AVX2-only CPUs: a single-threaded reference kernel, 20-35x slower; measured once per process by
+  ``_int_mm_works``), int8 dequantizes then multiplies (multi-threaded like fp32). fbgemm's dynamic
   int8 linear (``torch.ops.quantized.linear_dynamic``) was as fast but less accurate, needed a packed copy and
   goes through torch's deprecated quantized-tensor API: not used. ``torch._weight_int8pack_mm`` was 30-35x slower
   than fp32 with fp32 activations, dequantize-then-matmul slower than fp32.
@@ -107,6 +109,10 @@ class QTensor(nn.Module):
             except RuntimeError:  # shapes _scaled_mm refuses (dims not multiples of 16): dequantize instead
                 pass
         parts = {k: (v if i is None else v[i]) for k, v in self.parts().items()}
+        if self.method == "int8" and not x.is_cuda:
+            # Scale the output columns, not the weight: [M, N] multiplies instead of [N, K] (M is ~16 rows per
+            # expert), which cut the dequantize path's elementwise time several-fold (docs/benchmarks.md).
+            return F.linear(x, parts["qweight"].to(x.dtype)).mul_(parts["qscale"].to(x.dtype))
         return F.linear(x, dequantize(parts, self.method, x.dtype))
 
 
@@ -130,15 +136,38 @@ def quantize_rows(x: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Ten
 
 
 def _int_mm_works() -> bool:
-    """torch._int_mm on this CPU build (exact int8 x int8 -> int32)."""
+    """torch._int_mm on this CPU build is exact (int8 x int8 -> int32) AND faster than the fp32 matmul it replaces.
+
+    Speed is measured once per process: on CPUs with VNNI / AMX it is 3-4x faster than fp32, but on AVX2-only CPUs
+    (this project's 2-core AMD EPYC box) torch falls back to a reference kernel that was 20-35x slower than the fp32
+    matmul and single-threaded (docs/benchmarks.md, "Every core"): there int8 multiplies the dequantized weight."""
     global _INT_MM
     if _INT_MM is None:
         try:
             a = torch.ones(2, 8, dtype=torch.int8)
-            _INT_MM = bool((torch._int_mm(a, a.t()) == 8).all())
+            _INT_MM = bool((torch._int_mm(a, a.t()) == 8).all()) and _int_mm_is_faster()
         except (RuntimeError, NotImplementedError, AttributeError):
             _INT_MM = False
     return _INT_MM
+
+
+def _int_mm_is_faster(m: int = 64, k: int = 512, n: int = 512) -> bool:
+    """Best of 3 timings of one mid-size product (a few ms in all on a fast kernel) against the fp32 matmul."""
+    import time
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    xf, wf = xq.float(), wq.float()
+
+    def best(fn) -> float:
+        fn()  # first call: kernel selection, allocations
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return best(lambda: torch._int_mm(xq, wq.t())) < best(lambda: xf @ wf.t())
 
 
 _INT_MM: bool | None = None
@@ -256,7 +285,9 @@ class QuantEmbedding(nn.Module):
                 torch.mul(torch._int_mm(xq, w.qweight[a:b].t()), w.qscale[a:b].float(), out=out[:, a:b])
             out.mul_(xs)
         else:
-            out = torch.cat([F.linear(flat, self._rows(a, b, flat.dtype)) for a, b in self._chunks()], dim=-1)
+            # the scale on the [M, rows] output rather than the [rows, H] table block (fewer multiplies)
+            out = torch.cat([F.linear(flat, w.qweight[a:b].to(flat.dtype)).mul_(w.qscale[a:b].to(flat.dtype))
+                             for a, b in self._chunks()], dim=-1)
         return out.reshape(*h.shape[:-1], self.num_embeddings)
 
     def mix(self, probs: torch.Tensor, dtype) -> torch.Tensor:
@@ -271,8 +302,6 @@ class QuantEmbedding(nn.Module):
             out = part if out is None else out.add_(part)
         return out.reshape(*probs.shape[:-1], self.embedding_dim)
 
-    def _rows(self, a: int, b: int, dtype) -> torch.Tensor:
-        return self.weight.qweight[a:b].to(dtype) * self.weight.qscale[a:b, None].to(dtype)
 
     def _chunks(self):
         return [(a, min(a + self.ROWS, self.num_embeddings)) for a in range(0, self.num_embeddings, self.ROWS)]

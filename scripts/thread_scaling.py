@@ -1,0 +1,74 @@
+"""1 vs 2 (or more) torch threads on one checkpoint, interleaved in one process (issue 20 item 3).
+
+    python scripts/thread_scaling.py /tmp/speed/mid/ckpt --quant fp32,int8,int4 --threads 1,2 --repeats 5
+    python scripts/thread_scaling.py /tmp/speed/mid/ckpt --quant int8 --profile   # per-op table at each count
+
+Each round runs every (quantization, thread count) once, one canvas (prompt 64, 128 new tokens, 16 steps,
+early stopping off); the medians of ms per denoising step and the ratio to the first thread count are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--quant", default="fp32,int8,int4")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per thread count")
+    a = p.parse_args()
+    from blockdiff.bench.harness import make_prompt
+    from blockdiff.bench.systems import blockdiff_system
+    from blockdiff.engine.llm import LLM
+
+    threads = [int(t) for t in a.threads.split(",")]
+    runs = {}
+    for q in a.quant.split(","):
+        llm = LLM(a.model, dtype=torch.float32, device="cpu", quantization=None if q == "fp32" else q)
+        prompt = make_prompt(llm.model.vocab_size, 64, 0)
+        runs[q] = blockdiff_system(llm, [prompt], 128, a.steps, "default")
+    for q, fn in runs.items():
+        for t in threads:
+            torch.set_num_threads(t)
+            t0 = time.perf_counter(); fn(0)  # warm-up
+            print("warm-up", q, t, f"{time.perf_counter() - t0:.1f} s", flush=True)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for q, fn in runs.items():
+            for t in threads:
+                torch.set_num_threads(t)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    res = fn(0)
+                ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:14]
+                print(f"\n{q}, {t} thread(s): top ops, ms per step (self), calls per step")
+                for e in ev:
+                    print(f"  {e.key[:44]:<44} {e.self_cpu_time_total / 1000 / res.forwards:8.2f} "
+                          f"{e.count / res.forwards:8.1f}")
+        return
+    times = {(q, t): [] for q in runs for t in threads}
+    for _ in range(a.repeats):
+        for q, fn in runs.items():
+            for t in threads:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                res = fn(0)
+                times[(q, t)].append(1000 * (time.perf_counter() - t0) / res.forwards)
+                print(q, t, f"{times[(q, t)][-1]:.0f} ms/step", flush=True)
+    print(f"{'quant':<6} " + " ".join(f"{t:>2} thr ms/step" for t in threads) + "  ratio")
+    for q in runs:
+        med = [statistics.median(times[(q, t)]) for t in threads]
+        print(f"{q:<6} " + " ".join(f"{m:>14.1f}" for m in med) + "  " +
+              " ".join(f"{med[0] / m:.2f}x" for m in med[1:]) +
+              "   rounds: " + " | ".join(",".join(f"{x:.0f}" for x in times[(q, t)]) for t in threads))
+
+
+if __name__ == "__main__":
+    main()
