@@ -127,7 +127,11 @@ def _read_puzzles(path: str) -> list[list[int]]:
 
     name = "stdin" if path == "-" else path
     try:
-        lines = sys.stdin.readlines() if path == "-" else open(path).readlines()
+        if path == "-":
+            lines = sys.stdin.readlines()
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
     except OSError as e:
         raise _error(f"--puzzles {path}: cannot read it: {e.strerror}") from None
     puzzles = []
