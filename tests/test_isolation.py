@@ -80,8 +80,8 @@ def test_a_failing_constraint_ends_only_its_request_and_hides_the_parser_state(l
     assert "secret" not in outs[BAD].error and "<state>" not in outs[BAD].error
 
 
-def test_a_failing_stop_check_ends_only_its_request(llm, monkeypatch):
-    base = baseline(llm)
+def fail_stop_checks_on_boom(monkeypatch) -> None:
+    """Requests whose stop strings hold "BOOM" get a stop check that raises (the others keep the real one)."""
     real = engine_mod.Engine._stop_checker
 
     def stop_checker(self, stops):
@@ -92,6 +92,11 @@ def test_a_failing_stop_check_ends_only_its_request(llm, monkeypatch):
             raise ValueError("injected stop-check failure")
         return check
     monkeypatch.setattr(engine_mod.Engine, "_stop_checker", stop_checker)
+
+
+def test_a_failing_stop_check_ends_only_its_request(llm, monkeypatch):
+    base = baseline(llm)
+    fail_stop_checks_on_boom(monkeypatch)
     ps = [params(i, stop=["BOOM"]) if i == BAD else params(i) for i in range(len(PROMPTS))]
     outs = llm.generate(PROMPTS, ps)
     check(outs, base, "ValueError: injected stop-check failure")

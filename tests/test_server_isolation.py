@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from blockdiff import LLM
-from blockdiff.engine import engine as engine_mod
 from blockdiff.engine.engine import Engine
 from blockdiff.engine.model_state import ModelState
 from blockdiff.server import build_app
 from blockdiff.server.service import Server
 from blockdiff.structured import CanvasConstraint
 from fixtures import make_checkpoint
+from test_isolation import fail_stop_checks_on_boom
 from test_server import LiveServer
 
 MODEL = "tiny-dg"
@@ -106,16 +106,7 @@ def _inject(monkeypatch, place: str, victims: dict) -> dict:
         monkeypatch.setattr(CanvasConstraint, "step", step)
         return {"structured_outputs": {"regex": "[a-z ]{1,200}"}, "ignore_eos": False}
     if place == "stop_check":
-        real = engine_mod.Engine._stop_checker
-
-        def stop_checker(self, stops):
-            if "BOOM" not in stops:
-                return real(self, stops)
-
-            def check(ids):
-                raise ValueError("injected stop-check failure")
-            return check
-        monkeypatch.setattr(engine_mod.Engine, "_stop_checker", stop_checker)
+        fail_stop_checks_on_boom(monkeypatch)
         return {"stop": ["BOOM"]}
     if place == "detokenizer":
         real = Server.text_stream
