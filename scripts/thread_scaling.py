@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 
+import blockdiff  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads OpenMP)
 import torch
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, gather_prefix, to_device
 from .attention import AttnMeta
+from .cpu_threads import split
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 from .vision_tower import VisionEncoder, image_blocks, same_image, scatter_image_features
 
@@ -103,12 +104,23 @@ class DiffusionGemma(nn.Module):
         if not isinstance(self.embed_tokens, nn.Embedding):
             return self.embed_tokens.mix(probs, self.dtype) * torch.tensor(self.text.hidden_size ** 0.5).to(self.dtype)
         w = self.embed_tokens.weight
-        return torch.matmul(probs.to(w.dtype), w) * torch.tensor(self.text.hidden_size ** 0.5).to(w.dtype)
+        p = probs.to(w.dtype)
+        if w.device.type == "cpu":  # the vocabulary dealt to the CPU's threads, partial products summed
+            flat = p.reshape(-1, p.shape[-1])
+            mixed = split(lambda a, b: flat[:, a:b] @ w[a:b], w.shape[0], flat.numel() * w.shape[1], dim=None)
+            mixed = mixed.reshape(*p.shape[:-1], w.shape[1])
+        else:
+            mixed = torch.matmul(p, w)
+        return mixed * torch.tensor(self.text.hidden_size ** 0.5).to(w.dtype)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., H] -> soft-capped fp32 logits [..., V] (tied embeddings)."""
         if isinstance(self.embed_tokens, nn.Embedding):
-            logits = F.linear(h, self.embed_tokens.weight).float()
+            w = self.embed_tokens.weight
+            if w.device.type == "cpu":  # the vocabulary dealt to the CPU's threads
+                logits = split(lambda a, b: F.linear(h, w[a:b]), w.shape[0], h.numel() * w.shape[0], dim=-1).float()
+            else:
+                logits = F.linear(h, w).float()
         else:
             logits = self.embed_tokens.project(h).float()
         if self.softcap:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .cpu_threads import map_experts, spans_of
 from .norms import RMSNorm, gelu_tanh
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -117,7 +118,11 @@ class Experts(nn.Module):
         xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
         y = None
         I2, H = self.gate_up_proj.shape[1:]
-        if grouped_mm_usable(x, H, I2 // 2):
+        if x.device.type == "cpu" and torch.get_num_threads() > 1 and not torch.is_grad_enabled():
+            # CPU with several threads: whole experts per thread (cpu_threads.py); the grouped kernel is a
+            # single-threaded loop over experts there, and one ~16-row GEMM is too small to split.
+            y = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I2 // 2)
+        elif grouped_mm_usable(x, H, I2 // 2):
             # One GEMM per weight matrix for every token of the batch: each expert's weights are read once.
             try:
                 gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), r.offsets).chunk(2, dim=-1)
@@ -131,10 +136,8 @@ class Experts(nn.Module):
     def _looped(self, xs: torch.Tensor, r: Routing) -> torch.Tensor:
         """One matmul pair per expert: for autograd (training) and dtypes without a grouped kernel. Reads the
         counts back to the host once (a sync: this path is not the inference hot path where grouped mm works)."""
-        parts, start = [], 0
-        for e, n in enumerate(r.counts.tolist()):
-            if n:
-                gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                parts.append(F.linear(gelu_tanh(gate) * up, self.down_proj[e]))
-                start += n
-        return torch.cat(parts)
+        return torch.cat([self._expert(xs[a:b], e) for e, a, b in spans_of(r.counts.tolist())])
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(gelu_tanh(gate) * up, self.down_proj[e])

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.cpu_threads import map_experts, spans_of, split
 from ..model.moe import combine, route
 from ..model.norms import gelu_tanh
 from .tensors import FP8_MAX, dequantize, unpack_int4
@@ -215,27 +216,25 @@ class QuantExperts(nn.Module):
         elif self.gate_up_proj.int_mm and self.down_proj.int_mm:
             y = self._int8_loop(xs, r.counts.tolist())
         else:
-            # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc).
-            parts, start = [], 0
-            for e, n in enumerate(r.counts.tolist()):
-                if n:
-                    gate, up = self.gate_up_proj.matmul(xs[start:start + n], e).chunk(2, dim=-1)
-                    parts.append(self.down_proj.matmul(gelu_tanh(gate) * up, e))
-                    start += n
-            y = torch.cat(parts)
+            # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc),
+            # the experts dealt to the CPU's threads (model/cpu_threads.py).
+            H, I = self.down_proj.shape[1:]
+            y = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I)
         return combine(y, r, weights, x.dtype)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
+        return self.down_proj.matmul(gelu_tanh(gate) * up, e)
 
     def _int8_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """CPU int8: the routed rows quantized once per matrix (per-row scales), one torch._int_mm per expert."""
         xq, xsc = quantize_rows(xs)
-        spans, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                spans.append((e, start, start + n))
-                start += n
-        gate, up = torch.cat([self.gate_up_proj.matmul_q(xq[a:b], None, e) for e, a, b in spans]).mul_(xsc).chunk(2, -1)
+        spans = spans_of(counts)
+        H, I = self.down_proj.shape[1:]
+        gate, up = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)
+        gate, up = gate.mul_(xsc).chunk(2, -1)
         hq, hsc = quantize_rows(gelu_tanh(gate) * up, self.down_proj.reduce_rows)
-        y = torch.cat([self.down_proj.matmul_q(hq[a:b], None, e) for e, a, b in spans]).mul_(hsc)
+        y = map_experts(lambda e, a, b: self.down_proj.matmul_q(hq[a:b], None, e), spans, H * I).mul_(hsc)
         return y.to(xs.dtype)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -255,7 +254,11 @@ class QuantEmbedding(nn.Module):
     copy); ``probs @ E`` dequantizes the table a block of rows at a time to bf16 where the CPU has native bf16
     matmuls (AVX512-BF16 / AMX: 2.3x faster than the fp32 product, 0.2% relative error), else to fp32."""
 
-    ROWS = 16384  # rows of the table per block: bounds the temporaries to one block
+    # rows of the table per block: bounds the temporaries to one block, and keeps the block cast to the compute dtype
+    # in the core's L2 while the GEMM reads it: 1,024 rows made the int8 LM head 2.7x faster than 16,384 on this
+    # AVX2 CPU (and faster than the fp32 table, which streams from memory; docs/benchmarks.md "Every core")
+    ROWS = 1024
+    GPU_ROWS = 16384  # on a GPU the block only bounds the temporaries: fewer, larger launches
 
     def __init__(self, vocab: int, hidden: int):
         super().__init__()
@@ -285,9 +288,13 @@ class QuantEmbedding(nn.Module):
                 torch.mul(torch._int_mm(xq, w.qweight[a:b].t()), w.qscale[a:b].float(), out=out[:, a:b])
             out.mul_(xs)
         else:
-            # the scale on the [M, rows] output rather than the [rows, H] table block (fewer multiplies)
-            out = torch.cat([F.linear(flat, w.qweight[a:b].to(flat.dtype)).mul_(w.qscale[a:b].to(flat.dtype))
-                             for a, b in self._chunks()], dim=-1)
+            # the scale on the [M, rows] output rather than the [rows, H] table block (fewer multiplies); the
+            # vocabulary dealt to the CPU's threads, each casting its own part of the table a block at a time
+            def part(lo: int, hi: int) -> torch.Tensor:
+                return torch.cat([F.linear(flat, w.qweight[a:b].to(flat.dtype)).mul_(w.qscale[a:b].to(flat.dtype))
+                                  for a, b in self._chunks(lo, hi)], dim=-1)
+            cpu = flat.device.type == "cpu"
+            out = split(part, self.num_embeddings, flat.numel() * self.num_embeddings, dim=-1) if cpu else part(0, self.num_embeddings)
         return out.reshape(*h.shape[:-1], self.num_embeddings)
 
     def mix(self, probs: torch.Tensor, dtype) -> torch.Tensor:
@@ -295,16 +302,24 @@ class QuantEmbedding(nn.Module):
         cdt = self.mix_dtype or dtype
         flat = probs.reshape(-1, probs.shape[-1])
         w = self.weight
-        out = None
-        for a, b in self._chunks():
-            part = (flat[:, a:b].to(dtype) * w.qscale[a:b].to(dtype)).to(cdt) @ w.qweight[a:b].to(cdt)
-            part = part.to(dtype)
-            out = part if out is None else out.add_(part)
+
+        def part(lo: int, hi: int) -> torch.Tensor:  # the vocabulary rows [lo, hi), a block at a time
+            out = None
+            for a, b in self._chunks(lo, hi):
+                y = ((flat[:, a:b].to(dtype) * w.qscale[a:b].to(dtype)).to(cdt) @ w.qweight[a:b].to(cdt)).to(dtype)
+                out = y if out is None else out.add_(y)
+            return out
+        if flat.device.type == "cpu":  # the vocabulary dealt to the CPU's threads, partial products summed
+            out = split(part, self.num_embeddings, flat.numel() * self.embedding_dim, dim=None)
+        else:
+            out = part(0, self.num_embeddings)
         return out.reshape(*probs.shape[:-1], self.embedding_dim)
 
 
-    def _chunks(self):
-        return [(a, min(a + self.ROWS, self.num_embeddings)) for a in range(0, self.num_embeddings, self.ROWS)]
+    def _chunks(self, lo: int = 0, hi: int | None = None):
+        hi = self.num_embeddings if hi is None else hi
+        rows = self.ROWS if self.weight.qweight.device.type == "cpu" else self.GPU_ROWS
+        return [(a, min(a + rows, hi)) for a in range(lo, hi, rows)]
 
 
 def _cpu_has_fast_bf16() -> bool:

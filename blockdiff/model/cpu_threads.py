@@ -1,0 +1,135 @@
+"""Work of one layer dealt to the CPU's threads (issue 20, "use every core").
+
+A denoising step on the mid checkpoint runs ~540 expert GEMMs of ~16 rows each. A GEMM that small has too little
+work for torch to split across two threads, so with torch's intra-op threads alone the second core idled through
+the experts (2 threads were 1.2-1.4x one; per-op profile in docs/benchmarks.md). Here each thread instead takes
+whole experts (``map_experts``): the experts of a layer are dealt to ``torch.get_num_threads()`` worker threads,
+balanced by their rows, and each worker runs its experts' GEMMs single-threaded. torch releases the GIL inside each
+op, so the workers' GEMMs run at the same time; the caller waits and concatenates the outputs in their order. The
+big products over the vocabulary (LM head, probs @ E) are cut the same way (``split``): one single-threaded
+product per core was faster than torch's own split of the one product.
+
+Each worker sets its own intra-op thread count to 1 once, when its pool is made; ``torch.set_num_threads`` also
+writes a process-wide default, so the caller's count is restored right after (nothing else runs meanwhile: the
+caller waits on the workers' start-up). An expert's result does not depend on which worker ran it: it is the same
+single-threaded GEMM on the same rows. An exception in a worker reaches the caller (``Future.result``), so the
+engine's failure rule applies as on one thread. Only for inference: with autograd recording, or inside a worker,
+everything runs on the calling thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+
+# Below this many multiply-adds the hand-off to the workers (~0.1 ms: wake-ups, the GIL) costs more than a second
+# core saves; tiny test models stay on the calling thread.
+MIN_WORK = 1 << 22
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
+_LOCAL = threading.local()  # .worker: set in the pools' threads (no nested fan-out from inside a worker)
+
+Span = tuple[int, int, int]  # (expert, first row, end row) of the expert-sorted rows
+
+
+def spans_of(counts: Sequence[int]) -> list[Span]:
+    """Per-expert row counts (host ints) -> the spans of the experts that have rows, in expert order."""
+    spans, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            spans.append((e, start, start + n))
+            start += n
+    return spans
+
+
+def workers() -> int:
+    """How many worker threads a fan-out would use now: torch's intra-op thread count where running ops on
+    worker threads is allowed (no autograd graph being recorded, not already inside a worker), else 1."""
+    if torch.is_grad_enabled() or getattr(_LOCAL, "worker", False):
+        return 1
+    return torch.get_num_threads()
+
+
+def fan_out(fn: Callable, shares: list[list], n: int) -> list[list]:
+    """``[[fn(*args) for args in share] for share in shares]`` with each share on its own worker thread (n of
+    them, single-threaded torch ops each). The caller waits; results keep the shares' order."""
+    inference = torch.is_inference_mode_enabled()
+    futures = [_pool(n).submit(_run, fn, share, inference) for share in shares]
+    return [f.result() for f in futures]
+
+
+def map_experts(fn: Callable[[int, int, int], torch.Tensor], spans: list[Span], macs_per_row: int) -> torch.Tensor:
+    """``torch.cat([fn(e, a, b) for e, a, b in spans])``, with the spans dealt to the CPU's threads when there
+    are at least two threads, two experts and ``MIN_WORK`` multiply-adds."""
+    n = min(workers(), len(spans))
+    rows = spans[-1][2] - spans[0][1] if spans else 0
+    if n < 2 or rows * macs_per_row < MIN_WORK:
+        return torch.cat([fn(*s) for s in spans])
+    shares = _deal(spans, n)
+    out: list[torch.Tensor | None] = [None] * len(spans)
+    for share, ys in zip(shares, fan_out(fn, [[spans[i] for i in share] for share in shares], n)):
+        for i, y in zip(share, ys):
+            out[i] = y
+    return torch.cat(out)
+
+
+def split(fn: Callable[[int, int], torch.Tensor], size: int, macs: int, dim: int | None = 0) -> torch.Tensor:
+    """``fn(0, size)`` computed over equal slices [a, b) of ``size``, one per worker thread, when there are at
+    least two threads and ``macs`` (the whole product's multiply-adds) reaches ``MIN_WORK``: for the big GEMMs
+    (LM head, probs @ E), where one single-threaded product per core beats torch's own split of one product.
+    The parts are concatenated along ``dim``, or summed in slice order when ``dim`` is None (a split of the
+    product's inner dimension)."""
+    n = workers()
+    if n < 2 or size < 2 * n or macs < MIN_WORK:
+        return fn(0, size)
+    cuts = [size * i // n for i in range(n + 1)]
+    parts = [p[0] for p in fan_out(fn, [[(cuts[i], cuts[i + 1])] for i in range(n)], n)]
+    if dim is not None:
+        return torch.cat(parts, dim)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.add_(p)
+    return out
+
+
+def _deal(spans: list[Span], n: int) -> list[list[int]]:
+    """Span indices dealt to n threads: largest first, each to the least-loaded thread (a fixed cost per expert
+    counts too: every GEMM call has one)."""
+    load = [0] * n
+    shares: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(spans)), key=lambda i: spans[i][1] - spans[i][2]):
+        t = load.index(min(load))
+        shares[t].append(i)
+        load[t] += spans[i][2] - spans[i][1] + 4
+    return [s for s in shares if s]
+
+
+def _run(fn, spans: list[Span], inference: bool) -> list[torch.Tensor]:
+    with torch.inference_mode(inference), torch.no_grad():
+        return [fn(*s) for s in spans]
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            caller = torch.get_num_threads()
+            pool = ThreadPoolExecutor(n, thread_name_prefix="blockdiff-experts")
+            started = threading.Barrier(n)  # holds each start-up task on its own thread until all n exist
+
+            def start() -> None:
+                _LOCAL.worker = True
+                # torch sets a thread's intra-op count from the process-wide default on its first parallel op;
+                # run one first, or that later first op would undo the 1 below (the caller restores its default)
+                torch.get_num_threads()
+                torch.ones(2).add_(1)
+                torch.set_num_threads(1)
+                started.wait()
+            for f in [pool.submit(start) for _ in range(n)]:
+                f.result()
+            torch.set_num_threads(caller)
+            _POOLS[n] = pool
+        return pool

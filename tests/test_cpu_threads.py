@@ -1,0 +1,142 @@
+"""The CPU fan-out of experts and vocabulary products over worker threads (blockdiff/model/cpu_threads.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockdiff.model import cpu_threads
+from blockdiff.model.cpu_threads import map_experts, spans_of, split
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _experts(E=8, H=64, I=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(E, 2 * I, H, generator=g) / H ** 0.5, torch.randn(E, H, I, generator=g) / I ** 0.5
+
+
+def _expert(xs, gu, dn, e, a, b):
+    gate, up = F.linear(xs[a:b], gu[e]).chunk(2, -1)
+    return F.linear(F.gelu(gate, approximate="tanh") * up, dn[e])
+
+
+def test_spans_skip_experts_without_rows():
+    assert spans_of([2, 0, 3, 0, 1]) == [(0, 0, 2), (2, 2, 5), (4, 5, 6)]
+    assert spans_of([0, 0]) == []
+
+
+def test_experts_are_dealt_to_worker_threads_and_come_back_in_order(two_threads, monkeypatch):
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    gu, dn = _experts()
+    counts = [5, 0, 9, 1, 7, 3, 0, 11]
+    xs = torch.randn(sum(counts), 64)
+    spans = spans_of(counts)
+    ran_on = {}
+
+    def fn(e, a, b):
+        ran_on[e] = threading.current_thread().name
+        return _expert(xs, gu, dn, e, a, b)
+    with torch.inference_mode():
+        got = map_experts(fn, spans, 1)
+        want = torch.cat([_expert(xs, gu, dn, *s) for s in spans])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    workers = set(ran_on.values())
+    assert len(workers) == 2 and all(n.startswith("blockdiff-experts") for n in workers), ran_on
+    assert torch.get_num_threads() == 2  # the pool's start-up left the caller's count alone
+
+
+def test_workers_run_their_ops_single_threaded(two_threads, monkeypatch):
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    seen = []
+
+    def fn(e, a, b):
+        seen.append(torch.get_num_threads())
+        return torch.zeros(b - a, 1)
+    with torch.no_grad():
+        map_experts(fn, spans_of([1, 1, 1, 1]), 1)
+    assert seen == [1, 1, 1, 1]
+
+
+def test_small_work_and_autograd_stay_on_the_calling_thread(two_threads):
+    me = threading.current_thread().name
+    names = []
+
+    def fn(e, a, b):
+        names.append(threading.current_thread().name)
+        return torch.ones(b - a, 2, requires_grad=True) * 2
+    with torch.no_grad():
+        map_experts(fn, spans_of([3, 4]), 1)  # 7 rows x 1 multiply-add: under MIN_WORK
+    out = map_experts(fn, spans_of([3, 4]), 1 << 30)  # big enough, but autograd is recording
+    assert set(names) == {me} and out.requires_grad
+
+
+def test_a_worker_failure_reaches_the_caller(two_threads, monkeypatch):
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+
+    def fn(e, a, b):
+        if e == 3:
+            raise RuntimeError("expert 3 broke")
+        return torch.zeros(b - a, 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="expert 3 broke"):
+        map_experts(fn, spans_of([2, 2, 2, 2]), 1)
+
+
+@pytest.mark.parametrize("dim", [0, -1, None])
+def test_split_concatenates_or_sums_the_parts(two_threads, monkeypatch, dim):
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    h, w = torch.randn(6, 16), torch.randn(40, 16)
+    p = torch.softmax(torch.randn(6, 40), -1)
+    with torch.no_grad():
+        if dim == 0:
+            got, want = split(lambda a, b: h[a:b] @ w.t(), 6, 1, dim=0), h @ w.t()
+        elif dim == -1:
+            got, want = split(lambda a, b: F.linear(h, w[a:b]), 40, 1, dim=-1), F.linear(h, w)
+        else:
+            got, want = split(lambda a, b: p[:, a:b] @ w[a:b], 40, 1, dim=None), p @ w
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, quant):
+    """A model big enough to fan out (experts, LM head, probs @ E) gives the same logits on 1 and 2 threads."""
+    from blockdiff.bench.checkpoints import write_random_checkpoint
+    from blockdiff.engine.llm import LLM
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 1 << 12)  # the fan-out on this small model's products
+    write_random_checkpoint(str(tmp_path), "tiny")
+    llm = LLM(str(tmp_path), dtype=torch.float32, device="cpu", quantization=quant)
+    m = llm.model
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, m.vocab_size, (2, 12), generator=g)
+    canvas = torch.randint(3, m.vocab_size, (2, 16), generator=g)
+    names = set()
+    real = cpu_threads._run
+
+    def spy(fn, spans, inference):
+        names.add(threading.current_thread().name)
+        return real(fn, spans, inference)
+    monkeypatch.setattr(cpu_threads, "_run", spy)
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.inference_mode():
+                cache = m.new_cache(2)
+                m.encode(prompt, cache)
+                logits = m.denoise(canvas, cache)
+                outs[t] = (logits, m.soft_embeddings(logits.softmax(-1)))
+    finally:
+        torch.set_num_threads(before)
+    assert names, "nothing ran on the worker threads"
+    torch.testing.assert_close(outs[2][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[2][1], outs[1][1], rtol=1e-4, atol=1e-4)
