@@ -47,8 +47,9 @@ def spans_of(counts: Sequence[int]) -> list[Span]:
 
 def workers() -> int:
     """How many worker threads a fan-out would use now: torch's intra-op thread count where running ops on
-    worker threads is allowed (no autograd graph being recorded, not already inside a worker), else 1."""
-    if torch.is_grad_enabled() or getattr(_LOCAL, "worker", False):
+    worker threads is allowed (no autograd graph being recorded, not already inside a worker, not being traced
+    by ``torch.compile``: a graph holds no threads), else 1."""
+    if torch.is_grad_enabled() or getattr(_LOCAL, "worker", False) or torch.compiler.is_compiling():
         return 1
     return torch.get_num_threads()
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .cpu_threads import map_experts, spans_of
+from .cpu_threads import map_experts, spans_of, workers
 from .norms import RMSNorm, gelu_tanh
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -118,7 +118,7 @@ class Experts(nn.Module):
         xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
         y = None
         I2, H = self.gate_up_proj.shape[1:]
-        if x.device.type == "cpu" and torch.get_num_threads() > 1 and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and workers() > 1:
             # CPU with several threads: whole experts per thread (cpu_threads.py); the grouped kernel is a
             # single-threaded loop over experts there, and one ~16-row GEMM is too small to split.
             y = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I2 // 2)
