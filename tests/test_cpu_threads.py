@@ -42,9 +42,14 @@ def test_experts_are_dealt_to_worker_threads_and_come_back_in_order(two_threads,
     xs = torch.randn(sum(counts), 64)
     spans = spans_of(counts)
     ran_on = {}
+    both = threading.Barrier(2, timeout=20)  # each worker's first expert waits for the other's: they run at once
+    local = threading.local()
 
     def fn(e, a, b):
         ran_on[e] = threading.current_thread().name
+        if not getattr(local, "met", False):
+            local.met = True
+            both.wait()
         return _expert(xs, gu, dn, e, a, b)
     with torch.inference_mode():
         got = map_experts(fn, spans, 1)
@@ -140,3 +145,36 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
     assert names, "nothing ran on the worker threads"
     torch.testing.assert_close(outs[2][0], outs[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs[2][1], outs[1][1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_forked_child_gets_fresh_workers(two_threads, monkeypatch):
+    """The pools' threads do not survive a fork (multiprocessing's default start method on Linux): a child that
+    runs experts after its parent did must not wait on them forever."""
+    import os
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    spans = spans_of([2, 3, 1])
+
+    def fn(e, a, b):
+        return torch.full((b - a, 1), float(e))
+    with torch.no_grad():
+        want = map_experts(fn, spans, 1)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the fan-out ran and was right
+        code = 1
+        try:
+            with torch.no_grad():
+                code = 0 if torch.equal(map_experts(fn, spans, 1), want) else 1
+        finally:
+            os._exit(code)
+    deadline = 60
+    import time
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the parent's worker threads")

@@ -19,6 +19,7 @@ everything runs on the calling thread.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -31,6 +32,17 @@ MIN_WORK = 1 << 22
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
 _LOCAL = threading.local()  # .worker: set in the pools' threads (no nested fan-out from inside a worker)
+
+
+
+def _forget_pools() -> None:
+    """In a forked child: the pools' threads did not survive the fork, so a submit would wait forever."""
+    global _LOCK
+    _POOLS.clear()
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 Span = tuple[int, int, int]  # (expert, first row, end row) of the expert-sorted rows
 
