@@ -52,12 +52,31 @@ def test_experts_are_dealt_to_worker_threads_and_come_back_in_order(two_threads,
             both.wait()
         return _expert(xs, gu, dn, e, a, b)
     with torch.inference_mode():
-        got = map_experts(fn, spans, 1)
+        got = map_experts(fn, spans, 1)[0]
         want = torch.cat([_expert(xs, gu, dn, *s) for s in spans])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     workers = set(ran_on.values())
     assert len(workers) == 2 and all(n.startswith("blockdiff-experts") for n in workers), ran_on
     assert torch.get_num_threads() == 2  # the pool's start-up left the caller's count alone
+
+
+def test_side_tasks_run_beside_the_experts_and_come_back_separately(two_threads, monkeypatch):
+    """The layer's dense MLP rides in the experts' fan-out: its results come back apart from the experts' rows,
+    and the biggest task is dealt first (to a worker of its own when it outweighs the rest)."""
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    def fn(e, a, b):
+        return torch.full((b - a, 1), float(e))
+
+    def big():
+        return torch.ones(3)
+    spans = spans_of([2, 1, 3])
+    with torch.no_grad():
+        y, side = map_experts(fn, spans, 1, [(1000, big), (1, lambda: torch.zeros(2))])
+    assert torch.equal(y[:, 0], torch.tensor([0.0, 0, 1, 2, 2, 2]))
+    assert torch.equal(side[0], torch.ones(3)) and torch.equal(side[1], torch.zeros(2))
+    # the dealing: largest first, each to the least-loaded worker (1000 outweighs every expert together)
+    assert cpu_threads._deal([3 + 4, 2 + 4, 4 + 4, 1000, 1], 2) == [[3], [2, 0, 1, 4]]
+    assert cpu_threads._deal([5, 5, 5, 5], 2) == [[0, 2], [1, 3]]
 
 
 def test_workers_run_their_ops_single_threaded(two_threads, monkeypatch):
@@ -81,7 +100,7 @@ def test_small_work_and_autograd_stay_on_the_calling_thread(two_threads):
         return torch.ones(b - a, 2, requires_grad=True) * 2
     with torch.no_grad():
         map_experts(fn, spans_of([3, 4]), 1)  # 7 rows x 1 multiply-add: under MIN_WORK
-    out = map_experts(fn, spans_of([3, 4]), 1 << 30)  # big enough, but autograd is recording
+    out = map_experts(fn, spans_of([3, 4]), 1 << 30)[0]  # big enough, but autograd is recording
     assert set(names) == {me} and out.requires_grad
 
 
@@ -157,13 +176,13 @@ def test_a_forked_child_gets_fresh_workers(two_threads, monkeypatch):
     def fn(e, a, b):
         return torch.full((b - a, 1), float(e))
     with torch.no_grad():
-        want = map_experts(fn, spans, 1)  # the parent's pool exists now
+        want = map_experts(fn, spans, 1)[0]  # the parent's pool exists now
     pid = os.fork()
     if pid == 0:  # the child: exit code 0 only if the fan-out ran and was right
         code = 1
         try:
             with torch.no_grad():
-                code = 0 if torch.equal(map_experts(fn, spans, 1), want) else 1
+                code = 0 if torch.equal(map_experts(fn, spans, 1)[0], want) else 1
         finally:
             os._exit(code)
     deadline = 60

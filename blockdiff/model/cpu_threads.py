@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -74,19 +75,23 @@ def fan_out(fn: Callable, shares: list[list], n: int) -> list[list]:
     return [f.result() for f in futures]
 
 
-def map_experts(fn: Callable[[int, int, int], torch.Tensor], spans: list[Span], macs_per_row: int) -> torch.Tensor:
-    """``torch.cat([fn(e, a, b) for e, a, b in spans])``, with the spans dealt to the CPU's threads when there
-    are at least two threads, two experts and ``MIN_WORK`` multiply-adds."""
-    n = min(workers(), len(spans))
+def map_experts(fn: Callable[[int, int, int], torch.Tensor], spans: list[Span], macs_per_row: int,
+                side: Sequence[tuple[int, Callable[[], torch.Tensor]]] = ()) -> tuple[torch.Tensor, list]:
+    """``(torch.cat([fn(e, a, b) for e, a, b in spans]), [g() for _, g in side])``, with the experts and the side
+    tasks (``(multiply-adds, callable)``: e.g. the layer's dense MLP, independent of the experts) dealt to the CPU's
+    threads when there are at least two threads and ``MIN_WORK`` multiply-adds in all."""
     rows = spans[-1][2] - spans[0][1] if spans else 0
-    if n < 2 or rows * macs_per_row < MIN_WORK:
-        return torch.cat([fn(*s) for s in spans])
-    shares = _deal(spans, n)
-    out: list[torch.Tensor | None] = [None] * len(spans)
-    for share, ys in zip(shares, fan_out(fn, [[spans[i] for i in share] for share in shares], n)):
-        for i, y in zip(share, ys):
-            out[i] = y
-    return torch.cat(out)
+    tasks = [((b - a + 4) * macs_per_row, partial(fn, e, a, b)) for e, a, b in spans] + list(side)
+    n = min(workers(), len(tasks))
+    if n < 2 or rows * macs_per_row + sum(c for c, _ in side) < MIN_WORK:
+        results = [g() for _, g in tasks]
+    else:
+        shares = _deal([c for c, _ in tasks], n)
+        results = [None] * len(tasks)
+        for share, ys in zip(shares, fan_out(_call, [[(tasks[i][1],) for i in share] for share in shares], n)):
+            for i, y in zip(share, ys):
+                results[i] = y
+    return torch.cat(results[:len(spans)]), results[len(spans):]
 
 
 def split(fn: Callable[[int, int], torch.Tensor], size: int, macs: int, dim: int | None = 0) -> torch.Tensor:
@@ -108,16 +113,20 @@ def split(fn: Callable[[int, int], torch.Tensor], size: int, macs: int, dim: int
     return out
 
 
-def _deal(spans: list[Span], n: int) -> list[list[int]]:
-    """Span indices dealt to n threads: largest first, each to the least-loaded thread (a fixed cost per expert
-    counts too: every GEMM call has one)."""
+def _deal(costs: list[int], n: int) -> list[list[int]]:
+    """Task indices dealt to n threads: largest first, each to the least-loaded thread (an expert's cost counts
+    4 rows more than it has: every GEMM call has a fixed cost)."""
     load = [0] * n
     shares: list[list[int]] = [[] for _ in range(n)]
-    for i in sorted(range(len(spans)), key=lambda i: spans[i][1] - spans[i][2]):
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         t = load.index(min(load))
         shares[t].append(i)
-        load[t] += spans[i][2] - spans[i][1] + 4
+        load[t] += costs[i]
     return [s for s in shares if s]
+
+
+def _call(g: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return g()
 
 
 def _run(fn, spans: list[Span], inference: bool) -> list[torch.Tensor]:

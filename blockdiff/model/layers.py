@@ -13,6 +13,8 @@ from torch import nn
 
 from ..config import FULL, LayerSpec, TextConfig
 from .attention import Attention, AttnMeta, attend
+from . import cpu_threads
+from .cpu_threads import workers
 from .moe import Experts, Router, Routing, combine, grouped_mm_usable, route
 from .norms import RMSNorm, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
@@ -63,17 +65,32 @@ class DecoderLayer(nn.Module):
         attn, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, prefix, meta)
         x = x + self.post_attention_layernorm(attn)
         residual = x
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        dense_in = self.pre_feedforward_layernorm(x)
         flat = x.reshape(-1, x.shape[-1])
         w, idx = self.router(flat)
         pre = self.pre_feedforward_layernorm_2(flat)
-        if moe_per_row and x.shape[0] > 1:
+        dense = None
+        dense_macs = flat.shape[0] * 3 * self.mlp.gate_proj.in_features * self.mlp.gate_proj.out_features
+        if not (moe_per_row and x.shape[0] > 1) and x.device.type == "cpu" and dense_macs >= cpu_threads.MIN_WORK \
+                and workers() > 1 and hasattr(self.experts, "forward_with"):
+            # CPU with several threads: the dense MLP (independent of the experts) in two halves of its rows, dealt
+            # to the worker threads with the experts (model/cpu_threads.py), instead of its ~128-row GEMMs split
+            # by torch's own threads after them.
+            rows = dense_in.reshape(-1, x.shape[-1])
+            n, half = rows.shape[0], rows.shape[0] // 2
+            macs = 3 * self.mlp.gate_proj.in_features * self.mlp.gate_proj.out_features
+            side = [(half * macs, lambda: self.mlp(rows[:half])), ((n - half) * macs, lambda: self.mlp(rows[half:]))]
+            moe, parts = self.experts.forward_with(pre, w, idx, side if half else side[1:])
+            dense = self.post_feedforward_layernorm_1(torch.cat(parts).reshape(x.shape))
+        elif moe_per_row and x.shape[0] > 1:
             # Expert matmul shapes depend on how many tokens hit an expert; per row they are what the row
             # alone would see, so results do not depend on the batch.
             S = x.shape[1]
             moe = torch.cat([self.experts(pre[i:i + S], w[i:i + S], idx[i:i + S]) for i in range(0, flat.shape[0], S)])
         else:
             moe = self.experts(pre, w, idx)
+        if dense is None:
+            dense = self.post_feedforward_layernorm_1(self.mlp(dense_in))
         moe = self.post_feedforward_layernorm_2(moe.reshape(x.shape))
         x = residual + self.post_feedforward_layernorm(dense + moe)
         x = x * (self.encoder_layer_scalar if causal else self.layer_scalar)

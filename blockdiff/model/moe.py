@@ -114,6 +114,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights/idx [N, K] -> [N, H]. Sparse: each expert runs only on the tokens routed to it."""
+        return self.forward_with(x, weights, idx)[0]
+
+    def forward_with(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, side=()) -> tuple:
+        """``forward`` plus the results of ``side`` tasks ((multiply-adds, callable) pairs, independent of the
+        experts: the layer's dense MLP), run on the CPU's worker threads beside the experts when they are used."""
         r = route(idx, self.num_experts)
         xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
         y = None
@@ -121,8 +126,10 @@ class Experts(nn.Module):
         if x.device.type == "cpu" and workers() > 1:
             # CPU with several threads: whole experts per thread (cpu_threads.py); the grouped kernel is a
             # single-threaded loop over experts there, and one ~16-row GEMM is too small to split.
-            y = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I2 // 2)
-        elif grouped_mm_usable(x, H, I2 // 2):
+            y, done = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()),
+                                  3 * H * I2 // 2, side)
+            return combine(y, r, weights, x.dtype), done
+        if grouped_mm_usable(x, H, I2 // 2):
             # One GEMM per weight matrix for every token of the batch: each expert's weights are read once.
             try:
                 gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), r.offsets).chunk(2, dim=-1)
@@ -131,7 +138,7 @@ class Experts(nn.Module):
                 _GROUPED_MM_UNSUPPORTED.add((x.device.type, x.dtype))
         if y is None:
             y = self._looped(xs, r)
-        return combine(y, r, weights, x.dtype)
+        return combine(y, r, weights, x.dtype), [g() for _, g in side]
 
     def _looped(self, xs: torch.Tensor, r: Routing) -> torch.Tensor:
         """One matmul pair per expert: for autograd (training) and dtypes without a grouped kernel. Reads the

@@ -211,8 +211,13 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights/idx [N, K] -> [N, H]. Routing and combine are the full-precision module's."""
+        return self.forward_with(x, weights, idx)[0]
+
+    def forward_with(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, side=()) -> tuple:
+        """``forward`` plus the results of ``side`` tasks, as ``Experts.forward_with``."""
         r = route(idx, self.num_experts)
         xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
+        done = None
         if x.is_cuda:
             y = self._grouped(xs, r.offsets)
         elif self.gate_up_proj.int_mm and self.down_proj.int_mm:
@@ -221,8 +226,9 @@ class QuantExperts(nn.Module):
             # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc),
             # the experts dealt to the CPU's threads (model/cpu_threads.py).
             H, I = self.down_proj.shape[1:]
-            y = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I)
-        return combine(y, r, weights, x.dtype)
+            y, done = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I,
+                                  side)
+        return combine(y, r, weights, x.dtype), [g() for _, g in side] if done is None else done
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
@@ -233,10 +239,10 @@ class QuantExperts(nn.Module):
         xq, xsc = quantize_rows(xs)
         spans = spans_of(counts)
         H, I = self.down_proj.shape[1:]
-        gate, up = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)
+        gate, up = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)[0]
         gate, up = gate.mul_(xsc).chunk(2, -1)
         hq, hsc = quantize_rows(gelu_tanh(gate) * up, self.down_proj.reduce_rows)
-        y = map_experts(lambda e, a, b: self.down_proj.matmul_q(hq[a:b], None, e), spans, H * I).mul_(hsc)
+        y = map_experts(lambda e, a, b: self.down_proj.matmul_q(hq[a:b], None, e), spans, H * I)[0].mul_(hsc)
         return y.to(xs.dtype)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
