@@ -226,8 +226,11 @@ class QuantExperts(nn.Module):
             # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc),
             # the experts dealt to the CPU's threads (model/cpu_threads.py).
             H, I = self.down_proj.shape[1:]
-            y, done = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()), 3 * H * I,
-                                  side)
+            spans = spans_of(r.counts.tolist())
+            if x.device.type == "cpu":
+                y, done = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans, 3 * H * I, side)
+            else:  # another accelerator without the grouped path: no CPU worker threads
+                y = torch.cat([self._expert(xs[a:b], e) for e, a, b in spans])
         return combine(y, r, weights, x.dtype), [g() for _, g in side] if done is None else done
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
