@@ -66,13 +66,17 @@ def main() -> None:
     # Medians, and the best round of each: on a shared host other jobs only ever add time, so the best round is
     # the least disturbed one (both are printed; docs/benchmarks.md quotes both).
     print(f"{'quant':<6} " + " ".join(f"{t:>2} thr ms/step" for t in threads) + "  ratio (median)  " +
-          " ".join(f"{t:>2} thr best" for t in threads) + "  ratio (best)")
+          " ".join(f"{t:>2} thr best" for t in threads) + "  ratio (best)  median of per-round ratios")
     for q in runs:
         med = [statistics.median(times[(q, t)]) for t in threads]
         best = [min(times[(q, t)]) for t in threads]
+        # Paired: each round's ratio (its thread counts ran back to back), then the median of those ratios, so
+        # that a slow spell of the host that spans one round cancels instead of landing on one side.
+        paired = [statistics.median(a / b for a, b in zip(times[(q, threads[0])], times[(q, t)])) for t in threads[1:]]
         print(f"{q:<6} " + " ".join(f"{m:>14.1f}" for m in med) + "  " +
               " ".join(f"{med[0] / m:.2f}x" for m in med[1:]) + "          " +
               " ".join(f"{m:>11.1f}" for m in best) + "  " + " ".join(f"{best[0] / m:.2f}x" for m in best[1:]) +
+              "  paired " + " ".join(f"{r:.2f}x" for r in paired) +
               "   rounds: " + " | ".join(",".join(f"{x:.0f}" for x in times[(q, t)]) for t in threads))
 
 
