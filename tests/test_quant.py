@@ -123,8 +123,13 @@ def test_int_mm_takes_every_cpu_shape(shape):
     assert torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_experts_match_experts_with_dequantized_weights(method, tiny_model):
+@pytest.mark.parametrize("method,int_mm", [("int8", False), ("int8", True), ("int4", False)])
+def test_quantized_experts_match_experts_with_dequantized_weights(method, int_mm, tiny_model, monkeypatch):
+    """Every CPU expert path (int8 dequantize, int8 through torch._int_mm, int4 packed) equals the fp32 experts with
+    the dequantized weights, on one thread and with the experts dealt to worker threads."""
+    import blockdiff.quant.modules as qm
+    from blockdiff.model import cpu_threads
+    monkeypatch.setattr(qm, "_INT_MM", int_mm)
     cfg = tiny_model.text
     torch.manual_seed(1)
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -135,10 +140,18 @@ def test_quantized_experts_match_experts_with_dequantized_weights(method, tiny_m
     ref = Experts(cfg)
     ref.gate_up_proj.data.copy_(gu_deq)
     ref.down_proj.data.copy_(dn_deq)
+    assert qe.gate_up_proj.int_mm is int_mm
     x = torch.randn(20, H)
     w, idx = torch.softmax(torch.randn(20, E), -1).topk(cfg.top_k_experts, -1)
-    with torch.no_grad():
-        assert rel(qe(x, w, idx), ref(x, w, idx)) < 0.04
+    before = torch.get_num_threads()
+    try:
+        for threads, min_work in ((1, cpu_threads.MIN_WORK), (2, 0)):  # 2 threads, MIN_WORK 0: the workers run
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(cpu_threads, "MIN_WORK", min_work)
+            with torch.no_grad():
+                assert rel(qe(x, w, idx), ref(x, w, idx)) < 0.04
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_quantized_embedding_lookup_head_and_soft_embeddings(int_mm_kernel):

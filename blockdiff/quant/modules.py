@@ -242,8 +242,8 @@ class QuantExperts(nn.Module):
         xq, xsc = quantize_rows(xs)
         spans = spans_of(counts)
         H, I = self.down_proj.shape[1:]
-        gate, up = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)[0]
-        gate, up = gate.mul_(xsc).chunk(2, -1)
+        gu = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)[0]
+        gate, up = gu.mul_(xsc).chunk(2, -1)
         hq, hsc = quantize_rows(gelu_tanh(gate) * up, self.down_proj.reduce_rows)
         y = map_experts(lambda e, a, b: self.down_proj.matmul_q(hq[a:b], None, e), spans, H * I)[0].mul_(hsc)
         return y.to(xs.dtype)
