@@ -142,13 +142,13 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, m.vocab_size, (2, 12), generator=g)
     canvas = torch.randint(3, m.vocab_size, (2, 16), generator=g)
-    names = set()
-    real = cpu_threads._run
+    real = cpu_threads.fan_out
+    fan_outs = {1: 0, 2: 0}
 
-    def spy(fn, spans, inference):
-        names.add(threading.current_thread().name)
-        return real(fn, spans, inference)
-    monkeypatch.setattr(cpu_threads, "_run", spy)
+    def spy(fn, shares, n):
+        fan_outs[torch.get_num_threads()] += 1
+        return real(fn, shares, n)
+    monkeypatch.setattr(cpu_threads, "fan_out", spy)
     before = torch.get_num_threads()
     outs = {}
     try:
@@ -161,7 +161,9 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
                 outs[t] = (logits, m.soft_embeddings(logits.softmax(-1)))
     finally:
         torch.set_num_threads(before)
-    assert names, "nothing ran on the worker threads"
+    # one thread: nothing fans out; two: each layer's experts (with its dense MLP) in encode and in denoise, the
+    # LM head and probs @ E
+    assert fan_outs[1] == 0 and fan_outs[2] >= 2 * len(m.layers) + 2, fan_outs
     torch.testing.assert_close(outs[2][0], outs[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs[2][1], outs[1][1], rtol=1e-4, atol=1e-4)
 

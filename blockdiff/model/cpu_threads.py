@@ -35,7 +35,6 @@ _LOCK = threading.Lock()
 _LOCAL = threading.local()  # .worker: set in the pools' threads (no nested fan-out from inside a worker)
 
 
-
 def _forget_pools() -> None:
     """In a forked child: the pools' threads did not survive the fork, so a submit would wait forever."""
     global _LOCK
@@ -129,9 +128,9 @@ def _call(g: Callable[[], torch.Tensor]) -> torch.Tensor:
     return g()
 
 
-def _run(fn, spans: list[Span], inference: bool) -> list[torch.Tensor]:
+def _run(fn, share: list[tuple], inference: bool) -> list[torch.Tensor]:
     with torch.inference_mode(inference), torch.no_grad():
-        return [fn(*s) for s in spans]
+        return [fn(*args) for args in share]
 
 
 def _pool(n: int) -> ThreadPoolExecutor:

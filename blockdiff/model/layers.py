@@ -14,7 +14,6 @@ from torch import nn
 from ..config import FULL, LayerSpec, TextConfig
 from .attention import Attention, AttnMeta, attend
 from . import cpu_threads
-from .cpu_threads import workers
 from .moe import Experts, Router, Routing, combine, grouped_mm_usable, route
 from .norms import RMSNorm, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
 
@@ -70,15 +69,14 @@ class DecoderLayer(nn.Module):
         w, idx = self.router(flat)
         pre = self.pre_feedforward_layernorm_2(flat)
         dense = None
-        dense_macs = flat.shape[0] * 3 * self.mlp.gate_proj.in_features * self.mlp.gate_proj.out_features
-        if not (moe_per_row and x.shape[0] > 1) and x.device.type == "cpu" and dense_macs >= cpu_threads.MIN_WORK \
-                and workers() > 1 and hasattr(self.experts, "forward_with"):
+        macs = 3 * self.mlp.gate_proj.in_features * self.mlp.gate_proj.out_features  # per row of the dense MLP
+        n = flat.shape[0]
+        if not (moe_per_row and x.shape[0] > 1) and x.device.type == "cpu" and n * macs >= cpu_threads.MIN_WORK \
+                and cpu_threads.workers() > 1 and hasattr(self.experts, "forward_with"):
             # CPU with several threads: the dense MLP (independent of the experts) in two halves of its rows, dealt
             # to the worker threads with the experts (model/cpu_threads.py), instead of its ~128-row GEMMs split
-            # by torch's own threads after them.
-            rows = dense_in.reshape(-1, x.shape[-1])
-            n, half = rows.shape[0], rows.shape[0] // 2
-            macs = 3 * self.mlp.gate_proj.in_features * self.mlp.gate_proj.out_features
+            # by torch's own threads after them. (Split experts, blockdiff.distributed, have no forward_with.)
+            rows, half = dense_in.reshape(-1, x.shape[-1]), n // 2
             side = [(half * macs, lambda: self.mlp(rows[:half])), ((n - half) * macs, lambda: self.mlp(rows[half:]))]
             moe, parts = self.experts.forward_with(pre, w, idx, side if half else side[1:])
             dense = self.post_feedforward_layernorm_1(torch.cat(parts).reshape(x.shape))
