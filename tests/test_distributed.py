@@ -199,6 +199,18 @@ def test_tp2_reference_generation_token_equal(group2, paths, ep):
     assert a == b and all(len(x) > 0 for x in a)
 
 
+def test_tp2_fast_requests_run_exact_instead_of_stalling_the_ranks(group2, paths):
+    """Fast mode runs the model's pieces one by one, which a split model cannot follow: its requests run exact
+    (the same tokens as exact mode), not a tick that leaves the followers waiting."""
+    two = LLM.from_model(group2.load(paths["tiny"], dtype=torch.float32), None, LLM(paths["tiny"], dtype="float32").defaults)
+    assert not two.engine.fast_capable
+    out = {}
+    for fast in (False, True):
+        params = SamplingParams(max_new_tokens=16, seed=5, max_denoising_steps=6, fast=fast)
+        out[fast] = two.generate(prompt_token_ids=[[2, 10, 20, 30]], sampling_params=params)[0].token_ids
+    assert out[True] == out[False] and len(out[True]) > 0
+
+
 def test_tp2_prefix_cache_reuses_prompts_with_page_copies_on_every_rank(group2, paths):
     from blockdiff.distributed import ParallelPrefixCache
 

@@ -194,6 +194,10 @@ class LeaderModel:
     """Rank 0's view of the split model: the rank's shard, whose ``encode``/``denoise``/``soft_embeddings`` bring
     the followers along and return whole-vocabulary results. Everything else is the shard's."""
 
+    # Fast mode (engine/fast.py) runs the layers, embedding and LM head one by one, which on a split model would
+    # leave the followers waiting: its requests run exact here.
+    runs_fast_mode = False
+
     def __init__(self, model, channel: Channel, group=None):
         object.__setattr__(self, "_lock", threading.RLock())
         object.__setattr__(self, "_model", model)

@@ -42,6 +42,7 @@ class Engine:
                  fast: bool = False):
         self.model = model
         self.fast = bool(fast)  # fast mode for requests that do not say (``blockdiff serve --fast``)
+        self.fast_capable = getattr(model, "runs_fast_mode", True)  # False: split over ranks, fast requests run exact
         # Prompt blocks already encoded, reused by later prompts that start with them (0 bytes: off). A model split
         # over ranks (blockdiff.distributed) makes its own: its page copies run on every rank.
         make = getattr(model, "make_prefix_cache", None)
@@ -191,7 +192,7 @@ class Engine:
         if out.encode:
             self._encode(out.encode)
         dn = [s for s in out.denoise if s.phase is Phase.DENOISING]
-        fast = [s for s in dn if uses_fast(s, self.deterministic)]  # approximate mode: engine/fast.py
+        fast = [s for s in dn if self.fast_capable and uses_fast(s, self.deterministic)]  # approximate: engine/fast.py
         if fast:
             dn = [s for s in dn if all(s is not f for f in fast)]
             self._fast(fast)
