@@ -98,6 +98,8 @@ def test_server_chat_and_completions_answer_with_the_solution(server):
     ("/v1/completions", {"prompt": "hello"}, "81-character puzzle"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": PUZZLE}],
                               "response_format": {"type": "json_object"}}, "structured output is not available"),
+    ("/tokenize", {"prompt": "hello"}, "81-character puzzle"),
+    ("/tokenize", {"prompt": "hello", "add_special_tokens": False}, "81-character puzzle"),
 ])
 def test_server_refuses_what_the_sudoku_model_cannot_answer_with_a_400(server, path, body, words):
     r = httpx.post(server.url + path, json={"model": "sudoku", **body}, timeout=60)

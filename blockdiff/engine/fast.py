@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv_cache import KVCache, to_device
+from ..kv_cache import KVCache
 from ..model.fast_denoise import denoise_active, empty_store
 from ..sampling import counter_rng
 from ..sampling.penalties import apply_penalties
@@ -90,8 +90,9 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     frozen = torch.stack([f.frozen for f in fs])  # [B, C]
     params = RowParams.build([s.sampler_row() for s in states], dev, C, V)
     kept = frozen if params.fixed is None else frozen | params.fixed  # template tokens never change either
-    refresh = to_device(torch.tensor([s.step % REFRESH == 0 for s in states]), dev)  # [B]
-    stale = canvas != torch.stack([f.kv_tokens for f in fs])
+    refresh = params.step % REFRESH == 0  # [B], from the step column already on the device
+    kv_tokens = torch.stack([f.kv_tokens for f in fs])  # [B, C]
+    stale = canvas != kv_tokens
     active = ~kept | stale | _dilate(torch.stack([f.newly_frozen for f in fs]), VICINITY) | refresh[:, None]
     active[:, 0] |= ~active.any(-1)  # a row with everything kept (a full template, all frozen) still runs one
     # --- pack the active positions: [B, A], a row's real ones first, padded with repeats of its first one ---
@@ -111,7 +112,7 @@ def fast_tick(engine, states: list[ModelState]) -> None:
         soft = full.gather(1, index[..., None].expand(-1, -1, H))
     store = [(torch.stack([f.store[i][0] for f in fs]), torch.stack([f.store[i][1] for f in fs]))
              for i in range(len(model.layers))]
-    store_valid = ~active & (torch.stack([f.kv_tokens for f in fs]) >= 0)
+    store_valid = ~active & (kv_tokens >= 0)
     logits = denoise_active(model, ids, index, valid, soft, KVCache([s.cache for s in states]), store,
                             store_valid)  # [B, A, V]
     # --- the sampler on the active positions only; frozen ones keep their token with entropy 0 ---
@@ -135,7 +136,7 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     noise = counter_rng.randint(params.seed, params.canvas_index, params.step.long(), counter_rng.RENOISE, C, V)
     new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, params)
     confident = mean_h < params.confidence
-    has_prev = to_device(torch.tensor([s.step > 0 for s in states]), dev)
+    has_prev = params.step > 0
     settled = accepted & (sampled == argmax) & (argmax == previous) & has_prev[:, None]
     streak = torch.where(settled, torch.stack([f.streak for f in fs]) + 1, 0)
     newly = ~frozen & (streak >= FREEZE_AFTER)
@@ -147,7 +148,7 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     soft_next = model.embed(canvas).to(soft_a.dtype)  # [B, C, H]: a one-hot distribution's soft embedding
     soft_next = torch.where(frozen[..., None], soft_next,
                             soft_next.scatter(1, index[..., None].expand(-1, -1, H), soft_a))
-    kv_tokens = torch.stack([f.kv_tokens for f in fs]).scatter_(1, index, ids)
+    kv_tokens = kv_tokens.scatter_(1, index, ids)
     same = same_as_previous(argmax, previous, has_prev)
     # The tick's one readback, as in exact mode: stop flags, finite logits, argmax, and for draft listeners the
     # acceptance masks and entropies (thousandths).

@@ -212,7 +212,7 @@ def generation_from_gguf(reader) -> dict:
             # Floats are stored as float32: take the shortest decimal that round-trips (0.3, not 0.30000001192...),
             # so the sampler sees the value the checkpoint's generation_config.json held.
             gen[ours] = int(v) if ours in ("max_denoising_steps", "stability_threshold") else float(str(np.float32(v)))
-    v = _field(reader, f"{ARCH}.diffusion.max_new_tokens")
+    v = _diffusion_field(reader, "max_new_tokens")
     if v is not None:
         gen["max_new_tokens"] = int(v)
     eb = gen.pop("entropy_bound", None)

@@ -243,8 +243,7 @@ class Server:
     def _tokenize(self, raw: bytes) -> dict:
         req = self._validated(TokenizeRequest, raw)
         if req.prompt is not None:
-            self._check_chars(len(req.prompt), "prompt")
-            ids = self.encode_text(req.prompt) if req.add_special_tokens else self.tokenizer.encode(req.prompt)
+            ids = self.encode_text(req.prompt, add_bos=req.add_special_tokens)
         else:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise bad("this model has no chat template: send 'prompt'", "messages")
@@ -273,7 +272,7 @@ class Server:
     async def detokenize(self, raw: bytes) -> dict:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._detokenize, raw)
 
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise bad("this model has no tokenizer: send 'prompt' as an array of token ids", "prompt")
         self._check_chars(len(text), "prompt")
@@ -282,7 +281,7 @@ class Server:
         except ValueError as e:  # a checkpoint that reads only some texts (the Sudoku model: puzzles)
             raise bad(str(e), "prompt") from None
         bos = self.tokenizer.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
         return ids
 
