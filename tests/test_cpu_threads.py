@@ -120,13 +120,19 @@ def test_split_concatenates_or_sums_the_parts(two_threads, monkeypatch, dim):
     monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
     h, w = torch.randn(6, 16), torch.randn(40, 16)
     p = torch.softmax(torch.randn(6, 40), -1)
+    slices = []
+
+    def seen(a, b, y):
+        slices.append((a, b))
+        return y
     with torch.no_grad():
         if dim == 0:
-            got, want = split(lambda a, b: h[a:b] @ w.t(), 6, 1, dim=0), h @ w.t()
+            got, want = split(lambda a, b: seen(a, b, h[a:b] @ w.t()), 6, 1, dim=0), h @ w.t()
         elif dim == -1:
-            got, want = split(lambda a, b: F.linear(h, w[a:b]), 40, 1, dim=-1), F.linear(h, w)
+            got, want = split(lambda a, b: seen(a, b, F.linear(h, w[a:b])), 40, 1, dim=-1), F.linear(h, w)
         else:
-            got, want = split(lambda a, b: p[:, a:b] @ w[a:b], 40, 1, dim=None), p @ w
+            got, want = split(lambda a, b: seen(a, b, p[:, a:b] @ w[a:b]), 40, 1, dim=None), p @ w
+    assert sorted(slices) == ([(0, 3), (3, 6)] if dim == 0 else [(0, 20), (20, 40)])  # one slice per worker
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -144,9 +150,11 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
     canvas = torch.randint(3, m.vocab_size, (2, 16), generator=g)
     real = cpu_threads.fan_out
     fan_outs = {1: 0, 2: 0}
+    kinds = set()
 
     def spy(fn, shares, n):
         fan_outs[torch.get_num_threads()] += 1
+        kinds.add("experts" if fn is cpu_threads._call else "split")  # map_experts hands over _call
         return real(fn, shares, n)
     monkeypatch.setattr(cpu_threads, "fan_out", spy)
     before = torch.get_num_threads()
@@ -164,6 +172,7 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
     # one thread: nothing fans out; two: each layer's experts (with its dense MLP) in encode and in denoise, the
     # LM head and probs @ E
     assert fan_outs[1] == 0 and fan_outs[2] >= 2 * len(m.layers) + 2, fan_outs
+    assert kinds == {"experts", "split"}
     torch.testing.assert_close(outs[2][0], outs[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs[2][1], outs[1][1], rtol=1e-4, atol=1e-4)
 

@@ -148,7 +148,9 @@ def test_serve_fast_flag_sets_the_engine_default():
 
 
 def test_a_fully_fixed_canvas_runs_in_fast_mode(tiny_model):
-    """Every position a template token: nothing to recompute after the first step, the request still finishes."""
+    """Every position a template token: fast mode still runs it (a whole-canvas refresh every REFRESH-th step, one
+    position on the steps between) and the request finishes with the template."""
+    from blockdiff.engine.fast import REFRESH
     C = tiny_model.canvas_length
     eng = Engine(tiny_model)
     s = eng.add_request([2, 3], SamplingParams(max_new_tokens=C, seed=1, fast=True, canvas_template=[7] * C,
@@ -156,6 +158,9 @@ def test_a_fully_fixed_canvas_runs_in_fast_mode(tiny_model):
     while eng.has_unfinished():
         eng.step()
     assert s.output_ids == [7] * C and s.metrics.denoise_steps == 5
+    refreshes = len(range(0, 5, REFRESH))
+    assert eng.stats["fast_canvas_positions"] == 5 * C
+    assert eng.stats["fast_positions"] == refreshes * C + (5 - refreshes)
 
 
 def test_a_failure_in_one_fast_request_ends_it_alone(tiny_checkpoint, monkeypatch):

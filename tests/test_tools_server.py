@@ -269,7 +269,12 @@ def test_python_api_chat_with_tools(llm):
 def test_a_checkpoint_without_the_tool_tokens_returns_text_with_a_clear_reason(tmp_path):
     path = make_checkpoint(tmp_path, canvas_length=8, generation_config={"max_denoising_steps": 2})
     llm = LLM(path, dtype=torch.float32)
+    # every token a stop token: the output ends before the budget, so the reason must be the failed call's
+    stop_all = SamplingParams(seed=0, max_new_tokens=8, ignore_eos=False, stop_token_ids=list(range(512)))
+    out = llm.chat(USER, stop_all, tools=[WEATHER], tool_choice="required")[0]
+    assert out.tool_calls is None and isinstance(out.content, str)
+    assert out.finish_reason == "invalid_tool_call"
+    # out of budget instead: "length", as for any text cut short
     out = llm.chat(USER, SamplingParams(seed=0, max_new_tokens=8, ignore_eos=False), tools=[WEATHER],
                    tool_choice="required")[0]
-    assert out.tool_calls is None and isinstance(out.content, str)
-    assert out.finish_reason in ("invalid_tool_call", "length")
+    assert out.tool_calls is None and out.finish_reason == "length"
