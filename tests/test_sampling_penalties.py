@@ -10,20 +10,7 @@ from blockdiff import LLM, SamplingParams
 from blockdiff.config import GenerationDefaults
 from blockdiff.sampling.fields import ParamError
 from blockdiff.sampling.penalties import Penalties
-from blockdiff.sampling.sampler import RowParams, default_step
-
-V, C = 64, 8
-
-
-def _rows(B, **over):
-    base = dict(step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=1e9, confidence=0.005, seed=0,
-                canvas_index=0)
-    return [dict(base, seed=b, **{k: v[b] for k, v in over.items()}) for b in range(B)]
-
-
-def _step(logits, rows):
-    canvas = torch.zeros(logits.shape[:2], dtype=torch.long)
-    return default_step(logits.clone(), canvas, RowParams.build(rows, "cpu", C, V))
+from test_sampling_options import C, V, _rows, _step  # one batched-step helper for both files
 
 
 def test_penalties_change_exactly_the_documented_logits_and_leave_other_rows_alone():
