@@ -393,3 +393,15 @@ def test_metrics_is_valid_prometheus_exposition(srv):
     done = sum(s.value for s in fams["blockdiff_requests"].samples
                if s.name == "blockdiff_requests_total" and s.labels["outcome"] in ("stop", "length"))
     assert done >= 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--replicas", "-1"], "--replicas must be >= 1 (or 0, the default"),
+    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+])
+def test_serve_refuses_bad_process_options_in_one_line(tmp_path, capsys, args, words):
+    """Checked before anything loads (the checkpoint path need not exist): exit 2 and one line naming the flag."""
+    from blockdiff.cli import main as cli_main
+    assert cli_main(["serve", str(tmp_path / "never-read"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err

@@ -119,7 +119,7 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     if args.replicas < 0:
-        raise CLIError(f"--replicas must be >= 1, got {args.replicas}")
+        raise CLIError(f"--replicas must be >= 1 (or 0, the default: one process, no Ray), got {args.replicas}")
     if args.replicas:
         if getattr(args, "tensor_parallel_size", 1) > 1:
             raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
