@@ -15,13 +15,14 @@ longer than ``BLOCKDIFF_DIST_TIMEOUT`` seconds (default 600) fails instead of ha
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 
-from .runtime import Channel, LeaderModel, follow
+from .runtime import Channel, LeaderModel, farewell, follow
 from .shard import shard_model
 
 
@@ -146,6 +147,10 @@ class Group:
         self.closed = True
         try:
             self.channel.send("stop")
+            if all(p.is_alive() for p in self.procs):  # (torchrun's ranks: no handles here, so always)
+                farewell()
+        except Exception as e:  # a follower already gone (crashed, killed): close still releases the rest
+            logging.getLogger(__name__).warning("could not tell every rank to stop: %s", e)
         finally:
             for p in self.procs:
                 p.join(timeout=30)

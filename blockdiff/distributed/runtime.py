@@ -19,6 +19,7 @@ Messages: a pickled header (``broadcast_object_list``) with tensors replaced by 
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import threading
@@ -41,6 +42,20 @@ class _T:
     index: int
     shape: tuple
     dtype: torch.dtype
+
+
+FAREWELL_S = 30.0  # how long "stop" waits for every rank to have read it (a rank already gone: not longer)
+
+
+def farewell() -> None:
+    """Both sides of "stop": each rank waits here until every rank has read it. Without it rank 0 could tear the
+    group down (and exit) while a follower was still reading its last broadcast; gloo then aborts that follower's
+    process (SIGABRT) instead of letting it leave its loop. A rank that is already gone only costs the wait."""
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=FAREWELL_S))
+    except Exception as e:  # a rank gone or a group broken: nothing left to protect
+        logging.getLogger(__name__).warning("ranks did not all acknowledge stop: %s", e)
 
 
 class Channel:
@@ -294,6 +309,7 @@ def follow(channel: Channel, load) -> None:
         while True:
             op, kw = channel.recv()
             if op == "stop":
+                farewell()
                 return
             if op == "load":  # a failure here cannot be survived: rank 0 would wait in share_ranges forever
                 model = None
