@@ -4,12 +4,14 @@
     python scripts/thread_scaling.py /tmp/speed/mid/ckpt --quant int8 --profile   # per-op table at each count
 
 Each round runs every (quantization, thread count) once, one canvas (prompt 64, 128 new tokens, 16 steps,
-early stopping off); the medians of ms per denoising step and the ratio to the first thread count are printed.
+early stopping off); the medians of ms per denoising step and the ratio to the first thread count are printed,
+then the process's CPU time per step and the cores busy (CPU time / wall) per thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -55,14 +57,20 @@ def main() -> None:
                           f"{e.count / res.forwards:8.1f}")
         return
     times = {(q, t): [] for q in runs for t in threads}
+    cpu_ms = {(q, t): [] for q in runs for t in threads}
     for _ in range(a.repeats):
         for q, fn in runs.items():
             for t in threads:
                 torch.set_num_threads(t)
-                t0 = time.perf_counter()
+                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 res = fn(0)
-                times[(q, t)].append(1000 * (time.perf_counter() - t0) / res.forwards)
-                print(q, t, f"{times[(q, t)][-1]:.0f} ms/step", flush=True)
+                wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+                cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+                times[(q, t)].append(1000 * wall / res.forwards)
+                cpu_ms[(q, t)].append(1000 * cpu / res.forwards)
+                # CPU time / wall: how many cores were busy on average (idle ones do not count, spinning ones do)
+                print(q, t, f"{times[(q, t)][-1]:.0f} ms/step, CPU time {cpu_ms[(q, t)][-1]:.0f} ms/step, "
+                      f"cores busy {cpu / wall:.2f}", flush=True)
     # Medians, and the best round of each: on a shared host other jobs only ever add time, so the best round is
     # the least disturbed one (both are printed; docs/benchmarks.md quotes both).
     print(f"{'quant':<6} " + " ".join(f"{t:>2} thr ms/step" for t in threads) + "  ratio (median)  " +
@@ -78,6 +86,14 @@ def main() -> None:
               " ".join(f"{m:>11.1f}" for m in best) + "  " + " ".join(f"{best[0] / m:.2f}x" for m in best[1:]) +
               "  paired " + " ".join(f"{r:.2f}x" for r in paired) +
               "   rounds: " + " | ".join(",".join(f"{x:.0f}" for x in times[(q, t)]) for t in threads))
+    # Where a second core's time went: busy (CPU time / wall) and the work's own inflation (CPU time per step
+    # against one thread's): a core that is busy but slowed by its neighbour shows as inflation, not idleness.
+    print("CPU time per step (median ms) and cores busy, per thread count:")
+    for q in runs:
+        c1 = statistics.median(cpu_ms[(q, threads[0])])
+        print(f"  {q:<6} " + "  ".join(
+            f"{t} thr: {statistics.median(cpu_ms[(q, t)]):.0f} ms ({statistics.median(cpu_ms[(q, t)]) / c1:.2f}x), "
+            f"busy {statistics.median(c / w for c, w in zip(cpu_ms[(q, t)], times[(q, t)])):.2f}" for t in threads))
 
 
 if __name__ == "__main__":
