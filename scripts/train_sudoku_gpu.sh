@@ -55,7 +55,8 @@ python -m blockdiff.train --task sudoku --recipe "$RECIPE" --clamp-givens --out 
   --sudoku-pool "$POOL" --data-workers "$WORKERS" --eval-every "$EVAL_EVERY" --eval-puzzles 128 \
   --save-every 2000 --log-every 100 --seed 0 2>&1 | tee "$OUTDIR/train.log"
 
-python -m blockdiff.sudoku.eval --model "$RUN" --device "$DEVICE" --per-band "$PER_BAND" \
+# exact, fast (approximate, issue 20: its quality and wall time on a trained model) and autoregressive decoding
+python -m blockdiff.sudoku.eval --model "$RUN" --device "$DEVICE" --per-band "$PER_BAND" --modes diffusion,fast,ar \
   --batch-size 256 --out "$OUTDIR/eval.json" 2>&1 | tee "$OUTDIR/eval.md"
 rm -f "$RUN/trainer_state.pt.tmp"
 echo "checkpoint: $RUN  log: $OUTDIR/train.log  evaluation: $OUTDIR/eval.md"
