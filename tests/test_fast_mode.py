@@ -120,6 +120,24 @@ def test_rows_that_need_exact_distributions_run_exact_in_fast_mode(tiny_model):
     assert computed > 0
 
 
+def test_greedy_requests_run_fast_mode_deterministically(tiny_model):
+    """temperature 0 in fast mode: a tick of only greedy rows draws nothing (the argmax is the token) and gives the
+    same tokens every time; a greedy row beside one that draws runs in the same tick."""
+    def run(*temps):
+        eng = Engine(tiny_model)
+        ss = [eng.add_request([2, 3, 4], SamplingParams(max_new_tokens=20, seed=5 + i, ignore_eos=True, fast=True,
+                                                        temperature=t)) for i, t in enumerate(temps)]
+        while eng.has_unfinished():
+            eng.step()
+        assert eng.stats.get("fast_positions", 0) > 0 and all(s.finish_reason == "length" for s in ss)
+        return [s.output_ids for s in ss]
+
+    alone = run(0)[0]
+    assert run(0)[0] == alone and len(alone) == 20
+    mixed = run(0, 1.0)  # one tick, a greedy row and a drawing one
+    assert [len(x) for x in mixed] == [20, 20]
+
+
 def test_fast_must_be_a_boolean():
     with pytest.raises(ValueError, match="'fast' must be a boolean"):
         SamplingParams(fast="yes")

@@ -42,6 +42,27 @@ def test_greedy_rows_take_the_argmax_others_still_draw():
     assert not torch.equal(got.canvas[1], got.argmax[1])
 
 
+def test_an_all_greedy_batch_draws_nothing_and_steps_as_if_it_had(monkeypatch):
+    from blockdiff.sampling.sampler import RowParams, default_step
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, C, V, generator=g)
+    rows = _rows(2, greedy=[True, True], entropy_bound=[0.5, 2.0])  # some positions accepted, some renoised
+    canvas = torch.zeros(2, C, dtype=torch.long)
+    params = RowParams.build(rows, "cpu", C, V)
+    assert params.all_greedy and not RowParams.build(_rows(2, greedy=[True, False]), "cpu", C, V).all_greedy
+    drawing = RowParams.build(rows, "cpu", C, V)
+    drawing.all_greedy = False  # the path that draws for every row, then keeps the argmax of greedy rows
+    want = default_step(logits.clone(), canvas, drawing)
+    searched = []
+    real = torch.searchsorted
+    monkeypatch.setattr(torch, "searchsorted", lambda *a, **k: searched.append(1) or real(*a, **k))
+    got = default_step(logits.clone(), canvas, params)
+    assert not searched  # no inverse-CDF draw over the vocabulary
+    assert 0 < int(got.accepted.sum()) < 2 * C
+    for f in ("canvas", "argmax", "accepted", "entropy", "probs", "mean_entropy", "confident"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
 def test_temperature_scales_the_schedule_and_is_validated():
     d = GenerationDefaults()
     r = SamplingParams(temperature=0.5).resolved(d)

@@ -71,6 +71,7 @@ class RowParams:
     min_p: torch.Tensor | None = None  # fp32 [B]
     # temperature 0 (``greedy`` rows): accepted positions take the argmax instead of a draw (None: no row is).
     greedy: torch.Tensor | None = None  # bool [B]
+    all_greedy: bool = False  # host: every row is greedy, so nothing is drawn (no CDF over the vocabulary)
     # Penalties and logit_bias, applied to the logits before anything else (None: no row sets any):
     # ``rep`` divides positive / multiplies negative logits of seen tokens (1 elsewhere), then ``bias`` is added
     # (logit_bias - presence_penalty * [in output] - frequency_penalty * count in output).
@@ -108,6 +109,7 @@ class RowParams:
                                           for r in rows])
         if any(r.get("greedy") for r in rows):
             out.greedy = col("greedy", torch.bool)
+            out.all_greedy = all(r.get("greedy") for r in rows)
         out.rep, out.bias = penalty_rows(rows, vocab_size, device)
         out.top_k = row_params([r.get("top_k") for r in rows], vocab_size, torch.int64, device)
         out.top_p = row_params([r.get("top_p") for r in rows], 1.0, torch.float32, device)
@@ -194,7 +196,7 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
     u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C)  # [B, C]
     h, sampled = entropy_and_draw(logits, u, p)
     if p.greedy is not None:  # temperature 0: the argmax where a row is greedy
-        sampled = torch.where(p.greedy[:, None], argmax, sampled)
+        sampled = argmax if sampled is None else torch.where(p.greedy[:, None], argmax, sampled)
     noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
     new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, p)
     return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)
@@ -203,14 +205,17 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
 def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
     """Tempered ``logits`` [B, S, V] (overwritten with their probabilities), one uniform per position ``u`` [B, S]
     -> (entropy fp32 [B, S], sampled token [B, S]), ``ROW_CHUNK`` positions at a time. ``default_step`` passes
-    the whole canvas (S = C); fast mode (``engine/fast.py``) only its undecided positions."""
+    the whole canvas (S = C); fast mode (``engine/fast.py``) only its undecided positions. Every row greedy
+    (``p.all_greedy``): nothing is drawn (no cumulative sum and search over the vocabulary), and the sampled
+    tokens are None: the caller takes the argmax, as it would for greedy rows of a mixed batch."""
     B, S, V = logits.shape
     dev = logits.device
     flat = logits.view(B * S, V)
     h = torch.empty(B * S, dtype=torch.float32, device=dev)
-    sampled = torch.empty(B * S, dtype=torch.long, device=dev)
+    draw = not p.all_greedy
+    sampled = torch.empty(B * S, dtype=torch.long, device=dev) if draw else None
     u = u.reshape(B * S, 1)
-    cdf = torch.empty(min(ROW_CHUNK, B * S), V, dtype=torch.float32, device=dev)
+    cdf = torch.empty(min(ROW_CHUNK, B * S), V, dtype=torch.float32, device=dev) if draw else None
     for i in range(0, B * S, ROW_CHUNK):
         rows = flat[i:i + ROW_CHUNK]
         n = rows.shape[0]
@@ -221,6 +226,8 @@ def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tup
             rows.clamp_(min=torch.finfo(rows.dtype).min)
         h[i:i + n] = torch.logsumexp(rows, dim=-1) - torch.linalg.vecdot(probs, rows.to(torch.float32))
         rows.copy_(probs)
+        if not draw:
+            continue
         # Inverse-CDF sampling: one uniform per position instead of V exponentials. The target is kept
         # strictly below the total, so a token of probability zero can never be picked.
         if p.truncates:  # per position: its row's cut (rows that set none are left bit-identical)
@@ -232,7 +239,7 @@ def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tup
         x = torch.minimum(u[i:i + n] * total, torch.nextafter(total, torch.zeros_like(total)))
         sampled[i:i + n] = torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
     h = h.clamp_(min=0.0).view(B, S)  # the difference can round to -1e-7 on a one-hot row
-    return h, sampled.view(B, S)
+    return h, (sampled.view(B, S) if draw else None)
 
 
 def accept_and_renoise(h: torch.Tensor, argmax: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor,
