@@ -118,6 +118,11 @@ class Tokenizer:
     # A one-line reason when this checkpoint cannot take structured output (the engine refuses with it).
     structured_output_refusal: str | None = None
 
+    def example_prompt(self, length: int, seed: int) -> list[int] | None:
+        """A prompt of about ``length`` tokens for benchmarks (``blockdiff bench``); None: any ids make a prompt,
+        so the benchmark draws random ones. A checkpoint that reads only one kind of prompt (Sudoku) gives one."""
+        return None
+
     def task_params(self, prompt_ids: list[int], params):
         """The checkpoint's own sampling settings for a prompt (the Sudoku model fixes its givens); as-is here."""
         return params

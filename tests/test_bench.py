@@ -176,3 +176,26 @@ def test_a_reference_mismatch_is_explained_in_one_line_not_a_bare_false(tmp_path
             assert len(lines) == i + 2 and "random weights" in lines[i + 1] and "near-uniform" in lines[i + 1]
     r = dict(report, reference_matches_oracle=False, checkpoint="/some/trained/ckpt")
     assert "report it" in format_table(r).splitlines()[-1]
+
+
+def test_bench_on_the_bundled_sudoku_model_uses_a_puzzle_and_skips_what_it_refuses(tmp_path, capsys):
+    """The Sudoku model reads only puzzles: bench prompts it with one, and leaves out the system whose requests it
+    refuses (rng="reference" has no canvas template), saying why, unless that system was asked for by name."""
+    from blockdiff.sudoku.solver import BUNDLED_MODEL
+    out = tmp_path / "bench.json"
+    assert main(["bench", BUNDLED_MODEL, *FAST, "--no-oracle", "--out", str(out)]) == 0
+    report, table = json.loads(out.read_text()), capsys.readouterr().out
+    assert report["settings"]["prompt_len"] == 83  # <bos>, 81 cells, the separator: the puzzle prompt
+    assert {"blockdiff-default", "blockdiff-fast", "ar-b1"} <= set(report["results"])
+    assert "blockdiff-reference" not in report["results"]
+    assert "canvas_template" in report["skipped"]["blockdiff-reference"]
+    assert "blockdiff-reference: skipped" in table
+    assert main(["bench", BUNDLED_MODEL, *FAST, "--no-oracle", "--systems", "blockdiff-reference"]) == 2
+    assert "canvas_template" in capsys.readouterr().err
+
+
+def test_an_unknown_system_is_named_with_the_systems_there_are(tiny_checkpoint, capsys):
+    assert main(["bench", tiny_checkpoint, *FAST, "--systems", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown systems ['bogus']" in err and "'oracle'" in err and "blockdiff-fast" in err
+    assert "--no-oracle" not in err  # the system's name, not the flag that turns it off

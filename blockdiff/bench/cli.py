@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-oracle", dest="oracle", action="store_false", help="skip the transformers reference")
     p.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help="only these (comma-separated): blockdiff-default, blockdiff-reference, oracle, ar-bN")
+                   help="only these (comma-separated): blockdiff-default, blockdiff-fast, blockdiff-reference, oracle, ar-bN")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     from ..cli import add_parallel_arguments
     add_parallel_arguments(p)

@@ -210,7 +210,9 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
     model = llm.model
     C = model.canvas_length
     n = o.max_new_tokens or C
-    prompt = make_prompt(model.vocab_size, o.prompt_len, o.seed)
+    tok = llm.tokenizer
+    prompt = (tok.example_prompt(o.prompt_len, o.seed) if tok is not None else None) \
+        or make_prompt(model.vocab_size, o.prompt_len, o.seed)  # random ids, unless the checkpoint reads one kind
     prompts = [prompt] * o.batch
 
     systems = {
@@ -231,20 +233,45 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
             raise ValueError(f"unknown systems {sorted(unknown)}; choose from {sorted(set(systems) | {ORACLE})}")
         systems = {k: v for k, v in systems.items() if k in wanted}
 
-    for name, (_, fn) in systems.items():
+    skipped = {}
+
+    def refused(name: str, e: ValueError) -> bool:
+        """A system whose requests this checkpoint refuses (the Sudoku model and rng="reference") is left out
+        with its reason, unless it was asked for by name: then the refusal is the answer."""
+        if wanted is not None:
+            return False
+        log(f"skipping {name}: {e}")
+        skipped[name] = str(e)
+        del systems[name]
+        return True
+
+    for name, (_, fn) in list(systems.items()):
         for _ in range(o.warmup):
             log(f"warm-up: {name}")
-            fn(o.seed)
+            try:
+                fn(o.seed)
+            except ValueError as e:
+                if not refused(name, e):
+                    raise
+                break
     runs: dict[str, list[tuple[float, int, RunResult, float]]] = {k: [] for k in systems}
     for r in range(o.repeats):
-        for name, (_, fn) in systems.items():
+        for name, (_, fn) in list(systems.items()):
             # No poller beside a timed run; on CUDA the allocator's own peak statistics cost nothing.
             mem = PeakMemory(device) if device.type == "cuda" else None
             if mem is not None:
                 mem.__enter__()
             _sync(device)
             c0, t0 = _cpu_seconds(), time.perf_counter()
-            res = fn(o.seed)
+            try:
+                res = fn(o.seed)
+            except ValueError as e:  # without a warm-up the first timed run is the first request
+                if mem is not None:
+                    mem.__exit__(None, None, None)
+                if runs[name] or not refused(name, e):
+                    raise
+                del runs[name]
+                continue
             _sync(device)
             secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
             if mem is not None:
@@ -328,7 +355,7 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
                   "vocab_size": t.vocab_size, "canvas_length": C},
         "settings": {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": o.batch,
                      "max_new_tokens": n, "steps": o.steps, "stability_threshold": o.steps + 1,
-                     "prompt_len": o.prompt_len, "repeats": o.repeats, "warmup": o.warmup, "seed": o.seed,
+                     "prompt_len": len(prompt), "repeats": o.repeats, "warmup": o.warmup, "seed": o.seed,
                      "threads": torch.get_num_threads(), "peak_memory": memory_metric(device),
                      "quantization": o.quantization, "tensor_parallel_size": o.tensor_parallel_size,
                      "expert_parallel": o.expert_parallel},
@@ -343,6 +370,7 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
         "reference_matches_oracle": parity,
         "reference_oracle_token_agreement": agreement,
         "fast_default_token_agreement": fast_agreement,
+        "skipped": skipped,  # system -> why this checkpoint refused its requests
         "options": {k: v for k, v in asdict(o).items() if k != "extra"},
     }
 
@@ -373,6 +401,8 @@ def format_table(report: dict) -> str:
         lines.append(f"fast mode (approximate): {r if r is not None else '-'}x the default mode's tok/s, "
                      f"{report['fast_default_token_agreement']:.1%} of its tokens equal to the default mode's "
                      "(same seeds)")
+    for name, why in (report.get("skipped") or {}).items():
+        lines.append(f"{name}: skipped, the checkpoint refused its requests ({why})")
     if report.get("reference_matches_oracle") is not None:
         lines.append(f"reference mode == oracle tokens: {report['reference_matches_oracle']} "
                      f"(agreement {report['reference_oracle_token_agreement']:.1%})")

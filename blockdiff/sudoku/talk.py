@@ -112,6 +112,13 @@ class SudokuTokenizer(Tokenizer):
         """Incremental detokenizing in the same words as ``decode`` (one token is one cell: nothing to hold back)."""
         return _CellStream(self, skip_special_tokens)
 
+    def example_prompt(self, length: int, seed: int) -> list[int]:
+        """A puzzle (30-45 clues, drawn from ``seed``): the only prompt this model reads; its length is fixed."""
+        import random
+
+        from .puzzles import generate
+        return fmt.encode_prompt(generate(random.Random(seed), 30, 45)[0])
+
     def task_params(self, prompt_ids: list[int], params):
         """The engine's hook: a puzzle prompt gets its givens fixed and digits-only cells (unless the request
         already set ``canvas_template`` / ``allowed_token_ids``, as ``solver.py`` does)."""
