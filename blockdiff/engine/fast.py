@@ -98,7 +98,9 @@ def fast_tick(engine, states: list[ModelState]) -> None:
     # --- pack the active positions: [B, A], a row's real ones first, padded with repeats of its first one ---
     counts = active.sum(-1)
     order = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)  # active positions first, in order
-    counts_host = counts.tolist()  # the tick's one host read before the forward: the packed width
+    store_valid = ~active & (kv_tokens >= 0)  # stored keys/values the active queries read
+    # the tick's one host read before the forward: the packed widths (active positions, stored ones)
+    counts_host, stored_host = torch.stack([counts, store_valid.sum(-1)]).tolist()
     A = max(counts_host)
     index = order[:, :A]
     valid = torch.arange(A, device=dev)[None] < counts[:, None]
@@ -112,9 +114,8 @@ def fast_tick(engine, states: list[ModelState]) -> None:
         soft = full.gather(1, index[..., None].expand(-1, -1, H))
     store = [(torch.stack([f.store[i][0] for f in fs]), torch.stack([f.store[i][1] for f in fs]))
              for i in range(len(model.layers))]
-    store_valid = ~active & (kv_tokens >= 0)
     logits = denoise_active(model, ids, index, valid, soft, KVCache([s.cache for s in states]), store,
-                            store_valid)  # [B, A, V]
+                            store_valid, max(stored_host))  # [B, A, V]
     # --- the sampler on the active positions only; frozen ones keep their token with entropy 0 ---
     if params.rep is not None or params.bias is not None:  # penalties and logit_bias, as in exact mode
         apply_penalties(logits, params.rep, params.bias, ROW_CHUNK)

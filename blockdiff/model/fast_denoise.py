@@ -24,12 +24,15 @@ from .attention import AttnMeta
 
 @torch.no_grad()
 def denoise_active(model, ids: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, soft: torch.Tensor | None,
-                   cache, store: list, store_valid: torch.Tensor) -> torch.Tensor:
+                   cache, store: list, store_valid: torch.Tensor, store_width: int | None = None) -> torch.Tensor:
     """ids [B, A] the active positions' input tokens; index [B, A] their canvas positions; valid [B, A] False on
     padding; soft [B, A, H] their self-conditioning embeddings (None: none yet, zeros); store: per layer
     (k, v) [B, Hkv, C, D], updated in place at ``index``; store_valid [B, C]: stored entries the queries may read
-    (False for positions recomputed now and for rows without a store yet). Returns logits [B, A, V] (fp32,
-    soft-capped), the same kind of logits ``denoise`` returns for those positions."""
+    (False for positions recomputed now and for rows without a store yet); ``store_width``: the most True of a row
+    in ``store_valid`` (None: read here). Only those stored entries are attended to, packed per row (a row's
+    first, padded and masked): attention sees the prefix, the stored positions and this call's ones, never the
+    stale entries of the positions being recomputed. Returns logits [B, A, V] (fp32, soft-capped), the same kind
+    of logits ``denoise`` returns for those positions."""
     B, A = ids.shape
     dev = model.device
     view = cache.begin(None, A, dev, model.dtype)
@@ -37,10 +40,14 @@ def denoise_active(model, ids: torch.Tensor, index: torch.Tensor, valid: torch.T
     positions = view.start[:, None] + index  # [B, A]: each position at its own canvas offset
     # The denoise masks read the canvas's first position (sliding windows end there): the row start, whatever is active.
     masks = model._masks(view.start[:, None].expand(B, A), [p.pos for p in prefixes], [p.valid for p in prefixes], None)
-    canvas_keys = store_valid[:, None, None, :]  # [B, 1, 1, C]
+    W = int(store_valid.sum(-1).max()) if store_width is None else store_width
+    # the stored positions each row reads, first in each row (in canvas order), padded to W and masked
+    stored_at = torch.argsort((~store_valid).to(torch.int8), dim=-1, stable=True)[:, :W]  # [B, W]
+    canvas_keys = (torch.arange(W, device=dev)[None] < store_valid.sum(-1)[:, None])[:, None, None, :]  # [B,1,1,W]
+    gather_at = stored_at[:, None, :, None]  # [B, 1, W, 1]
     new_keys = valid[:, None, None, :]  # [B, 1, 1, A]: padding repeats are never read
     metas = []
-    for m in masks:  # [B, 1, 1, P + A] -> [B, 1, 1, P + C + A]: prefix, stored canvas, this call's positions
+    for m in masks:  # [B, 1, 1, P + A] -> [B, 1, 1, P + W + A]: prefix, stored canvas, this call's positions
         P = m.shape[-1] - A
         metas.append(AttnMeta(torch.cat([m[..., :P], canvas_keys, new_keys], dim=-1), None))
     if soft is None:
@@ -52,8 +59,10 @@ def denoise_active(model, ids: torch.Tensor, index: torch.Tensor, valid: torch.T
         cos, sin = rope[layer.self_attn.spec.layer_type]
         pk, pv = gather_prefix(*view.sources(i))
         sk, sv = store[i]
-        x, k_new, v_new = layer(x, cos, sin, (torch.cat([pk, sk], dim=2), torch.cat([pv, sv], dim=2)),
-                                metas[model._span_index[i]], causal=False)
+        if W:
+            at = gather_at.expand(-1, sk.shape[1], -1, sk.shape[3])
+            pk, pv = torch.cat([pk, sk.gather(2, at)], dim=2), torch.cat([pv, sv.gather(2, at)], dim=2)
+        x, k_new, v_new = layer(x, cos, sin, (pk, pv), metas[model._span_index[i]], causal=False)
         # Padding repeats write (near-)identical values to the position they repeat.
         sk.scatter_(2, scatter_at.expand(-1, sk.shape[1], -1, sk.shape[3]), k_new.to(sk.dtype))
         sv.scatter_(2, scatter_at.expand(-1, sv.shape[1], -1, sv.shape[3]), v_new.to(sv.dtype))
