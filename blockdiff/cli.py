@@ -469,7 +469,7 @@ def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
         return message
     for action in parser._actions:
         flag = next((o for o in action.option_strings if o.startswith("--")), None)
-        if flag is None or action.dest == flag[2:] or flag.startswith("--no-"):
+        if flag is None or action.dest == flag[2:] or isinstance(action, argparse._StoreFalseAction):
             continue  # a negation (--no-oracle) is not another name for its dest ("oracle" is a benchmark system)
         message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}(?!\w)", flag, message)
     return message

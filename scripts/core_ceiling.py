@@ -4,7 +4,7 @@
 
 Runs the same fixed work once on one thread, then on two threads at once (each thread its own copy of the work,
 no synchronisation between them, torch at one intra-op thread per thread), and prints the throughput ratio
-``2 * t_alone / t_both`` per round and its median. Two kinds of work:
+``2 * t_alone / t_both`` per round and its median. The work:
 
 - ``sha256`` of an 8 MB buffer (scalar/SHA units; the GIL is released): shows whether the two CPUs are two cores;
 - a sum over 256 MB (memory bandwidth), and 16-row GEMMs over 64 MB of weights (the experts' kind: each
@@ -73,7 +73,7 @@ def main() -> None:
             for _ in range(calls):
                 torch.mm(x, y)
         work[f"fp32 mm {n}^2 x{calls}"] = gemm
-    big = torch.randn(64 * 2 ** 20 // 4 * 4)  # 256 MB: far past the caches
+    big = torch.randn(64 * 2 ** 20)  # 256 MB of fp32: far past the caches
 
     def stream():
         for _ in range(2):

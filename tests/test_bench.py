@@ -192,6 +192,33 @@ def test_bench_on_the_bundled_sudoku_model_uses_a_puzzle_and_skips_what_it_refus
     assert "blockdiff-reference: skipped" in table
     assert main(["bench", BUNDLED_MODEL, *FAST, "--no-oracle", "--systems", "blockdiff-reference"]) == 2
     assert "canvas_template" in capsys.readouterr().err
+    # the untimed tick-memory run and the profile prompt it with a puzzle too
+    assert main(["bench", BUNDLED_MODEL, *FAST, "--no-oracle", "--systems", "blockdiff-default", "--tick-memory",
+                 "--batch", "2"]) == 0
+    assert "one denoising tick at batch 2" in capsys.readouterr().out
+    assert main(["bench", BUNDLED_MODEL, *FAST, "--no-oracle", "--profile"]) == 0
+
+
+def test_only_a_systems_first_request_can_be_a_refusal(tiny_checkpoint, monkeypatch):
+    """A ValueError after a system's request went through once is a failure of the run, not a refusal to skip."""
+    from blockdiff.bench import harness
+
+    real = harness.blockdiff_system
+
+    def flaky(*a, **k):
+        fn, calls = real(*a, **k), []
+
+        def run(seed):
+            calls.append(seed)
+            if len(calls) > 1:
+                raise ValueError("went wrong on the second request")
+            return fn(seed)
+        return run
+    monkeypatch.setattr(harness, "blockdiff_system", flaky)
+    o = harness.BenchOptions(steps=2, repeats=1, warmup=1, prompt_len=4, oracle=False, ar_batches=(),
+                             memory_run=False)
+    with pytest.raises(ValueError, match="second request"):
+        harness.run_benchmark(tiny_checkpoint, o, log=lambda m: None)
 
 
 def test_an_unknown_system_is_named_with_the_systems_there_are(tiny_checkpoint, capsys):

@@ -120,9 +120,11 @@ def test_rows_that_need_exact_distributions_run_exact_in_fast_mode(tiny_model):
     assert computed > 0
 
 
-def test_greedy_requests_run_fast_mode_deterministically(tiny_model):
-    """temperature 0 in fast mode: a tick of only greedy rows draws nothing (the argmax is the token) and gives the
-    same tokens every time; a greedy row beside one that draws runs in the same tick."""
+def test_greedy_requests_run_fast_mode_without_drawing(tiny_model, monkeypatch):
+    """temperature 0 in fast mode: a tick of only greedy rows draws nothing (no inverse-CDF search: the argmax is
+    the token) and takes the argmax, as the drawing path would; a greedy row beside one that draws runs too."""
+    import blockdiff.sampling.sampler as sampler
+
     def run(*temps):
         eng = Engine(tiny_model)
         ss = [eng.add_request([2, 3, 4], SamplingParams(max_new_tokens=20, seed=5 + i, ignore_eos=True, fast=True,
@@ -132,8 +134,19 @@ def test_greedy_requests_run_fast_mode_deterministically(tiny_model):
         assert eng.stats.get("fast_positions", 0) > 0 and all(s.finish_reason == "length" for s in ss)
         return [s.output_ids for s in ss]
 
+    searched = []
+    real = torch.searchsorted
+    monkeypatch.setattr(torch, "searchsorted", lambda *a, **k: searched.append(1) or real(*a, **k))
     alone = run(0)[0]
-    assert run(0)[0] == alone and len(alone) == 20
+    assert not searched and len(alone) == 20
+    build = sampler.RowParams.build
+
+    def drawing(*a, **k):  # the path that draws for every row, then keeps the argmax of the greedy ones
+        p = build(*a, **k)
+        p.all_greedy = False
+        return p
+    monkeypatch.setattr(sampler.RowParams, "build", drawing)  # (the class engine/fast.py builds from too)
+    assert run(0)[0] == alone and searched  # same tokens with the draw done and discarded
     mixed = run(0, 1.0)  # one tick, a greedy row and a drawing one
     assert [len(x) for x in mixed] == [20, 20]
 

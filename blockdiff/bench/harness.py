@@ -174,6 +174,14 @@ def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return [2] + torch.randint(lo, vocab_size, (length - 1,), generator=g).tolist()
 
 
+def bench_prompt(llm, length: int, seed: int) -> list[int]:
+    """The benchmark's prompt: ``length`` random ids, unless the checkpoint reads only one kind of prompt (the
+    Sudoku model: a puzzle, ``Tokenizer.example_prompt``)."""
+    tok = llm.tokenizer
+    return (tok.example_prompt(length, seed) if tok is not None else None) \
+        or make_prompt(llm.model.vocab_size, length, seed)
+
+
 def _cpu_seconds() -> float:
     """User + system CPU time of this process: steadier than wall time on a machine shared with other jobs."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -210,9 +218,7 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
     model = llm.model
     C = model.canvas_length
     n = o.max_new_tokens or C
-    tok = llm.tokenizer
-    prompt = (tok.example_prompt(o.prompt_len, o.seed) if tok is not None else None) \
-        or make_prompt(model.vocab_size, o.prompt_len, o.seed)  # random ids, unless the checkpoint reads one kind
+    prompt = bench_prompt(llm, o.prompt_len, o.seed)
     prompts = [prompt] * o.batch
 
     systems = {
@@ -233,12 +239,13 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
             raise ValueError(f"unknown systems {sorted(unknown)}; choose from {sorted(set(systems) | {ORACLE})}")
         systems = {k: v for k, v in systems.items() if k in wanted}
 
-    skipped = {}
+    skipped, called = {}, set()
 
     def refused(name: str, e: ValueError) -> bool:
         """A system whose requests this checkpoint refuses (the Sudoku model and rng="reference") is left out
-        with its reason, unless it was asked for by name: then the refusal is the answer."""
-        if wanted is not None:
+        with its reason, unless it was asked for by name (then the refusal is the answer). Only its first call
+        can be a refusal: an error after a request went through once is a failure, and raises."""
+        if wanted is not None or name in called:
             return False
         log(f"skipping {name}: {e}")
         skipped[name] = str(e)
@@ -254,6 +261,7 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
                 if not refused(name, e):
                     raise
                 break
+            called.add(name)
     runs: dict[str, list[tuple[float, int, RunResult, float]]] = {k: [] for k in systems}
     for r in range(o.repeats):
         for name, (_, fn) in list(systems.items()):
@@ -268,10 +276,11 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
             except ValueError as e:  # without a warm-up the first timed run is the first request
                 if mem is not None:
                     mem.__exit__(None, None, None)
-                if runs[name] or not refused(name, e):
+                if not refused(name, e):
                     raise
                 del runs[name]
                 continue
+            called.add(name)
             _sync(device)
             secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
             if mem is not None:
@@ -432,7 +441,7 @@ def tick_memory(llm, o: BenchOptions, log=None) -> dict:
     engine = llm.engine
     model = llm.model
     C, V = model.canvas_length, model.vocab_size
-    prompt = make_prompt(V, o.prompt_len, o.seed)
+    prompt = bench_prompt(llm, o.prompt_len, o.seed)
     params = SamplingParams(max_new_tokens=C, max_denoising_steps=4, stability_threshold=5, ignore_eos=True)
     states = [engine.add_request(list(prompt), dataclasses.replace(params, seed=o.seed + i)) for i in range(o.batch)]
     try:

@@ -161,7 +161,7 @@ def _op_table(fn, steps: int, rows: int = 15) -> list[str]:
 def profile_report(path: str, options, log=print) -> str:
     from ..engine.llm import LLM
     from ..placement import resolve_dtype
-    from .harness import make_prompt
+    from .harness import bench_prompt
     from .systems import blockdiff_system, load_oracle, oracle_system
 
     o = options
@@ -169,7 +169,7 @@ def profile_report(path: str, options, log=print) -> str:
     llm = LLM(path, dtype=dtype, device=o.device, quantization=o.quantization)
     C = llm.model.canvas_length
     n = o.max_new_tokens or C
-    prompts = [make_prompt(llm.model.vocab_size, o.prompt_len, o.seed)] * o.batch
+    prompts = [bench_prompt(llm, o.prompt_len, o.seed)] * o.batch
     wanted = o.systems or ["blockdiff-default", "oracle"]
     unknown = set(wanted) - {"blockdiff-default", "blockdiff-reference", "oracle"}
     if unknown:

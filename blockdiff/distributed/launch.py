@@ -147,8 +147,10 @@ class Group:
         self.closed = True
         try:
             self.channel.send("stop")
-            if all(p.is_alive() for p in self.procs):  # (torchrun's ranks: no handles here, so always)
-                farewell()
+            gone = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+            if gone:  # no acknowledgement to wait for from a rank that is not there
+                raise RuntimeError(f"{', '.join(gone)} had already ended")
+            farewell()  # (torchrun's ranks: no handles here, so always)
         except Exception as e:  # a follower already gone (crashed, killed): close still releases the rest
             logging.getLogger(__name__).warning("could not tell every rank to stop: %s", e)
         finally:
@@ -156,6 +158,7 @@ class Group:
                 p.join(timeout=30)
                 if p.is_alive():
                     p.terminate()
+                    p.join(timeout=5)
             if dist.is_initialized():
                 dist.destroy_process_group()
 
