@@ -14,10 +14,10 @@ from blockdiff.engine.llm import LLM
 from blockdiff.sudoku.eval import held_out, score
 from blockdiff.sudoku.solver import BUNDLED_MODEL, solve_diffusion
 
-torch.set_num_threads(1)
+torch.set_num_threads(2)
 llm = LLM(BUNDLED_MODEL, dtype="float32")
 n = int(sys.argv[1])
-sets = held_out(n, 1000, bands=(">=40", "30-39"))
+sets = held_out(n, 1000, bands=(">=40", "30-39", "<30"))
 configs = [None] + [tuple(map(int, c.split(":"))) for c in sys.argv[2:]]
 for band, pairs in sets.items():
     puzzles = [p for p, _ in pairs]
