@@ -134,6 +134,10 @@ def test_split_concatenates_or_sums_the_parts(two_threads, monkeypatch, dim):
             got, want = split(lambda a, b: seen(a, b, p[:, a:b] @ w[a:b]), 40, 1, dim=None), p @ w
     assert sorted(slices) == ([(0, 3), (3, 6)] if dim == 0 else [(0, 20), (20, 40)])  # one slice per worker
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    slices.clear()  # work on another device (here: "meta" stands for it) is never dealt to the CPU's threads
+    with torch.no_grad():
+        split(lambda a, b: seen(a, b, h), 40, 1, dim=0, device=torch.device("meta"))
+    assert slices == [(0, 40)]
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])

@@ -123,10 +123,9 @@ def fast_tick(engine, states: list[ModelState]) -> None:
         logits.masked_fill_(params.disallowed[:, None, :], float("-inf"))
     logits.div_(row_temperature(params)[:, None, None])
     arg_a = logits.argmax(dim=-1)  # [B, A]
-    u = counter_rng.uniform(params.seed, params.canvas_index, params.step.long(), counter_rng.SAMPLE, C)
-    h_a, sampled_a = entropy_and_draw(logits, u.gather(1, index), params)  # logits now hold the probabilities
-    if params.greedy is not None:  # temperature 0: the argmax where a row is greedy
-        sampled_a = arg_a if sampled_a is None else torch.where(params.greedy[:, None], arg_a, sampled_a)
+    h_a, sampled_a = entropy_and_draw(  # logits now hold the probabilities
+        logits, lambda: counter_rng.uniform(params.seed, params.canvas_index, params.step.long(), counter_rng.SAMPLE,
+                                            C).gather(1, index), params, arg_a)
     h = torch.zeros(B, C, dtype=torch.float32, device=dev).scatter_(1, index, h_a)
     fresh_argmax = canvas.clone().scatter_(1, index, arg_a)
     # A refresh re-decides a frozen position whose fresh argmax disagrees with its kept token.

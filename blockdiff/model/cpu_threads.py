@@ -93,13 +93,15 @@ def map_experts(fn: Callable[[int, int, int], torch.Tensor], spans: list[Span], 
     return torch.cat(results[:len(spans)]), results[len(spans):]
 
 
-def split(fn: Callable[[int, int], torch.Tensor], size: int, macs: int, dim: int | None = 0) -> torch.Tensor:
-    """``fn(0, size)`` computed over equal slices [a, b) of ``size``, one per worker thread, when there are at
-    least two threads and ``macs`` (the whole product's multiply-adds) reaches ``MIN_WORK``: for the big GEMMs
+def split(fn: Callable[[int, int], torch.Tensor], size: int, macs: int, dim: int | None = 0,
+          device: torch.device | None = None) -> torch.Tensor:
+    """``fn(0, size)`` computed over equal slices [a, b) of ``size``, one per worker thread, when the work is on
+    the CPU (``device``: where its tensors are; None: the CPU), there are at least two threads and ``macs`` (the
+    whole product's multiply-adds) reaches ``MIN_WORK``: for the big GEMMs
     (LM head, probs @ E), where one single-threaded product per core beats torch's own split of one product.
     The parts are concatenated along ``dim``, or summed in slice order when ``dim`` is None (a split of the
     product's inner dimension)."""
-    n = workers()
+    n = workers() if device is None or torch.device(device).type == "cpu" else 1
     if n < 2 or size < 2 * n or macs < MIN_WORK:
         return fn(0, size)
     cuts = [size * i // n for i in range(n + 1)]

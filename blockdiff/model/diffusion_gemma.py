@@ -104,23 +104,18 @@ class DiffusionGemma(nn.Module):
         if not isinstance(self.embed_tokens, nn.Embedding):
             return self.embed_tokens.mix(probs, self.dtype) * torch.tensor(self.text.hidden_size ** 0.5).to(self.dtype)
         w = self.embed_tokens.weight
-        p = probs.to(w.dtype)
-        if w.device.type == "cpu":  # the vocabulary dealt to the CPU's threads, partial products summed
-            flat = p.reshape(-1, p.shape[-1])
-            mixed = split(lambda a, b: flat[:, a:b] @ w[a:b], w.shape[0], flat.numel() * w.shape[1], dim=None)
-            mixed = mixed.reshape(*p.shape[:-1], w.shape[1])
-        else:
-            mixed = torch.matmul(p, w)
+        flat = probs.to(w.dtype).reshape(-1, probs.shape[-1])
+        # on the CPU the vocabulary dealt to its threads, the partial products summed
+        mixed = split(lambda a, b: flat[:, a:b] @ w[a:b], w.shape[0], flat.numel() * w.shape[1], dim=None,
+                      device=w.device).reshape(*probs.shape[:-1], w.shape[1])
         return mixed * torch.tensor(self.text.hidden_size ** 0.5).to(w.dtype)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., H] -> soft-capped fp32 logits [..., V] (tied embeddings)."""
         if isinstance(self.embed_tokens, nn.Embedding):
-            w = self.embed_tokens.weight
-            if w.device.type == "cpu":  # the vocabulary dealt to the CPU's threads
-                logits = split(lambda a, b: F.linear(h, w[a:b]), w.shape[0], h.numel() * w.shape[0], dim=-1).float()
-            else:
-                logits = F.linear(h, w).float()
+            w = self.embed_tokens.weight  # on the CPU the vocabulary dealt to its threads
+            logits = split(lambda a, b: F.linear(h, w[a:b]), w.shape[0], h.numel() * w.shape[0], dim=-1,
+                           device=w.device).float()
         else:
             logits = self.embed_tokens.project(h).float()
         if self.softcap:

@@ -29,9 +29,9 @@ def denoise_active(model, ids: torch.Tensor, index: torch.Tensor, valid: torch.T
     padding; soft [B, A, H] their self-conditioning embeddings (None: none yet, zeros); store: per layer
     (k, v) [B, Hkv, C, D], updated in place at ``index``; store_valid [B, C]: stored entries the queries may read
     (False for positions recomputed now and for rows without a store yet); ``store_width``: the most True of a row
-    in ``store_valid`` (None: read here; a smaller value would drop stored keys). Only those stored entries are attended to, packed per row (a row's
-    first, padded and masked): attention sees the prefix, the stored positions and this call's ones, never the
-    stale entries of the positions being recomputed. Returns logits [B, A, V] (fp32, soft-capped), the same kind
+    in ``store_valid`` (None: read here; a smaller value would drop stored keys). Only those stored entries are
+    attended to, packed per row (a row's first, padded and masked): attention sees the prefix, the stored positions
+    and this call's ones, never the stale entries of the positions being recomputed. Returns logits [B, A, V] (fp32, soft-capped), the same kind
     of logits ``denoise`` returns for those positions."""
     B, A = ids.shape
     dev = model.device

@@ -304,8 +304,7 @@ class QuantEmbedding(nn.Module):
             def part(lo: int, hi: int) -> torch.Tensor:
                 return torch.cat([F.linear(flat, w.qweight[a:b].to(flat.dtype)).mul_(w.qscale[a:b].to(flat.dtype))
                                   for a, b in self._chunks(lo, hi)], dim=-1)
-            cpu = flat.device.type == "cpu"
-            out = split(part, self.num_embeddings, flat.numel() * self.num_embeddings, dim=-1) if cpu else part(0, self.num_embeddings)
+            out = split(part, self.num_embeddings, flat.numel() * self.num_embeddings, dim=-1, device=flat.device)
         return out.reshape(*h.shape[:-1], self.num_embeddings)
 
     def mix(self, probs: torch.Tensor, dtype) -> torch.Tensor:
@@ -320,10 +319,8 @@ class QuantEmbedding(nn.Module):
                 y = ((flat[:, a:b].to(dtype) * w.qscale[a:b].to(dtype)).to(cdt) @ w.qweight[a:b].to(cdt)).to(dtype)
                 out = y if out is None else out.add_(y)
             return out
-        if flat.device.type == "cpu":  # the vocabulary dealt to the CPU's threads, partial products summed
-            out = split(part, self.num_embeddings, flat.numel() * self.embedding_dim, dim=None)
-        else:
-            out = part(0, self.num_embeddings)
+        # on the CPU the vocabulary dealt to its threads, the partial products summed
+        out = split(part, self.num_embeddings, flat.numel() * self.embedding_dim, dim=None, device=flat.device)
         return out.reshape(*probs.shape[:-1], self.embedding_dim)
 
 

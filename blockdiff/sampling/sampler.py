@@ -193,29 +193,29 @@ def default_step(logits: torch.Tensor, canvas: torch.Tensor, p: RowParams) -> St
         logits.masked_fill_(p.disallowed[:, None, :], float("-inf"))  # broadcast, in place
     logits.div_(row_temperature(p)[:, None, None])
     argmax = logits.argmax(dim=-1)  # [B, C]
-    u = counter_rng.uniform(p.seed, p.canvas_index, p.step.long(), counter_rng.SAMPLE, C)  # [B, C]
-    h, sampled = entropy_and_draw(logits, u, p)
-    if p.greedy is not None:  # temperature 0: the argmax where a row is greedy
-        sampled = argmax if sampled is None else torch.where(p.greedy[:, None], argmax, sampled)
+    h, sampled = entropy_and_draw(logits, lambda: counter_rng.uniform(p.seed, p.canvas_index, p.step.long(),
+                                                                      counter_rng.SAMPLE, C), p, argmax)
     noise = counter_rng.randint(p.seed, p.canvas_index, p.step.long(), counter_rng.RENOISE, C, V)
     new_canvas, argmax, accepted, mean_h = accept_and_renoise(h, argmax, sampled, noise, p)
     return StepResult(new_canvas, argmax, accepted, h, logits, mean_h, mean_h < p.confidence)
 
 
-def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tempered ``logits`` [B, S, V] (overwritten with their probabilities), one uniform per position ``u`` [B, S]
-    -> (entropy fp32 [B, S], sampled token [B, S]), ``ROW_CHUNK`` positions at a time. ``default_step`` passes
-    the whole canvas (S = C); fast mode (``engine/fast.py``) only its undecided positions. Every row greedy
-    (``p.all_greedy``): nothing is drawn (no cumulative sum and search over the vocabulary), and the sampled
-    tokens are None: the caller takes the argmax, as it would for greedy rows of a mixed batch."""
+def entropy_and_draw(logits: torch.Tensor, uniforms, p: RowParams,
+                     argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tempered ``logits`` [B, S, V] (overwritten with their probabilities), ``uniforms()`` -> one uniform per
+    position [B, S], ``argmax`` [B, S] of the logits -> (entropy fp32 [B, S], sampled token [B, S]), ``ROW_CHUNK``
+    positions at a time. ``default_step`` passes the whole canvas (S = C); fast mode (``engine/fast.py``) only its
+    undecided positions. Greedy rows (temperature 0) take the argmax; when every row is greedy nothing is drawn
+    (no uniforms, no cumulative sum and search over the vocabulary)."""
     B, S, V = logits.shape
     dev = logits.device
     flat = logits.view(B * S, V)
     h = torch.empty(B * S, dtype=torch.float32, device=dev)
     draw = not p.all_greedy
-    sampled = torch.empty(B * S, dtype=torch.long, device=dev) if draw else None
-    u = u.reshape(B * S, 1)
-    cdf = torch.empty(min(ROW_CHUNK, B * S), V, dtype=torch.float32, device=dev) if draw else None
+    if draw:
+        sampled = torch.empty(B * S, dtype=torch.long, device=dev)
+        u = uniforms().reshape(B * S, 1)
+        cdf = torch.empty(min(ROW_CHUNK, B * S), V, dtype=torch.float32, device=dev)
     for i in range(0, B * S, ROW_CHUNK):
         rows = flat[i:i + ROW_CHUNK]
         n = rows.shape[0]
@@ -239,7 +239,12 @@ def entropy_and_draw(logits: torch.Tensor, u: torch.Tensor, p: RowParams) -> tup
         x = torch.minimum(u[i:i + n] * total, torch.nextafter(total, torch.zeros_like(total)))
         sampled[i:i + n] = torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
     h = h.clamp_(min=0.0).view(B, S)  # the difference can round to -1e-7 on a one-hot row
-    return h, (sampled.view(B, S) if draw else None)
+    if not draw:
+        return h, argmax
+    sampled = sampled.view(B, S)
+    if p.greedy is not None:  # temperature 0: the argmax where a row is greedy
+        sampled = torch.where(p.greedy[:, None], argmax, sampled)
+    return h, sampled
 
 
 def accept_and_renoise(h: torch.Tensor, argmax: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor,
