@@ -248,6 +248,10 @@ BAD = [
     ("/v1/completions", {"prompt": "hi"}, 400, "'model' is required"),
     ("/v1/completions", {"model": MODEL}, 400, "'prompt' is required"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' does not exist"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "model 'gpt-4' does not exist"),
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' does not exist"),
+    ("/detokenize", {"model": "gpt-4", "tokens": [1, 2]}, 404, "model 'gpt-4' does not exist"),
     ("/v1/completions", {"model": MODEL, "prompt": 42}, 400, "'prompt' must be a string or an array"),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt per request"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "16"}, 400, "'max_tokens' must be an integer"),
@@ -309,6 +313,13 @@ def test_bad_input_gets_openai_error_naming_the_problem(main, path, body, status
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert words in err["message"], err["message"]
+
+
+def test_unknown_model_card_is_the_same_404_as_a_request_for_it(main):
+    r = httpx.get(main.url + "/v1/models/gpt-4")
+    assert r.status_code == 404
+    assert r.json()["error"] == {"message": f"the model 'gpt-4' does not exist; this server serves ['{MODEL}']",
+                                 "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
 
 
 def test_bad_input_through_openai_client_and_server_keeps_serving(main):

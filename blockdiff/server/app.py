@@ -202,9 +202,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
     @app.get("/v1/models/{model_id:path}", dependencies=guarded, response_model=schemas.ModelCard,
              responses={401: schemas.ERRORS[401], 404: schemas.ERRORS[404]})
     async def model(model_id: str):
-        if model_id != srv.model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist; this server serves ['{srv.model_name}']",
-                           "model", "model_not_found")
+        srv.check_model(model_id)
         return srv.model_card()
 
     @app.post("/tokenize", dependencies=guarded, openapi_extra=_request_body(TokenizeRequest),

@@ -159,9 +159,7 @@ class Server:
             req = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as e:
             raise from_validation(e) from None
-        if req.model != self.model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves ['{self.model_name}']",
-                           "model", "model_not_found")
+        self.check_model(req.model)
         if req.n > self.engine.capacity:
             raise bad(f"'n' is {req.n}, more choices than this server runs at once ({self.engine.capacity})", "n")
         params = req.to_params()
@@ -224,11 +222,16 @@ class Server:
             raise bad(f"'max_denoising_steps' is {params.max_denoising_steps}; this server allows at most {cap} "
                       "denoising steps per canvas (--max-denoising-steps)", "max_denoising_steps")
 
+    def check_model(self, name: str) -> None:
+        """404 (OpenAI's ``model_not_found``) unless ``name`` is the model this server serves."""
+        if name != self.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves ['{self.model_name}']",
+                           "model", "model_not_found")
+
     # ------------------------------------------------------------------ /tokenize, /detokenize
     def _model_of(self, req) -> None:
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves ['{self.model_name}']",
-                           "model", "model_not_found")
+        if req.model is not None:
+            self.check_model(req.model)
 
     def _validated(self, model, raw: bytes):
         try:
