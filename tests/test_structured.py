@@ -19,10 +19,11 @@ import torch
 from blockdiff import LLM
 from blockdiff.sampling.params import SamplingParams
 from blockdiff.structured import GrammarCompiler, normalize
-from fixtures import EOS_ID, make_checkpoint
+from fixtures import EOS_ID, TURN_END_ID, make_checkpoint
 from structured_schemas import SCHEMAS
 
 CANVAS = 8
+END_IDS = (EOS_ID, TURN_END_ID, 50)  # the fixture's generation_config eos_token_id
 SEEDS = (0, 1, 2)
 MAX_TOKENS = 256
 REGEX = r"[a-z]{2,5}@[a-z]{2,4}\.(com|org)"
@@ -82,6 +83,17 @@ def test_bounded_schema_stops_with_valid_json(runs, name):
         jsonschema.validate(json.loads(out.text), SCHEMAS[name])
         assert len(out.token_ids) < 200
         assert out.token_ids[-1] == EOS_ID or len(out.token_ids) % CANVAS == 0  # EOS, or the canvas ended it
+
+
+def test_a_stopped_constrained_output_ends_with_one_end_token_never_two(llm):
+    # The grammar matcher takes the model's own EOS; the constraint used to append a second one after it, which
+    # showed as a literal "<eos>" in chat content with tools and one token too many in completion_tokens.
+    outs = llm.generate(["Answer:"] * 8, [SamplingParams(seed=s, max_new_tokens=64, structured_outputs={
+        "regex": "[a-c]{2,5}"}) for s in range(8)])
+    for out in outs:
+        assert out.finish_reason == "stop" and re.fullmatch("[a-c]{2,5}", out.text), out.text
+        ends = [t for t in out.token_ids if t in END_IDS]
+        assert ends == [out.token_ids[-1]], out.token_ids  # one end token, the last
 
 
 def test_outputs_span_several_canvases(runs):

@@ -211,7 +211,9 @@ class CanvasConstraint:
             return n + 1
         if self.matcher.is_stopped():  # complete, nothing may follow: end it now
             self.ended = True
-            if len(self.frozen) < self.canvas_length:
+            # the matcher takes an end token itself (it knows the EOS): only a grammar that completed without
+            # one gets it appended, never a second after the model's own
+            if len(self.frozen) < self.canvas_length and not (n and tokens[n - 1] in self.end_set):
                 self.frozen.append(self.end_ids[0])
         return n
 
