@@ -91,6 +91,15 @@ def test_server_chat_and_completions_answer_with_the_solution(server):
     assert len(text) == 81 and is_valid_solution(parse_puzzle(PUZZLE), parse_puzzle(text))
     c = client.completions.create(model="sudoku", prompt=PUZZLE, seed=0)
     assert c.choices[0].text == text
+    # a whole answer is complete ("stop", not "length"), whatever budget an ordinary client sends
+    assert r.choices[0].finish_reason == c.choices[0].finish_reason == "stop"
+    for budget in (82, 256, 1024):
+        big = client.chat.completions.create(model="sudoku", messages=[{"role": "user", "content": PUZZLE}], seed=0,
+                                             max_tokens=budget)
+        assert (big.choices[0].message.content, big.choices[0].finish_reason) == (text, "stop")
+        assert big.usage.completion_tokens == 81
+    short = client.completions.create(model="sudoku", prompt=PUZZLE, seed=0, max_tokens=9)
+    assert (short.choices[0].text, short.choices[0].finish_reason) == (text[:9], "length")
 
 
 @pytest.mark.parametrize("path, body, words", [

@@ -107,7 +107,7 @@ class Engine:
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,
                            self.defaults.eos_token_ids, on_event=on_event, stop_checker=stop_checker,
                            device=self.model.device, cache=self.model.new_sequence(), constraint=constraint,
-                           infill=infill)
+                           infill=infill, answer_length=getattr(self.tokenizer, "answer_length", None))
         if images is not None:
             self._check_images(prompt_ids, images)
             state.images = images

@@ -109,7 +109,7 @@ class ModelState:
     def __init__(self, request_id: str, request_index: int, prompt_ids: list[int], params: SamplingParams,
                  specs: list[LayerSpec], canvas_length: int, vocab_size: int, eos_token_ids: list[int],
                  on_event: Callable[[Event], None] | None = None, stop_checker=None, device=None,
-                 cache: SequenceCache | None = None, constraint=None, infill=None):
+                 cache: SequenceCache | None = None, constraint=None, infill=None, answer_length: int | None = None):
         self.request_id = request_id
         self.request_index = request_index
         self.prompt_ids = list(prompt_ids)
@@ -124,6 +124,8 @@ class ModelState:
         # output ends; stop strings never cut a constrained output (that would break its guarantee).
         self.constraint = constraint
         self.infill = infill  # structured.infill.InfillPlan: the first canvas is the whole output
+        # a task whose answer has a fixed length (the Sudoku model's 81 digits): reaching it is a "stop"
+        self.answer_length = answer_length
         self.phase = Phase.WAITING
         # The request's pages in the model's KV pool (a private pool when built without a model).
         self.cache: SequenceCache | None = cache if cache is not None else SequenceCache(specs)
@@ -267,6 +269,9 @@ class ModelState:
                 if t in self.eos:
                     tokens, reason = tokens[:i + 1], "stop"
                     break
+        if reason is None and self.answer_length is not None \
+                and len(self.output_ids) + len(tokens) >= self.answer_length:
+            reason = "stop"  # the answer is whole (a budget that cuts it short still says "length" below)
         if budget is not None and len(tokens) >= budget:
             if reason is None or len(tokens) > budget:
                 reason = "length"

@@ -80,6 +80,7 @@ def prompt_grid(prompt_ids: list[int]) -> list[int] | None:
 
 class SudokuTokenizer(Tokenizer):
     structured_output_refusal = STRUCTURED_REFUSAL
+    answer_length = fmt.CANVAS_LENGTH  # the engine's hook: a whole 81-digit answer finishes with "stop"
 
     def __init__(self, tokenizer, config=None, chat_template=None, extra_eos_ids=None):
         super().__init__(tokenizer, config, chat_template or default_chat_template(), extra_eos_ids)
@@ -138,8 +139,8 @@ class SudokuTokenizer(Tokenizer):
             changes["canvas_template"] = fmt.canvas_template(grid)
         if params.allowed_token_ids is None:
             changes["allowed_token_ids"] = fmt.DIGIT_TOKEN_IDS
-        if params.max_new_tokens is None:
-            changes["max_new_tokens"] = fmt.CANVAS_LENGTH
+        if params.max_new_tokens is None or params.max_new_tokens > fmt.CANVAS_LENGTH:
+            changes["max_new_tokens"] = fmt.CANVAS_LENGTH  # the answer is the 81 digits: never a second canvas
         return dataclasses.replace(params, **changes) if changes else params
 
     def display(self, text: str) -> str:
