@@ -315,6 +315,19 @@ def test_bad_input_gets_openai_error_naming_the_problem(main, path, body, status
     assert words in err["message"], err["message"]
 
 
+def test_explicit_nulls_for_n_stream_and_echo_mean_their_defaults(main):
+    # OpenAI's spec marks them nullable, and some clients send every field, null where unset
+    r = httpx.post(main.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, "seed": 0,
+                                                       "n": None, "stream": None, "echo": None})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["object"] == "text_completion"
+    r = httpx.post(main.url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "n": None,
+                                                            "stream": None, "messages": [{"role": "user",
+                                                                                          "content": "hi"}]})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+
+
 def test_unknown_model_card_is_the_same_404_as_a_request_for_it(main):
     r = httpx.get(main.url + "/v1/models/gpt-4")
     assert r.status_code == 404

@@ -73,14 +73,20 @@ class SamplingRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(description="the served model id (see /v1/models)")
-    n: Int = Field(1, ge=1, le=MAX_N, description="independent choices (canvases) for the prompt; choice i>0 "
-                   "uses a seed derived from 'seed'")
-    stream: bool = Field(False, description="send Server-Sent Events, one chunk per committed canvas")
+    # OpenAI's spec lets a client send null for these (some do): null means the default
+    n: Int | None = Field(1, ge=1, le=MAX_N, description="independent choices (canvases) for the prompt; choice "
+                          "i>0 uses a seed derived from 'seed'")
+    stream: bool | None = Field(False, description="send Server-Sent Events, one chunk per committed canvas")
     stream_options: StreamOptions | None = Field(None, description="with stream: true (ignored without)")
     user: str | None = Field(None, description="accepted for compatibility; not used")
     metadata: dict[str, str] | None = Field(None, description="accepted for compatibility; not used")
     # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
     response_format: ResponseFormat | None = Field(None, description="the output is JSON (valid for the schema)")
+
+    @field_validator("n", "stream", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_the_default(cls, v, info):
+        return cls.model_fields[info.field_name].default if v is None else v
 
     # ------------------------------------------------------------------ to the engine
     @property
@@ -133,7 +139,7 @@ class CompletionRequest(SamplingRequest, OutputFields):
                              "maxItems": 1},
                             {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                                         "minItems": 1}, "minItems": 1, "maxItems": 1}]})
-    echo: bool = Field(False, description="return the prompt text before the completion")
+    echo: bool | None = Field(False, description="return the prompt text before the completion")
     best_of: Int | None = Field(None, description="only 1", json_schema_extra={"enum": [1, None]})
     tools: list[Any] | None = Field(None, description="only [] here: tools are served on /v1/chat/completions",
                                     json_schema_extra={"maxItems": 0})
