@@ -71,7 +71,7 @@ def _has_vision_tensors(files: list[str]) -> bool:
     return False
 
 
-def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "cpu", quantization: str | None = None,
+def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto", quantization: str | None = None,
                quantize_embedding: bool = True, revision: str | None = None, download_dir: str | None = None,
                gguf_file: str | None = None, prepare_quantized: bool = True) -> DiffusionGemma:
     """``quantization``: None | "int8" | "int4" (| "int4-g32" | "int4-g128") | "fp8", applied tensor by tensor

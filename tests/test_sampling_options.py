@@ -130,3 +130,18 @@ def test_logprobs_are_the_last_steps_tempered_distribution_at_the_committed_toke
         assert [i for i, _ in top] == want.topk(k).indices.tolist()
         assert [x for _, x in top] == pytest.approx(want.topk(k).values.tolist(), abs=1e-4)
         assert top[0][1] == lp
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda llm: llm.generate("hi", {"max_new_tokens": 4}), TypeError, "must be a SamplingParams or a list"),
+    (lambda llm: llm.generate("hi", 5), TypeError, "got int"),
+    (lambda llm: llm.generate("hi", [SamplingParams(), 3]), TypeError, "the list holds a int"),
+    (lambda llm: llm.generate(5, SamplingParams()), ValueError, "prompts must be a string or a list"),
+    (lambda llm: llm.generate(prompt_token_ids=[2, 3, 4]), ValueError, "list of token-id lists"),
+    (lambda llm: llm.generate("hi", on_event=5), TypeError, "on_event must be a callable"),
+])
+def test_generate_refuses_arguments_of_the_wrong_kind_before_running_anything(llm, call, error, words):
+    before = llm.engine.stats["denoise_steps"]
+    with pytest.raises(error, match=re.escape(words)):
+        call(llm)
+    assert llm.engine.stats["denoise_steps"] == before

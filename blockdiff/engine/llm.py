@@ -80,7 +80,7 @@ class LLM:
     and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
     ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md."""
 
-    def __init__(self, model: str, dtype="auto", device: str = "cpu", max_num_seqs: int = 64,
+    def __init__(self, model: str, dtype="auto", device: str = "auto", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
                  prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True,
                  revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None,
@@ -211,6 +211,8 @@ class LLM:
             raise ValueError("pass exactly one of prompts (text) or prompt_token_ids")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if prompts is not None and not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string or a list of them, got {type(prompts).__name__}")
         if prompts is not None:
             if not all(isinstance(t, (str, dict)) for t in prompts):
                 raise ValueError("prompts must be strings or {'prompt': ..., 'multi_modal_data': ...} dicts "
@@ -218,20 +220,29 @@ class LLM:
             texts, id_lists, images = map(list, zip(*[self._prompt(p, i) for i, p in enumerate(prompts)])) \
                 if prompts else ([], [], [])
         else:
+            if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__") or any(
+                    isinstance(x, (int, str, bytes)) or not hasattr(x, "__iter__") for x in prompt_token_ids):
+                raise ValueError("prompt_token_ids must be a list of token-id lists, e.g. [[2, 3, 4]]")
             id_lists = [list(x) for x in prompt_token_ids]
-            if id_lists and isinstance(id_lists[0], int):
-                raise ValueError("prompt_token_ids must be a list of token-id lists")
             texts = [None] * len(id_lists)
             images = [None] * len(id_lists)
         return self._generate_ids(texts, id_lists, images, sampling_params, on_event, use_tqdm)
 
     def _generate_ids(self, texts, id_lists, images, sampling_params, on_event, use_tqdm) -> list[RequestOutput]:
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"on_event must be a callable taking an Event, got {type(on_event).__name__}")
         if not id_lists:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(id_lists)
+        elif isinstance(sampling_params, (str, bytes, dict)) or not hasattr(sampling_params, "__iter__"):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
+            if not all(isinstance(p, SamplingParams) for p in params):
+                bad = next(type(p).__name__ for p in params if not isinstance(p, SamplingParams))
+                raise TypeError(f"sampling_params must be a SamplingParams or a list of them; the list holds a {bad}")
             if len(params) != len(id_lists):
                 raise ValueError(f"{len(params)} sampling params for {len(id_lists)} prompts")
         # Validate everything before running anything: a bad request never half-runs a batch.
