@@ -107,3 +107,29 @@ def test_demo_web_serves_the_playground_and_prints_its_url():
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sudoku", "--puzzles", "-", "--out", "-", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["sudoku", "--puzzles", "-", "--out", "-", "--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
+    (["sudoku", "--puzzles", "-", "--out", "-", "--seed", "-5"], "argument --seed: must be >= 0, got -5"),
+    (["train", "--out", "OUT", "--max-steps", "-1"], "argument --max-steps: must be >= 1, got -1"),
+    (["train", "--out", "OUT", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["train", "--out", "OUT", "--lr", "-1"], "argument --lr: must be > 0, got -1"),
+    (["train", "--out", "OUT", "--sc-prob", "1.5"], "argument --sc-prob: must be in [0, 1], got 1.5"),
+    (["train", "--out", "OUT", "--batch-size", "many"], "argument --batch-size: expected an integer, got 'many'"),
+])
+def test_out_of_range_numbers_are_refused_while_parsing_before_any_work(argv, words, capsys, tmp_path):
+    out = tmp_path / "run"
+    argv = [str(out) if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()  # nothing written: a refused run leaves no folder behind
+
+
+def test_the_solver_api_refuses_a_batch_size_below_one():
+    from blockdiff.sudoku.solver import solve_diffusion
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        solve_diffusion(None, [parse_puzzle(PUZZLE)], batch_size=0)

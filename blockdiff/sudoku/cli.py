@@ -16,6 +16,7 @@ import random
 import sys
 import time
 
+from ..argtypes import at_least
 from .solver import BUNDLED_MODEL
 
 
@@ -200,7 +201,8 @@ def _common(p):
     p.add_argument("--model", default=BUNDLED_MODEL, help="checkpoint folder (default: the bundled model)")
     p.add_argument("--steps", type=int, help="max denoising steps (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=at_least(0), default=0,
+                   help="torch CPU threads (0 = automatic)")
     from ..cli import add_quantization_arguments
     add_quantization_arguments(p)
 
@@ -213,15 +215,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output: one 81-digit solution per line, ' # unsolved' after a grid "
                    "the model did not solve ('-' for stdout)")
     p.add_argument("--live", action="store_true", help="show each puzzle's canvas as it denoises")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=at_least(0), default=0, help="puzzle i samples with seed SEED + i")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="puzzles denoised at once (default 64)")
     p.set_defaults(func=cmd_sudoku)
     d = subparsers.add_parser("demo", help="solve a random Sudoku live with the bundled model (CPU, seconds)",
                               description="Solve a random Sudoku (40-49 givens) with the bundled model: the board "
                               "is redrawn at every denoising step in a terminal (printed once otherwise), then "
                               "checked by the exact solver. --web serves the same in the browser.")
     _common(d)
-    d.add_argument("--seed", type=int, help="puzzle seed (default: random)")
+    d.add_argument("--seed", type=at_least(0), help="puzzle seed (default: random)")
     d.add_argument("--web", action="store_true", help="serve the playground page on the bundled model instead and "
                    "print its URL")
     d.add_argument("--port", type=int, default=8000, help="with --web: the port on 127.0.0.1 (default 8000)")

@@ -17,6 +17,7 @@ import random
 import sys
 import time
 
+from ..argtypes import at_least
 from .puzzles import clue_band, generate, is_valid_solution
 from .solver import BUNDLED_MODEL, solve_autoregressive, solve_diffusion
 
@@ -99,10 +100,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m blockdiff.sudoku.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=BUNDLED_MODEL)
-    ap.add_argument("--per-band", type=int, default=100)
+    ap.add_argument("--per-band", type=at_least(1), default=100)
     ap.add_argument("--bands", default=",".join(EVAL_BANDS), help="comma-separated subset of >=40,30-39,<30")
     ap.add_argument("--seed", type=int, default=1000, help="held-out puzzle seed")
-    ap.add_argument("--sample-seed", type=int, default=0)
+    ap.add_argument("--sample-seed", type=at_least(0), default=0)
     ap.add_argument("--modes", default="diffusion,ar", help="comma-separated: diffusion (exact), fast (approximate "
                     "fast mode), ar")
     ap.add_argument("--steps", type=int, help="max denoising steps (default: the checkpoint's)")
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--entropy-bound", type=float)
     ap.add_argument("--confidence-threshold", type=float,
                     help="stop a canvas once its mean entropy is below this (default: checkpoint's)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=at_least(1), default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     from ..cli import add_quantization_arguments, quantization_kwargs

@@ -36,6 +36,7 @@ def sampling_params(puzzle: list[int], seed: int = 0, max_denoising_steps: int |
 def solve_diffusion(llm, puzzles: list[list[int]], seed: int = 0, batch_size: int = 64,
                     max_denoising_steps: int | None = None, on_event=None, **overrides) -> list[Solution]:
     """Batches of puzzles through ``llm.generate``; puzzle i samples with seed ``seed + i``."""
+    _check_batch_size(batch_size)
     out: list[Solution] = []
     # A caller that watches the events (the demo's live grid) draws its own view: no bar over it.
     with progress(f"solving {len(puzzles)} puzzles", total=len(puzzles), show=on_event is None) as bar:
@@ -53,7 +54,13 @@ def solve_diffusion(llm, puzzles: list[list[int]], seed: int = 0, batch_size: in
     return out
 
 
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def solve_autoregressive(model, puzzles: list[list[int]], batch_size: int = 64) -> list[Solution]:
+    _check_batch_size(batch_size)
     from ..engine.ar import ar_generate
 
     out: list[Solution] = []

@@ -15,38 +15,40 @@ import argparse
 
 import torch
 
+from ..argtypes import above, at_least, fraction
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint + trainer state + log)")
     p.add_argument("--task", choices=["sudoku", "jsonl", "copy"], default="sudoku")
     p.add_argument("--data", help="jsonl task: file of {prompt_ids, answer_ids} lines")
-    p.add_argument("--vocab-size", type=int, help="jsonl/copy task: vocabulary size")
-    p.add_argument("--canvas-length", type=int, help="jsonl/copy task: canvas length")
+    p.add_argument("--vocab-size", type=at_least(2), help="jsonl/copy task: vocabulary size")
+    p.add_argument("--canvas-length", type=at_least(1), help="jsonl/copy task: canvas length")
     p.add_argument("--recipe", default="sudoku-small", help="model size for a from-scratch run")
     p.add_argument("--init-from", help="start from this checkpoint's weights (fresh optimizer)")
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-steps", type=at_least(1), default=1000)
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--lr", type=above(0), default=1e-3)
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--decay-start", type=int, default=0,
+    p.add_argument("--decay-start", type=at_least(0), default=0,
                    help="constant schedule: decay linearly from this step to --min-lr-ratio at --max-steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability per example")
+    p.add_argument("--min-lr-ratio", type=fraction, default=0.1)
+    p.add_argument("--warmup-steps", type=at_least(0), default=100)
+    p.add_argument("--weight-decay", type=at_least(0.0, float), default=0.01)
+    p.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--sc-prob", type=fraction, default=0.5, help="self-conditioning probability per example")
     p.add_argument("--clamp-givens", action="store_true", help="never noise the task's fixed (given) positions")
-    p.add_argument("--canvases-per-prompt", type=int, default=1,
+    p.add_argument("--canvases-per-prompt", type=at_least(1), default=1,
                    help="independently noised canvases per encoded prompt (more decoder signal per step)")
     p.add_argument("--curriculum", default="0:45-70", help="sudoku: STEP:MINCLUES-MAXCLUES,...")
-    p.add_argument("--sudoku-pool", type=int, default=0,
+    p.add_argument("--sudoku-pool", type=at_least(0), default=0,
                    help="sudoku: draw this many solution grids up front and build batches with tensor ops (GPU)")
-    p.add_argument("--data-workers", type=int, default=1, help="processes drawing the sudoku pool")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--eval-puzzles", type=int, default=64)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--data-workers", type=at_least(1), default=1, help="processes drawing the sudoku pool")
+    p.add_argument("--eval-every", type=at_least(0), default=0)
+    p.add_argument("--eval-puzzles", type=at_least(1), default=64)
+    p.add_argument("--save-every", type=at_least(0), default=200)
+    p.add_argument("--log-every", type=at_least(1), default=10)
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
