@@ -300,3 +300,17 @@ def check_generation_config(d: dict, path: str) -> None:
     eb = sc.get("entropy_bound") if isinstance(sc, dict) else None
     if eb is not None and (isinstance(eb, bool) or not isinstance(eb, (int, float))):
         raise CheckpointError(f"{path}: sampler_config.entropy_bound must be a number, got {eb!r}")
+    # and in range: the bounds a request's own values must meet (a negative step count or token budget here
+    # would quietly change every request that does not set its own)
+    from .sampling.fields import ParamError, ParamsFields, check_fields
+
+    values = {k: v for k, v in known.items() if k in ParamsFields.model_fields}
+    if eb is not None:
+        values["entropy_bound"] = eb
+    try:
+        check_fields(ParamsFields, values)
+    except ParamError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if values.get("t_min") is not None and values.get("t_max") is not None and values["t_max"] <= values["t_min"]:
+        raise CheckpointError(f"{path}: t_max must be greater than t_min, got t_max={values['t_max']}, "
+                              f"t_min={values['t_min']}")

@@ -98,6 +98,11 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
     ("generation_config.json", lambda d: d.update(eos_token_id="<eos>"), "eos_token_id must be an integer"),
     ("generation_config.json", lambda d: d.update(sampler_config={"entropy_bound": "x"}),
      "sampler_config.entropy_bound must be a number"),
+    # in range too: the bounds a request's own values meet
+    ("generation_config.json", lambda d: d.update(max_denoising_steps=-4), "'max_denoising_steps' must be >= 1"),
+    ("generation_config.json", lambda d: d.update(max_new_tokens=-3), "'max_new_tokens' must be >= 1"),
+    ("generation_config.json", lambda d: d.update(sampler_config={"entropy_bound": 0}), "'entropy_bound' must be > 0"),
+    ("generation_config.json", lambda d: d.update(t_min=0.5, t_max=0.1), "t_max must be greater than t_min"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_value_of_the_wrong_type_names_file_and_key(ckpt, capsys, file, edit, words):
     edit_json(os.path.join(ckpt, file), edit)
