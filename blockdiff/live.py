@@ -94,7 +94,8 @@ class CanvasView:
 
     def status(self) -> str:
         if self.finish_reason is not None:
-            return (f"done ({self.finish_reason}) · {len(self.committed)} tokens · {self.canvases} canvases · "
+            return (f"done ({self.finish_reason}) · {len(self.committed)} tokens · {self.canvases} "
+                    f"{'canvas' if self.canvases == 1 else 'canvases'} · "
                     f"{self.total_steps} denoising steps")
         of = f"/{self.max_steps}" if self.max_steps else ""
         n_acc = sum(self.accepted)

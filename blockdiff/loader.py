@@ -100,8 +100,10 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
         files = _weight_files(path)
         with_vision = config.vision is not None and _has_vision_tensors(files)
         if config.vision is not None and not with_vision:
-            log.info("%s: config.json has a vision_config but the weights hold no vision tower: loading text-only",
-                     path)
+            # debug, not info: trained text-only checkpoints (the bundled Sudoku model) carry a placeholder
+            # vision_config, and every command on them printed this; a request with an image says it plainly
+            log.debug("%s: config.json has a vision_config but the weights hold no vision tower: loading text-only",
+                      path)
         with torch.device("meta"):
             model = DiffusionGemma(config, with_vision=with_vision)
         expected = {n: p for n, p in list(model.named_parameters()) + list(model.named_buffers())

@@ -37,7 +37,7 @@ def test_sudoku_marks_a_puzzle_the_model_did_not_solve(monkeypatch, capsys):
     cap = capsys.readouterr()
     grid, mark = cap.out.strip().split(" ", 1)
     assert len(grid) == 81 and mark == "# unsolved"
-    assert "1 puzzles · 0 solved" in cap.err
+    assert "1 puzzle · 0 solved" in cap.err
 
 
 def test_demo_piped_prints_the_final_board_once(capsys):

@@ -114,7 +114,7 @@ def cmd_sudoku(args) -> int:
         with open(args.out, "w") as f:
             f.write(lines)
     steps = sum(s.denoise_steps for s in sols) / max(1, len(sols))
-    print(f"[{len(puzzles)} puzzles · {sum(solved)} solved · {steps:.1f} denoising steps per puzzle · "
+    print(f"[{len(puzzles)} {'puzzle' if len(puzzles) == 1 else 'puzzles'} · {sum(solved)} solved · {steps:.1f} denoising steps per puzzle · "
           f"{time.perf_counter() - t0:.2f} s] -> {'stdout' if args.out == '-' else args.out}", file=sys.stderr)
     return 0
 
