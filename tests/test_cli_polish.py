@@ -133,3 +133,12 @@ def test_the_solver_api_refuses_a_batch_size_below_one():
     from blockdiff.sudoku.solver import solve_diffusion
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         solve_diffusion(None, [parse_puzzle(PUZZLE)], batch_size=0)
+
+
+def test_sudoku_commands_on_a_model_that_is_not_a_sudoku_model_say_so(tmp_path, capsys, monkeypatch):
+    from fixtures import make_checkpoint
+    path = make_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr("sys.stdin", io.StringIO(PUZZLE + "\n"))
+    assert main(["sudoku", "--model", path, "--puzzles", "-", "--out", "-", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Sudoku model" in err and "allowed_token_ids" not in err and err.count("\n") == 1

@@ -44,6 +44,11 @@ def _load(args):
         raise _error(f"no model folder at {args.model}")
     from ..cli import quantization_kwargs
     llm = LLM(args.model, dtype="float32", device=args.device, **quantization_kwargs(args))
+    from . import format as fmt
+    if llm.model.vocab_size < fmt.VOCAB_SIZE or llm.engine.canvas_length != fmt.CANVAS_LENGTH:
+        raise _error(f"{args.model} is not a Sudoku model (vocabulary {llm.model.vocab_size}, canvas "
+                     f"{llm.engine.canvas_length}; a Sudoku model reads cell tokens, {fmt.VOCAB_SIZE} ids, on an "
+                     f"{fmt.CANVAS_LENGTH}-position canvas): train one with `blockdiff train --task sudoku`")
     if not args.threads:
         auto_threads(llm.model)
     return llm
