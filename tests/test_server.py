@@ -483,6 +483,16 @@ def test_logprobs_through_the_openai_client(main):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
 
 
+def test_tokenize_token_strs_are_vocabulary_pieces(main, llm):
+    """token_strs are the pieces (convert_ids_to_tokens, as vLLM returns them): specials by name, byte tokens
+    as their vocabulary symbols, not "" or U+FFFD."""
+    r = httpx.post(main.url + "/tokenize", json={"messages": [{"role": "user", "content": "中"}],
+                                                 "return_token_strs": True}, timeout=60).json()
+    assert r["token_strs"] == [llm.tokenizer.id_to_token(i) for i in r["tokens"]]
+    assert r["token_strs"][:2] == ["<bos>", "<|turn>"]
+    assert all(s and "\ufffd" not in s for s in r["token_strs"])
+
+
 def _whole_multibyte(text: str) -> bool:
     return any(ord(ch) > 127 and ch != "\ufffd" for ch in text)
 
