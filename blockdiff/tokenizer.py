@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,64 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .checks import CheckpointError, read_json
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes of a byte-level BPE alphabet, in byte order."""
+    out, extra = [], 0
+    for b in range(256):
+        if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_steps(tok: _HFTokenizer) -> list[dict]:
+    """The tokenizer's decoder as a flat list of its steps' JSON (a Sequence unrolled; [] without a decoder)."""
+    if tok.decoder is None:
+        return []
+    steps, todo = [], [json.loads(tok.decoder.__getstate__())]
+    while todo:
+        d = todo.pop(0)
+        if d.get("type") == "Sequence":
+            todo[:0] = d.get("decoders", [])
+        else:
+            steps.append(d)
+    return steps
+
+
+class _PieceBytes:
+    """A vocabulary piece -> the raw bytes it stands for, read off the decoder's steps: byte-level BPE maps each
+    character to one byte (GPT-2's alphabet); sentencepiece-style vocabularies spell a space as the metaspace
+    (``Replace``/``Metaspace`` steps) and a byte with no piece of its own as ``<0xNN>`` (``ByteFallback``)."""
+
+    def __init__(self, tok: _HFTokenizer):
+        steps = _decoder_steps(tok)
+        kinds = {d.get("type") for d in steps}
+        self.byte_level = {c: b for b, c in enumerate(byte_symbols())} if "ByteLevel" in kinds else None
+        self.byte_fallback = "ByteFallback" in kinds
+        self.replace: list[tuple[str, str]] = []
+        for d in steps:
+            if d.get("type") == "Replace" and isinstance(d.get("pattern", {}).get("String"), str):
+                self.replace.append((d["pattern"]["String"], d.get("content", "")))
+            elif d.get("type") == "Metaspace":
+                self.replace.append((d.get("replacement", "\u2581"), " "))
+
+    def __call__(self, piece: str) -> bytes:
+        if self.byte_level is not None:
+            if all(c in self.byte_level for c in piece):
+                return bytes(self.byte_level[c] for c in piece)
+            return piece.encode("utf-8")  # not byte-level text (an added token written as-is)
+        if self.byte_fallback and (m := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(m.group(1), 16)])
+        for old, new in self.replace:
+            piece = piece.replace(old, new)
+        return piece.encode("utf-8")
 
 
 def _token_name(value) -> str | None:
@@ -146,6 +205,8 @@ class Tokenizer:
         eos = [self.token_to_id(self.eos_token)] + list(extra_eos_ids or [])
         self.eos_token_ids: list[int] = list(dict.fromkeys(i for i in eos if i is not None))
         self._template = None
+        self._piece_bytes: _PieceBytes | None = None
+        self._specials: frozenset[int] | None = None
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
@@ -207,6 +268,33 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for, as the decoder would write them (not a lossy decode of the token
+        alone): a byte-fallback token ``<0xE2>`` is the one byte 0xE2, a byte-level piece its bytes, the metaspace
+        a space, an added token its text. Joined over a token sequence they are the decoded text's UTF-8 (special
+        tokens aside: decode drops them). b"" for an id outside the vocabulary."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if int(token_id) in self._added():
+            return piece.encode("utf-8")
+        if self._piece_bytes is None:
+            self._piece_bytes = _PieceBytes(self._tok)
+        return self._piece_bytes(piece)
+
+    def is_special(self, token_id: int) -> bool:
+        """A special token (BOS, ``<|turn>``...): ``decode`` leaves it out of the text."""
+        self._added()
+        return int(token_id) in self._specials
+
+    def _added(self) -> frozenset[int]:
+        """Ids of added tokens (read once: the vocabulary does not change after load); fills ``_specials``."""
+        if self._specials is None:
+            decoder = self._tok.get_added_tokens_decoder()
+            self._added_ids = frozenset(decoder)
+            self._specials = frozenset(i for i, t in decoder.items() if t.special)
+        return self._added_ids
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):

@@ -28,7 +28,7 @@ import uvicorn
 from blockdiff import LLM
 from blockdiff.engine.engine import Engine
 from blockdiff.server import build_app
-from fixtures import make_checkpoint
+from fixtures import SPECIAL_TOKENS, make_checkpoint
 
 MODEL = "tiny-dg"
 KEY = "sekret-key"
@@ -480,7 +480,7 @@ def test_logprobs_through_the_openai_client(main):
         assert e.logprob <= 0 and len(e.top_logprobs) == 3
         assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
-        assert bytes(e.bytes).decode("utf-8") == e.token
+        assert e.token == bytes(e.bytes).decode("utf-8", "replace") or e.token.startswith("bytes:")
     streamed = []
     for ch in chat(client, seed=4, logprobs=True, top_logprobs=3, stream=True):
         if ch.choices and ch.choices[0].logprobs is not None:
@@ -494,6 +494,61 @@ def test_logprobs_through_the_openai_client(main):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
     assert all(len(d) <= 2 and max(d.values()) == x for d, x in zip(lp.top_logprobs, lp.token_logprobs))
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_tokenize_token_strs_are_vocabulary_pieces(main, llm):
+    """token_strs are the pieces (convert_ids_to_tokens, as vLLM returns them): specials by name, byte tokens
+    as their vocabulary symbols, not "" or U+FFFD."""
+    r = httpx.post(main.url + "/tokenize", json={"messages": [{"role": "user", "content": "中"}],
+                                                 "return_token_strs": True}, timeout=60).json()
+    assert r["token_strs"] == [llm.tokenizer.id_to_token(i) for i in r["tokens"]]
+    assert r["token_strs"][:2] == ["<bos>", "<|turn>"]
+    assert all(s and "\ufffd" not in s for s in r["token_strs"])
+
+
+def _whole_multibyte(text: str) -> bool:
+    return any(ord(ch) > 127 and ch != "\ufffd" for ch in text)
+
+
+def test_logprobs_bytes_rebuild_split_characters_and_offsets_index_the_text(main):
+    """Characters split over byte tokens (these seeds write whole multi-byte characters amid random bytes): chat
+    ``bytes`` are each token's raw bytes, so joined they decode to the content, and a partial character's
+    ``token`` is ``bytes:\\xNN``; completions ``tokens`` join to the text, ``text_offset`` indexes it, and every
+    ``top_logprobs`` dict holds exactly the asked number of entries, streamed or not."""
+    specials = set(SPECIAL_TOKENS.values())
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 32,
+            "seed": 3, "logprobs": True, "top_logprobs": 5, **X}
+    r = httpx.post(main.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    content = r["message"]["content"]
+    entries = [e for e in r["logprobs"]["content"] if e["token"] not in specials]
+    assert _whole_multibyte(content)
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", "replace") == content
+    assert any(e["token"].startswith("bytes:") for e in entries)
+    for e in r["logprobs"]["content"]:
+        assert len({t["token"] for t in e["top_logprobs"]}) == 5
+        for t in e["top_logprobs"] + [e]:
+            try:
+                assert t["token"] == bytes(t["bytes"]).decode("utf-8")
+            except UnicodeDecodeError:
+                assert t["token"] == "bytes:" + "".join(f"\\x{b:02x}" for b in t["bytes"])
+
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 32, "seed": 2, "logprobs": 5, **X}
+    c = httpx.post(main.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    lp, text = c["logprobs"], c["text"]
+    assert _whole_multibyte(text)
+    tokens = [t for t in lp["tokens"] if t not in specials]
+    assert "".join(tokens) == text
+    assert "" in tokens  # a token that ends inside a character adds no text; the one completing it adds it all
+    text_offsets = [off for t, off in zip(lp["tokens"], lp["text_offset"]) if t not in specials]
+    assert text_offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    assert all(len(d) == 5 for d in lp["top_logprobs"])
+    streamed = {"tokens": [], "text_offset": [], "top_logprobs": []}
+    for line in _sse_lines(main, **body, stream=True):
+        ch = json.loads(line.removeprefix("data: "))["choices"][0]
+        if ch["logprobs"] is not None:
+            for k in streamed:
+                streamed[k] += ch["logprobs"][k]
+    assert streamed == {k: lp[k] for k in streamed}
 
 
 def test_top_k_top_p_min_p_through_the_openai_client(main):

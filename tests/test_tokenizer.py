@@ -272,3 +272,52 @@ def test_streamed_text_stops_before_a_stop_string_split_across_chunks(chunk, tok
     ids = tok.encode(text, add_special_tokens=False)
     deltas = _stream(tok, ids, chunk, stops=["STOP🙂"])
     assert "".join(deltas) == "naïve 🙂 words "
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_token_bytes_are_each_tokens_raw_bytes(kind, tok):
+    """Joined over any encoding (characters split over byte tokens included) the tokens' bytes are the text's
+    UTF-8; a token that decodes alone to whole text has exactly those bytes; a special token its name."""
+    t = tok if kind == "byte-level" else _sentencepiece_tokenizer()
+    for text in STREAM_TEXTS:
+        ids = t.encode(text, add_special_tokens=False)
+        assert b"".join(t.token_bytes(i) for i in ids) == text.encode(), text
+    split = 0
+    for i in range(t.vocab_size):
+        alone = t.decode([i], skip_special_tokens=False)
+        if "\ufffd" not in alone:
+            assert t.token_bytes(i) == alone.encode(), (i, t.id_to_token(i))
+        else:
+            split += 1
+            assert len(t.token_bytes(i)) >= 1
+    assert split >= 64  # the lone bytes 0x80-0xFF (and more): what decoding alone cannot give
+    assert t.is_special(t.token_to_id("<eos>")) and t.token_bytes(t.token_to_id("<eos>")) == b"<eos>"
+    if kind == "sentencepiece":
+        assert t.token_bytes(t.token_to_id("<0xE2>")) == b"\xe2"
+        assert t.token_bytes(t.token_to_id("\u2581hello")) == b" hello"
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_completion_logprobs_tokens_join_to_the_text_across_blocks(kind, chunk, tok):
+    """Completions logprobs built canvas by canvas: the tokens join to the decoded text (a split character is
+    "" then the whole character), each offset is where its token's text starts, and top_logprobs keys of
+    different tokens never collide (a partial character is named bytes:\\xNN)."""
+    from blockdiff.server.logprobs import CompletionLogprobs, completion_logprobs
+    t = tok if kind == "byte-level" else _sentencepiece_tokenizer()
+    text = "héllo 中文 🙂 naïve"
+    ids = t.encode(text, add_special_tokens=False) + [t.token_to_id("<eos>")]
+    lone_bytes = [t.token_to_id(p) for p in ("<0xE2>", "<0xE4>", "<0xF0>")] if kind == "sentencepiece" else \
+        [t.token_to_id(p) for p in ("Ã", "Â", "ð")]
+    entries = [(-0.5, [(i, -0.5)] + [(j, -1.0) for j in lone_bytes]) for i in ids]
+    whole = completion_logprobs(t, ids, entries)
+    built = CompletionLogprobs(t)
+    parts = [built.block(ids[k:k + chunk], entries[k:k + chunk]) for k in range(0, len(ids), chunk)]
+    assert [x for p in parts for x in p["tokens"]] == whole["tokens"]
+    assert [x for p in parts for x in p["text_offset"]] == whole["text_offset"]
+    assert whole["tokens"][-1] == "<eos>" and whole["text_offset"][-1] == len(text)
+    assert "".join(whole["tokens"][:-1]) == text and "" in whole["tokens"]
+    toks = whole["tokens"][:-1]
+    assert whole["text_offset"][:-1] == [len("".join(toks[:k])) for k in range(len(toks))]
+    assert all(len(d) == 4 for d in whole["top_logprobs"])
+    assert any(k.startswith("bytes:\\x") for k in whole["top_logprobs"][0])

@@ -278,3 +278,30 @@ def test_a_checkpoint_without_the_tool_tokens_returns_text_with_a_clear_reason(t
     out = llm.chat(USER, SamplingParams(seed=0, max_new_tokens=8, ignore_eos=False), tools=[WEATHER],
                    tool_choice="required")[0]
     assert out.tool_calls is None and out.finish_reason == "length"
+
+
+HISTORY = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                      "arguments": '{"city": "Paris", "days": 2}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": HISTORY},  # tool calls and a tool result (this used to be a 400 on /tokenize)
+    {"messages": USER, "tools": [WEATHER]},  # the declared tools are part of the prompt
+    {"messages": HISTORY, "tools": [WEATHER, TIME], "chat_template_kwargs": {"enable_thinking": True}},
+    {"messages": USER, "chat_template_kwargs": {"add_generation_prompt": False}},
+], ids=["history", "tools", "tools-thinking", "no-generation-prompt"])
+def test_tokenize_messages_counts_the_prompt_chat_runs(server, body):
+    """/tokenize renders messages exactly as /v1/chat/completions does (one code path): its count is chat's
+    usage.prompt_tokens, and its tokens the ids chat would run."""
+    chat = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 8, "seed": 0,
+                                                                 **body}, timeout=60)
+    tok = httpx.post(server.url + "/tokenize", json={"model": MODEL, **body}, timeout=60)
+    assert chat.status_code == tok.status_code == 200, (chat.text, tok.text)
+    assert tok.json()["count"] == chat.json()["usage"]["prompt_tokens"]
+
+
+def test_tokenize_validates_tools_as_chat_does(server):
+    r = httpx.post(server.url + "/tokenize", json={"messages": USER, "tools": [{"type": "function"}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("tools"), r.text

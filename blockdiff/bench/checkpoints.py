@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from ..tokenizer import byte_symbols  # noqa: F401  (tests/fixtures.py imports it from here)
+
 TINY_VISION_CONFIG = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32,
                       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8}
 
@@ -119,18 +121,6 @@ def write_random_checkpoint(path: str, preset: str = "mid", seed: int = 0, with_
 SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 46: "<|tool>", 47: "<tool|>",
             48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>',
             98: "<|think|>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
-
-
-def byte_symbols() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes of a byte-level BPE alphabet, in byte order."""
-    out, extra = [], 0
-    for b in range(256):
-        if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
 
 
 def write_tokenizer(path: str, vocab_size: int) -> None:

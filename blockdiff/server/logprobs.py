@@ -2,12 +2,21 @@
 
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal"}``.
 Completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``.
-A token's text is the tokenizer's decoding of it alone, special tokens included; ``bytes`` its UTF-8 bytes.
+
+A token's ``bytes`` are its raw bytes (``Tokenizer.token_bytes``: a byte-fallback ``<0xE2>`` is one byte), so the
+joined ``bytes`` of the content tokens are the content's UTF-8, a character split over two tokens included. A
+token's name (chat ``token``, a completions ``top_logprobs`` key) is its text when its bytes are whole UTF-8, else
+``bytes:\\xe2\\x80`` (OpenAI's spelling of a partial character), so different byte tokens never share a name; a
+special token is named by its vocabulary piece (``<eos>``). Completions ``tokens`` are the text each token adds in
+context (vLLM's incremental detokenizing): "" for a token that ends inside a character, the whole character for
+the one that completes it, so ``"".join(tokens)`` is the text and ``text_offset`` indexes into it. A special token
+adds nothing to the text (decode leaves it out): it keeps its name and sits at the offset where it occurred.
 A probability that underflowed to 0 is reported as -9999.0 (JSON has no -inf), as OpenAI does.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 
 FLOOR = -9999.0
@@ -17,32 +26,71 @@ def _lp(x: float) -> float:
     return x if math.isfinite(x) else FLOOR
 
 
-def _text(tok, i: int) -> str:
+def token_bytes(tok, i: int) -> bytes:
+    if tok is None:
+        return f"<{i}>".encode()
+    return tok.token_bytes(i)
+
+
+def token_name(tok, i: int) -> str:
+    """The token's text alone, or ``bytes:\\xNN...`` when its bytes are not whole UTF-8."""
     if tok is None:
         return f"<{i}>"
-    return tok.decode([i], skip_special_tokens=False)
+    if tok.is_special(i):
+        return tok.id_to_token(i) or ""
+    b = tok.token_bytes(i)
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
 
 def chat_logprobs(tok, ids: list[int], entries: list) -> dict:
     content = []
     for i, (lp, top) in zip(ids, entries):
-        t = _text(tok, i)
-        content.append({"token": t, "logprob": _lp(lp), "bytes": list(t.encode("utf-8")),
-                        "top_logprobs": [{"token": (a := _text(tok, j)), "logprob": _lp(x),
-                                          "bytes": list(a.encode("utf-8"))} for j, x in top]})
+        content.append({"token": token_name(tok, i), "logprob": _lp(lp), "bytes": list(token_bytes(tok, i)),
+                        "top_logprobs": [{"token": token_name(tok, j), "logprob": _lp(x),
+                                          "bytes": list(token_bytes(tok, j))} for j, x in top]})
     return {"content": content, "refusal": None}
 
 
+class CompletionLogprobs:
+    """One choice's completions logprobs, block by block (a character may be split across canvases): the UTF-8
+    decoder state and the text offset carry over from one ``block`` to the next."""
+
+    def __init__(self, tok, offset: int = 0):
+        self.tok = tok
+        self.offset = offset
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def block(self, ids: list[int], entries: list, final: bool = False) -> dict:
+        """``final``: no more tokens follow, so bytes still waiting for the rest of a character are written as
+        U+FFFD into the last token (as the text's full decode writes them)."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        last_text = None  # index of the last token that is text
+        for k, (i, (lp, top)) in enumerate(zip(ids, entries)):
+            if self.tok is not None and self.tok.is_special(i):
+                t = token_name(self.tok, i)  # named, but not part of the text
+                step = 0
+            else:
+                t = self._utf8.decode(token_bytes(self.tok, i))
+                step, last_text = len(t), k
+            tokens.append(t)
+            offsets.append(self.offset)
+            self.offset += step
+            token_lps.append(_lp(lp))
+            d = {}
+            for j, x in top:  # most likely first
+                name = token_name(self.tok, j)
+                d[name if name not in d else f"token_id:{j}"] = _lp(x)  # two tokens of one text stay two entries
+            tops.append(d)
+        if final and last_text is not None:
+            rest = self._utf8.decode(b"", final=True)
+            tokens[last_text] += rest
+            self.offset += len(rest)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
 def completion_logprobs(tok, ids: list[int], entries: list, offset: int = 0) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    for i, (lp, top) in zip(ids, entries):
-        t = _text(tok, i)
-        tokens.append(t)
-        token_lps.append(_lp(lp))
-        d = {}
-        for j, x in top:  # most likely first; a dict keeps the first of equal texts
-            d.setdefault(_text(tok, j), _lp(x))
-        tops.append(d)
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    """A whole output's completions logprobs."""
+    return CompletionLogprobs(tok, offset).block(ids, entries, final=True)

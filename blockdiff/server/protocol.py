@@ -351,22 +351,37 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---------------------------------------------------------------------------------------------- /tokenize
 class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a text ``prompt`` or chat ``messages`` (rendered with the chat template)."""
+    """vLLM's /tokenize: a text ``prompt`` or chat ``messages``. Messages become the prompt
+    /v1/chat/completions would run (``chat_request``: the same request model, the same rendering), with the
+    ``tools`` and ``chat_template_kwargs`` a chat request would send."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = Field(None, description="the served model id (optional)")
     prompt: str | None = Field(None, description="text to tokenize (give prompt or messages)")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered with "
-                                               "the chat template (text parts only)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered as "
+                                               "/v1/chat/completions renders it (tool calls, tool results, images)")
+    tools: list[dict[str, Any]] | None = Field(None, description="messages: the tools a chat request would "
+                                               "declare (the template writes them into the prompt)")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="messages: extra variables for the chat "
+                                                        "template, as in /v1/chat/completions (its "
+                                                        "'add_generation_prompt' wins over the field below)")
     add_special_tokens: bool = Field(True, description="prompt: start with the BOS token, as /v1/completions does")
     add_generation_prompt: bool = Field(True, description="messages: end with the assistant turn's opening")
-    return_token_strs: bool = Field(False, description="also return each token's text")
+    return_token_strs: bool = Field(False, description="also return each token's vocabulary piece")
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise invalid("'prompt': give exactly one of 'prompt' or 'messages'", "prompt")
         return self
+
+    def chat_request(self, body: dict, model: str) -> "ChatCompletionRequest":
+        """The chat request whose prompt these messages are (validated as /v1/chat/completions validates it)."""
+        kwargs = {"add_generation_prompt": self.add_generation_prompt, **(body.get("chat_template_kwargs") or {})}
+        chat = {"model": model, "messages": body["messages"], "chat_template_kwargs": kwargs}
+        if body.get("tools") is not None:
+            chat["tools"] = body["tools"]
+        return ChatCompletionRequest.model_validate(chat)
 
 
 class DetokenizeRequest(BaseModel):

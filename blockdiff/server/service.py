@@ -31,7 +31,7 @@ from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
 from .body import parse_body
 from .errors import APIError, bad, from_validation
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import CompletionLogprobs, chat_logprobs, completion_logprobs
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
                        TokenizeRequest, check_context, choice_seed, engine_error, new_id, now, usage)
 from .text import TextStream
@@ -233,9 +233,9 @@ class Server:
         if req.model is not None:
             self.check_model(req.model)
 
-    def _validated(self, model, raw: bytes):
+    def _validated(self, model, raw: bytes, body: dict | None = None):
         try:
-            req = model.model_validate(parse_body(raw))
+            req = model.model_validate(parse_body(raw) if body is None else body)
         except ValidationError as e:
             raise from_validation(e) from None
         self._model_of(req)
@@ -244,21 +244,19 @@ class Server:
         return req
 
     def _tokenize(self, raw: bytes) -> dict:
-        req = self._validated(TokenizeRequest, raw)
+        body = parse_body(raw)
+        req = self._validated(TokenizeRequest, raw, body)
         if req.prompt is not None:
             ids = self.encode_text(req.prompt, add_bos=req.add_special_tokens)
-        else:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise bad("this model has no chat template: send 'prompt'", "messages")
-            self._check_chars(sum(len(m.text()) for m in req.messages), "messages")
+        else:  # the prompt chat would run: the same request model, the same encode_chat
             try:
-                ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages],
-                                                 add_generation_prompt=req.add_generation_prompt)
-            except (ValueError, TypeError) as e:
-                raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
+                chat = req.chat_request(body, self.model_name)
+            except ValidationError as e:
+                raise from_validation(e) from None
+            ids, _ = self.encode_chat(chat)
         out = {"count": len(ids), "max_model_len": self.context, "tokens": ids, "token_strs": None}
-        if req.return_token_strs:
-            out["token_strs"] = [self.tokenizer.decode([t]) for t in ids]
+        if req.return_token_strs:  # the vocabulary pieces, as vLLM returns them (convert_ids_to_tokens)
+            out["token_strs"] = [self.tokenizer.id_to_token(t) or "" for t in ids]
         return out
 
     def _detokenize(self, raw: bytes) -> dict:
@@ -470,7 +468,8 @@ class Server:
         text_streams = [self.text_stream(p.params) for _ in streams]
         chat_texts = [self.chat_text(p) for _ in streams]  # with tools / thinking: parsed deltas
         canvases = [0] * len(streams)
-        offsets = [0] * len(streams)  # completions logprobs: text_offset of the next token
+        # completions logprobs, per choice: the text offset and a character split across canvases carry over
+        completion_lps = [CompletionLogprobs(self.tokenizer) for _ in streams]
         left = len(streams)
         try:
             for i in range(len(streams)):
@@ -512,8 +511,7 @@ class Server:
                         if chat:
                             lps = chat_logprobs(self.tokenizer, ev.token_ids, ev.logprobs)
                         else:
-                            lps = completion_logprobs(self.tokenizer, ev.token_ids, ev.logprobs, offsets[i])
-                            offsets[i] += sum(len(t) for t in lps["tokens"])
+                            lps = completion_lps[i].block(ev.token_ids, ev.logprobs)
                     if delta or lps is not None:
                         yield chunk(i, delta, lps=lps)
                 elif ev.kind == "done":

@@ -109,6 +109,13 @@ class SudokuTokenizer(Tokenizer):
                 out.append(fmt.SPECIALS[int(t)] if 0 <= int(t) < fmt.CELL_BASE else "")
         return "".join(out)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A cell token is its digit (or "."), a special its name: what ``decode`` writes for it."""
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def is_special(self, token_id: int) -> bool:
+        return fmt.token_cell_value(int(token_id)) is None
+
     def decode_stream(self, skip_special_tokens: bool = True) -> "_CellStream":
         """Incremental detokenizing in the same words as ``decode`` (one token is one cell: nothing to hold back)."""
         return _CellStream(self, skip_special_tokens)
