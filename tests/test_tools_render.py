@@ -94,3 +94,20 @@ def test_default_tool_choice_is_auto_with_tools_and_none_without():
     assert ToolPlan.from_request([WEATHER]).mode == "auto"
     assert ToolPlan.from_request(None).mode == "none" and not ToolPlan.from_request(None).active
     assert ToolPlan.from_request(None, None, None, {"enable_thinking": True}).active
+
+
+def test_an_answer_keeps_the_parsers_markers_and_drops_other_special_tokens(tok):
+    from blockdiff.tools.output import ChatText, message
+    plan = ToolPlan.from_request(tools=[WEATHER], tool_choice="auto")
+    pad, turn, decl = (tok.token_to_id(t) for t in ("<pad>", "<|turn>", "<|tool>"))
+    assert None not in (pad, turn, decl) and all(tok.is_special(i) for i in (pad, turn, decl))
+    text = ChatText(tok, plan, end_ids=[1])
+    ids = tok.encode("Hi") + [pad, turn, decl] + tok.encode(" there") + [1]
+    text.push(ids)
+    _, parsed, reason = text.finish("stop")
+    assert message(parsed) == {"role": "assistant", "content": "Hi there"} and reason == "stop"
+    call = ChatText(tok, plan, end_ids=[1])  # a call still parses: its markers are kept
+    call.push(tok.encode(f'<|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>') + [pad, 1])
+    _, parsed, reason = call.finish("stop")
+    assert reason == "tool_calls" and parsed.tool_calls[0].name == "get_weather", parsed
+    assert parsed.tool_calls[0].arguments == {"city": "Paris"}

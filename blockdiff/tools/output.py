@@ -11,6 +11,9 @@ from __future__ import annotations
 from .parser import OutputStream, ParsedOutput, hold_back
 from .render import ToolPlan
 
+# the markers the output parser reads (calls, their strings, the thinking channel); the prompt-side ones (tool
+# declarations, responses) are not an answer's text
+PARSED_MARKERS = ("call_open", "call_close", "string", "channel_open", "channel_close")
 INVALID_TOOL_CALL = "invalid_tool_call"  # finish_reason of an output whose calls did not parse (sent as content)
 
 
@@ -22,9 +25,17 @@ class ChatText:
         self.stops = list(stops or [])
         self.ids: list[int] = []
         self.stream = OutputStream(plan.markers, plan.names if plan.parse_calls else None, plan.parse_calls)
+        # Special tokens other than the format's markers (<pad>, <eos>, <|turn>...) are not text: dropped, as a plain
+        # request's decode drops them; the markers stay for the parser.
+        is_special = getattr(tokenizer, "is_special", None)
+        markers = {tokenizer.token_to_id(getattr(plan.markers, name)) for name in PARSED_MARKERS} \
+            if hasattr(tokenizer, "token_to_id") else set()
+        self._drop = (lambda i: is_special(i) and i not in markers) if is_special is not None else None
 
     def text(self) -> str:
         ids = self.ids[:-1] if self.ids and self.ids[-1] in self.end_ids else self.ids
+        if self._drop is not None:
+            ids = [i for i in ids if not self._drop(i)]
         text = self.tok.decode(ids, skip_special_tokens=False)
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         return text if cut < 0 else text[:cut]
