@@ -209,7 +209,11 @@ def _check_part(part, where: str) -> None:
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
+    # name, tool_call_id...: passed to the template. The schema says what _check_messages enforces: content is
+    # required (not null) except on an assistant message.
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"anyOf": [
+        {"properties": {"role": {"const": "assistant"}}},
+        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
     content: str | list[ContentPart] | None = Field(None, description="a string or an array of text and image_url "
                                                     "parts; required except on an assistant message, where null "
@@ -254,7 +258,7 @@ class ChatMessage(BaseModel):
 
 def _check_messages(v: list) -> list:
     """Each message an object; content present unless it is an assistant's (OpenAI: only an assistant message may
-    leave content out, null beside its tool_calls). Role-dependent, so beyond what the JSON Schema says."""
+    leave content out, null beside its tool_calls); ``ChatMessage``'s schema states the same rule."""
     for i, m in enumerate(v):
         if not isinstance(m, dict):
             raise invalid(f"'messages[{i}]' must be an object with 'role' and 'content', got {json_type(m)}",
