@@ -200,8 +200,7 @@ class Server:
             raise engine_error(e, req.max_tokens_name, req.field_names) from None
         self._admit_structured(req, params)
         check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
-                      req.max_tokens_name, prompt_name,
-                      server_limit=self.server_limited)
+                      req.max_tokens_name, prompt_name, self.server_limited)
         return Prepared(kind, req, ids, params, echo, images)
 
     def _admit_structured(self, req, params: SamplingParams) -> None:

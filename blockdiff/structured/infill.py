@@ -46,7 +46,6 @@ class InfillPlan:
             out.extend(canvas[pos:len(self.template)])
         return out
 
-
     def finish_reason(self, canvas: list[int], eos: set[int]) -> str:
         """"length" when the budget sized the hole and no hole ended at an EOS (the model was cut off), else
         "stop"."""
