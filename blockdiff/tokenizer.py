@@ -358,6 +358,12 @@ class Tokenizer:
                            add_special_tokens=False)
 
 
+# A UTF-8 character is at most 4 bytes and a text id holds at least one byte: a canvas that ends inside a character
+# started it within its last 3 ids, so those go one at a time (DecodeStream.step). (Skipped special ids hold none:
+# a character split around them may wait one canvas longer; no text is ever lost.)
+TAIL = 3
+
+
 class DecodeStream:
     """One request's incremental detokenizer over the shared ``tokenizers.Tokenizer``."""
 
@@ -367,13 +373,18 @@ class DecodeStream:
         self._lists = True
 
     def step(self, token_ids: list[int]) -> str | None:
-        """The text these ids (one canvas' worth) complete, or None. One call into Rust for all of them where
-        tokenizers takes a list (one per id on older versions)."""
+        """The text these ids (one canvas' worth) complete, or None. The ids before the last ``TAIL`` go in one call
+        into Rust where tokenizers takes a list; the last ones one at a time, so a canvas that ends inside a
+        multi-byte character still hands out everything before that character (a list step returns None for all
+        of its ids when the last one ends mid-character). On tokenizers without list steps every id goes alone."""
         ids = [int(i) for i in token_ids]
-        if self._lists:
+        pieces, head, tail = [], ids[:-TAIL], ids[-TAIL:]
+        if head and self._lists:
             try:
-                return self._stream.step(self._tok, ids)
+                pieces.append(self._stream.step(self._tok, head))
             except TypeError:  # tokenizers without list steps
                 self._lists = False
-        pieces = [self._stream.step(self._tok, i) for i in ids]
+        if head and not self._lists:
+            pieces += [self._stream.step(self._tok, i) for i in head]
+        pieces += [self._stream.step(self._tok, i) for i in tail]
         return "".join(p for p in pieces if p) or None

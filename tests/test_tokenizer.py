@@ -266,6 +266,37 @@ def test_per_id_steps_give_the_same_text_as_list_steps(tok, monkeypatch):
     assert "".join(got) == "".join(want) == tok.decode(ids) and not any("\ufffd" in d for d in got)
 
 
+@pytest.mark.parametrize("per_id", [False, True])
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_a_canvas_ending_mid_character_holds_back_only_that_character(kind, per_id, tok, monkeypatch):
+    """Cut the ids inside each multi-byte character: the first push hands out all the text of its complete ids
+    (only the trailing partial character waits), and the pushes still add up to the one decode. Before, a list
+    step that ended mid-character returned nothing for the whole canvas."""
+    from blockdiff import tokenizer as tk
+    from blockdiff.server.text import TextStream
+    t = tok if kind == "byte-level" else _sentencepiece_tokenizer()
+    if per_id:  # tokenizers versions whose DecodeStream.step takes one id at a time
+        original = tk.DecodeStream.__init__
+
+        def one_at_a_time(self, *a, **k):
+            original(self, *a, **k)
+            self._lists = False
+        monkeypatch.setattr(tk.DecodeStream, "__init__", one_at_a_time)
+    cuts = 0
+    for text in STREAM_TEXTS:
+        ids = t.encode(text, add_special_tokens=False)
+        for k in range(2, len(ids)):
+            if not t.decode(ids[:k]).endswith("\ufffd"):
+                continue  # ids[:k] ends on a character boundary
+            j = max(i for i in range(k) if not t.decode(ids[:i]).endswith("\ufffd"))  # the complete ids
+            ts = TextStream(t)
+            first = ts.push(ids[:k])
+            assert first == t.decode(ids[:j]) and len(first) > 0 or j == 0, (text, k, first)
+            assert first + ts.push(ids[k:]) + ts.finish() == t.decode(ids)
+            cuts += 1
+    assert cuts > 10  # the texts do get cut inside characters
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_streamed_text_stops_before_a_stop_string_split_across_chunks(chunk, tok):
     text = "naïve 🙂 words STOP🙂 after"

@@ -86,6 +86,7 @@ class Engine:
         if self.tokenizer is not None and hasattr(self.tokenizer, "task_params"):
             params = self.tokenizer.task_params(prompt_ids, params)  # e.g. the Sudoku model's fixed givens
         params.validate(self.model.vocab_size, self.canvas_length)
+        asked_max = params.max_new_tokens  # before the defaults fill it: a template checks only an explicit one
         params = params.resolved(self.defaults)
         if params.fast is None:
             params.fast = self.fast
@@ -102,6 +103,10 @@ class Engine:
                           plan_suffix(self.tokenizer, params.suffix, params.max_new_tokens, self.canvas_length))
             except ValueError as e:  # the template's own problem: name the field it came in
                 raise ParamError(str(e), field) from None
+            try:
+                infill.check_budget(asked_max if params.text_template is not None else None)
+            except ValueError as e:
+                raise ParamError(str(e), "max_new_tokens") from None
             params.canvas_template = infill.template  # params is the engine's resolved copy
         state = ModelState(request_id or f"req-{next(self._ids)}", request_index, prompt_ids, params,
                            self.model.text.layers, self.canvas_length, self.model.vocab_size,

@@ -262,7 +262,8 @@ class ModelState:
                 self.argmax = torch.tensor(tokens, device=self.device)
             reason = "stop" if self.constraint.ended else None
         elif self.infill is not None:  # text template / suffix: the filled canvas ends the request
-            tokens, reason, budget = self.infill.output(list(self.argmax_ids), self.eos), "stop", None
+            canvas, budget = list(self.argmax_ids), None
+            tokens, reason = self.infill.output(canvas, self.eos), self.infill.finish_reason(canvas, self.eos)
         else:
             tokens = list(self.argmax_ids)
             for i, t in enumerate(tokens):

@@ -90,6 +90,23 @@ def default_model_name(model: str) -> str:
     return model
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Bind host:port once and let go, as uvicorn will bind it (SO_REUSEADDR): a port in use or an address this
+    machine does not have is a one-line error now, not after minutes of loading the model."""
+    import socket
+
+    from ..cli import CLIError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # uvicorn's choice for the same --host
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} (--host / --port, or $BLOCKDIFF_HOST / "
+                       "$BLOCKDIFF_PORT)") from None
+
+
 def cmd_serve(args) -> int:
     from ..cli import CLIError, load_llm
 
@@ -118,6 +135,7 @@ def cmd_serve(args) -> int:
             raise CLIError(f"$BLOCKDIFF_PORT must be a port number, got {env!r}") from None
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    check_bindable(args.host, args.port)
     if args.replicas < 0:
         raise CLIError(f"--replicas must be >= 1 (or 0, the default: one process, no Ray), got {args.replicas}")
     if args.replicas:

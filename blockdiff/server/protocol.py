@@ -215,11 +215,15 @@ def _check_part(part, where: str) -> None:
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
+    # name, tool_call_id...: passed to the template. The schema says what _check_messages enforces: content is
+    # required (not null) except on an assistant message.
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"anyOf": [
+        {"properties": {"role": {"const": "assistant"}}},
+        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
     content: str | list[ContentPart] | None = Field(None, description="a string or an array of text and image_url "
-                                                    "parts; null or absent: empty (none beside an assistant "
-                                                    "message's tool_calls)")
+                                                    "parts; required except on an assistant message, where null "
+                                                    "or absent is empty (none beside its tool_calls)")
 
     @field_validator("role", mode="before")
     @classmethod
@@ -258,6 +262,19 @@ class ChatMessage(BaseModel):
                 else {"type": "image_url", "image_url": {"url": p.image_url.url}} for p in self.content]
 
 
+def _check_messages(v: list) -> list:
+    """Each message an object; content present unless it is an assistant's (OpenAI: only an assistant message may
+    leave content out, null beside its tool_calls); ``ChatMessage``'s schema states the same rule."""
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise invalid(f"'messages[{i}]' must be an object with 'role' and 'content', got {json_type(m)}",
+                          f"messages[{i}]")
+        if m.get("content") is None and m.get("role") in CHAT_ROLES and m["role"] != "assistant":
+            raise invalid(f"'messages[{i}].content' is required (a {m['role']} message needs content; only an "
+                          "assistant message may leave it null)", f"messages[{i}].content")
+    return v
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, rendered with the "
                                         "checkpoint's chat template")
@@ -286,11 +303,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise invalid("'messages' is required", "messages")
         if not isinstance(v, list):
             raise invalid(f"'messages' must be an array of message objects, got {json_type(v)}", "messages")
-        for i, m in enumerate(v):
-            if not isinstance(m, dict):
-                raise invalid(f"'messages[{i}]' must be an object with 'role' and 'content', got {json_type(m)}",
-                              f"messages[{i}]")
-        return v
+        return _check_messages(v)
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -369,6 +382,11 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = Field(True, description="messages: end with the assistant turn's opening")
     return_token_strs: bool = Field(False, description="also return each token's vocabulary piece")
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, v):
+        return _check_messages(v) if isinstance(v, list) else v
+
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
@@ -411,23 +429,34 @@ def engine_error(e: ValueError, max_name: str = "max_tokens", names: dict | None
     return bad(msg.replace("max_new_tokens", max_name), "prompt" if "prompt" in msg else None)
 
 
+def context_words(context: int, server_limit: bool = False) -> str:
+    """How errors name the context a request must fit: the model's own, or the server's --max-model-len."""
+    if server_limit:
+        return f"this server's context of {context} tokens (--max-model-len)"
+    return f"the model's context of {context} tokens"
+
+
 def check_context(prompt_len: int, params: SamplingParams, default_max: int, canvas: int, context: int,
-                  max_name: str = "max_tokens", prompt_name: str = "prompt") -> SamplingParams:
+                  max_name: str = "max_tokens", prompt_name: str = "prompt",
+                  server_limit: bool = False) -> SamplingParams:
     """Fill ``max_new_tokens`` (unset: the default, capped to what fits) and check prompt + output fit the
-    context, naming the request's own fields (the engine counts output in whole canvases)."""
+    context, naming the request's own fields (the engine counts output in whole canvases). ``server_limit``: the
+    context is the server's ``--max-model-len``, not the model's, and the errors say so."""
     def needed(n: int) -> int:
         return prompt_len + -(-n // canvas) * canvas
 
+    words = context_words(context, server_limit)
     if needed(1) > context:
-        raise bad(f"the prompt is too long: {prompt_len} tokens, and one canvas of {canvas} more must fit in the "
-                  f"model's context of {context} tokens", prompt_name, "context_length_exceeded")
+        raise bad(f"the prompt is too long: {prompt_len} tokens, and one canvas of {canvas} more must fit in "
+                  f"{words}", prompt_name, "context_length_exceeded")
     n = params.max_new_tokens
     if n is None:
         params.max_new_tokens = min(default_max, (context - prompt_len) // canvas * canvas)
+        if params.text_template is not None:  # a template fills one canvas, whatever the default budget
+            params.max_new_tokens = canvas
     elif needed(n) > context:
         raise bad(f"'{max_name}' is too large: {n} tokens (in canvases of {canvas}) after a {prompt_len}-token "
-                  f"prompt need {needed(n)} positions; the model's context is {context} tokens", max_name,
-                  "context_length_exceeded")
+                  f"prompt need {needed(n)} positions, more than {words}", max_name, "context_length_exceeded")
     return params
 
 

@@ -33,7 +33,7 @@ from .body import parse_body
 from .errors import APIError, bad, from_validation
 from .logprobs import CompletionLogprobs, chat_logprobs, completion_logprobs
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
-                       TokenizeRequest, check_context, choice_seed, engine_error, new_id, now, usage)
+                       TokenizeRequest, check_context, choice_seed, context_words, engine_error, new_id, now, usage)
 from .text import TextStream
 from .tools import chat_inputs, constrain
 
@@ -99,6 +99,15 @@ class Server:
         ctx = self.core.model.text.max_position_embeddings
         return ctx if self.max_model_len is None else min(ctx, self.max_model_len)
 
+    @property
+    def server_limited(self) -> bool:
+        """Whether max_model_len (--max-model-len), not the model, sets the context: errors then name the flag."""
+        return self.context < self.core.model.text.max_position_embeddings
+
+    @property
+    def context_words(self) -> str:
+        return context_words(self.context, self.server_limited)
+
     def tenant_salt(self, key: str) -> str | None:
         """The prefix-cache salt of requests made with ``key`` (when salting by key): a digest, never the key."""
         return hashlib.sha256(key.encode()).hexdigest()[:32] if self.salt_by_key else None
@@ -150,8 +159,8 @@ class Server:
 
     def _check_chars(self, n: int, param: str) -> None:
         if n > self.max_prompt_chars:
-            raise bad(f"the prompt is too long: {n} characters cannot fit in the model's context of {self.context} "
-                      f"tokens (at most {self.max_prompt_chars} characters)", param, "context_length_exceeded")
+            raise bad(f"the prompt is too long: {n} characters cannot fit in {self.context_words} (at most "
+                      f"{self.max_prompt_chars} characters)", param, "context_length_exceeded")
 
     def _prepare(self, kind: str, raw: bytes, tenant: str | None = None) -> Prepared:
         body = parse_body(raw)
@@ -191,7 +200,7 @@ class Server:
             raise engine_error(e, req.max_tokens_name, req.field_names) from None
         self._admit_structured(req, params)
         check_context(len(ids), params, self.defaults.max_new_tokens, self.core.canvas_length, self.context,
-                      req.max_tokens_name, prompt_name)
+                      req.max_tokens_name, prompt_name, self.server_limited)
         return Prepared(kind, req, ids, params, echo, images)
 
     def _admit_structured(self, req, params: SamplingParams) -> None:

@@ -5,10 +5,12 @@ string (as ``LLM.generate`` does). While streaming, a tail that may still become
 character is held back until the next canvas decides it, so the streamed deltas add up to exactly the
 non-streamed text.
 
-Ids are detokenized incrementally with tokenizers' ``DecodeStream`` (``Tokenizer.decode_stream``): one call per
-canvas for its new ids, instead of decoding the whole output again on every canvas. It returns nothing for ids
-that end inside a multi-byte character until the character is complete; what it still holds at the end (bytes no
-later id completed) comes from one full decode in ``finish``, so the text equals ``tokenizer.decode(ids)`` exactly.
+Ids are detokenized incrementally with tokenizers' ``DecodeStream`` (``Tokenizer.decode_stream``): one step per
+canvas for its new ids, instead of decoding the whole output again on every canvas. Only an incomplete trailing
+character waits: a canvas that ends inside a multi-byte character hands out everything before it at once (its
+last ids are stepped one at a time), the character itself comes with the canvas that completes it. What the decode
+stream still holds at the end (bytes no later id completed) comes from one full decode in ``finish``, so the text
+equals ``tokenizer.decode(ids)`` exactly.
 Byte soup that decodes differently once more bytes arrive (invalid UTF-8 from byte-fallback tokens) makes
 ``DecodeStream`` raise; that request then decodes its whole output on every canvas, as blockdiff did before.
 """

@@ -6,11 +6,14 @@ Hole lengths: explicit ones take N positions; the canvas positions left after th
 holes are shared equally by the holes without a length (the first ones get one more when it does not divide).
 A hole is an upper bound: the model may end it early with an EOS token, and what follows the EOS inside that hole
 is dropped. The whole template must fit in one canvas. The output is the filled template and the request ends
-with that canvas (finish_reason "stop").
+with that canvas (finish_reason "stop"). A template fills a fixed number of positions, so an explicit
+``max_new_tokens`` below that number is an error naming it (``check_budget``), not a silent cap.
 
 ``suffix`` (OpenAI's fill-in-the-middle): the prompt is the prefix, the suffix is fixed at the end of the first
 canvas and the positions before it form one hole of ``min(max_new_tokens, canvas_length - len(suffix))``
-tokens. The output is the middle only (cut at an EOS the model placed in it); the request ends with that canvas.
+tokens. The output is the middle only (cut at an EOS the model placed in it); the request ends with that canvas,
+finish_reason "length" when ``max_new_tokens`` set the middle's size and the model filled all of it (no EOS: the
+budget cut it), else "stop".
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class InfillPlan:
     template: list[int]  # the first canvas's canvas_template: token ids, -1 in holes
     holes: list[tuple[int, int]]  # [start, end) canvas positions of each hole
     keep_fixed: bool  # the output holds the fixed text too (templates) or only the holes (suffix)
+    budget_bound: bool = False  # max_new_tokens set the hole's size (suffix): a hole filled to its end is "length"
 
     def output(self, canvas: list[int], eos: set[int]) -> list[int]:
         """The output tokens of the filled canvas: fixed text and each hole up to its first EOS."""
@@ -41,6 +45,20 @@ class InfillPlan:
         if self.keep_fixed:
             out.extend(canvas[pos:len(self.template)])
         return out
+
+    def finish_reason(self, canvas: list[int], eos: set[int]) -> str:
+        """"length" when the budget sized the hole and no hole ended at an EOS (the model was cut off), else
+        "stop"."""
+        cut = self.budget_bound and not any(t in eos for start, end in self.holes for t in canvas[start:end])
+        return "length" if cut else "stop"
+
+    def check_budget(self, max_new_tokens: int | None, field: str = "text_template") -> None:
+        """An explicit ``max_new_tokens`` smaller than the template's positions: a ``ValueError`` naming both (a
+        template fills its whole layout; cutting it would drop its fixed text)."""
+        if max_new_tokens is not None and max_new_tokens < len(self.template):
+            raise ValueError(f"max_new_tokens is {max_new_tokens} but the {field} fills {len(self.template)} "
+                             f"positions (its fixed text and holes): give max_new_tokens >= {len(self.template)} "
+                             "or leave it unset")
 
 
 def plan_template(tokenizer, text: str, canvas_length: int) -> InfillPlan:
@@ -82,4 +100,4 @@ def plan_suffix(tokenizer, suffix: str, max_new_tokens: int, canvas_length: int)
         raise ValueError(f"suffix is {len(ids)} tokens; with the middle it must fit in one canvas of "
                          f"{canvas_length}")
     template = [-1] * m + ids
-    return InfillPlan(template, [(0, m)], keep_fixed=False)
+    return InfillPlan(template, [(0, m)], keep_fixed=False, budget_bound=m == max_new_tokens)
