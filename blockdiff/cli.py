@@ -359,6 +359,9 @@ def cmd_chat(args) -> int:
             messages = list(system)
             print("(conversation cleared)", flush=True)
             continue
+        if re.fullmatch(r"/[A-Za-z]+", line):  # a mistyped command is not a message for the model
+            print(f"(unknown command {line}: /reset clears the conversation, /exit ends it)", flush=True)
+            continue
         messages.append({"role": "user", "content": line})
         params = base
         if base.seed is not None:  # a fixed seed, but not the same random numbers for every turn
@@ -433,7 +436,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--log-level", type=str.lower, choices=LEVELS, default=None,
                    help=f"messages of the blockdiff logger from this level on (default: ${ENV_LOG_LEVEL}, else info; "
-                        "warning with --quiet)")
+                        "warning with --quiet, which wins over the environment)")
     g.add_argument("--quiet", action="store_true",
                    help="no progress bars (they are off anyway when stderr is not a terminal) and no info messages")
 

@@ -43,8 +43,11 @@ def enabled() -> bool:
 
 
 def resolve_level(level: str | None, quiet: bool = False) -> str:
-    """``--log-level`` > ``$BLOCKDIFF_LOG_LEVEL`` > info (warning when quiet); a bad name is a ValueError."""
+    """``--log-level`` > ``--quiet`` (warning) > ``$BLOCKDIFF_LOG_LEVEL`` > info; a bad name is a ValueError.
+    The flags typed on the command line win over the environment."""
     source = "--log-level"
+    if level is None and quiet:
+        return "warning"
     if level is None and os.environ.get(ENV_LOG_LEVEL):
         level, source = os.environ[ENV_LOG_LEVEL], f"${ENV_LOG_LEVEL}"
     if level is None:

@@ -100,10 +100,11 @@ def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_checkpoint, monkey
         return original(self, messages, *a, **kw)
 
     monkeypatch.setattr(LLM, "chat", spy)
-    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n/reset\nthree\n"))  # ends at EOF
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n/reset\n/rest\nthree\n"))  # ends at EOF
     assert main(["chat", tiny_checkpoint, *ARGS]) == 0
-    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
-    assert "(conversation cleared)" in capsys.readouterr().out
+    assert seen == [["user"], ["user", "assistant", "user"], ["user"]]  # a mistyped command is not a turn
+    out = capsys.readouterr().out
+    assert "(conversation cleared)" in out and "(unknown command /rest:" in out
 
 
 def test_every_subcommand_is_registered():

@@ -52,7 +52,8 @@ def test_bad_log_level_from_the_environment_is_one_line_naming_it(monkeypatch, c
 
 @pytest.mark.parametrize("argv, env, shows", [([], None, True), (["--log-level", "warning"], None, False),
                                               ([], "warning", False), (["--quiet"], None, False),
-                                              (["--quiet", "--log-level", "info"], None, True)])
+                                              (["--quiet", "--log-level", "info"], None, True),
+                                              (["--quiet"], "debug", False)])  # the flag wins over the env
 def test_loader_info_messages_show_by_level(argv, env, shows, monkeypatch, capsys):
     """The hub fetch and the device line are the loader's info messages: shown at info (the default), hidden
     at warning, by --log-level, $BLOCKDIFF_LOG_LEVEL or --quiet."""
