@@ -234,7 +234,8 @@ def test_add_generation_prompt_is_honoured_and_bad_template_kwargs_are_plain_400
     want_off = len(llm.tokenizer.encode_chat(msgs, add_generation_prompt=False))
     assert (on.usage.prompt_tokens, off.usage.prompt_tokens) == (want_on, want_off) and want_off < want_on
     for kwargs, words in [({"add_generation_prompt": "yes"}, "add_generation_prompt must be a boolean"),
-                          ({"messages": []}, "must not set 'messages'"), ([1], "must be an object")]:
+                          ({"messages": []}, "must not set 'messages'"), ([1], "must be an object"),
+                          ({"tools": []}, "must not set 'tools': send them in the request's 'tools' field")]:
         r = post(srv, "/v1/chat/completions", {"model": MODEL, "messages": msgs, "chat_template_kwargs": kwargs})
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "chat_template_kwargs" and words in err["message"], err

@@ -256,6 +256,7 @@ BAD = [
     ({"json": {"type": "array", "uniqueItems": True}}, "Unimplemented keys"),
     ({"json_object": 1}, "must be true"),
     ({"regex": "(("}, "regular expression is invalid"),
+    ({"regex": "(a|b"}, "regex parse error: unclosed group"),  # the regex parser's own words, on the one line
     ({"regex": ""}, "non-empty string"),
     ({"choice": []}, "non-empty list"),
     ({"choice": ["a", 3]}, "non-empty list"),
@@ -271,6 +272,7 @@ def test_bad_structured_outputs_raise_value_error_naming_the_problem(spec, messa
     with pytest.raises(ValueError, match=re.escape(message)) as e:
         SamplingParams(structured_outputs=spec)
     assert "structured_outputs" in str(e.value)
+    assert "\n" not in str(e.value)  # one line: no caret drawings of the pattern or the grammar
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -313,6 +313,8 @@ class ChatCompletionRequest(SamplingRequest):
         agp = v.get("add_generation_prompt")
         if agp is not None and not isinstance(agp, bool):
             raise ValueError(f"{{name}}.add_generation_prompt must be a boolean, got {json_type(agp)}")
+        if "tools" in v:  # through the template alone they would skip validation, the grammar and call parsing
+            raise ValueError("{name} must not set 'tools': send them in the request's 'tools' field")
         reserved = sorted(set(v) & {"messages", "bos_token", "eos_token", "pad_token"})
         if reserved:
             raise ValueError(f"{{name}} must not set {', '.join(repr(k) for k in reserved)}: the server fills "

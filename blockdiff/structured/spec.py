@@ -117,12 +117,22 @@ def _compile(key: str) -> str:
         else:
             grammar = llg.grammar_from("grammar", spec["grammar"])  # Lark, or GBNF converted to Lark
     except Exception as e:  # ValueError mostly; anything the converter raises is still the input's fault
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"{where}: {_one_line(str(e))}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, None)
     if is_error:
-        msg = messages[0].strip() if messages else "invalid"
+        msg = _one_line(messages[0]) if messages else "invalid"
         what = {"json": "the JSON Schema is not supported", "json_object": "invalid",
                 "regex": "the regular expression is invalid", "choice": "invalid choices",
                 "grammar": "the grammar is invalid"}[k]
         raise ValueError(f"{where}: {what}: {msg}")
     return grammar
+
+
+def _one_line(msg: str) -> str:
+    """llguidance's message on one line (errors are one line, docs/serving.md): its first line, then the regex
+    parser's ``error:`` lines, without the caret drawings of the pattern and the grammar."""
+    lines = [line.strip() for line in msg.strip().splitlines() if line.strip()]
+    if not lines:
+        return "invalid"
+    errors = [line[len("error:"):].strip() for line in lines[1:] if line.startswith("error:")]
+    return " ".join([lines[0]] + errors)[:300]
