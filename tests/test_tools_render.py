@@ -111,3 +111,16 @@ def test_an_answer_keeps_the_parsers_markers_and_drops_other_special_tokens(tok)
     _, parsed, reason = call.finish("stop")
     assert reason == "tool_calls" and parsed.tool_calls[0].name == "get_weather", parsed
     assert parsed.tool_calls[0].arguments == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("tool_message, words", [
+    ({"role": "tool", "tool_call_id": "c9", "content": "sunny"}, "is 'c9', which matches no tool call"),
+    ({"role": "tool", "content": "sunny"}, "is required (or 'name')"),
+])
+def test_a_tool_result_that_answers_no_call_is_refused_naming_its_id(tool_message, words):
+    history = HISTORY[:3] + [tool_message]
+    with pytest.raises(ToolError) as e:
+        template_messages(history)
+    assert e.value.param == "messages[3].tool_call_id" and words in str(e.value)
+    named = dict(tool_message, name="get_weather")  # a result that names its function is enough
+    assert template_messages(HISTORY[:3] + [named])[-1]["name"] == "get_weather"

@@ -113,9 +113,14 @@ def template_messages(messages: list[dict]) -> list[dict]:
                 fixed.append(c)
             m["tool_calls"] = fixed
         if m.get("role") == "tool" and not m.get("name"):
-            name = names_by_id.get(m.get("tool_call_id"))
-            if name is not None:
-                m["name"] = name
+            call_id = m.get("tool_call_id")
+            name = names_by_id.get(call_id)
+            if name is None:  # the template would name the result "unknown": which call it answers is lost
+                raise ToolError(f"messages[{i}].tool_call_id",
+                                "is required (or 'name'): a tool message answers a call of an earlier assistant "
+                                "message" if call_id is None else
+                                f"is {call_id!r}, which matches no tool call of an earlier assistant message")
+            m["name"] = name
         if m.get("content") is None and m.get("tool_calls"):  # OpenAI: null content beside tool calls
             m["content"] = ""
         out.append(m)
