@@ -467,13 +467,17 @@ def plain_help(p: argparse.ArgumentParser, sub) -> None:
 
 def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
     """A message in the words the user typed: the parameter names of a ValueError (``max_denoising_steps``)
-    become the subcommand's flags (``--steps``). Names that are a flag's own spelling (seed) stay as they are."""
+    become the subcommand's flags (``--steps``). A name that is its flag's own spelling (seed) becomes the flag only
+    where the message quotes it as a field (``'seed'`` -> ``'--seed'``, ``'stop[0]'`` -> ``'--stop[0]'``)."""
     if parser is None:
         return message
     for action in parser._actions:
         flag = next((o for o in action.option_strings if o.startswith("--")), None)
-        if flag is None or action.dest == flag[2:] or isinstance(action, argparse._StoreFalseAction):
+        if flag is None or isinstance(action, argparse._StoreFalseAction):
             continue  # a negation (--no-oracle) is not another name for its dest ("oracle" is a benchmark system)
+        if action.dest == flag[2:]:  # the same word (seed, stop): only where quoted as a field name ('seed')
+            message = re.sub(rf"'{re.escape(action.dest)}(?=[\['])", f"'{flag}", message)
+            continue
         message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}(?!\w)", flag, message)
     return message
 

@@ -53,6 +53,8 @@ def test_demo_piped_prints_the_final_board_once(capsys):
     (["run", BUNDLED_MODEL, PUZZLE, "--max-new-tokens", "0"], "--max-new-tokens"),
     (["run", BUNDLED_MODEL, PUZZLE, "--t-max", "0.1", "--t-min", "0.5"], "--t-max must be greater than --t-min"),
     (["demo", "--steps", "0"], "--steps"),
+    (["run", BUNDLED_MODEL, PUZZLE, "--seed", "-1"], "'--seed' must be >= 0"),
+    (["run", BUNDLED_MODEL, PUZZLE, "--stop", ""], "'--stop[0]' must not be empty"),
 ])
 def test_errors_name_the_flag_the_user_typed(argv, flag, capsys):
     assert main(argv) == 2
