@@ -115,11 +115,11 @@ def check_device(device: str) -> str:
 
     from .placement import resolve_device
 
-    device = resolve_device(device)
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise CLIError(f"bad --device {device!r}: {e}") from None
+        device = resolve_device(device)  # an unknown name is a ValueError there
+    except ValueError as e:
+        raise CLIError(f"bad --device: {e}") from None
+    dev = torch.device(device)
     if dev.type == "cpu":
         return device
     backend = getattr(torch, dev.type, None)

@@ -13,6 +13,10 @@ def resolve_device(device):
     """``"auto"`` (or None): ``"cuda"`` when a CUDA device is present, else ``"cpu"``; anything else unchanged."""
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's own words, under the argument's name
+        raise ValueError(f"unknown device {device!r} ({e}); use auto, cpu, cuda or cuda:N") from None
     return device
 
 
@@ -26,6 +30,9 @@ def describe_device(device) -> str:
 
 def resolve_dtype(dtype, device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.itemsize < 2:  # an int8 model is quantization='int8', not dtype
+            raise ValueError(f"dtype {dtype} is not a compute dtype; use torch.float32, torch.bfloat16, "
+                             "torch.float16 or 'auto' (quantized weights: quantization='int8' / 'int4' / 'fp8')")
         return dtype
     if dtype in (None, "auto"):
         # bf16 matmul is ~100x slower than fp32 on CPUs: compute in fp32 there.

@@ -145,3 +145,12 @@ def test_generate_refuses_arguments_of_the_wrong_kind_before_running_anything(ll
     with pytest.raises(error, match=re.escape(words)):
         call(llm)
     assert llm.engine.stats["denoise_steps"] == before
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(dtype=torch.int8), "dtype torch.int8 is not a compute dtype"),
+    (dict(device="bogus"), "unknown device 'bogus'"),
+])
+def test_llm_refuses_a_dtype_or_device_it_cannot_compute_in_with_a_value_error(tiny_checkpoint, kw, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        LLM(tiny_checkpoint, **kw)
