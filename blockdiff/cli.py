@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 import time
@@ -149,6 +150,9 @@ def load_llm(args, **engine_args):
     from .placement import describe_device
 
     check_threads(args.threads)
+    template = getattr(args, "chat_template", None)
+    if template and not os.path.isfile(template):  # before the (slow) load; its syntax is checked after it
+        raise CLIError(f"--chat-template: no file at {template}")
     asked = args.device
     args.device = check_device(args.device)
     if args.threads:
@@ -281,13 +285,13 @@ def cmd_run(args) -> int:
         raise CLIError("give a prompt, or --prompt-ids (not both)")
     params = sampling_params(args)  # validate before the (slow) model load
     images = read_images(args.image)
+    ids = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else None
     llm = load_llm(args)
     if images and llm.model.vision is None:
         raise CLIError(f"--image: {args.model} has no vision tower (a text-only checkpoint): it cannot take images")
     tok = llm.tokenizer
     steps = params.max_denoising_steps or llm.defaults.max_denoising_steps
-    if args.prompt_ids is not None:
-        ids = parse_token_ids(args.prompt_ids)
+    if ids is not None:
         prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
         def generate(on_event):

@@ -144,3 +144,13 @@ def test_sudoku_commands_on_a_model_that_is_not_a_sudoku_model_say_so(tmp_path, 
     assert main(["sudoku", "--model", path, "--puzzles", "-", "--out", "-", "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "is not a Sudoku model" in err and "allowed_token_ids" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--prompt-ids", "1,x"], "--prompt-ids must be integers"),
+    (["hi", "--chat-template", "/no/such/template.jinja"], "--chat-template: no file at /no/such/template.jinja"),
+])
+def test_run_checks_its_own_flags_before_loading_the_model(argv, words, capsys):
+    # the model folder does not exist: the flag's error coming first proves no load was tried
+    assert main(["run", "/no/such/model"] + argv) == 2
+    assert words in capsys.readouterr().err
