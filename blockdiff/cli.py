@@ -79,8 +79,13 @@ def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
 
 def quantization_kwargs(args) -> dict:
     """The load_model / LLM keyword arguments of --quantization and --keep-embedding."""
-    return {"quantization": getattr(args, "quantization", None),
-            "quantize_embedding": not getattr(args, "keep_embedding", False)}
+    method = getattr(args, "quantization", None)
+    keep = getattr(args, "keep_embedding", False)
+    if method is not None and not method.strip():
+        raise CLIError("--quantization is empty: give int8, int4, fp8 (or leave the flag out)")
+    if keep and method is None:
+        raise CLIError("--keep-embedding applies only with --quantization (it keeps the embedding out of it)")
+    return {"quantization": method, "quantize_embedding": not keep}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -283,6 +288,10 @@ def read_images(paths: list[str] | None) -> list:
 def cmd_run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise CLIError("give a prompt, or --prompt-ids (not both)")
+    if args.system is not None and args.chat is False:
+        raise CLIError("--system is a chat-mode message: it has no place in a --raw prompt")
+    if args.prompt is not None and not args.prompt.strip() and not args.image:
+        raise CLIError("the prompt is empty")
     params = sampling_params(args)  # validate before the (slow) model load
     images = read_images(args.image)
     ids = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else None

@@ -149,6 +149,10 @@ def test_sudoku_commands_on_a_model_that_is_not_a_sudoku_model_say_so(tmp_path, 
 @pytest.mark.parametrize("argv, words", [
     (["--prompt-ids", "1,x"], "--prompt-ids must be integers"),
     (["hi", "--chat-template", "/no/such/template.jinja"], "--chat-template: no file at /no/such/template.jinja"),
+    (["hi", "--keep-embedding"], "--keep-embedding applies only with --quantization"),
+    (["hi", "--quantization", ""], "--quantization is empty"),
+    (["hi", "--raw", "--system", "Be brief."], "--system is a chat-mode message"),
+    (["  "], "the prompt is empty"),
 ])
 def test_run_checks_its_own_flags_before_loading_the_model(argv, words, capsys):
     # the model folder does not exist: the flag's error coming first proves no load was tried
