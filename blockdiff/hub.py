@@ -57,7 +57,7 @@ def resolve_gguf(ref: str, gguf_file: str | None = None, revision: str | None = 
         from huggingface_hub import hf_hub_download
         return hf_hub_download(repo, name, revision=revision, cache_dir=download_dir)
     except Exception as e:  # offline, unknown repo or file, gated...
-        raise CheckpointError(f"could not fetch {name!r} from {repo!r} on the hub: {e}") from e
+        raise CheckpointError(f"could not fetch {name!r} from {repo!r} on the hub: {_one_line(e)}") from e
 
 
 def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str | None = None) -> str:
@@ -78,4 +78,10 @@ def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str
         return snapshot_download(path_or_id, revision=revision, cache_dir=download_dir,
                                  allow_patterns=CHECKPOINT_FILES)
     except Exception as e:  # offline, unknown repo, gated...
-        raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {e}") from e
+        raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {_one_line(e)}") from e
+
+
+def _one_line(e: Exception) -> str:
+    """huggingface_hub's multi-line explanations on one line (the CLI's errors are one line), bounded."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
