@@ -222,6 +222,24 @@ except CheckpointError as e:
     assert os.path.exists(os.path.join(default, "model.safetensors"))
 
 
+def test_quantize_takes_a_hub_id_at_a_revision_from_a_download_dir(tmp_path):
+    """`blockdiff quantize ORG/NAME DST --revision R --download-dir D` (huggingface_hub offline, a fresh
+    interpreter): the revision is looked up in that folder, as run/serve do."""
+    other = tmp_path / "dl"
+    _hub_cache(other, "someone/sudoku", "c" * 40, ref="v3")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    dst = tmp_path / "q8"
+    argv = [sys.executable, "-m", "blockdiff", "quantize", "someone/sudoku", str(dst), "--method", "int8",
+            "--download-dir", str(other), "--quiet"]
+    r = subprocess.run(argv + ["--revision", "v3"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(dst / "config.json") and "quantization_config" in (dst / "config.json").read_text()
+    r = subprocess.run(argv + ["--revision", "v9"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "could not fetch 'someone/sudoku'" in r.stderr
+
+
 # ---------------------------------------------------------------------------------------------- metadata
 def test_license_metadata_and_file():
     import tomllib

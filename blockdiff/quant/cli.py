@@ -26,7 +26,8 @@ FP8_CONFIG = {
 }
 
 
-def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: bool = True, log=print) -> str:
+def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: bool = True, log=print,
+                        revision: str | None = None, download_dir: str | None = None) -> str:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -42,7 +43,7 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     if parsed is None:
         raise ValueError("--method must be int8, int4 (int4-g32, int4-g128, int4-all) or fp8")
     method, group = parsed
-    path = resolve_path(src)
+    path = resolve_path(src, revision=revision, download_dir=download_dir)
     if os.path.abspath(path) == os.path.abspath(dst):
         raise ValueError("DST must differ from SRC")
     if os.path.exists(os.path.join(dst, "config.json")):
@@ -105,7 +106,8 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
 
 
 def cmd_quantize(args) -> int:
-    quantize_checkpoint(args.src, args.dst, args.method, quantize_embedding=not args.keep_embedding)
+    quantize_checkpoint(args.src, args.dst, args.method, quantize_embedding=not args.keep_embedding,
+                        revision=args.revision, download_dir=args.download_dir)
     return 0
 
 
@@ -117,4 +119,6 @@ def register(subparsers) -> None:
     p.add_argument("--method", required=True, help="int8 | int4 (experts in 4 bits, other linears int8; int4-g32, int4-g128) | int4-all (every linear in 4 bits) | fp8")
     p.add_argument("--keep-embedding", action="store_true",
                    help="keep the tied embedding / LM head in full precision (default: int8 for int8/int4)")
+    p.add_argument("--revision", help="with a hub id: branch, tag or commit (default: main)")
+    p.add_argument("--download-dir", help="with a hub id: where to download (default: huggingface_hub's cache)")
     p.set_defaults(func=cmd_quantize)
