@@ -157,7 +157,7 @@ def load_llm(args, **engine_args):
     check_threads(args.threads)
     template = getattr(args, "chat_template", None)
     if template and not os.path.isfile(template):  # before the (slow) load; its syntax is checked after it
-        raise CLIError(f"--chat-template: no file at {template}")
+        raise CLIError(f"--chat-template: cannot read {template}: no such file")
     asked = args.device
     args.device = check_device(args.device)
     if args.threads:

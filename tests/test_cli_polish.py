@@ -148,7 +148,7 @@ def test_sudoku_commands_on_a_model_that_is_not_a_sudoku_model_say_so(tmp_path, 
 
 @pytest.mark.parametrize("argv, words", [
     (["--prompt-ids", "1,x"], "--prompt-ids must be integers"),
-    (["hi", "--chat-template", "/no/such/template.jinja"], "--chat-template: no file at /no/such/template.jinja"),
+    (["hi", "--chat-template", "/no/such/template.jinja"], "--chat-template: cannot read /no/such/template.jinja: no such file"),
     (["hi", "--keep-embedding"], "--keep-embedding applies only with --quantization"),
     (["hi", "--quantization", ""], "--quantization is empty"),
     (["hi", "--raw", "--system", "Be brief."], "--system is a chat-mode message"),
