@@ -226,3 +226,11 @@ def test_an_unknown_system_is_named_with_the_systems_there_are(tiny_checkpoint, 
     err = capsys.readouterr().err
     assert "unknown systems ['bogus']" in err and "'oracle'" in err and "blockdiff-fast" in err
     assert "--no-oracle" not in err  # the system's name, not the flag that turns it off
+
+
+def test_an_unknown_system_is_refused_before_the_random_checkpoint_is_built(capsys, monkeypatch):
+    from blockdiff.bench import checkpoints
+    monkeypatch.setattr(checkpoints, "write_random_checkpoint",
+                        lambda *a, **k: pytest.fail("the checkpoint was built before --systems was checked"))
+    assert main(["bench", "--random-config", "mid", "--systems", "blockdiff-default,bogus"]) == 2
+    assert "unknown systems ['bogus']" in capsys.readouterr().err

@@ -97,6 +97,12 @@ def run(args) -> int:
     parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
     if parsed:
         check_device(parsed[0], args.device)
+    if args.systems:  # an unknown name fails before the (slow) checkpoint build, not after it
+        from .harness import DEFAULT, FAST, ORACLE, REFERENCE
+        known = {DEFAULT, FAST, REFERENCE, ORACLE} | {f"ar-b{b}" for b in args.ar_batches}
+        unknown = sorted(set(args.systems) - known)
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; choose from {sorted(known)}")
     from .full_shape_ticks import SHAPES
     if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape_quantized.py)
         from .full_shape_quantized import run as run_quantized_full
