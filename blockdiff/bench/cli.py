@@ -98,11 +98,8 @@ def run(args) -> int:
     if parsed:
         check_device(parsed[0], args.device)
     if args.systems:  # an unknown name fails before the (slow) checkpoint build, not after it
-        from .harness import DEFAULT, FAST, ORACLE, REFERENCE
-        known = {DEFAULT, FAST, REFERENCE, ORACLE} | {f"ar-b{b}" for b in args.ar_batches}
-        unknown = sorted(set(args.systems) - known)
-        if unknown:
-            raise ValueError(f"unknown systems {unknown}; choose from {sorted(known)}")
+        from .harness import check_systems
+        check_systems(args.systems, args.ar_batches if args.tensor_parallel_size == 1 else ())
     from .full_shape_ticks import SHAPES
     if args.random_config == "full" and parsed:  # quantized: built in CPU memory tensor by tensor (full_shape_quantized.py)
         from .full_shape_quantized import run as run_quantized_full

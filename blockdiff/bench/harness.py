@@ -234,9 +234,7 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
     for b in (o.ar_batches if o.tensor_parallel_size == 1 else ()):  # the AR baseline runs one process only
         systems[f"ar-b{b}"] = (b, ar_system(model, prompt, b, n))
     if wanted is not None:
-        unknown = wanted - set(systems) - {ORACLE}
-        if unknown:
-            raise ValueError(f"unknown systems {sorted(unknown)}; choose from {sorted(set(systems) | {ORACLE})}")
+        check_systems(wanted, o.ar_batches if o.tensor_parallel_size == 1 else ())
         systems = {k: v for k, v in systems.items() if k in wanted}
 
     skipped, called = {}, set()
@@ -457,3 +455,11 @@ def tick_memory(llm, o: BenchOptions, log=None) -> dict:
     return {"batch": o.batch, "canvas_length": C, "vocab_size": V, "logits_mb": round(logits / 2 ** 20, 1),
             "tick_peak_mb": round(mem.peak_bytes / 2 ** 20, 1), "temporaries_mb": round(extra / 2 ** 20, 1),
             "temporaries_over_logits": round(extra / logits, 4), "metric": memory_metric(device)}
+
+
+def check_systems(names, ar_batches) -> None:
+    """A ``ValueError`` naming the systems in ``names`` that a run with these AR batch sizes does not have."""
+    known = {DEFAULT, FAST, REFERENCE, ORACLE} | {f"ar-b{b}" for b in ar_batches}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {sorted(known)}")

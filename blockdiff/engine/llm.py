@@ -240,9 +240,10 @@ class LLM:
                             f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
-            if not all(isinstance(p, SamplingParams) for p in params):
-                bad = next(type(p).__name__ for p in params if not isinstance(p, SamplingParams))
-                raise TypeError(f"sampling_params must be a SamplingParams or a list of them; the list holds a {bad}")
+            bad = next((p for p in params if not isinstance(p, SamplingParams)), None)
+            if bad is not None:
+                raise TypeError("sampling_params must be a SamplingParams or a list of them; the list holds a "
+                                f"{type(bad).__name__}")
             if len(params) != len(id_lists):
                 raise ValueError(f"{len(params)} sampling params for {len(id_lists)} prompts")
         # Validate everything before running anything: a bad request never half-runs a batch.
