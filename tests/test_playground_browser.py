@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -163,3 +164,89 @@ def test_page_asks_for_the_key_and_streams_a_chat_reply(page, chat_server, chat_
     assert page.get_by_test_id("chat-output").locator(".msg.user").count() == 1
     if SHOTS:
         page.screenshot(path=os.path.join(SHOTS, "playground-chat.png"), full_page=True)
+
+
+def _with_key(page, server) -> None:
+    """Open the page with the key already in the tab's sessionStorage, connected to the model."""
+    page.add_init_script(f"sessionStorage.setItem('blockdiff-api-key', {KEY!r})")
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('[data-testid=model-name]').textContent.startsWith('tiny-dg')")
+
+
+def _wait_until(pred, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_page_loads_without_console_errors(page, chat_server):
+    """Not even the browser's own /favicon.ico request may fail: a console error on every load hides real ones."""
+    console = []
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    page.goto(chat_server.url + "/")
+    page.get_by_test_id("api-key-form").wait_for(state="visible")
+    page.wait_for_load_state("networkidle")
+    assert console == []
+
+
+def test_stop_and_escape_end_a_reply_and_the_server_aborts_it(page, chat_server):
+    _with_key(page, chat_server)
+    counters = chat_server.engine.counters
+    assert page.get_by_test_id("chat-stop").is_disabled()  # nothing to stop yet
+    page.get_by_test_id("setting-steps").fill("200")  # a reply that would run for minutes
+    page.get_by_test_id("setting-max-tokens").fill("1000")
+    aborted = counters.finished.get("abort", 0)
+    for n, stop in enumerate((lambda: page.get_by_test_id("chat-stop").click(),
+                              lambda: page.keyboard.press("Escape")), start=1):
+        page.get_by_test_id("chat-input").fill("Tell me a long story.")
+        page.get_by_test_id("chat-send").click()
+        page.wait_for_function("Number(document.querySelector('[data-testid=canvas-view]').dataset.updates) >= 2")
+        assert page.get_by_test_id("chat-send").is_disabled() and page.get_by_test_id("chat-stop").is_enabled()
+        stop()
+        page.locator(".msg.assistant .meta").nth(n - 1).wait_for()
+        assert page.locator(".msg.assistant .meta").nth(n - 1).text_content().startswith("stopped")
+        assert page.get_by_test_id("error").is_hidden()  # stopping is not an error
+        assert page.get_by_test_id("chat-send").is_enabled() and page.get_by_test_id("chat-stop").is_disabled()
+        # the closed connection aborted the request in the engine: it holds no slot any more
+        _wait_until(lambda: counters.finished.get("abort", 0) == aborted + n and chat_server.engine.num_running == 0,
+                    "the stopped request was not aborted in the engine")
+    assert page.locator(".msg.user").count() == 2  # the stopped turns stay in the conversation
+
+
+def test_a_stream_cut_before_done_is_shown_as_an_error(page, chat_server):
+    """A reply whose connection drops mid-stream is not presented as a complete answer."""
+    _with_key(page, chat_server)
+    cut = ('data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+           'data: {"choices":[{"index":0,"delta":{"content":"half an ans"}}]}\n\n')
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=cut))
+    page.get_by_test_id("chat-input").fill("Hello")
+    page.get_by_test_id("chat-send").click()
+    error = page.get_by_test_id("error")
+    error.wait_for(state="visible")
+    assert "closed before the reply was complete" in error.text_content()
+    assert page.get_by_test_id("chat-output").locator(".msg").count() == 0  # the turn was taken back
+    assert page.get_by_test_id("chat-input").input_value() == "Hello"
+
+
+def test_keyboard_enter_while_composing_and_unreadable_numbers_send_nothing(page, chat_server):
+    _with_key(page, chat_server)
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/chat/completions") else None)
+    chat = page.get_by_test_id("chat-input")
+    chat.fill("日本")
+    # Enter that picks an input method's candidate (keyCode 229 / isComposing) is not "send"
+    chat.evaluate("el => el.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, "
+                  "bubbles: true, cancelable: true}))")
+    page.get_by_test_id("sudoku-input").evaluate(
+        "el => el.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, bubbles: true}))")
+    # a number field the browser cannot read ("1e" has the value "") is reported, not silently left out
+    page.get_by_test_id("setting-temperature").press_sequentially("1e")
+    chat.press("Enter")
+    error = page.get_by_test_id("error")
+    error.wait_for(state="visible")
+    assert "temperature" in error.text_content()
+    assert page.get_by_test_id("sudoku-status").get_attribute("data-state") == "idle"
+    assert page.get_by_test_id("chat-output").locator(".msg").count() == 0 and sent == []
+    assert chat.input_value() == "日本"

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "blockdiff-api-key"; // sessionStorage: the key lives as long as the tab
-const state = { model: null, busy: false, messages: [], sudoku: false, keyRequired: false };
+const state = { model: null, busy: false, messages: [], sudoku: false, keyRequired: false, controller: null };
 
 // ------------------------------------------------------------------ errors and the API key
 function showError(msg) {
@@ -35,7 +35,9 @@ async function connect() {
   if (resp.status === 401) {
     $("key-form").hidden = false;
     $("model").textContent = "API key needed";
-    showError("This server needs an API key: enter it at the top right (it stays in this tab only).");
+    showError(sessionStorage.getItem(KEY_STORE)
+      ? "The server refused this API key: enter the right one at the top right."
+      : "This server needs an API key: enter it at the top right (it stays in this tab only).");
     return false;
   }
   if (!resp.ok) {
@@ -51,6 +53,8 @@ async function connect() {
 
 // ------------------------------------------------------------------ settings: only the fields that are set
 function numberSetting(id, name, integer) {
+  // A number input the browser cannot read ("1e", "--2") has the value "": report it rather than send nothing.
+  if ($(id).validity && $(id).validity.badInput) throw new Error(`${name}: enter ${integer ? "a whole number" : "a number"}`);
   const raw = $(id).value.trim();
   if (raw === "") return undefined;
   const v = Number(raw);
@@ -85,9 +89,11 @@ function requestFields(withSchema) {
 
 // ------------------------------------------------------------------ the stream
 // POST a streamed chat completion and call on.draft / on.text / on.usage per event. A non-2xx answer or an
-// error event in the stream becomes an Error with the server's message.
-async function streamChat(body, on) {
-  const resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(), body: JSON.stringify(body) });
+// error event in the stream becomes an Error with the server's message, and so does a stream that ends before
+// its [DONE] (the connection dropped: what arrived is not the whole reply). ``signal`` aborts it (Stop).
+async function streamChat(body, on, signal) {
+  const resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(), body: JSON.stringify(body),
+                                                     signal });
   if (resp.status === 401) {
     $("key-form").hidden = false;
   }
@@ -97,7 +103,7 @@ async function streamChat(body, on) {
   let buf = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) throw new Error("the connection to the server closed before the reply was complete");
     buf += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buf.indexOf("\n\n")) >= 0) {
@@ -119,7 +125,8 @@ async function streamChat(body, on) {
   }
 }
 
-// One generation with the canvas view and the statistics kept up to date; resolves to the reply text.
+// One generation with the canvas view and the statistics kept up to date; resolves to the reply text (so far,
+// with ``stopped: true``, when Stop or Esc ended it: the server aborts a request whose connection closes).
 async function generate(messages, extra, hooks) {
   const body = Object.assign({ model: state.model, messages, stream: true, stream_drafts: true,
                                stream_options: { include_usage: true } }, extra);
@@ -133,19 +140,35 @@ async function generate(messages, extra, hooks) {
     $("stat-rate").textContent = tokens && secs > 0 ? (tokens / secs).toFixed(1) : "–";
     $("stat-tpf").textContent = tokens && steps ? (tokens / steps).toFixed(2) : "–";
   };
-  await streamChat(body, {
-    draft(d) { steps++; canvasView.update(d); if (hooks.draft) hooks.draft(d); stats(); },
-    text(s) { text += s; if (hooks.text) hooks.text(text); },
-    finish(reason) { if (hooks.finish) hooks.finish(reason); },
-    usage(u) { tokens = u.completion_tokens; stats(); },
-  });
+  const controller = new AbortController();
+  state.controller = controller;
+  let stopped = false;
+  try {
+    await streamChat(body, {
+      draft(d) { steps++; canvasView.update(d); if (hooks.draft) hooks.draft(d); stats(); },
+      text(s) { text += s; if (hooks.text) hooks.text(text); },
+      finish(reason) { if (hooks.finish) hooks.finish(reason); },
+      usage(u) { tokens = u.completion_tokens; stats(); },
+    }, controller.signal);
+  } catch (e) {
+    if (!controller.signal.aborted) throw e;
+    stopped = true;
+  } finally {
+    state.controller = null;
+  }
   stats();
-  return { text, steps, tokens, seconds: (performance.now() - t0) / 1000 };
+  return { text, steps, tokens, stopped, seconds: (performance.now() - t0) / 1000 };
+}
+
+// Stop (the buttons, or Esc): abort the fetch; the server sees the connection close and aborts the request.
+function stopGeneration() {
+  if (state.controller) state.controller.abort();
 }
 
 function setBusy(busy) {
   state.busy = busy;
   for (const id of ["chat-send", "sudoku-solve", "sudoku-new", "chat-clear"]) $(id).disabled = busy;
+  for (const id of ["chat-stop", "sudoku-stop"]) $(id).disabled = !busy;
 }
 
 // ------------------------------------------------------------------ canvas view
@@ -214,7 +237,7 @@ async function sendChat() {
     state.messages.push({ role: "assistant", content: r.text });
     const meta = document.createElement("span");
     meta.className = "meta";
-    meta.textContent = `${r.tokens} tokens · ${r.steps} denoising steps · ${(r.tokens / Math.max(1, r.steps)).toFixed(2)} tokens/forward · ${(r.tokens / r.seconds).toFixed(1)} tok/s`;
+    meta.textContent = r.stopped ? `stopped · ${r.steps} denoising steps` : `${r.tokens} tokens · ${r.steps} denoising steps · ${(r.tokens / Math.max(1, r.steps)).toFixed(2)} tokens/forward · ${(r.tokens / r.seconds).toFixed(1)} tok/s`;
     reply.appendChild(meta);
   } catch (e) {
     // refused or failed: the turn is taken back and the text returned to the input, to fix and resend
@@ -327,6 +350,11 @@ async function solveSudoku() {
       },
     });
     solveSudoku.prev = null;
+    if (r.stopped) {  // the drafts were no answer: back to the puzzle
+      showPuzzle(puzzle);
+      setStatus(`Stopped after ${r.steps} denoising steps. Press Solve to try again.`, "stopped");
+      return;
+    }
     const sol = [...r.text.trim()].map((c) => (c === "." ? 0 : Number(c)));
     const wrong = sol.length === 81 ? wrongCells(puzzle, sol) : new Set([...Array(81).keys()]);
     for (let i = 0; i < 81; i++) {
@@ -367,10 +395,15 @@ async function start() {
   try { showPuzzle(parsePuzzle($("sudoku-input").value)); } catch (_) { /* an edited value: shown on Solve */ }
   $("sudoku-solve").addEventListener("click", solveSudoku);
   $("sudoku-new").addEventListener("click", newPuzzle);
-  $("sudoku-input").addEventListener("keydown", (e) => { if (e.key === "Enter") solveSudoku(); });
+  $("sudoku-stop").addEventListener("click", stopGeneration);
+  $("chat-stop").addEventListener("click", stopGeneration);
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.busy) stopGeneration(); });
+  // Enter while an input method is composing (Japanese, Chinese...) picks a candidate: it must not send.
+  const composing = (e) => e.isComposing || e.keyCode === 229;
+  $("sudoku-input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !composing(e)) solveSudoku(); });
   $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); sendChat(); });
   $("chat-input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendChat(); }
+    if (e.key === "Enter" && !e.shiftKey && !composing(e)) { e.preventDefault(); sendChat(); }
   });
   $("chat-clear").addEventListener("click", () => { state.messages = []; $("chat-output").textContent = ""; });
   $("key-form").addEventListener("submit", async (e) => {
