@@ -132,6 +132,8 @@ BAD_INPUTS = {
                         "limit of 100000 pixels"),  # a flat image: a few hundred bytes, 120k pixels
     "too_many_bytes": ([image_part(data_url(encoded(picture(300, 250), "BMP"), "image/bmp"))], "200000-byte limit"),
     "malformed_part": ([{"type": "image_url", "image_url": {}}], "image_url.url"),
+    "empty_url": ([image_part("")], "'messages[0].content[0].image_url.url' must be a non-empty string (a "
+                  "data:image/...;base64 URL), got an empty string"),
     "unknown_part": ([{"type": "input_audio", "input_audio": {}}], "'input_audio'"),
 }
 
@@ -143,6 +145,17 @@ def test_bad_image_input_is_a_400_with_one_clear_line(servers, case):
         ask(servers["mm"], *parts)
     message = e.value.body["message"]
     assert msg in message and "\n" not in message and e.value.status_code == 400
+    # param names the part when one image is at fault (as the message does), the list when their number is
+    want = {"too_many_images": "messages", "malformed_part": "messages[0].content", "empty_url": "messages[0].content",
+            "unknown_part": "messages[0].content"}.get(case, "messages[0].content[0]")
+    assert e.value.body["param"] == want
+
+
+def test_a_bad_second_image_is_named_in_param(servers):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(servers["mm"], image_part(data_url(PNG)), image_part("data:image/png;base64,@@@"))
+    assert e.value.body["param"] == "messages[0].content[1]"
+    assert e.value.body["message"].startswith("'messages[0].content[1]': ")
 
 
 def test_image_to_a_text_only_checkpoint_is_a_400(servers):

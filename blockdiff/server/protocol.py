@@ -206,9 +206,14 @@ def _check_part(part, where: str) -> None:
         return
     if kind == "image_url":
         v = part.get("image_url")
-        if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"]:
+        if not isinstance(v, dict):
+            raise ValueError(f"'{where}.image_url' must be an object {{\"url\": \"data:image/...;base64,...\"}}, "
+                             f"got {json_type(v)}")
+        url = v.get("url")
+        if isinstance(url, str) and url:
             return
-        raise ValueError(f"'{where}.image_url.url' must be a string (a data:image/...;base64 URL)")
+        raise ValueError(f"'{where}.image_url.url' must be a non-empty string (a data:image/...;base64 URL), got "
+                         + ("an empty string" if url == "" else "nothing" if "url" not in v else json_type(url)))
     got = kind if kind is not None else json_type(part)
     raise ValueError(f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image_url part "
                      f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}), got {got!r}")

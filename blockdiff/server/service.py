@@ -319,8 +319,8 @@ class Server:
         try:
             self.images.check_can_take_images()
             return ImageLoader(self.media_limits).load_all(sources, wheres)
-        except ValueError as e:
-            raise bad(str(e), "messages") from None
+        except ValueError as e:  # a ParamError names the image's part (messages[i].content[j])
+            raise bad(str(e), getattr(e, "param", None) or "messages") from None
 
     # ------------------------------------------------------------------ running
     def submit(self, p: Prepared, rid: str) -> list[RequestStream]:

@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..sampling.fields import ParamError
+
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what a request may send
 
 
@@ -51,10 +53,18 @@ class ImageLoader:
         return [self.load(s, wheres[i] if wheres else i) for i, s in enumerate(sources)]
 
     def load(self, source, where: str | int = 0):
-        """A PIL image, bytes, a data: URL, a file:// URL or a local path -> a loaded PIL image."""
+        """A PIL image, bytes, a data: URL, a file:// URL or a local path -> a loaded PIL image. A failure is a
+        ``ParamError`` whose ``param`` is ``where`` when it names a request part (``'messages[0].content[1]'``),
+        so the server's 400 points at the part, not only at ``messages``."""
+        what = f"image {where}" if isinstance(where, int) else where
+        try:
+            return self._load(source, what)
+        except ValueError as e:
+            raise ParamError(str(e), None if isinstance(where, int) else where.strip("'")) from None
+
+    def _load(self, source, what: str):
         from PIL import Image
 
-        what = f"image {where}" if isinstance(where, int) else where
         self.count += 1
         if self.count > self.limits.max_images:
             raise ValueError(f"the request has more than {self.limits.max_images} images")
