@@ -396,6 +396,26 @@ def test_metrics_is_valid_prometheus_exposition(srv):
     assert done >= 1
 
 
+
+def test_metrics_are_the_documented_ones(srv):
+    """docs/serving.md's metrics table lists exactly the families /metrics exposes, with their types, and every
+    sample carries the model_name label."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv.client().completions.create(model=MODEL, prompt="count me", max_tokens=16, seed=0, extra_body=X)
+    fams = list(text_string_to_metric_families(httpx.get(srv.url + "/metrics").text))
+    exposed = {f.name + ("_total" if f.type == "counter" else ""): f.type for f in fams
+               if not f.name.endswith("_created")}
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "serving.md")).read()
+    section = doc.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(blockdiff_[a-z_]+)", section))
+    assert documented == set(exposed), (documented ^ set(exposed))
+    assert {n for n, t in exposed.items() if t == "counter"} == {n for n in documented if n.endswith("_total")}
+    assert all(s.labels.get("model_name") == MODEL for f in fams for s in f.samples)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--replicas", "-1"], "--replicas must be >= 1 (or 0, the default"),
     (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
