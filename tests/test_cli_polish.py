@@ -158,3 +158,34 @@ def test_run_checks_its_own_flags_before_loading_the_model(argv, words, capsys):
     # the model folder does not exist: the flag's error coming first proves no load was tried
     assert main(["run", "/no/such/model"] + argv) == 2
     assert words in capsys.readouterr().err
+
+
+def test_demo_web_on_a_busy_port_is_one_line_before_loading(capsys):
+    """As for serve: exit 2 and one line naming --port, and no URL printed for a page that will never be there."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--web", "--port", str(port), "--model", "/nonexistent/never-loaded"]) == 2
+    out, err = capsys.readouterr()
+    assert "http://" not in out and err.count("\n") == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "(--port)" in err
+
+
+def test_demo_web_steps_is_the_pages_default(monkeypatch, capsys):
+    """--steps with --web sets the steps of the page's requests that leave the setting empty (it was ignored)."""
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.setdefault("app", self.config.app))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--web", "--port", str(port), "--steps", "7", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert served["app"].state.engine.engine.defaults.max_denoising_steps == 7

@@ -90,9 +90,11 @@ def default_model_name(model: str) -> str:
     return model
 
 
-def check_bindable(host: str, port: int) -> None:
+def check_bindable(host: str, port: int,
+                   flags: str = "--host / --port, or $BLOCKDIFF_HOST / $BLOCKDIFF_PORT") -> None:
     """Bind host:port once and let go, as uvicorn will bind it (SO_REUSEADDR): a port in use or an address this
-    machine does not have is a one-line error now, not after minutes of loading the model."""
+    machine does not have is a one-line error now, not after minutes of loading the model. ``flags``: what sets
+    them, for the message."""
     import socket
 
     from ..cli import CLIError
@@ -103,8 +105,7 @@ def check_bindable(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except OSError as e:
-        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} (--host / --port, or $BLOCKDIFF_HOST / "
-                       "$BLOCKDIFF_PORT)") from None
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} ({flags})") from None
 
 
 def cmd_serve(args) -> int:

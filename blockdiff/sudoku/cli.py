@@ -188,10 +188,15 @@ def _serve_playground(args) -> int:
     import uvicorn
 
     from ..server.app import build_app
+    from ..server.cli import check_bindable
 
     if not 0 <= args.port < 65536:
         raise _error(f"--port must be in [0, 65535], got {args.port}")
+    # A port in use is one line and exit 2 before the model loads (uvicorn would say it after the URL was printed).
+    check_bindable("127.0.0.1", args.port, "--port")
     llm = _load(args)
+    if args.steps is not None:  # the page's requests that leave "max denoising steps" empty run this many
+        llm.engine.defaults.max_denoising_steps = args.steps
     app = build_app(llm, "sudoku")
     url = f"http://127.0.0.1:{args.port}/"
     print(f"blockdiff demo: the playground is at {url} (Ctrl-C stops it)", flush=True)
@@ -228,7 +233,8 @@ def register(subparsers) -> None:
                               "is redrawn at every denoising step in a terminal (printed once otherwise), then "
                               "checked by the exact solver. --web serves the same in the browser.")
     _common(d)
-    d.add_argument("--seed", type=at_least(0), help="puzzle seed (default: random)")
+    d.add_argument("--seed", type=at_least(0), help="puzzle seed (default: random; with --web the page draws its "
+                   "own puzzles)")
     d.add_argument("--web", action="store_true", help="serve the playground page on the bundled model instead and "
                    "print its URL")
     d.add_argument("--port", type=int, default=8000, help="with --web: the port on 127.0.0.1 (default 8000)")
