@@ -189,3 +189,20 @@ def test_demo_web_steps_is_the_pages_default(monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     assert served["app"].state.engine.engine.defaults.max_denoising_steps == 7
+
+
+def test_serve_prints_the_playground_url(tiny_checkpoint, monkeypatch, capsys):
+    """docs/playground.md: serve serves the page at /; its start-up line says where (it named only /v1)."""
+    import torch
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = torch.get_num_threads()
+    try:
+        assert main(["serve", tiny_checkpoint, "--port", str(port), "--threads", "1", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert f"the playground page: http://127.0.0.1:{port}/\n" in capsys.readouterr().out

@@ -179,7 +179,8 @@ def cmd_serve(args) -> int:
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', fast mode by default' if args.fast else ''}"
           f"{', API key required' if keys else ''}{f' ({len(keys)} keys)' if len(keys) > 1 else ''}, "
-          f"max_denoising_steps {steps}, max_model_len {app.state.server.context})", flush=True)
+          f"max_denoising_steps {steps}, max_model_len {app.state.server.context}); "
+          f"the playground page: http://{args.host}:{args.port}/", flush=True)
     grace = args.shutdown_grace
 
     class Server(uvicorn.Server):
