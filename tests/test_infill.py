@@ -41,6 +41,11 @@ def test_hole_lengths_explicit_then_shared_equally(llm):
     ("x<|hole:0|>", "at least 1 token"),
     ("<|hole:20|>", "canvas holds 16"),
     ("a" * 40 + "<|hole|>", "canvas holds 16"),
+    # a mistyped hole is refused, not laid on the canvas as fixed text beside the real ones
+    ("<|hole|> <|hole: 2|>", "'<|hole: 2|>' is not a hole"),
+    ("<|hole:x|>", "'<|hole:x|>' is not a hole"),
+    ("<|hole:-1|><|hole|>", "'<|hole:-1|>' is not a hole"),
+    ("<|HOLE|>", "'<|HOLE|>' is not a hole"),
 ])
 def test_bad_templates_raise(llm, text, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 HOLE = re.compile(r"<\|hole(?::(\d+))?\|>")
+MALFORMED_HOLE = re.compile(r"<\|\s*hole\b[^>\n]{0,20}>?", re.IGNORECASE)  # what is left of "<|hole" after HOLE
 
 
 @dataclass
@@ -73,6 +74,11 @@ def plan_template(tokenizer, text: str, canvas_length: int) -> InfillPlan:
         sizes.append(n)
         pos = m.end()
     pieces.append(text[pos:])
+    for p in pieces:  # a mistyped hole would otherwise be laid on the canvas as fixed text, silently
+        bad = MALFORMED_HOLE.search(p)
+        if bad:
+            raise ValueError(f"text_template: {bad.group(0)!r} is not a hole: write <|hole|> or <|hole:N|> "
+                             "(N a whole number >= 1)")
     if not sizes:
         raise ValueError("text_template has no hole: write <|hole|> or <|hole:N|> where the model should write")
     fixed = [tokenizer.encode(p) if p else [] for p in pieces]
