@@ -404,6 +404,29 @@ def test_over_capacity_gets_429_and_recovers(small):
                   '{outcome="rejected"}') >= 1
 
 
+def test_n_choices_that_do_not_all_fit_are_refused_together(llm):
+    """Room for 2, one request in flight, n=2 asked: one 429, counted once as rejected; no choice was admitted
+    and then aborted (that counted a client-less abort in /metrics)."""
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=1,
+                               max_waiting=1))
+    eng = srv.engine
+    try:
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", srv.url + "/v1/completions", json=FOREVER) as r:
+                lines = r.iter_lines()  # keep it: a dropped iterator closes the connection (and aborts)
+                next(lines)
+                assert eng.num_in_flight == 1
+                with pytest.raises(openai.RateLimitError, match="capacity"):
+                    srv.client().completions.create(model=MODEL, prompt="hi", max_tokens=16, n=2)
+                assert eng.counters.rejected == 1 and eng.num_in_flight == 1
+        assert wait_until(lambda: eng.num_in_flight == 0)
+        assert eng.counters.finished["abort"] == 1  # the request we left, and no other
+        r = srv.client().completions.create(model=MODEL, prompt="hi", max_tokens=16, n=2, seed=0, extra_body=X)
+        assert len(r.choices) == 2
+    finally:
+        srv.close()
+
+
 def test_engine_failure_fails_the_request_with_500_and_server_keeps_serving(small):
     core = small.engine.engine
     real = core._denoise

@@ -218,15 +218,25 @@ class AsyncEngine:
                                                                          if self._dead else ""))
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
-            if len(self._streams) >= self.capacity:
-                self.counters.rejected += 1
-                raise EngineOverloadedError(
-                    f"the server is at capacity ({len(self._streams)} requests in flight: {self.max_num_seqs} "
-                    f"running + {self.max_waiting} waiting); retry later")
+            self._check_room(1)
             self._streams[request_id] = stream
             self._adds.append(state)
             self._cond.notify()
         return stream
+
+    def check_room(self, n: int) -> None:
+        """Raise ``EngineOverloadedError`` (counted once as ``rejected``) unless ``n`` more requests fit now. The
+        server calls it before submitting a request's ``n`` choices, so they are refused together rather than
+        partly admitted and then aborted (which /metrics would count as aborts)."""
+        with self._cond:
+            self._check_room(n)
+
+    def _check_room(self, n: int) -> None:  # under self._cond
+        if len(self._streams) + n > self.capacity:
+            self.counters.rejected += 1
+            raise EngineOverloadedError(
+                f"the server is at capacity ({len(self._streams)} requests in flight: {self.max_num_seqs} "
+                f"running + {self.max_waiting} waiting); retry later")
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its stream ends with a ``done`` event, finish_reason ``abort``); no-op when done."""

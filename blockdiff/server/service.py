@@ -329,6 +329,8 @@ class Server:
             raise APIError(503, "the server is shutting down", code="engine_stopped")
         streams: list[RequestStream] = []
         try:
+            if p.req.n > 1:  # all choices or none (nothing awaits between here and the submits below)
+                self.engine.check_room(p.req.n)
             for i in range(p.req.n):
                 params = p.params if i == 0 else _with_seed(p.params, choice_seed(p.params.seed, i))
                 streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}",
