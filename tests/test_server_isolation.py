@@ -7,6 +7,7 @@ bit-identical to their solo runs (deterministic mode)."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -172,3 +173,20 @@ def test_a_request_failing_inside_a_tick_fails_alone(srv, monkeypatch, place, st
     assert err["message"].startswith("this request failed:") and "\n" not in err["message"]
     assert "<state>" not in err["message"] and "internal" not in err["message"]
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monkeypatch, stream):
+    """The detokenizer fails on the server's side, the engine request is ended: /metrics says error (the client
+    got a 500 / an error event), not abort (which reads as a client that left)."""
+    counters = srv.engine.counters
+    before = dict(counters.finished)
+    extra = _inject(monkeypatch, "detokenizer", {})
+    r = post(srv.url, dict(body("the bad request", BAD_SEED, max_tokens=400), **extra, stream=stream))
+    assert ("request_failed" in r.text) and r.status_code == (200 if stream else 500)
+    deadline = time.monotonic() + 30
+    while srv.engine.num_in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert counters.finished["error"] == before["error"] + 1
+    assert counters.finished["abort"] == before["abort"]

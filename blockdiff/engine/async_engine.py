@@ -138,6 +138,7 @@ class AsyncEngine:
         self.num_running = 0  # published by the engine thread after each tick
         self.num_waiting = 0
         self._cond = threading.Condition()
+        self._failed_aborts: set[str] = set()  # aborted because they failed server-side: counted as errors
         self._adds: list[ModelState] = []
         self._aborts: list[str] = []
         self._streams: dict[str, RequestStream] = {}  # submitted and not finished
@@ -202,7 +203,10 @@ class AsyncEngine:
             if ev.kind == "done":
                 with self._cond:
                     self._streams.pop(stream.request_id, None)
-                self.counters.record(stream.state, ev.finish_reason or "abort")
+                    failed = stream.request_id in self._failed_aborts
+                    self._failed_aborts.discard(stream.request_id)
+                outcome = "error" if failed and ev.finish_reason == "abort" else ev.finish_reason or "abort"
+                self.counters.record(stream.state, outcome)
                 if ev.finish_reason == "error":  # it failed alone: its stream raises, the others run on
                     stream._put(RequestFailedError(f"this request failed: {ev.error}"))
                     return
@@ -238,11 +242,15 @@ class AsyncEngine:
                 f"the server is at capacity ({len(self._streams)} requests in flight: {self.max_num_seqs} "
                 f"running + {self.max_waiting} waiting); retry later")
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request (its stream ends with a ``done`` event, finish_reason ``abort``); no-op when done."""
+    def abort(self, request_id: str, failed: bool = False) -> None:
+        """Cancel a request (its stream ends with a ``done`` event, finish_reason ``abort``); no-op when done.
+        ``failed``: the caller ends it because it failed on the caller's side (the server could not detokenize its
+        output): /metrics counts it as ``error``, not as an ``abort`` (a client that left)."""
         with self._cond:
             if request_id in self._streams:
                 self._aborts.append(request_id)
+                if failed:
+                    self._failed_aborts.add(request_id)
                 self._cond.notify()
 
     # ------------------------------------------------------------------ engine thread
@@ -289,6 +297,7 @@ class AsyncEngine:
     def _fail(self, state: ModelState, exc: EngineFailedError) -> None:
         with self._cond:
             stream = self._streams.pop(state.request_id, None)
+            self._failed_aborts.discard(state.request_id)
         state.on_event = None  # the stream gets the error, not a done event
         try:
             state.finish("error", error=str(exc))  # frees the cache

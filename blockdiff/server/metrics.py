@@ -36,7 +36,7 @@ class EngineCollector:
     def _families(self):
         e, c = self.engine, self.engine.counters
         req = CounterMetricFamily("blockdiff_requests_total", "Requests by outcome: stop/length (finished), abort "
-                                  "(cancelled, e.g. the client left), error (the engine failed), rejected (over "
+                                  "(cancelled, e.g. the client left), error (it failed: HTTP 500 or an error event), rejected (over "
                                   "capacity, HTTP 429).", labels=["outcome"])
         for k, v in sorted(c.finished.items()):
             req.add_metric([k], v)

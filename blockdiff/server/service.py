@@ -375,11 +375,13 @@ class Server:
         finally:
             self._close(streams)
 
-    def _close(self, streams: list[RequestStream]) -> None:
+    def _close(self, streams: list[RequestStream], failed: bool = False) -> None:
+        """Forget the response's streams and abort what still runs; ``failed``: the response failed here (its
+        output could not be detokenized), so /metrics counts those requests as errors, not client aborts."""
         for s in streams:
             self.open.pop(s.request_id, None)
             if not s.finished:
-                self.engine.abort(s.request_id)
+                self.engine.abort(s.request_id, failed=failed)
 
     async def _complete(self, request: Request, p: Prepared, rid: str, streams: list[RequestStream]) -> Response:
         texts = [[] for _ in streams]
@@ -417,6 +419,7 @@ class Server:
                 raise engine_failure(e) from None
             except Exception as e:  # detokenizing this request's output: this request fails, alone
                 log.exception("request %s: detokenizing its output failed", rid)
+                self._close(streams, failed=True)
                 raise APIError(500, f"this request failed: detokenizing its output failed: {one_line(e)}",
                                code="request_failed") from None
         finally:
@@ -544,6 +547,7 @@ class Server:
         except Exception as e:  # detokenizing, or a bug, while streaming: an error event and [DONE], this stream only
             log.exception("error while streaming %s", rid)
             self.count_error(500)
+            self._close(streams, failed=True)
             yield _sse(APIError(500, f"this request failed: {one_line(e)}", code="request_failed").body())
             yield "data: [DONE]\n\n"
         finally:  # the client left (the response was cancelled) or the stream ended
