@@ -250,3 +250,24 @@ def test_keyboard_enter_while_composing_and_unreadable_numbers_send_nothing(page
     assert page.get_by_test_id("sudoku-status").get_attribute("data-state") == "idle"
     assert page.get_by_test_id("chat-output").locator(".msg").count() == 0 and sent == []
     assert chat.input_value() == "日本"
+
+
+def test_an_unreachable_server_is_named_as_such(page, chat_server):
+    _with_key(page, chat_server)
+    page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
+    page.get_by_test_id("chat-input").fill("Hello")
+    page.get_by_test_id("chat-send").click()
+    error = page.get_by_test_id("error")
+    error.wait_for(state="visible")
+    assert "cannot reach the server" in error.text_content()  # not the browser's bare "Failed to fetch"
+    assert page.get_by_test_id("chat-send").is_enabled()
+
+
+def test_solve_on_a_chat_model_says_it_is_not_the_sudoku_model(page, chat_server):
+    _with_key(page, chat_server)
+    page.get_by_test_id("setting-steps").fill("1")
+    page.get_by_test_id("setting-max-tokens").fill("16")
+    page.get_by_test_id("sudoku-solve").click()
+    page.wait_for_function("document.querySelector('[data-testid=sudoku-status]').dataset.state === 'failed'")
+    status = page.get_by_test_id("sudoku-status").text_content()
+    assert "not the Sudoku model" in status and "another seed" not in status  # no seed will help

@@ -92,8 +92,15 @@ function requestFields(withSchema) {
 // error event in the stream becomes an Error with the server's message, and so does a stream that ends before
 // its [DONE] (the connection dropped: what arrived is not the whole reply). ``signal`` aborts it (Stop).
 async function streamChat(body, on, signal) {
-  const resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(), body: JSON.stringify(body),
-                                                     signal });
+  let resp;
+  try {
+    resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(), body: JSON.stringify(body),
+                                                 signal });
+  } catch (e) {
+    if (signal && signal.aborted) throw e;
+    // the browser says only "Failed to fetch": say what it means
+    throw new Error("cannot reach the server (is it still running?)");
+  }
   if (resp.status === 401) {
     $("key-form").hidden = false;
   }
@@ -365,7 +372,8 @@ async function solveSudoku() {
     if (wrong.size === 0) {
       setStatus(`Solved and verified ✓ every row, column and box holds 1-9, givens kept · ${r.steps} denoising steps · ${r.seconds.toFixed(2)} s`, "solved");
     } else {
-      setStatus(`Not a valid solution: ${wrong.size} cells break a rule (marked) · try another seed`, "failed");
+      setStatus(`Not a valid solution: ${wrong.size} cells break a rule (marked) · ` +
+                (state.sudoku ? "try another seed" : "this model is not the Sudoku model"), "failed");
     }
   } catch (e) {
     solveSudoku.prev = null;
