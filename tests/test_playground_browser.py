@@ -271,3 +271,18 @@ def test_solve_on_a_chat_model_says_it_is_not_the_sudoku_model(page, chat_server
     page.wait_for_function("document.querySelector('[data-testid=sudoku-status]').dataset.state === 'failed'")
     status = page.get_by_test_id("sudoku-status").text_content()
     assert "not the Sudoku model" in status and "another seed" not in status  # no seed will help
+
+
+def test_stop_ends_a_solve_and_puts_the_puzzle_back(page, chat_server):
+    _with_key(page, chat_server)  # a chat model: its "solve" runs as long as the settings allow
+    page.get_by_test_id("setting-steps").fill("200")
+    page.get_by_test_id("setting-max-tokens").fill("400")
+    page.get_by_test_id("sudoku-input").fill(PUZZLE)
+    page.get_by_test_id("sudoku-solve").click()
+    page.wait_for_function("Number(document.querySelector('[data-testid=canvas-view]').dataset.updates) >= 2")
+    page.get_by_test_id("sudoku-stop").click()
+    page.wait_for_function("document.querySelector('[data-testid=sudoku-status]').dataset.state === 'stopped'")
+    cells = page.get_by_test_id("sudoku-board").locator("[data-testid=cell]").all_text_contents()
+    assert "".join(c or "." for c in cells) == PUZZLE  # the drafts were no answer: the puzzle is back
+    assert page.get_by_test_id("sudoku-solve").is_enabled() and page.get_by_test_id("sudoku-stop").is_disabled()
+    assert page.get_by_test_id("error").is_hidden()
