@@ -286,3 +286,23 @@ def test_stop_ends_a_solve_and_puts_the_puzzle_back(page, chat_server):
     assert "".join(c or "." for c in cells) == PUZZLE  # the drafts were no answer: the puzzle is back
     assert page.get_by_test_id("sudoku-solve").is_enabled() and page.get_by_test_id("sudoku-stop").is_disabled()
     assert page.get_by_test_id("error").is_hidden()
+
+
+def test_a_reply_cut_at_max_tokens_says_so(page, chat_server):
+    """finish_reason "length" is shown (a JSON-schema answer may then be unfinished); "stop" adds nothing."""
+    _with_key(page, chat_server)
+    for reason in ("length", "stop"):
+        events = ['{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+                  '{"choices":[{"index":0,"delta":{"content":"{\\"city\\": \\"Par"}}]}',
+                  '{"choices":[{"index":0,"delta":{},"finish_reason":"%s"}]}' % reason,
+                  '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":16,"total_tokens":21}}', "[DONE]"]
+        body = "".join(f"data: {e}\n\n" for e in events)
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, headers={"content-type": "text/event-stream"}, body=body))
+        page.get_by_test_id("chat-input").fill("Where?")
+        page.get_by_test_id("chat-send").click()
+        meta = page.locator(".msg.assistant .meta").last
+        page.wait_for_function(f"document.querySelectorAll('.msg.assistant .meta').length === "
+                               f"{1 if reason == 'length' else 2}")
+        assert ("cut at max tokens" in meta.text_content()) == (reason == "length")
+        page.unroute("**/v1/chat/completions")

@@ -138,7 +138,7 @@ async function generate(messages, extra, hooks) {
   const body = Object.assign({ model: state.model, messages, stream: true, stream_drafts: true,
                                stream_options: { include_usage: true } }, extra);
   const t0 = performance.now();
-  let steps = 0, tokens = 0, text = "";
+  let steps = 0, tokens = 0, text = "", finish = null;
   canvasView.reset();
   const stats = () => {
     const secs = (performance.now() - t0) / 1000;
@@ -154,7 +154,7 @@ async function generate(messages, extra, hooks) {
     await streamChat(body, {
       draft(d) { steps++; canvasView.update(d); if (hooks.draft) hooks.draft(d); stats(); },
       text(s) { text += s; if (hooks.text) hooks.text(text); },
-      finish(reason) { if (hooks.finish) hooks.finish(reason); },
+      finish(reason) { finish = reason; if (hooks.finish) hooks.finish(reason); },
       usage(u) { tokens = u.completion_tokens; stats(); },
     }, controller.signal);
   } catch (e) {
@@ -164,7 +164,7 @@ async function generate(messages, extra, hooks) {
     state.controller = null;
   }
   stats();
-  return { text, steps, tokens, stopped, seconds: (performance.now() - t0) / 1000 };
+  return { text, steps, tokens, stopped, finish, seconds: (performance.now() - t0) / 1000 };
 }
 
 // Stop (the buttons, or Esc): abort the fetch; the server sees the connection close and aborts the request.
@@ -245,6 +245,9 @@ async function sendChat() {
     const meta = document.createElement("span");
     meta.className = "meta";
     meta.textContent = r.stopped ? `stopped · ${r.steps} denoising steps` : `${r.tokens} tokens · ${r.steps} denoising steps · ${(r.tokens / Math.max(1, r.steps)).toFixed(2)} tokens/forward · ${(r.tokens / r.seconds).toFixed(1)} tok/s`;
+    // cut by max tokens (a JSON answer may then be unfinished), or another reason than a natural end
+    if (r.finish === "length") meta.textContent += " · cut at max tokens";
+    else if (r.finish && r.finish !== "stop") meta.textContent += ` · finish: ${r.finish}`;
     reply.appendChild(meta);
   } catch (e) {
     // refused or failed: the turn is taken back and the text returned to the input, to fix and resend
