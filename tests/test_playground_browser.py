@@ -306,3 +306,12 @@ def test_a_reply_cut_at_max_tokens_says_so(page, chat_server):
                                f"{1 if reason == 'length' else 2}")
         assert ("cut at max tokens" in meta.text_content()) == (reason == "length")
         page.unroute("**/v1/chat/completions")
+
+
+def test_a_refused_key_is_called_refused(page, chat_server):
+    page.add_init_script("sessionStorage.setItem('blockdiff-api-key', 'not-the-key')")
+    page.goto(chat_server.url + "/")
+    page.get_by_test_id("api-key-form").wait_for(state="visible")
+    error = page.get_by_test_id("error")
+    error.wait_for(state="visible")
+    assert "refused this API key" in error.text_content()
