@@ -127,3 +127,55 @@ def test_killing_a_replica_under_load_fails_only_its_requests_and_ray_replaces_i
             break
         time.sleep(2)
     assert len(pids_now) == 2 and victim not in pids_now
+
+
+def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoint, monkeypatch):
+    """``blockdiff serve --replicas N`` builds each replica's server from the same flags as ``blockdiff serve``: the
+    --api-key list (it reached the replicas as the string "['ka', 'kb']", so every key got a 401), the per-key
+    prefix-cache salts of several keys, and the --max-denoising-steps cap (absent: a request could ask 10000 steps).
+    No cluster: the application ``serve run`` would get is captured and its replica built in this process."""
+    import asyncio
+    import json
+
+    from blockdiff import cli
+    from blockdiff import ray as blockdiff_ray
+    from blockdiff.ray import BlockdiffReplica, RoutedRequest, call_asgi
+
+    class Captured(Exception):
+        pass
+
+    def run(app, **kw):
+        raise Captured(app)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", run)
+    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)  # importing it needs a running Ray
+    with pytest.raises(Captured) as got:
+        cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--api-key", "ka", "--api-key", "kb", "--port",
+                  str(_free_port()), "--dtype", "float32", "--threads", "1", "--max-denoising-steps", "8"])
+    replica_app = got.value.args[0]._bound_deployment.init_args[0]
+    replica = BlockdiffReplica(*replica_app._bound_deployment.init_args)
+
+    async def post(key: str, **body):
+        body = {"model": os.path.basename(tiny_checkpoint), "max_tokens": 16, "seed": 1, **body}
+        req = RoutedRequest("POST", "/v1/completions", b"", [(b"authorization", f"Bearer {key}".encode()),
+                                                            (b"content-type", b"application/json")],
+                            json.dumps(body).encode())
+        items = [x async for x in replica.handle(req)]
+        return items[0][0], json.loads(b"".join(items[1:]))
+
+    async def scenario():
+        prompt = "the same long system prompt, sent by two tenants " * 2
+        a1 = await post("ka", prompt=prompt)
+        a2 = await post("ka", prompt=prompt)
+        b1 = await post("kb", prompt=prompt)
+        wrong = await post("kc", prompt="hi")
+        steps = await post("ka", prompt="hi", max_denoising_steps=9)
+        await replica._lifespan.__aexit__(None, None, None)  # the replica's engine thread stops
+        return a1, a2, b1, wrong, steps
+    a1, a2, b1, wrong, steps = asyncio.run(scenario())
+    assert a1[0] == 200 and a2[0] == 200 and b1[0] == 200, (a1, b1)
+    assert a2[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same tenant reuses its prefix
+    assert b1[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another tenant does not see it
+    assert wrong[0] == 401
+    assert steps[0] == 400 and steps[1]["error"]["param"] == "max_denoising_steps"
