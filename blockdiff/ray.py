@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -45,6 +46,7 @@ log = logging.getLogger("blockdiff.ray")
 PREFIX_ROUTERS = ("ray.serve.llm.request_router:PrefixCacheAffinityRouter",
                   "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter")
 METRICS_PERIOD_S = 5.0
+APP_NAME = "blockdiff"  # the Serve application `blockdiff serve --replicas` runs
 
 
 @dataclass
@@ -366,14 +368,21 @@ def build_app(args: dict):
 def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -> int:
     """``blockdiff serve CHECKPOINT --replicas N``: Ray Serve on ``--host``/``--port`` (a local Ray when none runs).
     ``api_keys``: every key of --api-key / --api-key-file / $BLOCKDIFF_API_KEY; every server flag reaches the
-    replicas (each runs the server ``blockdiff serve`` would)."""
+    replicas (each runs the server ``blockdiff serve`` would). SIGINT (Ctrl-C) and SIGTERM stop it alike: the local
+    Ray it started is shut down; on a cluster that was already running only this application is deleted (the
+    cluster's other Serve applications stay)."""
+    import signal
+    import threading
+
     import ray
 
+    started_ray = False
     if not ray.is_initialized():
         try:
             ray.init(address="auto", log_to_driver=False)
         except (ConnectionError, RuntimeError):
             ray.init(log_to_driver=False)
+            started_ray = True
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "num_replicas": args.replicas, "device": args.device, "dtype": args.dtype,
                      "quantization": args.quantization, "max_num_seqs": args.max_num_seqs,
@@ -386,12 +395,29 @@ def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -
                      "download_dir": args.download_dir, "gguf_file": args.gguf_file, "media_limits": media_limits,
                      "quantize_embedding": not getattr(args, "keep_embedding", False),
                      "chat_template": getattr(args, "chat_template", None)})
-    serve.run(app, name="blockdiff", route_prefix="/")
-    print(f"blockdiff: {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1", flush=True)
+    # Our own handlers, set after Ray's: its driver turns SIGTERM into a C++ stack dump, and a SIGINT that the
+    # parent shell ignores (a background job) would never reach the KeyboardInterrupt a plain loop waits for.
+    ready, stop = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame):
+        if not ready.is_set():  # still starting the replicas: give up the start (cleaned up below)
+            raise KeyboardInterrupt
+        stop.set()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            import time
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        ready.set()
+        print(f"blockdiff: {args.replicas} replica{'s' if args.replicas > 1 else ''} on Ray Serve at "
+              f"http://{args.host}:{args.port}/v1", flush=True)
+        while not stop.wait(3600):
+            pass
+        print("blockdiff: stopping the replicas", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
     return 0

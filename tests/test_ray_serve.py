@@ -149,6 +149,7 @@ def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoi
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(serve, "start", lambda **kw: None)
     monkeypatch.setattr(serve, "run", run)
+    monkeypatch.setattr(serve, "delete", lambda name: None)
     monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)  # importing it needs a running Ray
     with pytest.raises(Captured) as got:
         cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--api-key", "ka", "--api-key", "kb", "--port",
@@ -179,3 +180,44 @@ def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoi
     assert b1[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another tenant does not see it
     assert wrong[0] == 401
     assert steps[0] == 400 and steps[1]["error"]["param"] == "max_denoising_steps"
+
+
+STOP_SCRIPT = """
+import argparse, os, signal, sys, threading
+import ray
+from ray import serve
+from blockdiff import ray as blockdiff_ray
+calls = []
+ray.is_initialized = lambda: False
+ray.init = lambda **kw: calls.append(("init", kw.get("address")))  # address="auto" attaches: a cluster was running
+serve.start = lambda **kw: None
+serve.run = lambda app, **kw: threading.Timer(0.3, os.kill, (os.getpid(), getattr(signal, sys.argv[1]))).start()
+serve.delete = lambda name: calls.append(("delete", name))
+serve.shutdown = lambda: calls.append(("shutdown",))
+blockdiff_ray.build_app = lambda args: None
+args = argparse.Namespace(model="m", replicas=2, device="cpu", dtype="auto", quantization=None, max_num_seqs=16,
+                          prefix_cache_bytes=0, threads=1, cache_salt_by_key="auto", served_model_name=None,
+                          max_denoising_steps=None, max_model_len=None, max_waiting=None, max_body_bytes=1 << 20,
+                          deterministic=False, fast=False, revision=None, download_dir=None, gguf_file=None,
+                          host="127.0.0.1", port=0)
+rc = blockdiff_ray.serve_replicas(args)
+print("RC", rc, calls, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_replicas_stop_on_sigterm_or_sigint_deleting_only_their_app_on_a_running_cluster(tmp_path, sig):
+    """SIGTERM killed the driver with Ray's C++ stack dump, and SIGINT was never seen by a background job (its shell
+    ignores it); Ctrl-C then ran ``serve.shutdown()``, which removes every Serve application of a shared cluster.
+    Now both signals stop it the same way and, on a cluster it attached to, delete only its own application."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    # start_new_session + SIG_IGN for SIGINT in the child: what a background job of a non-interactive shell gets
+    out = subprocess.run([sys.executable, str(script), sig], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RC 0 [('init', 'auto'), ('delete', 'blockdiff')] True" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "stopping the replicas" in out.stderr
