@@ -365,6 +365,16 @@ def build_app(args: dict):
     return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs))
 
 
+def _replica_error(e: Exception) -> str:
+    """The last line of the failed replicas' error as Ray Serve reports it (their constructor's exception), else
+    ``e``'s first line (the replicas' own logs do not reach this process: ``log_to_driver=False``)."""
+    try:
+        msg = serve.status().applications[APP_NAME].deployments["BlockdiffReplica"].message
+        return [ln.strip() for ln in msg.strip().splitlines() if ln.strip()][-1][:500]
+    except Exception:  # noqa: BLE001 - no status to read: Ray's own message
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -> int:
     """``blockdiff serve CHECKPOINT --replicas N``: Ray Serve on ``--host``/``--port`` (a local Ray when none runs).
     ``api_keys``: every key of --api-key / --api-key-file / $BLOCKDIFF_API_KEY; every server flag reaches the
@@ -405,7 +415,10 @@ def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -
         stop.set()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Ray says "failed to update the deployments": say why the replicas failed
+            raise ValueError(f"the replicas did not start: {_replica_error(e)}") from None
         ready.set()
         print(f"blockdiff: {args.replicas} replica{'s' if args.replicas > 1 else ''} on Ray Serve at "
               f"http://{args.host}:{args.port}/v1", flush=True)

@@ -221,3 +221,38 @@ def test_replicas_stop_on_sigterm_or_sigint_deleting_only_their_app_on_a_running
     assert out.returncode == 0, out.stderr[-2000:]
     assert "RC 0 [('init', 'auto'), ('delete', 'blockdiff')] True" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "stopping the replicas" in out.stderr
+
+
+def test_replicas_that_cannot_start_are_one_line_naming_why(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A missing folder is refused before Ray starts; a checkpoint the replicas cannot load is Ray's "failed to
+    update the deployments" plus 30 lines of traceback no more, but one line with the replicas' own error."""
+    from types import SimpleNamespace
+
+    from blockdiff import cli
+    from blockdiff import ray as blockdiff_ray
+
+    def never(**kw):
+        raise AssertionError("Ray was started for a checkpoint folder that does not exist")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", never)
+    assert cli.main(["serve", str(tmp_path / "missing"), "--replicas", "2", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint folder at" in err
+
+    def run(app, **kw):
+        raise RuntimeError("Deploying application blockdiff failed: Failed to update the deployments "
+                           "['BlockdiffReplica'].")
+    why = "The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File ...\n" \
+          "blockdiff.checks.CheckpointError: config.json has no text_config\n"
+    status = SimpleNamespace(applications={"blockdiff": SimpleNamespace(
+        deployments={"BlockdiffReplica": SimpleNamespace(message=why)})})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", run)
+    monkeypatch.setattr(serve, "status", lambda: status)
+    monkeypatch.setattr(serve, "delete", lambda name: None)
+    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)
+    assert cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (after the warning that the mocked Ray has no prefix router)
+    assert err == ("blockdiff: error: the replicas did not start: blockdiff.checks.CheckpointError: config.json has "
+                   "no text_config")

@@ -162,6 +162,10 @@ def cmd_serve(args) -> int:
         quantization_kwargs(args)
         if args.chat_template and not os.path.isfile(args.chat_template):
             raise CLIError(f"--chat-template: cannot read {args.chat_template}: no such file")
+        from ..hub import is_gguf, looks_like_hub_id, resolve_path
+        local = os.path.expanduser(args.model)
+        if not is_gguf(local, args.gguf_file) and not looks_like_hub_id(local):
+            resolve_path(local)  # a missing folder is one line now, not a failed deployment in a minute
         try:
             from ..ray import serve_replicas
         except ImportError as e:
