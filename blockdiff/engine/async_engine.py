@@ -305,7 +305,10 @@ class AsyncEngine:
         # The failed tick touched only running requests; waiting ones are intact and run on.
         sched = self.engine.scheduler
         victims, sched.running = [s for s in sched.running if not s.finished], []
-        exc = EngineFailedError(f"the engine failed while running this request: {type(e).__name__}: {e}")
+        # The exception's text stays in the log: it comes from batched work over several requests (possibly of
+        # other tenants: their token ids, their text) and can run to pages; each request is told the type only.
+        exc = EngineFailedError(f"the engine failed while running this request ({type(e).__name__} in the batched "
+                                "work of its tick; the server log has the details)")
         for s in victims:
             self._fail(s, exc)
 
