@@ -21,7 +21,7 @@ log = logging.getLogger("blockdiff")
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
 
-def _looks_like_hub_id(ref: str) -> bool:
+def looks_like_hub_id(ref: str) -> bool:
     return ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and all(ref.split("/"))
 
 
@@ -31,12 +31,12 @@ def split_gguf_ref(ref: str, gguf_file: str | None = None) -> tuple[str, str] | 
     if gguf_file is not None:
         if not gguf_file.lower().endswith(".gguf"):
             raise ValueError(f"--gguf-file must name a .gguf file, got {gguf_file!r}")
-        if not _looks_like_hub_id(ref):
+        if not looks_like_hub_id(ref):
             raise ValueError(f"--gguf-file needs a hub id like 'org/name' as the model, got {ref!r}")
         return ref, gguf_file
     if ":" in ref and ref.lower().endswith(".gguf") and not os.path.exists(os.path.expanduser(ref)):
         repo, _, name = ref.partition(":")
-        if _looks_like_hub_id(repo) and name:
+        if looks_like_hub_id(repo) and name:
             return repo, name
     return None
 
@@ -69,7 +69,7 @@ def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str
         return path_or_id
     if os.path.exists(path_or_id):
         raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder")
-    if not _looks_like_hub_id(path_or_id):
+    if not looks_like_hub_id(path_or_id):
         raise CheckpointError(f"no checkpoint folder at {path_or_id!r} (and it is not a hub id like 'org/name')")
     log.info("fetching %s%s from the Hugging Face hub (or its local cache)", path_or_id,
              f" at revision {revision}" if revision else "")

@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -45,6 +46,7 @@ log = logging.getLogger("blockdiff.ray")
 PREFIX_ROUTERS = ("ray.serve.llm.request_router:PrefixCacheAffinityRouter",
                   "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter")
 METRICS_PERIOD_S = 5.0
+APP_NAME = "blockdiff"  # the Serve application `blockdiff serve --replicas` runs
 
 
 @dataclass
@@ -139,11 +141,22 @@ class BlockdiffReplica:
         from .engine.llm import LLM
         from .server import build_app
 
+        from .server.cli import DEFAULT_MAX_STEPS
+
+        llm_kwargs, app_kwargs = dict(llm_kwargs), dict(app_kwargs)
         threads = llm_kwargs.pop("threads", 0)
+        fast = llm_kwargs.pop("fast", False)
+        template = llm_kwargs.pop("chat_template", None)
         if threads:
             import torch
             torch.set_num_threads(threads)
         self.llm = LLM(model, **llm_kwargs)
+        self.llm.engine.fast = bool(fast)
+        if template:
+            from .cli import use_chat_template
+            use_chat_template(self.llm, template)
+        if app_kwargs.get("max_denoising_steps") is None:  # the cap `blockdiff serve` sets by default
+            app_kwargs["max_denoising_steps"] = max(DEFAULT_MAX_STEPS, self.llm.defaults.max_denoising_steps)
         self.app = build_app(self.llm, served_model_name, **app_kwargs)
         self._lifespan = None
         self._started = asyncio.Lock()
@@ -268,6 +281,29 @@ def _arg(args: dict, name: str, kind, default):
         raise ValueError(f"{name} must be a {kind.__name__}, got {v!r}") from None
 
 
+def _keys(args: dict) -> list[str] | None:
+    """``api_key``: one key, or a list of keys (tenants; a config file's list, or ``blockdiff serve``'s)."""
+    v = args.get("api_key")
+    if isinstance(v, (list, tuple)):
+        if not all(isinstance(k, str) for k in v):
+            raise ValueError(f"api_key must be a string or a list of strings, got {v!r}")
+        return list(v) or None
+    v = _arg(args, "api_key", str, None)
+    return None if v is None else [v]
+
+
+def _salt(args: dict) -> bool | None:
+    v = args.get("cache_salt_by_key", "auto")
+    if isinstance(v, bool) or v is None:
+        return v
+    v = str(v).lower()
+    if v == "auto":
+        return None
+    if v in ("on", "off"):
+        return v == "on"
+    return _arg({"cache_salt_by_key": v}, "cache_salt_by_key", bool, None)
+
+
 def build_app(args: dict):
     """The Ray Serve application: ``serve run blockdiff.ray:build_app model=PATH num_replicas=N``.
 
@@ -276,7 +312,10 @@ def build_app(args: dict):
     (default 1 on CUDA, else 0), ``device``, ``dtype``, ``quantization``, ``max_num_seqs`` (16),
     ``prefix_cache_bytes`` (1 GiB), ``threads`` (torch threads per replica; 0 = torch's default),
     ``prefix_routing`` (true: Ray Serve's ``PrefixCacheAffinityRouter``; false: its default power-of-two router),
-    ``max_ongoing_requests`` (per replica, default 64), ``api_key``."""
+    ``max_ongoing_requests`` (per replica, default 64), and as for ``blockdiff serve``: ``api_key`` (one key or a
+    list: tenants), ``cache_salt_by_key`` (auto / on / off), ``max_denoising_steps`` (default as ``serve``),
+    ``max_model_len``, ``max_waiting``, ``max_body_bytes``, ``deterministic``, ``fast``, ``revision``,
+    ``download_dir``, ``gguf_file``, ``quantize_embedding``, ``chat_template`` (a file), ``media_limits`` (a ``MediaLimits``; Python and ``--replicas`` only)."""
     if not isinstance(args, dict) or not args.get("model"):
         raise ValueError("build_app needs model=PATH (a checkpoint folder or hub id)")
     model = str(args["model"])
@@ -286,8 +325,20 @@ def build_app(args: dict):
                   "quantization": _arg(args, "quantization", str, None),
                   "max_num_seqs": _arg(args, "max_num_seqs", int, 16),
                   "prefix_cache_bytes": _arg(args, "prefix_cache_bytes", int, 1 << 30),
-                  "threads": _arg(args, "threads", int, 0)}
-    app_kwargs = {"api_key": _arg(args, "api_key", str, None), "max_num_seqs": llm_kwargs["max_num_seqs"]}
+                  "threads": _arg(args, "threads", int, 0),
+                  "deterministic": _arg(args, "deterministic", bool, False), "fast": _arg(args, "fast", bool, False),
+                  "revision": _arg(args, "revision", str, None), "download_dir": _arg(args, "download_dir", str, None),
+                  "gguf_file": _arg(args, "gguf_file", str, None),
+                  "quantize_embedding": _arg(args, "quantize_embedding", bool, True),
+                  "chat_template": _arg(args, "chat_template", str, None)}
+    app_kwargs = {"api_key": _keys(args), "salt_by_key": _salt(args), "max_num_seqs": llm_kwargs["max_num_seqs"],
+                  "max_denoising_steps": _arg(args, "max_denoising_steps", int, None),
+                  "max_model_len": _arg(args, "max_model_len", int, None),
+                  "max_waiting": _arg(args, "max_waiting", int, None)}
+    if args.get("max_body_bytes") is not None:
+        app_kwargs["max_body_bytes"] = _arg(args, "max_body_bytes", int, None)
+    if args.get("media_limits") is not None:
+        app_kwargs["media_limits"] = args["media_limits"]
     options: dict = {
         "ray_actor_options": {"num_cpus": _arg(args, "replica_cpus", float, 1.0),
                               "num_gpus": _arg(args, "replica_gpus", float, 1.0 if device.startswith("cuda") else 0.0)},
@@ -314,26 +365,72 @@ def build_app(args: dict):
     return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs))
 
 
-def serve_replicas(args) -> int:
-    """``blockdiff serve CHECKPOINT --replicas N``: Ray Serve on ``--host``/``--port`` (a local Ray when none runs)."""
+def _replica_error(e: Exception) -> str:
+    """The last line of the failed replicas' error as Ray Serve reports it (their constructor's exception), else
+    ``e``'s first line (the replicas' own logs do not reach this process: ``log_to_driver=False``)."""
+    try:
+        msg = serve.status().applications[APP_NAME].deployments["BlockdiffReplica"].message
+        return [ln.strip() for ln in msg.strip().splitlines() if ln.strip()][-1][:500]
+    except Exception:  # noqa: BLE001 - no status to read: Ray's own message
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -> int:
+    """``blockdiff serve CHECKPOINT --replicas N``: Ray Serve on ``--host``/``--port`` (a local Ray when none runs).
+    ``api_keys``: every key of --api-key / --api-key-file / $BLOCKDIFF_API_KEY; every server flag reaches the
+    replicas (each runs the server ``blockdiff serve`` would). SIGINT (Ctrl-C) and SIGTERM stop it alike: the local
+    Ray it started is shut down; on a cluster that was already running only this application is deleted (the
+    cluster's other Serve applications stay)."""
+    import signal
+    import threading
+
     import ray
 
+    started_ray = False
     if not ray.is_initialized():
         try:
             ray.init(address="auto", log_to_driver=False)
         except (ConnectionError, RuntimeError):
             ray.init(log_to_driver=False)
+            started_ray = True
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "num_replicas": args.replicas, "device": args.device, "dtype": args.dtype,
                      "quantization": args.quantization, "max_num_seqs": args.max_num_seqs,
                      "prefix_cache_bytes": args.prefix_cache_bytes, "threads": args.threads,
-                     "api_key": args.api_key, "served_model_name": args.served_model_name})
-    serve.run(app, name="blockdiff", route_prefix="/")
-    print(f"blockdiff: {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1", flush=True)
+                     "api_key": api_keys or None, "cache_salt_by_key": args.cache_salt_by_key,
+                     "served_model_name": args.served_model_name,
+                     "max_denoising_steps": args.max_denoising_steps, "max_model_len": args.max_model_len,
+                     "max_waiting": args.max_waiting, "max_body_bytes": args.max_body_bytes,
+                     "deterministic": args.deterministic, "fast": args.fast, "revision": args.revision,
+                     "download_dir": args.download_dir, "gguf_file": args.gguf_file, "media_limits": media_limits,
+                     "quantize_embedding": not getattr(args, "keep_embedding", False),
+                     "chat_template": getattr(args, "chat_template", None)})
+    # Our own handlers, set after Ray's: its driver turns SIGTERM into a C++ stack dump, and a SIGINT that the
+    # parent shell ignores (a background job) would never reach the KeyboardInterrupt a plain loop waits for.
+    ready, stop = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame):
+        if not ready.is_set():  # still starting the replicas: give up the start (cleaned up below)
+            raise KeyboardInterrupt
+        stop.set()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            import time
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Ray says "failed to update the deployments": say why the replicas failed
+            raise ValueError(f"the replicas did not start: {_replica_error(e)}") from None
+        ready.set()
+        print(f"blockdiff: {args.replicas} replica{'s' if args.replicas > 1 else ''} on Ray Serve at "
+              f"http://{args.host}:{args.port}/v1", flush=True)
+        while not stop.wait(3600):
+            pass
+        print("blockdiff: stopping the replicas", file=sys.stderr, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(APP_NAME)
     return 0

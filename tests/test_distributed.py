@@ -332,3 +332,65 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_world_larger_than_the_heads_is_refused_before_any_rank_starts(paths, monkeypatch):
+    from blockdiff.distributed import launch
+
+    def spawn(*a, **k):  # 99 processes each loading the checkpoint only to refuse it took minutes on 2 cores
+        raise AssertionError("ranks were started for a world size the checkpoint cannot take")
+    monkeypatch.setattr(launch.Group, "spawn", spawn)
+    with pytest.raises(ValueError, match="tensor_parallel_size 100 exceeds the 4 attention heads"):
+        LLM(paths["tiny"], dtype="float32", tensor_parallel_size=100)
+    with pytest.raises(ValueError, match="at least 6 experts, the model has 5"):  # 12 heads, 5 experts
+        LLM(paths["uneven"], dtype="float32", tensor_parallel_size=6, expert_parallel=True)
+
+
+# A server on a split model whose follower dies (killed, OOM) or whose collective breaks mid-call: the ranks can no
+# longer move in step. The server must say so (/health 503, 503 engine_stopped) instead of answering "ok" and
+# failing every later request (or hanging it on followers still waiting inside the broken call).
+BROKEN_GROUP_SCRIPT = """
+import sys, time
+from fastapi.testclient import TestClient
+from blockdiff import LLM, SamplingParams
+from blockdiff.distributed import runtime
+from blockdiff.server import build_app
+if __name__ == "__main__":
+    how = sys.argv[2]
+    llm = LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)
+    body = {"model": "t", "prompt": "hello", "max_tokens": 16, "seed": 1, "max_denoising_steps": 4}
+    with TestClient(build_app(llm, "t")) as c:
+        print("FIRST", c.post("/v1/completions", json=body).status_code, flush=True)
+        if how == "kill":
+            llm.model.group.procs[0].kill()
+            llm.model.group.procs[0].join()
+        else:  # a collective that raises on rank 0 after the call's message went out
+            def broken(self, local):
+                raise RuntimeError("Connection closed by peer")
+            runtime.Channel.gather_vocab = broken
+            print("BROKEN", c.post("/v1/completions", json=body).status_code, flush=True)
+        print("HEALTH", c.get("/health").status_code, flush=True)
+        r = c.post("/v1/completions", json=body)
+        print("AFTER", r.status_code, r.json()["error"]["code"], flush=True)
+    t0 = time.monotonic()
+    llm.close()
+    print("CLOSED", time.monotonic() - t0 < 20, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "collective"])
+def test_a_server_whose_split_model_lost_a_rank_reports_unhealthy_and_refuses(paths, tmp_path, how):
+    import subprocess
+    import sys
+
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_GROUP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), paths["tiny"], how], capture_output=True, text=True,
+                         timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1", BLOCKDIFF_DIST_TIMEOUT="30"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "FIRST 200" in out.stdout
+    if how == "collective":
+        assert "BROKEN 500" in out.stdout  # the requests of the failing tick fail; nothing hangs
+    assert "HEALTH 503" in out.stdout, out.stdout
+    assert "AFTER 503 engine_stopped" in out.stdout, out.stdout
+    assert "CLOSED True" in out.stdout

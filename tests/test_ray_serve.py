@@ -127,3 +127,132 @@ def test_killing_a_replica_under_load_fails_only_its_requests_and_ray_replaces_i
             break
         time.sleep(2)
     assert len(pids_now) == 2 and victim not in pids_now
+
+
+def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoint, monkeypatch):
+    """``blockdiff serve --replicas N`` builds each replica's server from the same flags as ``blockdiff serve``: the
+    --api-key list (it reached the replicas as the string "['ka', 'kb']", so every key got a 401), the per-key
+    prefix-cache salts of several keys, and the --max-denoising-steps cap (absent: a request could ask 10000 steps).
+    No cluster: the application ``serve run`` would get is captured and its replica built in this process."""
+    import asyncio
+    import json
+
+    from blockdiff import cli
+    from blockdiff import ray as blockdiff_ray
+    from blockdiff.ray import BlockdiffReplica, RoutedRequest, call_asgi
+
+    class Captured(Exception):
+        pass
+
+    def run(app, **kw):
+        raise Captured(app)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", run)
+    monkeypatch.setattr(serve, "delete", lambda name: None)
+    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)  # importing it needs a running Ray
+    with pytest.raises(Captured) as got:
+        cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--api-key", "ka", "--api-key", "kb", "--port",
+                  str(_free_port()), "--dtype", "float32", "--threads", "1", "--max-denoising-steps", "8"])
+    replica_app = got.value.args[0]._bound_deployment.init_args[0]
+    replica = BlockdiffReplica(*replica_app._bound_deployment.init_args)
+
+    async def post(key: str, **body):
+        body = {"model": os.path.basename(tiny_checkpoint), "max_tokens": 16, "seed": 1, **body}
+        req = RoutedRequest("POST", "/v1/completions", b"", [(b"authorization", f"Bearer {key}".encode()),
+                                                            (b"content-type", b"application/json")],
+                            json.dumps(body).encode())
+        items = [x async for x in replica.handle(req)]
+        return items[0][0], json.loads(b"".join(items[1:]))
+
+    async def scenario():
+        prompt = "the same long system prompt, sent by two tenants " * 2
+        a1 = await post("ka", prompt=prompt)
+        a2 = await post("ka", prompt=prompt)
+        b1 = await post("kb", prompt=prompt)
+        wrong = await post("kc", prompt="hi")
+        steps = await post("ka", prompt="hi", max_denoising_steps=9)
+        await replica._lifespan.__aexit__(None, None, None)  # the replica's engine thread stops
+        return a1, a2, b1, wrong, steps
+    a1, a2, b1, wrong, steps = asyncio.run(scenario())
+    assert a1[0] == 200 and a2[0] == 200 and b1[0] == 200, (a1, b1)
+    assert a2[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same tenant reuses its prefix
+    assert b1[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another tenant does not see it
+    assert wrong[0] == 401
+    assert steps[0] == 400 and steps[1]["error"]["param"] == "max_denoising_steps"
+
+
+STOP_SCRIPT = """
+import argparse, os, signal, sys, threading
+import ray
+from ray import serve
+from blockdiff import ray as blockdiff_ray
+calls = []
+ray.is_initialized = lambda: False
+ray.init = lambda **kw: calls.append(("init", kw.get("address")))  # address="auto" attaches: a cluster was running
+serve.start = lambda **kw: None
+serve.run = lambda app, **kw: threading.Timer(0.3, os.kill, (os.getpid(), getattr(signal, sys.argv[1]))).start()
+serve.delete = lambda name: calls.append(("delete", name))
+serve.shutdown = lambda: calls.append(("shutdown",))
+blockdiff_ray.build_app = lambda args: None
+args = argparse.Namespace(model="m", replicas=2, device="cpu", dtype="auto", quantization=None, max_num_seqs=16,
+                          prefix_cache_bytes=0, threads=1, cache_salt_by_key="auto", served_model_name=None,
+                          max_denoising_steps=None, max_model_len=None, max_waiting=None, max_body_bytes=1 << 20,
+                          deterministic=False, fast=False, revision=None, download_dir=None, gguf_file=None,
+                          host="127.0.0.1", port=0)
+rc = blockdiff_ray.serve_replicas(args)
+print("RC", rc, calls, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_replicas_stop_on_sigterm_or_sigint_deleting_only_their_app_on_a_running_cluster(tmp_path, sig):
+    """SIGTERM killed the driver with Ray's C++ stack dump, and SIGINT was never seen by a background job (its shell
+    ignores it); Ctrl-C then ran ``serve.shutdown()``, which removes every Serve application of a shared cluster.
+    Now both signals stop it the same way and, on a cluster it attached to, delete only its own application."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    # start_new_session + SIG_IGN for SIGINT in the child: what a background job of a non-interactive shell gets
+    out = subprocess.run([sys.executable, str(script), sig], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RC 0 [('init', 'auto'), ('delete', 'blockdiff')] True" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "stopping the replicas" in out.stderr
+
+
+def test_replicas_that_cannot_start_are_one_line_naming_why(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A missing folder is refused before Ray starts; a checkpoint the replicas cannot load is Ray's "failed to
+    update the deployments" plus 30 lines of traceback no more, but one line with the replicas' own error."""
+    from types import SimpleNamespace
+
+    from blockdiff import cli
+    from blockdiff import ray as blockdiff_ray
+
+    def never(**kw):
+        raise AssertionError("Ray was started for a checkpoint folder that does not exist")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", never)
+    assert cli.main(["serve", str(tmp_path / "missing"), "--replicas", "2", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint folder at" in err
+
+    def run(app, **kw):
+        raise RuntimeError("Deploying application blockdiff failed: Failed to update the deployments "
+                           "['BlockdiffReplica'].")
+    why = "The deployment failed to start 3 times in a row.\nTraceback (most recent call last):\n  File ...\n" \
+          "blockdiff.checks.CheckpointError: config.json has no text_config\n"
+    status = SimpleNamespace(applications={"blockdiff": SimpleNamespace(
+        deployments={"BlockdiffReplica": SimpleNamespace(message=why)})})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", run)
+    monkeypatch.setattr(serve, "status", lambda: status)
+    monkeypatch.setattr(serve, "delete", lambda name: None)
+    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)
+    assert cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (after the warning that the mocked Ray has no prefix router)
+    assert err == ("blockdiff: error: the replicas did not start: blockdiff.checks.CheckpointError: config.json has "
+                   "no text_config")

@@ -437,10 +437,11 @@ def test_engine_failure_fails_the_request_with_500_and_server_keeps_serving(smal
 
     core._denoise = broken
     client = small.client(KEY)
-    with pytest.raises(openai.InternalServerError, match="injected denoise failure"):
+    # The exception's text stays in the server log (batched work: it may quote other requests); its type is said.
+    with pytest.raises(openai.InternalServerError, match=r"\(RuntimeError in the batched work of its tick"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)
     core._denoise = broken
-    with pytest.raises(openai.APIError, match="injected denoise failure"):  # streaming: an error event
+    with pytest.raises(openai.APIError, match=r"\(RuntimeError in the batched work"):  # streaming: an error event
         list(client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X, stream=True))
     assert small.engine.counters.finished["error"] == 2
     r = client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)

@@ -22,8 +22,9 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..config import ModelConfig
 from .runtime import Channel, LeaderModel, farewell, follow
-from .shard import shard_model
+from .shard import check_world_size, shard_model
 
 
 def _timeout() -> datetime.timedelta:
@@ -128,6 +129,12 @@ class Group:
             raise
         return cls(world, dev, procs)
 
+    def dead_ranks(self) -> str | None:
+        """'rank 1 (exit code -9), ...' for spawned followers that ended, else None (torchrun's ranks: not known
+        here; a collective with one of them fails instead)."""
+        gone = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+        return ", ".join(gone) or None
+
     def load(self, path: str, expert_parallel: bool = False, quant_kernels: bool = True, **load) -> LeaderModel:
         """Every rank loads ``path`` and keeps its shard; returns rank 0's ``LeaderModel``. ``load``: keyword arguments
         of ``load_model`` (dtype, quantization, quantize_embedding). ``quant_kernels=False``: quantized layers computed from
@@ -141,21 +148,23 @@ class Group:
         self.channel.share_ranges(model.vocab_range)
         return LeaderModel(model, self.channel, self)
 
-    def close(self) -> None:
+    def close(self, failed: str | None = None) -> None:
+        """End the followers and the process group. ``failed``: why the ranks are out of step (``LeaderModel.failure``):
+        no "stop" is sent (a follower mid-call would read it as part of that call), the followers are terminated."""
         if self.closed:
             return
         self.closed = True
         try:
+            gone = failed or self.dead_ranks()
+            if gone:  # no acknowledgement to wait for from a rank that is not there (nor a broadcast to reach it)
+                raise RuntimeError(gone if failed else f"{gone} had already ended")
             self.channel.send("stop")
-            gone = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
-            if gone:  # no acknowledgement to wait for from a rank that is not there
-                raise RuntimeError(f"{', '.join(gone)} had already ended")
             farewell()  # (torchrun's ranks: no handles here, so always)
         except Exception as e:  # a follower already gone (crashed, killed): close still releases the rest
             logging.getLogger(__name__).warning("could not tell every rank to stop: %s", e)
         finally:
             for p in self.procs:
-                p.join(timeout=30)
+                p.join(timeout=0 if failed else 30)
                 if p.is_alive():
                     p.terminate()
                     p.join(timeout=5)
@@ -167,6 +176,9 @@ def start(path: str, tensor_parallel_size: int, expert_parallel: bool = False, d
           **load) -> LeaderModel:
     """Load ``path`` split over ``tensor_parallel_size`` ranks (started here, or torchrun's); returns rank 0's
     ``LeaderModel`` (its ``close()`` ends the ranks). ``load``: keyword arguments of ``load_model``."""
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):  # (a missing one is the loader's error, said the loader's way)
+        check_world_size(ModelConfig.from_file(config).text, int(tensor_parallel_size), expert_parallel)
     group = Group.spawn(int(tensor_parallel_size), device)
     try:
         return group.load(path, expert_parallel, **load)

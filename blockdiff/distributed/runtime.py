@@ -65,6 +65,7 @@ class Channel:
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world, self.device = rank, world, device
         self.ranges: list = []
+        self.sent = 0  # messages sent (rank 0): a call that raises after sending left the followers mid-call
 
     def share_ranges(self, mine: tuple[int, int]) -> None:
         """Learn every rank's vocabulary slice (after a model is loaded)."""
@@ -74,6 +75,7 @@ class Channel:
         self.width = max(hi - lo for lo, hi in ranges)  # slices padded to one width for gather/scatter
 
     def send(self, op: str, **payload) -> None:
+        self.sent += 1
         tensors = []
 
         def strip(v):
@@ -195,13 +197,33 @@ def _rss() -> int | None:
         return None
 
 
+class GroupFailedError(RuntimeError):
+    """A rank of the split model is gone, or a call failed midway through its collectives: the ranks no longer
+    move in step, so no later call can run (restart the process)."""
+
+
 def _one_at_a_time(method):
     """One call at a time over the channel: each call is a message plus its collectives, and two engines (threads)
-    sharing one split model must not interleave theirs."""
+    sharing one split model must not interleave theirs. A call that raises after its message went out (a rank died,
+    a collective broke) leaves the followers mid-call: the group is marked failed and every later call refuses at
+    once, instead of feeding the followers a message they would read as the rest of the old call."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            if self.failure is not None:
+                raise GroupFailedError(self.failure)
+            sent = self._channel.sent
+            try:
+                return method(self, *args, **kwargs)
+            except ValueError:  # input refused: the followers refuse the same and stay in step (``follow``)
+                raise
+            except Exception as e:
+                if self._channel.sent != sent and self.failure is None:  # (``failure`` names a rank found dead)
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    object.__setattr__(self, "_failure", f"the split model failed during a {method.__name__} call "
+                                       f"({type(e).__name__}: {first})")
+                    log.error("%s: the ranks are out of step, no further calls", self._failure)
+                raise
     return run
 
 
@@ -218,9 +240,21 @@ class LeaderModel:
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_channel", channel)
         object.__setattr__(self, "group", group)  # the launcher's ``Group``: close() ends it
+        object.__setattr__(self, "_failure", None)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this split model can no longer run (a rank gone, a call broken midway), or None while it can. The
+        server reads it: its engine stops and /health answers 503 instead of failing every request one by one."""
+        if self._failure is None and self.group is not None:
+            gone = self.group.dead_ranks()
+            if gone:
+                object.__setattr__(self, "_failure", f"the split model lost {gone}")
+                log.error("%s: no further calls", self._failure)
+        return self._failure
 
     def __setattr__(self, name, value):
         setattr(self._model, name, value)
@@ -280,12 +314,12 @@ class LeaderModel:
         """The engine's prefix cache for this model (``Engine`` asks)."""
         return ParallelPrefixCache(self, capacity_bytes)
 
-    @_one_at_a_time
     def close(self) -> None:
-        """Release the followers (they leave their loop) and the process group."""
-        if self.group is not None:
-            self.group.close()
-            object.__setattr__(self, "group", None)
+        """Release the followers (they leave their loop) and the process group (a failed group too)."""
+        with self._lock:
+            if self.group is not None:
+                self.group.close(failed=self.failure)
+                object.__setattr__(self, "group", None)
 
 
 class ParallelPrefixCache(PrefixCache):

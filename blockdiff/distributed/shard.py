@@ -172,6 +172,18 @@ def local_kv_heads(n_heads: int, n_kv: int, lo: int, hi: int) -> list[int]:
     return kv  # uneven groups: one KV head per query head (local GQA factor 1)
 
 
+def check_world_size(text, world: int, expert_parallel: bool) -> None:
+    """The limits ``shard_model`` enforces, read from the text config (``config.TextConfig``) before any rank is
+    started: a world larger than the heads (or, with EP, the experts) is refused in a line, not after spawning N
+    processes that each load the whole checkpoint only to refuse it."""
+    if world > text.num_attention_heads:
+        raise ValueError(f"tensor_parallel_size {world} exceeds the {text.num_attention_heads} attention heads of a "
+                         "layer")
+    if expert_parallel and text.num_experts and world > text.num_experts:
+        raise ValueError(f"expert parallel over {world} ranks needs at least {world} experts, the model has "
+                         f"{text.num_experts}")
+
+
 def shard_attention(attn: nn.Module, world: int, rank: int, group=None) -> None:
     """In place: the rank's query heads, the KV heads they read, a row-parallel o_proj."""
     H, Hkv, D = attn.n_heads, attn.n_kv, attn.head_dim

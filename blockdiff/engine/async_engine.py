@@ -10,7 +10,9 @@ Contract:
 - A request that fails alone inside a tick (``Engine``: its constraint, sampler row, stop check, image,
   non-finite logits) ends with ``RequestFailedError`` on its stream; the tick goes on for the others. A tick that
   raises anyway (a bug in batched work) fails the requests it was running with ``EngineFailedError`` (HTTP 500);
-  the thread keeps serving the others. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError``
+  the thread keeps serving the others. A model that can run nothing more (a split model that lost a rank: its
+  ``failure``) stops the thread: what is in flight fails with ``EngineStoppedError``, ``healthy`` turns False
+  (``/health`` 503) and ``submit`` refuses. ``shutdown`` fails whatever is still in flight with ``EngineStoppedError``
   (HTTP 503).
 """
 
@@ -166,7 +168,12 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping
+                and self._model_failure() is None)
+
+    def _model_failure(self) -> str | None:
+        """Why the model can run nothing more: a split model that lost a rank (``LeaderModel.failure``)."""
+        return getattr(self.engine.model, "failure", None)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "AsyncEngine":
@@ -217,9 +224,10 @@ class AsyncEngine:
         stream = RequestStream(state, loop)
         holder.append(stream)
         with self._cond:
-            if self._stopping or self._dead is not None:
-                raise EngineStoppedError("the engine is not running" + (f" (it failed: {self._dead})"
-                                                                         if self._dead else ""))
+            failure = self._dead or self._model_failure()
+            if self._stopping or failure is not None:
+                raise EngineStoppedError("the engine is not running" + (f" (it failed: {failure})"
+                                                                         if failure else ""))
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._check_room(1)
@@ -271,6 +279,11 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._tick()
                 self._publish()
+                failure = self._model_failure()
+                if failure is not None:  # every later tick would fail too: stop, and /health says so (503)
+                    log.error("engine stopped: %s", failure)
+                    self._dead = RuntimeError(failure)
+                    break
         except BaseException as e:  # a bug in this loop: fail everyone rather than hang them
             log.exception("engine thread died")
             self._dead = e
@@ -311,7 +324,10 @@ class AsyncEngine:
         # The failed tick touched only running requests; waiting ones are intact and run on.
         sched = self.engine.scheduler
         victims, sched.running = [s for s in sched.running if not s.finished], []
-        exc = EngineFailedError(f"the engine failed while running this request: {type(e).__name__}: {e}")
+        # The exception's text stays in the log: it comes from batched work over several requests (possibly of
+        # other tenants: their token ids, their text) and can run to pages; each request is told the type only.
+        exc = EngineFailedError(f"the engine failed while running this request ({type(e).__name__} in the batched "
+                                "work of its tick; the server log has the details)")
         for s in victims:
             self._fail(s, exc)
 

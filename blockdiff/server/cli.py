@@ -139,14 +139,8 @@ def cmd_serve(args) -> int:
     check_bindable(args.host, args.port)
     if args.replicas < 0:
         raise CLIError(f"--replicas must be >= 1 (or 0, the default: one process, no Ray), got {args.replicas}")
-    if args.replicas:
-        if getattr(args, "tensor_parallel_size", 1) > 1:
-            raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
-        try:
-            from ..ray import serve_replicas
-        except ImportError as e:
-            raise CLIError(f"--replicas needs Ray Serve: pip install 'blockdiff[ray]' ({e})") from None
-        return serve_replicas(args)
+    if args.replicas and getattr(args, "tensor_parallel_size", 1) > 1:
+        raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
     from ..vision.media import MediaLimits
 
     try:
@@ -163,6 +157,21 @@ def cmd_serve(args) -> int:
         raise CLIError(f"--max-body-bytes ({args.max_body_bytes}) cannot hold --max-image-bytes "
                        f"({args.max_image_bytes}) of base64 images: raise it to at least "
                        f"{args.max_image_bytes * 4 // 3 + 65536}")
+    if args.replicas:
+        from ..cli import check_threads, quantization_kwargs
+        check_threads(args.threads)  # what load_llm checks before loading, checked before the replicas start
+        quantization_kwargs(args)
+        if args.chat_template and not os.path.isfile(args.chat_template):
+            raise CLIError(f"--chat-template: cannot read {args.chat_template}: no such file")
+        from ..hub import is_gguf, looks_like_hub_id, resolve_path
+        local = os.path.expanduser(args.model)
+        if not is_gguf(local, args.gguf_file) and not looks_like_hub_id(local):
+            resolve_path(local)  # a missing folder is one line now, not a failed deployment in a minute
+        try:
+            from ..ray import serve_replicas
+        except ImportError as e:
+            raise CLIError(f"--replicas needs Ray Serve: pip install 'blockdiff[ray]' ({e})") from None
+        return serve_replicas(args, keys, limits)
     import uvicorn
 
     from .app import build_app
