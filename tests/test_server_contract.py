@@ -106,6 +106,13 @@ HOSTILE = [
     ("/v1/completions", _j(_cmpl(logit_bias={"abc": 1})), "logit_bias"),
     ("/v1/completions", _j(_cmpl(logit_bias={"5": 1000})), "logit_bias.5"),
     ("/v1/completions", _j(_cmpl(repetition_penalty=0)), "repetition_penalty"),
+    # fuzzing: a penalty that rounds to 0 in fp32, or so small the logits overflow, was a 500 (NaN logits)
+    ("/v1/completions", _j(_cmpl(repetition_penalty=5e-324)), "repetition_penalty"),
+    ("/v1/chat/completions", _j(_chat(repetition_penalty=1e-30)), "repetition_penalty"),
+    # fuzzing: a temperature past fp32's range was a 500 (chat) or all-<pad> output (a uniform distribution)
+    ("/v1/chat/completions", _j(_chat(t_max=4.7e307)), "t_max"),
+    ("/v1/completions", _j(_cmpl(t_max=4.7e307)), "t_max"),
+    ("/v1/completions", _j(_cmpl(t_min=1e300, t_max=1e301)), "t_min"),
     ("/v1/completions", b'{"model":"tiny-dg","prompt":"hi","presence_penalty":1e999}', "presence_penalty"),
     ("/v1/completions", _j(_cmpl(cache_salt="")), "cache_salt"),
     ("/v1/completions", _j(_cmpl(max_tokens=4, max_new_tokens=5)), None),  # ignored unknown field: a 200

@@ -56,20 +56,12 @@ def _fix_temperatures(body: dict) -> None:
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     t_min, t_max = num("t_min"), num("t_max")
-    if t_min is not None and t_min > 1e6:
-        t_min = body["t_min"] = 1.0
-    if t_max is not None and t_max > 1e6:
-        t_max = body["t_max"] = 2.0
-    lo = 0.4 if t_min is None else t_min
     hi = 0.8 if t_max is None else t_max
-    if hi <= lo:
-        if t_max is not None:
-            hi = body["t_max"] = lo * 2 + 1
-        else:
-            body["t_min"] = hi / 2
     f = num("temperature")
     if f and hi * f < 1e-6:
-        body["t_max"] = lo * 2 + 1
+        hi = body["t_max"] = 1.0
+    if hi <= (0.4 if t_min is None else t_min):  # t_min may be anything from 0: it gives way
+        body["t_min"] = hi / 2
 
 
 def semantic(body, path: str) -> None:

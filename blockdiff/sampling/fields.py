@@ -21,6 +21,15 @@ MAX_STOP = 16  # stop strings per request
 # runs at >= t_max / max_denoising_steps >= 1e-10, where soft-capped logits (|l| <= ~30) / t stay finite in fp32;
 # 1e-45 or 1e-300 round to 0 in fp32 and turn the distribution into NaN (all-<pad> output).
 MIN_TEMPERATURE = 1e-6
+# The largest t_min / t_max: far past any useful temperature (soft-capped logits / 1e6 are uniform to ~3e-5), and
+# x2 (the largest ``temperature`` factor) still finite in fp32. Beyond fp32's 3.4e38 the step temperature is
+# infinity: the distribution turns exactly uniform (every argmax the <pad> id 0) or, where inf * 0 meets it in
+# the schedule, NaN (a 500).
+MAX_TEMPERATURE = 1e6
+# The smallest repetition_penalty: positive logits are divided by it before tempering (by >= 1e-10), so a
+# penalty that rounds to 0 in fp32 (5e-324) or is tiny (1e-30) overflows the logits to infinity (a 500). At 0.01,
+# soft-capped logits (|l| <= ~30) stay below 3e13 after both divisions.
+MIN_REPETITION_PENALTY = 0.01
 # ``temperature`` is 0 (greedy) or a factor in [MIN_TEMPERATURE_FACTOR, MAX_TEMPERATURE_FACTOR] on t_max / t_min.
 MIN_TEMPERATURE_FACTOR = 0.01
 MAX_TEMPERATURE_FACTOR = 2.0
@@ -114,8 +123,9 @@ class SamplingFields(IntegralFloats):
                                          "already in the output (committed canvases)")
     frequency_penalty: Num | None = Field(None, ge=-2, le=2, description="subtracted from a token's logit once per "
                                           "occurrence in the output (committed canvases)")
-    repetition_penalty: Num | None = Field(None, gt=0, le=10, description="tokens of the prompt or the output: "
-                                           "positive logits divided by it, negative ones multiplied (1: off)")
+    repetition_penalty: Num | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10, description="tokens of the "
+                                           "prompt or the output: positive logits divided by it, negative ones "
+                                           "multiplied (1: off)")
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, allow_inf_nan=False)]] | None = \
         Field(None, description="token id (as a string) -> a bias in [-100, 100] added to its logits at every "
@@ -133,9 +143,11 @@ class SamplingFields(IntegralFloats):
                                             description="adaptive stop: argmax unchanged this many steps")
     entropy_bound: Num | None = Field(None, gt=0, description="per-step acceptance budget (summed entropy)")
     confidence_threshold: Num | None = Field(None, gt=0, description="adaptive stop: mean entropy below this")
-    t_min: Num | None = Field(None, ge=0, description="temperature at the last denoising step (below t_max)")
-    t_max: Num | None = Field(None, ge=MIN_TEMPERATURE, description="temperature at the first denoising step "
-                              f"(at least {MIN_TEMPERATURE}: below it the tempered logits overflow)")
+    t_min: Num | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="temperature at the last denoising step "
+                              "(below t_max)")
+    t_max: Num | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="temperature at the first "
+                              f"denoising step (in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}]: outside it the tempered "
+                              "logits overflow)")
     rng: Literal["default", "reference"] = Field("default", description="'reference': draw random numbers "
                                                  "exactly as the transformers reference does")
     ignore_eos: bool = Field(False, description="keep generating after an EOS token")
