@@ -138,3 +138,45 @@ def test_invalid_requests_are_refused_with_a_4xx(api_schema):
     seen = _run(api_schema, GenerationMode.NEGATIVE, BOTH + [negative_data_rejection], lambda body, path: None, 15)
     assert any(p == "/v1/completions" and s == 400 for p, s in seen)
     assert all(400 <= s < 500 for _, s in seen), seen
+
+
+# Requests on which the document and the server disagreed (found by fuzzing a live server): each body is judged by
+# /openapi.json's request schema and by the server, and the two verdicts must agree (valid <=> 200, else a 400).
+def _cmpl(**kw) -> dict:
+    return {"model": MODEL, "prompt": "hi", "max_tokens": 2, **kw}
+
+
+def _chat(**kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
+
+
+AGREE = [
+    ("/tokenize", "TokenizeRequest", {}),  # neither prompt nor messages: the document allowed it
+    ("/tokenize", "TokenizeRequest", {"prompt": None, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(tool_choice={})),  # the document allowed any object
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(tool_choice=None)),  # the document refused null
+    ("/v1/completions", "CompletionRequest", _cmpl(response_format={"type": "json_schema", "json_schema": None})),
+    ("/v1/completions", "CompletionRequest", _cmpl(response_format={"type": "json_schema"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(response_format={"type": "text"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(logit_bias={"5": 1})),  # the document allowed only {}
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(logit_bias={"5": -100, "7": 0.5})),
+    ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={})),  # the document allowed any object
+    ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={"regex": "a", "type": "text"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(text_template="no holes")),
+    ("/v1/completions", "CompletionRequest", _cmpl(repetition_penalty=5e-324)),  # was a 500 (NaN logits)
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(t_max=4.7e307)),  # was a 500 (inf temperature)
+]
+
+
+@pytest.mark.parametrize("path,model,body", AGREE, ids=[f"{i}:{a[0]}" for i, a in enumerate(AGREE)])
+def test_the_document_and_the_server_agree_on_requests_fuzzing_found(llm, path, model, body):
+    import jsonschema
+    from starlette.testclient import TestClient
+    app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=4, max_denoising_steps=8)
+    with TestClient(app) as client:
+        doc = client.get("/openapi.json").json()
+        validator = jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **doc})
+        r = client.post(path, json=body)
+    app.state.engine.shutdown()
+    assert r.status_code in (200, 400), r.text
+    assert validator.is_valid(body) == (r.status_code == 200), r.text

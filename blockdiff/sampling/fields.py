@@ -98,6 +98,26 @@ def _stop(v):
     return [v] if isinstance(v, str) else v
 
 
+def _structured_outputs_schema(schema: dict) -> None:
+    """What ``blockdiff.structured.spec.normalize`` accepts, for /openapi.json: exactly one constraint key, no
+    other keys (imported here, when the document is built: the sampling fields load without the grammar code)."""
+    from ..structured.spec import CONSTRAINT_KEYS, MAX_CHOICES, MAX_SPEC_CHARS
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_SPEC_CHARS}
+    schema["anyOf"] = [{"type": "object", "additionalProperties": False, "properties": {
+        "json": {"anyOf": [{"type": "object"}, text]}, "json_object": {"const": True}, "regex": text,
+        "choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                   "maxItems": MAX_CHOICES},
+        "grammar": text, "allow_whitespace": {"type": "boolean"}},
+        "oneOf": [{"required": [k]} for k in CONSTRAINT_KEYS]}, {"type": "null"}]
+
+
+def _text_template_schema(schema: dict) -> None:
+    """A template holds at least one hole (``blockdiff.structured.infill.HOLE``; a JSON Schema pattern matches
+    anywhere in the string)."""
+    from ..structured.infill import HOLE
+    schema["anyOf"] = [{"type": "string", "minLength": 1, "pattern": HOLE.pattern}, {"type": "null"}]
+
+
 class SamplingFields(IntegralFloats):
     """Fields shared by ``SamplingParams`` and both HTTP endpoints (strict: no "16" for 16; unknown keys are
     ignored, as OpenAI-compatible servers do). To add one: declare it here with its bounds and description, and as
@@ -129,7 +149,11 @@ class SamplingFields(IntegralFloats):
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, allow_inf_nan=False)]] | None = \
         Field(None, description="token id (as a string) -> a bias in [-100, 100] added to its logits at every "
-              "denoising step", json_schema_extra={"additionalProperties": False})  # keys: token ids only
+              "denoising step", json_schema_extra={"anyOf": [  # keys: token ids only (beside the field's anyOf,
+                  # "additionalProperties": false alone forbade every key: the document allowed only {})
+                  {"type": "object", "additionalProperties": False, "patternProperties": {"^[0-9]{1,9}$": {
+                      "type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS}}},
+                  {"type": "null"}]})
     # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
     top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
                               "holding this much probability (1 or unset: no cut)")
@@ -157,13 +181,12 @@ class SamplingFields(IntegralFloats):
     canvas_template: list[Annotated[int, Field(ge=-1)]] | None = Field(
         None, description="token ids for the first canvas, -1 where the model is free")
     text_template: str | None = Field(None, min_length=1, description="text with <|hole|> or <|hole:N|> holes laid "
-                                      "on the first canvas; the output is the filled template")
+                                      "on the first canvas; the output is the filled template",
+                                      json_schema_extra=lambda s: _text_template_schema(s))
     structured_outputs: dict[str, Any] | None = Field(
-        None, description="exactly one of json (a JSON Schema), json_object (true), regex, choice (strings), "
-        "grammar (Lark or GBNF); optional allow_whitespace (json only)", json_schema_extra={
-            "properties": {"json": {"type": "object"}, "json_object": {"enum": [True]}, "regex": {"type": "string"},
-                           "choice": {"type": "array", "items": {"type": "string"}},
-                           "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
+        None, description="exactly one of json (a JSON Schema, or its JSON text), json_object (true), regex, choice "
+        "(strings), grammar (Lark or GBNF); optional allow_whitespace (json only)",
+        json_schema_extra=lambda s: _structured_outputs_schema(s))
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, description="prefix-cache "
                                    "blocks are shared only between requests with the same salt (see docs/serving.md)")
     stream_drafts: bool = Field(False, description="with stream: true, also send the argmax canvas after every "
