@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 
 import httpx
 import openai
@@ -17,7 +18,7 @@ from blockdiff import LLM
 from blockdiff.engine.engine import Engine
 from blockdiff.server import build_app
 from fixtures import make_checkpoint
-from test_server import MODEL, LiveServer
+from test_server import MODEL, LiveServer, wait_until
 
 KEYS = ("key-a", "key-b")
 MSGS = [{"role": "user", "content": "hi"}]
@@ -220,3 +221,19 @@ def test_serve_flags_for_keys_and_caps(tmp_path, monkeypatch, capsys):
         assert cli_main(["serve", str(tmp_path)] + argv) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_a_body_cut_short_by_the_client_is_not_a_server_error(srv, caplog):
+    """Fuzzing: a client that declared more bytes than it sent and then closed its side was logged as an unhandled
+    error (a traceback) and counted as a 500."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    before = dict(srv.app.state.server.http_errors)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEYS[0].encode() + b"\r\nContent-Length: 50\r\n\r\n{}")
+        s.shutdown(socket.SHUT_WR)
+        b"".join(iter(lambda: s.recv(65536), b""))  # whatever the server answers, until it closes
+    assert wait_until(lambda: sum(srv.app.state.server.http_errors.values()) > sum(before.values()), timeout=10)
+    errors = srv.app.state.server.http_errors
+    assert errors.get(500, 0) == before.get(500, 0) and errors.get(400, 0) == before.get(400, 0) + 1, errors
+    assert "unhandled error" not in caplog.text
