@@ -168,15 +168,48 @@ AGREE = [
 ]
 
 
-@pytest.mark.parametrize("path,model,body", AGREE, ids=[f"{i}:{a[0]}" for i, a in enumerate(AGREE)])
-def test_the_document_and_the_server_agree_on_requests_fuzzing_found(llm, path, model, body):
+def _agree(engine, name: str, cases: list) -> list[dict]:
+    """Each case's verdicts agree; returns the answers."""
     import jsonschema
     from starlette.testclient import TestClient
-    app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_num_seqs=4, max_denoising_steps=8)
-    with TestClient(app) as client:
-        doc = client.get("/openapi.json").json()
-        validator = jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **doc})
-        r = client.post(path, json=body)
-    app.state.engine.shutdown()
-    assert r.status_code in (200, 400), r.text
-    assert validator.is_valid(body) == (r.status_code == 200), r.text
+    app = build_app(engine, name, max_num_seqs=4, max_denoising_steps=8)
+    answers = []
+    try:
+        with TestClient(app) as client:
+            doc = client.get("/openapi.json").json()
+            for path, model, body in cases:
+                validator = jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **doc})
+                r = client.post(path, json=body)
+                assert r.status_code in (200, 400), (body, r.text)
+                assert validator.is_valid(body) == (r.status_code == 200), (body, r.text)
+                answers.append(r.json())
+    finally:
+        app.state.engine.shutdown()
+    return answers
+
+
+@pytest.mark.parametrize("path,model,body", AGREE, ids=[f"{i}:{a[0]}" for i, a in enumerate(AGREE)])
+def test_the_document_and_the_server_agree_on_requests_fuzzing_found(llm, path, model, body):
+    _agree(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, [(path, model, body)])
+
+
+def test_the_sudoku_servers_document_leaves_out_what_its_task_refuses():
+    """The Sudoku model lays its givens as a canvas_template on every puzzle: the document offered rng='reference',
+    text templates, suffixes and structured output, which it refuses (and rng='reference' was refused naming
+    canvas_template / allowed_token_ids, fields the client never sent)."""
+    from blockdiff.sudoku.solver import BUNDLED_MODEL
+    llm = LLM(BUNDLED_MODEL, dtype=torch.float32, max_num_seqs=4)
+    puzzle = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
+    cmpl = {"model": "sudoku", "prompt": puzzle, "max_denoising_steps": 2}
+    chat = {"model": "sudoku", "messages": [{"role": "user", "content": puzzle}], "max_denoising_steps": 2}
+    answers = _agree(llm.engine, "sudoku", [
+        ("/v1/completions", "CompletionRequest", cmpl),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "rng": "reference"}),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**chat, "rng": "reference"}),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "suffix": "1"}),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "text_template": "<|hole|>"}),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**chat, "response_format": {"type": "json_object"}}),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**chat, "response_format": {"type": "text"}}),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "structured_outputs": {"regex": "[0-9]+"}})])
+    err = answers[1]["error"]
+    assert err["param"] == "rng" and "canvas_template" in err["message"] and "allowed_token_ids" not in err["message"]
