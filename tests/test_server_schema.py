@@ -162,6 +162,8 @@ AGREE = [
     ("/v1/chat/completions", "ChatCompletionRequest", _chat(logit_bias={"5": -100, "7": 0.5})),
     ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={})),  # the document allowed any object
     ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={"regex": "a", "type": "text"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={"choice": ["0"], "allow_whitespace": None,
+                                                                      "regex": None, "json_object": False})),
     ("/v1/completions", "CompletionRequest", _cmpl(text_template="no holes")),
     ("/v1/completions", "CompletionRequest", _cmpl(repetition_penalty=5e-324)),  # was a 500 (NaN logits)
     ("/v1/chat/completions", "ChatCompletionRequest", _chat(t_max=4.7e307)),  # was a 500 (inf temperature)

@@ -103,12 +103,14 @@ def _structured_outputs_schema(schema: dict) -> None:
     other keys (imported here, when the document is built: the sampling fields load without the grammar code)."""
     from ..structured.spec import CONSTRAINT_KEYS, MAX_CHOICES, MAX_SPEC_CHARS
     text = {"type": "string", "minLength": 1, "maxLength": MAX_SPEC_CHARS}
+    unset = {"enum": [None, False]}  # normalize counts a key holding null or false as not given
     schema["anyOf"] = [{"type": "object", "additionalProperties": False, "properties": {
-        "json": {"anyOf": [{"type": "object"}, text]}, "json_object": {"const": True}, "regex": text,
-        "choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
-                   "maxItems": MAX_CHOICES},
-        "grammar": text, "allow_whitespace": {"type": "boolean"}},
-        "oneOf": [{"required": [k]} for k in CONSTRAINT_KEYS]}, {"type": "null"}]
+        "json": {"anyOf": [{"type": "object"}, text, unset]}, "json_object": {"enum": [True, False, None]},
+        "regex": {"anyOf": [text, unset]}, "grammar": {"anyOf": [text, unset]},
+        "choice": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                              "maxItems": MAX_CHOICES}, unset]},
+        "allow_whitespace": {"type": ["boolean", "null"]}},
+        "oneOf": [{"required": [k], "properties": {k: {"not": unset}}} for k in CONSTRAINT_KEYS]}, {"type": "null"}]
 
 
 def _text_template_schema(schema: dict) -> None:
