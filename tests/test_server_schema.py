@@ -128,14 +128,14 @@ def test_valid_requests_are_accepted_and_answered_as_documented(api_schema):
     ops = {f"{r.ok().method.upper()} {r.ok().path}" for r in api_schema.get_all_operations()}
     assert ops >= {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{model_id}",
                    "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
-    seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 15)
+    seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 30)
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         assert (path, 200) in seen  # requests reached the engine / tokenizer and conformed
     assert not [s for s in seen if s[1] == 400], seen  # valid for the document: never refused
 
 
 def test_invalid_requests_are_refused_with_a_4xx(api_schema):
-    seen = _run(api_schema, GenerationMode.NEGATIVE, BOTH + [negative_data_rejection], lambda body, path: None, 15)
+    seen = _run(api_schema, GenerationMode.NEGATIVE, BOTH + [negative_data_rejection], lambda body, path: None, 40)
     assert any(p == "/v1/completions" and s == 400 for p, s in seen)
     assert all(400 <= s < 500 for _, s in seen), seen
 
