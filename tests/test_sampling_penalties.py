@@ -73,6 +73,7 @@ def test_temperature_scales_the_schedule_and_is_validated():
     for kw, param in [({"temperature": 1e-45}, "temperature"), ({"temperature": 2.5}, "temperature"),
                       ({"t_min": 0, "t_max": 1e-300}, "t_max"), ({"t_min": 0, "t_max": 1e-45}, "t_max"),
                       ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                      ({"repetition_penalty": 5e-324}, "repetition_penalty"), ({"t_max": 4.7e307}, "t_max"),
                       ({"logit_bias": {"5": 101}}, "logit_bias.5"), ({"logit_bias": {"x": 1}}, "logit_bias"),
                       ({"rng": "reference", "presence_penalty": 0.5}, "presence_penalty"),
                       ({"rng": "reference", "temperature": 0.5}, "temperature"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 
 import httpx
 import openai
@@ -17,7 +18,7 @@ from blockdiff import LLM
 from blockdiff.engine.engine import Engine
 from blockdiff.server import build_app
 from fixtures import make_checkpoint
-from test_server import MODEL, LiveServer
+from test_server import MODEL, LiveServer, wait_until
 
 KEYS = ("key-a", "key-b")
 MSGS = [{"role": "user", "content": "hi"}]
@@ -106,6 +107,13 @@ HOSTILE = [
     ("/v1/completions", _j(_cmpl(logit_bias={"abc": 1})), "logit_bias"),
     ("/v1/completions", _j(_cmpl(logit_bias={"5": 1000})), "logit_bias.5"),
     ("/v1/completions", _j(_cmpl(repetition_penalty=0)), "repetition_penalty"),
+    # fuzzing: a penalty that rounds to 0 in fp32, or so small the logits overflow, was a 500 (NaN logits)
+    ("/v1/completions", _j(_cmpl(repetition_penalty=5e-324)), "repetition_penalty"),
+    ("/v1/chat/completions", _j(_chat(repetition_penalty=1e-30)), "repetition_penalty"),
+    # fuzzing: a temperature past fp32's range was a 500 (chat) or all-<pad> output (a uniform distribution)
+    ("/v1/chat/completions", _j(_chat(t_max=4.7e307)), "t_max"),
+    ("/v1/completions", _j(_cmpl(t_max=4.7e307)), "t_max"),
+    ("/v1/completions", _j(_cmpl(t_min=1e300, t_max=1e301)), "t_min"),
     ("/v1/completions", b'{"model":"tiny-dg","prompt":"hi","presence_penalty":1e999}', "presence_penalty"),
     ("/v1/completions", _j(_cmpl(cache_salt="")), "cache_salt"),
     ("/v1/completions", _j(_cmpl(max_tokens=4, max_new_tokens=5)), None),  # ignored unknown field: a 200
@@ -213,3 +221,19 @@ def test_serve_flags_for_keys_and_caps(tmp_path, monkeypatch, capsys):
         assert cli_main(["serve", str(tmp_path)] + argv) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_a_body_cut_short_by_the_client_is_not_a_server_error(srv, caplog):
+    """Fuzzing: a client that declared more bytes than it sent and then closed its side was logged as an unhandled
+    error (a traceback) and counted as a 500."""
+    host, port = srv.url.removeprefix("http://").split(":")
+    before = dict(srv.app.state.server.http_errors)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEYS[0].encode() + b"\r\nContent-Length: 50\r\n\r\n{}")
+        s.shutdown(socket.SHUT_WR)
+        b"".join(iter(lambda: s.recv(65536), b""))  # whatever the server answers, until it closes
+    assert wait_until(lambda: sum(srv.app.state.server.http_errors.values()) > sum(before.values()), timeout=10)
+    errors = srv.app.state.server.http_errors
+    assert errors.get(500, 0) == before.get(500, 0) and errors.get(400, 0) == before.get(400, 0) + 1, errors
+    assert "unhandled error" not in caplog.text

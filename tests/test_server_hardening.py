@@ -346,6 +346,7 @@ def test_sigterm_ends_running_streams_with_an_error_event_and_one_log_line(ckpt)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _up(url), timeout=60), proc.stderr.read() if proc.poll() is not None else ""
+        _http10_stream_is_not_chunked(port)
         got: dict[int, list[str]] = {0: [], 1: []}
 
         def stream(i):
@@ -372,6 +373,19 @@ def test_sigterm_ends_running_streams_with_an_error_event_and_one_log_line(ckpt)
     assert "Traceback" not in err, err
     assert sum("grace period" in ln for ln in err.splitlines()) == 1, err
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+
+
+def _http10_stream_is_not_chunked(port: int) -> None:
+    """An HTTP/1.0 client gets a stream framed by the connection's end, not chunked (RFC 9112: chunked only to
+    HTTP/1.1 requests); with uvicorn's default httptools the chunk sizes landed between the events."""
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                  % len(body) + body)
+        raw = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, events = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower(), head
+    assert events.startswith(b"data: {") and events.endswith(b"data: [DONE]\n\n"), events[:80]
 
 
 def _up(url) -> bool:

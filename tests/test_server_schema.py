@@ -56,20 +56,12 @@ def _fix_temperatures(body: dict) -> None:
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     t_min, t_max = num("t_min"), num("t_max")
-    if t_min is not None and t_min > 1e6:
-        t_min = body["t_min"] = 1.0
-    if t_max is not None and t_max > 1e6:
-        t_max = body["t_max"] = 2.0
-    lo = 0.4 if t_min is None else t_min
     hi = 0.8 if t_max is None else t_max
-    if hi <= lo:
-        if t_max is not None:
-            hi = body["t_max"] = lo * 2 + 1
-        else:
-            body["t_min"] = hi / 2
     f = num("temperature")
     if f and hi * f < 1e-6:
-        body["t_max"] = lo * 2 + 1
+        hi = body["t_max"] = 1.0
+    if hi <= (0.4 if t_min is None else t_min):  # t_min may be anything from 0: it gives way
+        body["t_min"] = hi / 2
 
 
 def semantic(body, path: str) -> None:
@@ -136,13 +128,90 @@ def test_valid_requests_are_accepted_and_answered_as_documented(api_schema):
     ops = {f"{r.ok().method.upper()} {r.ok().path}" for r in api_schema.get_all_operations()}
     assert ops >= {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{model_id}",
                    "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
-    seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 15)
+    seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 30)
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         assert (path, 200) in seen  # requests reached the engine / tokenizer and conformed
     assert not [s for s in seen if s[1] == 400], seen  # valid for the document: never refused
 
 
 def test_invalid_requests_are_refused_with_a_4xx(api_schema):
-    seen = _run(api_schema, GenerationMode.NEGATIVE, BOTH + [negative_data_rejection], lambda body, path: None, 15)
+    seen = _run(api_schema, GenerationMode.NEGATIVE, BOTH + [negative_data_rejection], lambda body, path: None, 40)
     assert any(p == "/v1/completions" and s == 400 for p, s in seen)
     assert all(400 <= s < 500 for _, s in seen), seen
+
+
+# Requests on which the document and the server disagreed (found by fuzzing a live server): each body is judged by
+# /openapi.json's request schema and by the server, and the two verdicts must agree (valid <=> 200, else a 400).
+def _cmpl(**kw) -> dict:
+    return {"model": MODEL, "prompt": "hi", "max_tokens": 2, **kw}
+
+
+def _chat(**kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
+
+
+AGREE = [
+    ("/tokenize", "TokenizeRequest", {}),  # neither prompt nor messages: the document allowed it
+    ("/tokenize", "TokenizeRequest", {"prompt": None, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(tool_choice={})),  # the document allowed any object
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(tool_choice=None)),  # the document refused null
+    ("/v1/completions", "CompletionRequest", _cmpl(response_format={"type": "json_schema", "json_schema": None})),
+    ("/v1/completions", "CompletionRequest", _cmpl(response_format={"type": "json_schema"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(response_format={"type": "text"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(logit_bias={"5": 1})),  # the document allowed only {}
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(logit_bias={"5": -100, "7": 0.5})),
+    ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={})),  # the document allowed any object
+    ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={"regex": "a", "type": "text"})),
+    ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={"choice": ["0"], "allow_whitespace": None,
+                                                                      "regex": None, "json_object": False})),
+    ("/v1/completions", "CompletionRequest", _cmpl(text_template="no holes")),
+    ("/v1/completions", "CompletionRequest", _cmpl(repetition_penalty=5e-324)),  # was a 500 (NaN logits)
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(t_max=4.7e307)),  # was a 500 (inf temperature)
+]
+
+
+def _agree(engine, name: str, cases: list) -> list[dict]:
+    """Each case's verdicts agree; returns the answers."""
+    import jsonschema
+    from starlette.testclient import TestClient
+    app = build_app(engine, name, max_num_seqs=4, max_denoising_steps=8)
+    answers = []
+    try:
+        with TestClient(app) as client:
+            doc = client.get("/openapi.json").json()
+            for path, model, body in cases:
+                validator = jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **doc})
+                r = client.post(path, json=body)
+                assert r.status_code in (200, 400), (body, r.text)
+                assert validator.is_valid(body) == (r.status_code == 200), (body, r.text)
+                answers.append(r.json())
+    finally:
+        app.state.engine.shutdown()
+    return answers
+
+
+@pytest.mark.parametrize("path,model,body", AGREE, ids=[f"{i}:{a[0]}" for i, a in enumerate(AGREE)])
+def test_the_document_and_the_server_agree_on_requests_fuzzing_found(llm, path, model, body):
+    _agree(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, [(path, model, body)])
+
+
+def test_the_sudoku_servers_document_leaves_out_what_its_task_refuses():
+    """The Sudoku model lays its givens as a canvas_template on every puzzle: the document offered rng='reference',
+    text templates, suffixes and structured output, which it refuses (and rng='reference' was refused naming
+    canvas_template / allowed_token_ids, fields the client never sent)."""
+    from blockdiff.sudoku.solver import BUNDLED_MODEL
+    llm = LLM(BUNDLED_MODEL, dtype=torch.float32, max_num_seqs=4)
+    puzzle = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
+    cmpl = {"model": "sudoku", "prompt": puzzle, "max_denoising_steps": 2}
+    chat = {"model": "sudoku", "messages": [{"role": "user", "content": puzzle}], "max_denoising_steps": 2}
+    answers = _agree(llm.engine, "sudoku", [
+        ("/v1/completions", "CompletionRequest", cmpl),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "rng": "reference"}),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**chat, "rng": "reference"}),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "suffix": "1"}),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "text_template": "<|hole|>"}),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**chat, "response_format": {"type": "json_object"}}),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**chat, "response_format": {"type": "text"}}),
+        ("/v1/completions", "CompletionRequest", {**cmpl, "structured_outputs": {"regex": "[0-9]+"}})])
+    err = answers[1]["error"]
+    assert err["param"] == "rng" and "canvas_template" in err["message"] and "allowed_token_ids" not in err["message"]

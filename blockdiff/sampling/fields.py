@@ -21,6 +21,15 @@ MAX_STOP = 16  # stop strings per request
 # runs at >= t_max / max_denoising_steps >= 1e-10, where soft-capped logits (|l| <= ~30) / t stay finite in fp32;
 # 1e-45 or 1e-300 round to 0 in fp32 and turn the distribution into NaN (all-<pad> output).
 MIN_TEMPERATURE = 1e-6
+# The largest t_min / t_max: far past any useful temperature (soft-capped logits / 1e6 are uniform to ~3e-5), and
+# x2 (the largest ``temperature`` factor) still finite in fp32. Beyond fp32's 3.4e38 the step temperature is
+# infinity: the distribution turns exactly uniform (every argmax the <pad> id 0) or, where inf * 0 meets it in
+# the schedule, NaN (a 500).
+MAX_TEMPERATURE = 1e6
+# The smallest repetition_penalty: positive logits are divided by it before tempering (by >= 1e-10), so a
+# penalty that rounds to 0 in fp32 (5e-324) or is tiny (1e-30) overflows the logits to infinity (a 500). At 0.01,
+# soft-capped logits (|l| <= ~30) stay below 3e13 after both divisions.
+MIN_REPETITION_PENALTY = 0.01
 # ``temperature`` is 0 (greedy) or a factor in [MIN_TEMPERATURE_FACTOR, MAX_TEMPERATURE_FACTOR] on t_max / t_min.
 MIN_TEMPERATURE_FACTOR = 0.01
 MAX_TEMPERATURE_FACTOR = 2.0
@@ -89,6 +98,28 @@ def _stop(v):
     return [v] if isinstance(v, str) else v
 
 
+def _structured_outputs_schema(schema: dict) -> None:
+    """What ``blockdiff.structured.spec.normalize`` accepts, for /openapi.json: exactly one constraint key, no
+    other keys (imported here, when the document is built: the sampling fields load without the grammar code)."""
+    from ..structured.spec import CONSTRAINT_KEYS, MAX_CHOICES, MAX_SPEC_CHARS
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_SPEC_CHARS}
+    unset = {"enum": [None, False]}  # normalize counts a key holding null or false as not given
+    schema["anyOf"] = [{"type": "object", "additionalProperties": False, "properties": {
+        "json": {"anyOf": [{"type": "object"}, text, unset]}, "json_object": {"enum": [True, False, None]},
+        "regex": {"anyOf": [text, unset]}, "grammar": {"anyOf": [text, unset]},
+        "choice": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                              "maxItems": MAX_CHOICES}, unset]},
+        "allow_whitespace": {"type": ["boolean", "null"]}},
+        "oneOf": [{"required": [k], "properties": {k: {"not": unset}}} for k in CONSTRAINT_KEYS]}, {"type": "null"}]
+
+
+def _text_template_schema(schema: dict) -> None:
+    """A template holds at least one hole (``blockdiff.structured.infill.HOLE``; a JSON Schema pattern matches
+    anywhere in the string)."""
+    from ..structured.infill import HOLE
+    schema["anyOf"] = [{"type": "string", "minLength": 1, "pattern": HOLE.pattern}, {"type": "null"}]
+
+
 class SamplingFields(IntegralFloats):
     """Fields shared by ``SamplingParams`` and both HTTP endpoints (strict: no "16" for 16; unknown keys are
     ignored, as OpenAI-compatible servers do). To add one: declare it here with its bounds and description, and as
@@ -114,12 +145,17 @@ class SamplingFields(IntegralFloats):
                                          "already in the output (committed canvases)")
     frequency_penalty: Num | None = Field(None, ge=-2, le=2, description="subtracted from a token's logit once per "
                                           "occurrence in the output (committed canvases)")
-    repetition_penalty: Num | None = Field(None, gt=0, le=10, description="tokens of the prompt or the output: "
-                                           "positive logits divided by it, negative ones multiplied (1: off)")
+    repetition_penalty: Num | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10, description="tokens of the "
+                                           "prompt or the output: positive logits divided by it, negative ones "
+                                           "multiplied (1: off)")
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                      Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, allow_inf_nan=False)]] | None = \
         Field(None, description="token id (as a string) -> a bias in [-100, 100] added to its logits at every "
-              "denoising step", json_schema_extra={"additionalProperties": False})  # keys: token ids only
+              "denoising step", json_schema_extra={"anyOf": [  # keys: token ids only (beside the field's anyOf,
+                  # "additionalProperties": false alone forbade every key: the document allowed only {})
+                  {"type": "object", "additionalProperties": False, "patternProperties": {"^[0-9]{1,9}$": {
+                      "type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS}}},
+                  {"type": "null"}]})
     # Truncation of the tempered distribution a token is drawn from (see docs/serving.md "Sampling").
     top_p: Num | None = Field(None, gt=0, le=1, description="draw from the smallest most-likely-first set of tokens "
                               "holding this much probability (1 or unset: no cut)")
@@ -133,9 +169,11 @@ class SamplingFields(IntegralFloats):
                                             description="adaptive stop: argmax unchanged this many steps")
     entropy_bound: Num | None = Field(None, gt=0, description="per-step acceptance budget (summed entropy)")
     confidence_threshold: Num | None = Field(None, gt=0, description="adaptive stop: mean entropy below this")
-    t_min: Num | None = Field(None, ge=0, description="temperature at the last denoising step (below t_max)")
-    t_max: Num | None = Field(None, ge=MIN_TEMPERATURE, description="temperature at the first denoising step "
-                              f"(at least {MIN_TEMPERATURE}: below it the tempered logits overflow)")
+    t_min: Num | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="temperature at the last denoising step "
+                              "(below t_max)")
+    t_max: Num | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="temperature at the first "
+                              f"denoising step (in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}]: outside it the tempered "
+                              "logits overflow)")
     rng: Literal["default", "reference"] = Field("default", description="'reference': draw random numbers "
                                                  "exactly as the transformers reference does")
     ignore_eos: bool = Field(False, description="keep generating after an EOS token")
@@ -145,13 +183,12 @@ class SamplingFields(IntegralFloats):
     canvas_template: list[Annotated[int, Field(ge=-1)]] | None = Field(
         None, description="token ids for the first canvas, -1 where the model is free")
     text_template: str | None = Field(None, min_length=1, description="text with <|hole|> or <|hole:N|> holes laid "
-                                      "on the first canvas; the output is the filled template")
+                                      "on the first canvas; the output is the filled template",
+                                      json_schema_extra=lambda s: _text_template_schema(s))
     structured_outputs: dict[str, Any] | None = Field(
-        None, description="exactly one of json (a JSON Schema), json_object (true), regex, choice (strings), "
-        "grammar (Lark or GBNF); optional allow_whitespace (json only)", json_schema_extra={
-            "properties": {"json": {"type": "object"}, "json_object": {"enum": [True]}, "regex": {"type": "string"},
-                           "choice": {"type": "array", "items": {"type": "string"}},
-                           "grammar": {"type": "string"}, "allow_whitespace": {"type": "boolean"}}})
+        None, description="exactly one of json (a JSON Schema, or its JSON text), json_object (true), regex, choice "
+        "(strings), grammar (Lark or GBNF); optional allow_whitespace (json only)",
+        json_schema_extra=lambda s: _structured_outputs_schema(s))
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, description="prefix-cache "
                                    "blocks are shared only between requests with the same salt (see docs/serving.md)")
     stream_drafts: bool = Field(False, description="with stream: true, also send the argmax canvas after every "

@@ -34,6 +34,12 @@ from .service import Server
 
 log = logging.getLogger("blockdiff.server")
 
+# uvicorn's HTTP implementation for the servers blockdiff starts (serve, the Sudoku demo): h11. uvicorn's default,
+# httptools, answers an HTTP/1.0 request with a response of unknown length (a stream) in chunked framing, which
+# HTTP/1.0 clients (and proxies speaking 1.0 upstream, nginx's default) cannot read: the chunk sizes land in the
+# events. h11 ends such a response by closing the connection instead. Parsing speed is nothing beside a model step.
+HTTP_PROTOCOL = "h11"
+
 
 class ErrorJSONResponse(JSONResponse):
     """Error bodies as ASCII JSON: a message that quotes a client's text (even a lone surrogate) always encodes,

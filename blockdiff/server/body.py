@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import APIError, bad, json_type
 
@@ -37,11 +37,15 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared))  # before reading a byte of it
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"more than {limit}")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"more than {limit}")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's fault, not the server's: a 400, not a logged 500 with a traceback
+        raise APIError(400, f"the request body ended after {size} bytes: the client closed the connection before "
+                            "sending all of it", "body", "incomplete_body") from None
     return b"".join(chunks)
 
 

@@ -174,7 +174,7 @@ def cmd_serve(args) -> int:
         return serve_replicas(args, keys, limits)
     import uvicorn
 
-    from .app import build_app
+    from .app import HTTP_PROTOCOL, build_app
 
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
     llm.engine.fast = bool(args.fast)
@@ -198,7 +198,7 @@ def cmd_serve(args) -> int:
             super().handle_exit(sig, frame)
 
     try:
-        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=HTTP_PROTOCOL,
                               timeout_graceful_shutdown=grace)).run()
     finally:
         llm.close()  # a split model: end the other ranks

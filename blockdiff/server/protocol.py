@@ -53,7 +53,10 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # The schema says what structured.py enforces: type json_schema needs its json_schema object.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}]})
     type: Literal["text", "json_object", "json_schema"] = Field(description="text: no constraint; json_object: any "
                                                                 "JSON object; json_schema: JSON valid for the schema")
     json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
@@ -297,7 +300,11 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = Field(
         None, description="'none', 'auto' (default with tools), 'required', or {'type': 'function', 'function': "
         "{'name'}}; required and named calls are generated under a grammar of the tools' schemas",
-        json_schema_extra={"anyOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]})
+        json_schema_extra={"anyOf": [{"enum": ["none", "auto", "required"]}, {
+            "type": "object", "required": ["function"], "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}},
+            {"type": "null"}]})
     parallel_tool_calls: bool | None = Field(None, description="allow several calls in one answer (default true)")
     _plan: ToolPlan | None = PrivateAttr(None)
 
@@ -375,7 +382,10 @@ class TokenizeRequest(BaseModel):
     /v1/chat/completions would run (``chat_request``: the same request model, the same rendering), with the
     ``tools`` and ``chat_template_kwargs`` a chat request would send."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # The schema says what _one_input enforces: exactly one of prompt / messages (null counts as absent).
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str | None = Field(None, description="the served model id (optional)")
     prompt: str | None = Field(None, description="text to tokenize (give prompt or messages)")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered as "

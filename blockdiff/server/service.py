@@ -138,6 +138,20 @@ class Server:
             elif items.get("type") == "array":
                 items["items"]["maximum"] = top
         defs["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = top
+        tok = self.core.tokenizer
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = defs[name]["properties"]
+            if getattr(tok, "lays_canvas_template", False):  # a task model (Sudoku): refused by its task_params
+                props["rng"]["enum"] = ["default"]
+                for field in ("text_template", "suffix"):
+                    if field in props:
+                        props[field].pop("anyOf", None)
+                        props[field]["type"] = "null"
+            if getattr(tok, "structured_output_refusal", None):
+                props["structured_outputs"].pop("anyOf", None)
+                props["structured_outputs"]["type"] = "null"
+        if getattr(tok, "structured_output_refusal", None):
+            defs["ResponseFormat"]["properties"]["type"]["enum"] = ["text"]
         for name in ("TokenizeRequest", "DetokenizeRequest"):
             _union(defs[name]["properties"]["model"], "string")["enum"] = [self.model_name]
 

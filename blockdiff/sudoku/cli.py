@@ -187,7 +187,7 @@ def _serve_playground(args) -> int:
     """``demo --web``: the server with its playground page on the bundled model (loopback only)."""
     import uvicorn
 
-    from ..server.app import build_app
+    from ..server.app import HTTP_PROTOCOL, build_app
     from ..server.cli import check_bindable
 
     if not 0 <= args.port < 65536:
@@ -203,7 +203,8 @@ def _serve_playground(args) -> int:
     if args.open:
         import webbrowser
         webbrowser.open(url)
-    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")).run()
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
+                                  http=HTTP_PROTOCOL)).run()
     return 0
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import re
 
+from ..sampling.fields import ParamError
 from ..tokenizer import Tokenizer
 from . import format as fmt
 
@@ -80,6 +81,7 @@ def prompt_grid(prompt_ids: list[int]) -> list[int] | None:
 
 class SudokuTokenizer(Tokenizer):
     structured_output_refusal = STRUCTURED_REFUSAL
+    lays_canvas_template = True  # every puzzle's givens (task_params): /openapi.json leaves out what that excludes
     answer_length = fmt.CANVAS_LENGTH  # the engine's hook: a whole 81-digit answer finishes with "stop"
 
     def __init__(self, tokenizer, config=None, chat_template=None, extra_eos_ids=None):
@@ -132,6 +134,10 @@ class SudokuTokenizer(Tokenizer):
         already set ``canvas_template`` / ``allowed_token_ids``, as ``solver.py`` does)."""
         if params.structured_outputs is not None:
             raise ValueError(STRUCTURED_REFUSAL)
+        if params.rng == "reference" and params.canvas_template is None:  # else the refusal names fields not sent
+            raise ParamError("'rng': the Sudoku model fixes the puzzle's givens with a canvas_template and draws "
+                             "digits only, which the reference sampler (rng='reference') cannot; use rng='default'",
+                             "rng")
         grid = prompt_grid(list(prompt_ids))
         if grid is None:
             if params.canvas_template is not None:  # the caller knows what it is doing
