@@ -308,6 +308,22 @@ def test_a_reply_cut_at_max_tokens_says_so(page, chat_server):
         page.unroute("**/v1/chat/completions")
 
 
+def test_events_with_crlf_line_ends_and_no_space_after_data_are_read(page, chat_server):
+    """Server-sent events may end lines with \\r\\n (a proxy that rewrites them) and omit the space after 'data:'."""
+    _with_key(page, chat_server)
+    events = ['{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+              '{"choices":[{"index":0,"delta":{"content":"through a proxy"}}]}',
+              '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', "[DONE]"]
+    body = "".join(f"data:{e}\r\n\r\n" for e in events)
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=body))
+    page.get_by_test_id("chat-input").fill("Hello")
+    page.get_by_test_id("chat-send").click()
+    page.locator(".msg.assistant .meta").first.wait_for()
+    assert "through a proxy" in page.locator(".msg.assistant").first.text_content()
+    assert page.get_by_test_id("error").is_hidden()
+
+
 def test_a_refused_key_is_called_refused(page, chat_server):
     page.add_init_script("sessionStorage.setItem('blockdiff-api-key', 'not-the-key')")
     page.goto(chat_server.url + "/")

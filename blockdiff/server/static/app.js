@@ -111,14 +111,16 @@ async function streamChat(body, on, signal) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) throw new Error("the connection to the server closed before the reply was complete");
-    buf += decoder.decode(value, { stream: true });
+    // Server-sent events may end lines with \r\n or \r (a proxy may rewrite them): read them all as \n. A \r at
+    // the end of a chunk waits for the next one, which may start with its \n.
+    buf = (buf + decoder.decode(value, { stream: true })).replace(/\r\n/g, "\n").replace(/\r(?!$)/g, "\n");
     let cut;
     while ((cut = buf.indexOf("\n\n")) >= 0) {
       const event = buf.slice(0, cut);
       buf = buf.slice(cut + 2);
       for (const line of event.split("\n")) {
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(line.startsWith("data: ") ? 6 : 5);  // the space after the colon is optional
         if (data === "[DONE]") return;
         const j = JSON.parse(data);
         if (j.error) throw new Error(j.error.message || "the server reported an error");
