@@ -215,3 +215,21 @@ def test_image_ids_outside_the_vocab_are_a_clear_error(tiny_checkpoint):
     with pytest.raises(ValueError, match="image token ids .* not all inside its vocabulary of 512"):
         llm.chat([{"role": "user", "content": [{"type": "image", "image": picture(32, 32)},
                                                {"type": "text", "text": "?"}]}])
+
+
+def test_data_urls_without_padding_or_in_the_url_safe_alphabet_decode_to_the_same_image():
+    """Encoders differ: some leave base64's '=' padding off, some use the URL-safe alphabet (- and _ for + and /)."""
+    from blockdiff.vision.media import ImageLoader
+
+    # a picture whose PNG encoding is not a multiple of 3 bytes long and contains '+' or '/' when encoded
+    raw = next(e for e in (encoded(picture(9, 5 + i, seed=i)) for i in range(40))
+               if len(e) % 3 and set(base64.b64encode(e).decode()) & set("+/"))
+    std = base64.b64encode(raw).decode()
+    expected = np.asarray(ImageLoader().load(data_url(raw)))
+    for text in (std.rstrip("="), base64.urlsafe_b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()
+                 .rstrip("=")):
+        assert text != std
+        got = ImageLoader().load("data:image/png;base64," + text)
+        assert np.array_equal(np.asarray(got), expected)
+    with pytest.raises(ValueError, match="not valid base64"):  # still refused: characters of neither alphabet
+        ImageLoader().load("data:image/png;base64," + std[:8] + "*" + std[9:])

@@ -96,8 +96,13 @@ class ImageLoader:
             raise ValueError(f"{what}: only base64 data: URLs are supported (data:image/<type>;base64,...)")
         if len(payload) * 3 // 4 > self.limits.max_bytes:  # refuse before decoding
             raise ValueError(f"{what}: the image is larger than the {self.limits.max_bytes}-byte limit")
+        payload = re.sub(r"\s+", "", payload)
+        # Lenient where browsers and encoders differ: padding left off, and the URL-safe alphabet (- and _).
+        payload += "=" * (-len(payload) % 4)
+        if "-" in payload or "_" in payload:
+            payload = payload.replace("-", "+").replace("_", "/")
         try:
-            return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError(f"{what}: the data: URL is not valid base64") from None
 
