@@ -212,3 +212,138 @@ def test_init_from_continues_from_a_checkpoints_weights(tmp_path):
     assert ft.step == 0
     a, b = src.model.state_dict(), ft.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ interruption, fine-tuning, and what --out holds
+class _SignalAt(CopyTask):
+    """A copy task whose batch for step ``at`` sends ``signum`` to this process (a Ctrl-C in the middle of a run)."""
+
+    def __init__(self, at, signum):
+        super().__init__(vocab_size=32, canvas_length=8)
+        self.at, self.signum = at, signum
+
+    def batch(self, step, batch_size, rng):
+        if step == self.at:
+            import signal
+            signal.raise_signal(self.signum)
+        return super().batch(step, batch_size, rng)
+
+
+def test_ctrl_c_saves_at_the_step_it_stopped_and_resumes_from_there(tmp_path):
+    """Ctrl-C between saves used to drop every step since the last save (and one during a save left a truncated
+    model.safetensors); now the step finishes, the run is saved, then KeyboardInterrupt propagates."""
+    import signal
+    o = TrainOptions(out_dir=str(tmp_path / "run"), max_steps=50, batch_size=4, warmup_steps=1, log_every=1,
+                     save_every=0)
+    lines = []
+    tr = Trainer(_SignalAt(3, signal.SIGINT), o, config=model_config(32, 8, **RECIPES["tiny"]), log=lines.append)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert any(s.startswith("SIGINT at step 4: saving") for s in lines), lines
+    st = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)
+    assert st["step"] == 4
+    saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in tr.model.state_dict().items() if k in saved)
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]  # no temporary files left behind
+    resumed = _trainer(tmp_path / "run", 50)
+    assert resumed.step == 4
+
+
+def test_sigterm_saves_then_terminates(tmp_path):
+    """SIGTERM (a job scheduler, `kill`) stops a CLI run at the end of the step: saved, then terminated by it."""
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "blockdiff", "train", "--task", "copy", "--recipe", "tiny", "--out",
+                          str(out), "--max-steps", "100000", "--batch-size", "2", "--save-every", "0",
+                          "--log-every", "2", "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith("step 2/"):
+                p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == -signal.SIGTERM, "".join(seen)
+    assert any(s.startswith("SIGTERM at step") for s in seen), "".join(seen)
+    step = torch.load(out / "trainer_state.pt", weights_only=False)["step"]
+    assert step >= 2 and any(s.startswith(f"saved {out} at step {step}") for s in seen)
+    logged = [json.loads(s)["step"] for s in (out / "train_log.jsonl").read_text().splitlines()]
+    assert max(logged) <= step
+
+
+def test_resume_drops_log_records_past_the_saved_step(tmp_path):
+    """A run killed between saves had logged steps it then trains again: the learning curve lists each once."""
+    tr = _trainer(tmp_path / "run", 6, log_every=1)
+    for _ in range(2):
+        tr.train_step()
+    tr.save()
+    with open(tmp_path / "run" / "train_log.jsonl", "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+    _trainer(tmp_path / "run", 6)
+    steps = [json.loads(s)["step"] for s in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_out_holding_a_checkpoint_that_is_not_a_run_is_refused(tmp_path):
+    """`--out` naming an existing checkpoint (no trainer_state.pt), e.g. the --init-from one: training would
+    overwrite it. --no-resume overwrites it on purpose, and starts a fresh learning curve."""
+    src = _trainer(tmp_path / "src", 1)
+    src.run()
+    os.remove(tmp_path / "src" / "trainer_state.pt")
+    before = (tmp_path / "src" / "model.safetensors").read_bytes()
+    task = CopyTask(vocab_size=32, canvas_length=8)
+    with pytest.raises(ValueError, match=r"already holds a checkpoint but no trainer_state.pt.*--no-resume"):
+        Trainer(task, TrainOptions(out_dir=str(tmp_path / "src"), max_steps=1), init_from=str(tmp_path / "src"),
+                log=lambda s: None)
+    assert (tmp_path / "src" / "model.safetensors").read_bytes() == before
+    fresh = _trainer(tmp_path / "src", 1, resume=False)
+    assert not (tmp_path / "src" / "train_log.jsonl").exists() and fresh.step == 0
+
+
+def test_fine_tune_keeps_the_checkpoints_tokenizer_and_generation_config(tmp_path):
+    """Fine-tuning a chat checkpoint on pre-tokenized data wrote no tokenizer (the result could not read text) and
+    replaced generation_config.json by the task's (eos [1] instead of the checkpoint's stop ids)."""
+    from fixtures import make_checkpoint
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    task = CopyTask(vocab_size=512, canvas_length=8)
+    out = tmp_path / "ft"
+    Trainer(task, TrainOptions(out_dir=str(out), max_steps=1, batch_size=2, log_every=1000), init_from=src,
+            log=lambda s: None).run()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name
+    resumed = Trainer(task, TrainOptions(out_dir=str(out), max_steps=2, batch_size=2, log_every=1000),
+                      log=lambda s: None)
+    resumed.run()  # a resumed run keeps them too
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 106, 50]
+    from blockdiff import LLM
+    assert LLM(str(out), device="cpu").tokenizer.encode("hi")
+
+
+def test_fine_tuning_a_quantized_checkpoint_is_refused(tmp_path):
+    """It used to train only the layers left in full precision (and crash on int4 in backward)."""
+    from fixtures import make_checkpoint
+    from blockdiff.quant.cli import quantize_checkpoint
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    quantize_checkpoint(src, str(tmp_path / "q8"), "int8", log=lambda s: None)
+    with pytest.raises(ValueError, match=r"q8 holds quantized weights \(int8\): training needs full-precision"):
+        Trainer(CopyTask(vocab_size=512, canvas_length=8), TrainOptions(out_dir=str(tmp_path / "ft")),
+                init_from=str(tmp_path / "q8"), log=lambda s: None)
+
+
+def test_fine_tune_from_a_quantized_gguf_trains_its_dequantized_weights(tmp_path):
+    from fixtures import make_checkpoint
+    from gguf_fixtures import write_gguf
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    gguf_path = write_gguf(src, str(tmp_path / "m.gguf"), default_type="Q4_0")
+    tr = Trainer(CopyTask(vocab_size=512, canvas_length=8),
+                 TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000),
+                 init_from=gguf_path, log=lambda s: None)
+    tr.run()
+    assert load_model(str(tmp_path / "ft"), dtype="float32", device="cpu").config.raw.get("quantization_config") is None
