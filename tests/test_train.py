@@ -347,3 +347,22 @@ def test_fine_tune_from_a_quantized_gguf_trains_its_dequantized_weights(tmp_path
                  init_from=gguf_path, log=lambda s: None)
     tr.run()
     assert load_model(str(tmp_path / "ft"), dtype="float32", device="cpu").config.raw.get("quantization_config") is None
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", r"line 2: not valid JSON"),
+    ('[1, 2]', r'line 2: expected an object \{"prompt_ids"'),
+    ('{"prompt": [2, 5], "answer_ids": [9]}', r"line 2: prompt_ids must be a non-empty list"),
+    ('{"prompt_ids": [], "answer_ids": [9]}', r"line 2: prompt_ids must be a non-empty list"),
+    ('{"prompt_ids": [2, 5], "answer_ids": [9, 99]}', r"line 2: answer_ids holds 99: token ids are integers in \[0, 32\)"),
+    ('{"prompt_ids": [2, -1], "answer_ids": [9]}', r"line 2: prompt_ids holds -1"),
+    ('{"prompt_ids": [2, 5], "answer_ids": ["a"]}', r"line 2: answer_ids holds 'a'"),
+    ('{"prompt_ids": [2, 5], "answer_ids": [true]}', r"line 2: answer_ids holds True"),
+])
+def test_jsonl_data_errors_name_the_file_line_and_field(tmp_path, line, message):
+    """A bad line was a KeyError traceback, or an error about `input_ids` at the first training step."""
+    from blockdiff.train.tasks import JsonlTask
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt_ids": [2, 5], "answer_ids": [9, 10]}\n' + line + "\n")
+    with pytest.raises(ValueError, match="d.jsonl: " + message):
+        JsonlTask(str(data), vocab_size=32, canvas_length=4)
