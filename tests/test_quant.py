@@ -16,6 +16,7 @@ from blockdiff.cli import main as cli_main
 from blockdiff.loader import load_model
 from blockdiff.model.layers import Experts
 from blockdiff.quant import QuantizationError, parse_method
+from blockdiff.quant.cli import quantize_checkpoint
 from blockdiff.quant.modules import QTensor, QuantEmbedding, QuantExperts, QuantLinear
 from blockdiff.quant.plan import target_shapes
 from blockdiff.quant.tensors import dequantize, quantize, stored_shapes
@@ -238,6 +239,40 @@ def test_quantize_command_round_trip_loads_with_no_flag(tiny_checkpoint, tmp_pat
     other = "int4" if method == "int8" else "int8"
     with pytest.raises(QuantizationError, match=f"already quantized to {method}"):
         load_model(dst, quantization=other)
+
+
+@pytest.mark.parametrize("cut", ["weights", "tokenizer"])
+def test_interrupted_quantize_leaves_no_checkpoint_and_can_be_rerun(tiny_checkpoint, tmp_path, monkeypatch, cut):
+    """Ctrl-C while writing: it left a truncated model.safetensors under its name, or config.json + weights without
+    the tokenizer (loadable, and a re-run refused DST as "already holds a checkpoint")."""
+    import shutil
+
+    import safetensors.torch
+    dst = str(tmp_path / "q")
+    real_save, real_copy = safetensors.torch.save_file, shutil.copy2
+
+    def save_then_stop(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    if cut == "weights":
+        monkeypatch.setattr(safetensors.torch, "save_file", save_then_stop)
+    else:
+        monkeypatch.setattr(shutil, "copy2", stop)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_checkpoint, dst, "int8", log=lambda s: None)
+    left = os.listdir(dst)
+    assert "config.json" not in left and not [f for f in left if ".tmp" in f], left
+    assert cut == "tokenizer" or "model.safetensors" not in left
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    quantize_checkpoint(tiny_checkpoint, dst, "int8", log=lambda s: None)
+    assert torch.equal(_logits(load_model(dst)), _logits(load_model(tiny_checkpoint, quantization="int8")))
 
 
 def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):

@@ -10,7 +10,6 @@ The source is read one tensor at a time; only the quantized output is held in me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 
@@ -33,6 +32,7 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     from safetensors.torch import save_file
 
     from ..config import ModelConfig
+    from ..files import atomic_path, write_json
     from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
     from ..progress import progress
     from .plan import QuantPlan, int4_scope, parse_method
@@ -88,18 +88,21 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
                             out[f"{name}.{k}"] = v.contiguous()
                     n_quant += 1
     os.makedirs(dst, exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    raw = dict(config.raw)
-    raw["quantization_config"] = FP8_CONFIG if method == "fp8" else {
-        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding,
-        "int4_scope": plan.scope}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
+    # config.json is written last, and every file replaced whole (blockdiff/files.py): a quantize cut short
+    # (Ctrl-C, a full disk) leaves no config.json, so DST does not load as a checkpoint and a re-run may reuse it.
+    with atomic_path(os.path.join(dst, "model.safetensors")) as tmp:
+        save_file(out, tmp, metadata={"format": "pt"})
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
         full = os.path.join(path, entry)
         if os.path.isfile(full) and entry != "config.json" and not entry.startswith("model") and \
                 not entry.endswith(".safetensors"):
-            shutil.copy2(full, os.path.join(dst, entry))
+            with atomic_path(os.path.join(dst, entry)) as tmp:
+                shutil.copy2(full, tmp)
+    raw = dict(config.raw)
+    raw["quantization_config"] = FP8_CONFIG if method == "fp8" else {
+        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding,
+        "int4_scope": plan.scope}
+    write_json(os.path.join(dst, "config.json"), raw)
     size = os.path.getsize(os.path.join(dst, "model.safetensors"))
     log(f"quantized {n_quant} tensors to {method}; wrote {dst} ({size / 2 ** 20:.1f} MiB)")
     return dst
