@@ -366,3 +366,33 @@ def test_jsonl_data_errors_name_the_file_line_and_field(tmp_path, line, message)
     data.write_text('{"prompt_ids": [2, 5], "answer_ids": [9, 10]}\n' + line + "\n")
     with pytest.raises(ValueError, match="d.jsonl: " + message):
         JsonlTask(str(data), vocab_size=32, canvas_length=4)
+
+
+@pytest.mark.parametrize("first, then", [
+    (dict(steps=10, schedule="cosine"), dict(steps=20, schedule="cosine")),  # extending a cosine run
+    (dict(steps=10, lr=1e-3), dict(steps=10, lr=5e-3)),                      # a new --lr
+])
+def test_resume_with_new_schedule_options_follows_the_new_schedule(tmp_path, first, then):
+    """The saved scheduler used to win: a new --lr was ignored, and a cosine run extended with --max-steps went
+    back up toward the peak lr (CosineAnnealingLR is periodic). Now the new options' schedule is replayed."""
+    def make(out, steps, **kw):
+        return _trainer(out, steps, batch=2, warmup_steps=2, **kw)
+    whole = make(tmp_path / "whole", **then)
+    expected = [whole.train_step()["lr"] for _ in range(then["steps"])]
+    part = make(tmp_path / "part", **first)
+    for _ in range(5):
+        part.train_step()
+    part.save()
+    resumed = make(tmp_path / "part", **then)
+    got = [resumed.train_step()["lr"] for _ in range(then["steps"] - 5)]
+    assert got == pytest.approx(expected[5:], rel=1e-9)
+
+
+@pytest.mark.parametrize("flag", ["--time-limit", "--time-budget"])
+def test_negative_time_limits_are_refused(flag, capsys):
+    """A negative --time-limit stopped every run after its first step (any elapsed time exceeds it)."""
+    from blockdiff.cli import main as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--out", "OUT", flag, "-5"])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be >= 0.0, got -5" in capsys.readouterr().err

@@ -52,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
-    p.add_argument("--time-budget", type=float, default=0.0,
+    p.add_argument("--time-limit", type=at_least(0.0, float), default=0.0,
+                   help="stop and save after this many seconds (0: no limit)")
+    p.add_argument("--time-budget", type=at_least(0.0, float), default=0.0,
                    help="total training seconds the LR schedule and curriculum are stretched over (ends the run)")
     p.add_argument("--no-resume", action="store_true")
 

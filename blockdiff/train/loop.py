@@ -34,6 +34,8 @@ from .tasks import Task
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 GENERATION_FILE = "generation_config.json"
+# TrainOptions fields that define the learning-rate schedule (a resume with other values replays the new one)
+SCHEDULE_OPTIONS = ("lr", "schedule", "max_steps", "warmup_steps", "decay_start", "min_lr_ratio")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 # What a tokenizer is read from (blockdiff/tokenizer.py): carried over from a fine-tuned checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -162,10 +164,21 @@ class Trainer:
         if resuming:
             st = torch.load(state_path, map_location="cpu", weights_only=False)
             self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
-            if "scheduler" not in st:  # a state saved before the scheduler was: replay the schedule
+            # The saved scheduler holds the schedule it was built with (base lr, length): restored as is, a new
+            # --lr was ignored and a cosine run extended by --max-steps climbed back up (cosine is periodic).
+            # When a schedule option changed, or for a state saved before the scheduler was, replay the schedule
+            # of the options given now up to this step instead.
+            saved = st.get("options") or {}
+            changed = {k: (saved[k], getattr(o, k)) for k in SCHEDULE_OPTIONS if k in saved and saved[k] != getattr(o, k)}
+            replay = "scheduler" not in st or bool(changed)
+            if changed:
+                self.log("schedule options changed since the last save ("
+                         + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                         + f"): the learning rate follows the new schedule from step {self.step}")
+            if replay:
                 advance_scheduler(self.scheduler, self.schedule_step())
             self.opt.load_state_dict(st["optimizer"])
-            if "scheduler" in st:
+            if not replay:
                 self.scheduler.load_state_dict(st["scheduler"])
             for g, lr in zip(self.opt.param_groups, self.scheduler.get_last_lr()):
                 g["lr"] = lr
