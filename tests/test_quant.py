@@ -275,6 +275,20 @@ def test_interrupted_quantize_leaves_no_checkpoint_and_can_be_rerun(tiny_checkpo
     assert torch.equal(_logits(load_model(dst)), _logits(load_model(tiny_checkpoint, quantization="int8")))
 
 
+def test_quantize_to_a_file_fails_before_quantizing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """DST was created only after every tensor was quantized: a DST that is a file (or cannot be created) cost the
+    whole run, then "[Errno 17] File exists"."""
+    import blockdiff.quant.tensors as qt
+
+    def never(*a, **k):
+        raise AssertionError("quantized before checking DST")
+
+    monkeypatch.setattr(qt, "quantize", never)
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["quantize", tiny_checkpoint, str(tmp_path / "afile"), "--method", "int8"]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
 def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 

@@ -54,6 +54,11 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     config = ModelConfig.from_file(cfg_path)
     if config.raw.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({config.raw['quantization_config'].get('quant_method')})")
+    # Made before the (long) quantization: a DST that is a file or cannot be created fails now, not at the end.
+    try:
+        os.makedirs(dst, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {dst}: {e.strerror or e}") from None
     embedding = quantize_embedding and method != "fp8"  # compressed-tensors keeps embeddings full precision
     plan = QuantPlan(config.text, method, group, embedding, scope=scope)
     out: dict[str, torch.Tensor] = {}
@@ -87,7 +92,6 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
                         for k, v in parts.items():
                             out[f"{name}.{k}"] = v.contiguous()
                     n_quant += 1
-    os.makedirs(dst, exist_ok=True)
     # config.json is written last, and every file replaced whole (blockdiff/files.py): a quantize cut short
     # (Ctrl-C, a full disk) leaves no config.json, so DST does not load as a checkpoint and a re-run may reuse it.
     with atomic_path(os.path.join(dst, "model.safetensors")) as tmp:
