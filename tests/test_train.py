@@ -396,3 +396,16 @@ def test_negative_time_limits_are_refused(flag, capsys):
         cli_main(["train", "--out", "OUT", flag, "-5"])
     assert e.value.code == 2
     assert f"argument {flag}: must be >= 0.0, got -5" in capsys.readouterr().err
+
+
+def test_python_m_blockdiff_train_reports_errors_in_one_line(tmp_path):
+    """The documented `python -m blockdiff.train` printed a traceback for bad input (and for Ctrl-C)."""
+    import subprocess
+    import sys
+    data = tmp_path / "d.jsonl"
+    data.write_text("not json\n")
+    p = subprocess.run([sys.executable, "-m", "blockdiff.train", "--task", "jsonl", "--data", str(data),
+                        "--vocab-size", "32", "--canvas-length", "4", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"blockdiff: error: {data}: line 1: not valid JSON: Expecting value (column 1)"], p.stderr
