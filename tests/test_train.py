@@ -347,6 +347,14 @@ def test_fine_tune_from_a_quantized_gguf_trains_its_dequantized_weights(tmp_path
                  init_from=gguf_path, log=lambda s: None)
     tr.run()
     assert load_model(str(tmp_path / "ft"), dtype="float32", device="cpu").config.raw.get("quantization_config") is None
+    # the file's tokenizer and sampler defaults become the new checkpoint's files (it could not read text before)
+    from blockdiff import LLM
+    from blockdiff.quant.gguf import load_gguf
+    _, tok, defaults = load_gguf(gguf_path, dtype="float32", device="cpu")
+    llm = LLM(str(tmp_path / "ft"), device="cpu")
+    assert llm.tokenizer.encode("<bos>hello there") == tok.encode("<bos>hello there")
+    assert llm.tokenizer.chat_template == tok.chat_template
+    assert llm.defaults == defaults
 
 
 @pytest.mark.parametrize("line, message", [

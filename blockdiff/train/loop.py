@@ -142,6 +142,8 @@ class Trainer:
         # Files a checkpoint needs besides its weights (tokenizer, sampler defaults) come from the run itself
         # when resuming, else from the checkpoint fine-tuned (see save()).
         self.carry_from = o.out_dir if resuming else _local_dir(init_from)
+        # a .gguf file holds them in its metadata: written out as the files a checkpoint folder has
+        self.gguf_files = _gguf_files(init_from) if init_from and not resuming and is_gguf(init_from, None) else {}
         if resuming:
             self.model = load_model(o.out_dir, dtype="float32", device=o.device)
         elif init_from:
@@ -249,6 +251,9 @@ class Trainer:
                 if os.path.abspath(src) != os.path.abspath(dst):
                     with atomic_path(dst) as tmp:
                         shutil.copyfile(src, tmp)
+            elif name in self.gguf_files:
+                with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                    f.write(self.gguf_files[name])
             elif name == GENERATION_FILE:
                 write_json(dst, self.task.generation_config())
         if tok is not None:
@@ -374,6 +379,23 @@ def _local_dir(ref: str | None) -> str | None:
     if not ref or is_gguf(ref, None):
         return None
     return resolve_path(ref)
+
+
+def _gguf_files(ref: str) -> dict[str, str]:
+    """The tokenizer files and generation_config.json of a .gguf file's metadata, as file name -> text."""
+    from ..hub import resolve_gguf
+    from ..quant.gguf import generation_from_gguf, open_gguf, tokenizer_from_gguf
+
+    reader = open_gguf(resolve_gguf(ref, None))
+    gen = {k: v for k, v in generation_from_gguf(reader).items() if v is not None}
+    out = {GENERATION_FILE: json.dumps(gen, indent=2)}
+    tok = tokenizer_from_gguf(reader)
+    if tok is not None:
+        out["tokenizer.json"] = tok.to_json()
+        out["tokenizer_config.json"] = json.dumps({k: v for k, v in tok.config.items() if v is not None}, indent=2)
+        if tok.chat_template:
+            out["chat_template.jinja"] = tok.chat_template
+    return out
 
 
 def _refuse_quantized(model: torch.nn.Module, ref: str) -> None:
