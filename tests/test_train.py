@@ -417,3 +417,22 @@ def test_python_m_blockdiff_train_reports_errors_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"blockdiff: error: {data}: line 1: not valid JSON: Expecting value (column 1)"], p.stderr
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 300, "truncate"])
+def test_a_damaged_trainer_state_is_one_line_naming_it(tmp_path, damage):
+    """torch.load's RuntimeError / EOFError / UnpicklingError tracebacks, instead of a line saying what to do."""
+    tr = _trainer(tmp_path / "run", 2)
+    tr.run()
+    state = tmp_path / "run" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:500] if damage == "truncate" else damage)
+    with pytest.raises(ValueError, match=r"trainer_state.pt cannot be read \(.*\); --no-resume starts the run over"):
+        _trainer(tmp_path / "run", 4)
+    assert _trainer(tmp_path / "run", 4, resume=False).step == 0
+
+
+def test_a_model_that_does_not_fit_the_task_names_the_flags(tmp_path):
+    _trainer(tmp_path / "src", 1).run()
+    with pytest.raises(ValueError, match=r"canvas 8\) does not fit task copy \(vocab 32, canvas 4; --vocab-size, "):
+        Trainer(CopyTask(vocab_size=32, canvas_length=4), TrainOptions(out_dir=str(tmp_path / "ft")),
+                init_from=str(tmp_path / "src"), log=lambda s: None)

@@ -160,11 +160,12 @@ class Trainer:
         m = self.model
         if m.vocab_size < task.vocab_size or m.canvas_length != task.canvas_length:
             raise ValueError(f"model (vocab {m.vocab_size}, canvas {m.canvas_length}) does not fit task "
-                             f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length})")
+                             f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length}; "
+                             "--vocab-size, --canvas-length)")
         self.opt = make_optimizer(m, o)
         self.scheduler = make_scheduler(self.opt, o)
         if resuming:
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            st = _read_state(state_path)
             self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
             # The saved scheduler holds the schedule it was built with (base lr, length): restored as is, a new
             # --lr was ignored and a cosine run extended by --max-steps climbed back up (cosine is periodic).
@@ -364,6 +365,23 @@ class StopSignals:
         for s, h in self._previous.items():
             signal.signal(s, h)
         return False
+
+
+def _read_state(path: str) -> dict:
+    """trainer_state.pt, or one line naming it when it cannot be read (truncated by a crash before saves were
+    atomic, a full disk, another program's file)."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
+        why = (str(e).splitlines() or ["empty"])[0][:120]
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {why}); --no-resume starts the run over") \
+            from None
+    missing = [k for k in ("step", "elapsed_s", "examples", "optimizer", "python_rng", "torch_rng")
+               if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise ValueError(f"{path} is not a blockdiff trainer state (no {', '.join(missing)}); "
+                         "--no-resume starts the run over")
+    return st
 
 
 def _log_step(line: str) -> int:
