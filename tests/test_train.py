@@ -436,3 +436,25 @@ def test_a_model_that_does_not_fit_the_task_names_the_flags(tmp_path):
     with pytest.raises(ValueError, match=r"canvas 8\) does not fit task copy \(vocab 32, canvas 4; --vocab-size, "):
         Trainer(CopyTask(vocab_size=32, canvas_length=4), TrainOptions(out_dir=str(tmp_path / "ft")),
                 init_from=str(tmp_path / "src"), log=lambda s: None)
+
+
+def test_a_non_finite_loss_stops_the_run_without_overwriting_the_last_save(tmp_path, monkeypatch):
+    """The run went on training NaN weights and its next save replaced the last good checkpoint with them."""
+    import blockdiff.train.loop as loop
+    real = loop.diffusion_loss
+    calls = []
+
+    def nan_at_step_4(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr = _trainer(tmp_path / "run", 10, save_every=2)
+    monkeypatch.setattr(loop, "diffusion_loss", nan_at_step_4)
+    with pytest.raises(ValueError, match=r"the loss is nan at step 4: stopped without saving"):
+        tr.run()
+    assert torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)["step"] == 2
+    saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())

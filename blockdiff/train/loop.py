@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -296,6 +297,12 @@ class Trainer:
                     break
                 t0 = time.time()
                 rec = self.train_step()
+                if not math.isfinite(rec["loss"]):
+                    # the optimizer step has already spread it into the weights: saving now would overwrite the
+                    # last good checkpoint with a broken one
+                    raise ValueError(
+                        f"the loss is {rec['loss']} at step {self.step}: stopped without saving ({o.out_dir} keeps "
+                        "its last save); a lower --lr or a longer --warmup-steps usually helps")
                 bar.update(completed=self.step)
                 self.elapsed_s += time.time() - t0
                 window.append(rec)
