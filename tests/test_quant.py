@@ -266,7 +266,7 @@ def test_interrupted_quantize_leaves_no_checkpoint_and_can_be_rerun(tiny_checkpo
         monkeypatch.setattr(shutil, "copy2", stop)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_checkpoint, dst, "int8", log=lambda s: None)
-    left = os.listdir(dst)
+    left = os.listdir(dst) if os.path.isdir(dst) else []  # a folder it created and left empty is removed
     assert "config.json" not in left and not [f for f in left if ".tmp" in f], left
     assert cut == "tokenizer" or "model.safetensors" not in left
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
@@ -287,6 +287,22 @@ def test_quantize_to_a_file_fails_before_quantizing(tiny_checkpoint, tmp_path, m
     (tmp_path / "afile").write_text("x")
     assert cli_main(["quantize", tiny_checkpoint, str(tmp_path / "afile"), "--method", "int8"]) == 2
     assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_source_with_nan_weights(tmp_path, capsys):
+    """The loader refuses NaN weights, quantize did not: the NaN went into the scales and the quantized checkpoint
+    loaded, then failed every request."""
+    from safetensors.torch import load_file, save_file
+
+    from fixtures import make_checkpoint
+    src = make_checkpoint(tmp_path / "src")
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    name = "model.decoder.layers.1.self_attn.q_proj.weight"
+    sd[name][0, 0] = float("nan")
+    save_file(sd, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    assert cli_main(["quantize", src, str(tmp_path / "q"), "--method", "int8"]) == 2
+    assert f"tensor {name} holds NaN values" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # the folder it created for the output is gone again
 
 
 def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):

@@ -10,6 +10,7 @@ The source is read one tensor at a time; only the quantized output is held in me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 
@@ -27,12 +28,27 @@ FP8_CONFIG = {
 
 def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: bool = True, log=print,
                         revision: str | None = None, download_dir: str | None = None) -> str:
+    """Write the quantized checkpoint of ``src`` to ``dst``; returns ``dst``. A run that fails or is interrupted
+    removes ``dst`` again when it created it and nothing was written there yet."""
+    existed = os.path.isdir(dst)
+    try:
+        return _quantize(src, dst, method, quantize_embedding, log, revision, download_dir)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: a re-run reuses it (no config.json was written)
+                os.rmdir(dst)
+        raise
+
+
+def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, revision: str | None,
+              download_dir: str | None) -> str:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ..config import ModelConfig
     from ..files import atomic_path, write_json
+    from ..checks import check_weight, read_tensor
     from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
     from ..progress import progress
     from .plan import QuantPlan, int4_scope, parse_method
@@ -73,11 +89,14 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
                     try:
                         ours = checkpoint_to_model_name(name)
                     except KeyError:
-                        out[name] = f.get_tensor(name)  # e.g. the vision tower: carried over unchanged
+                        out[name] = read_tensor(f, file, name)  # e.g. the vision tower: carried over unchanged
                         continue
                     if ours is None:
                         continue  # tied aliases (lm_head, the encoder's shared weights): never read by the loader
-                    t = f.get_tensor(name)
+                    t = read_tensor(f, file, name)
+                    # as the loader does: a NaN quantized into the scales became a checkpoint that loads and
+                    # fails every request
+                    check_weight(name, t, file)
                     if ours not in plan.targets:
                         out[name] = t
                         continue
