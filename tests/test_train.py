@@ -318,8 +318,10 @@ def test_fine_tune_keeps_the_checkpoints_tokenizer_and_generation_config(tmp_pat
             log=lambda s: None).run()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name
+    lines = []
     resumed = Trainer(task, TrainOptions(out_dir=str(out), max_steps=2, batch_size=2, log_every=1000),
-                      log=lambda s: None)
+                      init_from=src, log=lines.append)
+    assert lines[0].endswith(f"; --init-from {src} is not used (the run's own weights are)")
     resumed.run()  # a resumed run keeps them too
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 106, 50]
     from blockdiff import LLM

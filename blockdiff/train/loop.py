@@ -188,7 +188,8 @@ class Trainer:
                 g["lr"] = lr
             self.rng.setstate(st["python_rng"])
             self.gen.set_state(st["torch_rng"])
-            self.log(f"resumed {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min trained so far)")
+            self.log(f"resumed {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min trained so far)"
+                     + (f"; --init-from {init_from} is not used (the run's own weights are)" if init_from else ""))
             self._trim_log()
         self.log(f"model: {count_parameters(m) / 1e6:.2f}M parameters, {m.text.num_hidden_layers} layers, "
                  f"hidden {m.text.hidden_size}, {m.text.num_experts} experts top-{m.text.top_k_experts}, "
