@@ -366,7 +366,8 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # an ignored signal (a `cmd &` in a script) stays so
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc):
