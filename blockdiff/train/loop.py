@@ -173,7 +173,8 @@ class Trainer:
             # When a schedule option changed, or for a state saved before the scheduler was, replay the schedule
             # of the options given now up to this step instead.
             saved = st.get("options") or {}
-            changed = {k: (saved[k], getattr(o, k)) for k in SCHEDULE_OPTIONS if k in saved and saved[k] != getattr(o, k)}
+            changed = {k: (saved[k], getattr(o, k)) for k in SCHEDULE_OPTIONS
+                       if k in saved and saved[k] != getattr(o, k)}
             replay = "scheduler" not in st or bool(changed)
             if changed:
                 self.log("schedule options changed since the last save ("
