@@ -219,4 +219,10 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
     # Each file is replaced whole (blockdiff/files.py): an interrupted save leaves the previous checkpoint loadable.
     with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-    write_json(os.path.join(path, "config.json"), model.config.to_dict())
+    config = model.config.to_dict()
+    from .quant.modules import has_quantized_modules
+    if not has_quantized_modules(model):
+        # the tensors written are full precision: a quantization_config kept from the checkpoint loaded (FP8,
+        # dequantized while loading) would describe weights this file does not hold
+        config.pop("quantization_config", None)
+    write_json(os.path.join(path, "config.json"), config)

@@ -461,3 +461,16 @@ def test_a_non_finite_loss_stops_the_run_without_overwriting_the_last_save(tmp_p
     assert torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)["step"] == 2
     saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu")
     assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_fine_tuning_an_fp8_checkpoint_loaded_dequantized_writes_a_full_precision_config(tmp_path):
+    """On a CPU an FP8 checkpoint loads dequantized and trains; the new checkpoint's config.json kept the source's
+    compressed-tensors quantization_config for its fp32 weights."""
+    from fixtures import make_checkpoint
+    from blockdiff.quant.cli import quantize_checkpoint
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    quantize_checkpoint(src, str(tmp_path / "fp8"), "fp8", log=lambda s: None)
+    Trainer(CopyTask(vocab_size=512, canvas_length=8),
+            TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000, device="cpu"),
+            init_from=str(tmp_path / "fp8"), log=lambda s: None).run()
+    assert "quantization_config" not in json.loads((tmp_path / "ft" / "config.json").read_text())

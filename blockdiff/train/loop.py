@@ -427,9 +427,9 @@ def _gguf_files(ref: str) -> dict[str, str]:
 
 
 def _refuse_quantized(model: torch.nn.Module, ref: str) -> None:
-    from ..quant.modules import QTensor, QuantEmbedding, QuantExperts, QuantLinear
+    from ..quant.modules import has_quantized_modules
 
-    if any(isinstance(m, (QTensor, QuantLinear, QuantExperts, QuantEmbedding)) for m in model.modules()):
+    if has_quantized_modules(model):
         method = (model.config.raw.get("quantization_config") or {}).get("method", "quantized")
         raise ValueError(f"{ref} holds quantized weights ({method}): training needs full-precision weights; "
                          "fine-tune the checkpoint it was quantized from")
