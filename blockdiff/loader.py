@@ -9,7 +9,6 @@ whose weights hold none of its tensors loads text-only (``model.vision is None``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
+from .files import atomic_path, write_json
 from .hub import is_gguf, resolve_gguf, resolve_path  # noqa: F401 (also re-exported from here)
 from .placement import resolve_device, resolve_dtype  # noqa: F401 (also re-exported: loader.resolve_dtype)
 from .model import DiffusionGemma
@@ -216,6 +216,13 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[_model_to_checkpoint_name(name)] = t.contiguous()
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(model.config.to_dict(), f, indent=2)
+    # Each file is replaced whole (blockdiff/files.py): an interrupted save leaves the previous checkpoint loadable.
+    with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    config = model.config.to_dict()
+    from .quant.modules import has_quantized_modules
+    if not has_quantized_modules(model):
+        # the tensors written are full precision: a quantization_config kept from the checkpoint loaded (FP8,
+        # dequantized while loading) would describe weights this file does not hold
+        config.pop("quantization_config", None)
+    write_json(os.path.join(path, "config.json"), config)

@@ -234,3 +234,21 @@ def test_an_unknown_system_is_refused_before_the_random_checkpoint_is_built(caps
                         lambda *a, **k: pytest.fail("the checkpoint was built before --systems was checked"))
     assert main(["bench", "--random-config", "mid", "--systems", "blockdiff-default,bogus"]) == 2
     assert "unknown systems ['bogus']" in capsys.readouterr().err
+
+
+def test_the_oracle_is_skipped_on_a_blockdiff_quantized_checkpoint_it_cannot_read(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """transformers loaded a `blockdiff quantize` checkpoint with its weights missing (random): 0% agreement,
+    blamed on fp32 rounding. Now the oracle is skipped with a line why; asked for by name, it is refused."""
+    from blockdiff.bench import harness
+    from blockdiff.quant.cli import quantize_checkpoint
+    q = quantize_checkpoint(tiny_checkpoint, str(tmp_path / "q8"), "int8", log=lambda s: None)
+    monkeypatch.setattr(harness, "load_oracle", lambda *a: pytest.fail("the oracle was loaded"))
+    lines = []
+    o = harness.BenchOptions(steps=2, repeats=1, warmup=0, prompt_len=4, max_new_tokens=4, ar_batches=(),
+                             memory_run=False)
+    report = harness.run_benchmark(q, o, log=lines.append)
+    assert "oracle" not in report["results"] and "blockdiff-default" in report["results"]
+    assert any(s.startswith("no oracle: the transformers reference cannot read") for s in lines), lines
+    assert main(["bench", q, "--systems", "oracle", "--steps", "2"]) == 2
+    assert "--systems oracle: the transformers reference cannot read" in capsys.readouterr().err

@@ -187,6 +187,38 @@ def test_gguf_of_another_architecture_is_one_clear_line(tiny_checkpoint, tmp_pat
         load_model(str(tmp_path / "junk.gguf"))
 
 
+@pytest.mark.parametrize("key, change, message", [
+    ("embedding_length", "a string", r"'diffusion-gemma.embedding_length' must be an integer >= 1, got 'sixty-four'"),
+    ("attention.sliding_window_pattern", lambda v: v[:2],
+     r"'diffusion-gemma.attention.sliding_window_pattern' has 2 entries for 4 layers"),
+    ("attention.head_count_kv", lambda v: v[:3], r"'diffusion-gemma.attention.head_count_kv' has 3 entries for 4"),
+    ("block_count", lambda v: v + 1, r"'\S+' has 4 entries for 5 layers \('diffusion-gemma.block_count'\)"),
+    ("diffusion.canvas_length", lambda v: 0, r"'diffusion.canvas_length' must be an integer >= 1, got 0"),
+])
+def test_bad_gguf_metadata_is_refused_naming_the_file_and_key(tiny_checkpoint, tmp_path, monkeypatch, key, change,
+                                                              message, capsys):
+    """A string count was "invalid literal for int()" naming nothing, a per-layer array of the wrong length a
+    shape error about some tensor (or "layer_types has 2 entries" naming no file), a zero canvas length 256."""
+    real_array, real_u32 = gguf.GGUFWriter.add_array, gguf.GGUFWriter.add_uint32
+
+    def add_array(self, k, v):
+        return real_array(self, k, change(v) if k.endswith(key) else v)
+
+    def add_uint32(self, k, v):
+        if k.endswith(key):
+            return self.add_string(k, "sixty-four") if change == "a string" else real_u32(self, k, change(v))
+        return real_u32(self, k, v)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_array", add_array)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_uint32", add_uint32)
+    path = write_gguf(tiny_checkpoint, str(tmp_path / "bad.gguf"))
+    with pytest.raises(QuantizationError, match="bad.gguf: GGUF metadata " + message):
+        load_model(path)
+    rc = cli_main(["run", path, "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+
+
 def test_blockdiff_run_accepts_a_gguf_path(f32_gguf, capsys):
     rc = cli_main(["run", f32_gguf, "hello", "--raw", "--max-new-tokens", "4", "--seed", "0", "--steps", "2"])
     out = capsys.readouterr().out

@@ -16,6 +16,7 @@ from blockdiff.cli import main as cli_main
 from blockdiff.loader import load_model
 from blockdiff.model.layers import Experts
 from blockdiff.quant import QuantizationError, parse_method
+from blockdiff.quant.cli import quantize_checkpoint
 from blockdiff.quant.modules import QTensor, QuantEmbedding, QuantExperts, QuantLinear
 from blockdiff.quant.plan import target_shapes
 from blockdiff.quant.tensors import dequantize, quantize, stored_shapes
@@ -238,6 +239,70 @@ def test_quantize_command_round_trip_loads_with_no_flag(tiny_checkpoint, tmp_pat
     other = "int4" if method == "int8" else "int8"
     with pytest.raises(QuantizationError, match=f"already quantized to {method}"):
         load_model(dst, quantization=other)
+
+
+@pytest.mark.parametrize("cut", ["weights", "tokenizer"])
+def test_interrupted_quantize_leaves_no_checkpoint_and_can_be_rerun(tiny_checkpoint, tmp_path, monkeypatch, cut):
+    """Ctrl-C while writing: it left a truncated model.safetensors under its name, or config.json + weights without
+    the tokenizer (loadable, and a re-run refused DST as "already holds a checkpoint")."""
+    import shutil
+
+    import safetensors.torch
+    dst = str(tmp_path / "q")
+    real_save, real_copy = safetensors.torch.save_file, shutil.copy2
+
+    def save_then_stop(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    if cut == "weights":
+        monkeypatch.setattr(safetensors.torch, "save_file", save_then_stop)
+    else:
+        monkeypatch.setattr(shutil, "copy2", stop)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_checkpoint, dst, "int8", log=lambda s: None)
+    left = os.listdir(dst) if os.path.isdir(dst) else []  # a folder it created and left empty is removed
+    assert "config.json" not in left and not [f for f in left if ".tmp" in f], left
+    assert cut == "tokenizer" or "model.safetensors" not in left
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    quantize_checkpoint(tiny_checkpoint, dst, "int8", log=lambda s: None)
+    assert torch.equal(_logits(load_model(dst)), _logits(load_model(tiny_checkpoint, quantization="int8")))
+
+
+def test_quantize_to_a_file_fails_before_quantizing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """DST was created only after every tensor was quantized: a DST that is a file (or cannot be created) cost the
+    whole run, then "[Errno 17] File exists"."""
+    import blockdiff.quant.tensors as qt
+
+    def never(*a, **k):
+        raise AssertionError("quantized before checking DST")
+
+    monkeypatch.setattr(qt, "quantize", never)
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["quantize", tiny_checkpoint, str(tmp_path / "afile"), "--method", "int8"]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_source_with_nan_weights(tmp_path, capsys):
+    """The loader refuses NaN weights, quantize did not: the NaN went into the scales and the quantized checkpoint
+    loaded, then failed every request."""
+    from safetensors.torch import load_file, save_file
+
+    from fixtures import make_checkpoint
+    src = make_checkpoint(tmp_path / "src")
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    name = "model.decoder.layers.1.self_attn.q_proj.weight"
+    sd[name][0, 0] = float("nan")
+    save_file(sd, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    assert cli_main(["quantize", src, str(tmp_path / "q"), "--method", "int8"]) == 2
+    assert f"tensor {name} holds NaN values" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # the folder it created for the output is gone again
 
 
 def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):

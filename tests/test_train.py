@@ -212,3 +212,265 @@ def test_init_from_continues_from_a_checkpoints_weights(tmp_path):
     assert ft.step == 0
     a, b = src.model.state_dict(), ft.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ interruption, fine-tuning, and what --out holds
+class _SignalAt(CopyTask):
+    """A copy task whose batch for step ``at`` sends ``signum`` to this process (a Ctrl-C in the middle of a run)."""
+
+    def __init__(self, at, signum):
+        super().__init__(vocab_size=32, canvas_length=8)
+        self.at, self.signum = at, signum
+
+    def batch(self, step, batch_size, rng):
+        if step == self.at:
+            import signal
+            signal.raise_signal(self.signum)
+        return super().batch(step, batch_size, rng)
+
+
+def test_ctrl_c_saves_at_the_step_it_stopped_and_resumes_from_there(tmp_path):
+    """Ctrl-C between saves used to drop every step since the last save (and one during a save left a truncated
+    model.safetensors); now the step finishes, the run is saved, then KeyboardInterrupt propagates."""
+    import signal
+    o = TrainOptions(out_dir=str(tmp_path / "run"), max_steps=50, batch_size=4, warmup_steps=1, log_every=1,
+                     save_every=0)
+    lines = []
+    tr = Trainer(_SignalAt(3, signal.SIGINT), o, config=model_config(32, 8, **RECIPES["tiny"]), log=lines.append)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert any(s.startswith("SIGINT at step 4: saving") for s in lines), lines
+    st = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)
+    assert st["step"] == 4
+    saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in tr.model.state_dict().items() if k in saved)
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]  # no temporary files left behind
+    resumed = _trainer(tmp_path / "run", 50)
+    assert resumed.step == 4
+
+
+def test_sigterm_saves_then_terminates(tmp_path):
+    """SIGTERM (a job scheduler, `kill`) stops a CLI run at the end of the step: saved, then terminated by it."""
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "blockdiff", "train", "--task", "copy", "--recipe", "tiny", "--out",
+                          str(out), "--max-steps", "100000", "--batch-size", "2", "--save-every", "0",
+                          "--log-every", "2", "--threads", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith("step 2/"):
+                p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == -signal.SIGTERM, "".join(seen)
+    assert any(s.startswith("SIGTERM at step") for s in seen), "".join(seen)
+    step = torch.load(out / "trainer_state.pt", weights_only=False)["step"]
+    assert step >= 2 and any(s.startswith(f"saved {out} at step {step}") for s in seen)
+    logged = [json.loads(s)["step"] for s in (out / "train_log.jsonl").read_text().splitlines()]
+    assert max(logged) <= step
+
+
+def test_resume_drops_log_records_past_the_saved_step(tmp_path):
+    """A run killed between saves had logged steps it then trains again: the learning curve lists each once."""
+    tr = _trainer(tmp_path / "run", 6, log_every=1)
+    for _ in range(2):
+        tr.train_step()
+    tr.save()
+    with open(tmp_path / "run" / "train_log.jsonl", "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+    _trainer(tmp_path / "run", 6)
+    steps = [json.loads(s)["step"] for s in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_out_holding_a_checkpoint_that_is_not_a_run_is_refused(tmp_path):
+    """`--out` naming an existing checkpoint (no trainer_state.pt), e.g. the --init-from one: training would
+    overwrite it. --no-resume overwrites it on purpose, and starts a fresh learning curve."""
+    src = _trainer(tmp_path / "src", 1)
+    src.run()
+    os.remove(tmp_path / "src" / "trainer_state.pt")
+    before = (tmp_path / "src" / "model.safetensors").read_bytes()
+    task = CopyTask(vocab_size=32, canvas_length=8)
+    with pytest.raises(ValueError, match=r"already holds a checkpoint but no trainer_state.pt.*--no-resume"):
+        Trainer(task, TrainOptions(out_dir=str(tmp_path / "src"), max_steps=1), init_from=str(tmp_path / "src"),
+                log=lambda s: None)
+    assert (tmp_path / "src" / "model.safetensors").read_bytes() == before
+    fresh = _trainer(tmp_path / "src", 1, resume=False)
+    assert not (tmp_path / "src" / "train_log.jsonl").exists() and fresh.step == 0
+
+
+def test_fine_tune_keeps_the_checkpoints_tokenizer_and_generation_config(tmp_path):
+    """Fine-tuning a chat checkpoint on pre-tokenized data wrote no tokenizer (the result could not read text) and
+    replaced generation_config.json by the task's (eos [1] instead of the checkpoint's stop ids)."""
+    from fixtures import make_checkpoint
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    task = CopyTask(vocab_size=512, canvas_length=8)
+    out = tmp_path / "ft"
+    Trainer(task, TrainOptions(out_dir=str(out), max_steps=1, batch_size=2, log_every=1000), init_from=src,
+            log=lambda s: None).run()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / name).read_bytes() == open(os.path.join(src, name), "rb").read(), name
+    lines = []
+    resumed = Trainer(task, TrainOptions(out_dir=str(out), max_steps=2, batch_size=2, log_every=1000),
+                      init_from=src, log=lines.append)
+    assert any(s.endswith(f"; --init-from {src} is not used (the run's own weights are)") for s in lines), lines
+    resumed.run()  # a resumed run keeps them too
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 106, 50]
+    from blockdiff import LLM
+    assert LLM(str(out), device="cpu").tokenizer.encode("hi")
+
+
+def test_fine_tuning_a_quantized_checkpoint_is_refused(tmp_path):
+    """It used to train only the layers left in full precision (and crash on int4 in backward)."""
+    from fixtures import make_checkpoint
+    from blockdiff.quant.cli import quantize_checkpoint
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    quantize_checkpoint(src, str(tmp_path / "q8"), "int8", log=lambda s: None)
+    with pytest.raises(ValueError, match=r"q8 holds quantized weights \(int8\): training needs full-precision"):
+        Trainer(CopyTask(vocab_size=512, canvas_length=8), TrainOptions(out_dir=str(tmp_path / "ft")),
+                init_from=str(tmp_path / "q8"), log=lambda s: None)
+
+
+def test_fine_tune_from_a_quantized_gguf_trains_its_dequantized_weights(tmp_path):
+    from fixtures import make_checkpoint
+    from gguf_fixtures import write_gguf
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    gguf_path = write_gguf(src, str(tmp_path / "m.gguf"), default_type="Q4_0")
+    tr = Trainer(CopyTask(vocab_size=512, canvas_length=8),
+                 TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000),
+                 init_from=gguf_path, log=lambda s: None)
+    tr.run()
+    assert load_model(str(tmp_path / "ft"), dtype="float32", device="cpu").config.raw.get("quantization_config") is None
+    # the file's tokenizer and sampler defaults become the new checkpoint's files (it could not read text before)
+    from blockdiff import LLM
+    from blockdiff.quant.gguf import load_gguf
+    _, tok, defaults = load_gguf(gguf_path, dtype="float32", device="cpu")
+    llm = LLM(str(tmp_path / "ft"), device="cpu")
+    assert llm.tokenizer.encode("<bos>hello there") == tok.encode("<bos>hello there")
+    assert llm.tokenizer.chat_template == tok.chat_template
+    assert llm.defaults == defaults
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", r"line 2: not valid JSON"),
+    ('[1, 2]', r'line 2: expected an object \{"prompt_ids"'),
+    ('{"prompt": [2, 5], "answer_ids": [9]}', r"line 2: prompt_ids must be a non-empty list"),
+    ('{"prompt_ids": [], "answer_ids": [9]}', r"line 2: prompt_ids must be a non-empty list"),
+    ('{"prompt_ids": [2, 5], "answer_ids": [9, 99]}',
+     r"line 2: answer_ids holds 99: token ids are integers in \[0, 32\)"),
+    ('{"prompt_ids": [2, -1], "answer_ids": [9]}', r"line 2: prompt_ids holds -1"),
+    ('{"prompt_ids": [2, 5], "answer_ids": ["a"]}', r"line 2: answer_ids holds 'a'"),
+    ('{"prompt_ids": [2, 5], "answer_ids": [true]}', r"line 2: answer_ids holds True"),
+])
+def test_jsonl_data_errors_name_the_file_line_and_field(tmp_path, line, message):
+    """A bad line was a KeyError traceback, or an error about `input_ids` at the first training step."""
+    from blockdiff.train.tasks import JsonlTask
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt_ids": [2, 5], "answer_ids": [9, 10]}\n' + line + "\n")
+    with pytest.raises(ValueError, match="d.jsonl: " + message):
+        JsonlTask(str(data), vocab_size=32, canvas_length=4)
+
+
+@pytest.mark.parametrize("first, then", [
+    (dict(steps=10, schedule="cosine"), dict(steps=20, schedule="cosine")),  # extending a cosine run
+    (dict(steps=10, lr=1e-3), dict(steps=10, lr=5e-3)),                      # a new --lr
+])
+def test_resume_with_new_schedule_options_follows_the_new_schedule(tmp_path, first, then):
+    """The saved scheduler used to win: a new --lr was ignored, and a cosine run extended with --max-steps went
+    back up toward the peak lr (CosineAnnealingLR is periodic). Now the new options' schedule is replayed."""
+    def make(out, steps, **kw):
+        return _trainer(out, steps, batch=2, warmup_steps=2, **kw)
+    whole = make(tmp_path / "whole", **then)
+    expected = [whole.train_step()["lr"] for _ in range(then["steps"])]
+    part = make(tmp_path / "part", **first)
+    for _ in range(5):
+        part.train_step()
+    part.save()
+    resumed = make(tmp_path / "part", **then)
+    got = [resumed.train_step()["lr"] for _ in range(then["steps"] - 5)]
+    assert got == pytest.approx(expected[5:], rel=1e-9)
+
+
+@pytest.mark.parametrize("flag", ["--time-limit", "--time-budget"])
+def test_negative_time_limits_are_refused(flag, capsys):
+    """A negative --time-limit stopped every run after its first step (any elapsed time exceeds it)."""
+    from blockdiff.cli import main as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--out", "OUT", flag, "-5"])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be >= 0.0, got -5" in capsys.readouterr().err
+
+
+def test_python_m_blockdiff_train_reports_errors_in_one_line(tmp_path):
+    """The documented `python -m blockdiff.train` printed a traceback for bad input (and for Ctrl-C)."""
+    import subprocess
+    import sys
+    data = tmp_path / "d.jsonl"
+    data.write_text("not json\n")
+    p = subprocess.run([sys.executable, "-m", "blockdiff.train", "--task", "jsonl", "--data", str(data),
+                        "--vocab-size", "32", "--canvas-length", "4", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"blockdiff: error: {data}: line 1: not valid JSON: Expecting value (column 1)"], p.stderr
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 300, "truncate"])
+def test_a_damaged_trainer_state_is_one_line_naming_it(tmp_path, damage):
+    """torch.load's RuntimeError / EOFError / UnpicklingError tracebacks, instead of a line saying what to do."""
+    tr = _trainer(tmp_path / "run", 2)
+    tr.run()
+    state = tmp_path / "run" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:500] if damage == "truncate" else damage)
+    with pytest.raises(ValueError, match=r"trainer_state.pt cannot be read \(.*\); --no-resume starts the run over"):
+        _trainer(tmp_path / "run", 4)
+    assert _trainer(tmp_path / "run", 4, resume=False).step == 0
+
+
+def test_a_model_that_does_not_fit_the_task_names_the_flags(tmp_path):
+    _trainer(tmp_path / "src", 1).run()
+    with pytest.raises(ValueError, match=r"canvas 8\) does not fit task copy \(vocab 32, canvas 4; --vocab-size, "):
+        Trainer(CopyTask(vocab_size=32, canvas_length=4), TrainOptions(out_dir=str(tmp_path / "ft")),
+                init_from=str(tmp_path / "src"), log=lambda s: None)
+
+
+def test_a_non_finite_loss_stops_the_run_without_overwriting_the_last_save(tmp_path, monkeypatch):
+    """The run went on training NaN weights and its next save replaced the last good checkpoint with them."""
+    import blockdiff.train.loop as loop
+    real = loop.diffusion_loss
+    calls = []
+
+    def nan_at_step_4(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    tr = _trainer(tmp_path / "run", 10, save_every=2)
+    monkeypatch.setattr(loop, "diffusion_loss", nan_at_step_4)
+    with pytest.raises(ValueError, match=r"the loss is nan at step 4: stopped without saving"):
+        tr.run()
+    assert torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)["step"] == 2
+    saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_fine_tuning_an_fp8_checkpoint_loaded_dequantized_writes_a_full_precision_config(tmp_path):
+    """On a CPU an FP8 checkpoint loads dequantized and trains; the new checkpoint's config.json kept the source's
+    compressed-tensors quantization_config for its fp32 weights."""
+    from fixtures import make_checkpoint
+    from blockdiff.quant.cli import quantize_checkpoint
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    quantize_checkpoint(src, str(tmp_path / "fp8"), "fp8", log=lambda s: None)
+    Trainer(CopyTask(vocab_size=512, canvas_length=8),
+            TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000, device="cpu"),
+            init_from=str(tmp_path / "fp8"), log=lambda s: None).run()
+    assert "quantization_config" not in json.loads((tmp_path / "ft" / "config.json").read_text())

@@ -212,6 +212,24 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
         llm.close()
 
 
+def oracle_cannot_read(path: str | None) -> str | None:
+    """Why the transformers reference cannot load ``path`` (a .gguf file, a checkpoint quantized by blockdiff),
+    or None."""
+    from ..checks import read_json
+    from ..hub import is_gguf
+
+    if not path:
+        return None
+    if is_gguf(path, None):
+        return f"the transformers reference cannot read the GGUF file {path}"
+    cfg = os.path.join(path, "config.json")
+    qc = read_json(cfg).get("quantization_config") if os.path.isfile(cfg) else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "blockdiff":
+        return (f"the transformers reference cannot read {path}, quantized by blockdiff ({qc.get('method')}); "
+                "bench the full-precision checkpoint with --quantization to compare against it")
+    return None
+
+
 def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
     from .. import __version__
 
@@ -227,7 +245,14 @@ def _run_systems(llm, path: str, o: BenchOptions, device, dtype, log) -> dict:
         FAST: (o.batch, blockdiff_system(llm, prompts, n, o.steps, "default", fast=True)),
     }
     wanted = set(o.systems) if o.systems else None
-    if o.oracle and (wanted is None or ORACLE in wanted):
+    unreadable = oracle_cannot_read(llm.model_path) if o.oracle else None
+    if unreadable and wanted is not None and ORACLE in wanted:
+        raise ValueError(f"--systems oracle: {unreadable}")
+    if unreadable and wanted is None:
+        # transformers loaded a blockdiff-quantized checkpoint with its weights missing (random), and the report
+        # then blamed fp32 rounding for 0% agreement
+        log(f"no oracle: {unreadable}")
+    elif o.oracle and (wanted is None or ORACLE in wanted):
         log("loading the transformers oracle ...")
         ref = load_oracle(llm.model_path, dtype, o.device)
         systems[ORACLE] = (o.batch, oracle_system(ref, prompts, n, o.steps, C))

@@ -10,7 +10,7 @@ The source is read one tensor at a time; only the quantized output is held in me
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import shutil
 
@@ -28,11 +28,27 @@ FP8_CONFIG = {
 
 def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: bool = True, log=print,
                         revision: str | None = None, download_dir: str | None = None) -> str:
+    """Write the quantized checkpoint of ``src`` to ``dst``; returns ``dst``. A run that fails or is interrupted
+    removes ``dst`` again when it created it and nothing was written there yet."""
+    existed = os.path.isdir(dst)
+    try:
+        return _quantize(src, dst, method, quantize_embedding, log, revision, download_dir)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: a re-run reuses it (no config.json was written)
+                os.rmdir(dst)
+        raise
+
+
+def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, revision: str | None,
+              download_dir: str | None) -> str:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ..config import ModelConfig
+    from ..files import atomic_path, write_json
+    from ..checks import check_weight, read_tensor
     from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
     from ..progress import progress
     from .plan import QuantPlan, int4_scope, parse_method
@@ -54,6 +70,11 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
     config = ModelConfig.from_file(cfg_path)
     if config.raw.get("quantization_config"):
         raise ValueError(f"{src} is already quantized ({config.raw['quantization_config'].get('quant_method')})")
+    # Made before the (long) quantization: a DST that is a file or cannot be created fails now, not at the end.
+    try:
+        os.makedirs(dst, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {dst}: {e.strerror or e}") from None
     embedding = quantize_embedding and method != "fp8"  # compressed-tensors keeps embeddings full precision
     plan = QuantPlan(config.text, method, group, embedding, scope=scope)
     out: dict[str, torch.Tensor] = {}
@@ -68,11 +89,14 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
                     try:
                         ours = checkpoint_to_model_name(name)
                     except KeyError:
-                        out[name] = f.get_tensor(name)  # e.g. the vision tower: carried over unchanged
+                        out[name] = read_tensor(f, file, name)  # e.g. the vision tower: carried over unchanged
                         continue
                     if ours is None:
                         continue  # tied aliases (lm_head, the encoder's shared weights): never read by the loader
-                    t = f.get_tensor(name)
+                    t = read_tensor(f, file, name)
+                    # as the loader does: a NaN quantized into the scales became a checkpoint that loads and
+                    # fails every request
+                    check_weight(name, t, file)
                     if ours not in plan.targets:
                         out[name] = t
                         continue
@@ -87,19 +111,21 @@ def quantize_checkpoint(src: str, dst: str, method: str, quantize_embedding: boo
                         for k, v in parts.items():
                             out[f"{name}.{k}"] = v.contiguous()
                     n_quant += 1
-    os.makedirs(dst, exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    raw = dict(config.raw)
-    raw["quantization_config"] = FP8_CONFIG if method == "fp8" else {
-        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding,
-        "int4_scope": plan.scope}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
+    # config.json is written last, and every file replaced whole (blockdiff/files.py): a quantize cut short
+    # (Ctrl-C, a full disk) leaves no config.json, so DST does not load as a checkpoint and a re-run may reuse it.
+    with atomic_path(os.path.join(dst, "model.safetensors")) as tmp:
+        save_file(out, tmp, metadata={"format": "pt"})
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
         full = os.path.join(path, entry)
         if os.path.isfile(full) and entry != "config.json" and not entry.startswith("model") and \
                 not entry.endswith(".safetensors"):
-            shutil.copy2(full, os.path.join(dst, entry))
+            with atomic_path(os.path.join(dst, entry)) as tmp:
+                shutil.copy2(full, tmp)
+    raw = dict(config.raw)
+    raw["quantization_config"] = FP8_CONFIG if method == "fp8" else {
+        "quant_method": "blockdiff", "method": method, "group_size": group, "embedding": embedding,
+        "int4_scope": plan.scope}
+    write_json(os.path.join(dst, "config.json"), raw)
     size = os.path.getsize(os.path.join(dst, "model.safetensors"))
     log(f"quantized {n_quant} tensors to {method}; wrote {dst} ({size / 2 ** 20:.1f} MiB)")
     return dst

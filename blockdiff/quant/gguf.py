@@ -139,17 +139,36 @@ def _need(reader, key):
     return v
 
 
+def _int(reader, key, default=None, minimum: int = 1) -> int:
+    """An integer metadata value (``_need`` when no default), checked: a string or a non-positive count failed
+    later as "invalid literal for int()" naming no key, or (a zero canvas length) fell back to a default."""
+    v = _need(reader, key) if default is None else _field(reader, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise QuantizationError(f"GGUF metadata {key!r} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _per_layer(reader, key, values, n: int) -> list:
+    """A per-layer metadata array: one entry per block (``block_count``)."""
+    if len(values) != n:
+        raise QuantizationError(f"GGUF metadata {key!r} has {len(values)} entries for {n} layers "
+                                f"('{ARCH}.block_count')")
+    return values
+
+
 def config_from_gguf(reader) -> ModelConfig:
     a = ARCH
-    n = int(_need(reader, f"{a}.block_count"))
+    n = _int(reader, f"{a}.block_count")
     kv = _need(reader, f"{a}.attention.head_count_kv")
-    kv = [int(x) for x in kv] if isinstance(kv, list) else [int(kv)] * n
+    kv = [int(x) for x in _per_layer(reader, f"{a}.attention.head_count_kv", kv, n)] if isinstance(kv, list) \
+        else [_int(reader, f"{a}.attention.head_count_kv")] * n
     pattern = _field(reader, f"{a}.attention.sliding_window_pattern")
     if pattern is None:
         pattern = [(i + 1) % 6 != 0 for i in range(n)]
-    layer_types = [SLIDING if bool(s) else FULL for s in pattern]
-    head_full = int(_need(reader, f"{a}.attention.key_length"))
-    head_swa = int(_field(reader, f"{a}.attention.key_length_swa", head_full))
+    layer_types = [SLIDING if bool(s) else FULL for s in _per_layer(reader, f"{a}.attention.sliding_window_pattern",
+                                                                     list(pattern), n)]
+    head_full = _int(reader, f"{a}.attention.key_length")
+    head_swa = _int(reader, f"{a}.attention.key_length_swa", head_full)
     swa_kv = next((k for k, t in zip(kv, layer_types) if t == SLIDING), kv[0])
     full_kv = next((k for k, t in zip(kv, layer_types) if t == FULL), kv[-1])
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -161,19 +180,19 @@ def config_from_gguf(reader) -> ModelConfig:
         raise QuantizationError("GGUF file has neither token_embd.weight nor a vocabulary")
     text = {
         "vocab_size": vocab,
-        "hidden_size": int(_need(reader, f"{a}.embedding_length")),
-        "intermediate_size": int(_need(reader, f"{a}.feed_forward_length")),
+        "hidden_size": _int(reader, f"{a}.embedding_length"),
+        "intermediate_size": _int(reader, f"{a}.feed_forward_length"),
         "num_hidden_layers": n,
-        "num_attention_heads": int(_need(reader, f"{a}.attention.head_count")),
+        "num_attention_heads": _int(reader, f"{a}.attention.head_count"),
         "num_key_value_heads": swa_kv, "head_dim": head_swa,
         "global_head_dim": head_full, "num_global_key_value_heads": full_kv,
-        "max_position_embeddings": int(_field(reader, f"{a}.context_length", 131072)),
+        "max_position_embeddings": _int(reader, f"{a}.context_length", 131072),
         "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "sliding_window": int(_field(reader, f"{a}.attention.sliding_window", 1024)),
+        "sliding_window": _int(reader, f"{a}.attention.sliding_window", 1024),
         "final_logit_softcapping": _field(reader, f"{a}.final_logit_softcapping", 30.0),
-        "num_experts": int(_need(reader, f"{a}.expert_count")),
-        "top_k_experts": int(_need(reader, f"{a}.expert_used_count")),
-        "moe_intermediate_size": int(_need(reader, f"{a}.expert_feed_forward_length")),
+        "num_experts": _int(reader, f"{a}.expert_count"),
+        "top_k_experts": _int(reader, f"{a}.expert_used_count"),
+        "moe_intermediate_size": _int(reader, f"{a}.expert_feed_forward_length"),
         "layer_types": layer_types,
         "rope_parameters": {
             SLIDING: {"rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", 1e4))},
@@ -184,7 +203,11 @@ def config_from_gguf(reader) -> ModelConfig:
         "eos_token_id": _eos_ids(reader) or 1,
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", 0),
     }
-    canvas = _diffusion_field(reader, "canvas_length") or _field(reader, f"{a}.canvas_length") or 256
+    canvas = _diffusion_field(reader, "canvas_length")
+    canvas_key = "diffusion.canvas_length" if canvas is not None else f"{a}.canvas_length"
+    canvas = _int(reader, canvas_key, 256) if canvas is None else canvas
+    if isinstance(canvas, bool) or not isinstance(canvas, (int, np.integer)) or canvas < 1:
+        raise QuantizationError(f"GGUF metadata 'diffusion.canvas_length' must be an integer >= 1, got {canvas!r}")
     return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": int(canvas),
                                   "tie_word_embeddings": True, "text_config": text})
 
@@ -258,7 +281,10 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
     from .plan import target_shapes
 
     reader = open_gguf(path)
-    config = config_from_gguf(reader)
+    try:
+        config = config_from_gguf(reader)
+    except ValueError as e:  # QuantizationError or ModelConfig's own checks: say which file
+        raise QuantizationError(f"{path}: {e}") from None
     dtype = resolve_dtype(dtype, device)
     if quantization is None:
         quantization = default_method(reader, set(target_shapes(config.text, False)))

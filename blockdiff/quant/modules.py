@@ -348,3 +348,8 @@ def prepare_quantized(model: nn.Module) -> None:
             m.down_proj.prepare()
         elif isinstance(m, QuantEmbedding):
             m.prepare()
+
+
+def has_quantized_modules(model: nn.Module) -> bool:
+    """Whether any weight of ``model`` is held quantized (an FP8 checkpoint dequantized while loading is not)."""
+    return any(isinstance(m, (QTensor, QuantLinear, QuantExperts, QuantEmbedding)) for m in model.modules())

@@ -6,7 +6,8 @@ Examples::
         --max-steps 20000 --curriculum 0:45-70,3000:35-65
     blockdiff train --task jsonl --data pairs.jsonl --init-from some/checkpoint --out runs/ft
 
-Re-running the same command resumes from ``--out`` (``--no-resume`` starts over).
+Re-running the same command resumes from ``--out`` (``--no-resume`` starts over). Ctrl-C or SIGTERM saves at the
+end of the current step, then stops. Details: docs/sudoku.md, "Training".
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=at_least(2), help="jsonl/copy task: vocabulary size")
     p.add_argument("--canvas-length", type=at_least(1), help="jsonl/copy task: canvas length")
     p.add_argument("--recipe", default="sudoku-small", help="model size for a from-scratch run")
-    p.add_argument("--init-from", help="start from this checkpoint's weights (fresh optimizer)")
+    p.add_argument("--init-from", help="fine-tune: start from this checkpoint's weights (fresh optimizer; folder, hub "
+                   "id or .gguf; not a quantized checkpoint)")
     p.add_argument("--max-steps", type=at_least(1), default=1000)
     p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--lr", type=above(0), default=1e-3)
@@ -52,10 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
-    p.add_argument("--time-budget", type=float, default=0.0,
+    p.add_argument("--time-limit", type=at_least(0.0, float), default=0.0,
+                   help="stop and save after this many seconds (0: no limit)")
+    p.add_argument("--time-budget", type=at_least(0.0, float), default=0.0,
                    help="total training seconds the LR schedule and curriculum are stretched over (ends the run)")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over in --out (overwriting what it holds) instead of resuming the run there")
 
 
 def build_task(args):

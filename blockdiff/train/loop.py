@@ -8,10 +8,15 @@ reference - plus ``trainer_state.pt`` (optimizer, step, RNG states, elapsed time
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -19,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import ModelConfig
-from ..loader import load_model, save_model
+from ..files import atomic_path, write_json
+from ..loader import is_gguf, load_model, resolve_path, save_model
 from ..model import DiffusionGemma
 from ..progress import progress
 from .objective import diffusion_loss
@@ -28,6 +34,13 @@ from .tasks import Task
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
+GENERATION_FILE = "generation_config.json"
+# TrainOptions fields that define the learning-rate schedule (a resume with other values replays the new one)
+SCHEDULE_OPTIONS = ("lr", "schedule", "max_steps", "warmup_steps", "decay_start", "min_lr_ratio")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+# What a tokenizer is read from (blockdiff/tokenizer.py): carried over from a fine-tuned checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # image settings of a vision tower
 
 
 @dataclass
@@ -92,9 +105,13 @@ def make_scheduler(opt: torch.optim.Optimizer, o: TrainOptions) -> torch.optim.l
 
 
 def advance_scheduler(sched: torch.optim.lr_scheduler.LRScheduler, to_step: int) -> None:
-    """Step the scheduler up to schedule step ``to_step`` (several steps at once when a time budget jumps)."""
-    while sched.last_epoch < to_step:
-        sched.step()
+    """Step the scheduler up to schedule step ``to_step`` (several steps at once when a time budget jumps).
+    The schedule is indexed by step, so stepping it before the optimizer's step is intended: torch warns about that
+    order on a scheduler's first step (a run resumed after one step, or a replayed schedule), silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step", category=UserWarning)
+        while sched.last_epoch < to_step:
+            sched.step()
 
 
 def make_optimizer(model: torch.nn.Module, o: TrainOptions) -> torch.optim.Optimizer:
@@ -115,10 +132,26 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(o.seed)
         state_path = os.path.join(o.out_dir, STATE_FILE)
         resuming = o.resume and os.path.exists(state_path)
+        if o.resume and not resuming and any(os.path.exists(os.path.join(o.out_dir, n)) for n in CHECKPOINT_FILES):
+            # Not a run of ours (no trainer state): training would overwrite someone's checkpoint - perhaps the
+            # very one named by --init-from.
+            raise ValueError(f"{o.out_dir} already holds a checkpoint but no {STATE_FILE}, so it is not a training "
+                             "run to resume; choose another --out (--no-resume overwrites it)")
+        if not resuming:  # a fresh start: the learning curve of an earlier run in this folder no longer applies
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(o.out_dir, LOG_FILE))
+        # Files a checkpoint needs besides its weights (tokenizer, sampler defaults) come from the run itself
+        # when resuming, else from the checkpoint fine-tuned (see save()).
+        self.carry_from = o.out_dir if resuming else _local_dir(init_from)
+        # a .gguf file holds them in its metadata: written out as the files a checkpoint folder has
+        self.gguf_files = _gguf_files(init_from) if init_from and not resuming and is_gguf(init_from, None) else {}
         if resuming:
             self.model = load_model(o.out_dir, dtype="float32", device=o.device)
         elif init_from:
-            self.model = load_model(init_from, dtype="float32", device=o.device)
+            # "none": a quantized GGUF file is dequantized; a quantized checkpoint folder stays quantized and is
+            # refused below
+            self.model = load_model(init_from, dtype="float32", device=o.device, quantization="none")
+            _refuse_quantized(self.model, init_from)
         else:
             if config is None:
                 raise ValueError("a from-scratch run needs a model config (a recipe)")
@@ -128,24 +161,37 @@ class Trainer:
         m = self.model
         if m.vocab_size < task.vocab_size or m.canvas_length != task.canvas_length:
             raise ValueError(f"model (vocab {m.vocab_size}, canvas {m.canvas_length}) does not fit task "
-                             f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length})")
+                             f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length}; "
+                             "--vocab-size, --canvas-length)")
         self.opt = make_optimizer(m, o)
         self.scheduler = make_scheduler(self.opt, o)
         if resuming:
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
+            st = _read_state(state_path)
             self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
-            if "scheduler" not in st:  # a state saved before the scheduler was: replay the schedule
-                with warnings.catch_warnings():  # torch warns about stepping before optimizer.step(): intended
-                    warnings.simplefilter("ignore", UserWarning)
-                    advance_scheduler(self.scheduler, self.schedule_step())
+            # The saved scheduler holds the schedule it was built with (base lr, length): restored as is, a new
+            # --lr was ignored and a cosine run extended by --max-steps climbed back up (cosine is periodic).
+            # When a schedule option changed, or for a state saved before the scheduler was, replay the schedule
+            # of the options given now up to this step instead.
+            saved = st.get("options") or {}
+            changed = {k: (saved[k], getattr(o, k)) for k in SCHEDULE_OPTIONS
+                       if k in saved and saved[k] != getattr(o, k)}
+            replay = "scheduler" not in st or bool(changed)
+            if changed:
+                self.log("schedule options changed since the last save ("
+                         + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                         + f"): the learning rate follows the new schedule from step {self.step}")
+            if replay:
+                advance_scheduler(self.scheduler, self.schedule_step())
             self.opt.load_state_dict(st["optimizer"])
-            if "scheduler" in st:
+            if not replay:
                 self.scheduler.load_state_dict(st["scheduler"])
             for g, lr in zip(self.opt.param_groups, self.scheduler.get_last_lr()):
                 g["lr"] = lr
             self.rng.setstate(st["python_rng"])
             self.gen.set_state(st["torch_rng"])
-            self.log(f"resumed {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min trained so far)")
+            self.log(f"resumed {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min trained so far)"
+                     + (f"; --init-from {init_from} is not used (the run's own weights are)" if init_from else ""))
+            self._trim_log()
         self.log(f"model: {count_parameters(m) / 1e6:.2f}M parameters, {m.text.num_hidden_layers} layers, "
                  f"hidden {m.text.hidden_size}, {m.text.num_experts} experts top-{m.text.top_k_experts}, "
                  f"canvas {m.canvas_length}, vocab {m.vocab_size}")
@@ -194,24 +240,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving
     def save(self) -> None:
+        """Write the checkpoint, then the trainer state (each file replaced whole: blockdiff/files.py)."""
         o = self.o
         save_model(self.model, o.out_dir)
-        with open(os.path.join(o.out_dir, "generation_config.json"), "w") as f:
-            json.dump(self.task.generation_config(), f, indent=2)
         tok = self.task.tokenizer_json()
+        # The task's tokenizer defines the ids of its data; without one (jsonl, copy) the fine-tuned checkpoint's
+        # tokenizer files are what the new checkpoint is read with. Its generation_config.json (stop ids, tuned
+        # sampler values) wins over the task's defaults.
+        carried = {GENERATION_FILE, *PROCESSOR_FILES} | (set() if tok is not None else set(TOKENIZER_FILES))
+        for name in sorted(carried):
+            src = os.path.join(self.carry_from, name) if self.carry_from else None
+            dst = os.path.join(o.out_dir, name)
+            if src and os.path.isfile(src):
+                if os.path.abspath(src) != os.path.abspath(dst):
+                    with atomic_path(dst) as tmp:
+                        shutil.copyfile(src, tmp)
+            elif name in self.gguf_files:
+                with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                    f.write(self.gguf_files[name])
+            elif name == GENERATION_FILE:
+                write_json(dst, self.task.generation_config())
         if tok is not None:
-            with open(os.path.join(o.out_dir, "tokenizer.json"), "w") as f:
-                json.dump(tok, f, indent=1)
+            write_json(os.path.join(o.out_dir, "tokenizer.json"), tok, indent=1)
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(),
                  "torch_rng": self.gen.get_state(), "options": asdict(o)}
-        tmp = os.path.join(o.out_dir, STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(o.out_dir, STATE_FILE))
+        with atomic_path(os.path.join(o.out_dir, STATE_FILE)) as tmp:
+            torch.save(state, tmp)
 
     def _log_json(self, rec: dict) -> None:
         with open(os.path.join(self.o.out_dir, LOG_FILE), "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+    def _trim_log(self) -> None:
+        """Drop the log records of steps after the saved state (a run killed between saves trained and logged
+        them, and resuming trains them again): the learning curve then lists every step once."""
+        path = os.path.join(self.o.out_dir, LOG_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept = [ln for ln in lines if _log_step(ln) <= self.step]
+        if len(kept) != len(lines):
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.writelines(kept)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -219,10 +291,20 @@ class Trainer:
         start_wall = time.time()
         window, t_window = [], time.time()
         last = {}
-        with progress("training", total=o.max_steps, completed=self.step) as bar:
+        with progress("training", total=o.max_steps, completed=self.step) as bar, StopSignals() as stop:
             while not self.finished():
+                if stop.signum:
+                    self.log(f"{signal.Signals(stop.signum).name} at step {self.step}: saving {o.out_dir} "
+                             "(run the same command again to resume)")
+                    break
                 t0 = time.time()
                 rec = self.train_step()
+                if not math.isfinite(rec["loss"]):
+                    # the optimizer step has already spread it into the weights: saving now would overwrite the
+                    # last good checkpoint with a broken one
+                    raise ValueError(
+                        f"the loss is {rec['loss']} at step {self.step}: stopped without saving ({o.out_dir} keeps "
+                        "its last save); a lower --lr or a longer --warmup-steps usually helps")
                 bar.update(completed=self.step)
                 self.elapsed_s += time.time() - t0
                 window.append(rec)
@@ -256,7 +338,98 @@ class Trainer:
                 if o.time_limit_s and time.time() - start_wall > o.time_limit_s:
                     self.log(f"time limit reached at step {self.step}")
                     break
-        self.save()
+            self.save()  # still under StopSignals: a Ctrl-C now waits for the save instead of cutting it short
         self.log(f"saved {o.out_dir} at step {self.step} ({self.elapsed_s / 60:.1f} min of training)")
         sys.stdout.flush()
+        if stop.signum:  # saved: now end as the signal asked (SIGINT: KeyboardInterrupt; SIGTERM: terminated)
+            signal.raise_signal(stop.signum)
         return last
+
+
+class StopSignals:
+    """While active (main thread only), SIGINT and SIGTERM ask the training loop to stop at the end of the current
+    step and save, instead of killing it between saves (losing up to ``save_every`` steps) or in the middle of
+    writing. ``signum`` is the first signal received; a second SIGINT raises KeyboardInterrupt at once (the
+    checkpoint files are each replaced whole, so that loses steps, never the run). The previous handlers are
+    restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:  # an ignored signal (a `cmd &` in a script) stays so
+                    self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        return False
+
+
+def _read_state(path: str) -> dict:
+    """trainer_state.pt, or one line naming it when it cannot be read (truncated by a crash before saves were
+    atomic, a full disk, another program's file)."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
+        why = (str(e).splitlines() or ["empty"])[0][:120]
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {why}); --no-resume starts the run over") \
+            from None
+    missing = [k for k in ("step", "elapsed_s", "examples", "optimizer", "python_rng", "torch_rng")
+               if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise ValueError(f"{path} is not a blockdiff trainer state (no {', '.join(missing)}); "
+                         "--no-resume starts the run over")
+    return st
+
+
+def _log_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0
+
+
+def _local_dir(ref: str | None) -> str | None:
+    """The local folder of a checkpoint reference (a folder, or a hub id already downloaded); None for a GGUF
+    file or nothing."""
+    if not ref or is_gguf(ref, None):
+        return None
+    return resolve_path(ref)
+
+
+def _gguf_files(ref: str) -> dict[str, str]:
+    """The tokenizer files and generation_config.json of a .gguf file's metadata, as file name -> text."""
+    from ..hub import resolve_gguf
+    from ..quant.gguf import generation_from_gguf, open_gguf, tokenizer_from_gguf
+
+    reader = open_gguf(resolve_gguf(ref, None))
+    gen = {k: v for k, v in generation_from_gguf(reader).items() if v is not None}
+    out = {GENERATION_FILE: json.dumps(gen, indent=2)}
+    tok = tokenizer_from_gguf(reader)
+    if tok is not None:
+        out["tokenizer.json"] = tok.to_json()
+        out["tokenizer_config.json"] = json.dumps({k: v for k, v in tok.config.items() if v is not None}, indent=2)
+        if tok.chat_template:
+            out["chat_template.jinja"] = tok.chat_template
+    return out
+
+
+def _refuse_quantized(model: torch.nn.Module, ref: str) -> None:
+    from ..quant.modules import has_quantized_modules
+
+    if has_quantized_modules(model):
+        method = (model.config.raw.get("quantization_config") or {}).get("method", "quantized")
+        raise ValueError(f"{ref} holds quantized weights ({method}): training needs full-precision weights; "
+                         "fine-tune the checkpoint it was quantized from")

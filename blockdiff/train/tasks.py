@@ -69,12 +69,11 @@ class JsonlTask(Task):
     def __init__(self, path: str, vocab_size: int, canvas_length: int, eos_id: int = 1, pad_id: int = 0):
         self.vocab_size, self.canvas_length = vocab_size, canvas_length
         self.rows = []
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                d = json.loads(line)
-                p, a = list(d["prompt_ids"]), list(d["answer_ids"])
+                p, a = self._parse(line, f"{path}: line {n}")
                 if len(a) < canvas_length:
                     a = a + [eos_id] + [pad_id] * (canvas_length - len(a) - 1)
                 if len(a) != canvas_length:
@@ -84,6 +83,28 @@ class JsonlTask(Task):
             raise ValueError(f"{path}: no examples")
         if len({len(p) for p, _ in self.rows}) != 1:
             raise ValueError(f"{path}: every prompt must have the same length")
+
+    def _parse(self, line: str, where: str) -> tuple[list[int], list[int]]:
+        """One line's ids, checked here: a bad line failed later as a KeyError traceback or as an error about
+        ``input_ids`` that named neither the file nor the line."""
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f'{where}: expected an object {{"prompt_ids": [...], "answer_ids": [...]}}')
+        out = []
+        for key in ("prompt_ids", "answer_ids"):
+            ids = d.get(key)
+            if not isinstance(ids, list) or not ids:
+                raise ValueError(f"{where}: {key} must be a non-empty list of token ids")
+            bad = [i for i in ids if type(i) is not int or not 0 <= i < self.vocab_size]  # bool is no id
+            if bad:
+                bad = bad[0]
+                raise ValueError(f"{where}: {key} holds {bad!r}: token ids are integers in [0, {self.vocab_size}) "
+                                 "(--vocab-size)")
+            out.append(ids)
+        return out[0], out[1]
 
     def batch(self, step, batch_size, rng):
         pick = [self.rows[rng.randrange(len(self.rows))] for _ in range(batch_size)]
