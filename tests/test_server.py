@@ -33,9 +33,11 @@ from fixtures import SPECIAL_TOKENS, make_checkpoint
 MODEL = "tiny-dg"
 KEY = "sekret-key"
 X = {"max_denoising_steps": 4}  # extra body fields for every request: keep requests a few ticks long
-# A streamed request that runs for thousands of ticks (64 canvases x 40 steps) unless something stops it.
+# A streamed request that runs for ~16k ticks (64 canvases x 256 steps: `serve`'s default cap) unless something
+# stops it: tests that hang up after its first canvas need it still running then, on a loaded machine too (at 40
+# steps one loaded full-suite run found it finished when the client hung up after its first text).
 FOREVER = {"model": MODEL, "prompt": "Go on forever", "max_tokens": 1024, "ignore_eos": True, "stream": True,
-           "max_denoising_steps": 40, "stability_threshold": 10_000, "seed": 0}  # never converges early
+           "max_denoising_steps": 256, "stability_threshold": 10_000, "seed": 0}  # never converges early
 
 
 class LiveServer:
