@@ -440,3 +440,51 @@ def test_serve_refuses_bad_process_options_in_one_line(tmp_path, capsys, args, w
     assert cli_main(["serve", str(tmp_path / "never-read"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
+
+
+@pytest.fixture(scope="module")
+def impatient(llm):
+    """A server that refuses a body idle for half a second (``--body-timeout``), small for the test."""
+    s = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=0.5))
+    yield s
+    s.close()
+
+
+def _raw(srv) -> socket.socket:
+    host, port = srv.url.rsplit("/", 1)[-1].split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def test_a_body_that_stops_arriving_is_408_and_the_connection_closes(impatient):
+    """Slowloris: headers, part of the body, then nothing. Before the idle timeout the connection and its task
+    were held forever (the recv below timed out)."""
+    body = json.dumps({"model": MODEL, "prompt": "hello"}).encode()
+    with _raw(impatient) as s:
+        s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                  b"\r\n" % len(body) + body[:5])
+        raw = b"".join(iter(lambda: s.recv(65536), b""))  # ends only when the server closes the connection
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert b"connection: close" in head.lower()
+    err = json.loads(payload)["error"]
+    assert err["code"] == "body_timeout" and err["param"] == "body" and "after 5 bytes" in err["message"]
+
+
+def test_a_slow_but_steady_body_is_read_past_the_idle_timeout(impatient):
+    """Idle time, not total time: a body sent a few bytes at a time, for longer than the timeout in all, is read."""
+    body = json.dumps({"model": MODEL, "prompt": "hello there"}).encode()
+    with _raw(impatient) as s:
+        s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 8):  # ~7 pieces 0.15 s apart: ~1 s in all, twice the timeout
+            time.sleep(0.15)
+            s.sendall(body[i:i + 8])
+        raw = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:300]
+    assert json.loads(payload)["count"] > 0
+
+
+def test_the_body_timeout_must_be_positive(llm):
+    with pytest.raises(ValueError, match="body_timeout"):
+        build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=0)

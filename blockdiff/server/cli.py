@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                         "multi-turn chats); least recently used blocks are evicted past it; 0 turns it off "
                         "(default 1 GiB)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (then HTTP 413)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds without a byte of a request body being read before it is refused (HTTP 408, the "
+                        "connection closed); idle time, so a slow but steady upload still works (default 30)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
                         "get an error event and [DONE]")
@@ -120,6 +123,8 @@ def cmd_serve(args) -> int:
             raise CLIError(f"{flag} must be >= 1, got {v}")
     if args.max_body_bytes < 1024:
         raise CLIError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if not args.body_timeout > 0:
+        raise CLIError(f"--body-timeout must be > 0, got {args.body_timeout}")
     if args.shutdown_grace < 0:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.max_num_seqs < 1:
@@ -183,7 +188,8 @@ def cmd_serve(args) -> int:
     salt = {"auto": None, "on": True, "off": False}[args.cache_salt_by_key]
     app = build_app(llm, name, api_key=keys or None, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits, max_denoising_steps=steps,
-                    max_model_len=args.max_model_len, salt_by_key=salt)
+                    max_model_len=args.max_model_len, salt_by_key=salt,
+                    body_timeout=args.body_timeout)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', fast mode by default' if args.fast else ''}"
