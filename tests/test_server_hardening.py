@@ -488,3 +488,33 @@ def test_a_slow_but_steady_body_is_read_past_the_idle_timeout(impatient):
 def test_the_body_timeout_must_be_positive(llm):
     with pytest.raises(ValueError, match="body_timeout"):
         build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=0)
+
+
+def test_a_request_head_that_never_completes_is_closed(llm):
+    """uvicorn bounds neither a request head sent a byte at a time nor a connection that sends nothing; serve's
+    protocol (``h11_protocol(--body-timeout)``) closes both, and a complete request is served as before."""
+    import uvicorn
+
+    from blockdiff.server.head_timeout import h11_protocol
+
+    app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=h11_protocol(0.5)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=30)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s, \
+                socket.create_connection(("127.0.0.1", port), timeout=20) as silent:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the blank line that ends the head never comes
+            assert s.recv(65536) == b""  # closed by the server (a recv timeout without the deadline)
+            assert silent.recv(65536) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            for _ in range(2):  # keep-alive: the deadline is re-armed after each response, not fired mid-request
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -29,6 +29,7 @@ from . import metrics as prom
 from . import schemas
 from .body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_content_type, read_body
 from .errors import APIError
+from .head_timeout import h11_protocol
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .service import Server
 
@@ -38,7 +39,9 @@ log = logging.getLogger("blockdiff.server")
 # httptools, answers an HTTP/1.0 request with a response of unknown length (a stream) in chunked framing, which
 # HTTP/1.0 clients (and proxies speaking 1.0 upstream, nginx's default) cannot read: the chunk sizes land in the
 # events. h11 ends such a response by closing the connection instead. Parsing speed is nothing beside a model step.
-HTTP_PROTOCOL = "h11"
+# Its request head gets a deadline (head_timeout.py; uvicorn has none): ``serve`` passes ``h11_protocol(timeout)``
+# with its --body-timeout.
+HTTP_PROTOCOL = h11_protocol(BODY_IDLE_TIMEOUT)
 
 
 class ErrorJSONResponse(JSONResponse):

@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (then HTTP 413)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds without a byte of a request body being read before it is refused (HTTP 408, the "
-                        "connection closed); idle time, so a slow but steady upload still works (default 30)")
+                        "connection closed); idle time, so a slow but steady upload still works. A request head "
+                        "(line and headers) must arrive whole within as long (default 30)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
                         "get an error event and [DONE]")
@@ -179,7 +180,8 @@ def cmd_serve(args) -> int:
         return serve_replicas(args, keys, limits)
     import uvicorn
 
-    from .app import HTTP_PROTOCOL, build_app
+    from .app import build_app
+    from .head_timeout import h11_protocol
 
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
     llm.engine.fast = bool(args.fast)
@@ -204,7 +206,8 @@ def cmd_serve(args) -> int:
             super().handle_exit(sig, frame)
 
     try:
-        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=HTTP_PROTOCOL,
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              http=h11_protocol(args.body_timeout),
                               timeout_graceful_shutdown=grace)).run()
     finally:
         llm.close()  # a split model: end the other ranks
