@@ -518,3 +518,41 @@ def test_a_request_head_that_never_completes_is_closed(llm):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_a_second_ctrl_c_ends_serve_at_once_in_one_line(ckpt):
+    """The first SIGINT drains (a long grace here); the second ends the process with one line. uvicorn's own
+    force-quit printed a CancelledError traceback per running request and one for the lifespan."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", ckpt, "--port", str(port),
+                             "--threads", "1", "--shutdown-grace", "600", "--served-model-name", MODEL,
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    got: list[str] = []
+
+    def stream():
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=FOREVER, timeout=60) as r:
+                got.extend(line for line in r.iter_lines() if line)
+        except httpx.HTTPError:
+            got.append("cut")
+
+    try:
+        assert wait_until(lambda: _up(url), timeout=60), proc.stderr.read() if proc.poll() is not None else ""
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        assert wait_until(lambda: len(got) >= 2, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        assert wait_until(lambda: not _up(url), timeout=30)  # the first was handled (draining): not coalesced
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # the 600 s grace is not waited for
+        t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert err.strip().splitlines()[-1] == "blockdiff: interrupted again: exiting now (1 running request(s) cut off)"
+    assert proc.returncode == 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # --max-denoising-steps default (or the checkpoint's own max_denoising_steps when larger): ~5x the released
 # checkpoint's 48, room to ask for more steps than the default, not for ~1M denoising passes.
@@ -112,6 +113,22 @@ def check_bindable(host: str, port: int,
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} ({flags})") from None
 
 
+def force_exit(llm, srv) -> None:
+    """The second Ctrl-C: end the process now, in one line. uvicorn's own force-quit cancels the running requests'
+    tasks and the lifespan, and each cancellation printed a CancelledError traceback. A split model's spawned ranks
+    are killed first (``llm.close()`` could wait on the engine thread mid-call): they must not outlive this
+    process."""
+    import sys
+
+    running = sum(not s.finished for s in list(srv.open.values()))
+    print(f"blockdiff: interrupted again: exiting now ({running} running request(s) cut off)", file=sys.stderr,
+          flush=True)
+    for p in getattr(getattr(llm.model, "group", None), "procs", ()):
+        p.kill()
+    sys.stdout.flush()
+    os._exit(130)  # 128 + SIGINT, as for one Ctrl-C ("blockdiff: interrupted")
+
+
 def cmd_serve(args) -> int:
     from ..cli import CLIError, load_llm
 
@@ -202,6 +219,8 @@ def cmd_serve(args) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: start draining before uvicorn's grace runs out
+            if self.should_exit and sig == signal.SIGINT:
+                force_exit(llm, app.state.server)  # the second Ctrl-C
             app.state.server.begin_drain(grace)
             super().handle_exit(sig, frame)
 
