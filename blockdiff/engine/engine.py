@@ -45,8 +45,9 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, canvas_length: int, cont
     needed = prompt_tokens + -(-max_new_tokens // C) * C
     if needed > context:
         more = "at least " if at_least else ""
-        raise ValueError(f"the prompt ({more}{prompt_tokens} token{'s' if prompt_tokens != 1 else ''}) plus max_new_tokens ({max_new_tokens}, in "
-                         f"canvases of {C}) needs {more}{needed} positions; the model's context is {context}")
+        tokens = f"{prompt_tokens} token{'s' if prompt_tokens != 1 else ''}"
+        raise ValueError(f"the prompt ({more}{tokens}) plus max_new_tokens ({max_new_tokens}, in canvases of {C}) "
+                         f"needs {more}{needed} positions; the model's context is {context}")
 
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
