@@ -433,6 +433,8 @@ def test_metrics_are_the_documented_ones(srv):
 @pytest.mark.parametrize("args, words", [
     (["--replicas", "-1"], "--replicas must be >= 1 (or 0, the default"),
     (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["--body-timeout", "0"], "--body-timeout must be a number of seconds > 0, got 0"),
+    (["--body-timeout", "inf"], "--body-timeout must be a number of seconds > 0, got inf"),
 ])
 def test_serve_refuses_bad_process_options_in_one_line(tmp_path, capsys, args, words):
     """Checked before anything loads (the checkpoint path need not exist): exit 2 and one line naming the flag."""
@@ -486,8 +488,9 @@ def test_a_slow_but_steady_body_is_read_past_the_idle_timeout(impatient):
 
 
 def test_the_body_timeout_must_be_positive(llm):
-    with pytest.raises(ValueError, match="body_timeout"):
-        build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=0)
+    for bad in (0, -1, float("nan"), float("inf"), "30", True):
+        with pytest.raises(ValueError, match="body_timeout"):
+            build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=bad)
 
 
 def test_a_request_head_that_never_completes_is_closed(llm):

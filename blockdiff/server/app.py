@@ -110,7 +110,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
         if not isinstance(core, Engine):
             raise TypeError(f"build_app needs an LLM, Engine or AsyncEngine, got {type(llm_or_engine).__name__}")
         aeng = None
-    if not isinstance(body_timeout, (int, float)) or not body_timeout > 0:
+    if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or \
+            not 0 < body_timeout < float("inf"):
         raise ValueError(f"body_timeout must be a number of seconds > 0, got {body_timeout!r}")
     if max_num_seqs is not None:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:

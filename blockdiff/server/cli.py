@@ -141,8 +141,8 @@ def cmd_serve(args) -> int:
             raise CLIError(f"{flag} must be >= 1, got {v}")
     if args.max_body_bytes < 1024:
         raise CLIError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
-    if not args.body_timeout > 0:
-        raise CLIError(f"--body-timeout must be > 0, got {args.body_timeout}")
+    if not 0 < args.body_timeout < float("inf"):  # (NaN fails too)
+        raise CLIError(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout:g}")
     if args.shutdown_grace < 0:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.max_num_seqs < 1:
