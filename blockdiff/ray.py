@@ -350,6 +350,8 @@ def build_app(args: dict):
         app_kwargs["max_body_bytes"] = _arg(args, "max_body_bytes", int, None)
     if args.get("body_timeout") is not None:
         app_kwargs["body_timeout"] = _arg(args, "body_timeout", float, None)
+        if not 0 < app_kwargs["body_timeout"] < float("inf"):  # the ingress uses it too: refused here, not there
+            raise ValueError(f"body_timeout must be a number of seconds > 0, got {app_kwargs['body_timeout']:g}")
     if args.get("media_limits") is not None:
         app_kwargs["media_limits"] = args["media_limits"]
     options: dict = {
