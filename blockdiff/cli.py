@@ -285,6 +285,32 @@ def read_images(paths: list[str] | None) -> list:
     return images
 
 
+def check_context_before_load(args, prompt_tokens: int | None) -> None:
+    """--max-new-tokens against the context in a local checkpoint's config.json, before the (slow) load: the
+    engine's own check (the same words) comes only after it. ``prompt_tokens``: the prompt's length when known
+    (--prompt-ids), else None (a text prompt: at least one token). Hub ids and GGUF files: their config is known
+    only after fetching them; the engine's check covers them."""
+    if args.max_new_tokens is None or args.max_new_tokens < 1:  # (< 1: SamplingParams' error, said already)
+        return
+    from .hub import is_gguf
+
+    config = os.path.join(os.path.expanduser(args.model), "config.json")
+    if is_gguf(args.model, args.gguf_file) or not os.path.isfile(config):
+        return
+    from .config import ModelConfig
+    from .engine.engine import check_fits
+
+    try:
+        cfg = ModelConfig.from_file(config)
+    except Exception:  # a broken config is the loader's error, said the loader's way
+        return
+    try:
+        check_fits(prompt_tokens or 1, args.max_new_tokens, cfg.canvas_length, cfg.text.max_position_embeddings,
+                   at_least=prompt_tokens is None)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise CLIError("give a prompt, or --prompt-ids (not both)")
@@ -295,6 +321,7 @@ def cmd_run(args) -> int:
     params = sampling_params(args)  # validate before the (slow) model load
     images = read_images(args.image)
     ids = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    check_context_before_load(args, len(ids) if ids is not None else None)
     llm = load_llm(args)
     if images and llm.model.vision is None:
         raise CLIError(f"--image: {args.model} has no vision tower (a text-only checkpoint): it cannot take images")

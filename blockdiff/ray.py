@@ -39,6 +39,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
+from blockdiff.server.body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, read_body
+from blockdiff.server.errors import APIError
+
 log = logging.getLogger("blockdiff.ray")
 
 # Ray Serve's prefix-aware router: the public path imports all of ray.serve.llm (it needs the ray[llm] extra: pyarrow,
@@ -226,12 +229,19 @@ def _unavailable(e: Exception) -> JSONResponse:
 # Decorated here, at import: a replica process imports this module and must find its routes already bound.
 @serve.ingress(ingress_app)
 class BlockdiffIngress:
-    def __init__(self, replica):
+    def __init__(self, replica, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_IDLE_TIMEOUT):
         self.replica = replica
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "HEAD"])
     async def forward(self, path: str, request: Request) -> Response:
-        body = await request.body()
+        # The replica's limits, applied here too: a body over --max-body-bytes is refused from its Content-Length
+        # before a byte is read (or as soon as its bytes pass it), not held whole in the ingress first; one that
+        # stops arriving for --body-timeout seconds is a 408.
+        try:
+            body = await read_body(request, self.max_body_bytes, self.body_timeout)
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         req = RoutedRequest(request.method, "/" + path, request.url.query.encode(),
                             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()], body,
                             routing_text("/" + path, body))
@@ -314,7 +324,8 @@ def build_app(args: dict):
     ``prefix_routing`` (true: Ray Serve's ``PrefixCacheAffinityRouter``; false: its default power-of-two router),
     ``max_ongoing_requests`` (per replica, default 64), and as for ``blockdiff serve``: ``api_key`` (one key or a
     list: tenants), ``cache_salt_by_key`` (auto / on / off), ``max_denoising_steps`` (default as ``serve``),
-    ``max_model_len``, ``max_waiting``, ``max_body_bytes``, ``deterministic``, ``fast``, ``revision``,
+    ``max_model_len``, ``max_waiting``, ``max_body_bytes`` (checked by the ingress too, before it reads a body),
+    ``body_timeout``, ``deterministic``, ``fast``, ``revision``,
     ``download_dir``, ``gguf_file``, ``quantize_embedding``, ``chat_template`` (a file), ``media_limits`` (a ``MediaLimits``; Python and ``--replicas`` only)."""
     if not isinstance(args, dict) or not args.get("model"):
         raise ValueError("build_app needs model=PATH (a checkpoint folder or hub id)")
@@ -337,6 +348,10 @@ def build_app(args: dict):
                   "max_waiting": _arg(args, "max_waiting", int, None)}
     if args.get("max_body_bytes") is not None:
         app_kwargs["max_body_bytes"] = _arg(args, "max_body_bytes", int, None)
+    if args.get("body_timeout") is not None:
+        app_kwargs["body_timeout"] = _arg(args, "body_timeout", float, None)
+        if not 0 < app_kwargs["body_timeout"] < float("inf"):  # the ingress uses it too: refused here, not there
+            raise ValueError(f"body_timeout must be a number of seconds > 0, got {app_kwargs['body_timeout']:g}")
     if args.get("media_limits") is not None:
         app_kwargs["media_limits"] = args["media_limits"]
     options: dict = {
@@ -362,7 +377,9 @@ def build_app(args: dict):
         options["num_replicas"] = n
     replica = serve.deployment(BlockdiffReplica, name="BlockdiffReplica").options(**options)
     ingress = serve.deployment(BlockdiffIngress, name="BlockdiffIngress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs))
+    return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs),
+                        app_kwargs.get("max_body_bytes", MAX_BODY_BYTES),
+                        app_kwargs.get("body_timeout", BODY_IDLE_TIMEOUT))
 
 
 def _replica_error(e: Exception) -> str:
@@ -401,6 +418,7 @@ def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -
                      "served_model_name": args.served_model_name,
                      "max_denoising_steps": args.max_denoising_steps, "max_model_len": args.max_model_len,
                      "max_waiting": args.max_waiting, "max_body_bytes": args.max_body_bytes,
+                     "body_timeout": getattr(args, "body_timeout", None),
                      "deterministic": args.deterministic, "fast": args.fast, "revision": args.revision,
                      "download_dir": args.download_dir, "gguf_file": args.gguf_file, "media_limits": media_limits,
                      "quantize_embedding": not getattr(args, "keep_embedding", False),

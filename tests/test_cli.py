@@ -79,6 +79,29 @@ def test_bad_sampling_params_exit_2_with_one_line(tiny_checkpoint, capsys, bad):
     assert err.startswith("blockdiff: error:") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("prompt, words", [
+    (["hi"], "the prompt (at least 1 token) plus --max-new-tokens (5000, in canvases of 16) needs at least 5009 "
+             "positions; the model's context is 2048"),
+    (["--prompt-ids", "1,2,3"], "the prompt (3 tokens) plus --max-new-tokens (5000, in canvases of 16) needs 5011 "
+                                "positions; the model's context is 2048")])
+def test_run_checks_max_new_tokens_against_the_context_before_loading(tiny_checkpoint, capsys, monkeypatch,
+                                                                       prompt, words):
+    """From config.json, before the model loads (seconds with tensor parallel; minutes for big models), in the
+    words of the engine's check after the load (next test)."""
+    def load_llm(*a, **k):
+        raise AssertionError("the model was loaded before --max-new-tokens was checked")
+    monkeypatch.setattr("blockdiff.cli.load_llm", load_llm)
+    assert main(["run", tiny_checkpoint, *prompt, "--max-new-tokens", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"blockdiff: error: {words}\n"
+
+
+def test_the_engine_refuses_max_new_tokens_past_the_context_in_the_same_words(llm):
+    with pytest.raises(ValueError, match=re.escape("the prompt (3 tokens) plus max_new_tokens (5000, in canvases of "
+                                                   "16) needs 5011 positions; the model's context is 2048")):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_new_tokens=5000))
+
+
 def test_run_needs_a_prompt(tiny_checkpoint, capsys):
     assert main(["run", tiny_checkpoint]) == 2
     assert "prompt" in capsys.readouterr().err

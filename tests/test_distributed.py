@@ -366,12 +366,13 @@ if __name__ == "__main__":
             llm.model.group.procs[0].join()
         else:  # a collective that raises on rank 0 after the call's message went out
             def broken(self, local):
-                raise RuntimeError("Connection closed by peer")
+                raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.1.2.3]:29517")
             runtime.Channel.gather_vocab = broken
             print("BROKEN", c.post("/v1/completions", json=body).status_code, flush=True)
         print("HEALTH", c.get("/health").status_code, flush=True)
         r = c.post("/v1/completions", json=body)
         print("AFTER", r.status_code, r.json()["error"]["code"], flush=True)
+        print("MESSAGE", r.json()["error"]["message"], flush=True)
     t0 = time.monotonic()
     llm.close()
     print("CLOSED", time.monotonic() - t0 < 20, flush=True)
@@ -393,4 +394,10 @@ def test_a_server_whose_split_model_lost_a_rank_reports_unhealthy_and_refuses(pa
         assert "BROKEN 500" in out.stdout  # the requests of the failing tick fail; nothing hangs
     assert "HEALTH 503" in out.stdout, out.stdout
     assert "AFTER 503 engine_stopped" in out.stdout, out.stdout
+    message = next(ln for ln in out.stdout.splitlines() if ln.startswith("MESSAGE"))
+    assert "split model" in message and ("lost rank 1" in message if how == "kill" else "denoise call" in message)
+    # the collective's own text names internal hosts and ports: the server log has it, the client does not
+    assert "10.1.2.3" not in message and "29517" not in message, message
+    if how == "collective":
+        assert "Connection closed by peer [10.1.2.3]:29517" in out.stderr
     assert "CLOSED True" in out.stdout

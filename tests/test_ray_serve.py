@@ -256,3 +256,67 @@ def test_replicas_that_cannot_start_are_one_line_naming_why(tiny_checkpoint, tmp
     err = capsys.readouterr().err.splitlines()[-1]  # (after the warning that the mocked Ray has no prefix router)
     assert err == ("blockdiff: error: the replicas did not start: blockdiff.checks.CheckpointError: config.json has "
                    "no text_config")
+
+
+def test_the_ingress_refuses_a_body_over_the_limit_before_reading_it(tiny_checkpoint, monkeypatch):
+    """--max-body-bytes was checked by the replica only, after the ingress had read (and held) the whole body.
+    No cluster: the ingress ``serve run`` would get is captured and its route called in this process."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from blockdiff import cli
+    from blockdiff import ray as blockdiff_ray
+    from blockdiff.ray import BlockdiffIngress
+
+    class Captured(Exception):
+        pass
+
+    def run(app, **kw):
+        raise Captured(app)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+    monkeypatch.setattr(serve, "run", run)
+    monkeypatch.setattr(serve, "delete", lambda name: None)
+    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)
+    with pytest.raises(Captured) as got:
+        cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--port", str(_free_port()), "--dtype", "float32",
+                  "--max-body-bytes", "4096", "--max-image-bytes", "1024", "--body-timeout", "0.2"])
+    _, limit, timeout = got.value.args[0]._bound_deployment.init_args
+    assert (limit, timeout) == (4096, 0.2)
+
+    class NoReplica:  # a request refused at the ingress never reaches a replica
+        def options(self, **kw):
+            raise AssertionError("the request was forwarded")
+
+    ingress = type("Ingress", (), {"replica": NoReplica(), "max_body_bytes": limit, "body_timeout": timeout})()
+
+    def request(declared: int | None, chunks: list[bytes], then_wait: bool = False) -> Request:
+        sent = iter(chunks)
+
+        async def receive():
+            part = next(sent, None)
+            if part is None:
+                if then_wait:
+                    await asyncio.sleep(3600)  # a client that stopped sending
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": part, "more_body": True}
+        headers = [(b"content-type", b"application/json")]
+        if declared is not None:
+            headers.append((b"content-length", str(declared).encode()))
+        return Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers,
+                        "query_string": b""}, receive)
+
+    async def answer(req):
+        r = await BlockdiffIngress.forward(ingress, "v1/completions", req)
+        return r.status_code, json.loads(r.body)["error"]
+
+    def never(*a):
+        raise AssertionError("a body declared over the limit was read")
+    declared = asyncio.run(answer(Request(request(10_000_000, []).scope, never)))
+    assert declared[0] == 413 and declared[1]["code"] == "request_too_large" and "10000000" in declared[1]["message"]
+    streamed = asyncio.run(answer(request(None, [b"x" * 3000, b"x" * 3000, b"x" * 3000])))  # chunked: no length
+    assert streamed[0] == 413 and f"more than {limit}" in streamed[1]["message"]
+    stalled = asyncio.run(answer(request(100, [b"{"], then_wait=True)))
+    assert stalled[0] == 408 and stalled[1]["code"] == "body_timeout"

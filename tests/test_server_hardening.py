@@ -433,6 +433,8 @@ def test_metrics_are_the_documented_ones(srv):
 @pytest.mark.parametrize("args, words", [
     (["--replicas", "-1"], "--replicas must be >= 1 (or 0, the default"),
     (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["--body-timeout", "0"], "--body-timeout must be a number of seconds > 0, got 0"),
+    (["--body-timeout", "inf"], "--body-timeout must be a number of seconds > 0, got inf"),
 ])
 def test_serve_refuses_bad_process_options_in_one_line(tmp_path, capsys, args, words):
     """Checked before anything loads (the checkpoint path need not exist): exit 2 and one line naming the flag."""
@@ -440,3 +442,120 @@ def test_serve_refuses_bad_process_options_in_one_line(tmp_path, capsys, args, w
     assert cli_main(["serve", str(tmp_path / "never-read"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
+
+
+@pytest.fixture(scope="module")
+def impatient(llm):
+    """A server that refuses a body idle for half a second (``--body-timeout``), small for the test."""
+    s = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=0.5))
+    yield s
+    s.close()
+
+
+def _raw(srv) -> socket.socket:
+    host, port = srv.url.rsplit("/", 1)[-1].split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def test_a_body_that_stops_arriving_is_408_and_the_connection_closes(impatient):
+    """Slowloris: headers, part of the body, then nothing. Before the idle timeout the connection and its task
+    were held forever (the recv below timed out)."""
+    body = json.dumps({"model": MODEL, "prompt": "hello"}).encode()
+    with _raw(impatient) as s:
+        s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                  b"\r\n" % len(body) + body[:5])
+        raw = b"".join(iter(lambda: s.recv(65536), b""))  # ends only when the server closes the connection
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert b"connection: close" in head.lower()
+    err = json.loads(payload)["error"]
+    assert err["code"] == "body_timeout" and err["param"] == "body" and "after 5 bytes" in err["message"]
+
+
+def test_a_slow_but_steady_body_is_read_past_the_idle_timeout(impatient):
+    """Idle time, not total time: a body sent a few bytes at a time, for longer than the timeout in all, is read."""
+    body = json.dumps({"model": MODEL, "prompt": "hello there"}).encode()
+    with _raw(impatient) as s:
+        s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 8):  # ~7 pieces 0.15 s apart: ~1 s in all, twice the timeout
+            time.sleep(0.15)
+            s.sendall(body[i:i + 8])
+        raw = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:300]
+    assert json.loads(payload)["count"] > 0
+
+
+def test_the_body_timeout_must_be_positive(llm):
+    for bad in (0, -1, float("nan"), float("inf"), "30", True):
+        with pytest.raises(ValueError, match="body_timeout"):
+            build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, body_timeout=bad)
+
+
+def test_a_request_head_that_never_completes_is_closed(llm):
+    """uvicorn bounds neither a request head sent a byte at a time nor a connection that sends nothing; serve's
+    protocol (``h11_protocol(--body-timeout)``) closes both, and a complete request is served as before."""
+    import uvicorn
+
+    from blockdiff.server.head_timeout import h11_protocol
+
+    app = build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=h11_protocol(0.5)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, timeout=30)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s, \
+                socket.create_connection(("127.0.0.1", port), timeout=20) as silent:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the blank line that ends the head never comes
+            assert s.recv(65536) == b""  # closed by the server (a recv timeout without the deadline)
+            assert silent.recv(65536) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            for _ in range(2):  # keep-alive: the deadline is re-armed after each response, not fired mid-request
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def test_a_second_ctrl_c_ends_serve_at_once_in_one_line(ckpt):
+    """The first SIGINT drains (a long grace here); the second ends the process with one line. uvicorn's own
+    force-quit printed a CancelledError traceback per running request and one for the lifespan."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", ckpt, "--port", str(port),
+                             "--threads", "1", "--shutdown-grace", "600", "--served-model-name", MODEL,
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    got: list[str] = []
+
+    def stream():
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=FOREVER, timeout=60) as r:
+                got.extend(line for line in r.iter_lines() if line)
+        except httpx.HTTPError:
+            got.append("cut")
+
+    try:
+        assert wait_until(lambda: _up(url), timeout=60), proc.stderr.read() if proc.poll() is not None else ""
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        assert wait_until(lambda: len(got) >= 2, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        assert wait_until(lambda: not _up(url), timeout=30)  # the first was handled (draining): not coalesced
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # the 600 s grace is not waited for
+        t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert err.strip().splitlines()[-1] == "blockdiff: interrupted again: exiting now (1 running request(s) cut off)"
+    assert proc.returncode == 130

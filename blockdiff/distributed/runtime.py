@@ -219,10 +219,13 @@ def _one_at_a_time(method):
                 raise
             except Exception as e:
                 if self._channel.sent != sent and self.failure is None:  # (``failure`` names a rank found dead)
-                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    # Clients read ``failure`` (the 503's message): what broke, in words. The exception's own text
+                    # (gloo's "Connection closed by peer [10.0.0.5]:29517") names internal hosts and ports: it goes
+                    # to the server log only.
                     object.__setattr__(self, "_failure", f"the split model failed during a {method.__name__} call "
-                                       f"({type(e).__name__}: {first})")
-                    log.error("%s: the ranks are out of step, no further calls", self._failure)
+                                       f"({type(e).__name__}): a rank stopped answering or a collective broke")
+                    log.error("%s: the ranks are out of step, no further calls (%s: %s)", self._failure,
+                              type(e).__name__, str(e).strip()[:2000])
                 raise
     return run
 

@@ -36,6 +36,19 @@ from .model_state import ModelState, Phase, StepRow
 from .scheduler import Scheduler
 
 
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, canvas_length: int, context: int,
+               at_least: bool = False) -> None:
+    """ValueError unless a prompt of ``prompt_tokens`` plus ``max_new_tokens`` (whole canvases) fits ``context``.
+    ``at_least``: ``prompt_tokens`` is a lower bound (``blockdiff run`` checks before the prompt is tokenized)."""
+    C = canvas_length
+    needed = prompt_tokens + -(-max_new_tokens // C) * C
+    if needed > context:
+        more = "at least " if at_least else ""
+        tokens = f"{prompt_tokens} token{'s' if prompt_tokens != 1 else ''}"
+        raise ValueError(f"the prompt ({more}{tokens}) plus max_new_tokens ({max_new_tokens}, in canvases of {C}) "
+                         f"needs {more}{needed} positions; the model's context is {context}")
+
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
                  max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0,
@@ -72,12 +85,8 @@ class Engine:
             raise ValueError("the prompt must hold at least one token")
         if not all(isinstance(t, int) and 0 <= t < V for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {V})")
-        C = self.canvas_length
-        ctx = self.model.text.max_position_embeddings
-        needed = len(prompt_ids) + -(-params.max_new_tokens // C) * C
-        if needed > ctx:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens},"
-                             f" in canvases of {C}) needs {needed} positions; the model's context is {ctx}")
+        check_fits(len(prompt_ids), params.max_new_tokens, self.canvas_length,
+                   self.model.text.max_position_embeddings)
 
     def make_state(self, prompt_ids: list[int], params: SamplingParams | None = None, on_event=None,
                    request_id: str | None = None, request_index: int = 0, images=None) -> ModelState:

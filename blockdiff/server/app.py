@@ -27,8 +27,9 @@ from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine
 from . import metrics as prom
 from . import schemas
-from .body import MAX_BODY_BYTES, check_content_type, read_body
+from .body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_content_type, read_body
 from .errors import APIError
+from .head_timeout import h11_protocol
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .service import Server
 
@@ -38,7 +39,9 @@ log = logging.getLogger("blockdiff.server")
 # httptools, answers an HTTP/1.0 request with a response of unknown length (a stream) in chunked framing, which
 # HTTP/1.0 clients (and proxies speaking 1.0 upstream, nginx's default) cannot read: the chunk sizes land in the
 # events. h11 ends such a response by closing the connection instead. Parsing speed is nothing beside a model step.
-HTTP_PROTOCOL = "h11"
+# Its request head gets a deadline (head_timeout.py; uvicorn has none): ``serve`` passes ``h11_protocol(timeout)``
+# with its --body-timeout.
+HTTP_PROTOCOL = h11_protocol(BODY_IDLE_TIMEOUT)
 
 
 class ErrorJSONResponse(JSONResponse):
@@ -86,10 +89,11 @@ def _warmup_done(fut) -> None:
 def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | None = None,
               max_num_seqs: int | None = None, max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               media_limits=None, max_denoising_steps: int | None = None, max_model_len: int | None = None,
-              salt_by_key: bool | None = None) -> FastAPI:
+              salt_by_key: bool | None = None, body_timeout: float = BODY_IDLE_TIMEOUT) -> FastAPI:
     """``llm_or_engine``: an ``LLM``, an ``Engine`` or an ``AsyncEngine``. ``max_num_seqs`` (batch slots) overrides
     the engine's; ``max_waiting`` (default 4 * max_num_seqs) bounds the queue behind them (then 429);
-    ``max_body_bytes`` bounds a request body (then 413). ``api_key``: None for none, one key or several (each
+    ``max_body_bytes`` bounds a request body (then 413); ``body_timeout``: seconds without a byte of a body being
+    read before it is refused (then 408, and the connection closes). ``api_key``: None for none, one key or several (each
     a tenant); an empty key is refused. ``salt_by_key`` (default: when several keys are given) salts each request's
     prefix-cache blocks by its key, so tenants never share cached prefixes. ``max_denoising_steps`` and
     ``max_model_len`` cap one request's work (steps per canvas; prompt + output positions): over them, a 400.
@@ -106,6 +110,9 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
         if not isinstance(core, Engine):
             raise TypeError(f"build_app needs an LLM, Engine or AsyncEngine, got {type(llm_or_engine).__name__}")
         aeng = None
+    if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or \
+            not 0 < body_timeout < float("inf"):
+        raise ValueError(f"body_timeout must be a number of seconds > 0, got {body_timeout!r}")
     if max_num_seqs is not None:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
@@ -185,7 +192,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
 
     async def prepared(request: Request, kind: str):
         check_content_type(request)
-        raw = await read_body(request, max_body_bytes)
+        raw = await read_body(request, max_body_bytes, body_timeout)
         return await srv.prepare(kind, raw, getattr(request.state, "tenant", None))
 
     # ------------------------------------------------------------------ routes
@@ -215,13 +222,13 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
               responses={200: {"model": schemas.Tokenized}, **schemas.ERRORS})
     async def tokenize(request: Request):
         check_content_type(request)
-        return await srv.tokenize(await read_body(request, max_body_bytes))
+        return await srv.tokenize(await read_body(request, max_body_bytes, body_timeout))
 
     @app.post("/detokenize", dependencies=guarded, openapi_extra=_request_body(DetokenizeRequest),
               responses={200: {"model": schemas.Detokenized}, **schemas.ERRORS})
     async def detokenize(request: Request):
         check_content_type(request)
-        return await srv.detokenize(await read_body(request, max_body_bytes))
+        return await srv.detokenize(await read_body(request, max_body_bytes, body_timeout))
 
     @app.get("/version", response_model=schemas.Version)
     async def version():

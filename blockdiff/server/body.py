@@ -2,12 +2,14 @@
 integers too long to read.
 
 ``read_body`` runs on the event loop and only collects bytes (refusing a body over the limit as soon as its
-``Content-Length`` or its bytes say so); ``parse_body`` is CPU work and runs in the request-preparation thread
+``Content-Length`` or its bytes say so, and a body whose bytes stop coming for ``idle_timeout`` seconds: a client
+that sends headers and then trickles nothing must not hold a connection and a task forever); ``parse_body`` is CPU work and runs in the request-preparation thread
 pool, like tokenization.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.requests import ClientDisconnect, Request
@@ -15,6 +17,9 @@ from starlette.requests import ClientDisconnect, Request
 from .errors import APIError, bad, json_type
 
 MAX_BODY_BYTES = 8 << 20
+# Seconds without a byte of the body before it is refused (408). Idle time, not total time: a big image uploaded
+# slowly but steadily is read however long it takes.
+BODY_IDLE_TIMEOUT = 30.0
 MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 4300  # Python's int-string conversion limit (sys.get_int_max_str_digits() by default)
 
@@ -29,7 +34,8 @@ def check_content_type(request: Request) -> None:
                             f"{ctype or 'no Content-Type'!r}", "content-type", "unsupported_media_type")
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
+                    idle_timeout: float = BODY_IDLE_TIMEOUT) -> bytes:
     def too_large(n: int | str) -> APIError:
         return APIError(413, f"the request body is {n} bytes; the limit is {limit}", "body", "request_too_large")
 
@@ -37,8 +43,18 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared))  # before reading a byte of it
     chunks, size = [], 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), idle_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                # "Connection: close": the rest of the body may still arrive; the connection cannot carry another
+                # request after it, so it ends with this answer (uvicorn closes it once the response is sent).
+                raise APIError(408, f"the request body stopped arriving: no bytes for {idle_timeout:g} s after "
+                                    f"{size} bytes", "body", "body_timeout", headers={"Connection": "close"}) from None
             size += len(chunk)
             if size > limit:
                 raise too_large(f"more than {limit}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # --max-denoising-steps default (or the checkpoint's own max_denoising_steps when larger): ~5x the released
 # checkpoint's 48, room to ask for more steps than the default, not for ~1M denoising passes.
@@ -41,6 +42,10 @@ def register(subparsers) -> None:
                         "multi-turn chats); least recently used blocks are evicted past it; 0 turns it off "
                         "(default 1 GiB)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (then HTTP 413)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds without a byte of a request body being read before it is refused (HTTP 408, the "
+                        "connection closed); idle time, so a slow but steady upload still works. A request head "
+                        "(line and headers) must arrive whole within as long (default 30)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
                         "get an error event and [DONE]")
@@ -108,6 +113,22 @@ def check_bindable(host: str, port: int,
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} ({flags})") from None
 
 
+def force_exit(llm, srv) -> None:
+    """The second Ctrl-C: end the process now, in one line. uvicorn's own force-quit cancels the running requests'
+    tasks and the lifespan, and each cancellation printed a CancelledError traceback. A split model's spawned ranks
+    are killed first (``llm.close()`` could wait on the engine thread mid-call): they must not outlive this
+    process."""
+    import sys
+
+    running = sum(not s.finished for s in list(srv.open.values()))
+    print(f"blockdiff: interrupted again: exiting now ({running} running request(s) cut off)", file=sys.stderr,
+          flush=True)
+    for p in getattr(getattr(llm.model, "group", None), "procs", ()):
+        p.kill()
+    sys.stdout.flush()
+    os._exit(130)  # 128 + SIGINT, as for one Ctrl-C ("blockdiff: interrupted")
+
+
 def cmd_serve(args) -> int:
     from ..cli import CLIError, load_llm
 
@@ -120,6 +141,8 @@ def cmd_serve(args) -> int:
             raise CLIError(f"{flag} must be >= 1, got {v}")
     if args.max_body_bytes < 1024:
         raise CLIError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if not 0 < args.body_timeout < float("inf"):  # (NaN fails too)
+        raise CLIError(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout:g}")
     if args.shutdown_grace < 0:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.max_num_seqs < 1:
@@ -174,7 +197,8 @@ def cmd_serve(args) -> int:
         return serve_replicas(args, keys, limits)
     import uvicorn
 
-    from .app import HTTP_PROTOCOL, build_app
+    from .app import build_app
+    from .head_timeout import h11_protocol
 
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
     llm.engine.fast = bool(args.fast)
@@ -183,7 +207,8 @@ def cmd_serve(args) -> int:
     salt = {"auto": None, "on": True, "off": False}[args.cache_salt_by_key]
     app = build_app(llm, name, api_key=keys or None, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits, max_denoising_steps=steps,
-                    max_model_len=args.max_model_len, salt_by_key=salt)
+                    max_model_len=args.max_model_len, salt_by_key=salt,
+                    body_timeout=args.body_timeout)
     print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', fast mode by default' if args.fast else ''}"
@@ -194,11 +219,14 @@ def cmd_serve(args) -> int:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: start draining before uvicorn's grace runs out
+            if self.should_exit and sig == signal.SIGINT:
+                force_exit(llm, app.state.server)  # the second Ctrl-C
             app.state.server.begin_drain(grace)
             super().handle_exit(sig, frame)
 
     try:
-        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=HTTP_PROTOCOL,
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                              http=h11_protocol(args.body_timeout),
                               timeout_graceful_shutdown=grace)).run()
     finally:
         llm.close()  # a split model: end the other ranks

@@ -10,7 +10,7 @@ from ..sampling.fields import describe as message_for  # noqa: F401  (re-exporte
 from ..sampling.fields import first_error, invalid, json_type, param_path  # noqa: F401  (re-exported)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 

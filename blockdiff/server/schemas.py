@@ -143,7 +143,7 @@ class Health(BaseModel):
     status: str
 
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 429, 500, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 415, 429, 500, 503)}
 SSE = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"],
     "description": "one Server-Sent Event: 'data: {chunk JSON}' (a chunk, a draft chunk, or an error object), the "
