@@ -129,17 +129,11 @@ def test_killing_a_replica_under_load_fails_only_its_requests_and_ray_replaces_i
     assert len(pids_now) == 2 and victim not in pids_now
 
 
-def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoint, monkeypatch):
-    """``blockdiff serve --replicas N`` builds each replica's server from the same flags as ``blockdiff serve``: the
-    --api-key list (it reached the replicas as the string "['ka', 'kb']", so every key got a 401), the per-key
-    prefix-cache salts of several keys, and the --max-denoising-steps cap (absent: a request could ask 10000 steps).
-    No cluster: the application ``serve run`` would get is captured and its replica built in this process."""
-    import asyncio
-    import json
-
+def _captured_app(monkeypatch, args: list[str]):
+    """The ingress deployment ``blockdiff serve ARGS --replicas 2`` hands to ``serve.run``, captured with no
+    cluster (Ray's start, run and delete mocked; the prefix router, whose import needs a running Ray, left out)."""
     from blockdiff import cli
     from blockdiff import ray as blockdiff_ray
-    from blockdiff.ray import BlockdiffReplica, RoutedRequest, call_asgi
 
     class Captured(Exception):
         pass
@@ -150,11 +144,25 @@ def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoi
     monkeypatch.setattr(serve, "start", lambda **kw: None)
     monkeypatch.setattr(serve, "run", run)
     monkeypatch.setattr(serve, "delete", lambda name: None)
-    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)  # importing it needs a running Ray
+    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)
     with pytest.raises(Captured) as got:
-        cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--api-key", "ka", "--api-key", "kb", "--port",
-                  str(_free_port()), "--dtype", "float32", "--threads", "1", "--max-denoising-steps", "8"])
-    replica_app = got.value.args[0]._bound_deployment.init_args[0]
+        cli.main(["serve", *args, "--replicas", "2", "--port", str(_free_port())])
+    return got.value.args[0]._bound_deployment
+
+
+def test_replicas_get_every_server_flag_keys_tenant_salts_and_caps(tiny_checkpoint, monkeypatch):
+    """``blockdiff serve --replicas N`` builds each replica's server from the same flags as ``blockdiff serve``: the
+    --api-key list (it reached the replicas as the string "['ka', 'kb']", so every key got a 401), the per-key
+    prefix-cache salts of several keys, and the --max-denoising-steps cap (absent: a request could ask 10000 steps).
+    No cluster: the application ``serve run`` would get is captured and its replica built in this process."""
+    import asyncio
+    import json
+
+    from blockdiff.ray import BlockdiffReplica, RoutedRequest, call_asgi
+
+    replica_app = _captured_app(monkeypatch, [tiny_checkpoint, "--api-key", "ka", "--api-key", "kb", "--dtype",
+                                              "float32", "--threads", "1", "--max-denoising-steps", "8"]
+                                ).init_args[0]
     replica = BlockdiffReplica(*replica_app._bound_deployment.init_args)
 
     async def post(key: str, **body):
@@ -266,24 +274,11 @@ def test_the_ingress_refuses_a_body_over_the_limit_before_reading_it(tiny_checkp
 
     from starlette.requests import Request
 
-    from blockdiff import cli
-    from blockdiff import ray as blockdiff_ray
     from blockdiff.ray import BlockdiffIngress
 
-    class Captured(Exception):
-        pass
-
-    def run(app, **kw):
-        raise Captured(app)
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(serve, "start", lambda **kw: None)
-    monkeypatch.setattr(serve, "run", run)
-    monkeypatch.setattr(serve, "delete", lambda name: None)
-    monkeypatch.setattr(blockdiff_ray, "prefix_router", lambda: None)
-    with pytest.raises(Captured) as got:
-        cli.main(["serve", tiny_checkpoint, "--replicas", "2", "--port", str(_free_port()), "--dtype", "float32",
-                  "--max-body-bytes", "4096", "--max-image-bytes", "1024", "--body-timeout", "0.2"])
-    _, limit, timeout = got.value.args[0]._bound_deployment.init_args
+    _, limit, timeout = _captured_app(monkeypatch, [tiny_checkpoint, "--dtype", "float32", "--max-body-bytes",
+                                                    "4096", "--max-image-bytes", "1024", "--body-timeout", "0.2"]
+                                      ).init_args
     assert (limit, timeout) == (4096, 0.2)
 
     class NoReplica:  # a request refused at the ingress never reaches a replica
