@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -65,6 +66,27 @@ def load_tokenizer(path: str):
     return Tokenizer.from_dir(path)
 
 
+class _OneCallAtATime:
+    """One ``generate`` / ``chat`` at a time: the engine's scheduler and its batched tick are single-threaded state,
+    so a call from a second thread waits for the first to finish (two interleaved ``step()`` loops failed each other's
+    requests). A call from inside an ``on_event`` callback of a running call would wait for itself: it raises."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self):
+        if self._owner == threading.get_ident():
+            raise RuntimeError("LLM.generate / chat cannot be called from inside an on_event callback of a running "
+                               "call on the same LLM")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc):
+        self._owner = None
+        self._lock.release()
+
+
 class LLM:
     """``deterministic=True``: a seeded request's output is bit-identical alone or in any batch (the model and
     the sampler compute every request as they would alone; slower under load). The default batches the whole
@@ -78,7 +100,9 @@ class LLM:
 
     ``tensor_parallel_size=N`` splits the model over N processes (``blockdiff.distributed``: this process is rank 0
     and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
-    ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md."""
+    ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md.
+
+    Thread-safe: calls from several threads run one after another."""
 
     def __init__(self, model: str, dtype="auto", device: str = "auto", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
@@ -86,6 +110,7 @@ class LLM:
                  revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None,
                  tensor_parallel_size: int = 1, expert_parallel: bool = False):
         self.media_limits = media_limits or MediaLimits()
+        self._calls = _OneCallAtATime()
         device = resolve_device(device)
         tp = _check_parallel(tensor_parallel_size, expert_parallel)
         if tp > 1 and is_gguf(model, gguf_file):
@@ -143,6 +168,7 @@ class LLM:
                    prefix_cache_bytes: int = 0) -> "LLM":
         """Wrap a model already in memory; ``deterministic=None`` keeps its ``batch_invariant`` setting."""
         self = cls.__new__(cls)
+        self._calls = _OneCallAtATime()
         if deterministic is not None:
             model.batch_invariant = bool(deterministic)
         self.model_path = None
@@ -246,10 +272,11 @@ class LLM:
                                 f"{type(bad).__name__}")
             if len(params) != len(id_lists):
                 raise ValueError(f"{len(params)} sampling params for {len(id_lists)} prompts")
-        # Validate everything before running anything: a bad request never half-runs a batch.
-        states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i, images=im)
-                  for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
-        return self._run(states, texts, use_tqdm)
+        with self._calls:
+            # Validate everything before running anything: a bad request never half-runs a batch.
+            states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i, images=im)
+                      for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
+            return self._run(states, texts, use_tqdm)
 
     def _run(self, states: list[ModelState], texts, use_tqdm: bool) -> list[RequestOutput]:
         for s in states:

@@ -1,0 +1,49 @@
+"""The offline ``LLM`` API as a researcher calls it (README "Python API"): threads, callbacks, interrupts."""
+
+import threading
+
+import pytest
+
+from blockdiff import LLM, SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=20, max_denoising_steps=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(tiny_checkpoint, dtype="float32", device="cpu")
+
+
+def test_generate_from_several_threads_equals_serial_calls(llm):
+    # Interleaved engine.step() loops of two calls used to fail each other's requests (InvalidTransition) or raise.
+    prompts = [[f"q{i}", f"r{i}"] for i in range(3)]
+    got, errors = {}, []
+
+    def call(i):
+        try:
+            got[i] = [(o.token_ids, o.finish_reason) for o in llm.generate(prompts[i], PARAMS)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(3):
+        assert got[i] == [(o.token_ids, o.finish_reason) for o in llm.generate(prompts[i], PARAMS)]
+        assert all(reason == "length" for _, reason in got[i])
+
+
+def test_generate_inside_on_event_fails_that_request_not_a_deadlock(llm):
+    inner = []
+
+    def on_event(ev):
+        if ev.kind == "block" and ev.request_index == 0 and not inner:
+            inner.append(1)
+            llm.generate("x", PARAMS)
+
+    outs = llm.generate(["a", "b"], PARAMS, on_event=on_event)
+    assert outs[0].finish_reason == "error" and "on_event" in outs[0].error
+    assert outs[1].finish_reason == "length" and outs[1].error is None
