@@ -47,3 +47,14 @@ def test_generate_inside_on_event_fails_that_request_not_a_deadlock(llm):
     outs = llm.generate(["a", "b"], PARAMS, on_event=on_event)
     assert outs[0].finish_reason == "error" and "on_event" in outs[0].error
     assert outs[1].finish_reason == "length" and outs[1].error is None
+
+
+@pytest.mark.parametrize("kwargs, name", [({"max_new_token": 4}, "max_new_token"), ({"extra": {"seed": 1}}, "extra"),
+                                          ({"n": 2}, "n")])
+def test_sampling_params_refuses_an_unknown_field_naming_it(kwargs, name):
+    # A misspelt field used to be a bare TypeError, and `extra` was a field that accepted anything and did nothing.
+    from blockdiff.sampling.fields import ParamError
+
+    with pytest.raises(ParamError, match=repr(name)) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == name and isinstance(e.value, ValueError)
