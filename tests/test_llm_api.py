@@ -58,3 +58,18 @@ def test_sampling_params_refuses_an_unknown_field_naming_it(kwargs, name):
     with pytest.raises(ParamError, match=repr(name)) as e:
         SamplingParams(**kwargs)
     assert e.value.param == name and isinstance(e.value, ValueError)
+
+
+def test_prompt_token_ids_from_a_tensor_or_array_work_like_lists(llm):
+    # Rows of a torch / NumPy integer array used to be refused as "prompt token ids must be integers".
+    import numpy as np
+    import torch
+
+    want = llm.generate(prompt_token_ids=[[2, 10, 11]], sampling_params=PARAMS)[0].token_ids
+    for ids in (torch.tensor([[2, 10, 11]]), np.array([[2, 10, 11]])):
+        out = llm.generate(prompt_token_ids=ids, sampling_params=PARAMS)[0]
+        assert out.prompt_token_ids == [2, 10, 11] and out.token_ids == want
+    out = llm.generate([{"prompt_token_ids": torch.tensor([2, 10, 11])}], PARAMS)[0]
+    assert out.token_ids == want
+    with pytest.raises(ValueError, match="integers"):  # floats stay refused
+        llm.generate(prompt_token_ids=torch.tensor([[2.0, 10.0]]), sampling_params=PARAMS)

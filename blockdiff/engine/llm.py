@@ -9,6 +9,7 @@ content parts. Each placeholder becomes the image's soft tokens (``blockdiff.vis
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import threading
@@ -57,6 +58,18 @@ class RequestOutput:
     reasoning_content: str | None = None
     tool_calls: list[dict] | None = None
     error: str | None = None  # finish_reason "error": what failed, one line (the other requests ran on)
+
+
+def _token_ids(ids) -> list:
+    """A prompt's ids as Python ints, so a row of a torch / NumPy integer array works like a list; anything that is
+    no integer is left as it is for the engine's check to refuse."""
+    out = []
+    for t in ids:
+        try:
+            out.append(t if isinstance(t, int) else operator.index(t))
+        except TypeError:
+            out.append(t)
+    return out
 
 
 def load_tokenizer(path: str):
@@ -214,7 +227,7 @@ class LLM:
         text = p.get("prompt")
         if text is not None and not isinstance(text, str):
             raise ValueError(f"prompt {i}: 'prompt' must be a string")
-        ids = self._encode_text(text) if text is not None else list(p["prompt_token_ids"])
+        ids = self._encode_text(text) if text is not None else _token_ids(p["prompt_token_ids"])
         mmd = p.get("multi_modal_data") or {}
         if not isinstance(mmd, dict) or set(mmd) - {"image"}:
             raise ValueError(f"prompt {i}: multi_modal_data takes only 'image' (a PIL image or a list of them)")
@@ -249,7 +262,7 @@ class LLM:
             if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__") or any(
                     isinstance(x, (int, str, bytes)) or not hasattr(x, "__iter__") for x in prompt_token_ids):
                 raise ValueError("prompt_token_ids must be a list of token-id lists, e.g. [[2, 3, 4]]")
-            id_lists = [list(x) for x in prompt_token_ids]
+            id_lists = [_token_ids(x) for x in prompt_token_ids]
             texts = [None] * len(id_lists)
             images = [None] * len(id_lists)
         return self._generate_ids(texts, id_lists, images, sampling_params, on_event, use_tqdm)
