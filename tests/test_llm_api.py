@@ -73,3 +73,12 @@ def test_prompt_token_ids_from_a_tensor_or_array_work_like_lists(llm):
     assert out.token_ids == want
     with pytest.raises(ValueError, match="integers"):  # floats stay refused
         llm.generate(prompt_token_ids=torch.tensor([[2.0, 10.0]]), sampling_params=PARAMS)
+
+
+def test_a_refused_image_path_names_the_python_switch():
+    # The Python API's message used to say only "the server was started without --allowed-local-media-path".
+    from blockdiff.vision.media import ImageLoader, MediaLimits
+
+    with pytest.raises(ValueError, match=r"MediaLimits\(allowed_local_media_path=DIR\)") as e:
+        ImageLoader(MediaLimits()).load("photo.png")
+    assert "--allowed-local-media-path" in str(e.value)  # and the server's flag
