@@ -1,5 +1,6 @@
 """The offline ``LLM`` API as a researcher calls it (README "Python API"): threads, callbacks, interrupts."""
 
+import io
 import threading
 
 import pytest
@@ -82,3 +83,33 @@ def test_a_refused_image_path_names_the_python_switch():
     with pytest.raises(ValueError, match=r"MediaLimits\(allowed_local_media_path=DIR\)") as e:
         ImageLoader(MediaLimits()).load("photo.png")
     assert "--allowed-local-media-path" in str(e.value)  # and the server's flag
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_chat_at_a_terminal_ctrl_c_stops_the_reply_not_the_session(tiny_checkpoint, monkeypatch, capsys):
+    # Ctrl-C during a reply used to end the whole chat session (exit 130), losing the conversation.
+    from blockdiff.cli import main
+
+    seen, original = [], LLM.chat
+
+    def chat(self, messages, *a, **kw):
+        seen.append([m["content"] for m in messages])
+        if len(seen) == 1:
+            kw["on_event"] = _interrupt_at_first_block
+        return original(self, messages, *a, **kw)
+
+    monkeypatch.setattr(LLM, "chat", chat)
+    monkeypatch.setattr("sys.stdin", _Terminal("first\nsecond\n/exit\n"))
+    assert main(["chat", tiny_checkpoint, "--max-new-tokens", "20", "--steps", "3", "--seed", "0"]) == 0
+    assert seen == [["first"], ["second"]]  # the interrupted turn left the conversation
+    out = capsys.readouterr().out
+    assert "(reply interrupted)" in out and "tokens" in out.split("(reply interrupted)")[1]
+
+
+def _interrupt_at_first_block(ev):
+    if ev.kind == "block":
+        raise KeyboardInterrupt
