@@ -49,7 +49,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids only; ends with the EOS id when it stopped on EOS
     text: str | None
-    finish_reason: str  # "stop" | "length" | "abort" | "error" (this request alone failed: see ``error``)
+    # "stop" | "length" | "error" (this request alone failed: see ``error``); LLM.chat with tools also "tool_calls" |
+    # "invalid_tool_call" (docs/serving.md, "Tools and thinking"); "abort" only through the engine's abort().
+    finish_reason: str
     metrics: Metrics
     # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
     logprobs: list | None = None
@@ -345,7 +347,8 @@ class LLM:
         ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` as in OpenAI's API (see docs/serving.md, "Tools and
         thinking"): with tools, or with ``chat_template_kwargs={"enable_thinking": True}``, each output also
         carries ``content``, ``reasoning_content`` and ``tool_calls`` (OpenAI-shaped dicts), and
-        ``finish_reason`` is "tool_calls" when it called tools."""
+        ``finish_reason`` is "tool_calls" when it called tools ("invalid_tool_call" when the calls did not parse, or
+        none came although ``tool_choice`` required one)."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat template")
         if not isinstance(messages, list) or not messages:
