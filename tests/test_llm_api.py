@@ -113,3 +113,13 @@ def test_chat_at_a_terminal_ctrl_c_stops_the_reply_not_the_session(tiny_checkpoi
 def _interrupt_at_first_block(ev):
     if ev.kind == "block":
         raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("kwargs, match", [({"max_num_seqs": "4"}, "max_num_seqs must be an integer"),
+                                           ({"max_num_seqs": 2.5}, "max_num_seqs must be an integer"),
+                                           ({"media_limits": {"max_images": 1}}, "media_limits must be a")])
+def test_llm_refuses_a_bad_argument_naming_it(tiny_checkpoint, kwargs, match):
+    # max_num_seqs="4" was a TypeError from a comparison (2.5 was accepted); a dict media_limits was stored and
+    # failed with an AttributeError at the first image.
+    with pytest.raises(ValueError, match=match):
+        LLM(tiny_checkpoint, dtype="float32", device="cpu", **kwargs)

@@ -32,6 +32,7 @@ from ..vision.prompt import ImagePrompter
 from .engine import Engine
 from .failures import one_line
 from .model_state import Event, Metrics, ModelState
+from .scheduler import check_max_num_seqs
 
 
 def _check_parallel(tensor_parallel_size, expert_parallel) -> int:
@@ -124,8 +125,12 @@ class LLM:
                  prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True,
                  revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None,
                  tensor_parallel_size: int = 1, expert_parallel: bool = False):
+        if media_limits is not None and not isinstance(media_limits, MediaLimits):
+            raise ValueError("media_limits must be a blockdiff.vision.media.MediaLimits, got "
+                             f"{type(media_limits).__name__}")
         self.media_limits = media_limits or MediaLimits()
         self._calls = _OneCallAtATime()
+        check_max_num_seqs(max_num_seqs)  # before the (slow) load, like every argument
         device = resolve_device(device)
         tp = _check_parallel(tensor_parallel_size, expert_parallel)
         if tp > 1 and is_gguf(model, gguf_file):
