@@ -123,3 +123,12 @@ def test_llm_refuses_a_bad_argument_naming_it(tiny_checkpoint, kwargs, match):
     # failed with an AttributeError at the first image.
     with pytest.raises(ValueError, match=match):
         LLM(tiny_checkpoint, dtype="float32", device="cpu", **kwargs)
+
+
+def test_keyboard_interrupt_mid_generate_leaves_the_llm_usable(llm):
+    want = [o.token_ids for o in llm.generate(["a", "b"], PARAMS)]
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=64, max_denoising_steps=3, seed=1),
+                     on_event=_interrupt_at_first_block)
+    assert not llm.engine.has_unfinished()  # its requests were aborted, their pages returned
+    assert [o.token_ids for o in llm.generate(["a", "b"], PARAMS)] == want
