@@ -132,3 +132,18 @@ def test_keyboard_interrupt_mid_generate_leaves_the_llm_usable(llm):
                      on_event=_interrupt_at_first_block)
     assert not llm.engine.has_unfinished()  # its requests were aborted, their pages returned
     assert [o.token_ids for o in llm.generate(["a", "b"], PARAMS)] == want
+
+
+def test_denoise_refuses_self_conditioning_of_the_wrong_shape(tiny_model):
+    # It failed deep inside with "mat1 and mat2 shapes cannot be multiplied".
+    import torch
+
+    cache = tiny_model.new_cache(batch_size=1)
+    tiny_model.encode(torch.tensor([[2, 10, 11]]), cache)
+    canvas = torch.zeros(1, tiny_model.canvas_length, dtype=torch.long)
+    with pytest.raises(ValueError, match="self_conditioning_logits must be"):
+        tiny_model.denoise(canvas, cache, self_conditioning_logits=torch.zeros(1, tiny_model.canvas_length, 7))
+    with pytest.raises(ValueError, match="self_conditioning_embeds must be"):
+        tiny_model.denoise(canvas, cache, self_conditioning_embeds=torch.zeros(2, tiny_model.canvas_length, 3))
+    logits = tiny_model.denoise(canvas, cache)
+    assert tiny_model.denoise(canvas, cache, self_conditioning_logits=logits).shape == logits.shape
