@@ -74,6 +74,8 @@ def test_prompt_token_ids_from_a_tensor_or_array_work_like_lists(llm):
     assert out.token_ids == want
     with pytest.raises(ValueError, match="integers"):  # floats stay refused
         llm.generate(prompt_token_ids=torch.tensor([[2.0, 10.0]]), sampling_params=PARAMS)
+    with pytest.raises(ValueError, match="a list of token-id lists"):  # one flat row (was a TypeError for a tensor)
+        llm.generate(prompt_token_ids=torch.tensor([2, 10, 11]), sampling_params=PARAMS)
 
 
 def test_a_refused_image_path_names_the_python_switch():

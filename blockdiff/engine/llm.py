@@ -267,7 +267,8 @@ class LLM:
                 if prompts else ([], [], [])
         else:
             if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__") or any(
-                    isinstance(x, (int, str, bytes)) or not hasattr(x, "__iter__") for x in prompt_token_ids):
+                    isinstance(x, (int, str, bytes)) or not hasattr(x, "__iter__")
+                    or getattr(x, "ndim", None) == 0 for x in prompt_token_ids):  # a 1-D tensor's 0-d elements
                 raise ValueError("prompt_token_ids must be a list of token-id lists, e.g. [[2, 3, 4]]")
             id_lists = [_token_ids(x) for x in prompt_token_ids]
             texts = [None] * len(id_lists)
