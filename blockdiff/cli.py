@@ -384,7 +384,7 @@ def cmd_chat(args) -> int:
     messages = list(system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("blockdiff chat: /reset clears the conversation, /exit (or Ctrl-D) ends it.")
+        print("blockdiff chat: /reset clears the conversation, /exit (or Ctrl-D) ends it; Ctrl-C stops a reply.")
     turn = 0
     while True:
         line = _read_line(interactive)
@@ -412,6 +412,14 @@ def cmd_chat(args) -> int:
         except ValueError as e:  # e.g. the conversation outgrew the context: keep the session alive
             messages.pop()
             print(f"blockdiff: error: {e}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            if not interactive:  # a script's Ctrl-C ends the session (main says "interrupted")
+                raise
+            # At a terminal, Ctrl-C stops this reply only (LLM.generate aborts its requests, the model stays
+            # usable); the turn is dropped and the prompt comes back. Ctrl-C at the prompt still ends the session.
+            messages.pop()
+            print("(reply interrupted)", flush=True)
             continue
         turn += 1
         text = answer_text(out)

@@ -9,8 +9,10 @@ content parts. Each placeholder becomes the image's soft tokens (``blockdiff.vis
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,6 +32,7 @@ from ..vision.prompt import ImagePrompter
 from .engine import Engine
 from .failures import one_line
 from .model_state import Event, Metrics, ModelState
+from .scheduler import check_max_num_seqs
 
 
 def _check_parallel(tensor_parallel_size, expert_parallel) -> int:
@@ -47,7 +50,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids only; ends with the EOS id when it stopped on EOS
     text: str | None
-    finish_reason: str  # "stop" | "length" | "abort" | "error" (this request alone failed: see ``error``)
+    # "stop" | "length" | "error" (this request alone failed: see ``error``); LLM.chat with tools also "tool_calls" |
+    # "invalid_tool_call" (docs/serving.md, "Tools and thinking"); "abort" only through the engine's abort().
+    finish_reason: str
     metrics: Metrics
     # SamplingParams.logprobs set: per generated token (logprob, [(token id, logprob), ...] most likely first)
     logprobs: list | None = None
@@ -58,11 +63,44 @@ class RequestOutput:
     error: str | None = None  # finish_reason "error": what failed, one line (the other requests ran on)
 
 
+def _token_ids(ids) -> list:
+    """A prompt's ids as Python ints, so a row of a torch / NumPy integer array works like a list; anything that is
+    no integer is left as it is for the engine's check to refuse."""
+    out = []
+    for t in ids:
+        try:
+            out.append(t if isinstance(t, int) else operator.index(t))
+        except TypeError:
+            out.append(t)
+    return out
+
+
 def load_tokenizer(path: str):
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         return None
     from ..tokenizer import Tokenizer
     return Tokenizer.from_dir(path)
+
+
+class _OneCallAtATime:
+    """One ``generate`` / ``chat`` at a time: the engine's scheduler and its batched tick are single-threaded state,
+    so a call from a second thread waits for the first to finish (two interleaved ``step()`` loops failed each other's
+    requests). A call from inside an ``on_event`` callback of a running call would wait for itself: it raises."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self):
+        if self._owner == threading.get_ident():
+            raise RuntimeError("LLM.generate / chat cannot be called from inside an on_event callback of a running "
+                               "call on the same LLM")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+
+    def __exit__(self, *exc):
+        self._owner = None
+        self._lock.release()
 
 
 class LLM:
@@ -78,14 +116,21 @@ class LLM:
 
     ``tensor_parallel_size=N`` splits the model over N processes (``blockdiff.distributed``: this process is rank 0
     and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
-    ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md."""
+    ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md.
+
+    Thread-safe: calls from several threads run one after another."""
 
     def __init__(self, model: str, dtype="auto", device: str = "auto", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
                  prefix_cache_bytes: int = 0, quantization: str | None = None, quantize_embedding: bool = True,
                  revision: str | None = None, download_dir: str | None = None, gguf_file: str | None = None,
                  tensor_parallel_size: int = 1, expert_parallel: bool = False):
+        if media_limits is not None and not isinstance(media_limits, MediaLimits):
+            raise ValueError("media_limits must be a blockdiff.vision.media.MediaLimits, got "
+                             f"{type(media_limits).__name__}")
         self.media_limits = media_limits or MediaLimits()
+        self._calls = _OneCallAtATime()
+        check_max_num_seqs(max_num_seqs)  # before the (slow) load, like every argument
         device = resolve_device(device)
         tp = _check_parallel(tensor_parallel_size, expert_parallel)
         if tp > 1 and is_gguf(model, gguf_file):
@@ -143,6 +188,7 @@ class LLM:
                    prefix_cache_bytes: int = 0) -> "LLM":
         """Wrap a model already in memory; ``deterministic=None`` keeps its ``batch_invariant`` setting."""
         self = cls.__new__(cls)
+        self._calls = _OneCallAtATime()
         if deterministic is not None:
             model.batch_invariant = bool(deterministic)
         self.model_path = None
@@ -188,7 +234,7 @@ class LLM:
         text = p.get("prompt")
         if text is not None and not isinstance(text, str):
             raise ValueError(f"prompt {i}: 'prompt' must be a string")
-        ids = self._encode_text(text) if text is not None else list(p["prompt_token_ids"])
+        ids = self._encode_text(text) if text is not None else _token_ids(p["prompt_token_ids"])
         mmd = p.get("multi_modal_data") or {}
         if not isinstance(mmd, dict) or set(mmd) - {"image"}:
             raise ValueError(f"prompt {i}: multi_modal_data takes only 'image' (a PIL image or a list of them)")
@@ -221,9 +267,10 @@ class LLM:
                 if prompts else ([], [], [])
         else:
             if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__") or any(
-                    isinstance(x, (int, str, bytes)) or not hasattr(x, "__iter__") for x in prompt_token_ids):
+                    isinstance(x, (int, str, bytes)) or not hasattr(x, "__iter__")
+                    or getattr(x, "ndim", None) == 0 for x in prompt_token_ids):  # a 1-D tensor's 0-d elements
                 raise ValueError("prompt_token_ids must be a list of token-id lists, e.g. [[2, 3, 4]]")
-            id_lists = [list(x) for x in prompt_token_ids]
+            id_lists = [_token_ids(x) for x in prompt_token_ids]
             texts = [None] * len(id_lists)
             images = [None] * len(id_lists)
         return self._generate_ids(texts, id_lists, images, sampling_params, on_event, use_tqdm)
@@ -246,10 +293,11 @@ class LLM:
                                 f"{type(bad).__name__}")
             if len(params) != len(id_lists):
                 raise ValueError(f"{len(params)} sampling params for {len(id_lists)} prompts")
-        # Validate everything before running anything: a bad request never half-runs a batch.
-        states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i, images=im)
-                  for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
-        return self._run(states, texts, use_tqdm)
+        with self._calls:
+            # Validate everything before running anything: a bad request never half-runs a batch.
+            states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i, images=im)
+                      for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
+            return self._run(states, texts, use_tqdm)
 
     def _run(self, states: list[ModelState], texts, use_tqdm: bool) -> list[RequestOutput]:
         for s in states:
@@ -305,7 +353,8 @@ class LLM:
         ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` as in OpenAI's API (see docs/serving.md, "Tools and
         thinking"): with tools, or with ``chat_template_kwargs={"enable_thinking": True}``, each output also
         carries ``content``, ``reasoning_content`` and ``tool_calls`` (OpenAI-shaped dicts), and
-        ``finish_reason`` is "tool_calls" when it called tools."""
+        ``finish_reason`` is "tool_calls" when it called tools ("invalid_tool_call" when the calls did not parse, or
+        none came although ``tool_choice`` required one)."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat template")
         if not isinstance(messages, list) or not messages:

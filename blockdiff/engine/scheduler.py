@@ -22,10 +22,15 @@ class SchedulerOutput:
         return not self.encode and not self.denoise
 
 
+def check_max_num_seqs(v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"max_num_seqs must be an integer >= 1, got {v!r}")
+    return v
+
+
 class Scheduler:
     def __init__(self, max_num_seqs: int = 16, max_encode_tokens: int = 8192):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        check_max_num_seqs(max_num_seqs)
         self.max_num_seqs = max_num_seqs
         self.max_encode_tokens = max_encode_tokens
         self.waiting: deque[ModelState] = deque()

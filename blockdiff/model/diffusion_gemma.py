@@ -265,6 +265,11 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"cache holds {cache.batch_size} rows but the canvas batch has {B}")
         if self_conditioning_logits is not None and self_conditioning_embeds is not None:
             raise ValueError("pass self_conditioning_logits or self_conditioning_embeds, not both")
+        for name, sc, last in (("self_conditioning_logits", self_conditioning_logits, self.vocab_size),
+                               ("self_conditioning_embeds", self_conditioning_embeds, self.text.hidden_size)):
+            if sc is not None and tuple(sc.shape) != (B, C, last):  # else a matmul's shape error, deep inside
+                raise ValueError(f"{name} must be [batch, canvas, {last}] = [{B}, {C}, {last}] like the canvas, got "
+                                 f"{list(sc.shape)}")
         if self.batch_invariant and B > 1 and isinstance(cache, KVCache):
             return self._denoise_rows(ids, cache, self_conditioning_logits, self_conditioning_embeds,
                                       self_conditioning_mask, return_hidden)

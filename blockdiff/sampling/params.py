@@ -7,7 +7,7 @@ defaults) when the engine resolves them with ``resolved(defaults)``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import GenerationDefaults
 from .fields import (MAX_LOGPROBS, MIN_TEMPERATURE, ParamError, ParamsFields,  # noqa: F401  (re-exported)
@@ -15,6 +15,10 @@ from .fields import (MAX_LOGPROBS, MIN_TEMPERATURE, ParamError, ParamsFields,  #
 
 RNG_MODES = ("default", "reference")
 FIELD_NAMES = tuple(ParamsFields.model_fields)  # the fields whose types and bounds ParamsFields checks
+
+
+class UnknownFieldError(ParamError, TypeError):
+    """A keyword that is no field of ``SamplingParams``."""
 
 
 def _is_int(x) -> bool:
@@ -76,7 +80,15 @@ class SamplingParams:
     logit_bias: dict | None = None  # token id (int or its decimal string) -> bias in [-100, 100]
     # Prefix-cache blocks are shared only between requests with the same salt (None: the unsalted cache).
     cache_salt: str | None = None
-    extra: dict = field(default_factory=dict, repr=False)
+
+    def __new__(cls, *args, **kwargs):
+        # The dataclass's __init__ would raise a bare TypeError; a misspelt field is a ParamError naming it, like every
+        # other bad field (and still a TypeError, Python's convention for an unexpected keyword).
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UnknownFieldError(f"SamplingParams has no field {unknown[0]!r} (fields: "
+                                    f"{', '.join(f.name for f in dataclasses.fields(cls))})", unknown[0])
+        return super().__new__(cls)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -109,8 +109,10 @@ class ImageLoader:
     def _local_file(self, path: str, what: str) -> bytes:
         root = self.limits.allowed_local_media_path
         if root is None:
-            raise ValueError(f"{what}: local image files are not allowed (the server was started without "
-                             "--allowed-local-media-path); send a data: URL")
+            # The same loader serves the server and the Python API: name the switch of each.
+            raise ValueError(f"{what}: local image files are not allowed (no allowed media folder: `blockdiff serve "
+                             "--allowed-local-media-path DIR`, or `LLM(..., media_limits=MediaLimits("
+                             "allowed_local_media_path=DIR))` in Python); send a data: URL, a PIL image or bytes")
         real = os.path.realpath(os.path.join(root, os.path.expanduser(path)))
         if os.path.commonpath([real, root]) != root:
             raise ValueError(f"{what}: {path!r} is outside the allowed media folder")
