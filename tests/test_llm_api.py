@@ -119,7 +119,9 @@ def _interrupt_at_first_block(ev):
 
 @pytest.mark.parametrize("kwargs, match", [({"max_num_seqs": "4"}, "max_num_seqs must be an integer"),
                                            ({"max_num_seqs": 2.5}, "max_num_seqs must be an integer"),
-                                           ({"media_limits": {"max_images": 1}}, "media_limits must be a")])
+                                           ({"media_limits": {"max_images": 1}}, "media_limits must be a"),
+                                           ({"deterministic": "no"}, "deterministic must be True or False"),
+                                           ({"quantize_embedding": 0}, "quantize_embedding must be True or")])
 def test_llm_refuses_a_bad_argument_naming_it(tiny_checkpoint, kwargs, match):
     # max_num_seqs="4" was a TypeError from a comparison (2.5 was accepted); a dict media_limits was stored and
     # failed with an AttributeError at the first image.

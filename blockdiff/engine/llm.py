@@ -103,6 +103,13 @@ class _OneCallAtATime:
         self._lock.release()
 
 
+
+def _check_flags(**flags) -> None:
+    """On/off arguments are booleans: a string such as "no" would be truthy and switch the option on."""
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+
 class LLM:
     """``deterministic=True``: a seeded request's output is bit-identical alone or in any batch (the model and
     the sampler compute every request as they would alone; slower under load). The default batches the whole
@@ -128,6 +135,8 @@ class LLM:
         if media_limits is not None and not isinstance(media_limits, MediaLimits):
             raise ValueError("media_limits must be a blockdiff.vision.media.MediaLimits, got "
                              f"{type(media_limits).__name__}")
+        _check_flags(deterministic=deterministic, quantize_embedding=quantize_embedding,
+                     expert_parallel=expert_parallel)
         self.media_limits = media_limits or MediaLimits()
         self._calls = _OneCallAtATime()
         check_max_num_seqs(max_num_seqs)  # before the (slow) load, like every argument
@@ -190,7 +199,8 @@ class LLM:
         self = cls.__new__(cls)
         self._calls = _OneCallAtATime()
         if deterministic is not None:
-            model.batch_invariant = bool(deterministic)
+            _check_flags(deterministic=deterministic)
+            model.batch_invariant = deterministic
         self.model_path = None
         self.model, self.tokenizer = model, tokenizer
         self.defaults = generation_defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
