@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 
 SUBCOMMAND_MODULES = ("blockdiff.bench.cli", "blockdiff.server.cli", "blockdiff.train.cli", "blockdiff.sudoku.cli",
                       "blockdiff.quant.cli")
@@ -225,9 +226,17 @@ def answer_text(out) -> str:
 
 
 def shown_answer(llm, text: str) -> str:
-    """The answer as the terminal shows it (the Sudoku model's 81 digits also as a grid)."""
+    """The answer as the terminal shows it (the Sudoku model's 81 digits also as a grid). On a terminal, control
+    characters of the model's text other than newline and tab are shown escaped (``\\x1b``): an escape sequence
+    would otherwise act on the terminal (move the cursor, retitle the window, hide text). Piped output stays the
+    text itself."""
     display = getattr(llm.tokenizer, "display", None)
-    return display(text) if display is not None and text else text
+    text = display(text) if display is not None and text else text
+    return _escape_controls(text) if sys.stdout.isatty() else text
+
+
+def _escape_controls(text: str) -> str:
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text)
 
 
 def generate_with_view(llm, generate, live: bool, max_steps: int, title: str | None = None):

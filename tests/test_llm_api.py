@@ -151,3 +151,21 @@ def test_denoise_refuses_self_conditioning_of_the_wrong_shape(tiny_model):
         tiny_model.denoise(canvas, cache, self_conditioning_embeds=torch.zeros(2, tiny_model.canvas_length, 3))
     logits = tiny_model.denoise(canvas, cache)
     assert tiny_model.denoise(canvas, cache, self_conditioning_logits=logits).shape == logits.shape
+
+
+def test_run_shows_control_characters_escaped_on_a_terminal_and_as_they_are_in_a_pipe(monkeypatch):
+    """A model's text may hold terminal escape sequences (ESC [ 2 J clears the screen, OSC retitles the window):
+    on a terminal they are shown escaped; piped output is the text itself."""
+    import sys
+
+    from blockdiff.cli import shown_answer
+
+    class Plain:  # a tokenizer without the Sudoku model's grid display
+        pass
+
+    llm = type("L", (), {"tokenizer": Plain()})()
+    text = "a\x1b[2Jb\tc\nd\x07\x7f\x9b\r"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    assert shown_answer(llm, text) == "a\\x1b[2Jb\tc\nd\\x07\\x7f\\x9b\\r"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert shown_answer(llm, text) == text
