@@ -103,7 +103,6 @@ class _OneCallAtATime:
         self._lock.release()
 
 
-
 def _check_flags(**flags) -> None:
     """On/off arguments are booleans: a string such as "no" would be truthy and switch the option on."""
     for name, v in flags.items():
