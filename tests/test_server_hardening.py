@@ -336,14 +336,19 @@ def _free_port() -> int:
     return port
 
 
-def test_sigterm_ends_running_streams_with_an_error_event_and_one_log_line(ckpt):
+def _serve_process(ckpt: str, shutdown_grace: float):
+    """``blockdiff serve CKPT`` in a subprocess on a free port, one thread: (port, url, the process)."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", ckpt, "--port", str(port),
-                             "--threads", "1", "--shutdown-grace", "2", "--served-model-name", MODEL,
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    url = f"http://127.0.0.1:{port}"
+                             "--threads", "1", "--shutdown-grace", str(shutdown_grace), "--served-model-name",
+                             MODEL, "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    return port, f"http://127.0.0.1:{port}", proc
+
+
+def test_sigterm_ends_running_streams_with_an_error_event_and_one_log_line(ckpt):
+    port, url, proc = _serve_process(ckpt, shutdown_grace=2)
     try:
         assert wait_until(lambda: _up(url), timeout=60), proc.stderr.read() if proc.poll() is not None else ""
         _http10_stream_is_not_chunked(port)
@@ -526,13 +531,7 @@ def test_a_request_head_that_never_completes_is_closed(llm):
 def test_a_second_ctrl_c_ends_serve_at_once_in_one_line(ckpt):
     """The first SIGINT drains (a long grace here); the second ends the process with one line. uvicorn's own
     force-quit printed a CancelledError traceback per running request and one for the lifespan."""
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", ckpt, "--port", str(port),
-                             "--threads", "1", "--shutdown-grace", "600", "--served-model-name", MODEL,
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    url = f"http://127.0.0.1:{port}"
+    port, url, proc = _serve_process(ckpt, shutdown_grace=600)
     got: list[str] = []
 
     def stream():
