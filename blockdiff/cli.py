@@ -148,6 +148,15 @@ def check_threads(threads: int) -> None:
         raise CLIError(f"--threads must be >= 0 (0 = automatic), got {threads}")
 
 
+def check_before_load(args) -> None:
+    """What can be checked of the flags before the (slow) load: --threads, the --chat-template file (its syntax is
+    checked after the load). Also run before ``serve --replicas`` starts Ray."""
+    check_threads(args.threads)
+    template = getattr(args, "chat_template", None)
+    if template and not os.path.isfile(template):
+        raise CLIError(f"--chat-template: cannot read {template}: no such file")
+
+
 def load_llm(args, **engine_args):
     import torch
 
@@ -155,10 +164,7 @@ def load_llm(args, **engine_args):
 
     from .placement import describe_device
 
-    check_threads(args.threads)
-    template = getattr(args, "chat_template", None)
-    if template and not os.path.isfile(template):  # before the (slow) load; its syntax is checked after it
-        raise CLIError(f"--chat-template: cannot read {template}: no such file")
+    check_before_load(args)
     asked = args.device
     args.device = check_device(args.device)
     if args.threads:

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-from blockdiff.server.body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, read_body
+from blockdiff.server.body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_body_timeout, read_body
 from blockdiff.server.errors import APIError
 
 log = logging.getLogger("blockdiff.ray")
@@ -349,9 +349,8 @@ def build_app(args: dict):
     if args.get("max_body_bytes") is not None:
         app_kwargs["max_body_bytes"] = _arg(args, "max_body_bytes", int, None)
     if args.get("body_timeout") is not None:
-        app_kwargs["body_timeout"] = _arg(args, "body_timeout", float, None)
-        if not 0 < app_kwargs["body_timeout"] < float("inf"):  # the ingress uses it too: refused here, not there
-            raise ValueError(f"body_timeout must be a number of seconds > 0, got {app_kwargs['body_timeout']:g}")
+        # the ingress uses it too: refused here, not there
+        app_kwargs["body_timeout"] = check_body_timeout(_arg(args, "body_timeout", float, None))
     if args.get("media_limits") is not None:
         app_kwargs["media_limits"] = args["media_limits"]
     options: dict = {

@@ -27,7 +27,7 @@ from ..engine.async_engine import AsyncEngine
 from ..engine.engine import Engine
 from . import metrics as prom
 from . import schemas
-from .body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_content_type, read_body
+from .body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_body_timeout, check_content_type, read_body
 from .errors import APIError
 from .head_timeout import h11_protocol
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -110,9 +110,7 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
         if not isinstance(core, Engine):
             raise TypeError(f"build_app needs an LLM, Engine or AsyncEngine, got {type(llm_or_engine).__name__}")
         aeng = None
-    if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or \
-            not 0 < body_timeout < float("inf"):
-        raise ValueError(f"body_timeout must be a number of seconds > 0, got {body_timeout!r}")
+    check_body_timeout(body_timeout)
     if max_num_seqs is not None:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")

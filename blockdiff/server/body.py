@@ -24,6 +24,15 @@ MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 4300  # Python's int-string conversion limit (sys.get_int_max_str_digits() by default)
 
 
+def check_body_timeout(value, name: str = "body_timeout") -> float:
+    """A body idle timeout: a finite number of seconds > 0 (``build_app``, ``serve --body-timeout``, Ray's
+    ``build_app``); a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        raise ValueError(f"{name} must be a number of seconds > 0, got {shown}")
+    return float(value)
+
+
 def check_content_type(request: Request) -> None:
     # A browser page may send a cross-origin "simple" POST (text/plain, form types) without a CORS preflight;
     # refusing everything but JSON keeps such a page from starting generations on a loopback server.

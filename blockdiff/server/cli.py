@@ -131,6 +131,7 @@ def force_exit(llm, srv) -> None:
 
 def cmd_serve(args) -> int:
     from ..cli import CLIError, load_llm
+    from .body import check_body_timeout
 
     keys = api_keys(args)
     if any(not k.strip() for k in keys):
@@ -141,8 +142,10 @@ def cmd_serve(args) -> int:
             raise CLIError(f"{flag} must be >= 1, got {v}")
     if args.max_body_bytes < 1024:
         raise CLIError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
-    if not 0 < args.body_timeout < float("inf"):  # (NaN fails too)
-        raise CLIError(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout:g}")
+    try:
+        check_body_timeout(args.body_timeout, "--body-timeout")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if args.shutdown_grace < 0:
         raise CLIError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.max_num_seqs < 1:
@@ -181,11 +184,9 @@ def cmd_serve(args) -> int:
                        f"({args.max_image_bytes}) of base64 images: raise it to at least "
                        f"{args.max_image_bytes * 4 // 3 + 65536}")
     if args.replicas:
-        from ..cli import check_threads, quantization_kwargs
-        check_threads(args.threads)  # what load_llm checks before loading, checked before the replicas start
+        from ..cli import check_before_load, quantization_kwargs
+        check_before_load(args)  # what load_llm checks before loading, checked before the replicas start
         quantization_kwargs(args)
-        if args.chat_template and not os.path.isfile(args.chat_template):
-            raise CLIError(f"--chat-template: cannot read {args.chat_template}: no such file")
         from ..hub import is_gguf, looks_like_hub_id, resolve_path
         local = os.path.expanduser(args.model)
         if not is_gguf(local, args.gguf_file) and not looks_like_hub_id(local):
