@@ -214,15 +214,21 @@ def test_stop_and_escape_end_a_reply_and_the_server_aborts_it(page, chat_server)
     assert page.locator(".msg.user").count() == 2  # the stopped turns stay in the conversation
 
 
+def _send_with_canned_reply(page, message: str, events: str) -> None:
+    """Send ``message`` from the chat box while the page's chat endpoint answers with the server-sent ``events``
+    (the route stays until ``page.unroute``)."""
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=events))
+    page.get_by_test_id("chat-input").fill(message)
+    page.get_by_test_id("chat-send").click()
+
+
 def test_a_stream_cut_before_done_is_shown_as_an_error(page, chat_server):
     """A reply whose connection drops mid-stream is not presented as a complete answer."""
     _with_key(page, chat_server)
     cut = ('data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
            'data: {"choices":[{"index":0,"delta":{"content":"half an ans"}}]}\n\n')
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, headers={"content-type": "text/event-stream"}, body=cut))
-    page.get_by_test_id("chat-input").fill("Hello")
-    page.get_by_test_id("chat-send").click()
+    _send_with_canned_reply(page, "Hello", cut)
     error = page.get_by_test_id("error")
     error.wait_for(state="visible")
     assert "closed before the reply was complete" in error.text_content()
@@ -297,10 +303,7 @@ def test_a_reply_cut_at_max_tokens_says_so(page, chat_server):
                   '{"choices":[{"index":0,"delta":{},"finish_reason":"%s"}]}' % reason,
                   '{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":16,"total_tokens":21}}', "[DONE]"]
         body = "".join(f"data: {e}\n\n" for e in events)
-        page.route("**/v1/chat/completions", lambda route: route.fulfill(
-            status=200, headers={"content-type": "text/event-stream"}, body=body))
-        page.get_by_test_id("chat-input").fill("Where?")
-        page.get_by_test_id("chat-send").click()
+        _send_with_canned_reply(page, "Where?", body)
         meta = page.locator(".msg.assistant .meta").last
         page.wait_for_function(f"document.querySelectorAll('.msg.assistant .meta').length === "
                                f"{1 if reason == 'length' else 2}")
@@ -315,10 +318,7 @@ def test_events_with_crlf_line_ends_and_no_space_after_data_are_read(page, chat_
               '{"choices":[{"index":0,"delta":{"content":"through a proxy"}}]}',
               '{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', "[DONE]"]
     body = "".join(f"data:{e}\r\n\r\n" for e in events)
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, headers={"content-type": "text/event-stream"}, body=body))
-    page.get_by_test_id("chat-input").fill("Hello")
-    page.get_by_test_id("chat-send").click()
+    _send_with_canned_reply(page, "Hello", body)
     page.locator(".msg.assistant .meta").first.wait_for()
     assert "through a proxy" in page.locator(".msg.assistant").first.text_content()
     assert page.get_by_test_id("error").is_hidden()
