@@ -212,3 +212,47 @@ def test_a_forked_child_gets_fresh_workers(two_threads, monkeypatch):
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung on the parent's worker threads")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_slice_covers_the_range_once(monkeypatch, threads):
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out, slices = torch.zeros(40), []
+
+    def fill(a, b):
+        slices.append((a, b))
+        out[a:b] += 1
+    try:
+        with torch.no_grad():
+            cpu_threads.each_slice(fill, 40, 1)
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(slices) == ([(0, 40)] if threads == 1 else [(0, 20), (20, 40)])
+    assert torch.equal(out, torch.ones(40))
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_lm_head_in_blocks_equals_one_product(tmp_path, monkeypatch, two_threads, quant):
+    """The CPU LM head writes each block of the table's product into its columns of the logits (several blocks
+    per worker here): the same logits as one product over the whole (dequantized) table."""
+    from blockdiff.bench.checkpoints import write_random_checkpoint
+    from blockdiff.engine.llm import LLM
+    from blockdiff.model import diffusion_gemma
+    from blockdiff.quant.modules import QuantEmbedding
+    monkeypatch.setattr(cpu_threads, "MIN_WORK", 0)
+    monkeypatch.setattr(diffusion_gemma, "HEAD_BLOCK_BYTES", 1)  # 64-row blocks
+    monkeypatch.setattr(QuantEmbedding, "ROWS", 48)
+    write_random_checkpoint(str(tmp_path), "tiny")
+    m = LLM(str(tmp_path), dtype=torch.float32, device="cpu", quantization=quant).model
+    h = torch.randn(2, 5, m.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    e = m.embed_tokens
+    table = e.weight if quant is None else e.weight.qweight.float() * e.weight.qscale.float()[:, None]
+    assert table.shape[0] > 4 * 64  # several blocks in each worker's slice
+    with torch.inference_mode():
+        got = m.lm_head(h)
+    want = F.linear(h, table)
+    if m.softcap:
+        want = torch.tanh(want / m.softcap) * m.softcap
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

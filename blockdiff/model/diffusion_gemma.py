@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,24 @@ from torch import nn
 from ..config import ModelConfig
 from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, gather_prefix, to_device
 from .attention import AttnMeta
-from .cpu_threads import split
+from .cpu_threads import each_slice, split
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 from .vision_tower import VisionEncoder, image_blocks, same_image, scatter_image_features
+
+
+# The tied LM head on the CPU (inference), a block of the table at a time, each block's product written straight
+# into its columns of the logits: one [M, V] product per thread streamed its whole table slice through MKL's
+# packing, and the parts were then concatenated (twice). Mid checkpoint, [128 x 512] x [512 x 32,768]: 72 -> 59 ms
+# on one thread, 48 -> 33 ms on two (docs/benchmarks.md "Every core, round five").
+HEAD_BLOCK_BYTES = 1 << 20
+
+
+def _head_blocks(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, a: int, b: int) -> None:
+    """out[:, a:b] = h @ w[a:b].T, a block of ~HEAD_BLOCK_BYTES of the table at a time."""
+    rows = max(64, HEAD_BLOCK_BYTES // (w.shape[1] * w.element_size()))
+    for i in range(a, b, rows):
+        j = min(i + rows, b)
+        torch.mm(h, w[i:j].t(), out=out[:, i:j])
 
 
 class DiffusionGemma(nn.Module):
@@ -113,9 +129,15 @@ class DiffusionGemma(nn.Module):
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., H] -> soft-capped fp32 logits [..., V] (tied embeddings)."""
         if isinstance(self.embed_tokens, nn.Embedding):
-            w = self.embed_tokens.weight  # on the CPU the vocabulary dealt to its threads
-            logits = split(lambda a, b: F.linear(h, w[a:b]), w.shape[0], h.numel() * w.shape[0], dim=-1,
-                           device=w.device).float()
+            w = self.embed_tokens.weight
+            if w.device.type == "cpu" and not torch.is_grad_enabled() and h.dtype == w.dtype:
+                # on the CPU the vocabulary dealt to its threads, each writing its columns of the logits
+                flat = h.reshape(-1, h.shape[-1])
+                out = torch.empty(flat.shape[0], w.shape[0], dtype=w.dtype)
+                each_slice(partial(_head_blocks, flat, w, out), w.shape[0], flat.numel() * w.shape[0])
+                logits = out.reshape(*h.shape[:-1], w.shape[0]).float()
+            else:
+                logits = F.linear(h, w).float()
         else:
             logits = self.embed_tokens.project(h).float()
         if self.softcap:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.cpu_threads import map_experts, spans_of, split
+from ..model.cpu_threads import each_slice, map_experts, spans_of, split
 from ..model.moe import combine, route
 from ..model.norms import gelu_tanh
 from .tensors import FP8_MAX, dequantize, unpack_int4
@@ -301,10 +301,15 @@ class QuantEmbedding(nn.Module):
         else:
             # the scale on the [M, rows] output rather than the [rows, H] table block (fewer multiplies); the
             # vocabulary dealt to the CPU's threads, each casting its own part of the table a block at a time
-            def part(lo: int, hi: int) -> torch.Tensor:
-                return torch.cat([F.linear(flat, w.qweight[a:b].to(flat.dtype)).mul_(w.qscale[a:b].to(flat.dtype))
-                                  for a, b in self._chunks(lo, hi)], dim=-1)
-            out = split(part, self.num_embeddings, flat.numel() * self.num_embeddings, dim=-1, device=flat.device)
+            # (each block's product written straight into its columns of the logits: no concatenation)
+            out = torch.empty(flat.shape[0], self.num_embeddings, dtype=flat.dtype, device=flat.device)
+
+            def part(lo: int, hi: int) -> None:
+                for a, b in self._chunks(lo, hi):
+                    o = out[:, a:b]
+                    torch.mm(flat, w.qweight[a:b].to(flat.dtype).t(), out=o)
+                    o.mul_(w.qscale[a:b].to(flat.dtype))
+            each_slice(part, self.num_embeddings, flat.numel() * self.num_embeddings, device=flat.device)
         return out.reshape(*h.shape[:-1], self.num_embeddings)
 
     def mix(self, probs: torch.Tensor, dtype) -> torch.Tensor:
