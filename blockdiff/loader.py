@@ -54,6 +54,9 @@ def checkpoint_to_model_name(name: str) -> str | None:
         m = re.fullmatch(r"layers\.(\d+)\.layer_scalar", name[len(_ENC):])
         if m:
             return f"layers.{m.group(1)}.encoder_layer_scalar"
+        m = re.fullmatch(r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias", name[len(_ENC):])
+        if m:  # the reference does not tie attention biases: the encode pass has its own
+            return f"layers.{m.group(1)}.self_attn.encoder_bias.{m.group(2)}"
         return None  # the encoder's other text weights are tied to the decoder's
     if name == "lm_head.weight":
         return None  # tied to the embeddings
@@ -201,6 +204,9 @@ def _model_to_checkpoint_name(ours: str) -> str:
     m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", ours)
     if m:
         return f"{_ENC}layers.{m.group(1)}.layer_scalar"
+    m = re.fullmatch(r"layers\.(\d+)\.self_attn\.encoder_bias\.([qkvo]_proj)", ours)
+    if m:
+        return f"{_ENC}layers.{m.group(1)}.self_attn.{m.group(2)}.bias"
     return _DEC + ours
 
 

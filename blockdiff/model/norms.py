@@ -1,6 +1,8 @@
-"""Norms, rotary position embeddings and the GeLU used by every DiffusionGemma block."""
+"""Norms, rotary position embeddings and the activations (``hidden_activation``) of the DiffusionGemma blocks."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,3 +62,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation written out (the formula behind transformers' "gelu_new"), which rounds a little
+    differently from torch's fused tanh-GeLU."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# text_config.hidden_activation -> the function every GeGLU of the text model (dense MLP, experts,
+# self-conditioning) applies to its gate. "gelu" is the exact (erf) GeLU, not the tanh approximation.
+ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": gelu_erf, "gelu_new": gelu_new,
+               "silu": F.silu, "swish": F.silu, "relu": F.relu}
+
+
+def activation(name: str):
+    """The activation function named by ``hidden_activation``; ValueError naming the key for any other."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_activation {name!r} (blockdiff runs {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
