@@ -171,7 +171,8 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)
-        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim,
+                                                          config.text.max_position_embeddings).to(device))
     if model.vision is not None:
         model.vision.tower.rebuild_buffers(device)
     model.eval()

@@ -5,7 +5,11 @@ import collections
 
 import pytest
 import torch
-from fixtures import make_checkpoint, oracle_generate
+import json
+import os
+import shutil
+
+from fixtures import load_oracle, make_checkpoint, oracle_generate
 
 from blockdiff import LLM, SamplingParams
 from blockdiff.engine.model_state import InvalidTransition, ModelState, Phase
@@ -76,6 +80,34 @@ def test_reference_mode_stops_at_eos_like_the_oracle(tiny_checkpoint, llm):
         assert out.finish_reason == "stop"
         hits += 1
     assert hits >= 1, "no seed produced an EOS; pick a different checkpoint seed"
+
+
+@pytest.mark.parametrize("layout", ["no_file", "no_eos_key"])
+def test_generation_defaults_of_a_checkpoint_are_the_oracles(tiny_checkpoint, tmp_path, layout):
+    """Without generation_config.json, or without eos_token_id in it, the reference stops on no EOS id at all (it
+    never falls back to config.json's eos_token_id) and takes its built-in sampler defaults: so does blockdiff."""
+    from blockdiff.config import REFERENCE_GENERATION_DEFAULTS
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_checkpoint, path)
+    gen = os.path.join(path, "generation_config.json")
+    if layout == "no_file":
+        os.remove(gen)
+    else:
+        with open(gen) as f:
+            d = json.load(f)
+        del d["eos_token_id"], d["pad_token_id"]
+        with open(gen, "w") as f:
+            json.dump(d, f)
+    ref = load_oracle(path)
+    assert ref.generation_config.eos_token_id is None and ref.config.text_config.eos_token_id == 1
+    ours = LLM(path, dtype="float32").defaults
+    assert ours.eos_token_ids == [] and ours.pad_token_id is None
+    filled = ref.generation_config._get_default_generation_params()  # what the oracle's generate() fills in
+    expected = {k: getattr(ref.generation_config, k) if getattr(ref.generation_config, k) is not None else filled[k]
+                for k in REFERENCE_GENERATION_DEFAULTS if k != "entropy_bound"}
+    sampler = ref.generation_config.sampler_config or filled["sampler_config"]
+    assert {k: getattr(ours, k) for k in expected} == expected and ours.entropy_bound == sampler.entropy_bound
 
 
 # ------------------------------------------------------------------------------ default mode

@@ -15,11 +15,11 @@ from ..config import FULL, LayerSpec, TextConfig
 from .attention import Attention, AttnMeta, attend
 from . import cpu_threads
 from .moe import Experts, Router, Routing, combine, grouped_mm_usable, route
-from .norms import RMSNorm, activation, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
+from .norms import RMSNorm, activation, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq, rope_scaling
 
 __all__ = ["Attention", "AttnMeta", "DecoderLayer", "DenseMLP", "Experts", "RMSNorm", "Router", "Routing",
            "SelfConditioning", "apply_rope", "attend", "combine", "gelu_tanh", "grouped_mm_usable", "is_full",
-           "route", "rope_cos_sin", "rope_inv_freq"]
+           "route", "rope_cos_sin", "rope_inv_freq", "rope_scaling"]
 
 
 class DenseMLP(nn.Module):
