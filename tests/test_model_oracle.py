@@ -45,6 +45,20 @@ CONFIGS = {
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                      "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                                         "rope_theta": 1_000_000.0}}), 8, 19),
+    # Exact (erf) GeLU; attention biases (the encoder's are not tied to the decoder's in the reference); YaRN with
+    # mscale on sliding layers (cos/sin scaled), llama3 frequencies on full layers.
+    "gelu_bias_yarn_llama3": (dict(hidden_activation="gelu", attention_bias=True, rope_parameters={
+        "sliding_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10_000.0, "mscale": 1.0,
+                              "mscale_all_dim": 0.5, "original_max_position_embeddings": 64},
+        "full_attention": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10_000.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}), 16, 21),
+    # SiLU; RMSNorm eps 1e-2; linear RoPE scaling on sliding layers, dynamic NTK on full ones (its base at the
+    # full 64-position context, which the prompt and two canvases stay inside); vocab not a multiple of 8.
+    "silu_linear_dynamic": (dict(hidden_activation="silu", rms_norm_eps=1e-2, max_position_embeddings=64,
+                                 vocab_size=509, rope_parameters={
+                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+                                     "full_attention": {"rope_type": "dynamic", "factor": 3.3,
+                                                        "rope_theta": 10_000.0}}), 8, 19),
 }
 
 MAX_DIFF: dict[str, float] = {}
