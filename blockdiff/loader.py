@@ -95,7 +95,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
         raise CheckpointError(f"{path}: no config.json")
     config = ModelConfig.from_file(cfg_path)
     if not config.tie_word_embeddings:
-        raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
+        # the reference then unties everything: separate encoder, denoiser and LM-head weights
+        raise CheckpointError(f"{cfg_path}: tie_word_embeddings=false is not supported (blockdiff runs one weight set "
+                              "shared by the encoder, the denoiser and the LM head)")
     dtype = resolve_dtype(dtype, device)
     plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
     # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
