@@ -299,3 +299,25 @@ def test_missing_local_path_fails_clearly_without_network(where, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(CheckpointError, match="no checkpoint folder"):
         load_model(where, dtype=torch.float32)
+
+
+@torch.no_grad()
+def test_quantized_modules_keep_the_configs_activation_and_encoder_biases(checkpoints):
+    """Quantizing while loading swaps the experts and linears: the exact GeLU and the encode pass's own attention
+    biases of the config must survive the swap (else the quantized model runs another function)."""
+    from blockdiff.model.norms import gelu_erf
+    from blockdiff.quant.modules import QuantExperts
+
+    path = checkpoints["gelu_bias_yarn_llama3"]
+    model = load_model(path, dtype=torch.float32, device="cpu", quantization="int8")
+    assert any(isinstance(layer.experts, QuantExperts) for layer in model.layers)
+    for layer in model.layers:
+        assert layer.experts.act is gelu_erf and layer.mlp.act is gelu_erf
+    assert model.self_conditioning.act is gelu_erf
+    attn = model.layers[0].self_attn
+    assert not isinstance(attn.q_proj, torch.nn.Linear)  # quantized: the bias swap takes the generic path
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        enc = f.get_tensor("model.encoder.language_model.layers.0.self_attn.q_proj.bias")
+    x = torch.randn(1, 3, model.text.hidden_size)
+    shift = attn._proj("q_proj", x, causal=True) - attn._proj("q_proj", x, causal=False)
+    torch.testing.assert_close(shift, (enc - attn.q_proj.bias).expand_as(shift), atol=1e-5, rtol=0)
