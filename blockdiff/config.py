@@ -78,7 +78,12 @@ class TextConfig:
         from .model.norms import activation
         activation(self.hidden_activation)  # refuses an activation blockdiff does not run, naming it
         if self.use_bidirectional_attention == "all":
+            # a bidirectional encoder with a halved window; the reference's attention itself fails on it (is_causal
+            # passed twice, transformers 5.23), so there is nothing to be equal to
             raise ValueError("use_bidirectional_attention='all' is not supported (the encoder must be causal)")
+        if self.use_bidirectional_attention not in (None, "vision"):
+            raise ValueError(f"unsupported use_bidirectional_attention {self.use_bidirectional_attention!r} "
+                             "(null or 'vision')")
         if not self.num_experts or not self.top_k_experts or not self.moe_intermediate_size:
             raise ValueError("DiffusionGemma needs num_experts, top_k_experts and moe_intermediate_size")
         if self.layer_types is None:
