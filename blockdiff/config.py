@@ -108,6 +108,13 @@ class TextConfig:
         if self.per_layer_config is not None:
             # Saved form: only layers that differ from the global values are listed ({} = none differ).
             overrides = {int(k): dict(v) for k, v in self.per_layer_config.items()}
+            for i, o in overrides.items():  # the reference's attention reads these two per layer, no other key
+                other = sorted(set(o) - {"head_dim", "num_key_value_heads"})
+                if other:
+                    raise ValueError(f"per_layer_config[{i}]: {other[0]} per layer is not supported (blockdiff reads "
+                                     "head_dim and num_key_value_heads per layer)")
+                if not 0 <= i < self.num_hidden_layers:
+                    raise ValueError(f"per_layer_config: layer {i} is not in [0, {self.num_hidden_layers})")
         else:
             # Form of the released config.json: global_* keys apply to every full-attention layer.
             glob = {"head_dim": self.global_head_dim if self.global_head_dim is not None else 512}

@@ -111,6 +111,8 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
      "rope_parameters['sliding_attention']: unsupported rope_type 'longrope'"),
     ("config.json", lambda d: d["text_config"]["rope_parameters"]["full_attention"].update(rope_type="linear"),
      "rope_parameters['full_attention'] (rope_type 'linear') needs 'factor'"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(sliding_window=4),
+     "per_layer_config[3]: sliding_window per layer is not supported"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_value_of_the_wrong_type_names_file_and_key(ckpt, capsys, file, edit, words):
     edit_json(os.path.join(ckpt, file), edit)
