@@ -6,6 +6,8 @@ logits std ~2; denoise with/without self-conditioning, before/after two commits,
     top1_window8         3.8e-06
     top3of6_gqa_global   5.5e-06
     no_gqa_partial_rope  4.3e-06
+    gelu_bias_yarn_llama3  7.9e-06  (2 threads, machine shared; the three above read 8.6e-06 in that run)
+    silu_linear_dynamic    6.2e-06  (same run)
 (run with ``-s`` to print the figures of the current run).
 """
 
