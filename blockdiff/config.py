@@ -75,10 +75,15 @@ class TextConfig:
         return {k: v for k, v in out.items() if v is not None}
 
     def _resolve(self) -> None:
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
-            raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r}")
+        from .model.norms import activation
+        activation(self.hidden_activation)  # refuses an activation blockdiff does not run, naming it
         if self.use_bidirectional_attention == "all":
+            # a bidirectional encoder with a halved window; the reference's attention itself fails on it (is_causal
+            # passed twice, transformers 5.23), so there is nothing to be equal to
             raise ValueError("use_bidirectional_attention='all' is not supported (the encoder must be causal)")
+        if self.use_bidirectional_attention not in (None, "vision"):
+            raise ValueError(f"unsupported use_bidirectional_attention {self.use_bidirectional_attention!r} "
+                             "(null or 'vision')")
         if not self.num_experts or not self.top_k_experts or not self.moe_intermediate_size:
             raise ValueError("DiffusionGemma needs num_experts, top_k_experts and moe_intermediate_size")
         if self.layer_types is None:
@@ -96,11 +101,20 @@ class TextConfig:
         for t in set(self.layer_types):
             if t not in self.rope_parameters:
                 raise ValueError(f"rope_parameters has no entry for {t}")
+            if not isinstance(self.rope_parameters[t], dict) or "rope_theta" not in self.rope_parameters[t]:
+                raise ValueError(f"rope_parameters[{t!r}] must be an object with a rope_theta")
 
         overrides: dict[int, dict] = {}
         if self.per_layer_config is not None:
             # Saved form: only layers that differ from the global values are listed ({} = none differ).
             overrides = {int(k): dict(v) for k, v in self.per_layer_config.items()}
+            for i, o in overrides.items():  # the reference's attention reads these two per layer, no other key
+                other = sorted(set(o) - {"head_dim", "num_key_value_heads"})
+                if other:
+                    raise ValueError(f"per_layer_config[{i}]: {other[0]} per layer is not supported (blockdiff reads "
+                                     "head_dim and num_key_value_heads per layer)")
+                if not 0 <= i < self.num_hidden_layers:
+                    raise ValueError(f"per_layer_config: layer {i} is not in [0, {self.num_hidden_layers})")
         else:
             # Form of the released config.json: global_* keys apply to every full-attention layer.
             glob = {"head_dim": self.global_head_dim if self.global_head_dim is not None else 512}
@@ -122,6 +136,16 @@ class TextConfig:
                     f"layer {i}: {self.num_attention_heads} attention heads not divisible by {spec.num_kv_heads} KV heads"
                 )
             self.layers.append(spec)
+        from .model.norms import rope_inv_freq, rope_scaling
+        for t in sorted(set(self.layer_types)):  # every RoPE type and its keys checked here, named in the error
+            params, dim = self.rope_parameters[t], next(s.head_dim for s in self.layers if s.layer_type == t)
+            try:
+                rope_inv_freq(params, dim, self.max_position_embeddings)
+                rope_scaling(params, self.max_position_embeddings)
+            except KeyError as e:
+                raise ValueError(f"rope_parameters[{t!r}] (rope_type {params.get('rope_type')!r}) needs {e}") from None
+            except ValueError as e:
+                raise ValueError(f"rope_parameters[{t!r}]: {e}") from None
 
     @property
     def eos_ids(self) -> list[int]:
@@ -266,14 +290,17 @@ class GenerationDefaults:
         return cls(**vals, eos_token_ids=eos, pad_token_id=d.get("pad_token_id"))
 
     @classmethod
-    def from_dir(cls, path: str, model_eos: list[int] | None = None) -> "GenerationDefaults":
+    def from_dir(cls, path: str) -> "GenerationDefaults":
+        """The defaults of a checkpoint folder, as the reference reads them: from ``generation_config.json`` only.
+        Without that file, or without ``eos_token_id`` in it, the reference stops on no EOS id (it never falls back
+        to config.json's ``eos_token_id``), and neither does this."""
         p = os.path.join(path, "generation_config.json")
         if not os.path.exists(p):
-            return cls.from_dict({}, model_eos)
+            return cls.from_dict({})
         d = read_json(p, "the generation config")
         check_generation_config(d, p)
         try:
-            return cls.from_dict(d, model_eos)
+            return cls.from_dict(d)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{p}: {e}") from None
 
@@ -289,6 +316,11 @@ def check_generation_config(d: dict, path: str) -> None:
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
+    if d.get("max_length") is not None:
+        # the reference lets max_length override a max_new_tokens of exactly 256 and stop generation mid-budget;
+        # blockdiff budgets with max_new_tokens only, so it refuses what it would otherwise silently ignore
+        raise CheckpointError(f"{path}: max_length={d['max_length']!r} is not supported (blockdiff budgets "
+                              "generation with max_new_tokens): remove it or set max_new_tokens instead")
     eos, pad = d.get("eos_token_id"), d.get("pad_token_id")
     if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(map(is_int, eos)))):
         raise CheckpointError(f"{path}: eos_token_id must be an integer or an array of integers, got {eos!r}")

@@ -54,6 +54,9 @@ def checkpoint_to_model_name(name: str) -> str | None:
         m = re.fullmatch(r"layers\.(\d+)\.layer_scalar", name[len(_ENC):])
         if m:
             return f"layers.{m.group(1)}.encoder_layer_scalar"
+        m = re.fullmatch(r"layers\.(\d+)\.self_attn\.([qkvo]_proj)\.bias", name[len(_ENC):])
+        if m:  # the reference does not tie attention biases: the encode pass has its own
+            return f"layers.{m.group(1)}.self_attn.encoder_bias.{m.group(2)}"
         return None  # the encoder's other text weights are tied to the decoder's
     if name == "lm_head.weight":
         return None  # tied to the embeddings
@@ -92,7 +95,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
         raise CheckpointError(f"{path}: no config.json")
     config = ModelConfig.from_file(cfg_path)
     if not config.tie_word_embeddings:
-        raise CheckpointError("untied LM heads are not supported (DiffusionGemma ties them)")
+        # the reference then unties everything: separate encoder, denoiser and LM-head weights
+        raise CheckpointError(f"{cfg_path}: tie_word_embeddings=false is not supported (blockdiff runs one weight set "
+                              "shared by the encoder, the denoiser and the LM head)")
     dtype = resolve_dtype(dtype, device)
     plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
     # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
@@ -168,7 +173,8 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
     from .model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)
-        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim,
+                                                          config.text.max_position_embeddings).to(device))
     if model.vision is not None:
         model.vision.tower.rebuild_buffers(device)
     model.eval()
@@ -201,6 +207,9 @@ def _model_to_checkpoint_name(ours: str) -> str:
     m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", ours)
     if m:
         return f"{_ENC}layers.{m.group(1)}.layer_scalar"
+    m = re.fullmatch(r"layers\.(\d+)\.self_attn\.encoder_bias\.([qkvo]_proj)", ours)
+    if m:
+        return f"{_ENC}layers.{m.group(1)}.self_attn.{m.group(2)}.bias"
     return _DEC + ours
 
 

@@ -103,6 +103,16 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
     ("generation_config.json", lambda d: d.update(max_new_tokens=-3), "'max_new_tokens' must be >= 1"),
     ("generation_config.json", lambda d: d.update(sampler_config={"entropy_bound": 0}), "'entropy_bound' must be > 0"),
     ("generation_config.json", lambda d: d.update(t_min=0.5, t_max=0.1), "t_max must be greater than t_min"),
+    # values the reference runs and blockdiff does not: refused, never run differently
+    ("generation_config.json", lambda d: d.update(max_length=40), "max_length=40 is not supported"),
+    ("config.json", lambda d: d["text_config"].update(hidden_activation="gelu_fast"),
+     "unsupported hidden_activation 'gelu_fast'"),
+    ("config.json", lambda d: d["text_config"]["rope_parameters"]["sliding_attention"].update(rope_type="longrope"),
+     "rope_parameters['sliding_attention']: unsupported rope_type 'longrope'"),
+    ("config.json", lambda d: d["text_config"]["rope_parameters"]["full_attention"].update(rope_type="linear"),
+     "rope_parameters['full_attention'] (rope_type 'linear') needs 'factor'"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(sliding_window=4),
+     "per_layer_config[3]: sliding_window per layer is not supported"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_value_of_the_wrong_type_names_file_and_key(ckpt, capsys, file, edit, words):
     edit_json(os.path.join(ckpt, file), edit)

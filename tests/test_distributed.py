@@ -29,10 +29,12 @@ REL_TOL = 1e-5  # as tests/test_batched_core.py: max |split - one| <= 1e-5 * the
 
 # Every dimension the split touches, uneven: 12 query heads over 3 KV heads (sliding layers: a rank's heads straddle
 # GQA groups unevenly at TP=2 and TP=4, so KV heads are duplicated per query head), 1 KV head on full layers
-# (replicated on every rank), 5 experts, intermediate 100, expert intermediate 36, vocabulary 509.
+# (replicated on every rank), 5 experts, intermediate 100, expert intermediate 36, vocabulary 509; attention biases
+# (the encode pass's own ones cut like the projections) and the exact GeLU (kept by the split experts).
 UNEVEN = dict(vocab_size=509, hidden_size=48, intermediate_size=100, num_hidden_layers=3, num_attention_heads=12,
               num_key_value_heads=3, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, num_experts=5,
-              top_k_experts=2, moe_intermediate_size=36, sliding_window=8)
+              top_k_experts=2, moe_intermediate_size=36, sliding_window=8, attention_bias=True,
+              hidden_activation="gelu")
 # Dimensions int4 can cut on its group boundaries (expert intermediate 128 = 2 groups of 64).
 INT4 = dict(moe_intermediate_size=128)
 

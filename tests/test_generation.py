@@ -5,7 +5,11 @@ import collections
 
 import pytest
 import torch
-from fixtures import make_checkpoint, oracle_generate
+import json
+import os
+import shutil
+
+from fixtures import load_oracle, make_checkpoint, oracle_generate
 
 from blockdiff import LLM, SamplingParams
 from blockdiff.engine.model_state import InvalidTransition, ModelState, Phase
@@ -76,6 +80,66 @@ def test_reference_mode_stops_at_eos_like_the_oracle(tiny_checkpoint, llm):
         assert out.finish_reason == "stop"
         hits += 1
     assert hits >= 1, "no seed produced an EOS; pick a different checkpoint seed"
+
+
+# Settings the fixed checkpoints above never use, each generation compared with the oracle's token for token.
+VARIANTS = {
+    # exact GeLU + attention biases (encoder's own) + YaRN on an odd canvas of 7; stability 0 (confidence alone
+    # stops a canvas), t_min 0, one EOS id as an int, no pad id
+    "gelu_bias_yarn_canvas7": (dict(hidden_activation="gelu", attention_bias=True, rope_parameters={
+        "sliding_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10_000.0,
+                              "original_max_position_embeddings": 64},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 10_000.0}}),
+        7, dict(stability_threshold=0, confidence_threshold=0.5, t_min=0.0, t_max=0.3, max_denoising_steps=7,
+                eos_token_id=7, pad_token_id=None,
+                sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 2.5})),
+    # window 3 < canvas 16 < prompt; all layers sliding but the forced last one; stability over 3 steps
+    "window3_canvas16": (dict(sliding_window=3, layer_types=["sliding_attention"] * 4, hidden_activation="silu"),
+                         16, dict(eos_token_id=[3, 9], stability_threshold=3, confidence_threshold=100.0,
+                                  max_denoising_steps=9)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_reference_mode_equals_oracle_on_other_model_and_sampler_settings(tmp_path, name):
+    text, canvas, gen = VARIANTS[name]
+    path = make_checkpoint(tmp_path / name, text_overrides=text, canvas_length=canvas, generation_config=gen,
+                           with_tokenizer=False, seed=1)
+    llm = LLM(path, dtype="float32")
+    for seed in (0, 1):
+        prompt = _prompt(seed, 21)
+        expected = oracle_generate(path, prompt, seed, 40)
+        out = llm.generate(prompt_token_ids=[prompt],
+                           sampling_params=SamplingParams(max_new_tokens=40, seed=seed, rng="reference"))[0]
+        assert out.token_ids == expected
+
+
+@pytest.mark.parametrize("layout", ["no_file", "no_eos_key"])
+def test_generation_defaults_of_a_checkpoint_are_the_oracles(tiny_checkpoint, tmp_path, layout):
+    """Without generation_config.json, or without eos_token_id in it, the reference stops on no EOS id at all (it
+    never falls back to config.json's eos_token_id) and takes its built-in sampler defaults: so does blockdiff."""
+    from blockdiff.config import REFERENCE_GENERATION_DEFAULTS
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_checkpoint, path)
+    gen = os.path.join(path, "generation_config.json")
+    if layout == "no_file":
+        os.remove(gen)
+    else:
+        with open(gen) as f:
+            d = json.load(f)
+        del d["eos_token_id"], d["pad_token_id"]
+        with open(gen, "w") as f:
+            json.dump(d, f)
+    ref = load_oracle(path)
+    assert ref.generation_config.eos_token_id is None and ref.config.text_config.eos_token_id == 1
+    ours = LLM(path, dtype="float32").defaults
+    assert ours.eos_token_ids == [] and ours.pad_token_id is None
+    filled = ref.generation_config._get_default_generation_params()  # what the oracle's generate() fills in
+    expected = {k: getattr(ref.generation_config, k) if getattr(ref.generation_config, k) is not None else filled[k]
+                for k in REFERENCE_GENERATION_DEFAULTS if k != "entropy_bound"}
+    sampler = ref.generation_config.sampler_config or filled["sampler_config"]
+    assert {k: getattr(ours, k) for k in expected} == expected and ours.entropy_bound == sampler.entropy_bound
 
 
 # ------------------------------------------------------------------------------ default mode

@@ -6,6 +6,8 @@ logits std ~2; denoise with/without self-conditioning, before/after two commits,
     top1_window8         3.8e-06
     top3of6_gqa_global   5.5e-06
     no_gqa_partial_rope  4.3e-06
+    gelu_bias_yarn_llama3  7.9e-06  (2 threads, machine shared; the three above read 8.6e-06 in that run)
+    silu_linear_dynamic    6.2e-06  (same run)
 (run with ``-s`` to print the figures of the current run).
 """
 
@@ -45,6 +47,20 @@ CONFIGS = {
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                      "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                                         "rope_theta": 1_000_000.0}}), 8, 19),
+    # Exact (erf) GeLU; attention biases (the encoder's are not tied to the decoder's in the reference); YaRN with
+    # mscale on sliding layers (cos/sin scaled), llama3 frequencies on full layers.
+    "gelu_bias_yarn_llama3": (dict(hidden_activation="gelu", attention_bias=True, rope_parameters={
+        "sliding_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10_000.0, "mscale": 1.0,
+                              "mscale_all_dim": 0.5, "original_max_position_embeddings": 64},
+        "full_attention": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10_000.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}), 16, 21),
+    # SiLU; RMSNorm eps 1e-2; linear RoPE scaling on sliding layers, dynamic NTK on full ones (its base at the
+    # full 64-position context, which the prompt and two canvases stay inside); vocab not a multiple of 8.
+    "silu_linear_dynamic": (dict(hidden_activation="silu", rms_norm_eps=1e-2, max_position_embeddings=64,
+                                 vocab_size=509, rope_parameters={
+                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+                                     "full_attention": {"rope_type": "dynamic", "factor": 3.3,
+                                                        "rope_theta": 10_000.0}}), 8, 19),
 }
 
 MAX_DIFF: dict[str, float] = {}
@@ -285,3 +301,25 @@ def test_missing_local_path_fails_clearly_without_network(where, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     with pytest.raises(CheckpointError, match="no checkpoint folder"):
         load_model(where, dtype=torch.float32)
+
+
+@torch.no_grad()
+def test_quantized_modules_keep_the_configs_activation_and_encoder_biases(checkpoints):
+    """Quantizing while loading swaps the experts and linears: the exact GeLU and the encode pass's own attention
+    biases of the config must survive the swap (else the quantized model runs another function)."""
+    from blockdiff.model.norms import gelu_erf
+    from blockdiff.quant.modules import QuantExperts
+
+    path = checkpoints["gelu_bias_yarn_llama3"]
+    model = load_model(path, dtype=torch.float32, device="cpu", quantization="int8")
+    assert any(isinstance(layer.experts, QuantExperts) for layer in model.layers)
+    for layer in model.layers:
+        assert layer.experts.act is gelu_erf and layer.mlp.act is gelu_erf
+    assert model.self_conditioning.act is gelu_erf
+    attn = model.layers[0].self_attn
+    assert not isinstance(attn.q_proj, torch.nn.Linear)  # quantized: the bias swap takes the generic path
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        enc = f.get_tensor("model.encoder.language_model.layers.0.self_attn.q_proj.bias")
+    x = torch.randn(1, 3, model.text.hidden_size)
+    shift = attn._proj("q_proj", x, causal=True) - attn._proj("q_proj", x, causal=False)
+    torch.testing.assert_close(shift, (enc - attn.q_proj.bias).expand_as(shift), atol=1e-5, rtol=0)

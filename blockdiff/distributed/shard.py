@@ -198,6 +198,11 @@ def shard_attention(attn: nn.Module, world: int, rank: int, group=None) -> None:
     if attn.v_proj is not None:
         attn.v_proj = _cut_linear(attn.v_proj, rows=kv_rows)
     attn.o_proj = _row_parallel(attn.o_proj, (lo * D, hi * D), group)
+    if attn.encoder_bias is not None:  # the encode pass's own biases, cut like the projections they belong to
+        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            if name in attn.encoder_bias:
+                attn.encoder_bias[name] = nn.Parameter(attn.encoder_bias[name].detach()[rows].clone(),
+                                                       requires_grad=False)
     attn.n_heads, attn.n_kv = hi - lo, len(kv)
     attn.spec = dataclasses.replace(attn.spec, num_kv_heads=len(kv))
 
@@ -271,6 +276,7 @@ def _cut_experts(experts: nn.Module, rows_gu=None, cols_down=None, expert_range:
         out.gate_up_proj = _qtensor_cut(experts.gate_up_proj, rows=rows_gu, experts=expert_range)
         out.down_proj = _qtensor_cut(experts.down_proj, cols=cols_down, experts=expert_range, group=group)
         out.num_experts = out.gate_up_proj.shape[0]
+        out.act = experts.act  # the config's hidden_activation
         return out
     gu, dn = experts.gate_up_proj, experts.down_proj
     if expert_range is not None:
@@ -282,6 +288,7 @@ def _cut_experts(experts: nn.Module, rows_gu=None, cols_down=None, expert_range:
     out = Experts.__new__(Experts)
     nn.Module.__init__(out)
     out.num_experts = gu.shape[0]
+    out.act = experts.act  # the config's hidden_activation
     out.gate_up_proj = nn.Parameter(gu.detach().clone().contiguous(), requires_grad=False)
     out.down_proj = nn.Parameter(dn.detach().clone().contiguous(), requires_grad=False)
     return out

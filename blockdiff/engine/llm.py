@@ -166,7 +166,7 @@ class LLM:
         else:
             self.model = load_model(path, device=device, **load)
         self.model.batch_invariant = bool(deterministic)
-        self.defaults = GenerationDefaults.from_dir(path, self.model.text.eos_ids)
+        self.defaults = GenerationDefaults.from_dir(path)
         self.tokenizer = load_tokenizer(path)
         if self.tokenizer is not None:
             check_tokenizer_fits(self.tokenizer, self.model.vocab_size, os.path.join(path, "tokenizer.json"))

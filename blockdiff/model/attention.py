@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import LayerSpec, TextConfig
 from .norms import RMSNorm, apply_rope
@@ -45,7 +46,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 class Attention(torch.nn.Module):
     """Gemma-4 attention: q/k norms, unscaled v norm, scale 1.0, GQA; full layers reuse the key projection
-    for values (``v = v_norm(k_proj(x))``, without k's norm weight and RoPE)."""
+    for values (``v = v_norm(k_proj(x))``, without k's norm weight and RoPE).
+
+    With ``attention_bias`` the encode (causal) pass adds biases of its own: the reference ties every encoder
+    weight to the decoder's but not the biases (``model.encoder.language_model.layers.N.self_attn.*.bias``), so
+    the two passes share the projection weights and differ in their biases (``encoder_bias``)."""
 
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
@@ -61,12 +66,26 @@ class Attention(torch.nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
+        self.encoder_bias = nn.ParameterDict({
+            name: nn.Parameter(torch.zeros(getattr(self, name).out_features))
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj") if getattr(self, name) is not None}) if b else None
 
-    def project_kv(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proj(self, name: str, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The projection ``name`` of x, with the encoder's bias in the causal pass."""
+        proj = getattr(self, name)
+        if not causal or self.encoder_bias is None:
+            return proj(x)
+        if isinstance(proj, nn.Linear):
+            return F.linear(x, proj.weight, self.encoder_bias[name])
+        # quantized or split projections: their own bias swapped for the encoder's
+        return proj(x) + (self.encoder_bias[name] - proj.bias).to(x.dtype)
+
+    def project_kv(self, x: torch.Tensor, cos, sin, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, hidden] -> k, v [B, Hkv, S, D] (k normed + rotated, v normed)."""
         B, S, _ = x.shape
-        k_raw = self.k_proj(x).view(B, S, self.n_kv, self.head_dim)
-        v_raw = self.v_proj(x).view(B, S, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k_raw = self._proj("k_proj", x, causal).view(B, S, self.n_kv, self.head_dim)
+        v_raw = self._proj("v_proj", x, causal).view(B, S, self.n_kv, self.head_dim) if self.v_proj is not None \
+            else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
         v = self.v_norm(v_raw).transpose(1, 2)
         return k, v
@@ -78,12 +97,13 @@ class Attention(torch.nn.Module):
         sin: torch.Tensor,
         prefix: tuple[torch.Tensor, torch.Tensor],  # cached keys/values [B, Hkv, P, D] (padded, see meta)
         meta: AttnMeta,
+        causal: bool = False,  # the encode pass (its own biases, see the class docstring)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (output [B, S, hidden], new keys, new values [B, Hkv, S, D])."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+        q = self._proj("q_proj", x, causal).view(B, S, self.n_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)  # [B, H, S, D]
-        k_new, v_new = self.project_kv(x, cos, sin)  # [B, Hkv, S, D]
+        k_new, v_new = self.project_kv(x, cos, sin, causal)  # [B, Hkv, S, D]
         pk, pv = prefix
         if meta.per_row:
             outs = []
@@ -96,4 +116,4 @@ class Attention(torch.nn.Module):
         else:
             out = attend(q, torch.cat([pk, k_new], dim=2), torch.cat([pv, v_new], dim=2), meta.mask)
         out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
-        return self.o_proj(out), k_new, v_new
+        return self._proj("o_proj", out, causal), k_new, v_new

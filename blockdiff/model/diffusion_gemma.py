@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..kv_cache import KVCache, KVPool, SequenceCache, attention_span, gather_prefix, to_device
 from .attention import AttnMeta
 from .cpu_threads import each_slice, split
-from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+from .layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq, rope_scaling
 from .vision_tower import VisionEncoder, image_blocks, same_image, scatter_image_features
 
 
@@ -80,8 +80,11 @@ class DiffusionGemma(nn.Module):
         # One inverse-frequency table per layer type (head dims differ between sliding and full layers).
         for lt in sorted(set(t.layer_types)):
             spec = next(s for s in t.layers if s.layer_type == lt)
-            self.register_buffer(f"inv_freq_{lt}", rope_inv_freq(t.rope_parameters[lt], spec.head_dim),
-                                 persistent=False)
+            self.register_buffer(f"inv_freq_{lt}", rope_inv_freq(t.rope_parameters[lt], spec.head_dim,
+                                                                 t.max_position_embeddings), persistent=False)
+        # cos/sin factor per layer type (YaRN's attention factor; 1.0 otherwise): host floats, not buffers
+        self._rope_scale = {lt: rope_scaling(t.rope_parameters[lt], t.max_position_embeddings)
+                            for lt in set(t.layer_types)}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -149,7 +152,7 @@ class DiffusionGemma(nn.Module):
         return logits
 
     def _rope(self, positions: torch.Tensor, dtype):
-        return {lt: rope_cos_sin(getattr(self, f"inv_freq_{lt}"), positions, dtype)
+        return {lt: rope_cos_sin(getattr(self, f"inv_freq_{lt}"), positions, dtype, self._rope_scale[lt])
                 for lt in set(self.text.layer_types)}
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:

@@ -15,24 +15,25 @@ from ..config import FULL, LayerSpec, TextConfig
 from .attention import Attention, AttnMeta, attend
 from . import cpu_threads
 from .moe import Experts, Router, Routing, combine, grouped_mm_usable, route
-from .norms import RMSNorm, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq
+from .norms import RMSNorm, activation, apply_rope, gelu_tanh, rope_cos_sin, rope_inv_freq, rope_scaling
 
 __all__ = ["Attention", "AttnMeta", "DecoderLayer", "DenseMLP", "Experts", "RMSNorm", "Router", "Routing",
            "SelfConditioning", "apply_rope", "attend", "combine", "gelu_tanh", "grouped_mm_usable", "is_full",
-           "route", "rope_cos_sin", "rope_inv_freq"]
+           "route", "rope_cos_sin", "rope_inv_freq", "rope_scaling"]
 
 
 class DenseMLP(nn.Module):
-    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+    """GeGLU: down(act(gate(x)) * up(x)); ``act``: the config's ``hidden_activation`` (tanh GeLU by default)."""
 
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, act=gelu_tanh):
         super().__init__()
+        self.act = act
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -46,7 +47,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.self_attn = Attention(cfg, spec)
-        self.mlp = DenseMLP(h, cfg.intermediate_size)
+        self.mlp = DenseMLP(h, cfg.intermediate_size, activation(cfg.hidden_activation))
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         self.input_layernorm = RMSNorm(h, eps)
@@ -61,7 +62,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, prefix, meta: AttnMeta, causal: bool, moe_per_row: bool = False):
         """x [B, S, H]; prefix: cached (k, v) [B, Hkv, P, D]; meta: masks -> (x, new keys, new values)."""
-        attn, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, prefix, meta)
+        attn, k_new, v_new = self.self_attn(self.input_layernorm(x), cos, sin, prefix, meta, causal)
         x = x + self.post_attention_layernorm(attn)
         residual = x
         dense_in = self.pre_feedforward_layernorm(x)
@@ -100,6 +101,7 @@ class SelfConditioning(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.act = activation(cfg.hidden_activation)
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.pre_norm = RMSNorm(h, eps)
         self.post_norm = RMSNorm(h, eps, with_scale=False)
@@ -109,7 +111,7 @@ class SelfConditioning(nn.Module):
 
     def forward(self, embeds: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         n = self.pre_norm(soft)
-        sc = self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n))
+        sc = self.down_proj(self.act(self.gate_proj(n)) * self.up_proj(n))
         return self.post_norm(embeds + sc)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .cpu_threads import map_experts, spans_of, workers
-from .norms import RMSNorm, gelu_tanh
+from .norms import RMSNorm, activation
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,6 +109,7 @@ class Experts(nn.Module):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = e
+        self.act = activation(cfg.hidden_activation)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
@@ -133,7 +134,7 @@ class Experts(nn.Module):
             # One GEMM per weight matrix for every token of the batch: each expert's weights are read once.
             try:
                 gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), r.offsets).chunk(2, dim=-1)
-                y = grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), r.offsets)
+                y = grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), r.offsets)
             except RuntimeError:  # a device/dtype this build's kernel lacks (some GPUs): loop from now on
                 _GROUPED_MM_UNSUPPORTED.add((x.device.type, x.dtype))
         if y is None:
@@ -147,4 +148,4 @@ class Experts(nn.Module):
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+        return F.linear(self.act(gate) * up, self.down_proj[e])

@@ -332,7 +332,8 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
     from ..model.layers import rope_inv_freq
     for lt in set(config.text.layer_types):
         spec = next(s for s in config.text.layers if s.layer_type == lt)
-        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim).to(device))
+        setattr(model, f"inv_freq_{lt}", rope_inv_freq(config.text.rope_parameters[lt], spec.head_dim,
+                                                          config.text.max_position_embeddings).to(device))
     model.eval()
     return model
 

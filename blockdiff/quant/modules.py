@@ -206,6 +206,7 @@ class QuantExperts(nn.Module):
                  groups: tuple[int, int] = (64, 64)):
         super().__init__()
         self.num_experts = num_experts
+        self.act = gelu_tanh  # the config's hidden_activation: set by whoever swaps this in (quant/plan.py)
         self.gate_up_proj = QTensor((num_experts, 2 * inter, hidden), methods[0], groups[0])
         self.down_proj = QTensor((num_experts, hidden, inter), methods[1], groups[1])
 
@@ -235,7 +236,7 @@ class QuantExperts(nn.Module):
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
-        return self.down_proj.matmul(gelu_tanh(gate) * up, e)
+        return self.down_proj.matmul(self.act(gate) * up, e)
 
     def _int8_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """CPU int8: the routed rows quantized once per matrix (per-row scales), one torch._int_mm per expert."""
@@ -244,7 +245,7 @@ class QuantExperts(nn.Module):
         H, I = self.down_proj.shape[1:]
         gu = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)[0]
         gate, up = gu.mul_(xsc).chunk(2, -1)
-        hq, hsc = quantize_rows(gelu_tanh(gate) * up, self.down_proj.reduce_rows)
+        hq, hsc = quantize_rows(self.act(gate) * up, self.down_proj.reduce_rows)
         y = map_experts(lambda e, a, b: self.down_proj.matmul_q(hq[a:b], None, e), spans, H * I)[0].mul_(hsc)
         return y.to(xs.dtype)
 
@@ -253,7 +254,7 @@ class QuantExperts(nn.Module):
         (no per-expert loop, no host sync). UNMEASURED: no GPU was available to this work."""
         dt = xs.dtype
         gate, up = torch._grouped_mm(xs, self.gate_up_proj.dequantize(dt).transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm(gelu_tanh(gate) * up, self.down_proj.dequantize(dt).transpose(1, 2), offs=offs)
+        return torch._grouped_mm(self.act(gate) * up, self.down_proj.dequantize(dt).transpose(1, 2), offs=offs)
 
 
 class QuantEmbedding(nn.Module):
