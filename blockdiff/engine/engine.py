@@ -66,6 +66,11 @@ class Engine:
         self._ids = itertools.count()
         self._grammars = None  # structured.GrammarCompiler, built on the first constrained request
         self._grammars_lock = threading.Lock()
+        # Held while the scheduler's queues change or a tick runs. Several drivers may share one engine: the
+        # server's engine thread (AsyncEngine, build_app(llm)) and direct LLM.generate calls on the same LLM; each
+        # tick runs everyone's requests, so whoever holds the lock advances them all. Reentrant: an on_event
+        # callback runs inside the tick.
+        self.lock = threading.RLock()
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
 
     @property
@@ -172,11 +177,17 @@ class Engine:
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0,
                     images=None) -> ModelState:
         state = self.make_state(prompt_ids, params, on_event, request_id, request_index, images=images)
-        self.scheduler.add(state)
+        self.add(state)
         return state
 
+    def add(self, state: ModelState) -> None:
+        """Queue a state made by ``make_state`` (thread-safe: waits for a running tick)."""
+        with self.lock:
+            self.scheduler.add(state)
+
     def abort(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id) is not None
+        with self.lock:
+            return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -200,7 +211,11 @@ class Engine:
     # ------------------------------------------------------------------ one tick
     @torch.no_grad()
     def step(self) -> list[ModelState]:
-        """Run one tick; returns the requests that finished in it."""
+        """Run one tick; returns the requests that finished in it (whoever added them: see ``lock``)."""
+        with self.lock:
+            return self._tick()
+
+    def _tick(self) -> list[ModelState]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.encode:
