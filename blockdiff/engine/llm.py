@@ -146,7 +146,8 @@ class LLM:
     and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
     ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md.
 
-    Thread-safe: calls from several threads run one after another."""
+    Thread-safe: calls from several threads run one after another. A server built on this LLM (``build_app(llm)``)
+    and direct calls share its engine tick by tick (``Engine.lock``): both work at once."""
 
     def __init__(self, model: str, dtype="auto", device: str = "auto", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
