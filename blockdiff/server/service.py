@@ -67,6 +67,11 @@ class Prepared:
     images: object = None  # chat with image_url parts: the prompt's ImageInputs (blockdiff.vision.prompt)
 
 
+
+def key_digest(key: str) -> str:
+    """An API key's tenant tag (the prefix-cache salt when salting by key; Ray's router matches within it)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
 class Server:
     def __init__(self, engine: AsyncEngine, served_model_name: str, api_keys: list[str] | None, prep_workers: int = 2,
                  images: ImagePrompter | None = None, media_limits: MediaLimits | None = None,
@@ -110,7 +115,7 @@ class Server:
 
     def tenant_salt(self, key: str) -> str | None:
         """The prefix-cache salt of requests made with ``key`` (when salting by key): a digest, never the key."""
-        return hashlib.sha256(key.encode()).hexdigest()[:32] if self.salt_by_key else None
+        return key_digest(key) if self.salt_by_key else None
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "blockdiff",
