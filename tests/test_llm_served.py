@@ -93,3 +93,16 @@ def test_generate_with_one_sampling_params_per_prompt_equals_each_alone(served):
     assert len(together[1].token_ids) <= 32 and len(together[0].token_ids) <= 16
     with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
         llm.generate(prompts, params[:2])
+
+
+def test_greedy_choices_without_a_seed_are_the_choices_of_seed_0(served):
+    # temperature 0 seeds an unseeded request with 0, but its choices 1.. stayed unseeded and were each seeded 0 too:
+    # n copies of choice 0, unlike the same request with seed 0 (whose choices mix the seed with their index).
+    _, srv = served
+
+    def texts(**kw):
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "x y", "max_tokens": 16, "n": 3,
+                                                          "temperature": 0, **STEPS, **kw}, timeout=60)
+        return [c["text"] for c in r.json()["choices"]]
+    assert texts() == texts(seed=0)
+    assert len(set(texts())) == 3

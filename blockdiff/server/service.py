@@ -350,8 +350,10 @@ class Server:
         try:
             if p.req.n > 1:  # all choices or none (nothing awaits between here and the submits below)
                 self.engine.check_room(p.req.n)
+            # greedy and unseeded is seed 0 (SamplingParams.resolved): its choices are seed 0's, not n copies of one
+            seed = 0 if p.params.seed is None and p.params.greedy else p.params.seed
             for i in range(p.req.n):
-                params = p.params if i == 0 else _with_seed(p.params, choice_seed(p.params.seed, i))
+                params = p.params if i == 0 else _with_seed(p.params, choice_seed(seed, i))
                 streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}",
                                                   images=p.images))
         except BaseException as e:
