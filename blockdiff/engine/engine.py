@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 
 import torch
 
@@ -49,6 +50,19 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, canvas_length: int, cont
         raise ValueError(f"the prompt ({more}{tokens}) plus max_new_tokens ({max_new_tokens}, in canvases of {C}) "
                          f"needs {more}{needed} positions; the model's context is {context}")
 
+_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The tick lock of every engine over ``model`` (see ``Engine.lock``)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
                  max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0,
@@ -68,9 +82,10 @@ class Engine:
         self._grammars_lock = threading.Lock()
         # Held while the scheduler's queues change or a tick runs. Several drivers may share one engine: the
         # server's engine thread (AsyncEngine, build_app(llm)) and direct LLM.generate calls on the same LLM; each
-        # tick runs everyone's requests, so whoever holds the lock advances them all. Reentrant: an on_event
+        # tick runs everyone's requests, so whoever holds the lock advances them all. One lock per model: engines
+        # over the same model (its KV pool, its buffers) never tick at once either. Reentrant: an on_event
         # callback runs inside the tick.
-        self.lock = threading.RLock()
+        self.lock = model_lock(model)
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
 
     @property
