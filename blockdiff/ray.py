@@ -274,7 +274,6 @@ class BlockdiffIngress:
             return _unavailable(e)
         return Response(data, status_code=status, headers=dict(headers))
 
-
     def _tenant(self, request: Request) -> str | None:
         """The request's key tag when salting by key (any bearer token: a wrong key is the replica's 401)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

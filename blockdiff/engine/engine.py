@@ -50,6 +50,7 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, canvas_length: int, cont
         raise ValueError(f"the prompt ({more}{tokens}) plus max_new_tokens ({max_new_tokens}, in canvases of {C}) "
                          f"needs {more}{needed} positions; the model's context is {context}")
 
+
 _MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 

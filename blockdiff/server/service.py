@@ -66,11 +66,10 @@ class Prepared:
     echo: str | None = None  # completions with echo: the prompt text
     images: object = None  # chat with image_url parts: the prompt's ImageInputs (blockdiff.vision.prompt)
 
-
-
 def key_digest(key: str) -> str:
     """An API key's tenant tag (the prefix-cache salt when salting by key; Ray's router matches within it)."""
     return hashlib.sha256(key.encode()).hexdigest()[:32]
+
 
 class Server:
     def __init__(self, engine: AsyncEngine, served_model_name: str, api_keys: list[str] | None, prep_workers: int = 2,
