@@ -41,6 +41,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from blockdiff.server.body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_body_timeout, read_body
 from blockdiff.server.errors import APIError
+from blockdiff.server.service import key_digest
 
 log = logging.getLogger("blockdiff.ray")
 
@@ -65,14 +66,25 @@ class RoutedRequest:
     prompt: str = field(default=" ")
 
 
-def routing_text(path: str, body: bytes) -> str:
-    """The text a request's prompt starts with: chat messages' contents in order, or the completion prompt."""
+def routing_text(path: str, body: bytes, tenant: str | None = None) -> str:
+    """The text a request's prompt starts with: chat messages' contents in order, or the completion prompt.
+
+    Salted requests (``tenant``: the API key's tag when the replicas salt by key; the body's ``cache_salt``) start
+    with their salt, as their cached blocks do on the replicas: the router then matches a prompt only against
+    prompts of the same salt, so which replica (how busy, hence how fast) answers never depends on whether another
+    tenant sent that prompt."""
     try:
         data = json.loads(body) if body else {}
     except (ValueError, UnicodeDecodeError):
         return path or " "
     if not isinstance(data, dict):
         return path or " "
+    salt = data.get("cache_salt") if isinstance(data.get("cache_salt"), str) else None
+    head = f"\x00{tenant or ''}:{salt or ''}\x00" if tenant or salt else ""
+    return head + _prompt_text(path, data)
+
+
+def _prompt_text(path: str, data: dict) -> str:
     parts = []
     if isinstance(data.get("messages"), list):
         for m in data["messages"]:
@@ -229,9 +241,11 @@ def _unavailable(e: Exception) -> JSONResponse:
 # Decorated here, at import: a replica process imports this module and must find its routes already bound.
 @serve.ingress(ingress_app)
 class BlockdiffIngress:
-    def __init__(self, replica, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_IDLE_TIMEOUT):
+    def __init__(self, replica, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_IDLE_TIMEOUT,
+                 salt_by_key: bool = False):
         self.replica = replica
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
+        self.salt_by_key = salt_by_key  # as the replicas: the router matches prompts within each key's salt
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "HEAD"])
     async def forward(self, path: str, request: Request) -> Response:
@@ -244,7 +258,7 @@ class BlockdiffIngress:
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         req = RoutedRequest(request.method, "/" + path, request.url.query.encode(),
                             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()], body,
-                            routing_text("/" + path, body))
+                            routing_text("/" + path, body, self._tenant(request)))
         gen = self.replica.options(stream=True).handle.remote(req)
         try:
             status, headers = await gen.__anext__()
@@ -259,6 +273,11 @@ class BlockdiffIngress:
         except Exception as e:  # noqa: BLE001 - the replica died mid-answer
             return _unavailable(e)
         return Response(data, status_code=status, headers=dict(headers))
+
+    def _tenant(self, request: Request) -> str | None:
+        """The request's key tag when salting by key (any bearer token: a wrong key is the replica's 401)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return key_digest(token.strip()) if self.salt_by_key and scheme.lower() == "bearer" and token.strip() else None
 
 
 # ---------------------------------------------------------------------------------------------- building the app
@@ -378,7 +397,9 @@ def build_app(args: dict):
     ingress = serve.deployment(BlockdiffIngress, name="BlockdiffIngress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(replica.bind(model, name, llm_kwargs, app_kwargs),
                         app_kwargs.get("max_body_bytes", MAX_BODY_BYTES),
-                        app_kwargs.get("body_timeout", BODY_IDLE_TIMEOUT))
+                        app_kwargs.get("body_timeout", BODY_IDLE_TIMEOUT),
+                        len(app_kwargs["api_key"] or []) > 1 if app_kwargs["salt_by_key"] is None
+                        else app_kwargs["salt_by_key"])
 
 
 def _replica_error(e: Exception) -> str:

@@ -276,7 +276,7 @@ def test_the_ingress_refuses_a_body_over_the_limit_before_reading_it(tiny_checkp
 
     from blockdiff.ray import BlockdiffIngress
 
-    _, limit, timeout = _captured_app(monkeypatch, [tiny_checkpoint, "--dtype", "float32", "--max-body-bytes",
+    _, limit, timeout, _ = _captured_app(monkeypatch, [tiny_checkpoint, "--dtype", "float32", "--max-body-bytes",
                                                     "4096", "--max-image-bytes", "1024", "--body-timeout", "0.2"]
                                       ).init_args
     assert (limit, timeout) == (4096, 0.2)
@@ -315,3 +315,31 @@ def test_the_ingress_refuses_a_body_over_the_limit_before_reading_it(tiny_checkp
     assert streamed[0] == 413 and f"more than {limit}" in streamed[1]["message"]
     stalled = asyncio.run(answer(request(100, [b"{"], then_wait=True)))
     assert stalled[0] == 408 and stalled[1]["code"] == "body_timeout"
+
+
+def test_the_router_matches_a_prompt_only_within_its_tenant_salt(tiny_checkpoint, monkeypatch):
+    """The prefix-aware router matched every prompt against every tenant's: a tenant's request went to the replica
+    holding another tenant's same prompt (where its salted cache cannot hit), so how busy its replica was depended
+    on what the other tenant sent. The routed text now starts with the salt, as the replicas' cached blocks do."""
+    import json
+
+    from starlette.requests import Request
+
+    from blockdiff.ray import BlockdiffIngress, routing_text
+
+    body = json.dumps({"messages": [{"role": "user", "content": "shared prompt"}]}).encode()
+    salted = json.dumps({"prompt": "shared prompt", "cache_salt": "s"}).encode()
+    assert routing_text("/v1/chat/completions", body) == "shared prompt\n"  # unsalted: as before
+    assert routing_text("/v1/completions", salted).endswith("shared prompt")
+    assert not routing_text("/v1/completions", salted).startswith("shared prompt")
+    assert routing_text("/v1/chat/completions", body, "ta") != routing_text("/v1/chat/completions", body, "tb")
+    keyed = _captured_app(monkeypatch, [tiny_checkpoint, "--dtype", "float32", "--api-key", "ka", "--api-key", "kb"])
+    one = _captured_app(monkeypatch, [tiny_checkpoint, "--dtype", "float32", "--api-key", "ka"])
+    assert keyed.init_args[3] is True and one.init_args[3] is False  # salting by key: auto with several keys
+
+    def tenant(key: str, salt_by_key: bool):
+        ingress = type("Ingress", (), {"salt_by_key": salt_by_key})()
+        req = Request({"type": "http", "headers": [(b"authorization", f"Bearer {key}".encode())]})
+        return BlockdiffIngress._tenant(ingress, req)
+    assert tenant("ka", True) != tenant("kb", True) and "ka" not in tenant("ka", True)
+    assert tenant("ka", False) is None

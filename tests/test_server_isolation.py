@@ -190,3 +190,50 @@ def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monk
         time.sleep(0.02)
     assert counters.finished["error"] == before["error"] + 1
     assert counters.finished["abort"] == before["abort"]
+
+
+def _answer(url: str, path: str, b: dict):
+    """Each choice's text (and logprobs), streamed or not; a status code for a refused request; "left" for a stream
+    the client drops after its first chunk."""
+    if b.get("leave"):
+        with httpx.stream("POST", url + path, json={k: v for k, v in b.items() if k != "leave"}, timeout=60) as r:
+            next(ln for ln in r.iter_lines() if ln.startswith("data: "))
+        return "left"
+    if b.get("stream"):
+        out = {}
+        with httpx.stream("POST", url + path, json=b, timeout=60) as r:
+            for ln in r.iter_lines():
+                if ln.startswith("data: ") and ln != "data: [DONE]":
+                    for c in json.loads(ln[6:])["choices"]:
+                        text = c["text"] if "text" in c else (c.get("delta") or {}).get("content")
+                        out[c["index"]] = out.get(c["index"], "") + (text or "")
+        return [out[i] for i in sorted(out)]
+    r = httpx.post(url + path, json=b, timeout=60)
+    if r.status_code != 200:
+        return r.status_code
+    return [(c.get("text", (c.get("message") or {}).get("content")), c.get("logprobs")) for c in r.json()["choices"]]
+
+
+def test_a_mixed_batch_with_failing_and_leaving_neighbours_equals_each_solo_run(srv):
+    # The promise of --deterministic as users meet it: requests of every kind (n choices, streamed, chat and
+    # completions, constrained, logprobs, truncation, penalties, fast, the reference rng), each bit-identical to its
+    # solo run while batched beside each other, beside a stream its client drops and beside refused requests.
+    chat, comp = "/v1/chat/completions", "/v1/completions"
+    c = {"model": MODEL, "max_tokens": 32, "max_denoising_steps": 3}
+    good = [(comp, dict(c, prompt="one", seed=1, n=2)),
+            (chat, dict(c, messages=[{"role": "user", "content": "two two"}], seed=2, stream=True)),
+            (comp, dict(c, prompt="three " * 5, seed=3, logprobs=2, top_k=5, temperature=0.7)),
+            (chat, dict(c, messages=[{"role": "user", "content": "four"}], seed=4,
+                        response_format={"type": "json_object"})),
+            (comp, dict(c, prompt="five five", seed=5, fast=True, presence_penalty=1.0, ignore_eos=True)),
+            (comp, dict(c, prompt="six", seed=6, rng="reference", max_tokens=16))]
+    bad = [(comp, dict(c, prompt="leave", seed=7, max_tokens=512, ignore_eos=True, stream=True, leave=True)),
+           (comp, dict(c, prompt="word " * 3000, seed=8)),  # longer than the context: 400
+           (comp, dict(c, prompt="cold", seed=9, t_max=1e-300))]  # its logits would overflow: 400
+    solo = [_answer(srv.url, p, b) for p, b in good]
+    with ThreadPoolExecutor(len(good) + len(bad)) as ex:
+        futs = [ex.submit(_answer, srv.url, p, b) for p, b in good[:3] + bad + good[3:]]
+        got = [f.result() for f in futs]
+    assert got[3:6] == ["left", 400, 400]
+    assert got[:3] + got[6:] == solo
+    assert len(solo[0]) == 2 and solo[0][0] != solo[0][1] and solo[2][0][1] is not None

@@ -272,12 +272,13 @@ class AsyncEngine:
                         break
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
-                for s in adds:
-                    self.engine.scheduler.add(s)
-                for rid in aborts:
-                    self.engine.abort(rid)  # finishes the state: frees its cache, emits done(abort)
-                if self.engine.has_unfinished():
-                    self._tick()
+                with self.engine.lock:  # direct LLM.generate calls may drive the same engine (Engine.lock)
+                    for s in adds:
+                        self.engine.scheduler.add(s)
+                    for rid in aborts:
+                        self.engine.abort(rid)  # finishes the state: frees its cache, emits done(abort)
+                    if self.engine.has_unfinished():
+                        self._tick()
                 self._publish()
                 failure = self._model_failure()
                 if failure is not None:  # every later tick would fail too: stop, and /health says so (503)
@@ -309,20 +310,25 @@ class AsyncEngine:
 
     def _fail(self, state: ModelState, exc: EngineFailedError) -> None:
         with self._cond:
-            stream = self._streams.pop(state.request_id, None)
+            stream = self._streams.get(state.request_id)
+            if stream is not None and stream.state is not state:
+                stream = None  # a direct LLM.generate request on the same engine (its caller reads its state)
+            if stream is not None:
+                del self._streams[state.request_id]
             self._failed_aborts.discard(state.request_id)
-        state.on_event = None  # the stream gets the error, not a done event
+        if stream is not None:
+            state.on_event = None  # the stream gets the error, not a done event
         try:
             state.finish("error", error=str(exc))  # frees the cache
         except Exception:
             state.cache = None
-        self.counters.record(state, "error")
         if stream is not None:
+            self.counters.record(state, "error")
             stream._put(exc)
 
     def _fail_running(self, e: Exception) -> None:
         # The failed tick touched only running requests; waiting ones are intact and run on.
-        sched = self.engine.scheduler
+        sched = self.engine.scheduler  # called from _tick, under the engine's lock
         victims, sched.running = [s for s in sched.running if not s.finished], []
         # The exception's text stays in the log: it comes from batched work over several requests (possibly of
         # other tenants: their token ids, their text) and can run to pages; each request is told the type only.
@@ -332,10 +338,16 @@ class AsyncEngine:
             self._fail(s, exc)
 
     def _fail_all(self, exc: EngineFailedError) -> None:
+        # Only this engine's own requests: a direct LLM.generate call on the same engine goes on driving its own.
         sched = self.engine.scheduler
-        with self._cond:
-            states = [s for s in list(sched.running) + list(sched.waiting) + self._adds if not s.finished]
-            sched.running, self._adds = [], []
+        with self.engine.lock, self._cond:
+            own = {id(st.state) for st in self._streams.values()}
+            states = [s for s in list(sched.running) + list(sched.waiting) + self._adds
+                      if not s.finished and id(s) in own]
+            sched.running = [s for s in sched.running if id(s) not in own]
+            waiting = [s for s in sched.waiting if id(s) not in own]
             sched.waiting.clear()
+            sched.waiting.extend(waiting)
+            self._adds = []
         for s in states:
             self._fail(s, exc)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 
 import torch
 
@@ -49,6 +50,20 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, canvas_length: int, cont
         raise ValueError(f"the prompt ({more}{tokens}) plus max_new_tokens ({max_new_tokens}, in canvases of {C}) "
                          f"needs {more}{needed} positions; the model's context is {context}")
 
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The tick lock of every engine over ``model`` (see ``Engine.lock``)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 class Engine:
     def __init__(self, model: DiffusionGemma, defaults: GenerationDefaults | None = None, tokenizer=None,
                  max_num_seqs: int = 16, max_encode_tokens: int = 8192, prefix_cache_bytes: int = 0,
@@ -66,6 +81,12 @@ class Engine:
         self._ids = itertools.count()
         self._grammars = None  # structured.GrammarCompiler, built on the first constrained request
         self._grammars_lock = threading.Lock()
+        # Held while the scheduler's queues change or a tick runs. Several drivers may share one engine: the
+        # server's engine thread (AsyncEngine, build_app(llm)) and direct LLM.generate calls on the same LLM; each
+        # tick runs everyone's requests, so whoever holds the lock advances them all. One lock per model: engines
+        # over the same model (its KV pool, its buffers) never tick at once either. Reentrant: an on_event
+        # callback runs inside the tick.
+        self.lock = model_lock(model)
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
 
     @property
@@ -172,11 +193,17 @@ class Engine:
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0,
                     images=None) -> ModelState:
         state = self.make_state(prompt_ids, params, on_event, request_id, request_index, images=images)
-        self.scheduler.add(state)
+        self.add(state)
         return state
 
+    def add(self, state: ModelState) -> None:
+        """Queue a state made by ``make_state`` (thread-safe: waits for a running tick)."""
+        with self.lock:
+            self.scheduler.add(state)
+
     def abort(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id) is not None
+        with self.lock:
+            return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -200,7 +227,11 @@ class Engine:
     # ------------------------------------------------------------------ one tick
     @torch.no_grad()
     def step(self) -> list[ModelState]:
-        """Run one tick; returns the requests that finished in it."""
+        """Run one tick; returns the requests that finished in it (whoever added them: see ``lock``)."""
+        with self.lock:
+            return self._tick()
+
+    def _tick(self) -> list[ModelState]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.encode:

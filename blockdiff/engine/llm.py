@@ -83,16 +83,18 @@ def load_tokenizer(path: str):
 
 
 class _OneCallAtATime:
-    """One ``generate`` / ``chat`` at a time: the engine's scheduler and its batched tick are single-threaded state,
-    so a call from a second thread waits for the first to finish (two interleaved ``step()`` loops failed each other's
-    requests). A call from inside an ``on_event`` callback of a running call would wait for itself: it raises."""
+    """One ``generate`` / ``chat`` at a time per LLM: a call from a second thread waits for the first to finish. A call
+    from inside an ``on_event`` callback of a running call would wait for itself: it raises. That callback may run on
+    another thread than its call's (the server's engine thread, when ``build_app(llm)`` serves the same LLM: each
+    tick advances every request, see ``Engine.lock``), so being inside one is marked per thread by ``callback``."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._in_callback = threading.local()
 
     def __enter__(self):
-        if self._owner == threading.get_ident():
+        if self._owner == threading.get_ident() or getattr(self._in_callback, "depth", 0):
             raise RuntimeError("LLM.generate / chat cannot be called from inside an on_event callback of a running "
                                "call on the same LLM")
         self._lock.acquire()
@@ -101,6 +103,26 @@ class _OneCallAtATime:
     def __exit__(self, *exc):
         self._owner = None
         self._lock.release()
+
+    def callback(self, on_event, interrupts: list):
+        """``on_event`` for the engine. An exception (``Exception``) fails that request alone, as the engine does for
+        any; anything else (``KeyboardInterrupt``) is kept in ``interrupts`` and re-raised by the call after the tick,
+        so a tick run by the server's thread is never cut short (its other requests stay consistent)."""
+        if on_event is None:
+            return None
+        local = self._in_callback
+
+        def run(ev):
+            local.depth = getattr(local, "depth", 0) + 1
+            try:
+                on_event(ev)
+            except Exception:
+                raise
+            except BaseException as e:  # noqa: BLE001 - handed to the call's own thread
+                interrupts.append(e)
+            finally:
+                local.depth -= 1
+        return run
 
 
 def _check_flags(**flags) -> None:
@@ -124,7 +146,8 @@ class LLM:
     and owns the engine; ``expert_parallel=True`` places whole experts per rank instead of splitting each one); call
     ``close()`` (or use ``with``) to end the other ranks. See docs/scaling.md.
 
-    Thread-safe: calls from several threads run one after another."""
+    Thread-safe: calls from several threads run one after another. A server built on this LLM (``build_app(llm)``)
+    and direct calls share its engine tick by tick (``Engine.lock``): both work at once."""
 
     def __init__(self, model: str, dtype="auto", device: str = "auto", max_num_seqs: int = 64,
                  deterministic: bool = False, media_limits: MediaLimits | None = None,
@@ -303,27 +326,38 @@ class LLM:
             if len(params) != len(id_lists):
                 raise ValueError(f"{len(params)} sampling params for {len(id_lists)} prompts")
         with self._calls:
+            interrupts: list[BaseException] = []
+            on_event = self._calls.callback(on_event, interrupts)
             # Validate everything before running anything: a bad request never half-runs a batch.
             states = [self.engine.make_state(ids, p, on_event=on_event, request_index=i, images=im)
                       for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
-            return self._run(states, texts, use_tqdm)
+            return self._run(states, texts, use_tqdm, interrupts)
 
-    def _run(self, states: list[ModelState], texts, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, states: list[ModelState], texts, use_tqdm: bool, interrupts: list) -> list[RequestOutput]:
+        """Tick until every state finished. Another driver of the same engine (a server built on this LLM) may run
+        some of those ticks: each tick advances every request, so the loop watches its states, not what its own
+        ticks return."""
         for s in states:
-            self.engine.scheduler.add(s)
-        pending = {s.request_id for s in states}
+            self.engine.add(s)
+        pending = list(states)
         done = 0
         try:
             while pending:
-                for s in self.engine.step():
-                    if s.request_id in pending:
-                        pending.discard(s.request_id)
-                        done += 1
-                        if use_tqdm:
-                            print(f"\r[blockdiff] {done}/{len(states)} requests done", end="", file=sys.stderr)
+                with self.engine.lock:
+                    if interrupts:
+                        raise interrupts[0]
+                    if any(not s.finished for s in pending):  # another driver may have finished them
+                        self.engine.step()
+                if interrupts:
+                    raise interrupts[0]
+                left = [s for s in pending if not s.finished]
+                if use_tqdm and len(left) < len(pending):
+                    done += len(pending) - len(left)
+                    print(f"\r[blockdiff] {done}/{len(states)} requests done", end="", file=sys.stderr)
+                pending = left
         except BaseException:
-            for rid in pending:  # leave no half-run request behind in the engine
-                self.engine.abort(rid)
+            for s in pending:  # leave no half-run request behind in the engine
+                self.engine.abort(s.request_id)
             raise
         if use_tqdm:
             print(file=sys.stderr)

@@ -66,6 +66,10 @@ class Prepared:
     echo: str | None = None  # completions with echo: the prompt text
     images: object = None  # chat with image_url parts: the prompt's ImageInputs (blockdiff.vision.prompt)
 
+def key_digest(key: str) -> str:
+    """An API key's tenant tag (the prefix-cache salt when salting by key; Ray's router matches within it)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
 
 class Server:
     def __init__(self, engine: AsyncEngine, served_model_name: str, api_keys: list[str] | None, prep_workers: int = 2,
@@ -110,7 +114,7 @@ class Server:
 
     def tenant_salt(self, key: str) -> str | None:
         """The prefix-cache salt of requests made with ``key`` (when salting by key): a digest, never the key."""
-        return hashlib.sha256(key.encode()).hexdigest()[:32] if self.salt_by_key else None
+        return key_digest(key) if self.salt_by_key else None
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "blockdiff",
@@ -345,8 +349,10 @@ class Server:
         try:
             if p.req.n > 1:  # all choices or none (nothing awaits between here and the submits below)
                 self.engine.check_room(p.req.n)
+            # greedy and unseeded is seed 0 (SamplingParams.resolved): its choices are seed 0's, not n copies of one
+            seed = 0 if p.params.seed is None and p.params.greedy else p.params.seed
             for i in range(p.req.n):
-                params = p.params if i == 0 else _with_seed(p.params, choice_seed(p.params.seed, i))
+                params = p.params if i == 0 else _with_seed(p.params, choice_seed(seed, i))
                 streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}",
                                                   images=p.images))
         except BaseException as e:
