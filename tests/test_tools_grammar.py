@@ -20,7 +20,7 @@ from fixtures import write_tokenizer
 from structured_schemas import SCHEMAS
 from tool_fixtures import GEMMA4_TOOLS_TEMPLATE, TOOL_TOKENS
 
-CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object" and k != "number_bounds"}
+CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object"}
 EOS = [1, 106, 50]
 
 
@@ -119,9 +119,10 @@ def test_one_call_unless_parallel(tok):
 
 
 @pytest.mark.parametrize("schema, where", [
-    ({"type": "object", "properties": {"x": {"type": "number", "maximum": 3}}}, "properties.x"),
-    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 5}}}, "properties.x"),
-    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 10 ** 6}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "number", "minimum": 3, "exclusiveMaximum": 3}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 5.5, "maximum": 5.9}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "multipleOf": 0}}}, "properties.x.multipleOf"),
+    ({"type": "object", "properties": {"x": {"type": "number", "minimum": "1"}}}, "properties.x.minimum"),
     ({"type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}, "properties.xs"),
     ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "properties.x"),
     ({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}}, "properties.x.$ref"),
@@ -132,6 +133,36 @@ def test_what_cannot_be_enforced_is_refused_naming_the_path(tok, schema, where):
     with pytest.raises(ValueError) as e:
         tool_call_grammar([{"name": "f", "parameters": schema}], MARKERS.ids(tok), "required")
     assert str(e.value).startswith("tools[0].function.parameters" + ("." + where if where else "")), str(e.value)
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "number", "minimum": 0.5, "maximum": 3}, [0.5, 1.25, 3], [0.25, 3.5, -1]),
+    ({"type": "number", "exclusiveMinimum": 0}, [0.001, 12], [0, -2]),
+    ({"type": "integer", "minimum": 18}, [18, 120], [17, 18.5, -18]),
+    ({"type": "integer", "maximum": -2}, [-2, -300], [-1, 0, 5]),
+    ({"type": "integer", "minimum": 0, "maximum": 10 ** 6}, [0, 999999, 10 ** 6], [10 ** 6 + 1, -1]),
+    ({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}, [0, 35, 100], [3, 105]),
+])
+def test_number_bounds_are_enforced_exactly(tok, schema, good, bad):
+    # Tools commonly bound numbers (a price >= 0, an age >= 18): enforced, not refused.
+    params = {"type": "object", "properties": {"x": schema}, "required": ["x"], "additionalProperties": False}
+    for x in good + bad:
+        m = matcher(tok, [{"name": "f", "parameters": params}])
+        assert consumes(tok, m, f"<|tool_call>call:f{{x:{json.dumps(x)}}}<tool_call|>") == (x in good), x
+        assert (x in good) == jsonschema.Draft202012Validator(params).is_valid({"x": x}), x
+    rng = random.Random(0)
+    for _ in range(3):  # and random sentences of the grammar validate
+        m = matcher(tok, [{"name": "f", "parameters": params}], parallel=False)
+        p = parse_output(tok.decode(walk(tok, m, rng), skip_special_tokens=False), tool_names=["f"])
+        assert p.error is None
+        jsonschema.validate(p.tool_calls[0].arguments, params)
+
+
+def test_a_tool_without_parameters_takes_no_arguments(tok):
+    # OpenAI: omitting parameters defines a function with an empty parameter list.
+    assert consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{}<tool_call|>")
+    assert not consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{a:1}<tool_call|>")
+    assert consumes(tok, matcher(tok, [{"name": "ping", "parameters": {}}]), "<|tool_call>call:ping{a:1}<tool_call|>")
 
 
 def test_recursive_refs_are_followed(tok):

@@ -24,8 +24,8 @@ from test_server import LiveServer
 from tool_fixtures import make_tool_checkpoint
 
 MODEL = "tiny-dg-tools"
-# The object schemas of the structured-output suite a call grammar can enforce (number_bounds is refused).
-CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object" and k != "number_bounds"}
+# The object schemas of the structured-output suite (a call grammar enforces every one).
+CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object"}
 
 
 def tool(name: str, schema: dict, description: str = "") -> dict:
@@ -223,8 +223,8 @@ def _prompt_ids(llm, messages, tools):
 
 
 @pytest.mark.parametrize("body, param, message", [
-    (dict(tools=[tool("f", {"type": "object", "properties": {"x": {"type": "number", "minimum": 0}}})],
-          tool_choice="required"), "tools[0].function.parameters.properties.x", "non-integer number"),
+    (dict(tools=[tool("f", {"type": "object", "properties": {"x": {"uniqueItems": True}}})],
+          tool_choice="required"), "tools[0].function.parameters.properties.x", "uniqueItems cannot be enforced"),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
      "tool_choice.function.name", "not one of the tools"),
     (dict(tool_choice="required"), "tool_choice", "no 'tools'"),
