@@ -158,6 +158,26 @@ def test_number_bounds_are_enforced_exactly(tok, schema, good, bad):
         jsonschema.validate(p.tool_calls[0].arguments, params)
 
 
+def test_auto_with_a_json_answer_is_that_answer_or_calls(tok):
+    from blockdiff.tools.grammar import answer_rule
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+
+    def m(spec, thinking=False):
+        g = tool_call_grammar(TOOLS, MARKERS.ids(tok), "auto", True, thinking, answer_rule(spec))
+        return llguidance.LLMatcher(tok.lltok, llguidance.LLMatcher.grammar_from_lark(g), log_level=1)
+    call = "<|tool_call>call:noargs{}<tool_call|>"
+    for text, ok in (('{"n":3}', True), (call, True), ('{"n":"x"}', False), ('{ "n":3}', False),
+                     ("plain text", False), ('{"n":3}' + call, False)):
+        assert consumes(tok, m({"json": schema}), text) == ok, text
+    assert consumes(tok, m({"json": schema}, thinking=True), '<|channel>thought\nhm<channel|>{"n":3}')
+    assert consumes(tok, m({"json": schema, "allow_whitespace": True}), '{ "n": 3 }')
+    assert consumes(tok, m({"json_object": True}), '{"a":[1]}') and not consumes(tok, m({"json_object": True}), "[]")
+    assert consumes(tok, m({"choice": ["yes", "no"]}), "no") and not consumes(tok, m({"choice": ["yes"]}), "n")
+    with pytest.raises(ValueError, match="only a JSON answer"):
+        answer_rule({"regex": "a+"})
+
+
 def test_a_tool_without_parameters_takes_no_arguments(tok):
     # OpenAI: omitting parameters defines a function with an empty parameter list.
     assert consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{}<tool_call|>")

@@ -116,6 +116,26 @@ def test_parallel_calls_each_validate_and_choose_among_the_tools(server):
     assert seen == {"get_weather", "get_time"}
 
 
+def test_auto_with_response_format_answers_valid_json_or_valid_calls(server):
+    # Agent frameworks send tools and a response_format together: the answer is either a call or the JSON.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    client = server.client()
+    kinds = set()
+    for seed in range(6):
+        c = _ask(client, tools=[WEATHER, TIME], response_format=rf, seed=seed).choices[0]
+        if c.message.tool_calls:
+            _check_calls(c, {"get_weather": WEATHER["function"]["parameters"],
+                             "get_time": TIME["function"]["parameters"]})
+            kinds.add("calls")
+        else:
+            assert c.finish_reason == "stop", (c.finish_reason, c.message.content)
+            jsonschema.validate(json.loads(c.message.content), schema)
+            kinds.add("json")
+    assert kinds
+
+
 def test_tool_choice_none_gives_no_calls(server):
     r = _ask(server.client(), tools=[WEATHER, TIME], tool_choice="none", seed=0, max_tokens=32)
     c = r.choices[0]
@@ -233,6 +253,7 @@ def _prompt_ids(llm, messages, tools):
     (dict(tools=[WEATHER, WEATHER]), "tools[1].function.name", "declared twice"),
     (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "tool_choice",
      "cannot be combined"),
+    (dict(tools=[WEATHER], structured_outputs={"regex": "a+"}), "structured_outputs", "only a JSON answer"),
     (dict(messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]),
      "messages[1].tool_calls[0].function.arguments", "not valid JSON"),

@@ -286,13 +286,27 @@ class _Builder:
         return self.rule(f'"{{" ({kv} ("," {kv})*)? "}}"', "obj")
 
 
+def answer_rule(spec: dict) -> str:
+    """The Lark body of an answer in the form a ``structured_outputs`` spec asks (json / json_object / choice),
+    for "auto" beside calls. ``ValueError`` for the kinds that cannot be embedded (regex, grammar)."""
+    if "json" in spec or "json_object" in spec:
+        schema = spec["json"] if "json" in spec else {"type": "object"}
+        guidance = {**schema.get("x-guidance", {}), "whitespace_flexible": bool(spec.get("allow_whitespace"))}
+        return "%json " + json.dumps({**schema, "x-guidance": guidance})
+    if "choice" in spec:
+        return " | ".join(_lit(c) for c in spec["choice"])
+    raise ValueError("only a JSON answer (response_format json_schema / json_object, structured_outputs json / "
+                     "json_object / choice) can be combined with tool calls")
+
+
 def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, parallel: bool = True,
-                      thinking: bool = False) -> str:
+                      thinking: bool = False, answer: str | None = None) -> str:
     """The Lark grammar of a constrained output.
 
     ``tools``: [{"name", "parameters"}]; ``ids``: marker name -> token id (``Markers.ids``); ``mode``: "required"
-    (one or more calls, ``parallel``) or "auto" (free text, then optionally calls). With ``thinking`` the output
-    may open with one thinking channel (required: must, since the template asked the model to think).
+    (one or more calls, ``parallel``) or "auto" (free text, then optionally calls; with ``answer``, a Lark rule
+    body from ``answer_rule``: either that answer or calls). With ``thinking`` the output may open with one
+    thinking channel (required: must, since the template asked the model to think).
     Raises ``ValueError`` naming ``tools[i].function.parameters...`` for a schema it cannot enforce.
     """
     if mode not in ("required", "auto"):
@@ -316,8 +330,10 @@ def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, paralle
     if mode == "required":
         start = ("think " if thinking else "") + "calls"
     else:
-        start = ("think? " if thinking else "") + "TEXT calls?"
+        start = ("think? " if thinking else "") + ("TEXT calls?" if answer is None else "(answer | calls)")
     lines = [f"start: {start}", "TEXT: /(.|\\n)*/", "THOUGHT: /(.|\\n)*/"]
+    if answer is not None:
+        lines.append(f"answer: {answer}")
     if thinking:
         lines.append(f"think: {think}")
     lines += [f"{k}: {v}" for k, v in b.rules.items()]

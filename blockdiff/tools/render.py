@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from .grammar import tool_call_grammar
+from .grammar import answer_rule, tool_call_grammar
 from .syntax import MARKERS, NAME, Markers
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -169,9 +169,10 @@ class ToolPlan:
         return [{"type": "function", "function": {k: v for k, v in t.items() if k != "where" and v is not None}}
                 for t in self.tools]
 
-    def grammar(self, tokenizer) -> str | None:
+    def grammar(self, tokenizer, answer: dict | None = None) -> str | None:
         """The Lark grammar of the output when calls are constrained (tool_choice required / named / auto), or
-        None: no tools, "none", or a tokenizer without the format's markers (its calls are parsed as written)."""
+        None: no tools, "none", or a tokenizer without the format's markers (its calls are parsed as written).
+        ``answer``: the request's ``structured_outputs`` spec, the form of a text answer beside calls ("auto")."""
         if not self.parse_calls:
             return None
         ids = self.markers.ids(tokenizer)
@@ -179,8 +180,18 @@ class ToolPlan:
             return None
         tools = [t for t in self.tools if t["name"] in self.names]
         parallel = self.parallel and self.named is None  # a named function is called once, as in OpenAI's API
+        if answer is not None:
+            if self.mode != "auto":
+                raise ToolError("tool_choice", f"is {self.mode!r}, which constrains the output to tool calls: it "
+                                "cannot be combined with response_format / structured_outputs (use tool_choice "
+                                "'auto' or 'none')")
+            try:
+                answer = answer_rule(answer)
+            except ValueError as e:
+                raise ToolError("structured_outputs", f"with tools (tool_choice 'auto'): {e}; tool_choice 'none' "
+                                "takes any constraint") from None
         try:
-            return tool_call_grammar(tools, ids, self.mode, parallel, self.thinking)
+            return tool_call_grammar(tools, ids, self.mode, parallel, self.thinking, answer)
         except ValueError as e:
             msg = str(e)
             raise ToolError(msg.split(":", 1)[0], msg.split(":", 1)[1].strip() if ":" in msg else msg) from None
@@ -188,12 +199,9 @@ class ToolPlan:
     def constrain(self, params, tokenizer):
         """``params`` (a ``SamplingParams``) with the calls' grammar as its ``structured_outputs`` (a copy), or
         ``params`` itself when nothing is constrained. ``ToolError`` names the field at fault."""
-        grammar = self.grammar(tokenizer)
+        grammar = self.grammar(tokenizer, params.structured_outputs)
         if grammar is None:
             return params
-        if params.structured_outputs is not None:
-            raise ToolError("tool_choice", f"is {self.mode!r}, which constrains the output to tool calls: it cannot "
-                            "be combined with response_format / structured_outputs (use tool_choice 'none')")
         from ..structured.spec import compile_spec, normalize
 
         try:
