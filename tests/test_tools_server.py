@@ -254,6 +254,13 @@ def _prompt_ids(llm, messages, tools):
     (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "tool_choice",
      "cannot be combined"),
     (dict(tools=[WEATHER], structured_outputs={"regex": "a+"}), "structured_outputs", "only a JSON answer"),
+    # Knobs the grammar's sampler cannot honour, with tools under the default tool_choice "auto" (were 500s).
+    (dict(tools=[WEATHER], top_p=0.9), "top_p", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], tool_choice="required", logprobs=True), "logprobs", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], presence_penalty=0.5), "presence_penalty", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], ignore_eos=True), "ignore_eos", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], allowed_token_ids=[5, 6]), "allowed_token_ids", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], rng="reference"), "rng", "cannot be combined with tool calls"),
     (dict(messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]),
      "messages[1].tool_calls[0].function.arguments", "not valid JSON"),

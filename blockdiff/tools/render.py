@@ -13,6 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from ..sampling.fields import ParamError
 from .grammar import answer_rule, tool_call_grammar
 from .syntax import MARKERS, NAME, Markers
 
@@ -209,4 +210,13 @@ class ToolPlan:
             compile_spec(spec)
         except ValueError as e:  # a schema piece the grammar engine refuses (a bad pattern...)
             raise ToolError("tools", f"cannot be compiled to a grammar: {e}") from None
-        return dataclasses.replace(params, structured_outputs=spec)
+        try:
+            return dataclasses.replace(params, structured_outputs=spec)
+        except ParamError as e:  # a knob the grammar's sampler cannot honour (top_p, logprobs, ignore_eos...)
+            msg = str(e).replace("structured_outputs", "a grammar")
+            param = e.param
+            if param == "structured_outputs":  # the knob is the other field the message names
+                param = next((f for f in ("canvas_template", "allowed_token_ids", "text_template", "suffix",
+                                          "ignore_eos") if f in msg), "tools")
+            raise ToolError(param, f"cannot be combined with tool calls (with tool_choice {self.mode!r} they are "
+                            f"generated under a grammar): {msg}; tool_choice 'none' takes it") from None
