@@ -178,6 +178,26 @@ def test_auto_with_a_json_answer_is_that_answer_or_calls(tok):
         answer_rule({"regex": "a+"})
 
 
+def test_thinking_with_a_json_answer_may_think_first(tok):
+    # enable_thinking asks the model to open a thinking channel: a response_format must not forbid it.
+    from blockdiff.sampling.params import SamplingParams
+    from blockdiff.tools.render import ToolPlan
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for tools, choice in ((None, None), ([{"type": "function", "function": {"name": "f"}}], "none")):
+        plan = ToolPlan.from_request(tools, choice, None, {"enable_thinking": True})
+        params = plan.constrain(SamplingParams(structured_outputs={"json": schema}), tok)
+        m = llguidance.LLMatcher(tok.lltok, llguidance.LLMatcher.grammar_from_lark(params.structured_outputs[
+            "grammar"]), log_level=1)
+        assert consumes(tok, m.deep_copy(), '<|channel>thought\nso {n:1}?<channel|>{"n":3}')
+        assert consumes(tok, m.deep_copy(), '{"n":3}')
+        assert not consumes(tok, m.deep_copy(), '<|channel>thought\nhm<channel|>{"n":"x"}')
+        assert not consumes(tok, m.deep_copy(), 'text{"n":3}')
+    # without thinking the spec is left as it is
+    plain = ToolPlan.from_request(None, None, None, {}).constrain(SamplingParams(structured_outputs={"json": schema}),
+                                                                  tok)
+    assert plain.structured_outputs == {"json": schema}
+
+
 def test_a_tool_without_parameters_takes_no_arguments(tok):
     # OpenAI: omitting parameters defines a function with an empty parameter list.
     assert consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{}<tool_call|>")

@@ -299,6 +299,15 @@ def answer_rule(spec: dict) -> str:
                      "json_object / choice) can be combined with tool calls")
 
 
+def _think(ids: dict[str, int]) -> str:
+    return f"<[{ids['channel_open']}]> \"thought\\n\" THOUGHT <[{ids['channel_close']}]>"
+
+
+def thought_then_answer(ids: dict[str, int], answer: str) -> str:
+    """The Lark grammar of an optional thinking channel, then an answer (a rule body from ``answer_rule``)."""
+    return f"start: think? answer\nthink: {_think(ids)}\nTHOUGHT: /(.|\\n)*/\nanswer: {answer}\n"
+
+
 def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, parallel: bool = True,
                       thinking: bool = False, answer: str | None = None) -> str:
     """The Lark grammar of a constrained output.
@@ -326,7 +335,7 @@ def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, paralle
         calls.append(f'"call:" {_lit(t["name"])} {args}')
     b.rules["call"] = f"<[{ids['call_open']}]> ({' | '.join(calls)}) <[{ids['call_close']}]>"
     b.rules["calls"] = "call+" if parallel else "call"
-    think = f"<[{ids['channel_open']}]> \"thought\\n\" THOUGHT <[{ids['channel_close']}]>"
+    think = _think(ids)
     if mode == "required":
         start = ("think " if thinking else "") + "calls"
     else:

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..sampling.fields import ParamError
-from .grammar import answer_rule, tool_call_grammar
+from .grammar import answer_rule, thought_then_answer, tool_call_grammar
 from .syntax import MARKERS, NAME, Markers
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -173,9 +173,16 @@ class ToolPlan:
     def grammar(self, tokenizer, answer: dict | None = None) -> str | None:
         """The Lark grammar of the output when calls are constrained (tool_choice required / named / auto), or
         None: no tools, "none", or a tokenizer without the format's markers (its calls are parsed as written).
-        ``answer``: the request's ``structured_outputs`` spec, the form of a text answer beside calls ("auto")."""
+        ``answer``: the request's ``structured_outputs`` spec, the form of a text answer beside calls ("auto").
+        With thinking on and no calls to constrain, a JSON / choice ``answer`` may follow one thinking channel (the
+        template asked the model to think first; the constraint holds on the answer, as vLLM's reasoning parsers
+        do it)."""
         if not self.parse_calls:
-            return None
+            ids = self.markers.ids(tokenizer) if self.thinking and answer is not None else None
+            try:
+                return None if ids is None else thought_then_answer(ids, answer_rule(answer))
+            except ValueError:  # a regex / grammar answer: constrained from the first token, without thinking
+                return None
         ids = self.markers.ids(tokenizer)
         if ids is None:
             return None
