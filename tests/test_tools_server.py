@@ -136,6 +136,29 @@ def test_auto_with_response_format_answers_valid_json_or_valid_calls(server):
     assert kinds
 
 
+def test_thinking_with_response_format_goes_through_the_thinking_grammar(server, llm, monkeypatch):
+    # Server and LLM.chat hand the constraint to ToolPlan.constrain, which lets a thinking channel come first.
+    from blockdiff.tools.render import ToolPlan
+    seen, orig = [], ToolPlan.constrain
+    monkeypatch.setattr(ToolPlan, "constrain", lambda self, p, tok: seen.append(orig(self, p, tok)) or seen[-1])
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    think = {"enable_thinking": True}
+    c = _ask(server.client(), response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+             seed=0, extra_body={"chat_template_kwargs": think}).choices[0]
+    out = llm.chat(USER, SamplingParams(structured_outputs={"json": schema}, seed=0, max_new_tokens=64),
+                   chat_template_kwargs=think)[0]
+    # Random weights may think until the budget runs out; a finished answer is the JSON, the thought apart.
+    for finish, content, reasoning in ((c.finish_reason, c.message.content, c.message.reasoning_content),
+                                       (out.finish_reason, out.content, out.reasoning_content)):
+        if finish == "stop":
+            assert json.loads(content) in ({"ok": True}, {"ok": False})
+        else:
+            assert finish == "length" and reasoning and not content
+    assert len(seen) == 2 and all("<|channel>" not in p.structured_outputs.get("grammar", "<|channel>") for p in seen)
+    assert all("think?" in p.structured_outputs["grammar"] for p in seen)
+
+
 def test_tool_choice_none_gives_no_calls(server):
     r = _ask(server.client(), tools=[WEATHER, TIME], tool_choice="none", seed=0, max_tokens=32)
     c = r.choices[0]

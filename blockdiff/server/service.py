@@ -193,7 +193,7 @@ class Server:
         if kind == "chat":
             ids, images = self.encode_chat(req)
             prompt_name = "messages"
-            if req.tool_plan.parse_calls:  # required / named / auto: the calls are generated under a grammar
+            if req.tool_plan.active:  # calls (required / named / auto) or a thinking channel under a grammar
                 params = constrain(params, req.tool_plan, self.tokenizer)
         else:
             prompt_name = "prompt"
