@@ -277,6 +277,8 @@ def _prompt_ids(llm, messages, tools):
     (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "tool_choice",
      "cannot be combined"),
     (dict(tools=[WEATHER], structured_outputs={"regex": "a+"}), "structured_outputs", "only a JSON answer"),
+    (dict(functions=[WEATHER["function"]]), "functions", "send 'tools'"),
+    (dict(function_call={"name": "get_weather"}), "function_call", "send 'tools'"),
     # Knobs the grammar's sampler cannot honour, with tools under the default tool_choice "auto" (were 500s).
     (dict(tools=[WEATHER], top_p=0.9), "top_p", "cannot be combined with tool calls"),
     (dict(tools=[WEATHER], tool_choice="required", logprobs=True), "logprobs", "cannot be combined with tool calls"),

@@ -317,6 +317,12 @@ class ChatCompletionRequest(SamplingRequest):
                 "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}},
             {"type": "null"}]})
     parallel_tool_calls: bool | None = Field(None, description="allow several calls in one answer (default true)")
+    # OpenAI's deprecated function calling: refused by name rather than ignored as unknown fields (the client would
+    # get text where it asked for a call).
+    functions: list[Any] | None = Field(None, description="deprecated by OpenAI: only [] here (send 'tools')",
+                                        json_schema_extra={"maxItems": 0})
+    function_call: Any = Field(None, description="deprecated by OpenAI: only 'none' here (send 'tool_choice')",
+                               json_schema_extra={"enum": ["none", None]})
     _plan: ToolPlan | None = PrivateAttr(None)
 
     @field_validator("messages", mode="before")
@@ -346,6 +352,10 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_rules(self):
+        why = ("OpenAI's deprecated function calling is not served: send 'tools' ([{'type': 'function', 'function': "
+               "{...}}]) and 'tool_choice'")
+        _neutral("functions", self.functions, [], why)
+        _neutral("function_call", self.function_call, "none", why)
         try:
             self._plan = ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls,
                                                self.chat_template_kwargs)
