@@ -278,6 +278,10 @@ def _prompt_ids(llm, messages, tools):
      "cannot be combined"),
     (dict(tools=[WEATHER], structured_outputs={"regex": "a+"}), "structured_outputs", "only a JSON answer"),
     (dict(functions=[WEATHER["function"]]), "functions", "send 'tools'"),
+    (dict(tools=[tool("f", {"$defs": {"A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+                                            "required": ["a"]}},
+                            "type": "object", "properties": {"x": {"$ref": "#/$defs/A"}}, "required": ["x"]})],
+          tool_choice="required"), "tools", "no finite output"),
     (dict(function_call={"name": "get_weather"}), "function_call", "send 'tools'"),
     # Knobs the grammar's sampler cannot honour, with tools under the default tool_choice "auto" (were 500s).
     (dict(tools=[WEATHER], top_p=0.9), "top_p", "cannot be combined with tool calls"),
