@@ -198,6 +198,16 @@ def test_thinking_with_a_json_answer_may_think_first(tok):
     assert plain.structured_outputs == {"json": schema}
 
 
+def test_pattern_with_length_bounds_is_enforced(tok):
+    # pydantic writes both for constr(pattern=..., max_length=...): the string must satisfy each.
+    params = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-z]+[0-9]$", "minLength": 2,
+                                                     "maxLength": 4}}, "required": ["s"]}
+    for s, ok in (("ab1", True), ("a1", True), ("abc1", True), ("abcd1", False), ("1", False), ("ab", False)):
+        m = matcher(tok, [{"name": "f", "parameters": params}])
+        assert consumes(tok, m, f"<|tool_call>call:f{dumps({'s': s})}<tool_call|>") == ok, s
+        assert jsonschema.Draft202012Validator(params).is_valid({"s": s}) == ok, s
+
+
 def test_a_tool_without_parameters_takes_no_arguments(tok):
     # OpenAI: omitting parameters defines a function with an empty parameter list.
     assert consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{}<tool_call|>")

@@ -36,6 +36,11 @@ HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properti
            "minItems", "maxItems", "minLength", "maxLength", "pattern", *NUMERIC}
 
 
+def _repeat(lo: int, hi: int | None) -> str:
+    """The regex repetition of a length range."""
+    return "*" if (not lo and hi is None) else f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
+
+
 def _lit(s: str) -> str:
     return json.dumps(s)
 
@@ -153,17 +158,19 @@ class _Builder:
             pat = schema["pattern"]
             if not isinstance(pat, str):
                 raise ValueError(f"{path}.pattern must be a string")
-            if lo or hi is not None:
-                raise ValueError(f"{path}: pattern together with minLength/maxLength cannot be enforced")
             # A full match of the pattern also satisfies JSON Schema's search semantics.
             core = pat[1:] if pat.startswith("^") else pat
             core = core[:-1] if core.endswith("$") and not core.endswith("\\$") else core
             if "/" in core:
                 core = core.replace("/", "\\/")
             body = f"/{core}/"
+            if lo or hi is not None:  # both: llguidance intersects the two lexemes (a terminal with "&")
+                self.n += 1
+                name = f"STR_{self.n}"
+                self.rules[name] = f"{body} & /(.|\\n){_repeat(lo, hi)}/"
+                body = name
         else:
-            rep = "*" if (not lo and hi is None) else f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
-            body = f"/(.|\\n){rep}/"
+            body = f"/(.|\\n){_repeat(lo, hi)}/"
         return self.rule(f"{self.q} {body} {self.q}", "str")
 
     def number(self, t: str, schema: dict, path: str) -> str:
