@@ -323,6 +323,8 @@ class ChatCompletionRequest(SamplingRequest):
                                         json_schema_extra={"maxItems": 0})
     function_call: Any = Field(None, description="deprecated by OpenAI: only 'none' here (send 'tool_choice')",
                                json_schema_extra={"enum": ["none", None]})
+    suffix: Any = Field(None, description="only null here: fill-in-the-middle is served on /v1/completions",
+                        json_schema_extra={"enum": [None]})
     _plan: ToolPlan | None = PrivateAttr(None)
 
     @field_validator("messages", mode="before")
@@ -356,6 +358,8 @@ class ChatCompletionRequest(SamplingRequest):
                "{...}}]) and 'tool_choice'")
         _neutral("functions", self.functions, [], why)
         _neutral("function_call", self.function_call, "none", why)
+        _neutral("suffix", self.suffix, None, "fill-in-the-middle is served on /v1/completions (the prompt is the "
+                 "prefix there); a chat answer has no suffix")
         try:
             self._plan = ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls,
                                                self.chat_template_kwargs)
