@@ -123,6 +123,8 @@ def test_one_call_unless_parallel(tok):
     ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 5.5, "maximum": 5.9}}}, "properties.x"),
     ({"type": "object", "properties": {"x": {"type": "integer", "multipleOf": 0}}}, "properties.x.multipleOf"),
     ({"type": "object", "properties": {"x": {"type": "number", "minimum": "1"}}}, "properties.x.minimum"),
+    ({"type": "object", "properties": {"x": {"type": "string", "minLength": 5, "maxLength": 2}}}, "properties.x"),
+    ({"type": "object", "required": ["a"], "additionalProperties": False}, "required"),
     ({"type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}, "properties.xs"),
     ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "properties.x"),
     ({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}}, "properties.x.$ref"),
@@ -206,6 +208,15 @@ def test_pattern_with_length_bounds_is_enforced(tok):
         m = matcher(tok, [{"name": "f", "parameters": params}])
         assert consumes(tok, m, f"<|tool_call>call:f{dumps({'s': s})}<tool_call|>") == ok, s
         assert jsonschema.Draft202012Validator(params).is_valid({"s": s}) == ok, s
+
+
+def test_numbers_stay_finite(tok):
+    # 1e999 parses to inf, which json.dumps writes as Infinity: not JSON. The grammar stops at two exponent digits.
+    params = {"type": "object", "properties": {"x": {"type": "number"}, "y": {}}}
+    for x, ok in (("1e99", True), ("-1.5E-99", True), ("1e999", False)):
+        for key in ("x", "y"):
+            m = matcher(tok, [{"name": "f", "parameters": params}])
+            assert consumes(tok, m, f"<|tool_call>call:f{{{key}:{x}}}<tool_call|>") == ok, (key, x)
 
 
 def test_a_tool_without_parameters_takes_no_arguments(tok):

@@ -27,7 +27,8 @@ from .syntax import dumps
 
 # Numbers are bounded in length: a weak model cannot write digits forever, every JSON number of this size fits.
 INT = r"-?(0|[1-9][0-9]{0,15})"
-NUM = INT + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,3})?"
+# Exponents of at most two digits: every such number is a finite double (1e999 would be Infinity, not JSON).
+NUM = INT + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,2})?"
 ANNOTATIONS = {"description", "title", "default", "examples", "format", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "additionalProperties", "strict", "nullable",
                "contentMediaType", "contentEncoding", "$defs", "definitions"}
@@ -154,6 +155,8 @@ class _Builder:
         for k, v in (("minLength", lo), ("maxLength", hi)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{path}.{k} must be a non-negative integer")
+        if hi is not None and hi < lo:
+            raise ValueError(f"{path}: maxLength is below minLength")
         if "pattern" in schema:
             pat = schema["pattern"]
             if not isinstance(pat, str):
@@ -224,8 +227,12 @@ class _Builder:
         if not isinstance(props, dict):
             raise ValueError(f"{path}.properties must be an object")
         props = dict(props)
-        for r in required:  # required but undeclared: any value
-            props.setdefault(r, {})
+        undeclared = [r for r in required if r not in props]
+        if undeclared and schema.get("additionalProperties", True) is False:
+            raise ValueError(f"{path}.required: {undeclared} are required but additionalProperties is false and "
+                             "they are not in properties (no object satisfies it)")
+        for r in undeclared:  # required but undeclared: any value
+            props[r] = {}
         if not props:
             extra = schema.get("additionalProperties", True)
             if extra is False:

@@ -200,9 +200,9 @@ class ToolPlan:
                                 "takes any constraint") from None
         try:
             return tool_call_grammar(tools, ids, self.mode, parallel, self.thinking, answer)
-        except ValueError as e:
-            msg = str(e)
-            raise ToolError(msg.split(":", 1)[0], msg.split(":", 1)[1].strip() if ":" in msg else msg) from None
+        except ValueError as e:  # "PATH: message" or "PATH.key must ...": the path is the first word
+            param, _, msg = str(e).partition(" ")
+            raise ToolError(param.rstrip(":"), msg) from None
 
     def constrain(self, params, tokenizer):
         """``params`` (a ``SamplingParams``) with the calls' grammar as its ``structured_outputs`` (a copy), or
