@@ -42,10 +42,14 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = make_tool_checkpoint(tmp_path_factory.mktemp("tools_ckpt"), canvas_length=8,
+def ckpt(tmp_path_factory):
+    return make_tool_checkpoint(tmp_path_factory.mktemp("tools_ckpt"), canvas_length=8,
                                 generation_config={"max_denoising_steps": 6, "max_new_tokens": 128})
-    return LLM(path, dtype=torch.float32, max_num_seqs=64, deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(ckpt, dtype=torch.float32, max_num_seqs=64, deterministic=True)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +140,7 @@ def test_auto_with_response_format_answers_valid_json_or_valid_calls(server):
     assert kinds
 
 
-def test_thinking_with_response_format_goes_through_the_thinking_grammar(server, llm, monkeypatch):
+def test_thinking_with_response_format_goes_through_the_thinking_grammar(server, ckpt, monkeypatch):
     # Server and LLM.chat hand the constraint to ToolPlan.constrain, which lets a thinking channel come first.
     from blockdiff.tools.render import ToolPlan
     seen, orig = [], ToolPlan.constrain
@@ -146,8 +150,9 @@ def test_thinking_with_response_format_goes_through_the_thinking_grammar(server,
     think = {"enable_thinking": True}
     c = _ask(server.client(), response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
              seed=0, extra_body={"chat_template_kwargs": think}).choices[0]
-    out = llm.chat(USER, SamplingParams(structured_outputs={"json": schema}, seed=0, max_new_tokens=64),
-                   chat_template_kwargs=think)[0]
+    offline = LLM(ckpt, dtype=torch.float32)  # its own engine: the server's runs in another thread
+    out = offline.chat(USER, SamplingParams(structured_outputs={"json": schema}, seed=0, max_new_tokens=64),
+                       chat_template_kwargs=think)[0]
     # Random weights may think until the budget runs out; a finished answer is the JSON, the thought apart.
     for finish, content, reasoning in ((c.finish_reason, c.message.content, c.message.reasoning_content),
                                        (out.finish_reason, out.content, out.reasoning_content)):
