@@ -284,6 +284,9 @@ def _prompt_ids(llm, messages, tools):
     (dict(tools=[WEATHER], structured_outputs={"regex": "a+"}), "structured_outputs", "only a JSON answer"),
     (dict(functions=[WEATHER["function"]]), "functions", "send 'tools'"),
     (dict(suffix="return x"), "suffix", "/v1/completions"),
+    (dict(tools=[WEATHER], response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}), "response_format",
+     "no finite output"),
     (dict(tools=[tool("f", {"type": "object", "properties": {"x": {"enum": []}}})], tool_choice="required"),
      "tools[0].function.parameters.properties.x.enum", "must be a non-empty array"),
     (dict(tools=[tool("f", {"$defs": {"A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},

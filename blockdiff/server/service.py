@@ -197,6 +197,8 @@ class Server:
             ids, images = self.encode_chat(req)
             prompt_name = "messages"
             if req.tool_plan.active:  # calls (required / named / auto) or a thinking channel under a grammar
+                if params.structured_outputs is not None:  # the answer's own constraint must admit an output
+                    self._admit_structured(req, params)    # alone: beside calls it would silently never apply
                 params = constrain(params, req.tool_plan, self.tokenizer)
         else:
             prompt_name = "prompt"
