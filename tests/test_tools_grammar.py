@@ -140,7 +140,7 @@ def test_what_cannot_be_enforced_is_refused_naming_the_path(tok, schema, where):
 @pytest.mark.parametrize("schema, good, bad", [
     ({"type": "number", "minimum": 0.5, "maximum": 3}, [0.5, 1.25, 3], [0.25, 3.5, -1]),
     ({"type": "number", "exclusiveMinimum": 0}, [0.001, 12], [0, -2]),
-    ({"type": "integer", "minimum": 18}, [18, 120], [17, 18.5, -18]),
+    ({"type": "integer", "minimum": 18}, [18, 120, 2 ** 53 - 1], [17, 18.5, -18]),
     ({"type": "integer", "maximum": -2}, [-2, -300], [-1, 0, 5]),
     ({"type": "integer", "minimum": 0, "maximum": 10 ** 6}, [0, 999999, 10 ** 6], [10 ** 6 + 1, -1]),
     ({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}, [0, 35, 100], [3, 105]),
@@ -208,6 +208,14 @@ def test_pattern_with_length_bounds_is_enforced(tok):
         m = matcher(tok, [{"name": "f", "parameters": params}])
         assert consumes(tok, m, f"<|tool_call>call:f{dumps({'s': s})}<tool_call|>") == ok, s
         assert jsonschema.Draft202012Validator(params).is_valid({"s": s}) == ok, s
+
+
+def test_a_bound_on_one_side_caps_the_other(tok):
+    # at 2**53 - 1 in magnitude (unbounded numbers: 16 digits), so a weak model cannot write digits for ever.
+    params = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 18}}}
+    for x, ok in ((2 ** 53 - 1, True), (10 ** 16, False)):
+        m = matcher(tok, [{"name": "f", "parameters": params}])
+        assert consumes(tok, m, f"<|tool_call>call:f{{x:{x}}}<tool_call|>") == ok, x
 
 
 def test_numbers_stay_finite(tok):

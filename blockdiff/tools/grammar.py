@@ -28,6 +28,7 @@ from .syntax import dumps
 # Numbers are bounded in length: a weak model cannot write digits forever, every JSON number of this size fits.
 INT = r"-?(0|[1-9][0-9]{0,15})"
 # Exponents of at most two digits: every such number is a finite double (1e999 would be Infinity, not JSON).
+LARGEST = 2 ** 53 - 1  # a bound a double holds exactly (llguidance reads bounds as doubles)
 NUM = INT + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,2})?"
 ANNOTATIONS = {"description", "title", "default", "examples", "format", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "additionalProperties", "strict", "nullable",
@@ -199,7 +200,13 @@ class _Builder:
                     [math.ceil(v) - 1 for k, v in numeric.items() if k == "exclusiveMaximum"])
             if b < a:
                 raise ValueError(f"{path}: no integer satisfies the bounds")
-        return self.rule("%json " + json.dumps({"type": t, **numeric}), t)
+        # The open side capped (as INT caps unbounded numbers): a weak model cannot write digits forever.
+        limit = {"minimum": -LARGEST, "maximum": LARGEST}
+        if "minimum" in numeric or "exclusiveMinimum" in numeric:
+            del limit["minimum"]
+        if "maximum" in numeric or "exclusiveMaximum" in numeric:
+            del limit["maximum"]
+        return self.rule("%json " + json.dumps({"type": t, **limit, **numeric}), t)
 
     def array(self, schema: dict, path: str, root: str) -> str:
         item = self.value(schema.get("items", {}), f"{path}.items", root)
