@@ -58,6 +58,7 @@ NOT_ADMITTED = [
     ("structured_outputs", {"json": {"$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}},
                                      "$ref": "#/$defs/A"}}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}),
+    ("guided_regex", "a{1000}{1000}"),
 ]
 
 
@@ -71,8 +72,8 @@ def test_constraints_with_no_finite_output_are_400_naming_the_field(srv, field, 
     assert err["param"] == field
     assert "\n" not in err["message"] and "<state>" not in err["message"] and len(err["message"]) < 600
     assert ("no finite output" in err["message"] or "too costly" in err["message"]), err["message"]
-    if field == "response_format":
-        assert err["message"].startswith("response_format.json_schema.schema:")
+    if field in ("response_format", "guided_regex"):
+        assert err["message"].startswith(("response_format.json_schema.schema:", "guided_regex:"))
 
 
 def test_a_legal_recursive_schema_runs_beside_others(srv):

@@ -78,7 +78,7 @@ def semantic(body, path: str) -> None:
     # The content of constraints and templates (grammars, schemas, holes) is not the document's to describe.
     # Tools: a function's schema must fit the call grammar, and tool_choice needs tools (tests/test_tools_*.py).
     for name in ("structured_outputs", "text_template", "suffix", "chat_template_kwargs", "tools", "tool_choice",
-                 "parallel_tool_calls"):
+                 "parallel_tool_calls", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         body.pop(name, None)
     if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") != "text":
         body.pop("response_format")

@@ -103,6 +103,22 @@ def test_structured_outputs_field_on_completions(server, spec, check):
         assert c.finish_reason == "stop" and check(c.text), c.text
 
 
+@pytest.mark.parametrize("field,value,check", [
+    ("guided_json", {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2},
+     lambda t: jsonschema.validate(json.loads(t), {"type": "array", "items": {"type": "boolean"}, "minItems": 1,
+                                                   "maxItems": 2}) is None),
+    ("guided_regex", r"[0-9]{3}-[a-z]{2}", lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
+    ("guided_choice", ["left", "right"], lambda t: t in ("left", "right")),
+    ("guided_grammar", 'root ::= "(" [a-c] ")"', lambda t: re.fullmatch(r"\([a-c]\)", t)),
+])
+def test_vllm_guided_fields_constrain_the_output(server, field, value, check):
+    # Clients written for vLLM still send its older guided_* fields: ignored, they would get unconstrained text.
+    r = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Answer"}],
+                                                max_tokens=64, seed=0, extra_body={field: value})
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and check(c.message.content), c.message.content
+
+
 def test_streamed_constrained_output_equals_the_plain_one(server):
     client = server.client()
     rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["tool_call"]}}
@@ -137,6 +153,11 @@ def test_stop_strings_do_not_cut_constrained_output(server):
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "not both"),
     ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "structured_outputs", "ignore_eos"),
+    ({"guided_regex": "[a-"}, "guided_regex", "guided_regex: the regular expression is invalid"),
+    ({"guided_json": {"type": "nope"}}, "guided_json", "guided_json: the JSON Schema is not supported"),
+    ({"guided_choice": "yes"}, "guided_choice", "must be an array"),
+    ({"guided_choice": ["a"], "ignore_eos": True}, "guided_choice", "ignore_eos"),
+    ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "guided_choice", "not both"),
 ])
 def test_bad_constraints_are_400_naming_the_problem(server, extra, param, message):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 8, **extra}

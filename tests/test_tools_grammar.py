@@ -20,7 +20,7 @@ from fixtures import write_tokenizer
 from structured_schemas import SCHEMAS
 from tool_fixtures import GEMMA4_TOOLS_TEMPLATE, TOOL_TOKENS
 
-CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object" and k != "number_bounds"}
+CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object"}
 EOS = [1, 106, 50]
 
 
@@ -119,9 +119,12 @@ def test_one_call_unless_parallel(tok):
 
 
 @pytest.mark.parametrize("schema, where", [
-    ({"type": "object", "properties": {"x": {"type": "number", "maximum": 3}}}, "properties.x"),
-    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 5}}}, "properties.x"),
-    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 10 ** 6}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "number", "minimum": 3, "exclusiveMaximum": 3}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "minimum": 5.5, "maximum": 5.9}}}, "properties.x"),
+    ({"type": "object", "properties": {"x": {"type": "integer", "multipleOf": 0}}}, "properties.x.multipleOf"),
+    ({"type": "object", "properties": {"x": {"type": "number", "minimum": "1"}}}, "properties.x.minimum"),
+    ({"type": "object", "properties": {"x": {"type": "string", "minLength": 5, "maxLength": 2}}}, "properties.x"),
+    ({"type": "object", "required": ["a"], "additionalProperties": False}, "required"),
     ({"type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}, "properties.xs"),
     ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "properties.x"),
     ({"type": "object", "properties": {"x": {"$ref": "https://example.com/s.json"}}}, "properties.x.$ref"),
@@ -132,6 +135,103 @@ def test_what_cannot_be_enforced_is_refused_naming_the_path(tok, schema, where):
     with pytest.raises(ValueError) as e:
         tool_call_grammar([{"name": "f", "parameters": schema}], MARKERS.ids(tok), "required")
     assert str(e.value).startswith("tools[0].function.parameters" + ("." + where if where else "")), str(e.value)
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "number", "minimum": 0.5, "maximum": 3}, [0.5, 1.25, 3], [0.25, 3.5, -1]),
+    ({"type": "number", "exclusiveMinimum": 0}, [0.001, 12], [0, -2]),
+    ({"type": "integer", "minimum": 18}, [18, 120, 2 ** 53 - 1], [17, 18.5, -18]),
+    ({"type": "integer", "maximum": -2}, [-2, -300], [-1, 0, 5]),
+    ({"type": "integer", "minimum": 0, "maximum": 10 ** 6}, [0, 999999, 10 ** 6], [10 ** 6 + 1, -1]),
+    ({"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}, [0, 35, 100], [3, 105]),
+])
+def test_number_bounds_are_enforced_exactly(tok, schema, good, bad):
+    # Tools commonly bound numbers (a price >= 0, an age >= 18): enforced, not refused.
+    params = {"type": "object", "properties": {"x": schema}, "required": ["x"], "additionalProperties": False}
+    for x in good + bad:
+        m = matcher(tok, [{"name": "f", "parameters": params}])
+        assert consumes(tok, m, f"<|tool_call>call:f{{x:{json.dumps(x)}}}<tool_call|>") == (x in good), x
+        assert (x in good) == jsonschema.Draft202012Validator(params).is_valid({"x": x}), x
+    rng = random.Random(0)
+    for _ in range(3):  # and random sentences of the grammar validate
+        m = matcher(tok, [{"name": "f", "parameters": params}], parallel=False)
+        p = parse_output(tok.decode(walk(tok, m, rng), skip_special_tokens=False), tool_names=["f"])
+        assert p.error is None
+        jsonschema.validate(p.tool_calls[0].arguments, params)
+
+
+def test_auto_with_a_json_answer_is_that_answer_or_calls(tok):
+    from blockdiff.tools.grammar import answer_rule
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+
+    def m(spec, thinking=False):
+        g = tool_call_grammar(TOOLS, MARKERS.ids(tok), "auto", True, thinking, answer_rule(spec))
+        return llguidance.LLMatcher(tok.lltok, llguidance.LLMatcher.grammar_from_lark(g), log_level=1)
+    call = "<|tool_call>call:noargs{}<tool_call|>"
+    for text, ok in (('{"n":3}', True), (call, True), ('{"n":"x"}', False), ('{ "n":3}', False),
+                     ("plain text", False), ('{"n":3}' + call, False)):
+        assert consumes(tok, m({"json": schema}), text) == ok, text
+    assert consumes(tok, m({"json": schema}, thinking=True), '<|channel>thought\nhm<channel|>{"n":3}')
+    assert consumes(tok, m({"json": schema, "allow_whitespace": True}), '{ "n": 3 }')
+    assert consumes(tok, m({"json_object": True}), '{"a":[1]}') and not consumes(tok, m({"json_object": True}), "[]")
+    assert consumes(tok, m({"choice": ["yes", "no"]}), "no") and not consumes(tok, m({"choice": ["yes"]}), "n")
+    with pytest.raises(ValueError, match="only a JSON answer"):
+        answer_rule({"regex": "a+"})
+
+
+def test_thinking_with_a_json_answer_may_think_first(tok):
+    # enable_thinking asks the model to open a thinking channel: a response_format must not forbid it.
+    from blockdiff.sampling.params import SamplingParams
+    from blockdiff.tools.render import ToolPlan
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for tools, choice in ((None, None), ([{"type": "function", "function": {"name": "f"}}], "none")):
+        plan = ToolPlan.from_request(tools, choice, None, {"enable_thinking": True})
+        params = plan.constrain(SamplingParams(structured_outputs={"json": schema}), tok)
+        m = llguidance.LLMatcher(tok.lltok, llguidance.LLMatcher.grammar_from_lark(params.structured_outputs[
+            "grammar"]), log_level=1)
+        assert consumes(tok, m.deep_copy(), '<|channel>thought\nso {n:1}?<channel|>{"n":3}')
+        assert consumes(tok, m.deep_copy(), '{"n":3}')
+        assert not consumes(tok, m.deep_copy(), '<|channel>thought\nhm<channel|>{"n":"x"}')
+        assert not consumes(tok, m.deep_copy(), 'text{"n":3}')
+    # without thinking the spec is left as it is
+    plain = ToolPlan.from_request(None, None, None, {}).constrain(SamplingParams(structured_outputs={"json": schema}),
+                                                                  tok)
+    assert plain.structured_outputs == {"json": schema}
+
+
+def test_pattern_with_length_bounds_is_enforced(tok):
+    # pydantic writes both for constr(pattern=..., max_length=...): the string must satisfy each.
+    params = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-z]+[0-9]$", "minLength": 2,
+                                                     "maxLength": 4}}, "required": ["s"]}
+    for s, ok in (("ab1", True), ("a1", True), ("abc1", True), ("abcd1", False), ("1", False), ("ab", False)):
+        m = matcher(tok, [{"name": "f", "parameters": params}])
+        assert consumes(tok, m, f"<|tool_call>call:f{dumps({'s': s})}<tool_call|>") == ok, s
+        assert jsonschema.Draft202012Validator(params).is_valid({"s": s}) == ok, s
+
+
+def test_a_bound_on_one_side_caps_the_other(tok):
+    # at 2**53 - 1 in magnitude (unbounded numbers: 16 digits), so a weak model cannot write digits for ever.
+    params = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 18}}}
+    for x, ok in ((2 ** 53 - 1, True), (10 ** 16, False)):
+        m = matcher(tok, [{"name": "f", "parameters": params}])
+        assert consumes(tok, m, f"<|tool_call>call:f{{x:{x}}}<tool_call|>") == ok, x
+
+
+def test_numbers_stay_finite(tok):
+    # 1e999 parses to inf, which json.dumps writes as Infinity: not JSON. The grammar stops at two exponent digits.
+    params = {"type": "object", "properties": {"x": {"type": "number"}, "y": {}}}
+    for x, ok in (("1e99", True), ("-1.5E-99", True), ("1e999", False)):
+        for key in ("x", "y"):
+            m = matcher(tok, [{"name": "f", "parameters": params}])
+            assert consumes(tok, m, f"<|tool_call>call:f{{{key}:{x}}}<tool_call|>") == ok, (key, x)
+
+
+def test_a_tool_without_parameters_takes_no_arguments(tok):
+    # OpenAI: omitting parameters defines a function with an empty parameter list.
+    assert consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{}<tool_call|>")
+    assert not consumes(tok, matcher(tok, [{"name": "ping"}]), "<|tool_call>call:ping{a:1}<tool_call|>")
+    assert consumes(tok, matcher(tok, [{"name": "ping", "parameters": {}}]), "<|tool_call>call:ping{a:1}<tool_call|>")
 
 
 def test_recursive_refs_are_followed(tok):

@@ -68,6 +68,7 @@ def test_whitespace_inside_values_is_tolerated():
     ("<|tool_call>call:", "expected a function name"),         # truncated in the name
     ("<|tool_call>f{a:1}<tool_call|>", "expected 'call:'"),     # no call: prefix
     (call("f", "{a:1}junk"), "expected <tool_call|>"),         # text inside the call
+    (call("f", "{a:1e999}"), "a number out of range"),         # no JSON number: the arguments would say Infinity
 ])
 def test_malformed_or_truncated_calls_come_back_as_text_with_the_reason(text, why):
     p = parse_output("Sure. " + text)

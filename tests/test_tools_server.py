@@ -24,8 +24,8 @@ from test_server import LiveServer
 from tool_fixtures import make_tool_checkpoint
 
 MODEL = "tiny-dg-tools"
-# The object schemas of the structured-output suite a call grammar can enforce (number_bounds is refused).
-CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object" and k != "number_bounds"}
+# The object schemas of the structured-output suite (a call grammar enforces every one).
+CALL_SCHEMAS = {k: v for k, v in SCHEMAS.items() if v.get("type") == "object"}
 
 
 def tool(name: str, schema: dict, description: str = "") -> dict:
@@ -42,10 +42,14 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = make_tool_checkpoint(tmp_path_factory.mktemp("tools_ckpt"), canvas_length=8,
+def ckpt(tmp_path_factory):
+    return make_tool_checkpoint(tmp_path_factory.mktemp("tools_ckpt"), canvas_length=8,
                                 generation_config={"max_denoising_steps": 6, "max_new_tokens": 128})
-    return LLM(path, dtype=torch.float32, max_num_seqs=64, deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(ckpt, dtype=torch.float32, max_num_seqs=64, deterministic=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +118,50 @@ def test_parallel_calls_each_validate_and_choose_among_the_tools(server):
     for r in results:
         seen |= {c.function.name for c in _check_calls(r.choices[0], schemas)}
     assert seen == {"get_weather", "get_time"}
+
+
+def test_auto_with_response_format_answers_valid_json_or_valid_calls(server):
+    # Agent frameworks send tools and a response_format together: the answer is either a call or the JSON.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    client = server.client()
+    kinds = set()
+    for seed in range(6):
+        c = _ask(client, tools=[WEATHER, TIME], response_format=rf, seed=seed).choices[0]
+        if c.message.tool_calls:
+            _check_calls(c, {"get_weather": WEATHER["function"]["parameters"],
+                             "get_time": TIME["function"]["parameters"]})
+            kinds.add("calls")
+        else:
+            assert c.finish_reason == "stop", (c.finish_reason, c.message.content)
+            jsonschema.validate(json.loads(c.message.content), schema)
+            kinds.add("json")
+    assert kinds
+
+
+def test_thinking_with_response_format_goes_through_the_thinking_grammar(server, ckpt, monkeypatch):
+    # Server and LLM.chat hand the constraint to ToolPlan.constrain, which lets a thinking channel come first.
+    from blockdiff.tools.render import ToolPlan
+    seen, orig = [], ToolPlan.constrain
+    monkeypatch.setattr(ToolPlan, "constrain", lambda self, p, tok: seen.append(orig(self, p, tok)) or seen[-1])
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    think = {"enable_thinking": True}
+    c = _ask(server.client(), response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+             seed=0, extra_body={"chat_template_kwargs": think}).choices[0]
+    offline = LLM(ckpt, dtype=torch.float32)  # its own engine: the server's runs in another thread
+    out = offline.chat(USER, SamplingParams(structured_outputs={"json": schema}, seed=0, max_new_tokens=64),
+                       chat_template_kwargs=think)[0]
+    # Random weights may think until the budget runs out; a finished answer is the JSON, the thought apart.
+    for finish, content, reasoning in ((c.finish_reason, c.message.content, c.message.reasoning_content),
+                                       (out.finish_reason, out.content, out.reasoning_content)):
+        if finish == "stop":
+            assert json.loads(content) in ({"ok": True}, {"ok": False})
+        else:
+            assert finish == "length" and reasoning and not content
+    assert len(seen) == 2 and all("<|channel>" not in p.structured_outputs.get("grammar", "<|channel>") for p in seen)
+    assert all("think?" in p.structured_outputs["grammar"] for p in seen)
 
 
 def test_tool_choice_none_gives_no_calls(server):
@@ -223,8 +271,8 @@ def _prompt_ids(llm, messages, tools):
 
 
 @pytest.mark.parametrize("body, param, message", [
-    (dict(tools=[tool("f", {"type": "object", "properties": {"x": {"type": "number", "minimum": 0}}})],
-          tool_choice="required"), "tools[0].function.parameters.properties.x", "non-integer number"),
+    (dict(tools=[tool("f", {"type": "object", "properties": {"x": {"uniqueItems": True}}})],
+          tool_choice="required"), "tools[0].function.parameters.properties.x", "uniqueItems cannot be enforced"),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
      "tool_choice.function.name", "not one of the tools"),
     (dict(tool_choice="required"), "tool_choice", "no 'tools'"),
@@ -233,6 +281,26 @@ def _prompt_ids(llm, messages, tools):
     (dict(tools=[WEATHER, WEATHER]), "tools[1].function.name", "declared twice"),
     (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "tool_choice",
      "cannot be combined"),
+    (dict(tools=[WEATHER], structured_outputs={"regex": "a+"}), "structured_outputs", "only a JSON answer"),
+    (dict(functions=[WEATHER["function"]]), "functions", "send 'tools'"),
+    (dict(suffix="return x"), "suffix", "/v1/completions"),
+    (dict(tools=[WEATHER], response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}), "response_format",
+     "no finite output"),
+    (dict(tools=[tool("f", {"type": "object", "properties": {"x": {"enum": []}}})], tool_choice="required"),
+     "tools[0].function.parameters.properties.x.enum", "must be a non-empty array"),
+    (dict(tools=[tool("f", {"$defs": {"A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+                                            "required": ["a"]}},
+                            "type": "object", "properties": {"x": {"$ref": "#/$defs/A"}}, "required": ["x"]})],
+          tool_choice="required"), "tools", "no finite output"),
+    (dict(function_call={"name": "get_weather"}), "function_call", "send 'tools'"),
+    # Knobs the grammar's sampler cannot honour, with tools under the default tool_choice "auto" (were 500s).
+    (dict(tools=[WEATHER], top_p=0.9), "top_p", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], tool_choice="required", logprobs=True), "logprobs", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], presence_penalty=0.5), "presence_penalty", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], ignore_eos=True), "ignore_eos", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], allowed_token_ids=[5, 6]), "allowed_token_ids", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], rng="reference"), "rng", "cannot be combined with tool calls"),
     (dict(messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "{oops"}}]}]),
      "messages[1].tool_calls[0].function.arguments", "not valid JSON"),

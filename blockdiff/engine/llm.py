@@ -416,7 +416,7 @@ class LLM:
             x, im = self._with_images(x, sources or None, wheres)
             ids.append(x)
             images.append(im)
-        if plan.parse_calls:  # the calls' grammar joins each request's params
+        if plan.active:  # the grammar of the calls (or of a thinking channel before a constrained answer)
             if sampling_params is None or isinstance(sampling_params, SamplingParams):
                 sampling_params = plan.constrain(sampling_params or SamplingParams(), self.tokenizer)
             else:

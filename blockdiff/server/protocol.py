@@ -25,7 +25,7 @@ from ..sampling.fields import MAX_LOGPROBS, Int, OutputFields, ParamError, Sampl
 from ..sampling.params import SamplingParams
 from ..tools.render import ToolError, ToolPlan
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
-from .structured import structured_outputs as constraint_from
+from .structured import GUIDED_FIELDS, structured_outputs as constraint_from
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request (each is a request in the engine)
@@ -85,6 +85,13 @@ class SamplingRequest(SamplingFields):
     metadata: dict[str, str] | None = Field(None, description="accepted for compatibility; not used")
     # Structured output (blockdiff/server/structured.py maps these onto SamplingParams.structured_outputs).
     response_format: ResponseFormat | None = Field(None, description="the output is JSON (valid for the schema)")
+    # vLLM's older names for structured_outputs' keys, which clients written for vLLM still send: honoured, since
+    # ignoring one (as an unknown field) would return unconstrained text to a client that asked for a constraint.
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older name for "
+                                                     "structured_outputs.json (a JSON Schema)")
+    guided_regex: str | None = Field(None, description="vLLM's older name for structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="vLLM's older name for structured_outputs.grammar")
 
     @field_validator("n", "stream", "echo", mode="before", check_fields=False)
     @classmethod
@@ -115,7 +122,8 @@ class SamplingRequest(SamplingFields):
         # response_format / structured_outputs, compiled here: a bad schema is a 400 naming the field.
         kw["structured_outputs"] = constraint_from({
             "response_format": None if self.response_format is None else self.response_format.as_dict(),
-            "structured_outputs": self.structured_outputs})
+            "structured_outputs": self.structured_outputs,
+            **{name: getattr(self, name) for name in GUIDED_FIELDS}})
         kw["stream_drafts"] = self.stream_drafts and self.stream  # harmless without a stream: ignored
         kw["suffix"] = getattr(self, "suffix", None)
         kw["logprobs"] = self.requested_logprobs
@@ -130,6 +138,9 @@ class SamplingRequest(SamplingFields):
         names = {"max_new_tokens": self.max_tokens_name, "max_tokens": self.max_tokens_name}
         if self.response_format is not None:
             names["structured_outputs"] = "response_format"
+        for name in GUIDED_FIELDS:
+            if getattr(self, name) is not None:
+                names["structured_outputs"] = name
         return names
 
 
@@ -306,6 +317,14 @@ class ChatCompletionRequest(SamplingRequest):
                 "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}},
             {"type": "null"}]})
     parallel_tool_calls: bool | None = Field(None, description="allow several calls in one answer (default true)")
+    # OpenAI's deprecated function calling: refused by name rather than ignored as unknown fields (the client would
+    # get text where it asked for a call).
+    functions: list[Any] | None = Field(None, description="deprecated by OpenAI: only [] here (send 'tools')",
+                                        json_schema_extra={"maxItems": 0})
+    function_call: Any = Field(None, description="deprecated by OpenAI: only 'none' here (send 'tool_choice')",
+                               json_schema_extra={"enum": ["none", None]})
+    suffix: Any = Field(None, description="only null here: fill-in-the-middle is served on /v1/completions",
+                        json_schema_extra={"enum": [None]})
     _plan: ToolPlan | None = PrivateAttr(None)
 
     @field_validator("messages", mode="before")
@@ -335,6 +354,12 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_rules(self):
+        why = ("OpenAI's deprecated function calling is not served: send 'tools' ([{'type': 'function', 'function': "
+               "{...}}]) and 'tool_choice'")
+        _neutral("functions", self.functions, [], why)
+        _neutral("function_call", self.function_call, "none", why)
+        _neutral("suffix", self.suffix, None, "fill-in-the-middle is served on /v1/completions (the prompt is the "
+                 "prefix there); a chat answer has no suffix")
         try:
             self._plan = ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls,
                                                self.chat_template_kwargs)

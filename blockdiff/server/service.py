@@ -34,6 +34,7 @@ from .errors import APIError, bad, from_validation
 from .logprobs import CompletionLogprobs, chat_logprobs, completion_logprobs
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest,
                        TokenizeRequest, check_context, choice_seed, context_words, engine_error, new_id, now, usage)
+from .structured import GUIDED_FIELDS
 from .text import TextStream
 from .tools import chat_inputs, constrain
 
@@ -152,8 +153,10 @@ class Server:
                         props[field].pop("anyOf", None)
                         props[field]["type"] = "null"
             if getattr(tok, "structured_output_refusal", None):
-                props["structured_outputs"].pop("anyOf", None)
-                props["structured_outputs"]["type"] = "null"
+                for field in ("structured_outputs", *GUIDED_FIELDS):
+                    props[field].pop("anyOf", None)
+                    props[field].pop("items", None)
+                    props[field]["type"] = "null"
         if getattr(tok, "structured_output_refusal", None):
             defs["ResponseFormat"]["properties"]["type"]["enum"] = ["text"]
         for name in ("TokenizeRequest", "DetokenizeRequest"):
@@ -197,7 +200,9 @@ class Server:
         if kind == "chat":
             ids, images = self.encode_chat(req)
             prompt_name = "messages"
-            if req.tool_plan.parse_calls:  # required / named / auto: the calls are generated under a grammar
+            if req.tool_plan.active:  # calls (required / named / auto) or a thinking channel under a grammar
+                if params.structured_outputs is not None:  # the answer's own constraint must admit an output
+                    self._admit_structured(req, params)    # alone: beside calls it would silently never apply
                 params = constrain(params, req.tool_plan, self.tokenizer)
         else:
             prompt_name = "prompt"
@@ -230,11 +235,18 @@ class Server:
         try:
             self.core.check_structured(params)
         except ValueError as e:
-            msg, param = str(e), "structured_outputs"
-            if getattr(req, "response_format", None) is not None:  # name the field the client sent
+            msg = str(e)
+            # Name the field the client sent: response_format / guided_*, structured_outputs, or else the tools
+            # (the constraint is their call grammar).
+            param = req.field_names.get("structured_outputs") or (
+                "structured_outputs" if req.structured_outputs is not None else "tools")
+            if param == "response_format":
                 msg = msg.replace("structured_outputs.json:", "response_format.json_schema.schema:")
                 msg = msg.replace("structured_outputs.json_object:", "response_format:")
-                param = "response_format"
+            elif param in GUIDED_FIELDS:
+                msg = msg.replace(f"structured_outputs.{GUIDED_FIELDS[param]}", param)
+            elif param == "tools":
+                msg = msg.replace("structured_outputs.grammar", "tools (the grammar of their calls)")
             raise bad(msg, param) from None
 
     def _cap(self, params: SamplingParams) -> None:

@@ -6,6 +6,7 @@
     {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}   JSON valid for the schema (always
                                                                   enforced: "strict" changes nothing)
     "structured_outputs": {"json" | "json_object" | "regex" | "choice" | "grammar": ..., "allow_whitespace"}
+    "guided_json" | "guided_regex" | "guided_choice" | "guided_grammar": ...   vLLM's older names for those keys
 """
 
 from __future__ import annotations
@@ -50,18 +51,28 @@ def _from_response_format(rf) -> dict | None:
               "response_format.type")
 
 
+# vLLM's older request fields -> the structured_outputs key each one is.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+
+
 def structured_outputs(body: dict) -> dict | None:
     """The request's constraint (normalized, compiled once here) or None. Raises ``APIError`` 400."""
-    rf, so = body.get("response_format"), body.get("structured_outputs")
-    spec, param = None, None
-    if rf is not None:
-        spec, param = _from_response_format(rf), "response_format"
-    if so is not None:
+    given = []  # (field, spec) per constraint field the request sent
+    if body.get("response_format") is not None:
+        spec = _from_response_format(body["response_format"])
         if spec is not None:
-            raise bad("send either 'response_format' or 'structured_outputs', not both", "structured_outputs")
-        spec, param = so, "structured_outputs"
-    if spec is None:
+            given.append(("response_format", spec))
+    if body.get("structured_outputs") is not None:
+        given.append(("structured_outputs", body["structured_outputs"]))
+    given += [(field, {key: body[field]}) for field, key in GUIDED_FIELDS.items() if body.get(field) is not None]
+    if not given:
         return None
+    if len(given) > 1:
+        names = [f"'{field}'" for field, _ in given]
+        raise bad(f"send either {' or '.join(names)}, not both" if len(names) == 2 else
+                  f"send only one of {', '.join(names)}", given[-1][0])
+    param, spec = given[0]
     try:
         spec = normalize(spec)
         compile_spec(spec)
@@ -69,5 +80,7 @@ def structured_outputs(body: dict) -> dict | None:
         msg = str(e)
         if param == "response_format":  # name the field the client sent
             msg = msg.replace("structured_outputs.json:", "response_format.json_schema.schema:")
+        elif param in GUIDED_FIELDS:
+            msg = msg.replace(f"structured_outputs.{GUIDED_FIELDS[param]}", param)
         raise bad(msg, param) from None
     return spec

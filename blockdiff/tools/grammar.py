@@ -10,8 +10,8 @@ that a grammar can enforce exactly, and refuses (``ValueError`` naming the schem
 - objects: ``properties`` in their declared order, ``required`` ones always, the others optional; without
   ``properties``, any keys (values per ``additionalProperties`` when it is a schema);
 - arrays: ``items``, ``minItems``, ``maxItems``; strings: ``minLength``, ``maxLength``, ``pattern``;
-- integers: ``minimum`` / ``maximum`` (exclusive too) as ranges with at most ``MAX_INT_RANGE`` values, or a lower
-  bound of 0 or 1 alone. Bounds on non-integer numbers, ``multipleOf``, ``uniqueItems``, ``not``, ``if``,
+- integers and numbers: ``minimum`` / ``maximum`` (exclusive too) and ``multipleOf``, through llguidance's own JSON
+  Schema compiler (``%json``: a number is written the same in both syntaxes). ``uniqueItems``, ``not``, ``if``,
   ``patternProperties``... are refused. ``format`` is an annotation (as in the jsonschema package's default).
 
 Special tokens are written by id (``<[52]>``): the markers' ids come from the checkpoint's tokenizer.
@@ -20,20 +20,27 @@ Special tokens are written by id (``<[52]>``): the markers' ids come from the ch
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from .syntax import dumps
 
-MAX_INT_RANGE = 1024
 # Numbers are bounded in length: a weak model cannot write digits forever, every JSON number of this size fits.
 INT = r"-?(0|[1-9][0-9]{0,15})"
-NUM = INT + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,3})?"
+# Exponents of at most two digits: every such number is a finite double (1e999 would be Infinity, not JSON).
+LARGEST = 2 ** 53 - 1  # a bound a double holds exactly (llguidance reads bounds as doubles)
+NUM = INT + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,2})?"
 ANNOTATIONS = {"description", "title", "default", "examples", "format", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "additionalProperties", "strict", "nullable",
                "contentMediaType", "contentEncoding", "$defs", "definitions"}
+NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required", "items",
-           "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum",
-           "exclusiveMinimum", "exclusiveMaximum"}
+           "minItems", "maxItems", "minLength", "maxLength", "pattern", *NUMERIC}
+
+
+def _repeat(lo: int, hi: int | None) -> str:
+    """The regex repetition of a length range."""
+    return "*" if (not lo and hi is None) else f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
 
 
 def _lit(s: str) -> str:
@@ -65,7 +72,7 @@ class _Builder:
         if unknown:
             raise ValueError(f"{path}: {', '.join(unknown)} cannot be enforced on tool-call arguments (supported: "
                              "type, enum, const, anyOf, oneOf, $ref, properties, required, items, minItems, maxItems,"
-                             " minLength, maxLength, pattern, integer minimum/maximum)")
+                             " minLength, maxLength, pattern, (exclusive) minimum/maximum, multipleOf)")
         if "$ref" in schema:
             return self.ref(schema["$ref"], path, root)
         if "allOf" in schema:
@@ -109,7 +116,7 @@ class _Builder:
             return "array"
         if {"minLength", "maxLength", "pattern"} & set(schema):
             return "string"
-        if {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} & set(schema):
+        if set(NUMERIC) & set(schema):
             return "number"
         return None
 
@@ -118,13 +125,8 @@ class _Builder:
             return self.any_value()
         if t == "string":
             return self.string(schema, path)
-        if t == "integer":
-            return self.integer(schema, path)
-        if t == "number":
-            if {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} & set(schema):
-                raise ValueError(f"{path}: bounds on a non-integer number cannot be enforced on tool-call arguments "
-                                 "(use an integer, or enum)")
-            return self.rule(f"/{NUM}/", "number")
+        if t in ("integer", "number"):
+            return self.number(t, schema, path)
         if t == "boolean":
             return self.rule('"true" | "false"', "bool")
         if t == "null":
@@ -154,49 +156,57 @@ class _Builder:
         for k, v in (("minLength", lo), ("maxLength", hi)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{path}.{k} must be a non-negative integer")
+        if hi is not None and hi < lo:
+            raise ValueError(f"{path}: maxLength is below minLength")
         if "pattern" in schema:
             pat = schema["pattern"]
             if not isinstance(pat, str):
                 raise ValueError(f"{path}.pattern must be a string")
-            if lo or hi is not None:
-                raise ValueError(f"{path}: pattern together with minLength/maxLength cannot be enforced")
             # A full match of the pattern also satisfies JSON Schema's search semantics.
             core = pat[1:] if pat.startswith("^") else pat
             core = core[:-1] if core.endswith("$") and not core.endswith("\\$") else core
             if "/" in core:
                 core = core.replace("/", "\\/")
             body = f"/{core}/"
+            if lo or hi is not None:  # both: llguidance intersects the two lexemes (a terminal with "&")
+                self.n += 1
+                name = f"STR_{self.n}"
+                self.rules[name] = f"{body} & /(.|\\n){_repeat(lo, hi)}/"
+                body = name
         else:
-            rep = "*" if (not lo and hi is None) else f"{{{lo},}}" if hi is None else f"{{{lo},{hi}}}"
-            body = f"/(.|\\n){rep}/"
+            body = f"/(.|\\n){_repeat(lo, hi)}/"
         return self.rule(f"{self.q} {body} {self.q}", "str")
 
-    def integer(self, schema: dict, path: str) -> str:
-        lo, hi = schema.get("minimum"), schema.get("maximum")
-        xlo, xhi = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-        for k, v in (("minimum", lo), ("maximum", hi), ("exclusiveMinimum", xlo), ("exclusiveMaximum", xhi)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+    def number(self, t: str, schema: dict, path: str) -> str:
+        """An integer or number. Bounds and ``multipleOf`` go to llguidance's own JSON Schema compiler (``%json``):
+        a number is written the same in Gemma's syntax as in compact JSON, so its rule fits here exactly."""
+        numeric = {k: schema[k] for k in NUMERIC if k in schema}
+        for k, v in numeric.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
                 raise ValueError(f"{path}.{k} must be a number")
-        import math
-        bounds_lo = [math.ceil(lo)] if lo is not None else []
-        bounds_lo += [math.floor(xlo) + 1] if xlo is not None else []
-        bounds_hi = [math.floor(hi)] if hi is not None else []
-        bounds_hi += [math.ceil(xhi) - 1] if xhi is not None else []
-        a = max(bounds_lo) if bounds_lo else None
-        b = min(bounds_hi) if bounds_hi else None
-        if a is None and b is None:
-            return self.rule(f"/{INT}/", "int")
-        if a is not None and b is not None:
+        if numeric.get("multipleOf", 1) <= 0:
+            raise ValueError(f"{path}.multipleOf must be greater than 0")
+        if not numeric:  # bounded in length: a weak model cannot write digits forever
+            return self.rule(f"/{INT if t == 'integer' else NUM}/", "int" if t == "integer" else "number")
+        lo = [v for k, v in numeric.items() if k in ("minimum", "exclusiveMinimum")]
+        hi = [v for k, v in numeric.items() if k in ("maximum", "exclusiveMaximum")]
+        if lo and hi and (max(lo) > min(hi) or (max(lo) == min(hi) and ("exclusiveMinimum" in numeric or
+                                                                        "exclusiveMaximum" in numeric))):
+            raise ValueError(f"{path}: no {t} satisfies the bounds")
+        if t == "integer" and lo and hi:
+            a = max([math.ceil(v) for k, v in numeric.items() if k == "minimum"] +
+                    [math.floor(v) + 1 for k, v in numeric.items() if k == "exclusiveMinimum"])
+            b = min([math.floor(v) for k, v in numeric.items() if k == "maximum"] +
+                    [math.ceil(v) - 1 for k, v in numeric.items() if k == "exclusiveMaximum"])
             if b < a:
                 raise ValueError(f"{path}: no integer satisfies the bounds")
-            if b - a + 1 > MAX_INT_RANGE:
-                raise ValueError(f"{path}: integer ranges of more than {MAX_INT_RANGE} values cannot be enforced "
-                                 "on tool-call arguments")
-            return self.rule(" | ".join(_lit(str(x)) for x in range(a, b + 1)), "int")
-        if b is None and a in (0, 1):
-            return self.rule("/0|[1-9][0-9]{0,15}/" if a == 0 else "/[1-9][0-9]{0,15}/", "int")
-        raise ValueError(f"{path}: an integer bound other than minimum 0 or 1 needs both minimum and maximum to be "
-                         "enforced on tool-call arguments")
+        # The open side capped (as INT caps unbounded numbers): a weak model cannot write digits forever.
+        limit = {"minimum": -LARGEST, "maximum": LARGEST}
+        if "minimum" in numeric or "exclusiveMinimum" in numeric:
+            del limit["minimum"]
+        if "maximum" in numeric or "exclusiveMaximum" in numeric:
+            del limit["maximum"]
+        return self.rule("%json " + json.dumps({"type": t, **limit, **numeric}), t)
 
     def array(self, schema: dict, path: str, root: str) -> str:
         item = self.value(schema.get("items", {}), f"{path}.items", root)
@@ -224,8 +234,12 @@ class _Builder:
         if not isinstance(props, dict):
             raise ValueError(f"{path}.properties must be an object")
         props = dict(props)
-        for r in required:  # required but undeclared: any value
-            props.setdefault(r, {})
+        undeclared = [r for r in required if r not in props]
+        if undeclared and schema.get("additionalProperties", True) is False:
+            raise ValueError(f"{path}.required: {undeclared} are required but additionalProperties is false and "
+                             "they are not in properties (no object satisfies it)")
+        for r in undeclared:  # required but undeclared: any value
+            props[r] = {}
         if not props:
             extra = schema.get("additionalProperties", True)
             if extra is False:
@@ -293,13 +307,36 @@ class _Builder:
         return self.rule(f'"{{" ({kv} ("," {kv})*)? "}}"', "obj")
 
 
+def answer_rule(spec: dict) -> str:
+    """The Lark body of an answer in the form a ``structured_outputs`` spec asks (json / json_object / choice),
+    for "auto" beside calls. ``ValueError`` for the kinds that cannot be embedded (regex, grammar)."""
+    if "json" in spec or "json_object" in spec:
+        schema = spec["json"] if "json" in spec else {"type": "object"}
+        guidance = {**schema.get("x-guidance", {}), "whitespace_flexible": bool(spec.get("allow_whitespace"))}
+        return "%json " + json.dumps({**schema, "x-guidance": guidance})
+    if "choice" in spec:
+        return " | ".join(_lit(c) for c in spec["choice"])
+    raise ValueError("only a JSON answer (response_format json_schema / json_object, structured_outputs json / "
+                     "json_object / choice) can be combined with tool calls")
+
+
+def _think(ids: dict[str, int]) -> str:
+    return f"<[{ids['channel_open']}]> \"thought\\n\" THOUGHT <[{ids['channel_close']}]>"
+
+
+def thought_then_answer(ids: dict[str, int], answer: str) -> str:
+    """The Lark grammar of an optional thinking channel, then an answer (a rule body from ``answer_rule``)."""
+    return f"start: think? answer\nthink: {_think(ids)}\nTHOUGHT: /(.|\\n)*/\nanswer: {answer}\n"
+
+
 def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, parallel: bool = True,
-                      thinking: bool = False) -> str:
+                      thinking: bool = False, answer: str | None = None) -> str:
     """The Lark grammar of a constrained output.
 
     ``tools``: [{"name", "parameters"}]; ``ids``: marker name -> token id (``Markers.ids``); ``mode``: "required"
-    (one or more calls, ``parallel``) or "auto" (free text, then optionally calls). With ``thinking`` the output
-    may open with one thinking channel (required: must, since the template asked the model to think).
+    (one or more calls, ``parallel``) or "auto" (free text, then optionally calls; with ``answer``, a Lark rule
+    body from ``answer_rule``: either that answer or calls). With ``thinking`` the output may open with one
+    thinking channel (required: must, since the template asked the model to think).
     Raises ``ValueError`` naming ``tools[i].function.parameters...`` for a schema it cannot enforce.
     """
     if mode not in ("required", "auto"):
@@ -308,7 +345,9 @@ def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, paralle
     calls = []
     for i, t in enumerate(tools):
         params = t.get("parameters")
-        if params is None or params == {}:
+        if params is None:  # OpenAI: "omitting parameters defines a function with an empty parameter list"
+            params = {"type": "object", "properties": {}, "additionalProperties": False}
+        elif params == {}:  # the empty schema: any arguments
             params = {"type": "object", "properties": {}}
         where = t.get("where", f"tools[{i}].function.parameters")
         if isinstance(params, dict) and params.get("type", "object") != "object":
@@ -317,12 +356,14 @@ def tool_call_grammar(tools: list[dict], ids: dict[str, int], mode: str, paralle
         calls.append(f'"call:" {_lit(t["name"])} {args}')
     b.rules["call"] = f"<[{ids['call_open']}]> ({' | '.join(calls)}) <[{ids['call_close']}]>"
     b.rules["calls"] = "call+" if parallel else "call"
-    think = f"<[{ids['channel_open']}]> \"thought\\n\" THOUGHT <[{ids['channel_close']}]>"
+    think = _think(ids)
     if mode == "required":
         start = ("think " if thinking else "") + "calls"
     else:
-        start = ("think? " if thinking else "") + "TEXT calls?"
+        start = ("think? " if thinking else "") + ("TEXT calls?" if answer is None else "(answer | calls)")
     lines = [f"start: {start}", "TEXT: /(.|\\n)*/", "THOUGHT: /(.|\\n)*/"]
+    if answer is not None:
+        lines.append(f"answer: {answer}")
     if thinking:
         lines.append(f"think: {think}")
     lines += [f"{k}: {v}" for k, v in b.rules.items()]

@@ -13,7 +13,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from .grammar import tool_call_grammar
+from ..sampling.fields import ParamError
+from .grammar import answer_rule, thought_then_answer, tool_call_grammar
 from .syntax import MARKERS, NAME, Markers
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -169,31 +170,46 @@ class ToolPlan:
         return [{"type": "function", "function": {k: v for k, v in t.items() if k != "where" and v is not None}}
                 for t in self.tools]
 
-    def grammar(self, tokenizer) -> str | None:
+    def grammar(self, tokenizer, answer: dict | None = None) -> str | None:
         """The Lark grammar of the output when calls are constrained (tool_choice required / named / auto), or
-        None: no tools, "none", or a tokenizer without the format's markers (its calls are parsed as written)."""
+        None: no tools, "none", or a tokenizer without the format's markers (its calls are parsed as written).
+        ``answer``: the request's ``structured_outputs`` spec, the form of a text answer beside calls ("auto").
+        With thinking on and no calls to constrain, a JSON / choice ``answer`` may follow one thinking channel (the
+        template asked the model to think first; the constraint holds on the answer, as vLLM's reasoning parsers
+        do it)."""
         if not self.parse_calls:
-            return None
+            ids = self.markers.ids(tokenizer) if self.thinking and answer is not None else None
+            try:
+                return None if ids is None else thought_then_answer(ids, answer_rule(answer))
+            except ValueError:  # a regex / grammar answer: constrained from the first token, without thinking
+                return None
         ids = self.markers.ids(tokenizer)
         if ids is None:
             return None
         tools = [t for t in self.tools if t["name"] in self.names]
         parallel = self.parallel and self.named is None  # a named function is called once, as in OpenAI's API
+        if answer is not None:
+            if self.mode != "auto":
+                raise ToolError("tool_choice", f"is {self.mode!r}, which constrains the output to tool calls: it "
+                                "cannot be combined with response_format / structured_outputs (use tool_choice "
+                                "'auto' or 'none')")
+            try:
+                answer = answer_rule(answer)
+            except ValueError as e:
+                raise ToolError("structured_outputs", f"with tools (tool_choice 'auto'): {e}; tool_choice 'none' "
+                                "takes any constraint") from None
         try:
-            return tool_call_grammar(tools, ids, self.mode, parallel, self.thinking)
-        except ValueError as e:
-            msg = str(e)
-            raise ToolError(msg.split(":", 1)[0], msg.split(":", 1)[1].strip() if ":" in msg else msg) from None
+            return tool_call_grammar(tools, ids, self.mode, parallel, self.thinking, answer)
+        except ValueError as e:  # "PATH: message" or "PATH.key must ...": the path is the first word
+            param, _, msg = str(e).partition(" ")
+            raise ToolError(param.rstrip(":"), msg) from None
 
     def constrain(self, params, tokenizer):
         """``params`` (a ``SamplingParams``) with the calls' grammar as its ``structured_outputs`` (a copy), or
         ``params`` itself when nothing is constrained. ``ToolError`` names the field at fault."""
-        grammar = self.grammar(tokenizer)
+        grammar = self.grammar(tokenizer, params.structured_outputs)
         if grammar is None:
             return params
-        if params.structured_outputs is not None:
-            raise ToolError("tool_choice", f"is {self.mode!r}, which constrains the output to tool calls: it cannot "
-                            "be combined with response_format / structured_outputs (use tool_choice 'none')")
         from ..structured.spec import compile_spec, normalize
 
         try:
@@ -201,4 +217,13 @@ class ToolPlan:
             compile_spec(spec)
         except ValueError as e:  # a schema piece the grammar engine refuses (a bad pattern...)
             raise ToolError("tools", f"cannot be compiled to a grammar: {e}") from None
-        return dataclasses.replace(params, structured_outputs=spec)
+        try:
+            return dataclasses.replace(params, structured_outputs=spec)
+        except ParamError as e:  # a knob the grammar's sampler cannot honour (top_p, logprobs, ignore_eos...)
+            msg = str(e).replace("structured_outputs", "a grammar")
+            param = e.param
+            if param == "structured_outputs":  # the knob is the other field the message names
+                param = next((f for f in ("canvas_template", "allowed_token_ids", "text_template", "suffix",
+                                          "ignore_eos") if f in msg), "tools")
+            raise ToolError(param, f"cannot be combined with tool calls (with tool_choice {self.mode!r} they are "
+                            f"generated under a grammar): {msg}; tool_choice 'none' takes it") from None

@@ -130,7 +130,11 @@ class _Reader:
         if m and m.end() > self.i:
             self.i = m.end()
             t = m.group()
-            return int(t) if re.fullmatch(r"-?[0-9]+", t) else float(t)
+            if re.fullmatch(r"-?[0-9]+", t):
+                return int(t)
+            if math.isinf(float(t)):  # 1e999: no JSON number holds it (json.dumps would write Infinity)
+                self.fail("a number out of range")
+            return float(t)
         self.fail("expected a value")
 
     def obj(self, depth: int = 0) -> dict:
