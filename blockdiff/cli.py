@@ -546,6 +546,14 @@ def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch and the subcommands import, before _main's own handler
+        print("blockdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     sub = parser.subcommands.get(getattr(args, "command", None) or "")

@@ -77,27 +77,12 @@ def _run_live(llm, puzzle, seed, steps, title):
     return sol
 
 
-def _check_writable(path: str) -> None:
-    """Fail before any work (the model load, the solving) when the output file cannot be written."""
-    import os
-
-    if path == "-":
-        return
-
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise _error(f"--out {path} is a folder; name a file")
-    if not os.path.isdir(folder):
-        raise _error(f"--out {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise _error(f"--out {path}: not writable (permission denied)")
-
-
 def cmd_sudoku(args) -> int:
+    from ..files import check_writable, write_output
     from .puzzles import format_grid
     from .solver import solve_diffusion
 
-    _check_writable(args.out)
+    check_writable(args.out)
 
     puzzles = _read_puzzles(args.puzzles)
     llm = _load(args)
@@ -116,8 +101,7 @@ def cmd_sudoku(args) -> int:
         sys.stdout.write(lines)
         sys.stdout.flush()
     else:
-        with open(args.out, "w") as f:
-            f.write(lines)
+        write_output(args.out, lines)
     steps = sum(s.denoise_steps for s in sols) / max(1, len(sols))
     print(f"[{len(puzzles)} {'puzzle' if len(puzzles) == 1 else 'puzzles'} · {sum(solved)} solved · {steps:.1f} denoising steps per puzzle · "
           f"{time.perf_counter() - t0:.2f} s] -> {'stdout' if args.out == '-' else args.out}", file=sys.stderr)

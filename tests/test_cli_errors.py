@@ -1,0 +1,91 @@
+"""User mistakes on the command line end in one line naming what is wrong, exit status 2 (130 for Ctrl-C), no
+traceback, checked before any slow work, and nothing half-written left behind: output files that cannot be
+written, run folders that cannot be made, a Ctrl-C while torch is still importing."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import blockdiff.cli
+from blockdiff.cli import main
+from blockdiff.files import write_output
+
+PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_refuses_an_out_it_cannot_write_before_building_anything(tmp_path, capsys):
+    out = tmp_path / "missing" / "bench.json"
+    assert main(["bench", "--random-config", "tiny", "--out", str(out), "--no-oracle", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blockdiff: error: --out {out}: the folder") and "does not exist" in err, err
+    assert "building" not in err and err.count("\n") == 1  # refused before the checkpoint build, in one line
+
+
+def test_sudoku_out_on_a_full_device_names_out_and_leaves_the_device_alone(tmp_path, monkeypatch, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    (tmp_path / "in.txt").write_text(PUZZLE + "\n")
+    assert main(["sudoku", "--puzzles", str(tmp_path / "in.txt"), "--out", "/dev/full", "--threads", "1"]) == 2
+    assert capsys.readouterr().err == "blockdiff: error: --out /dev/full: cannot write it: No space left on device\n"
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # written in place, never renamed over
+
+
+def test_write_output_through_a_link_keeps_the_link_and_leaves_no_temporary(tmp_path):
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("old")
+    link.symlink_to(target)
+    write_output(str(link), "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    write_output(str(tmp_path / "plain.txt"), "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "plain.txt", "target.txt"]
+
+
+def test_train_data_that_cannot_be_read_names_data(tmp_path, capsys):
+    argv = ["train", "--out", str(tmp_path / "run"), "--task", "jsonl", "--data", str(tmp_path / "none.jsonl"),
+            "--vocab-size", "16", "--canvas-length", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"blockdiff: error: --data {tmp_path / 'none.jsonl'}: cannot read it: No such file or directory\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_out_that_is_a_file_or_under_one_names_out(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["train", "--out", str(f), "--task", "copy", "--max-steps", "1"]) == 2
+    assert capsys.readouterr().err == f"blockdiff: error: --out {f} is a file; name a folder for the run\n"
+    assert main(["train", "--out", str(f / "run"), "--task", "copy", "--max-steps", "1"]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: --out {f / 'run'}: cannot create the run folder: "
+                                       "Not a directory\n")
+    assert f.read_text() == "x"
+
+
+def test_train_with_a_bad_init_from_leaves_no_empty_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--init-from", str(tmp_path / "none"), "--task", "copy"]) == 2
+    assert "no checkpoint folder at" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()  # a folder the user made is theirs: kept
+    assert main(["train", "--out", str(out), "--init-from", str(tmp_path / "none"), "--task", "copy"]) == 2
+    assert out.is_dir()
+
+
+def test_the_command_line_module_imports_without_torch():
+    # so that a Ctrl-C in the seconds torch takes to import lands inside main(), which says "interrupted"
+    code = "import sys, blockdiff.cli; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blockdiff.cli, "build_parser", interrupted)
+    assert main(["run", "x", "hi"]) == 130
+    assert capsys.readouterr().err == "blockdiff: interrupted\n"
