@@ -89,3 +89,13 @@ def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(monkeypatch, ca
     monkeypatch.setattr(blockdiff.cli, "build_parser", interrupted)
     assert main(["run", "x", "hi"]) == 130
     assert capsys.readouterr().err == "blockdiff: interrupted\n"
+
+
+def test_serve_api_key_file_that_cannot_be_read_is_one_plain_line(tmp_path, capsys):
+    missing, binary = tmp_path / "keys", tmp_path / "keys.bin"
+    binary.write_bytes(b"\xff\xfe\x00key")
+    assert main(["serve", str(tmp_path), "--api-key-file", str(missing)]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: --api-key-file {missing}: cannot read it: "
+                                       "No such file or directory\n")
+    assert main(["serve", str(tmp_path), "--api-key-file", str(binary)]) == 2
+    assert capsys.readouterr().err == f"blockdiff: error: --api-key-file {binary}: not UTF-8 text\n"
