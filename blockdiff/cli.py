@@ -143,9 +143,15 @@ def check_device(device: str) -> str:
     return device
 
 
+# torch.set_num_threads(100000) kills the process with a segfault and no message; no CPU has this many cores.
+MAX_THREADS = 1024
+
+
 def check_threads(threads: int) -> None:
     if threads < 0:
         raise CLIError(f"--threads must be >= 0 (0 = automatic), got {threads}")
+    if threads > MAX_THREADS:
+        raise CLIError(f"--threads must be <= {MAX_THREADS}, got {threads}")
 
 
 def check_before_load(args) -> None:

@@ -99,3 +99,18 @@ def test_serve_api_key_file_that_cannot_be_read_is_one_plain_line(tmp_path, caps
                                        "No such file or directory\n")
     assert main(["serve", str(tmp_path), "--api-key-file", str(binary)]) == 2
     assert capsys.readouterr().err == f"blockdiff: error: --api-key-file {binary}: not UTF-8 text\n"
+
+
+@pytest.mark.parametrize("command", [["run", "x", "hi"], ["sudoku", "--puzzles", "-", "--out", "-"],
+                                     ["bench", "--random-config", "tiny"]])
+def test_threads_past_any_cpu_is_refused_not_a_crash(command, capsys):
+    # torch.set_num_threads(100000) ends the process with a segfault
+    assert main(command + ["--threads", "100000"]) == 2
+    assert capsys.readouterr().err == "blockdiff: error: --threads must be <= 1024, got 100000\n"
+
+
+def test_nan_is_not_at_least_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "run"), "--task", "copy", "--time-limit", "nan"])
+    assert "argument --time-limit: must be >= 0.0, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,16 @@ def _error(msg: str):
     return CLIError(msg)
 
 
+def _check_flags(args) -> None:
+    """The flags' own bounds, before any puzzle is read (stdin may wait for input) or the model loads."""
+    from ..cli import check_device, check_threads
+
+    if args.steps is not None and not 1 <= args.steps <= 10_000:
+        raise _error(f"--steps must be an integer in [1, 10000], got {args.steps}")
+    check_threads(args.threads)
+    args.device = check_device(args.device)
+
+
 def _load(args):
     import os
 
@@ -32,12 +42,9 @@ def _load(args):
 
     from ..engine.llm import LLM
 
-    from ..cli import auto_threads, check_device, check_threads
+    from ..cli import auto_threads
 
-    if args.steps is not None and not 1 <= args.steps <= 10_000:
-        raise _error(f"--steps must be an integer in [1, 10000], got {args.steps}")
-    check_threads(args.threads)
-    args.device = check_device(args.device)
+    _check_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
@@ -82,6 +89,7 @@ def cmd_sudoku(args) -> int:
     from .puzzles import format_grid
     from .solver import solve_diffusion
 
+    _check_flags(args)
     check_writable(args.out)
 
     puzzles = _read_puzzles(args.puzzles)
@@ -123,7 +131,7 @@ def _read_puzzles(path: str) -> list[list[int]]:
             with open(path, encoding="utf-8") as f:
                 lines = f.readlines()
     except OSError as e:
-        raise _error(f"--puzzles {path}: cannot read it: {e.strerror}") from None
+        raise _error(f"--puzzles {path}: cannot read it: {e.strerror or e}") from None
     puzzles = []
     for n, line in enumerate(lines, 1):
         s = line.strip()
