@@ -9,7 +9,8 @@ Examples:
     blockdiff bench --random-config mid --out bench.json
     blockdiff demo --web                  # the playground on the bundled Sudoku model
 
-Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2.
+Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2;
+Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are written whole or not at all.
 """
 
 from __future__ import annotations
