@@ -350,6 +350,10 @@ def cmd_run(args) -> int:
     tok = llm.tokenizer
     steps = params.max_denoising_steps or llm.defaults.max_denoising_steps
     if ids is not None:
+        bad = [i for i in ids if not 0 <= i < llm.model.vocab_size]
+        if bad:  # said here, naming the flag; the engine's own check speaks of "prompt token ids"
+            raise CLIError(f"--prompt-ids must be token ids in [0, {llm.model.vocab_size}) of {args.model}'s "
+                           f"vocabulary, got {bad[0]}")
         prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
         def generate(on_event):

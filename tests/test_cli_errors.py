@@ -114,3 +114,9 @@ def test_nan_is_not_at_least_anything(tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "run"), "--task", "copy", "--time-limit", "nan"])
     assert "argument --time-limit: must be >= 0.0, got nan" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_run_prompt_ids_outside_the_vocabulary_name_the_flag(tiny_checkpoint, capsys):
+    assert main(["run", tiny_checkpoint, "--prompt-ids", "2,99999", "--threads", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blockdiff: error: --prompt-ids must be token ids in [0, ") and err.endswith("got 99999\n")
