@@ -10,7 +10,7 @@ def at_least(low, kind=int):
     """A ``type=`` for numbers >= ``low`` (``kind`` int or float)."""
     def parse(text: str):
         value = _number(text, kind)
-        if value < low:
+        if not value >= low:  # not `value < low`: NaN compares false with everything and would pass
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its own "invalid int value" message

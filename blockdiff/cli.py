@@ -9,7 +9,8 @@ Examples:
     blockdiff bench --random-config mid --out bench.json
     blockdiff demo --web                  # the playground on the bundled Sudoku model
 
-Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2.
+Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2;
+Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are written whole or not at all.
 """
 
 from __future__ import annotations
@@ -143,9 +144,15 @@ def check_device(device: str) -> str:
     return device
 
 
+# torch.set_num_threads(100000) kills the process with a segfault and no message; no CPU has this many cores.
+MAX_THREADS = 1024
+
+
 def check_threads(threads: int) -> None:
     if threads < 0:
         raise CLIError(f"--threads must be >= 0 (0 = automatic), got {threads}")
+    if threads > MAX_THREADS:
+        raise CLIError(f"--threads must be <= {MAX_THREADS}, got {threads}")
 
 
 def check_before_load(args) -> None:
@@ -343,6 +350,10 @@ def cmd_run(args) -> int:
     tok = llm.tokenizer
     steps = params.max_denoising_steps or llm.defaults.max_denoising_steps
     if ids is not None:
+        bad = [i for i in ids if not 0 <= i < llm.model.vocab_size]
+        if bad:  # said here, naming the flag; the engine's own check speaks of "prompt token ids"
+            raise CLIError(f"--prompt-ids must be token ids in [0, {llm.model.vocab_size}) of {args.model}'s "
+                           f"vocabulary, got {bad[0]}")
         prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
         def generate(on_event):
@@ -546,6 +557,14 @@ def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch and the subcommands import, before _main's own handler
+        print("blockdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     sub = parser.subcommands.get(getattr(args, "command", None) or "")

@@ -1,7 +1,8 @@
 """Writing output files so that an interrupted write (Ctrl-C, SIGTERM, a full disk) never leaves a half-written
 file under the real name: each file is written beside its target and renamed onto it (``os.replace`` is atomic
 on one file system), so a reader sees the old file or the new one, never a mix. Used by checkpoint saving
-(``loader.save_model``, the trainer) and by ``blockdiff quantize``."""
+(``loader.save_model``, the trainer), by ``blockdiff quantize``, and for the ``--out`` files of ``bench`` and
+``sudoku`` (checked with ``check_writable`` before any work, written with ``write_output``)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,34 @@ def write_json(path: str, data, indent: int = 2) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=indent)
+
+
+def check_writable(path: str, flag: str = "--out") -> None:
+    """Fail before any work (a model load, minutes of benchmark) when the output file ``path`` cannot be
+    written; the ValueError names ``flag``. '-' (stdout) always passes."""
+    if path == "-":
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; name a file")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable (permission denied)")
+
+
+def write_output(path: str, text: str, flag: str = "--out") -> None:
+    """``text`` into the file ``path`` atomically; an I/O error (a full disk) is a ValueError naming ``flag``,
+    and leaves no file behind. A path that exists and is not a regular file (/dev/stdout, a named pipe, a device)
+    or a link (/dev/stdout is one) is written in place: renaming a file onto it would replace the device or
+    the link itself."""
+    try:
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write it: {e.strerror or e}") from None

@@ -53,6 +53,16 @@ def main(argv=None) -> int:
     ap.add_argument("--generation", action="append", default=[], help="KEY=VALUE sampling default override")
     ap.add_argument("--every", type=int, default=100)
     args = ap.parse_args(argv)
+    # Every input is read before anything is written, so a wrong path leaves DEST as it was.
+    texts = {}
+    for flag, path in (("--commands", args.commands), ("--eval-table", args.eval_table)):
+        try:
+            texts[flag] = open(path).read().strip() if path else None
+        except OSError as e:
+            ap.error(f"{flag} {path}: cannot read it: {e.strerror}")
+    for name in FILES + ("train_log.jsonl",):
+        if not os.path.isfile(os.path.join(args.run, name)):
+            ap.error(f"{args.run} has no {name}: pass the --out folder of a `blockdiff train` run")
     os.makedirs(args.dest, exist_ok=True)
     for name in FILES:
         shutil.copy(os.path.join(args.run, name), os.path.join(args.dest, name))
@@ -65,7 +75,7 @@ def main(argv=None) -> int:
         json.dump(gen, f, indent=2)
     curve, last = learning_curve(os.path.join(args.run, "train_log.jsonl"), args.every)
     cfg = json.load(open(os.path.join(args.dest, "config.json")))["text_config"]
-    commands = open(args.commands).read().strip() if args.commands else "(not recorded)"
+    commands = texts["--commands"] or "(not recorded)"
     size = os.path.getsize(os.path.join(args.dest, "model.safetensors"))
     text = f"""# The bundled Sudoku model
 
@@ -98,7 +108,7 @@ levels); the in-training eval solves 32 held-out unique 40-50-clue puzzles with 
 """
     if args.eval_table:
         text += "\n## Evaluation (held-out unique puzzles, `python -m blockdiff.sudoku.eval`)\n\n" + \
-            open(args.eval_table).read().strip() + "\n"
+            texts["--eval-table"] + "\n"
     with open(os.path.join(args.dest, "TRAINING.md"), "w") as f:
         f.write(text)
     print(f"bundled {args.run} -> {args.dest} ({size / 1e6:.1f} MB)")

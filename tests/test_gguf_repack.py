@@ -58,7 +58,7 @@ def test_q4_0_and_q4_k_are_repacked_into_int4_g32_without_requantizing(tmp_path)
 
 
 @pytest.mark.parametrize("kind, method", [("Q8_0", "int8"), ("Q5_0", "int8"), ("Q6_K", "int8"),
-                                          ("Q8_0", "int4"), ("Q4_0", "int8")])
+                                          ("Q8_0", "int4"), ("Q4_0", "int8"), ("F32", "int8")])
 def test_other_types_convert_a_few_rows_at_a_time_to_the_same_parts(tmp_path, monkeypatch, kind, method):
     rng = np.random.default_rng(1)
     arr = (_kquant_bytes(kind, 4 * 10, 256, 2).reshape(4, 10, -1) if kind == "Q6_K"

@@ -249,3 +249,78 @@ def test_every_readme_block_runs(scratch):
     # the Sudoku examples answered: terminal (run, sudoku), Python (solve) and the OpenAI client
     assert text.count(SOLUTION) >= 4, text[-3000:]
     assert "verified by the exact solver" in text  # blockdiff demo
+
+
+# ---------------------------------------------------------------------------------------------- doc claims vs code
+DOCS = [README] + sorted(os.path.join(REPO, "docs", f) for f in os.listdir(os.path.join(REPO, "docs"))
+                         if f.endswith(".md"))
+COMMAND = re.compile(r"(?:blockdiff|python -m blockdiff\.(train|sudoku))"
+                     r" ?(run\|chat\|serve|run|chat|serve|bench|train|sudoku|demo|quantize)?\b([^`#\n]*)")
+
+
+def test_every_flag_the_docs_give_a_command_is_in_its_help():
+    """A `blockdiff CMD ... --flag` (in a code block or inline) names a flag CMD's parser has."""
+    from blockdiff.cli import build_parser
+
+    parsers = build_parser().subcommands
+    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in parsers.items()}
+    wrong, seen = [], 0
+    for path in DOCS:
+        text = open(path, encoding="utf-8").read().replace("\\\n", " ")
+        for piece in re.split(r"\n|`", text):
+            for m in COMMAND.finditer(piece):
+                commands = (m.group(2) or m.group(1) or "").split("|")
+                if commands == [""] or m.group(1) == "sudoku":  # the bare word, or `python -m blockdiff.sudoku.eval`
+                    continue
+                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", m.group(3)):
+                    seen += 1
+                    wrong += [f"{os.path.basename(path)}: `blockdiff {c}` has no {flag}: {m.group(0).strip()[:100]}"
+                              for c in commands if flag not in flags[c]]
+    assert seen > 100 and not wrong, "\n".join(wrong)
+
+
+def _table(doc: str, header: str) -> list[list[str]]:
+    """The rows (cells, stripped) of the markdown table whose header row starts with ``header``."""
+    lines = doc[doc.index(header):].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[:lines.index("")]]
+
+
+def test_serving_md_flag_table_names_serves_flags_and_their_defaults():
+    from blockdiff.cli import build_parser
+
+    serve = build_parser().subcommands["serve"]
+    actions = {o: a for a in serve._actions for o in a.option_strings}
+    doc = open(os.path.join(REPO, "docs", "serving.md"), encoding="utf-8").read()
+    units = {"MiB": 1 << 20, "GiB": 1 << 30}
+    checked = 0
+    for cells in _table(doc, "| flag | default | meaning |"):
+        names = re.findall(r"--[a-z][a-z0-9-]+", cells[0])
+        assert names and all(n in actions for n in names), cells[0]
+        m = re.fullmatch(r"([\d,]+)(?: (MiB|GiB))?", cells[1])
+        if m and len(names) == 1:  # a plain number: the parser's default
+            assert actions[names[0]].default == int(m.group(1).replace(",", "")) * units.get(m.group(2), 1), cells
+            checked += 1
+    assert checked >= 6
+
+
+def test_serving_md_blockdiff_fields_are_request_fields():
+    from blockdiff.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    doc = open(os.path.join(REPO, "docs", "serving.md"), encoding="utf-8").read()
+    rows = _table(doc, "| field | meaning |")
+    names = [n for cells in rows for n in re.findall(r"`([a-z_]+)`", cells[0])]
+    assert len(names) >= 14
+    for name in names:
+        assert name in ChatCompletionRequest.model_fields, name
+        assert name in CompletionRequest.model_fields or name == "chat_template_kwargs", name
+
+
+def test_readme_lists_every_sampling_params_field_and_no_other():
+    import dataclasses
+
+    from blockdiff import SamplingParams
+
+    text = open(README, encoding="utf-8").read()
+    part = text[text.index("`SamplingParams` fields"):text.index("Every field is validated")]
+    listed = set(re.findall(r"`([a-z_]+)`", part)) - {"on_event"}  # on_event: generate's, named to contrast
+    assert listed == {f.name for f in dataclasses.fields(SamplingParams)}

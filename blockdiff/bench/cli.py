@@ -87,6 +87,9 @@ def run(args) -> int:
 
     if (args.model is None) == (args.random_config is None):
         raise ValueError("give a checkpoint folder or --random-config (one of them)")
+    if args.out:  # before minutes of benchmark, not after them
+        from ..files import check_writable
+        check_writable(args.out)
     from ..cli import check_device, check_threads
 
     check_threads(args.threads)
@@ -106,8 +109,7 @@ def run(args) -> int:
         report = run_quantized_full("full", args.quantization, prompt_len=args.prompt_len, seed=args.seed,
                                     log=lambda m: print(m, file=sys.stderr, flush=True), layers=args.layers)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=2)
+            _write_report(args.out, report)
         return 0
     if args.random_config in SHAPES:
         return run_full(args)
@@ -137,9 +139,7 @@ def run(args) -> int:
                                               json_rows=not args.tools_only)
             print(format_structured(report))
             if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(report, f, indent=2)
-                    f.write("\n")
+                _write_report(args.out, report)
             return 0
         if args.profile:
             from .profile import profile_report
@@ -148,11 +148,14 @@ def run(args) -> int:
         report = run_benchmark(path, options, log=log)
     print(format_table(report))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        _write_report(args.out, report)
         log(f"wrote {args.out}")
     return 0
+
+
+def _write_report(path: str, report: dict) -> None:
+    from ..files import write_output
+    write_output(path, json.dumps(report, indent=2) + "\n")
 
 
 def run_full(args) -> int:
@@ -166,9 +169,7 @@ def run_full(args) -> int:
                                 log=lambda m: print(m, file=sys.stderr, flush=True), fast=args.fast)
     print(format_full(report))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        _write_report(args.out, report)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -48,7 +48,7 @@ def _convert(m: np.ndarray, kind: str, qtype, k: int, method: str, group: int) -
     for a in range(0, m.shape[0], ROWS):
         rows = m[a:a + ROWS]
         if kind in ("F32", "F16", "F64"):
-            w = np.asarray(rows, dtype=np.float32)
+            w = np.array(rows, dtype=np.float32)  # a copy: the file's memory map is read-only (torch warns)
         else:
             w = quants.dequantize(rows, qtype)
         chunks.append(quantize(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(-1, k)), method,

@@ -78,8 +78,10 @@ def api_keys(args) -> list[str]:
         try:
             with open(args.api_key_file, encoding="utf-8") as f:
                 keys += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"--api-key-file {args.api_key_file}: {e}") from None
+        except OSError as e:
+            raise CLIError(f"--api-key-file {args.api_key_file}: cannot read it: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise CLIError(f"--api-key-file {args.api_key_file}: not UTF-8 text") from None
         if not keys:
             raise CLIError(f"--api-key-file {args.api_key_file} holds no key")
     if not keys and os.environ.get("BLOCKDIFF_API_KEY") is not None:

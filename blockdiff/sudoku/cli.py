@@ -25,6 +25,16 @@ def _error(msg: str):
     return CLIError(msg)
 
 
+def _check_flags(args) -> None:
+    """The flags' own bounds, before any puzzle is read (stdin may wait for input) or the model loads."""
+    from ..cli import check_device, check_threads
+
+    if args.steps is not None and not 1 <= args.steps <= 10_000:
+        raise _error(f"--steps must be an integer in [1, 10000], got {args.steps}")
+    check_threads(args.threads)
+    args.device = check_device(args.device)
+
+
 def _load(args):
     import os
 
@@ -32,12 +42,9 @@ def _load(args):
 
     from ..engine.llm import LLM
 
-    from ..cli import auto_threads, check_device, check_threads
+    from ..cli import auto_threads
 
-    if args.steps is not None and not 1 <= args.steps <= 10_000:
-        raise _error(f"--steps must be an integer in [1, 10000], got {args.steps}")
-    check_threads(args.threads)
-    args.device = check_device(args.device)
+    _check_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
@@ -77,27 +84,13 @@ def _run_live(llm, puzzle, seed, steps, title):
     return sol
 
 
-def _check_writable(path: str) -> None:
-    """Fail before any work (the model load, the solving) when the output file cannot be written."""
-    import os
-
-    if path == "-":
-        return
-
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise _error(f"--out {path} is a folder; name a file")
-    if not os.path.isdir(folder):
-        raise _error(f"--out {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise _error(f"--out {path}: not writable (permission denied)")
-
-
 def cmd_sudoku(args) -> int:
+    from ..files import check_writable, write_output
     from .puzzles import format_grid
     from .solver import solve_diffusion
 
-    _check_writable(args.out)
+    _check_flags(args)
+    check_writable(args.out)
 
     puzzles = _read_puzzles(args.puzzles)
     llm = _load(args)
@@ -116,8 +109,7 @@ def cmd_sudoku(args) -> int:
         sys.stdout.write(lines)
         sys.stdout.flush()
     else:
-        with open(args.out, "w") as f:
-            f.write(lines)
+        write_output(args.out, lines)
     steps = sum(s.denoise_steps for s in sols) / max(1, len(sols))
     print(f"[{len(puzzles)} {'puzzle' if len(puzzles) == 1 else 'puzzles'} · {sum(solved)} solved · {steps:.1f} denoising steps per puzzle · "
           f"{time.perf_counter() - t0:.2f} s] -> {'stdout' if args.out == '-' else args.out}", file=sys.stderr)
@@ -139,7 +131,7 @@ def _read_puzzles(path: str) -> list[list[int]]:
             with open(path, encoding="utf-8") as f:
                 lines = f.readlines()
     except OSError as e:
-        raise _error(f"--puzzles {path}: cannot read it: {e.strerror}") from None
+        raise _error(f"--puzzles {path}: cannot read it: {e.strerror or e}") from None
     puzzles = []
     for n, line in enumerate(lines, 1):
         s = line.strip()

@@ -13,6 +13,8 @@ end of the current step, then stops. Details: docs/sudoku.md, "Training".
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
 import torch
 
@@ -72,7 +74,10 @@ def build_task(args):
         return CopyTask(args.vocab_size or 32, args.canvas_length or 8)
     if not args.data or not args.vocab_size or not args.canvas_length:
         raise SystemExit("--task jsonl needs --data, --vocab-size and --canvas-length")
-    return JsonlTask(args.data, args.vocab_size, args.canvas_length)
+    try:
+        return JsonlTask(args.data, args.vocab_size, args.canvas_length)
+    except OSError as e:
+        raise ValueError(f"--data {args.data}: cannot read it: {e.strerror or e}") from None
 
 
 def run(args) -> int:
@@ -100,8 +105,26 @@ def run(args) -> int:
                      save_every=args.save_every, device=args.device, amp_bf16=args.bf16,
                      resume=not args.no_resume, time_limit_s=args.time_limit,
                      time_budget_s=args.time_budget)
-    Trainer(task, o, config=config, init_from=args.init_from, log=lambda s: print(s, flush=True)).run()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; name a folder for the run")
+    created = not os.path.exists(args.out)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create the run folder: {e.strerror or e}") from None
+    try:
+        trainer = Trainer(task, o, config=config, init_from=args.init_from, log=lambda s: print(s, flush=True))
+    except BaseException:  # a bad --init-from, Ctrl-C while loading: leave no empty run folder behind
+        _remove_if_empty(args.out, created)
+        raise
+    trainer.run()
     return 0
+
+
+def _remove_if_empty(path: str, created: bool) -> None:
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only an empty folder: nothing a run wrote is ever removed
 
 
 def register(subparsers) -> None:
