@@ -1,0 +1,1 @@
+timeout: failed to run command ‘./bd’: No such file or directory
