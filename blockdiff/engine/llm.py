@@ -333,10 +333,12 @@ class LLM:
                       for i, (ids, p, im) in enumerate(zip(id_lists, params, images))]
             return self._run(states, texts, use_tqdm, interrupts)
 
-    def _run(self, states: list[ModelState], texts, use_tqdm: bool, interrupts: list) -> list[RequestOutput]:
+    def _run(self, states: list[ModelState], texts, use_tqdm: bool,
+             interrupts: list | None = None) -> list[RequestOutput]:
         """Tick until every state finished. Another driver of the same engine (a server built on this LLM) may run
         some of those ticks: each tick advances every request, so the loop watches its states, not what its own
-        ticks return."""
+        ticks return. ``interrupts``: what the call's ``on_event`` raised to stop it (re-raised after a tick)."""
+        interrupts = [] if interrupts is None else interrupts
         for s in states:
             self.engine.add(s)
         pending = list(states)
