@@ -52,7 +52,7 @@ def _yarn_inv_freq(params: dict, dim: int, theta: float, max_positions: int | No
         high += 0.001
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp
-    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    pos_freqs = theta ** _exponents(dim)
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
@@ -70,7 +70,7 @@ def rope_inv_freq(params: dict, head_dim: int, max_positions: int | None = None)
         return inv / float(params.get("factor", 1.0))
     dim = int(head_dim * partial)
     if rope_type == "default":
-        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        inv = 1.0 / (theta ** _exponents(dim))
     elif rope_type == "linear":
         inv = 1.0 / (theta ** _exponents(dim)) / params["factor"]
     elif rope_type == "dynamic":
