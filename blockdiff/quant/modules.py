@@ -203,10 +203,10 @@ class QuantExperts(nn.Module):
     """Drop-in for ``layers.Experts`` with quantized gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, methods: tuple[str, str],
-                 groups: tuple[int, int] = (64, 64)):
+                 groups: tuple[int, int] = (64, 64), act=gelu_tanh):
         super().__init__()
         self.num_experts = num_experts
-        self.act = gelu_tanh  # the config's hidden_activation: set by whoever swaps this in (quant/plan.py)
+        self.act = act  # the config's hidden_activation (the Experts module this replaces has it)
         self.gate_up_proj = QTensor((num_experts, 2 * inter, hidden), methods[0], groups[0])
         self.down_proj = QTensor((num_experts, hidden, inter), methods[1], groups[1])
 

@@ -226,10 +226,8 @@ class QuantPlan:
             gu, dn = f"layers.{i}.experts.gate_up_proj", f"layers.{i}.experts.down_proj"
             if gu in self.targets:
                 e, two_i, h = self.targets[gu]
-                act = layer.experts.act
                 layer.experts = QuantExperts(e, h, two_i // 2, (self.tensor_method(gu), self.tensor_method(dn)),
-                                             (self.tensor_group(gu), self.tensor_group(dn)))
-                layer.experts.act = act
+                                             (self.tensor_group(gu), self.tensor_group(dn)), layer.experts.act)
         for a in ("gate_proj", "up_proj", "down_proj"):
             lin(model.self_conditioning, a, f"self_conditioning.{a}.weight")
         if "embed_tokens.weight" in self.targets:
