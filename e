@@ -1,1 +1,0 @@
-timeout: failed to run command ‘./bd’: No such file or directory
