@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from blockdiff.model import cpu_threads
-from blockdiff.model.cpu_threads import map_experts, spans_of, split
+from blockdiff.model.cpu_threads import run_tasks, spans_of, split
+
+
+def map_experts(fn, spans, macs_per_row, side=()):
+    """The experts (fn(e, a, b) per span) and the side tasks through run_tasks: (the experts' rows, side results)."""
+    from functools import partial
+    ys = run_tasks([((b - a + 4) * macs_per_row, partial(fn, e, a, b)) for e, a, b in spans] + list(side))
+    return torch.cat(ys[:len(spans)]), ys[len(spans):]
 
 
 @pytest.fixture
@@ -28,6 +35,32 @@ def _experts(E=8, H=64, I=32, seed=0):
 def _expert(xs, gu, dn, e, a, b):
     gate, up = F.linear(xs[a:b], gu[e]).chunk(2, -1)
     return F.linear(F.gelu(gate, approximate="tanh") * up, dn[e])
+
+
+def test_each_expert_writes_each_experts_rows_into_one_output():
+    """One mm per expert on views made by one split, each writing its rows of one output (out=): the same rows as
+    a product per expert; experts without rows are skipped."""
+    gu, _ = _experts()
+    counts = [5, 0, 9, 1, 7, 3, 0, 11]
+    xs = torch.randn(sum(counts), 64)
+    out = torch.full((sum(counts), gu.shape[1]), float("nan"))
+    got = cpu_threads.each_expert(torch.mm, xs, counts, gu.transpose(1, 2).unbind(0), out)
+    assert got is out
+    want = torch.cat([xs[a:b] @ gu[e].t() for e, a, b in spans_of(counts)])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_expert_blocks_are_consecutive_runs_of_about_equal_cost(n):
+    counts = [5, 0, 9, 1, 7, 3, 0, 11, 2, 2]
+    spans = spans_of(counts)
+    blocks = cpu_threads.expert_blocks(spans, n)
+    assert [s for blk in blocks for s in blk] == spans  # every expert with rows once, in order
+    assert len(blocks) == min(n, len(spans)) and all(blocks)
+    costs = [sum(b - a + 4 for _, a, b in blk) for blk in blocks]
+    biggest = max(b - a + 4 for _, a, b in spans)
+    assert max(costs) - min(costs) <= 2 * biggest  # balanced to within about one expert's cost
+    assert cpu_threads.expert_blocks([], 2) == [] and cpu_threads.expert_blocks(spans[:1], 2) == [spans[:1]]
 
 
 def test_spans_skip_experts_without_rows():
@@ -146,6 +179,11 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
     from blockdiff.bench.checkpoints import write_random_checkpoint
     from blockdiff.engine.llm import LLM
     monkeypatch.setattr(cpu_threads, "MIN_WORK", 1 << 12)  # the fan-out on this small model's products
+    # Table blocks that divide each thread's half of the 512-word vocabulary, as the real vocabularies' 1,024-row
+    # blocks divide theirs: where probs @ E runs in bf16 (CPUs with AVX512-BF16), each block's product is rounded
+    # to bf16, so the same blocks must be computed at both thread counts (only their fp32 sum's order differs).
+    from blockdiff.quant.modules import QuantEmbedding
+    monkeypatch.setattr(QuantEmbedding, "ROWS", 128)
     write_random_checkpoint(str(tmp_path), "tiny")
     llm = LLM(str(tmp_path), dtype=torch.float32, device="cpu", quantization=quant)
     m = llm.model
@@ -158,7 +196,7 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
 
     def spy(fn, shares, n):
         fan_outs[torch.get_num_threads()] += 1
-        kinds.add("experts" if fn is cpu_threads._call else "split")  # map_experts hands over _call
+        kinds.add("experts" if fn is cpu_threads._call else "split")  # run_tasks hands over _call
         return real(fn, shares, n)
     monkeypatch.setattr(cpu_threads, "fan_out", spy)
     before = torch.get_num_threads()
@@ -173,9 +211,10 @@ def test_model_logits_do_not_depend_on_the_thread_count(tmp_path, monkeypatch, q
                 outs[t] = (logits, m.soft_embeddings(logits.softmax(-1)))
     finally:
         torch.set_num_threads(before)
-    # one thread: nothing fans out; two: each layer's experts (with its dense MLP) in encode and in denoise, the
-    # LM head and probs @ E
-    assert fan_outs[1] == 0 and fan_outs[2] >= 2 * len(m.layers) + 2, fan_outs
+    # one thread: nothing fans out; two: each layer's experts (with its dense MLP) in encode and in denoise,
+    # probs @ E, and the LM head unless it is one int8 torch._int_mm product (threaded by torch itself)
+    head = 0 if getattr(m.embed_tokens, "int_mm", False) else 1
+    assert fan_outs[1] == 0 and fan_outs[2] >= 2 * len(m.layers) + 1 + head, fan_outs
     assert kinds == {"experts", "split"}
     torch.testing.assert_close(outs[2][0], outs[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(outs[2][1], outs[1][1], rtol=1e-4, atol=1e-4)
@@ -253,6 +292,10 @@ def test_lm_head_in_blocks_equals_one_product(tmp_path, monkeypatch, two_threads
     with torch.inference_mode():
         got = m.lm_head(h)
     want = F.linear(h, table)
+    if quant and e.int_mm:  # a CPU with VNNI: the hidden states are quantized per row, an exact int8 product
+        from blockdiff.quant.modules import quantize_rows
+        xq, xs = quantize_rows(h.reshape(-1, h.shape[-1]))
+        want = (torch._int_mm(xq, e.weight.qweight.t()).float() * e.weight.qscale.float() * xs).reshape(want.shape)
     if m.softcap:
         want = torch.tanh(want / m.softcap) * m.softcap
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -124,10 +124,12 @@ def test_int_mm_takes_every_cpu_shape(shape):
     assert torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t())
 
 
-@pytest.mark.parametrize("method,int_mm", [("int8", False), ("int8", True), ("int4", False)])
+@pytest.mark.parametrize("method,int_mm", [("int8", False), ("int8", True), ("int4", False), ("int8/int4", True),
+                                           ("int4/int8", True)])
 def test_quantized_experts_match_experts_with_dequantized_weights(method, int_mm, tiny_model, monkeypatch):
-    """Every CPU expert path (int8 dequantize, int8 through torch._int_mm, int4 packed) equals the fp32 experts with
-    the dequantized weights, on one thread and with the experts dealt to worker threads."""
+    """Every CPU expert path (int8 dequantize, int8 through torch._int_mm, int4 packed, and gate_up / down held in
+    different methods) equals the fp32 experts with the dequantized weights, on one thread and with the experts
+    dealt to worker threads."""
     import blockdiff.quant.modules as qm
     from blockdiff.model import cpu_threads
     monkeypatch.setattr(qm, "_INT_MM", int_mm)
@@ -135,13 +137,14 @@ def test_quantized_experts_match_experts_with_dequantized_weights(method, int_mm
     torch.manual_seed(1)
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     gu, dn = torch.randn(E, 2 * I, H) / H ** 0.5, torch.randn(E, H, I) / I ** 0.5
-    qe = QuantExperts(E, H, I, (method, method), (64, 32))
-    qe.gate_up_proj, gu_deq = qtensor(gu, method, 64)
-    qe.down_proj, dn_deq = qtensor(dn, method, 32)
+    m_gu, m_dn = method.split("/") if "/" in method else (method, method)
+    qe = QuantExperts(E, H, I, (m_gu, m_dn), (64, 32))
+    qe.gate_up_proj, gu_deq = qtensor(gu, m_gu, 64)
+    qe.down_proj, dn_deq = qtensor(dn, m_dn, 32)
     ref = Experts(cfg)
     ref.gate_up_proj.data.copy_(gu_deq)
     ref.down_proj.data.copy_(dn_deq)
-    assert qe.gate_up_proj.int_mm is int_mm
+    assert qe.gate_up_proj.int_mm is (int_mm and m_gu == "int8") and qe.down_proj.int_mm is (int_mm and m_dn == "int8")
     x = torch.randn(20, H)
     w, idx = torch.softmax(torch.randn(20, E), -1).topk(cfg.top_k_experts, -1)
     before = torch.get_num_threads()

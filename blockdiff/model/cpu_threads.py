@@ -3,8 +3,9 @@
 A denoising step on the mid checkpoint runs ~540 expert GEMMs of ~16 rows each. A GEMM that small has too little
 work for torch to split across two threads, so with torch's intra-op threads alone the second core idled through
 the experts (2 threads were 1.2-1.4x one; per-op profile in docs/benchmarks.md). Here each thread instead takes
-whole experts (``map_experts``): the experts of a layer are dealt to ``torch.get_num_threads()`` worker threads,
-balanced by their rows, and each worker runs its experts' GEMMs single-threaded. torch releases the GIL inside each
+whole experts (``map_expert_blocks``): the experts of a layer are cut into one run of consecutive experts per
+``torch.get_num_threads()`` worker thread, balanced by their rows, and each worker runs its run's whole MLP
+single-threaded (both GEMMs of each expert, the activation once over the run). torch releases the GIL inside each
 op, so the workers' GEMMs run at the same time; the caller waits and concatenates the outputs in their order. The
 big products over the vocabulary (LM head, probs @ E) are cut the same way (``split``): one single-threaded
 product per core was faster than torch's own split of the one product.
@@ -74,23 +75,70 @@ def fan_out(fn: Callable, shares: list[list], n: int) -> list[list]:
     return [f.result() for f in futures]
 
 
-def map_experts(fn: Callable[[int, int, int], torch.Tensor], spans: list[Span], macs_per_row: int,
-                side: Sequence[tuple[int, Callable[[], torch.Tensor]]] = ()) -> tuple[torch.Tensor, list]:
-    """``(torch.cat([fn(e, a, b) for e, a, b in spans]), [g() for _, g in side])``, with the experts and the side
-    tasks (``(multiply-adds, callable)``: e.g. the layer's dense MLP, independent of the experts) dealt to the CPU's
-    threads when there are at least two threads and ``MIN_WORK`` multiply-adds in all."""
-    rows = spans[-1][2] - spans[0][1] if spans else 0
-    tasks = [((b - a + 4) * macs_per_row, partial(fn, e, a, b)) for e, a, b in spans] + list(side)
-    n = min(workers(), len(tasks))
-    if n < 2 or rows * macs_per_row + sum(c for c, _ in side) < MIN_WORK:
-        results = [g() for _, g in tasks]
-    else:
-        shares = _deal([c for c, _ in tasks], n)
-        results = [None] * len(tasks)
-        for share, ys in zip(shares, fan_out(_call, [[(tasks[i][1],) for i in share] for share in shares], n)):
-            for i, y in zip(share, ys):
-                results[i] = y
-    return torch.cat(results[:len(spans)]), results[len(spans):]
+Task = tuple[int, Callable[[], object]]  # (multiply-adds, callable)
+
+
+def run_tasks(tasks: Sequence[Task], device: torch.device | None = None) -> list:
+    """``[g() for _, g in tasks]``, the tasks (``(multiply-adds, callable)``: one expert's GEMM, the layer's dense
+    MLP beside them) dealt to the CPU's worker threads by their cost when the work is on the CPU (``device``; None:
+    the CPU), there are at least two threads and ``MIN_WORK`` multiply-adds in all. Results in the tasks' order."""
+    n = min(workers() if device is None or torch.device(device).type == "cpu" else 1, len(tasks))
+    if n < 2 or sum(c for c, _ in tasks) < MIN_WORK:
+        return [g() for _, g in tasks]
+    shares = _deal([c for c, _ in tasks], n)
+    results = [None] * len(tasks)
+    for share, ys in zip(shares, fan_out(_call, [[(tasks[i][1],) for i in share] for share in shares], n)):
+        for i, y in zip(share, ys):
+            results[i] = y
+    return results
+
+
+def expert_blocks(spans: list[Span], n: int) -> list[list[Span]]:
+    """The experts that have rows cut into at most ``n`` runs of consecutive experts of about equal cost (rows, plus
+    4 per expert: every GEMM call has a fixed cost): one run per worker, so that a worker runs its experts' whole
+    MLP (both GEMMs and the activation between them) with a handful of torch ops per run beside one kernel call per
+    expert.
+
+    Why runs and not experts: with fast kernels (VNNI int8, AVX-512) a ~16-row expert GEMM takes tens of
+    microseconds, as long as the few Python-side ops around it (slices, casts, scales), and those ops hold the GIL
+    and run on the calling thread between fan-outs (docs/benchmarks.md, "Speed round two" section 11)."""
+    if not spans:
+        return []
+    if n <= 1 or len(spans) == 1:
+        return [spans]
+    costs = [b - a + 4 for _, a, b in spans]
+    total, blocks, run, acc = sum(costs), [], [], 0
+    for span, c in zip(spans, costs):
+        run.append(span)
+        acc += c
+        if len(blocks) < n - 1 and acc * n >= total * (len(blocks) + 1):
+            blocks.append(run)
+            run = []
+    return blocks + [run] if run else blocks
+
+
+def map_expert_blocks(fn: Callable[[list[Span]], torch.Tensor], counts: Sequence[int], macs_per_row: int,
+                      like: torch.Tensor, width: int, side: Sequence[Task] = (), n: int | None = None,
+                      device: torch.device | None = None) -> tuple[torch.Tensor, list]:
+    """``(torch.cat([fn(run) for run in expert_blocks(...)]), [g() for _, g in side])``: the experts (``counts``
+    rows each, in order) cut into one run per worker (``n``; None: ``workers()``), the runs and the side tasks (e.g.
+    the layer's dense MLP, independent of the experts) dealt to the CPU's threads by ``run_tasks``. No rows: an
+    empty [0, width] tensor like ``like``."""
+    blocks = expert_blocks(spans_of(counts), workers() if n is None else n)
+    tasks = [(sum(b - a + 4 for _, a, b in blk) * macs_per_row, partial(fn, blk)) for blk in blocks]
+    ys = run_tasks(tasks + list(side), device)
+    return (torch.cat(ys[:len(tasks)]) if tasks else like.new_zeros(0, width)), ys[len(tasks):]
+
+
+def each_expert(kernel: Callable, x: torch.Tensor, counts: Sequence[int], weights: Sequence[torch.Tensor],
+                out: torch.Tensor) -> torch.Tensor:
+    """``kernel(rows of expert i, weights[i], out=its rows of out)`` for each expert i with rows (``counts``: rows
+    per expert, in order; ``x`` and ``out`` hold them consecutively). One op per expert: the views are made by one
+    ``split`` each. Returns ``out``."""
+    for xe, we, oe, c in zip(x.split(counts), weights, out.split(counts), counts):
+        if c:
+            kernel(xe, we, out=oe)
+    return out
 
 
 def split(fn: Callable[[int, int], torch.Tensor], size: int, macs: int, dim: int | None = 0,

@@ -10,13 +10,14 @@ the order the hardware happens to add in. A quantized experts module reuses both
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .cpu_threads import map_experts, spans_of, workers
+from .cpu_threads import each_expert, map_expert_blocks, spans_of, workers
 from .norms import RMSNorm, activation
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -125,10 +126,11 @@ class Experts(nn.Module):
         y = None
         I2, H = self.gate_up_proj.shape[1:]
         if x.device.type == "cpu" and workers() > 1:
-            # CPU with several threads: whole experts per thread (cpu_threads.py); the grouped kernel is a
-            # single-threaded loop over experts there, and one ~16-row GEMM is too small to split.
-            y, done = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans_of(r.counts.tolist()),
-                                  3 * H * I2 // 2, side)
+            # CPU with several threads: whole experts per thread, a run of consecutive experts each, the dense MLP
+            # beside them (cpu_threads.py); the grouped kernel is a single-threaded loop over experts there, and one
+            # ~16-row GEMM is too small to split.
+            counts = r.counts.tolist()
+            y, done = map_expert_blocks(partial(self._block, xs, counts), counts, 3 * H * I2 // 2, xs, H, side)
             return combine(y, r, weights, x.dtype), done
         if grouped_mm_usable(x, H, I2 // 2):
             # One GEMM per weight matrix for every token of the batch: each expert's weights are read once.
@@ -140,6 +142,17 @@ class Experts(nn.Module):
         if y is None:
             y = self._looped(xs, r)
         return combine(y, r, weights, x.dtype), [g() for _, g in side]
+
+    def _block(self, xs: torch.Tensor, counts: list[int], blk: list) -> torch.Tensor:
+        """One run of consecutive experts on this thread: one ``mm`` per expert written into its rows, the
+        activation once over the run's rows."""
+        (e0, a, _), (e1, _, b) = blk[0], blk[-1]
+        c, x = counts[e0:e1 + 1], xs[a:b]
+        gu = each_expert(torch.mm, x, c, self.gate_up_proj[e0:e1 + 1].transpose(1, 2).unbind(0),
+                         x.new_empty(b - a, self.gate_up_proj.shape[1]))
+        gate, up = gu.chunk(2, dim=-1)
+        return each_expert(torch.mm, self.act(gate) * up, c, self.down_proj[e0:e1 + 1].transpose(1, 2).unbind(0),
+                           x.new_empty(b - a, self.down_proj.shape[1]))
 
     def _looped(self, xs: torch.Tensor, r: Routing) -> torch.Tensor:
         """One matmul pair per expert: for autograd (training) and dtypes without a grouped kernel. Reads the

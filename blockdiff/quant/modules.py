@@ -15,8 +15,9 @@ measurement on this project's CPU (figures in docs/quantization.md):
 - CPU int4: ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations (as fast as the fp32 matmul at mid
   shapes, faster on the LM-head shape; with fp32/fp16 activations it is ~60x slower).
 - CPU experts: one packed kernel call per expert that has tokens (a loop: the grouped-mm kernels take float
-  weights only, and dequantizing every expert per call was 5-10x slower than the fp32 experts), the experts dealt
-  to the CPU's threads (``model/cpu_threads.py``). The int8 tied table is cast a 1,024-row block at a time, so the
+  weights only, and dequantizing every expert per call was 5-10x slower than the fp32 experts), each on views made
+  up front and, for int8, written into one int32 output whose scales are applied once per run of experts; the
+  experts dealt to the CPU's threads a run of consecutive experts each (``model/cpu_threads.py``). The int8 tied table is cast a 1,024-row block at a time, so the
   block stays in L2 while the GEMM reads it (2-3x faster than 16,384-row blocks on the AVX2 box).
 - CUDA (UNMEASURED: no GPU was lent to this work): int8/int4 dequantize to the compute dtype then matmul, experts
   dequantize then one ``torch._grouped_mm`` per matrix; fp8 via ``torch._scaled_mm`` with per-row activation
@@ -28,11 +29,13 @@ buffers are dropped once packed, so the resident size is the quantized size once
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.cpu_threads import each_slice, map_experts, spans_of, split
+from ..model.cpu_threads import each_expert, each_slice, map_expert_blocks, split
 from ..model.moe import combine, route
 from ..model.norms import gelu_tanh
 from .tensors import FP8_MAX, dequantize, unpack_int4
@@ -118,6 +121,28 @@ class QTensor(nn.Module):
             return F.linear(x, parts["qweight"].to(x.dtype)).mul_(parts["qscale"].to(x.dtype))
         return F.linear(x, dequantize(parts, self.method, x.dtype))
 
+    def experts_matmul(self, x: torch.Tensor, counts: list[int], first: int = 0,
+                       per_row: torch.Tensor | None = None) -> torch.Tensor:
+        """x [R, K]: the rows of experts ``first``, ``first`` + 1, ... (``counts`` rows each, consecutively) -> [R, N],
+        each expert's rows times its matrix, one kernel call per expert on this thread. int8 (``int_mm``: ``per_row``
+        [R] gives each row's expert): the rows quantized once, each expert's ``_int_mm`` written into its rows of one
+        int32 output, every scale applied at once -> fp32, the same products as ``matmul_q`` per expert; int4 and
+        the dequantize paths -> x's dtype."""
+        N = self.shape[1]
+        if not x.shape[0]:
+            return x.new_zeros(0, N)
+        if self.int_mm:
+            xq, xs = quantize_rows(x, self.reduce_rows)
+            out = torch.empty(x.shape[0], N, dtype=torch.int32)
+            w = self.qweight[first:first + len(counts)].transpose(1, 2).unbind(0)
+            return each_expert(torch._int_mm, xq, counts, w, out).float().mul_(
+                self.qscale.index_select(0, per_row)).mul_(xs)
+        if self.packed is not None:  # int4: bf16 activations, one packed kernel call per expert
+            ys = [torch._weight_int4pack_mm_for_cpu(xe, *self.packed[first + i])
+                  for i, xe in enumerate(x.to(torch.bfloat16).split(counts)) if counts[i]]
+        else:
+            ys = [self.matmul(xe, first + i) for i, xe in enumerate(x.split(counts)) if counts[i]]
+        return torch.cat(ys).to(x.dtype)
 
     def matmul_q(self, xq: torch.Tensor, xs: torch.Tensor | None, i: int | None = None) -> torch.Tensor:
         """int8 on CPU (``int_mm``): rows already quantized (``quantize_rows``) -> fp32 [M, N]. ``xs`` None leaves the
@@ -218,36 +243,28 @@ class QuantExperts(nn.Module):
         """``forward`` plus the results of ``side`` tasks, as ``Experts.forward_with``."""
         r = route(idx, self.num_experts)
         xs = x.index_select(0, r.token_of)  # [N*K, H] grouped by expert
-        done = None
         if x.is_cuda:
-            y = self._grouped(xs, r.offsets)
-        elif self.gate_up_proj.int_mm and self.down_proj.int_mm:
-            y = self._int8_loop(xs, r.counts.tolist())
-        else:
-            # CPU: one packed-kernel call per expert that has tokens (measured fastest here, see module doc),
-            # the experts dealt to the CPU's threads (model/cpu_threads.py).
-            H, I = self.down_proj.shape[1:]
-            spans = spans_of(r.counts.tolist())
-            if x.device.type == "cpu":
-                y, done = map_experts(lambda e, a, b: self._expert(xs[a:b], e), spans, 3 * H * I, side)
-            else:  # another accelerator without the grouped path: no CPU worker threads
-                y = torch.cat([self._expert(xs[a:b], e) for e, a, b in spans])
-        return combine(y, r, weights, x.dtype), [g() for _, g in side] if done is None else done
-
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        gate, up = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
-        return self.down_proj.matmul(self.act(gate) * up, e)
-
-    def _int8_loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """CPU int8: the routed rows quantized once per matrix (per-row scales), one torch._int_mm per expert."""
-        xq, xsc = quantize_rows(xs)
-        spans = spans_of(counts)
+            return combine(self._grouped(xs, r.offsets), r, weights, x.dtype), [g() for _, g in side]
+        # CPU (or another accelerator without the grouped path: no worker threads there): one kernel call per
+        # expert that has tokens (measured fastest here, see module doc); on the CPU the experts cut into one run of
+        # consecutive experts per worker thread (model/cpu_threads.py), dealt out with the side tasks. Where the
+        # down projection's activation scales are all-reduced over ranks (blockdiff.distributed) that collective
+        # must run on this thread: one run.
+        counts = r.counts.tolist()
+        int_mm = self.gate_up_proj.int_mm or self.down_proj.int_mm
+        per_row = idx.reshape(-1).index_select(0, r.order) if int_mm else None  # the expert of each sorted row
+        alone = x.device.type != "cpu" or self.down_proj.reduce_rows is not None
         H, I = self.down_proj.shape[1:]
-        gu = map_experts(lambda e, a, b: self.gate_up_proj.matmul_q(xq[a:b], None, e), spans, 2 * H * I)[0]
-        gate, up = gu.mul_(xsc).chunk(2, -1)
-        hq, hsc = quantize_rows(self.act(gate) * up, self.down_proj.reduce_rows)
-        y = map_experts(lambda e, a, b: self.down_proj.matmul_q(hq[a:b], None, e), spans, H * I)[0].mul_(hsc)
-        return y.to(xs.dtype)
+        y, done = map_expert_blocks(partial(self._block, xs, counts, per_row), counts, 3 * H * I, xs, H, side,
+                                    1 if alone else None, x.device)
+        return combine(y.to(xs.dtype), r, weights, x.dtype), done
+
+    def _block(self, xs: torch.Tensor, counts: list[int], per_row: torch.Tensor | None, blk: list) -> torch.Tensor:
+        """One run of consecutive experts on this thread: both matrices, the activation once over the run's rows."""
+        (e0, a, _), (e1, _, b) = blk[0], blk[-1]
+        c, rows = counts[e0:e1 + 1], None if per_row is None else per_row[a:b]
+        gate, up = self.gate_up_proj.experts_matmul(xs[a:b], c, e0, rows).chunk(2, dim=-1)
+        return self.down_proj.experts_matmul(self.act(gate) * up, c, e0, rows)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """GPU: dequantize each expert tensor once per call to the compute dtype, then one grouped GEMM per matrix
