@@ -160,3 +160,21 @@ def test_context_errors_name_the_servers_limit_when_max_model_len_sets_it(srv, s
     assert too_many.status_code == 400 and words in too_many.json()["error"]["message"], too_many.text
     own = post(srv, {"prompt": "hi", "max_tokens": 4096})  # no --max-model-len: the model's own context
     assert own.status_code == 400 and "the model's context of 2048 tokens" in own.json()["error"]["message"]
+
+
+def test_max_model_len_beyond_the_models_context_is_refused_not_capped(tmp_path, capsys):
+    """--max-model-len over the model's context used to be capped silently (the start-up line showed the smaller
+    value): the operator asked for a context the model does not have, so it is one clear error."""
+    from blockdiff.bench.checkpoints import write_random_checkpoint
+    from blockdiff.cli import main as cli_main
+    write_random_checkpoint(str(tmp_path), "tiny")
+    llm = LLM(str(tmp_path), dtype=torch.float32, device="cpu")
+    ctx = llm.model.text.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_model_len {ctx + 1} is more than the model's context of {ctx}"):
+        build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, max_model_len=ctx + 1)
+    assert build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL,
+                     max_model_len=ctx).state.server.context == ctx  # the model's own context is allowed
+    assert cli_main(["serve", str(tmp_path), "--max-model-len", str(ctx + 1)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the load's own log line: one error line
+    assert last.startswith(f"blockdiff: error: --max-model-len {ctx + 1} is more than the model's context of {ctx} "
+                           "positions"), last

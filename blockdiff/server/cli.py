@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                    f"ask for (default: {DEFAULT_MAX_STEPS}, or the checkpoint's max_denoising_steps when larger); "
                    "over it, HTTP 400")
     p.add_argument("--max-model-len", type=int, help="the most positions (prompt + output) one request may use "
-                   "(default: the model's context); over it, HTTP 400")
+                   "(default and most: the model's context); over it, HTTP 400")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond max-num-seqs before 429 "
                    "(default 4 * max-num-seqs)")
@@ -204,6 +204,10 @@ def cmd_serve(args) -> int:
     from .head_timeout import h11_protocol
 
     llm = load_llm(args, prefix_cache_bytes=args.prefix_cache_bytes)
+    ctx = llm.model.text.max_position_embeddings
+    if args.max_model_len is not None and args.max_model_len > ctx:
+        raise CLIError(f"--max-model-len {args.max_model_len} is more than the model's context of {ctx} positions "
+                       "(max_position_embeddings in its config.json): give at most that, or leave it unset")
     llm.engine.fast = bool(args.fast)
     name = args.served_model_name or default_model_name(args.model)
     steps = args.max_denoising_steps or max(DEFAULT_MAX_STEPS, llm.defaults.max_denoising_steps)

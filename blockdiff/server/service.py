@@ -86,6 +86,10 @@ class Server:
         for name, v in (("max_denoising_steps", max_denoising_steps), ("max_model_len", max_model_len)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        ctx = self.core.model.text.max_position_embeddings
+        if max_model_len is not None and max_model_len > ctx:  # not silently capped: the operator asked for more
+            raise ValueError(f"max_model_len {max_model_len} is more than the model's context of {ctx} positions "
+                             "(max_position_embeddings in its config.json): give at most that, or leave it unset")
         self.max_denoising_steps = max_denoising_steps  # per-request caps (None: the field's own bound)
         self.max_model_len = max_model_len
         self.http_errors: dict[int, int] = {}
