@@ -194,3 +194,22 @@ def test_checkpoint_without_vision_tensors_loads_text_only_and_partial_tower_fai
         else:
             with pytest.raises(CheckpointError, match="missing tensors: .*layers.0.mlp.up_proj.linear.weight"):
                 load_model(str(dst), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("k,w,h", [(2, 6, 4), (3, 9, 3)])
+def test_patch_pooling_equals_index_add_bit_for_bit_in_any_patch_order(k, w, h):
+    """The vision tower's k x k pooling adds each window's patches one at a time in patch order, not with
+    index_add_ (whose atomic adds are nondeterministic on a GPU): on the CPU it must equal the reference's
+    index_add_ to the bit, whatever order the patches come in; positions that do not tile the windows are refused."""
+    from blockdiff.model.vision_tower import pool_patches
+    g = torch.Generator().manual_seed(k)
+    pos = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy"), -1).reshape(-1, 2)
+    pos = pos[torch.randperm(pos.shape[0], generator=g)]
+    x = torch.randn(pos.shape[0], 16, generator=g) * 3
+    bins = pos[:, 0] // k + (w // k) * (pos[:, 1] // k)
+    want = torch.zeros(pos.shape[0] // (k * k), 16).index_add_(0, bins, x / (k * k))
+    assert torch.equal(pool_patches(x, pos, k), want)
+    bad = pos.clone()
+    bad[0] = bad[1]  # two patches at one position: one window short, another one over
+    with pytest.raises(ValueError, match="do not tile"):
+        pool_patches(x, bad, k)

@@ -168,15 +168,7 @@ class VisionTower(nn.Module):
         cos, sin = axial_rope(self.inv_freq, positions, x.dtype)
         for layer in self.encoder.layers:
             x = layer(x, cos, sin)
-        # k x k average pooling by patch position (the grid is a multiple of k on both sides).
-        P = x.shape[0]
-        n_out = P // (k * k)
-        if n_out * k * k != P:
-            raise ValueError(f"an image has {P} patches, not a multiple of pooling_kernel_size**2 = {k * k}")
-        grid_w = int(positions[:, 0].max()) + 1
-        bins = positions[:, 0] // k + (grid_w // k) * (positions[:, 1] // k)  # [P]
-        pooled = torch.zeros(n_out, x.shape[1], dtype=torch.float32, device=x.device)
-        pooled.index_add_(0, bins, x.float() / (k * k))
+        pooled = pool_patches(x, positions, k)
         h = pooled.to(x.dtype).float() * cfg.hidden_size ** 0.5  # scaled in fp32: can exceed the fp16 range
         if cfg.standardize:
             h = (h - self.std_bias.float()) * self.std_scale.float()
@@ -270,3 +262,26 @@ def image_blocks(text_config, mm_token_type_ids: torch.Tensor | None, shape, dev
 def same_image(blocks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """blocks [B, S] (image index or -1), valid [B, S] -> bool [B, S, S]: query and key in the same image."""
     return (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0) & valid[:, None, :]
+
+
+def pool_patches(x: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k average pooling of one image's patch features x [P, H] by patch position ([P, 2], (x, y); the grid a
+    multiple of k on both sides) -> fp32 [P / k^2, H], bins in row-major order of the pooled grid.
+
+    Each bin's k*k patches are added one at a time in patch order (a stable sort groups them): the sums of the
+    reference's ``index_add_`` on the CPU, bit for bit, and deterministic on a GPU too, where ``index_add_``'s atomic
+    adds land in any order (deterministic mode's equal tokens would not hold for image prompts)."""
+    P = x.shape[0]
+    n_out = P // (k * k)
+    if n_out * k * k != P:
+        raise ValueError(f"an image has {P} patches, not a multiple of pooling_kernel_size**2 = {k * k}")
+    grid_w = int(positions[:, 0].max()) + 1
+    bins = positions[:, 0] // k + (grid_w // k) * (positions[:, 1] // k)  # [P]
+    order = torch.argsort(bins, stable=True)
+    if not torch.equal(bins[order], torch.arange(n_out, device=bins.device).repeat_interleave(k * k)):
+        raise ValueError(f"an image's patch positions do not tile a grid of {k} x {k} pooling windows")
+    parts = (x.float() / (k * k)).index_select(0, order).view(n_out, k * k, -1)
+    pooled = parts[:, 0].clone()
+    for j in range(1, k * k):
+        pooled += parts[:, j]
+    return pooled
