@@ -251,17 +251,19 @@ class CanvasConstraint:
             accepted[F] = True  # progress every step: the masked position is always sampled
         new_canvas = torch.randint(0, V, (C,), generator=generator, device=dev)
         rows = (accepted & ~fixed).nonzero().view(-1)
-        if rows.numel() and greedy:
-            new_canvas[rows] = argmax[rows]
-        elif rows.numel():
+        if rows.numel():
             n = rows.numel()
-            drawn = probs[rows].float()
-            cuts = [None if v is None else torch.full((n,), v, dtype=dtype, device=dev)
-                    for v, dtype in ((top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32))]
-            if any(t is not None for t in cuts):
-                drawn = truncate(drawn, *cuts)
+            # drawn even when greedy: the generator's later draws (renoising) do not depend on it
             u = torch.rand(n, 1, generator=generator, device=dev, dtype=torch.float32)
-            new_canvas[rows] = inverse_cdf_draw(drawn, u)
+            if greedy:
+                new_canvas[rows] = argmax[rows]
+            else:
+                drawn = probs[rows].float()
+                cuts = [None if v is None else torch.full((n,), v, dtype=dtype, device=dev)
+                        for v, dtype in ((top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32))]
+                if any(t is not None for t in cuts):
+                    drawn = truncate(drawn, *cuts)
+                new_canvas[rows] = inverse_cdf_draw(drawn, u)
         if open_:
             acc = accepted[F:].tolist()
             k = acc.index(False) if False in acc else len(acc)  # the accepted run that starts at F
