@@ -91,6 +91,26 @@ def test_sampling_params_validate_truncation_and_logprobs():
     SamplingParams(rng="reference", top_p=1.0, min_p=0.0)  # neutral values cut nothing: reference stays exact
 
 
+def test_structured_outputs_take_truncation_and_still_refuse_what_they_cannot_honour():
+    so = {"structured_outputs": {"regex": "[a-z]+"}}
+    p = SamplingParams(top_p=0.9, top_k=5, min_p=0.05, temperature=0.7, **so)  # was a ParamError naming top_p
+    assert (p.top_p, p.top_k, p.min_p) == (0.9, 5, 0.05)
+    SamplingParams(temperature=0, **so)
+    for kw, words in [({"logprobs": 2}, "logprobs cannot be combined with structured_outputs"),
+                      ({"presence_penalty": 0.5}, "presence_penalty cannot be combined with structured_outputs"),
+                      ({"repetition_penalty": 1.2}, "repetition_penalty cannot be combined with structured_outputs"),
+                      ({"logit_bias": {5: 1.0}}, "logit_bias cannot be combined with structured_outputs"),
+                      ({"rng": "reference"}, "structured_outputs needs rng='default'")]:
+        with pytest.raises(ParamError, match=re.escape(words)) as e:
+            SamplingParams(**kw, **so)
+        assert e.value.param == next(iter(set(kw) - {"rng"} or {"rng"})), (kw, e.value.param)
+    # text infilling keeps its rule (its canvas is the template's): a cut is refused, naming the field
+    for infill in ({"suffix": "end"}, {"text_template": "a <|hole|> b"}):
+        with pytest.raises(ParamError, match=re.escape("top_k cannot be combined with")) as e:
+            SamplingParams(top_k=3, **infill)
+        assert e.value.param == "top_k"
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
     return LLM(tiny_checkpoint, dtype=torch.float32)

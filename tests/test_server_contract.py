@@ -86,7 +86,7 @@ HOSTILE = [
     ("/v1/chat/completions", _j(_chat(temperature=1e-45)), "temperature"),
     ("/v1/chat/completions", _j(_chat(temperature=0.01, t_max=5e-5, t_min=0)), "temperature"),
     # item 5: errors that named no parameter
-    ("/v1/chat/completions", _j(_chat(top_p=0.5, structured_outputs={"regex": "a+"})), "top_p"),
+    ("/v1/chat/completions", _j(_chat(top_p=0.5, logprobs=True, structured_outputs={"regex": "a+"})), "logprobs"),
     ("/v1/completions", _j(_cmpl(text_template="a <|hole:0|>")), "text_template"),
     ("/v1/completions", _j(_cmpl(text_template="a <|hole|>", suffix="b")), "suffix"),
     ("/v1/completions", _j(_cmpl(min_p=0.2, suffix="b")), "min_p"),

@@ -174,6 +174,31 @@ def test_seeded_constrained_output_is_the_same_alone_or_batched(llm, runs):
     assert alone.token_ids == runs[name, 1].token_ids
 
 
+@pytest.mark.parametrize("name", ["flat_person", "array_of_objects", "mixed_everything"])
+def test_argmax_like_cuts_give_one_deterministic_valid_output(llm, name):
+    """top_k = 1, min_p = 1, a tiny top_p and temperature 0 all take each accepted position's (masked) argmax:
+    with one seed they give the same output, run after run, alone or batched, and it validates."""
+    spec = {"json": SCHEMAS[name]}
+    for seed in (0, 1):
+        kws = [{"top_k": 1}, {"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-6}, {"temperature": 0},
+               {"top_k": 1, "top_p": 0.9}]
+        outs = llm.generate(["Answer:"] * len(kws), [_params(seed, spec, **kw) for kw in kws])
+        alone = llm.generate("Answer:", _params(seed, spec, top_k=1))[0]
+        assert len({tuple(o.token_ids) for o in outs + [alone]}) == 1, [o.text for o in outs]
+        assert outs[0].finish_reason == "stop", outs[0].text
+        jsonschema.validate(json.loads(outs[0].text), SCHEMAS[name])
+
+
+def test_truncated_constrained_outputs_stop_and_validate(llm):
+    jobs = [(name, seed, kw) for name in ("flat_person", "nested_address", "enum_mixed", "anyof_objects")
+            for seed in SEEDS for kw in ({"top_p": 0.9}, {"top_k": 5}, {"min_p": 0.1}, {"top_p": 0.9, "top_k": 5})]
+    outs = llm.generate(["Answer:"] * len(jobs), [_params(seed, {"json": SCHEMAS[name]}, **kw)
+                                                  for name, seed, kw in jobs])
+    for (name, seed, kw), out in zip(jobs, outs):
+        assert out.finish_reason == "stop", (name, seed, kw, out.text)
+        jsonschema.validate(json.loads(out.text), SCHEMAS[name])
+
+
 def test_unconstrained_rows_run_beside_constrained_ones(llm):
     plain = SamplingParams(seed=3, max_new_tokens=16)
     alone = llm.generate("Hi", plain)[0]
@@ -229,6 +254,61 @@ def test_first_undecided_position_is_sampled_from_its_masked_distribution(llm):
         res = _run_step(c, _peaked(llm, [digit] * CANVAS), bound=0.0, seed=seed)
         first = llm.tokenizer.decode([res.canvas[0].item()])
         assert first and ("yes".startswith(first) or "no".startswith(first))
+
+
+def _two_letters(llm) -> tuple[torch.Tensor, int, int]:
+    """Logits [C, V] for a "[a-z]+" constraint: at every position "a" (2.0) is a little more likely than "b"
+    (1.9), "7" (10.0, which the grammar forbids) is the most likely token and everything else is negligible."""
+    a, b, digit = (llm.tokenizer.encode(x)[0] for x in ("a", "b", "7"))
+    logits = torch.full((CANVAS, llm.model.vocab_size), -30.0)
+    logits[:, a], logits[:, b], logits[:, digit] = 2.0, 1.9, 10.0
+    return logits, a, b
+
+
+def _first_token(llm, seed: int, bound: float = 0.0, **cut) -> tuple[int, object]:
+    c = _constraint(llm, {"regex": "[a-z]+"})
+    logits, _, _ = _two_letters(llm)
+    c.generator.manual_seed(seed)
+    res = c.step(logits, step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=bound, **cut)
+    return res.canvas[0].item(), res
+
+
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 0.5}, {"min_p": 0.95}, {"greedy": True}],
+                         ids=["top_k", "top_p", "min_p", "greedy"])
+def test_truncation_cuts_the_masked_distribution_of_the_constrained_step(llm, cut):
+    """At t = 0.8, p(a) = 0.53 and p(b) = 0.47 after the grammar mask (the forbidden "7" is gone): top_k = 1,
+    top_p = 0.5, min_p = 0.95 (p(b) / p(a) = 0.88) and temperature 0 keep only "a", which is never the empty
+    set even though "7" is the most likely token before the mask. Entropy, acceptance and the returned
+    probabilities are the whole masked distribution's, as in the default sampler."""
+    _, a, b = _two_letters(llm)
+    plain = {seed: _first_token(llm, seed) for seed in range(12)}
+    drew_b = [seed for seed, (tok, _) in plain.items() if tok == b]
+    assert drew_b and {tok for tok, _ in plain.values()} == {a, b}  # uncut, the fixed generators draw both
+    for seed, (tok0, res0) in plain.items():
+        tok, res = _first_token(llm, seed, **cut)
+        assert tok == a, (seed, cut)
+        assert torch.equal(res.entropy, res0.entropy) and torch.equal(res.probs, res0.probs)
+        assert torch.equal(res.accepted, res0.accepted)
+
+
+def test_constrained_step_cut_applies_to_every_accepted_position(llm):
+    """Beyond the masked position the cut applies too: with a bound that accepts the whole canvas and "7" made
+    negligible after position 0, top_k = 1 draws "a" at every position, and the run is frozen whole (uncut, some
+    seed draws a "b" somewhere)."""
+    logits, a, b = _two_letters(llm)
+    logits[1:, llm.tokenizer.encode("7")[0]] = -30.0
+    drawn = set()
+    for seed in range(4):
+        for cut in ({}, {"top_k": 1}):
+            c = _constraint(llm, {"regex": "[a-z]+"})
+            c.generator.manual_seed(seed)
+            res = c.step(logits.clone(), step=0, max_steps=4, t_min=0.4, t_max=0.8, entropy_bound=1e9, **cut)
+            assert bool(res.accepted.all())
+            if cut:
+                assert res.canvas.tolist() == c.frozen == [a] * CANVAS
+            else:
+                drawn |= set(res.canvas.tolist())
+    assert b in drawn
 
 
 def test_settling_repairs_an_invalid_draft_into_a_valid_canvas(llm):

@@ -57,6 +57,45 @@ def test_response_format_json_schema_suite_stops_and_validates(server):
         jsonschema.validate(json.loads(c.message.content), SCHEMAS[name])
 
 
+def test_response_format_with_top_p_and_top_k_gives_valid_json(server):
+    """OpenAI SDK users send top_p with response_format (was a 400): the constrained sampler applies it, and
+    top_k / min_p (extra_body), on every schema of a sample."""
+    client = server.client()
+    jobs = [(name, seed, kw) for name in ("flat_person", "array_of_objects", "anyof_objects", "mixed_everything")
+            for seed in SEEDS for kw in ({"top_p": 0.9, "extra_body": {"top_k": 5}},
+                                         {"top_p": 0.5, "temperature": 0.7, "extra_body": {"min_p": 0.1}})]
+
+    def run(job):
+        name, seed, kw = job
+        rf = {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Give {name}"}],
+                                              response_format=rf, seed=seed, max_tokens=256, **kw)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, jobs))
+    for (name, seed, kw), r in zip(jobs, results):
+        c = r.choices[0]
+        assert c.finish_reason == "stop", (name, seed, kw, c.message.content)
+        jsonschema.validate(json.loads(c.message.content), SCHEMAS[name])
+    # the parse() helper with a pydantic model, and a vLLM guided field, with top_p
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "An owner"}],
+                                      response_format=Owner, seed=0, max_tokens=256, top_p=0.9)
+    assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Owner)
+    r = client.completions.create(model=MODEL, prompt="Answer:", max_tokens=64, seed=0, top_p=0.8,
+                                  extra_body={"guided_choice": ["left", "right"], "top_k": 2})
+    assert r.choices[0].text in ("left", "right")
+
+
+def test_top_k_one_constrained_output_is_the_greedy_one(server):
+    client = server.client()
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMAS["tool_call"]}}
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "call"}], response_format=rf, seed=3,
+              max_tokens=256)
+    texts = [client.chat.completions.create(**kw, **x).choices[0].message.content
+             for x in ({"extra_body": {"top_k": 1}}, {"top_p": 1e-6}, {"temperature": 0})]
+    assert texts[0] == texts[1] == texts[2], texts
+    jsonschema.validate(json.loads(texts[0]), SCHEMAS["tool_call"])
+
+
 class Pet(BaseModel):
     kind: Literal["cat", "dog", "fish"]
     name: str = Field(max_length=6)
@@ -153,6 +192,13 @@ def test_stop_strings_do_not_cut_constrained_output(server):
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
      "not both"),
     ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "structured_outputs", "ignore_eos"),
+    # what a constrained canvas still cannot honour, beside a top_p / top_k it now takes
+    ({"structured_outputs": {"regex": "a"}, "top_p": 0.9, "logprobs": 2}, "logprobs",
+     "'logprobs' cannot be combined with structured_outputs"),
+    ({"guided_choice": ["a"], "top_k": 3, "presence_penalty": 0.5}, "presence_penalty",
+     "'presence_penalty' cannot be combined with guided_choice"),
+    ({"response_format": {"type": "json_object"}, "top_p": 0.9, "rng": "reference"}, "rng",
+     "response_format needs rng='default'"),
     ({"guided_regex": "[a-"}, "guided_regex", "guided_regex: the regular expression is invalid"),
     ({"guided_json": {"type": "nope"}}, "guided_json", "guided_json: the JSON Schema is not supported"),
     ({"guided_choice": "yes"}, "guided_choice", "must be an array"),

@@ -190,6 +190,48 @@ def test_auto_answers_with_text_or_valid_calls(server):
     assert kinds - {"cut"}
 
 
+def test_tools_with_top_p_and_top_k_as_agent_clients_send_them(server):
+    """Agent clients (the openai SDK's users, LangChain...) send top_p with tools: the call grammar's sampler
+    applies it (was a 400). Under "auto" the answer is text or valid calls; under "required" / a named
+    function, valid calls; a response_format beside tools gives valid JSON or calls."""
+    client = server.client()
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    for seed in range(3):
+        c = _ask(client, tools=[WEATHER, TIME], top_p=0.9, seed=seed, max_tokens=32).choices[0]
+        if c.message.tool_calls:
+            _check_calls(c, schemas)
+        else:
+            assert c.finish_reason in ("stop", "length") and isinstance(c.message.content, str)
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            c = _ask(client, tools=[WEATHER, TIME], tool_choice=choice, top_p=0.9, temperature=0.7, seed=seed,
+                     extra_body={"top_k": 5, "min_p": 0.05}).choices[0]
+            calls = _check_calls(c, schemas)
+            assert isinstance(choice, str) or {x.function.name for x in calls} == {"get_time"}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    for seed in range(3):
+        c = _ask(client, tools=[WEATHER], response_format=rf, top_p=0.9, seed=seed).choices[0]
+        if c.message.tool_calls:
+            _check_calls(c, schemas)
+        else:
+            assert c.finish_reason == "stop", (c.finish_reason, c.message.content)
+            jsonschema.validate(json.loads(c.message.content), schema)
+
+
+def test_tool_calls_with_top_k_one_are_the_greedy_calls(server):
+    """top_k = 1, min_p = 1 and temperature 0 all take the (grammar-masked) argmax at accepted positions: the
+    same valid calls for one seed."""
+    client = server.client()
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    for seed in (4, 5):
+        runs = [_ask(client, tools=[WEATHER, TIME], tool_choice="required", seed=seed, **kw)
+                for kw in ({"extra_body": {"top_k": 1}}, {"extra_body": {"min_p": 1.0}}, {"temperature": 0})]
+        calls = [[(x.function.name, x.function.arguments) for x in _check_calls(r.choices[0], schemas)]
+                 for r in runs]
+        assert calls[0] == calls[1] == calls[2], calls
+
+
 def _reassemble(stream):
     content, reasoning, calls, finish = "", "", {}, None
     first = True
@@ -295,7 +337,9 @@ def _prompt_ids(llm, messages, tools):
           tool_choice="required"), "tools", "no finite output"),
     (dict(function_call={"name": "get_weather"}), "function_call", "send 'tools'"),
     # Knobs the grammar's sampler cannot honour, with tools under the default tool_choice "auto" (were 500s).
-    (dict(tools=[WEATHER], top_p=0.9), "top_p", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], logit_bias={"5": 1}), "logit_bias", "cannot be combined with tool calls"),
+    (dict(tools=[WEATHER], tool_choice="required", frequency_penalty=0.5, top_p=0.9), "frequency_penalty",
+     "cannot be combined with tool calls"),
     (dict(tools=[WEATHER], tool_choice="required", logprobs=True), "logprobs", "cannot be combined with tool calls"),
     (dict(tools=[WEATHER], presence_penalty=0.5), "presence_penalty", "cannot be combined with tool calls"),
     (dict(tools=[WEATHER], ignore_eos=True), "ignore_eos", "cannot be combined with tool calls"),

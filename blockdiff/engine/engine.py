@@ -360,7 +360,8 @@ class Engine:
         for b in range(nr, B):  # constrained rows: a grammar mask at the first undecided position (structured/)
             s, p = states[b], states[b].params
             res = guarded(s, "its structured output constraint failed", s.constraint.step, logits[b], s.step,
-                          p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound, p.confidence_threshold)
+                          p.max_denoising_steps, p.t_min, p.t_max, p.entropy_bound, p.confidence_threshold,
+                          p.top_k, p.top_p, p.min_p, p.greedy)
             if res is not None:
                 parts.append(([b], _unsqueeze(res)))
         parts.sort(key=lambda x: x[0][0])

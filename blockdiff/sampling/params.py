@@ -149,7 +149,8 @@ class SamplingParams:
                                  "logit_bias", knob)
         what = "structured_outputs" if self.structured_outputs is not None else infill
         if what is not None:
-            if cut is not None:
+            # (structured outputs apply the cut in their constrained step, after the grammar mask)
+            if cut is not None and self.structured_outputs is None:
                 raise ParamError(f"{cut} cannot be combined with {what}: its canvas is drawn under its own "
                                  "constraint (no top_p, top_k or min_p)", cut)
             if self.logprobs is not None:

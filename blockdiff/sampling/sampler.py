@@ -228,16 +228,11 @@ def entropy_and_draw(logits: torch.Tensor, uniforms, p: RowParams,
         rows.copy_(probs)
         if not draw:
             continue
-        # Inverse-CDF sampling: one uniform per position instead of V exponentials. The target is kept
-        # strictly below the total, so a token of probability zero can never be picked.
+        # Inverse-CDF sampling (``inverse_cdf_draw``): one uniform per position instead of V exponentials.
         if p.truncates:  # per position: its row's cut (rows that set none are left bit-identical)
             r = torch.arange(i, i + n, device=dev) // S
             probs = truncate(probs, *(None if t is None else t[r] for t in (p.top_k, p.top_p, p.min_p)))
-        c = torch.cumsum(probs, dim=-1, out=cdf[:n])
-        del probs
-        total = c[:, -1:]
-        x = torch.minimum(u[i:i + n] * total, torch.nextafter(total, torch.zeros_like(total)))
-        sampled[i:i + n] = torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
+        sampled[i:i + n] = inverse_cdf_draw(probs, u[i:i + n], out=cdf[:n])
     h = h.clamp_(min=0.0).view(B, S)  # the difference can round to -1e-7 on a one-hot row
     if not draw:
         return h, argmax
@@ -245,6 +240,17 @@ def entropy_and_draw(logits: torch.Tensor, uniforms, p: RowParams,
     if p.greedy is not None:  # temperature 0: the argmax where a row is greedy
         sampled = torch.where(p.greedy[:, None], argmax, sampled)
     return h, sampled
+
+
+def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """probs [N, V] (need not sum to 1; cut or masked tokens at 0), u [N, 1] uniforms in [0, 1) -> one token per
+    row [N]. The target is kept strictly below the row's total, so a token of probability zero is never picked.
+    ``out``: an [N, V] fp32 buffer for the cumulative sum."""
+    V = probs.shape[-1]
+    c = torch.cumsum(probs, dim=-1, out=out)
+    total = c[:, -1:]
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(c, x, right=True).clamp_(max=V - 1).view(-1)
 
 
 def accept_and_renoise(h: torch.Tensor, argmax: torch.Tensor, sampled: torch.Tensor, noise: torch.Tensor,

@@ -5,7 +5,8 @@ the output, and the *frozen prefix* of the current canvas: positions ``[0, F)`` 
 output, form a valid prefix of the grammar. One denoising step (``CanvasConstraint.step``):
 
 1. the first undecided position ``F`` is masked to the tokens the grammar allows there (one mask per step) and
-   is always accepted, so it is sampled from its masked distribution;
+   is always accepted, so it is sampled from its masked distribution (cut by the request's top_k / top_p /
+   min_p like every accepted position's, as in the default sampler; temperature 0 takes its argmax);
 2. every other position runs the ordinary entropy-bound accept / renoise step (frozen positions are kept, like
    template positions, and leave the entropy budget);
 3. the run of positions accepted this step that starts at ``F`` is fed to the matcher; its longest valid prefix
@@ -30,7 +31,8 @@ from collections import OrderedDict
 
 import torch
 
-from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, temperature
+from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, inverse_cdf_draw, temperature
+from ..sampling.truncation import truncate
 from .spec import compile_spec, kind
 
 
@@ -219,8 +221,15 @@ class CanvasConstraint:
 
     # ------------------------------------------------------------------ denoising
     def step(self, logits: torch.Tensor, step: int, max_steps: int, t_min: float, t_max: float,
-             entropy_bound: float, confidence_threshold: float = 0.0) -> StepResult:
-        """One constrained denoising step over ``logits`` [C, V] (overwritten with the tempered probabilities)."""
+             entropy_bound: float, confidence_threshold: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None, greedy: bool = False) -> StepResult:
+        """One constrained denoising step over ``logits`` [C, V] (overwritten with the tempered probabilities).
+
+        As in the default sampler (``sampling.sampler.default_step``): ``top_k`` / ``top_p`` / ``min_p`` cut the
+        distribution each accepted position draws from (``truncation.truncate``, after the grammar mask, so the
+        masked position keeps at least its most likely allowed token); ``greedy`` (temperature 0) takes the argmax
+        there instead of a draw. Entropy, acceptance, the argmax and the returned probabilities use the whole
+        tempered (masked) distribution."""
         C, V = logits.shape
         generator = self.generator
         dev = logits.device
@@ -243,9 +252,18 @@ class CanvasConstraint:
         new_canvas = torch.randint(0, V, (C,), generator=generator, device=dev)
         rows = (accepted & ~fixed).nonzero().view(-1)
         if rows.numel():
-            cdf = probs[rows].float().cumsum(dim=-1)
-            u = torch.rand(rows.numel(), 1, generator=generator, device=dev, dtype=cdf.dtype)
-            new_canvas[rows] = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=V - 1).view(-1)
+            n = rows.numel()
+            # drawn even when greedy: the generator's later draws (renoising) do not depend on it
+            u = torch.rand(n, 1, generator=generator, device=dev, dtype=torch.float32)
+            if greedy:
+                new_canvas[rows] = argmax[rows]
+            else:
+                drawn = probs[rows].float()
+                cuts = [None if v is None else torch.full((n,), v, dtype=dtype, device=dev)
+                        for v, dtype in ((top_k, torch.int64), (top_p, torch.float32), (min_p, torch.float32))]
+                if any(t is not None for t in cuts):
+                    drawn = truncate(drawn, *cuts)
+                new_canvas[rows] = inverse_cdf_draw(drawn, u)
         if open_:
             acc = accepted[F:].tolist()
             k = acc.index(False) if False in acc else len(acc)  # the accepted run that starts at F

@@ -219,7 +219,7 @@ class ToolPlan:
             raise ToolError("tools", f"cannot be compiled to a grammar: {e}") from None
         try:
             return dataclasses.replace(params, structured_outputs=spec)
-        except ParamError as e:  # a knob the grammar's sampler cannot honour (top_p, logprobs, ignore_eos...)
+        except ParamError as e:  # a knob the grammar's sampler cannot honour (logprobs, penalties, ignore_eos...)
             msg = str(e).replace("structured_outputs", "a grammar")
             param = e.param
             if param == "structured_outputs":  # the knob is the other field the message names
