@@ -99,3 +99,34 @@ def test_server_suffix_equals_offline_and_a_too_long_suffix_is_400(llm):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("infill", [dict(suffix=" is the answer.", max_new_tokens=6),
+                                    dict(text_template="N:<|hole:3|>\nC:<|hole|>.")])
+def test_truncation_cuts_the_draws_at_the_holes(llm, infill):
+    """top_k / top_p / min_p with infilling (was refused): a cut that keeps only the most likely token draws every
+    hole position as temperature 0 does, for each seed; the fixed text stays; a partial cut changes the draws."""
+    def gen(seed, **kw):
+        return llm.generate("The question:", SamplingParams(seed=seed, **kw, **infill))[0]
+    for seed in (1, 2):
+        greedy = gen(seed, temperature=0)
+        for cut in (dict(top_k=1), dict(min_p=1.0), dict(top_p=1e-9)):
+            out = gen(seed, **cut)
+            assert out.token_ids == greedy.token_ids, (seed, cut)
+            assert out.finish_reason == greedy.finish_reason
+        if "text_template" in infill:
+            assert re.fullmatch(r"N:.*\nC:.*\.", greedy.text, re.S), greedy.text
+    plain = [gen(s).token_ids for s in range(4)]
+    assert any(gen(s, top_k=1).token_ids != p for s, p in enumerate(plain))  # the cut is applied, not ignored
+
+
+def test_server_suffix_with_top_p_equals_offline(llm):
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), "m"))
+    try:
+        r = srv.client().completions.create(model="m", prompt="def add(a, b):", suffix="\nok",
+                                            max_tokens=8, seed=4, top_p=0.3, extra_body={"top_k": 5})
+        off = llm.generate("def add(a, b):", SamplingParams(seed=4, suffix="\nok", max_new_tokens=8,
+                                                            top_p=0.3, top_k=5))[0]
+        assert r.choices[0].text == off.text and r.choices[0].finish_reason == off.finish_reason
+    finally:
+        srv.close()

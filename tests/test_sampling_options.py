@@ -104,11 +104,13 @@ def test_structured_outputs_take_truncation_and_still_refuse_what_they_cannot_ho
         with pytest.raises(ParamError, match=re.escape(words)) as e:
             SamplingParams(**kw, **so)
         assert e.value.param == next(iter(set(kw) - {"rng"} or {"rng"})), (kw, e.value.param)
-    # text infilling keeps its rule (its canvas is the template's): a cut is refused, naming the field
+    # text infilling takes a cut too (was a ParamError naming the field); logprobs stay refused there
     for infill in ({"suffix": "end"}, {"text_template": "a <|hole|> b"}):
-        with pytest.raises(ParamError, match=re.escape("top_k cannot be combined with")) as e:
-            SamplingParams(top_k=3, **infill)
-        assert e.value.param == "top_k"
+        p = SamplingParams(top_k=3, top_p=0.5, min_p=0.1, **infill)
+        assert (p.top_k, p.top_p, p.min_p) == (3, 0.5, 0.1)
+        with pytest.raises(ParamError, match=re.escape("logprobs cannot be combined with")) as e:
+            SamplingParams(logprobs=1, **infill)
+        assert e.value.param == "logprobs"
 
 
 @pytest.fixture(scope="module")

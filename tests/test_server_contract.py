@@ -89,7 +89,7 @@ HOSTILE = [
     ("/v1/chat/completions", _j(_chat(top_p=0.5, logprobs=True, structured_outputs={"regex": "a+"})), "logprobs"),
     ("/v1/completions", _j(_cmpl(text_template="a <|hole:0|>")), "text_template"),
     ("/v1/completions", _j(_cmpl(text_template="a <|hole|>", suffix="b")), "suffix"),
-    ("/v1/completions", _j(_cmpl(min_p=0.2, suffix="b")), "min_p"),
+    ("/v1/completions", _j(_cmpl(logprobs=2, suffix="b")), "logprobs"),
     # item 6: the document's shapes
     ("/v1/chat/completions", _j(_chat(response_format={"type": "text", "json_schema": [None, None]})),
      "response_format.json_schema"),

@@ -149,10 +149,8 @@ class SamplingParams:
                                  "logit_bias", knob)
         what = "structured_outputs" if self.structured_outputs is not None else infill
         if what is not None:
-            # (structured outputs apply the cut in their constrained step, after the grammar mask)
-            if cut is not None and self.structured_outputs is None:
-                raise ParamError(f"{cut} cannot be combined with {what}: its canvas is drawn under its own "
-                                 "constraint (no top_p, top_k or min_p)", cut)
+            # (a cut applies with both: structured outputs after their grammar mask, infilling at the holes, which
+            # the default sampler draws like any canvas position)
             if self.logprobs is not None:
                 raise ParamError(f"logprobs cannot be combined with {what}: its output is not the argmax canvas",
                                  "logprobs")
