@@ -21,6 +21,11 @@ learn from ``cached_tokens`` or the time to first token what the others sent. On
 start wherever the prompt ended, not on a block boundary); in a multi-turn chat, turn ``n + 1`` reuses turn ``n``'s
 whole prompt, and re-encodes the previous answer once.
 
+Prompts with images key each image token by a digest of its image (``ImageInputs.cache_keys``): the same images
+after the same text reuse the keys/values (and skip the vision tower), other images never do, and the text before
+the first image is shared with text-only prompts. A reuse never ends inside an image (its tokens attend to each
+other both ways, so they are encoded together); the engine cuts it back to the image's start.
+
 Memory: ``capacity_bytes`` bounds the bytes of the pages the cache holds (pages still shared with running
 requests count too); past it the least recently used blocks are evicted, deepest first (a chain's later blocks are
 touched before its earlier ones, so eviction never strands a child whose parent is gone for long).
@@ -99,13 +104,17 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ reuse
     @torch.no_grad()
-    def attach(self, seq: SequenceCache, tokens: list[int], salt: str | None = None) -> int:
+    def attach(self, seq: SequenceCache, tokens: list, salt: str | None = None, splits_at=None) -> int:
         """Point an empty ``seq`` at the longest cached prefix of ``tokens`` cached under ``salt``; returns the
-        tokens reused (its new length). Counts the query and the hit."""
+        tokens reused (its new length). Counts the query and the hit. ``splits_at(r)``: whether the encode may start
+        at position ``r`` (a prompt with images: not inside an image); the reuse is cut back to the longest one
+        that may. A token may be any hashable (an image's tokens key by the image: ``ImageInputs.cache_keys``)."""
         if seq.length or any(seq.pages.values()):
             raise ValueError("a prefix can only be attached to an empty sequence")
         self.query_tokens += len(tokens)
         blocks = self.match(tokens, salt) if self.max_blocks else []
+        while blocks and splits_at is not None and not splits_at(len(blocks) * self.block_size):
+            blocks.pop()
         if not blocks:
             return 0
         self._touch(blocks)

@@ -20,6 +20,7 @@ import itertools
 import threading
 import time
 import weakref
+from functools import partial
 
 import torch
 
@@ -274,7 +275,7 @@ class Engine:
             states = [s for s in states if all(s is not a for a in alone)]
             if not states:
                 return
-        pc = self.prefix_cache  # text prompts only: an image prompt's placeholder ids do not say which image
+        pc = self.prefix_cache  # (image prompts were read alone above, through the cache too: _encode_alone)
         items, prompts = [], []  # prompts: (state, its prompt, tokens reused from the prefix cache)
         for s in states:
             ids = s.tokens_to_encode()
@@ -307,8 +308,30 @@ class Engine:
 
     def _encode_alone(self, s: ModelState, ids: list[int] | None) -> None:
         ids = s.tokens_to_encode() if ids is None else ids
+        if s.images is not None and s.phase is Phase.WAITING and self.prefix_cache.max_blocks \
+                and not self.model.batch_invariant:
+            return self._encode_image_prompt(s, ids)
         self.model.encode(torch.tensor([ids]), KVCache([s.cache]), **self._image_kwargs(s, ids))
         self.stats["encode_tokens"] += len(ids)
+        s.encoded()
+
+    def _encode_image_prompt(self, s: ModelState, ids: list[int]) -> None:
+        """A prompt with images through the prefix cache: its image tokens keyed by their image's digest, the reuse
+        cut back so that it never ends inside an image; only the rest is encoded, and the vision tower reads only
+        the images in the rest."""
+        pc, im, image_id = self.prefix_cache, s.images, self.model.config.image_token_id
+        keys, salt = im.cache_keys(ids, image_id), s.params.cache_salt
+        reused = pc.attach(s.cache, keys, salt, splits_at=partial(im.splits_at, ids, image_id))
+        pc.prepare(s.cache, keys)
+        s.metrics.cached_tokens = reused
+        rest, s.images = ids[reused:], None
+        left = im.after(ids, image_id, reused)
+        kwargs = {} if left is None else {"pixel_values": left.pixel_values,
+                                          "image_position_ids": left.image_position_ids,
+                                          "mm_token_type_ids": left.mm_token_type_ids(rest, image_id)}
+        self.model.encode(torch.tensor([rest]), KVCache([s.cache]), **kwargs)
+        self.stats["encode_tokens"] += len(rest)
+        pc.insert(s.cache, keys, reused, salt)
         s.encoded()
 
     def _encode_ids(self, s: ModelState, ids: list[int]) -> None:

@@ -9,7 +9,9 @@ are already expanded (their count equals the images' soft tokens) is taken as it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -24,9 +26,61 @@ class ImageInputs:
     image_position_ids: torch.Tensor  # [N, P, 2]
     num_soft_tokens: list[int]
 
+    _digests: list[int] | None = field(default=None, repr=False, compare=False)
+
     def mm_token_type_ids(self, ids: list[int], image_token_id: int) -> torch.Tensor:
         """[1, S]: 1 at image tokens, 0 elsewhere (the reference processor's ``mm_token_type_ids``)."""
         return (torch.tensor([ids]) == image_token_id).long()
+
+    # ------------------------------------------------------------------ prefix caching
+    def digests(self) -> list[int]:
+        """Per image, a 64-bit digest (BLAKE2b) of what the vision tower reads: its pixel values, patch positions
+        and soft-token count. Computed once."""
+        if self._digests is None:
+            out = []
+            for n, count in enumerate(self.num_soft_tokens):
+                h = hashlib.blake2b(digest_size=8)
+                for t in (self.pixel_values[n], self.image_position_ids[n]):
+                    t = t.detach().cpu().contiguous()
+                    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(str(count).encode())
+                out.append(int.from_bytes(h.digest(), "little"))
+            self._digests = out
+        return self._digests
+
+    def cache_keys(self, ids: list[int], image_token_id: int) -> list:
+        """``ids`` with each image token replaced by ``("image", digest of its image)`` (the images' soft tokens in
+        order, as the encode scatters them): the prefix cache's key of a prompt with images. Equal placeholder ids
+        no longer say "the same prompt" unless the images are the same too; text before the first image keys as
+        plain text."""
+        image_of = [n for n, c in enumerate(self.num_soft_tokens) for _ in range(c)]
+        d, out, k = self.digests(), [], 0
+        for t in ids:
+            if t == image_token_id and k < len(image_of):
+                out.append(("image", d[image_of[k]]))
+                k += 1
+            else:
+                out.append(t)
+        return out
+
+    def splits_at(self, ids: list[int], image_token_id: int, r: int) -> bool:
+        """Whether the encode may start at position ``r`` (reusing ``ids[:r]`` from the cache): not inside a run of
+        image tokens (an image's tokens see each other both ways, so they are encoded in one pass) and with whole
+        images on each side."""
+        if 0 < r < len(ids) and ids[r - 1] == image_token_id and ids[r] == image_token_id:
+            return False
+        return sum(1 for t in ids[:r] if t == image_token_id) in (0, *accumulate(self.num_soft_tokens))
+
+    def after(self, ids: list[int], image_token_id: int, r: int) -> "ImageInputs | None":
+        """The images whose tokens lie in ``ids[r:]`` (``splits_at(r)``), or None when all lie before ``r``."""
+        before = sum(1 for t in ids[:r] if t == image_token_id)
+        first = next(i for i, c in enumerate((0, *accumulate(self.num_soft_tokens))) if c == before)
+        if first == len(self.num_soft_tokens):
+            return None
+        if first == 0:
+            return self
+        return ImageInputs(self.pixel_values[first:], self.image_position_ids[first:], self.num_soft_tokens[first:])
 
 
 class ImagePrompter:

@@ -1,0 +1,139 @@
+"""Prefix caching for prompts with images: image tokens key by their image's content, so the same images after
+the same text reuse the encoded keys/values (and skip the vision tower) with the cold run's tokens, other images
+never do, text before the first image is shared with text-only prompts, and a reuse never ends inside an image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blockdiff import LLM, SamplingParams
+from blockdiff.engine.engine import Engine
+from blockdiff.kv_cache import KVPool
+from fixtures import IMAGE_ID, TINY_VISION_CONFIGS, make_checkpoint
+
+PAGE = 4
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("pcimg"), vision=TINY_VISION_CONFIGS["patch8_pool2_clipped"],
+                           seed=21, text_overrides={"sliding_window": 8})
+    out = LLM(path, dtype="float32")
+    out.model._kv_pool = KVPool(out.model.text.layers, page_size=PAGE)  # many blocks in a short prompt
+    return out
+
+
+class Counting:
+    """Counts the images the vision tower reads."""
+
+    def __init__(self, model):
+        self.seen, self.orig, self.model = 0, model.vision.image_features, model
+
+    def __enter__(self):
+        def wrapped(pixel_values, image_position_ids):
+            self.seen += pixel_values.shape[0]
+            return self.orig(pixel_values, image_position_ids)
+        self.model.vision.image_features = wrapped
+        return self
+
+    def __exit__(self, *exc):
+        self.model.vision.image_features = self.orig
+
+
+def run(engine, llm, text: str, images, seed=3, salt=None):
+    ids, im = llm._with_images(llm._encode_text(text), images)
+    s = engine.add_request(ids, SamplingParams(seed=seed, max_new_tokens=12, ignore_eos=True, cache_salt=salt),
+                           images=im)
+    while engine.has_unfinished():
+        engine.step()
+    assert s.finish_reason == "length", s.finish_reason
+    return s, ids
+
+
+def engines(llm):
+    return (Engine(llm.model, llm.defaults, llm.tokenizer),
+            Engine(llm.model, llm.defaults, llm.tokenizer, prefix_cache_bytes=1 << 24))
+
+
+def test_same_images_reuse_the_prefix_with_the_cold_tokens_and_skip_the_vision_tower(llm):
+    cold, warm = engines(llm)
+    a, b = picture(120, 90, 0), picture(50, 160, 1)
+    first = "<bos>Look: <|image|> and <|image|> - which one is brighter, and why?"
+    second = "<bos>Look: <|image|> and <|image|> - which one has more red?"
+    run(warm, llm, first, [a, b])
+    with Counting(llm.model) as c:
+        s_warm, ids = run(warm, llm, second, [a, b])
+    last_image = max(i for i, t in enumerate(ids) if t == IMAGE_ID)
+    assert s_warm.metrics.cached_tokens > last_image  # both images came from the cache ...
+    assert c.seen == 0  # ... and the vision tower read neither
+    s_cold, _ = run(cold, llm, second, [a, b])
+    assert s_cold.metrics.cached_tokens == 0
+    assert s_warm.output_ids == s_cold.output_ids and len(s_cold.output_ids) == 12
+
+
+def test_other_images_reuse_only_the_text_before_them(llm):
+    cold, warm = engines(llm)
+    text = "<bos>Describe this picture in a few words please: <|image|> thanks"
+    run(warm, llm, text, [picture(120, 90, 0)])
+    with Counting(llm.model) as c:
+        s_warm, ids = run(warm, llm, text, [picture(120, 90, 5)])  # same size, other pixels
+    start = ids.index(IMAGE_ID)
+    assert 0 < s_warm.metrics.cached_tokens <= start  # the text before the image, whole blocks of it
+    assert s_warm.metrics.cached_tokens == (start // PAGE) * PAGE
+    assert c.seen == 1
+    s_cold, _ = run(cold, llm, text, [picture(120, 90, 5)])
+    assert s_warm.output_ids == s_cold.output_ids
+
+
+def test_text_before_an_image_is_shared_with_a_text_prompt(llm):
+    _, warm = engines(llm)
+    head = "<bos>Describe this picture in a few words please:"
+    run(warm, llm, head + " nothing here, just text", None)
+    s, ids = run(warm, llm, head + " <|image|>", [picture(64, 64, 2)])
+    assert s.metrics.cached_tokens >= PAGE and s.metrics.cached_tokens <= ids.index(IMAGE_ID)
+
+
+def test_a_reuse_never_ends_inside_an_image(llm):
+    """A cache budget of a few blocks keeps the chain of the first prompt up to a point inside its image: the
+    second request (same text and image) would match into the image, and reuses only up to the image's start."""
+    cold = Engine(llm.model, llm.defaults, llm.tokenizer)
+    probe = Engine(llm.model, llm.defaults, llm.tokenizer, prefix_cache_bytes=1 << 24).prefix_cache
+    blocks = 5
+    warm = Engine(llm.model, llm.defaults, llm.tokenizer, prefix_cache_bytes=blocks * probe.block_bytes)
+    img, text = picture(120, 90, 0), "<bos>Q: <|image|> a question about it"
+    run(warm, llm, text, [img])
+    ids, im = llm._with_images(llm._encode_text(text), [img])
+    start, end = ids.index(IMAGE_ID), max(i for i, t in enumerate(ids) if t == IMAGE_ID) + 1
+    raw = len(warm.prefix_cache.match(im.cache_keys(ids, IMAGE_ID))) * PAGE
+    assert start < raw == blocks * PAGE < end  # the cached chain ends inside the image
+    with Counting(llm.model) as c:
+        s_warm, _ = run(warm, llm, text, [img])
+    assert s_warm.metrics.cached_tokens == start // PAGE * PAGE
+    assert c.seen == 1
+    s_cold, _ = run(cold, llm, text, [img])
+    assert s_warm.output_ids == s_cold.output_ids
+
+
+def test_the_split_rule(llm):
+    ids, im = llm._with_images(llm._encode_text("<bos>a <|image|> b <|image|> c"), [picture(64, 64, 0),
+                                                                                   picture(40, 80, 1)])
+    runs = [i for i, t in enumerate(ids) if t == IMAGE_ID]
+    s0, e1 = runs[0], runs[-1] + 1
+    assert im.splits_at(ids, IMAGE_ID, s0) and not im.splits_at(ids, IMAGE_ID, s0 + 1)
+    assert im.splits_at(ids, IMAGE_ID, e1) and im.after(ids, IMAGE_ID, e1) is None
+    assert im.after(ids, IMAGE_ID, 0) is im
+    mid = s0 + im.num_soft_tokens[0] + 1  # just past the first image's run
+    assert im.splits_at(ids, IMAGE_ID, mid) and im.after(ids, IMAGE_ID, mid).num_soft_tokens == im.num_soft_tokens[1:]
+    keys = im.cache_keys(ids, IMAGE_ID)
+    assert keys[:s0] == ids[:s0] and keys[s0] == ("image", im.digests()[0]) and keys[e1 - 1] == ("image",
+                                                                                               im.digests()[1])
+    _, other = llm._with_images(ids, [picture(64, 64, 9), picture(40, 80, 1)])
+    assert other.digests()[0] != im.digests()[0] and other.digests()[1] == im.digests()[1]
