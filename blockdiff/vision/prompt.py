@@ -34,12 +34,12 @@ class ImageInputs:
 
     # ------------------------------------------------------------------ prefix caching
     def digests(self) -> list[int]:
-        """Per image, a 64-bit digest (BLAKE2b) of what the vision tower reads: its pixel values, patch positions
+        """Per image, a 128-bit digest (BLAKE2b) of what the vision tower reads: its pixel values, patch positions
         and soft-token count. Computed once."""
         if self._digests is None:
             out = []
             for n, count in enumerate(self.num_soft_tokens):
-                h = hashlib.blake2b(digest_size=8)
+                h = hashlib.blake2b(digest_size=16)
                 for t in (self.pixel_values[n], self.image_position_ids[n]):
                     t = t.detach().cpu().contiguous()
                     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
