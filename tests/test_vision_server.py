@@ -119,10 +119,14 @@ def test_local_file_only_under_the_allowed_folder(servers, media_dir, tmp_path):
 
 
 PNG = encoded(picture(64, 48, 2))
+JPEG, WEBP = encoded(picture(64, 48, 2), "JPEG"), encoded(picture(64, 48, 2), "WEBP")
 BAD_INPUTS = {
     "remote_url": ([image_part("https://example.com/cat.png")], "remote image URLs are not fetched"),
     "undecodable": ([image_part(data_url(b"this is not an image at all"))], "not a decodable image"),
     "truncated": ([image_part(data_url(PNG[:len(PNG) // 2]))], "could not be decoded"),
+    # cut inside the header: PIL knows the format but fails while opening it (not while decoding the pixels)
+    "truncated_header_jpeg": ([image_part(data_url(JPEG[:200], "image/jpeg"))], "could not be decoded"),
+    "truncated_header_webp": ([image_part(data_url(WEBP[:40], "image/webp"))], "could not be decoded"),
     "unsupported_format": ([image_part(data_url(encoded(picture(8, 8), "TIFF"), "image/tiff"))],
                            "unsupported image format TIFF"),
     "bad_base64": ([image_part("data:image/png;base64,@@@not-base64@@@")], "not valid base64"),

@@ -145,6 +145,8 @@ class ImageLoader:
             raise ValueError(f"{what}: not a decodable image (supported formats: {', '.join(FORMATS)})") from None
         except Image.DecompressionBombError:
             raise ValueError(f"{what}: the image has too many pixels") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:  # a known format whose header is cut or corrupt
+            raise ValueError(f"{what}: the image could not be decoded ({e})") from None
         if img.format not in FORMATS:
             raise ValueError(f"{what}: unsupported image format {img.format} (supported: {', '.join(FORMATS)})")
         self._count_pixels(what, *img.size)
