@@ -137,3 +137,42 @@ def test_the_split_rule(llm):
                                                                                                im.digests()[1])
     _, other = llm._with_images(ids, [picture(64, 64, 9), picture(40, 80, 1)])
     assert other.digests()[0] != im.digests()[0] and other.digests()[1] == im.digests()[1]
+
+
+def test_the_server_hashes_images_while_preparing_not_in_the_engine_tick(llm, monkeypatch):
+    """Digesting an image reads all its pixel values (~10 ms for a full-size image): the server does it on its
+    preparing threads, so the engine thread, which ticks every running request, never does. The second request
+    still reuses the image (the digest is the same one)."""
+    import base64
+    import io
+    import threading
+
+    from blockdiff.server import build_app
+    from blockdiff.vision.prompt import ImageInputs
+    from test_server import LiveServer
+
+    threads, digests = set(), ImageInputs.digests
+
+    def recorded(self):
+        if self._digests is None:  # it hashes (later calls return the digests it kept)
+            threads.add(threading.current_thread().name)
+        return digests(self)
+    monkeypatch.setattr(ImageInputs, "digests", recorded)
+    buf = io.BytesIO()
+    picture(120, 90, 0).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    served = LLM.from_model(llm.model, llm.tokenizer, llm.defaults, prefix_cache_bytes=1 << 24)
+    served.images = llm.images
+    server = LiveServer(build_app(served, "m"))
+    try:
+        cached = []
+        for _ in range(2):
+            r = server.client().chat.completions.create(
+                model="m", max_tokens=8, extra_body={"max_denoising_steps": 2},
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                       {"type": "text", "text": "What is this picture? " * 4}]}])
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    finally:
+        server.close()
+    assert cached[0] == 0 and cached[1] > 0
+    assert threads and "blockdiff-engine" not in threads

@@ -203,6 +203,8 @@ class Server:
         echo = images = None
         if kind == "chat":
             ids, images = self.encode_chat(req)
+            if images is not None and self.core.prefix_cache.max_blocks:
+                images.digests()  # the prefix cache's keys: hashed here (~10 ms a full image), not in the engine's tick
             prompt_name = "messages"
             if req.tool_plan.active:  # calls (required / named / auto) or a thinking channel under a grammar
                 if params.structured_outputs is not None:  # the answer's own constraint must admit an output
