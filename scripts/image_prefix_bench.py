@@ -57,9 +57,9 @@ def main() -> None:
     for llm in llms.values():
         orig = llm.model.vision.image_features
 
-        def counted(pv, pos, orig=orig):
+        def counted(pv, pos, *rest, orig=orig):
             seen["n"] += pv.shape[0]
-            return orig(pv, pos)
+            return orig(pv, pos, *rest)
         llm.model.vision.image_features = counted
 
     def chat(llm, history: str, turn: int):

@@ -38,9 +38,9 @@ class Counting:
         self.seen, self.orig, self.model = 0, model.vision.image_features, model
 
     def __enter__(self):
-        def wrapped(pixel_values, image_position_ids):
+        def wrapped(pixel_values, image_position_ids, *rest):
             self.seen += pixel_values.shape[0]
-            return self.orig(pixel_values, image_position_ids)
+            return self.orig(pixel_values, image_position_ids, *rest)
         self.model.vision.image_features = wrapped
         return self
 
@@ -176,3 +176,67 @@ def test_the_server_hashes_images_while_preparing_not_in_the_engine_tick(llm, mo
         server.close()
     assert cached[0] == 0 and cached[1] > 0
     assert threads and "blockdiff-engine" not in threads
+
+
+class TowerRuns:
+    """Counts the vision tower's passes (one per image it computes)."""
+
+    def __init__(self, model):
+        self.runs, self.tower = 0, model.vision.tower
+
+    def __enter__(self):
+        orig = self.tower.forward
+
+        def counted(*a, **kw):
+            self.runs += 1
+            return orig(*a, **kw)
+        self.tower.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.tower.forward
+
+
+def test_an_image_ending_in_the_last_partial_block_skips_the_tower_when_resent(llm):
+    """Text then an image at the end of the message: the image's tokens end in the prompt's last, partial block,
+    which the prefix cache does not keep, so the next turn re-encodes them; the feature memo spares the tower."""
+    cold, warm = engines(llm)
+    img = picture(120, 90, 4)
+    turn1 = "<bos>What is in this picture? <|image|>"
+    s1, ids1 = run(warm, llm, turn1, [img])
+    end = max(i for i, t in enumerate(ids1) if t == IMAGE_ID) + 1
+    assert end > len(ids1) // PAGE * PAGE  # the image ends in the partial block: the cache cannot serve it
+    turn2 = turn1 + " It looks like noise. And now?"
+    with TowerRuns(llm.model) as t:
+        s2, ids2 = run(warm, llm, turn2, [img])
+    assert s2.metrics.cached_tokens <= ids2.index(IMAGE_ID)  # the image's tokens were encoded again ...
+    assert t.runs == 0 and warm.image_memo.hits >= 1  # ... but not through the tower
+    c2, _ = run(cold, llm, turn2, [img])
+    assert s2.output_ids == c2.output_ids
+    assert cold.image_memo is None  # no prefix cache: no memo either
+
+
+def test_the_same_image_twice_in_one_prompt_runs_the_tower_once(llm):
+    cold, warm = engines(llm)
+    img = picture(90, 120, 6)
+    text = "<bos>Compare <|image|> with <|image|> please"
+    with TowerRuns(llm.model) as t:
+        s, _ = run(warm, llm, text, [img, img])
+    assert t.runs == 1
+    with TowerRuns(llm.model) as t:
+        c, _ = run(cold, llm, text, [img, img])
+    assert t.runs == 2 and s.output_ids == c.output_ids
+
+
+def test_feature_memo_keeps_the_most_recent_within_its_bytes():
+    from blockdiff.model.vision_tower import FeatureMemo
+    m = FeatureMemo(3 * 400)  # three [10, 10] fp32 tensors
+    ts = {k: torch.full((10, 10), float(k)) for k in range(5)}
+    for k in range(3):
+        m.put(k, ts[k])
+    assert m.get(0) is ts[0]  # 0 is now the most recent
+    m.put(3, ts[3])  # evicts 1, the least recently used
+    assert m.get(1) is None and m.get(0) is ts[0] and m.get(2) is ts[2] and m.get(3) is ts[3]
+    assert m.nbytes == 1200 and (m.hits, m.misses) == (4, 1)
+    m.put(4, torch.zeros(20, 20))  # larger than the whole budget: not kept, nothing evicted
+    assert m.get(4) is None and len(m.items) == 3

@@ -160,7 +160,8 @@ def _mirror(pool, rows: list, capacity: dict) -> KVCache:
 def _encode(model, channel: Channel, cache: KVCache, kw: dict):
     out = model.encode(kw["ids"], cache, lengths=kw["lengths"], logits=kw["logits"],
                        pixel_values=kw.get("pixel_values"), image_position_ids=kw.get("image_position_ids"),
-                       mm_token_type_ids=kw.get("mm_token_type_ids"))
+                       mm_token_type_ids=kw.get("mm_token_type_ids"), image_keys=kw.get("image_keys"),
+                       image_memo=kw.get("image_memo"))
     return None if out is None else channel.gather_vocab(out)
 
 
@@ -272,7 +273,7 @@ class LeaderModel:
 
     @_one_at_a_time
     def encode(self, input_ids, cache, lengths=None, logits=None, pixel_values=None, image_position_ids=None,
-               mm_token_type_ids=None):
+               mm_token_type_ids=None, image_keys=None, image_memo=None):
         ids = self._model._check_ids(input_ids, "input_ids").cpu()
         n = [ids.shape[1]] * ids.shape[0] if lengths is None else [int(x) for x in lengths]
         if len(n) == ids.shape[0] and all(1 <= x <= ids.shape[1] for x in n):
@@ -281,7 +282,8 @@ class LeaderModel:
                   image_position_ids=image_position_ids, mm_token_type_ids=mm_token_type_ids)
         self._channel.send("encode", rows=_rows(cache), capacity=dict(cache.pool.capacity),
                            batch_invariant=self._model.batch_invariant, threads=torch.get_num_threads(), **kw)
-        return _encode(self._model, self._channel, cache, kw)
+        # the followers run their own (replicated) vision tower without the memo: the same values
+        return _encode(self._model, self._channel, cache, dict(kw, image_keys=image_keys, image_memo=image_memo))
 
     @_one_at_a_time
     def denoise(self, canvas_ids, cache, self_conditioning_logits=None, self_conditioning_embeds=None,

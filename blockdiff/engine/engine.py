@@ -27,6 +27,7 @@ import torch
 from ..config import GenerationDefaults
 from ..kv_cache import KVCache, to_device
 from ..model import DiffusionGemma
+from ..model.vision_tower import FeatureMemo
 from ..prefix_cache import PrefixCache
 from ..sampling.fields import ParamError
 from ..sampling.params import SamplingParams
@@ -76,6 +77,10 @@ class Engine:
         # over ranks (blockdiff.distributed) makes its own: its page copies run on every rank.
         make = getattr(model, "make_prefix_cache", None)
         self.prefix_cache = make(prefix_cache_bytes) if make else PrefixCache(model.kv_pool, prefix_cache_bytes)
+        # Beside it, the vision tower's output of recent images (1/8 of the budget): an image whose tokens the
+        # prefix cache cannot serve (they end in a prompt's last, partial block) skips the tower when resent.
+        self.image_memo = FeatureMemo(prefix_cache_bytes // 8) \
+            if prefix_cache_bytes and getattr(model, "vision", None) is not None else None
         self.defaults = defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
@@ -328,7 +333,8 @@ class Engine:
         left = im.after(ids, image_id, reused)
         kwargs = {} if left is None else {"pixel_values": left.pixel_values,
                                           "image_position_ids": left.image_position_ids,
-                                          "mm_token_type_ids": left.mm_token_type_ids(rest, image_id)}
+                                          "mm_token_type_ids": left.mm_token_type_ids(rest, image_id),
+                                          **self._memo_kwargs(left)}
         self.model.encode(torch.tensor([rest]), KVCache([s.cache]), **kwargs)
         self.stats["encode_tokens"] += len(rest)
         pc.insert(s.cache, keys, reused, salt)
@@ -345,7 +351,15 @@ class Engine:
             return {}
         im, s.images = s.images, None
         return {"pixel_values": im.pixel_values, "image_position_ids": im.image_position_ids,
-                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id)}
+                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id),
+                **self._memo_kwargs(im)}
+
+    def _memo_kwargs(self, im) -> dict:
+        """The vision-feature memo's arguments for a prompt's images (none in deterministic mode, which reuses
+        nothing: its promise is an output that depends on the request alone)."""
+        if self.image_memo is None or self.model.batch_invariant:
+            return {}
+        return {"image_keys": im.digests(), "image_memo": self.image_memo}
 
     def _denoise(self, states: list[ModelState]) -> None:
         model = self.model

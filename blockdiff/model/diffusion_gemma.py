@@ -229,6 +229,8 @@ class DiffusionGemma(nn.Module):
         pixel_values: torch.Tensor | None = None,  # [N, P, 3 * ps^2]: the images of all rows, in order
         image_position_ids: torch.Tensor | None = None,  # [N, P, 2] (x, y) per patch, (-1, -1) = padding
         mm_token_type_ids: torch.Tensor | None = None,  # [B, S]: 1 = image token, 0 = text
+        image_keys: list | None = None,  # a digest per image, with image_memo: vision_tower.FeatureMemo
+        image_memo=None,
     ) -> torch.Tensor | None:
         """Causal pass over new tokens; appends their K/V to each cache row.
 
@@ -254,7 +256,7 @@ class DiffusionGemma(nn.Module):
         x = self.embed(ids)
         # --- images: soft tokens into the image-token positions; same-image tokens see each other ---
         if pixel_values is not None:
-            x = scatter_image_features(self, x, ids, pixel_values, image_position_ids)
+            x = scatter_image_features(self, x, ids, pixel_values, image_position_ids, image_keys, image_memo)
         blocks = image_blocks(self.text, mm_token_type_ids, (B, S), dev)  # [B, S] image index or -1; or None
         prefixes = [view.prefix(g) for g in self.spans]
         metas = self._metas(self._masks(positions, [p.pos for p in prefixes], [p.valid for p in prefixes],

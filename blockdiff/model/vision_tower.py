@@ -20,6 +20,8 @@ out of every attention and every pool in the reference, so the result is the sam
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -209,17 +211,28 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"image_position_ids exceed the vision tower's position table "
                              f"({self.config.position_embedding_size} positions per axis)")
 
-    def image_features(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor) -> torch.Tensor:
-        """[N, P, 3 ps^2], [N, P, 2] -> [T, text_hidden]: each image's soft tokens, in image order."""
+    def image_features(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor,
+                       keys: list | None = None, memo: "FeatureMemo | None" = None) -> torch.Tensor:
+        """[N, P, 3 ps^2], [N, P, 2] -> [T, text_hidden]: each image's soft tokens, in image order. With ``keys`` (a
+        digest per image, ``ImageInputs.digests``) and a ``memo``, an image the memo holds skips the tower (its
+        output is the tower's own for that image, computed alone: the same values)."""
         self.check_inputs(pixel_values, image_position_ids)
+        if keys is not None and len(keys) != pixel_values.shape[0]:
+            raise ValueError(f"{len(keys)} image keys for {pixel_values.shape[0]} images")
         dev = self.embedder.embedding_projection.weight.device
         out = []
         for n in range(pixel_values.shape[0]):  # images differ in real-patch count: one pass each
-            pos = image_position_ids[n].to(dev).long()
-            real = (pos != -1).any(dim=-1)
-            if not bool(real.any()):
-                raise ValueError(f"image {n} has no patches (every image_position_ids entry is -1)")
-            out.append(self.tower(pixel_values[n].to(dev)[real], pos[real]))
+            key = keys[n] if keys is not None and memo is not None else None
+            f = memo.get(key) if key is not None else None
+            if f is None:
+                pos = image_position_ids[n].to(dev).long()
+                real = (pos != -1).any(dim=-1)
+                if not bool(real.any()):
+                    raise ValueError(f"image {n} has no patches (every image_position_ids entry is -1)")
+                f = self.tower(pixel_values[n].to(dev)[real], pos[real])
+                if key is not None:
+                    memo.put(key, f)
+            out.append(f)
         feats = torch.cat(out) if out else pixel_values.new_zeros(0, self.config.hidden_size)
         return self.embedder(feats)
 
@@ -228,15 +241,48 @@ class VisionEncoder(nn.Module):
         return [int((p != -1).any(dim=-1).sum()) // k2 for p in image_position_ids]
 
 
+class FeatureMemo:
+    """The vision tower's output per image (before the embedder), keyed by the image's digest, the least recently
+    used evicted past ``capacity_bytes``. The engine keeps one beside its prefix cache: an image the prefix cache
+    cannot serve (its tokens end in a prompt's last, partial block, or it comes twice in one prompt) skips the
+    tower when it comes again. Only the calling thread uses it."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes, self.nbytes = capacity_bytes, 0
+        self.items: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key) -> torch.Tensor | None:
+        f = self.items.get(key)
+        if f is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return f
+
+    def put(self, key, f: torch.Tensor) -> None:
+        size = f.numel() * f.element_size()
+        if size > self.capacity_bytes or key in self.items:
+            return
+        self.items[key] = f
+        self.nbytes += size
+        while self.nbytes > self.capacity_bytes:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+
+
 # ---------------------------------------------------------------------------------------------- the encode hook
 def scatter_image_features(model, x: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                           image_position_ids: torch.Tensor | None) -> torch.Tensor:
+                           image_position_ids: torch.Tensor | None, image_keys: list | None = None,
+                           image_memo: FeatureMemo | None = None) -> torch.Tensor:
     """x [B, S, H] text embeddings -> the same with every image-token position (row-major over the batch)
-    replaced by the next soft token of ``model.vision.image_features(...)``."""
+    replaced by the next soft token of ``model.vision.image_features(...)`` (``image_keys`` / ``image_memo``: see
+    there)."""
     if model.vision is None:
         raise ValueError("the model has no vision tower (a text-only checkpoint): it cannot take images")
     image_id = model.config.image_token_id
-    feats = model.vision.image_features(pixel_values, image_position_ids)  # [T, H]
+    feats = model.vision.image_features(pixel_values, image_position_ids, image_keys, image_memo)  # [T, H]
     where = input_ids.to(x.device) == image_id  # [B, S]
     n = int(where.sum())
     if n != feats.shape[0]:

@@ -80,7 +80,8 @@ class ImageInputs:
             return None
         if first == 0:
             return self
-        return ImageInputs(self.pixel_values[first:], self.image_position_ids[first:], self.num_soft_tokens[first:])
+        return ImageInputs(self.pixel_values[first:], self.image_position_ids[first:], self.num_soft_tokens[first:],
+                           None if self._digests is None else self._digests[first:])
 
 
 class ImagePrompter:
