@@ -474,3 +474,15 @@ def test_fine_tuning_an_fp8_checkpoint_loaded_dequantized_writes_a_full_precisio
             TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000, device="cpu"),
             init_from=str(tmp_path / "fp8"), log=lambda s: None).run()
     assert "quantization_config" not in json.loads((tmp_path / "ft" / "config.json").read_text())
+
+
+def test_resuming_in_a_folder_of_quantized_weights_is_refused_in_one_line(tmp_path, capsys):
+    """A run folder whose checkpoint was replaced by a quantized copy (as `blockdiff quantize` of a run once
+    made, trainer state included) resumed into a torch error about the optimizer's parameter groups."""
+    import shutil
+    from blockdiff.quant.cli import quantize_checkpoint
+    _trainer(tmp_path / "run", 1).run()
+    quantize_checkpoint(str(tmp_path / "run"), str(tmp_path / "q"), "int8", log=lambda s: None)
+    shutil.copyfile(tmp_path / "run" / "trainer_state.pt", tmp_path / "q" / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"q holds quantized weights \(int8\): training needs full-precision"):
+        _trainer(tmp_path / "q", 2)

@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
+
+# What `blockdiff train` keeps beside the checkpoint in its run folder (blockdiff/train/loop.py): not part of the
+# model. Copied into DST, the optimizer state (twice the fp32 weights) outweighed the quantized model, and DST
+# passed for a training run that `train --out DST` resumed.
+RUN_FILES = ("trainer_state.pt", "train_log.jsonl")
+_TMP_FILE = re.compile(r"\.tmp\d+$")  # blockdiff/files.py atomic_path's temporary name, left by a killed save
 
 FP8_CONFIG = {
     "quant_method": "compressed-tensors", "format": "float-quantized",
@@ -117,8 +124,9 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
         save_file(out, tmp, metadata={"format": "pt"})
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
         full = os.path.join(path, entry)
+        # not a training run's own files (its optimizer state, learning curve) nor a save cut short
         if os.path.isfile(full) and entry != "config.json" and not entry.startswith("model") and \
-                not entry.endswith(".safetensors"):
+                not entry.endswith(".safetensors") and entry not in RUN_FILES and not _TMP_FILE.search(entry):
             with atomic_path(os.path.join(dst, entry)) as tmp:
                 shutil.copy2(full, tmp)
     raw = dict(config.raw)
