@@ -486,3 +486,29 @@ def test_resuming_in_a_folder_of_quantized_weights_is_refused_in_one_line(tmp_pa
     shutil.copyfile(tmp_path / "run" / "trainer_state.pt", tmp_path / "q" / "trainer_state.pt")
     with pytest.raises(ValueError, match=r"q holds quantized weights \(int8\): training needs full-precision"):
         _trainer(tmp_path / "q", 2)
+
+
+def test_jsonl_data_that_is_not_utf8_names_the_file_and_line_and_a_bom_is_read(tmp_path):
+    """A Latin-1 byte was the bare "'utf-8' codec can't decode byte 0xe9 in position 40", naming neither the
+    file nor the line."""
+    from blockdiff.train.tasks import JsonlTask
+    good = '{"prompt_ids": [2, 5], "answer_ids": [9, 10]}\n'
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(good.encode() + b'{"prompt_ids": [2, 5], "answer_ids": [9], "note": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl: line 2: not UTF-8 text \(byte 0xe9"):
+        JsonlTask(str(data), vocab_size=32, canvas_length=4)
+    data.write_bytes(b"\xef\xbb\xbf" + (good * 2).encode())  # saved with a byte-order mark
+    assert len(JsonlTask(str(data), vocab_size=32, canvas_length=4).rows) == 2
+
+
+def test_a_run_whose_first_step_fails_leaves_no_empty_run_folder(tmp_path, capsys):
+    """The folder was removed when loading failed, but not when the first step did (a prompt + canvas longer than
+    the sliding window): an empty --out stayed behind."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [2] * 510, "answer_ids": [9, 10]}) + "\n")  # window 512
+    out = tmp_path / "run"
+    from blockdiff.cli import main as cli_main
+    rc = cli_main(["train", "--task", "jsonl", "--data", str(data), "--vocab-size", "32", "--canvas-length", "4",
+                   "--recipe", "tiny", "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--device", "cpu"])
+    assert rc == 2 and "must fit the sliding window" in capsys.readouterr().err
+    assert not out.exists()

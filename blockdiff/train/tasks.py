@@ -69,8 +69,13 @@ class JsonlTask(Task):
     def __init__(self, path: str, vocab_size: int, canvas_length: int, eos_id: int = 1, pad_id: int = 0):
         self.vocab_size, self.canvas_length = vocab_size, canvas_length
         self.rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line: a byte that is not UTF-8 is named with its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows tools) is no error
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                     f"{e.start + 1}); --data is a JSON-lines file") from None
                 if not line.strip():
                     continue
                 p, a = self._parse(line, f"{path}: line {n}")
