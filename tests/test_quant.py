@@ -354,6 +354,15 @@ def test_unknown_method_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
     assert rc == 2 and "unknown quantization 'q4'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["int5", "int4-g256", "none"])
+def test_quantize_method_errors_offer_only_methods_quantize_takes(tiny_checkpoint, tmp_path, method, capsys):
+    """`--method int5` was told to "use one of int8, int4 (...), fp8 or none", and `--method none` is refused."""
+    rc = cli_main(["quantize", tiny_checkpoint, str(tmp_path / "x"), "--method", method])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "none" not in err[0].replace(f"'{method}'", ""), err
+    assert "int8" in err[0] and "fp8" in err[0] and not (tmp_path / "x").exists()
+
+
 def test_corrupt_quantized_checkpoint_is_refused_naming_the_tensor(tiny_checkpoint, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

@@ -58,13 +58,17 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     from ..checks import check_weight, read_tensor
     from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
     from ..progress import progress
-    from .plan import QuantPlan, int4_scope, parse_method
+    from .plan import QuantizationError, QuantPlan, int4_scope, parse_method
     from .tensors import quantize
 
     scope = int4_scope(method)
-    parsed = parse_method(method)
+    choices = "--method takes int8, int4 (int4-g32, int4-g128, int4-all) or fp8"
+    try:
+        parsed = parse_method(method)
+    except QuantizationError as e:  # its list of choices ends in "none", which --method refuses
+        raise QuantizationError(f"{str(e).split(';')[0]}; {choices}") from None
     if parsed is None:
-        raise ValueError("--method must be int8, int4 (int4-g32, int4-g128, int4-all) or fp8")
+        raise ValueError(f"--method {method!r} writes nothing; {choices}")
     method, group = parsed
     path = resolve_path(src, revision=revision, download_dir=download_dir)
     if os.path.abspath(path) == os.path.abspath(dst):
