@@ -512,3 +512,30 @@ def test_a_run_whose_first_step_fails_leaves_no_empty_run_folder(tmp_path, capsy
                    "--recipe", "tiny", "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--device", "cpu"])
     assert rc == 2 and "must fit the sliding window" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_no_resume_over_a_sharded_checkpoint_saves_weights_that_load(tmp_path):
+    """Fine-tuning in place (`--init-from D --out D --no-resume`, D sharded as the released checkpoint is) wrote
+    model.safetensors beside the old model.safetensors.index.json, which the loader reads first: the saved run
+    loaded the weights it started from, and a resume trained those again."""
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "ckpt"
+    _trainer(d, 1).run()
+    for f in ("trainer_state.pt", "train_log.jsonl"):
+        os.remove(d / f)
+    tensors = load_file(d / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, d / shard, metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    os.remove(d / "model.safetensors")
+    tr = Trainer(CopyTask(vocab_size=32, canvas_length=8),
+                 TrainOptions(out_dir=str(d), max_steps=2, batch_size=4, lr=3e-2, warmup_steps=1, log_every=1000,
+                              save_every=0, resume=False, device="cpu"), init_from=str(d), log=lambda s: None)
+    tr.run()
+    trained = tr.model.state_dict()
+    loaded = load_model(str(d), dtype="float32", device="cpu").state_dict()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained if not k.startswith("inv_freq"))
+    assert not set(shards) & set(os.listdir(d)) and "model.safetensors.index.json" not in os.listdir(d)
