@@ -369,6 +369,10 @@ def test_fine_tune_from_a_quantized_gguf_trains_its_dequantized_weights(tmp_path
     ('{"prompt_ids": [2, -1], "answer_ids": [9]}', r"line 2: prompt_ids holds -1"),
     ('{"prompt_ids": [2, 5], "answer_ids": ["a"]}', r"line 2: answer_ids holds 'a'"),
     ('{"prompt_ids": [2, 5], "answer_ids": [true]}', r"line 2: answer_ids holds True"),
+    # these two named neither the line nor the field ("every prompt must have the same length")
+    ('{"prompt_ids": [2, 5, 6], "answer_ids": [9]}', r"line 2: prompt_ids has 3 ids, line 1's has 2: every prompt"),
+    ('{"prompt_ids": [2, 5], "answer_ids": [9, 9, 9, 9, 9]}', r"line 2: answer_ids has 5 ids, longer than the canvas "
+                                                             r"\(4, --canvas-length\)"),
 ])
 def test_jsonl_data_errors_name_the_file_line_and_field(tmp_path, line, message):
     """A bad line was a KeyError traceback, or an error about `input_ids` at the first training step."""

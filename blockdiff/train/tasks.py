@@ -79,15 +79,20 @@ class JsonlTask(Task):
                 if not line.strip():
                     continue
                 p, a = self._parse(line, f"{path}: line {n}")
+                if not self.rows:
+                    first = n
+                elif len(p) != len(self.rows[0][0]):
+                    raise ValueError(f"{path}: line {n}: prompt_ids has {len(p)} ids, line {first}'s has "
+                                     f"{len(self.rows[0][0])}: every prompt must have the same length (training "
+                                     "batches are unpadded)")
                 if len(a) < canvas_length:
                     a = a + [eos_id] + [pad_id] * (canvas_length - len(a) - 1)
                 if len(a) != canvas_length:
-                    raise ValueError(f"{path}: line {n}: answer longer than the canvas ({canvas_length})")
+                    raise ValueError(f"{path}: line {n}: answer_ids has {len(a)} ids, longer than the canvas "
+                                     f"({canvas_length}, --canvas-length)")
                 self.rows.append((p, a))
         if not self.rows:
             raise ValueError(f"{path}: no examples")
-        if len({len(p) for p, _ in self.rows}) != 1:
-            raise ValueError(f"{path}: every prompt must have the same length")
 
     def _parse(self, line: str, where: str) -> tuple[list[int], list[int]]:
         """One line's ids, checked here: a bad line failed later as a KeyError traceback or as an error about
