@@ -16,11 +16,14 @@ Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import unicodedata
 
@@ -564,8 +567,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold Ctrl-C while the subcommands import (torch, numpy), then raise it as KeyboardInterrupt. Cut halfway, those
+    imports failed in the next import of the same module: a RecursionError or ImportError traceback, an abort, or a
+    subcommand dropped as "not importable" while the command went on to finish with status 0."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (`cmd &`) or someone's own
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
+    with _sigint_held():
+        parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     sub = parser.subcommands.get(getattr(args, "command", None) or "")
     if extras:  # argparse would print the top-level usage: the subcommand's says which flags there are

@@ -9,6 +9,7 @@ whose weights hold none of its tensors loads text-only (``model.vision is None``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -213,6 +214,24 @@ def _model_to_checkpoint_name(ours: str) -> str:
     return _DEC + ours
 
 
+def drop_sharded_weights(path: str) -> None:
+    """Once a new ``model.safetensors`` is in place, remove the ``model.safetensors.index.json`` of an earlier
+    sharded checkpoint in ``path`` (``_weight_files`` reads an index first: the folder kept loading the old
+    weights), then the shards it names."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return
+    try:
+        shards = set(weight_map(index).values())
+    except CheckpointError:
+        shards = set()
+    os.remove(index)
+    for shard in shards:
+        if os.path.basename(shard) == shard and shard != "model.safetensors":  # only files of this folder
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(path, shard))
+
+
 def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` in the released layout (loads back with ``load_model``
     and with the transformers reference, which then sees no vision tower: pass a config with one if needed)."""
@@ -228,6 +247,7 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
     # Each file is replaced whole (blockdiff/files.py): an interrupted save leaves the previous checkpoint loadable.
     with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
+    drop_sharded_weights(path)
     config = model.config.to_dict()
     from .quant.modules import has_quantized_modules
     if not has_quantized_modules(model):

@@ -91,6 +91,33 @@ def test_ctrl_c_while_the_subcommands_import_is_one_line_and_130(monkeypatch, ca
     assert capsys.readouterr().err == "blockdiff: interrupted\n"
 
 
+def test_ctrl_c_during_a_subcommand_import_waits_for_the_import_then_is_130(monkeypatch, capsys):
+    """Ctrl-C cut torch's / numpy's import halfway (`python -m blockdiff quantize ...` pressed within its first
+    second): a RecursionError or ImportError traceback, an abort, or the subcommand dropped as unimportable while
+    the command ran to its end with status 0. The signal now waits for the imports, then stops the command."""
+    import signal
+
+    real_import = blockdiff.cli.importlib.import_module
+    finished, ran = [], []
+
+    def import_interrupted_midway(name, *a, **k):
+        if name in blockdiff.cli.SUBCOMMAND_MODULES and not finished:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands inside the import ...
+            for _ in range(1000):  # ... while it is still running bytecode
+                pass
+        module = real_import(name, *a, **k)
+        if name in blockdiff.cli.SUBCOMMAND_MODULES:
+            finished.append(name)
+        return module
+
+    monkeypatch.setattr(blockdiff.cli.importlib, "import_module", import_interrupted_midway)
+    monkeypatch.setattr(blockdiff.cli, "cmd_run", lambda args: ran.append(args) or 0)
+    assert main(["run", "x", "hi"]) == 130
+    assert capsys.readouterr().err == "blockdiff: interrupted\n"
+    assert finished == list(blockdiff.cli.SUBCOMMAND_MODULES) and not ran
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_serve_api_key_file_that_cannot_be_read_is_one_plain_line(tmp_path, capsys):
     missing, binary = tmp_path / "keys", tmp_path / "keys.bin"
     binary.write_bytes(b"\xff\xfe\x00key")

@@ -354,6 +354,15 @@ def test_unknown_method_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
     assert rc == 2 and "unknown quantization 'q4'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["int5", "int4-g256", "none"])
+def test_quantize_method_errors_offer_only_methods_quantize_takes(tiny_checkpoint, tmp_path, method, capsys):
+    """`--method int5` was told to "use one of int8, int4 (...), fp8 or none", and `--method none` is refused."""
+    rc = cli_main(["quantize", tiny_checkpoint, str(tmp_path / "x"), "--method", method])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "none" not in err[0].replace(f"'{method}'", ""), err
+    assert "int8" in err[0] and "fp8" in err[0] and not (tmp_path / "x").exists()
+
+
 def test_corrupt_quantized_checkpoint_is_refused_naming_the_tensor(tiny_checkpoint, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -456,3 +465,25 @@ def test_int4_scope_is_recorded_and_files_without_it_load_as_all(tiny_checkpoint
     json.dump(cfg, open(os.path.join(full, "config.json"), "w"))
     ref = _logits(load_model(tiny_checkpoint, quantization="int4-all"))
     assert torch.equal(_logits(load_model(full)), ref)
+
+
+def test_quantizing_a_training_run_copies_the_checkpoint_not_the_run(tmp_path, capsys):
+    """A `blockdiff train --out` folder is a checkpoint plus trainer_state.pt and train_log.jsonl: quantize copied
+    both (the optimizer state alone outweighed the quantized model), and `train --out DST` then took DST for a run
+    to resume. Nor is a temporary file left by a killed save carried over."""
+    from blockdiff.train.loop import LOG_FILE, STATE_FILE, TrainOptions, Trainer
+    from blockdiff.train.recipes import RECIPES, model_config
+    from blockdiff.train.tasks import CopyTask
+
+    run = tmp_path / "run"
+    Trainer(CopyTask(vocab_size=32, canvas_length=8),
+            TrainOptions(out_dir=str(run), max_steps=1, batch_size=2, log_every=1, save_every=0, device="cpu"),
+            config=model_config(32, 8, **RECIPES["tiny"]), log=lambda s: None).run()
+    (run / "generation_config.json.tmp4242").write_text("{")
+    assert {STATE_FILE, LOG_FILE} <= set(os.listdir(run))
+    dst = tmp_path / "q"
+    assert cli_main(["quantize", str(run), str(dst), "--method", "int8"]) == 0
+    left = set(os.listdir(dst))
+    assert not left & {STATE_FILE, LOG_FILE} and not [f for f in left if ".tmp" in f], left
+    assert "generation_config.json" in left
+    assert torch.equal(_logits(load_model(str(dst))), _logits(load_model(str(run), quantization="int8")))

@@ -369,6 +369,10 @@ def test_fine_tune_from_a_quantized_gguf_trains_its_dequantized_weights(tmp_path
     ('{"prompt_ids": [2, -1], "answer_ids": [9]}', r"line 2: prompt_ids holds -1"),
     ('{"prompt_ids": [2, 5], "answer_ids": ["a"]}', r"line 2: answer_ids holds 'a'"),
     ('{"prompt_ids": [2, 5], "answer_ids": [true]}', r"line 2: answer_ids holds True"),
+    # these two named neither the line nor the field ("every prompt must have the same length")
+    ('{"prompt_ids": [2, 5, 6], "answer_ids": [9]}', r"line 2: prompt_ids has 3 ids, line 1's has 2: every prompt"),
+    ('{"prompt_ids": [2, 5], "answer_ids": [9, 9, 9, 9, 9]}', r"line 2: answer_ids has 5 ids, longer than the canvas "
+                                                             r"\(4, --canvas-length\)"),
 ])
 def test_jsonl_data_errors_name_the_file_line_and_field(tmp_path, line, message):
     """A bad line was a KeyError traceback, or an error about `input_ids` at the first training step."""
@@ -474,3 +478,68 @@ def test_fine_tuning_an_fp8_checkpoint_loaded_dequantized_writes_a_full_precisio
             TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000, device="cpu"),
             init_from=str(tmp_path / "fp8"), log=lambda s: None).run()
     assert "quantization_config" not in json.loads((tmp_path / "ft" / "config.json").read_text())
+
+
+def test_resuming_in_a_folder_of_quantized_weights_is_refused_in_one_line(tmp_path, capsys):
+    """A run folder whose checkpoint was replaced by a quantized copy (as `blockdiff quantize` of a run once
+    made, trainer state included) resumed into a torch error about the optimizer's parameter groups."""
+    import shutil
+    from blockdiff.quant.cli import quantize_checkpoint
+    _trainer(tmp_path / "run", 1).run()
+    quantize_checkpoint(str(tmp_path / "run"), str(tmp_path / "q"), "int8", log=lambda s: None)
+    shutil.copyfile(tmp_path / "run" / "trainer_state.pt", tmp_path / "q" / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"q holds quantized weights \(int8\): training needs full-precision"):
+        _trainer(tmp_path / "q", 2)
+
+
+def test_jsonl_data_that_is_not_utf8_names_the_file_and_line_and_a_bom_is_read(tmp_path):
+    """A Latin-1 byte was the bare "'utf-8' codec can't decode byte 0xe9 in position 40", naming neither the
+    file nor the line."""
+    from blockdiff.train.tasks import JsonlTask
+    good = '{"prompt_ids": [2, 5], "answer_ids": [9, 10]}\n'
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(good.encode() + b'{"prompt_ids": [2, 5], "answer_ids": [9], "note": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl: line 2: not UTF-8 text \(byte 0xe9"):
+        JsonlTask(str(data), vocab_size=32, canvas_length=4)
+    data.write_bytes(b"\xef\xbb\xbf" + (good * 2).encode())  # saved with a byte-order mark
+    assert len(JsonlTask(str(data), vocab_size=32, canvas_length=4).rows) == 2
+
+
+def test_a_run_whose_first_step_fails_leaves_no_empty_run_folder(tmp_path, capsys):
+    """The folder was removed when loading failed, but not when the first step did (a prompt + canvas longer than
+    the sliding window): an empty --out stayed behind."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [2] * 510, "answer_ids": [9, 10]}) + "\n")  # window 512
+    out = tmp_path / "run"
+    from blockdiff.cli import main as cli_main
+    rc = cli_main(["train", "--task", "jsonl", "--data", str(data), "--vocab-size", "32", "--canvas-length", "4",
+                   "--recipe", "tiny", "--out", str(out), "--max-steps", "1", "--batch-size", "1", "--device", "cpu"])
+    assert rc == 2 and "must fit the sliding window" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_no_resume_over_a_sharded_checkpoint_saves_weights_that_load(tmp_path):
+    """Fine-tuning in place (`--init-from D --out D --no-resume`, D sharded as the released checkpoint is) wrote
+    model.safetensors beside the old model.safetensors.index.json, which the loader reads first: the saved run
+    loaded the weights it started from, and a resume trained those again."""
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "ckpt"
+    _trainer(d, 1).run()
+    for f in ("trainer_state.pt", "train_log.jsonl"):
+        os.remove(d / f)
+    tensors = load_file(d / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, d / shard, metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    os.remove(d / "model.safetensors")
+    tr = Trainer(CopyTask(vocab_size=32, canvas_length=8),
+                 TrainOptions(out_dir=str(d), max_steps=2, batch_size=4, lr=3e-2, warmup_steps=1, log_every=1000,
+                              save_every=0, resume=False, device="cpu"), init_from=str(d), log=lambda s: None)
+    tr.run()
+    trained = tr.model.state_dict()
+    loaded = load_model(str(d), dtype="float32", device="cpu").state_dict()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained if not k.startswith("inv_freq"))
+    assert not set(shards) & set(os.listdir(d)) and "model.safetensors.index.json" not in os.listdir(d)

@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
+
+# What `blockdiff train` keeps beside the checkpoint in its run folder (blockdiff/train/loop.py): not part of the
+# model. Copied into DST, the optimizer state (twice the fp32 weights) outweighed the quantized model, and DST
+# passed for a training run that `train --out DST` resumed.
+RUN_FILES = ("trainer_state.pt", "train_log.jsonl")
+_TMP_FILE = re.compile(r"\.tmp\d+$")  # blockdiff/files.py atomic_path's temporary name, left by a killed save
 
 FP8_CONFIG = {
     "quant_method": "compressed-tensors", "format": "float-quantized",
@@ -51,13 +58,17 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     from ..checks import check_weight, read_tensor
     from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
     from ..progress import progress
-    from .plan import QuantPlan, int4_scope, parse_method
+    from .plan import QuantizationError, QuantPlan, int4_scope, parse_method
     from .tensors import quantize
 
     scope = int4_scope(method)
-    parsed = parse_method(method)
+    choices = "--method takes int8, int4 (int4-g32, int4-g128, int4-all) or fp8"
+    try:
+        parsed = parse_method(method)
+    except QuantizationError as e:  # its list of choices ends in "none", which --method refuses
+        raise QuantizationError(f"{str(e).split(';')[0]}; {choices}") from None
     if parsed is None:
-        raise ValueError("--method must be int8, int4 (int4-g32, int4-g128, int4-all) or fp8")
+        raise ValueError(f"--method {method!r} writes nothing; {choices}")
     method, group = parsed
     path = resolve_path(src, revision=revision, download_dir=download_dir)
     if os.path.abspath(path) == os.path.abspath(dst):
@@ -117,8 +128,9 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
         save_file(out, tmp, metadata={"format": "pt"})
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
         full = os.path.join(path, entry)
+        # not a training run's own files (its optimizer state, learning curve) nor a save cut short
         if os.path.isfile(full) and entry != "config.json" and not entry.startswith("model") and \
-                not entry.endswith(".safetensors"):
+                not entry.endswith(".safetensors") and entry not in RUN_FILES and not _TMP_FILE.search(entry):
             with atomic_path(os.path.join(dst, entry)) as tmp:
                 shutil.copy2(full, tmp)
     raw = dict(config.raw)

@@ -114,10 +114,10 @@ def run(args) -> int:
         raise ValueError(f"--out {args.out}: cannot create the run folder: {e.strerror or e}") from None
     try:
         trainer = Trainer(task, o, config=config, init_from=args.init_from, log=lambda s: print(s, flush=True))
-    except BaseException:  # a bad --init-from, Ctrl-C while loading: leave no empty run folder behind
-        _remove_if_empty(args.out, created)
+        trainer.run()
+    except BaseException:  # a bad --init-from, Ctrl-C while loading, a first step that fails (a prompt + canvas
+        _remove_if_empty(args.out, created)  # longer than the sliding window): leave no empty run folder behind
         raise
-    trainer.run()
     return 0
 
 

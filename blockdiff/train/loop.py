@@ -147,6 +147,7 @@ class Trainer:
         self.gguf_files = _gguf_files(init_from) if init_from and not resuming and is_gguf(init_from, None) else {}
         if resuming:
             self.model = load_model(o.out_dir, dtype="float32", device=o.device)
+            _refuse_quantized(self.model, o.out_dir)  # e.g. a quantized copy of a run, trainer state and all
         elif init_from:
             # "none": a quantized GGUF file is dequantized; a quantized checkpoint folder stays quantized and is
             # refused below

@@ -69,20 +69,30 @@ class JsonlTask(Task):
     def __init__(self, path: str, vocab_size: int, canvas_length: int, eos_id: int = 1, pad_id: int = 0):
         self.vocab_size, self.canvas_length = vocab_size, canvas_length
         self.rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # decoded line by line: a byte that is not UTF-8 is named with its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (Windows tools) is no error
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                     f"{e.start + 1}); --data is a JSON-lines file") from None
                 if not line.strip():
                     continue
                 p, a = self._parse(line, f"{path}: line {n}")
+                if not self.rows:
+                    first = n
+                elif len(p) != len(self.rows[0][0]):
+                    raise ValueError(f"{path}: line {n}: prompt_ids has {len(p)} ids, line {first}'s has "
+                                     f"{len(self.rows[0][0])}: every prompt must have the same length (training "
+                                     "batches are unpadded)")
                 if len(a) < canvas_length:
                     a = a + [eos_id] + [pad_id] * (canvas_length - len(a) - 1)
                 if len(a) != canvas_length:
-                    raise ValueError(f"{path}: line {n}: answer longer than the canvas ({canvas_length})")
+                    raise ValueError(f"{path}: line {n}: answer_ids has {len(a)} ids, longer than the canvas "
+                                     f"({canvas_length}, --canvas-length)")
                 self.rows.append((p, a))
         if not self.rows:
             raise ValueError(f"{path}: no examples")
-        if len({len(p) for p, _ in self.rows}) != 1:
-            raise ValueError(f"{path}: every prompt must have the same length")
 
     def _parse(self, line: str, where: str) -> tuple[list[int], list[int]]:
         """One line's ids, checked here: a bad line failed later as a KeyError traceback or as an error about
