@@ -11,13 +11,22 @@ import os
 from contextlib import contextmanager, suppress
 
 
+_UMASK = os.umask(0o022)  # the process's umask, read once at import (os.umask can only read it by setting it)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary name beside ``path``; write the file there. On success it replaces ``path``; on any
-    error or interruption the temporary file is removed and ``path`` is left as it was."""
+    error or interruption the temporary file is removed and ``path`` is left as it was. The new file gets the
+    permissions of the file it replaces, else the umask's (``safetensors`` writes its files 0600: a checkpoint
+    another account serves could not be read)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        if os.path.isfile(tmp):
+            mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~_UMASK
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):

@@ -244,3 +244,23 @@ def test_server_start_leaves_no_unretrieved_future(caplog, monkeypatch):
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert any("structured outputs are unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_saved_weights_take_the_umask_or_the_replaced_files_mode(tiny_checkpoint, tmp_path):
+    """safetensors writes 0600; a checkpoint saved by blockdiff (train, quantize) must be readable as the umask
+    says (another account may serve it), and a rewrite keeps the mode the owner gave the file."""
+    from blockdiff import load_model
+    from blockdiff.loader import save_model
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    out = tmp_path / "saved"
+    save_model(model, str(out))
+    weights = out / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(weights, 0o640)
+    save_model(model, str(out))
+    assert weights.stat().st_mode & 0o777 == 0o640
+    assert load_model(str(out), dtype=torch.float32) is not None
