@@ -245,3 +245,47 @@ def test_recursive_refs_are_followed(tok):
     assert consumes(tok, m, f"<|tool_call>call:t{dumps(args)}<tool_call|>")
     jsonschema.validate(args, tree)
     assert json.loads(json.dumps(args)) == args
+
+
+# anyOf / oneOf beside other keywords: each alternative holds together with them (a variant's required property,
+# its own properties, under the object's common required ones).
+VARIANTS = {
+    "required_variants": {"type": "object", "properties": {"kind": {"enum": ["a", "b"]},
+                                                           "x": {"type": "integer", "minimum": 0, "maximum": 5},
+                                                           "y": {"type": "boolean"}},
+                          "required": ["kind"], "anyOf": [{"required": ["x"]}, {"required": ["y"]}],
+                          "additionalProperties": False},
+    "property_variants": {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}}, "required": ["kind"],
+                          "oneOf": [{"properties": {"x": {"type": "integer", "minimum": 0, "maximum": 5}},
+                                     "required": ["x"]},
+                                    {"properties": {"y": {"type": "boolean"}}, "required": ["y"]}]},
+    "true_alternative": {"type": "object", "properties": {"kind": {"const": "a"}}, "required": ["kind"],
+                         "additionalProperties": False, "anyOf": [True]},
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_alternatives_keep_the_keywords_beside_them(tok, name):
+    schema = VARIANTS[name]
+    rng = random.Random(name)
+    for _ in range(6):
+        m = matcher(tok, [{"name": "f", "parameters": schema}], parallel=False)
+        p = parse_output(tok.decode(walk(tok, m, rng), skip_special_tokens=False), tool_names=["f"])
+        assert p.error is None and len(p.tool_calls) == 1
+        jsonschema.validate(p.tool_calls[0].arguments, schema)
+    m = matcher(tok, [{"name": "f", "parameters": schema}])
+    assert not consumes(tok, m, "<|tool_call>call:f{x:1}<tool_call|>")  # "kind" is required whatever the variant
+
+
+@pytest.mark.parametrize("schema", [
+    # the variant declares a property the object's additionalProperties: false forbids (no value has it)
+    {"type": "object", "properties": {"k": {"type": "boolean"}}, "additionalProperties": False,
+     "anyOf": [{"properties": {"x": {"type": "integer"}}, "required": ["x"]}]},
+    # a property declared on both sides with different schemas (both would have to hold)
+    {"type": "object", "properties": {"x": {"type": "integer"}},
+     "anyOf": [{"properties": {"x": {"type": "integer", "minimum": 3}}}]},
+])
+def test_alternatives_that_cannot_be_joined_are_refused(tok, schema):
+    with pytest.raises(ValueError) as e:
+        tool_call_grammar([{"name": "f", "parameters": schema}], MARKERS.ids(tok), "required")
+    assert str(e.value).startswith("tools[0].function.parameters.anyOf[0]"), str(e.value)

@@ -5,7 +5,8 @@ The arguments are not JSON (keys are bare, strings sit between ``<|"|>`` tokens)
 Schema compiler cannot be embedded with ``%json``: this module writes the grammar for the subset of JSON Schema
 that a grammar can enforce exactly, and refuses (``ValueError`` naming the schema path) what it cannot:
 
-- ``type`` (one or a list), ``enum``, ``const``, ``anyOf`` / ``oneOf`` (as alternatives), ``allOf`` with one
+- ``type`` (one or a list), ``enum``, ``const``, ``anyOf`` / ``oneOf`` (as alternatives, each joined with the
+  keywords beside it: ``required`` and ``properties`` add up, the rest must agree), ``allOf`` with one
   member, ``$ref`` to ``#/$defs/...`` or ``#/definitions/...`` (recursion allowed);
 - objects: ``properties`` in their declared order, ``required`` ones always, the others optional; without
   ``properties``, any keys (values per ``additionalProperties`` when it is a schema);
@@ -96,7 +97,7 @@ class _Builder:
                 if not isinstance(alts, list) or not alts:
                     raise ValueError(f"{path}.{key} must be a non-empty array")
                 base = {k: v for k, v in schema.items() if k != key}
-                names = [self.value({**base, **a} if isinstance(a, dict) else a, f"{path}.{key}[{i}]", root)
+                names = [self.value(self.merge(base, a, f"{path}.{key}[{i}]"), f"{path}.{key}[{i}]", root)
                          for i, a in enumerate(alts)]
                 return self.rule(" | ".join(names), key)
         t = schema.get("type")
@@ -107,6 +108,42 @@ class _Builder:
             raise ValueError(f"{path}.type must not be empty")
         alts = [self.typed(x, schema, path, root) for x in types]
         return alts[0] if len(alts) == 1 else self.rule(" | ".join(alts), "types")
+
+    @staticmethod
+    def merge(base: dict, alt, path: str):
+        """One anyOf / oneOf alternative with the keywords beside it (a value must satisfy both): ``required`` and
+        ``properties`` join, the rest must agree. ``ValueError`` where the two cannot be enforced as one schema."""
+        if alt is True:
+            return base
+        if not set(base) - ANNOTATIONS and "additionalProperties" not in base:
+            return alt
+        if not isinstance(alt, dict):
+            raise ValueError(f"{path}: a schema must be an object, got {type(alt).__name__}")
+        out = dict(base)
+        for k, v in alt.items():
+            if k == "required" and isinstance(v, list) and isinstance(base.get(k), list):
+                out[k] = list(dict.fromkeys(base[k] + v))
+            elif k == "properties" and isinstance(v, dict) and isinstance(base.get(k), dict):
+                for name in set(v) & set(base[k]):
+                    if v[name] != base[k][name]:
+                        raise ValueError(f"{path}.properties.{name}: declared beside and inside the alternative "
+                                         "with different schemas: cannot be enforced on tool-call arguments")
+                out[k] = {**base[k], **v}
+            elif k in base and base[k] != v and k not in ANNOTATIONS - {"additionalProperties"}:
+                raise ValueError(f"{path}: {k} differs beside and inside the alternative: cannot be enforced on "
+                                 "tool-call arguments")
+            else:
+                out[k] = v
+        # additionalProperties on one side holds the other side's properties to its own list (or its schema)
+        for a, b in ((base, alt), (alt, base)):
+            extra = set(b.get("properties") or {}) - set(a.get("properties") or {})
+            if a.get("additionalProperties", True) is not True and extra:
+                raise ValueError(f"{path}: {sorted(extra)} are declared on one side of the alternative but the "
+                                 "other side's additionalProperties does not allow them: cannot be enforced on "
+                                 "tool-call arguments")
+        if False in (base.get("additionalProperties"), alt.get("additionalProperties")):
+            out["additionalProperties"] = False
+        return out
 
     @staticmethod
     def guess_type(schema: dict):
