@@ -168,6 +168,21 @@ def test_stop_strings_never_cut_a_constrained_output(llm):
     assert out.finish_reason == "stop" and json.loads(out.text) == {"k": "a STOP b"}
 
 
+def test_properties_come_in_the_order_the_schema_declares_them(llm):
+    # OpenAI's structured outputs write keys in the schema's order (a "reasoning" field before the "answer" it
+    # leads to); the compiled grammar used to take them sorted by name. The same properties in another order are
+    # another schema, in the same batch.
+    def schema(names):
+        return {"type": "object", "properties": {k: {"type": "integer", "minimum": 0, "maximum": 9} for k in names},
+                "required": list(names), "additionalProperties": False}
+    orders = [("zeta", "alpha", "mid"), ("mid", "zeta", "alpha"), ("alpha", "mid", "zeta")]
+    outs = llm.generate(["x"] * len(orders), [SamplingParams(seed=0, max_new_tokens=64, structured_outputs={
+        "json": schema(names)}) for names in orders])
+    for names, out in zip(orders, outs):
+        assert out.finish_reason == "stop", out.text
+        assert list(json.loads(out.text)) == list(names), out.text
+
+
 def test_seeded_constrained_output_is_the_same_alone_or_batched(llm, runs):
     name = "array_of_objects"
     alone = llm.generate("Answer:", _params(1, {"json": SCHEMAS[name]}))[0]

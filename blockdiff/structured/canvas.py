@@ -84,7 +84,7 @@ class GrammarCompiler:
 
     def prepared(self, spec: dict):
         """The admitted matcher for ``spec`` (shared: copy it before use), or ``ValueError``."""
-        key = json.dumps(spec, sort_keys=True)
+        key = json.dumps(spec)  # not sorted: the order of a schema's properties is the order of the output
         with self._lock:
             hit = self._admitted.get(key)
             if hit is not None:

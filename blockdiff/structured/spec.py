@@ -93,7 +93,7 @@ def kind(spec: dict) -> str:
 
 def compile_spec(spec: dict) -> str:
     """Normalized spec -> llguidance grammar text. Raises ``ValueError`` naming what is wrong."""
-    return _compile(json.dumps(spec, sort_keys=True))
+    return _compile(json.dumps(spec))  # keys in their order: a schema's properties are written in it
 
 
 @functools.lru_cache(maxsize=256)
