@@ -289,3 +289,25 @@ def test_alternatives_that_cannot_be_joined_are_refused(tok, schema):
     with pytest.raises(ValueError) as e:
         tool_call_grammar([{"name": "f", "parameters": schema}], MARKERS.ids(tok), "required")
     assert str(e.value).startswith("tools[0].function.parameters.anyOf[0]"), str(e.value)
+
+
+def test_a_pydantic_tagged_union_is_enforced(tok):
+    # pydantic writes OpenAPI's "discriminator" beside the oneOf of a tagged union (Field(discriminator="kind")):
+    # an annotation, the alternatives enforce it. It was refused as a keyword that cannot be enforced (a 400).
+    def pet(kind, prop, schema):
+        return {"type": "object", "title": kind.title(), "required": ["kind", prop],
+                "properties": {"kind": {"const": kind, "type": "string"}, prop: schema}}
+    schema = {"type": "object", "required": ["pet"],
+              "$defs": {"Cat": pet("cat", "lives", {"type": "integer", "minimum": 0, "maximum": 9}),
+                        "Dog": pet("dog", "good", {"type": "boolean"})},
+              "properties": {"pet": {"discriminator": {"propertyName": "kind",
+                                                       "mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"}},
+                                     "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}], "title": "Pet"}}}
+    rng = random.Random(0)
+    for _ in range(6):
+        m = matcher(tok, [{"name": "f", "parameters": schema}], parallel=False)
+        p = parse_output(tok.decode(walk(tok, m, rng), skip_special_tokens=False), tool_names=["f"])
+        assert p.error is None and len(p.tool_calls) == 1
+        jsonschema.validate(p.tool_calls[0].arguments, schema)
+    m = matcher(tok, [{"name": "f", "parameters": schema}])
+    assert not consumes(tok, m, "<|tool_call>call:f{pet:{kind:<|\"|>cat<|\"|>,good:true}}<tool_call|>")

@@ -13,7 +13,7 @@ that a grammar can enforce exactly, and refuses (``ValueError`` naming the schem
 - arrays: ``items``, ``minItems``, ``maxItems``; strings: ``minLength``, ``maxLength``, ``pattern``;
 - integers and numbers: ``minimum`` / ``maximum`` (exclusive too) and ``multipleOf``, through llguidance's own JSON
   Schema compiler (``%json``: a number is written the same in both syntaxes). ``uniqueItems``, ``not``, ``if``,
-  ``patternProperties``... are refused. ``format`` is an annotation (as in the jsonschema package's default).
+  ``patternProperties``... are refused. ``format`` is an annotation (as in the jsonschema package's default), and so is OpenAPI's ``discriminator``.
 
 Special tokens are written by id (``<[52]>``): the markers' ids come from the checkpoint's tokenizer.
 """
@@ -33,7 +33,8 @@ LARGEST = 2 ** 53 - 1  # a bound a double holds exactly (llguidance reads bounds
 NUM = INT + r"(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,2})?"
 ANNOTATIONS = {"description", "title", "default", "examples", "format", "$schema", "$id", "$comment",
                "deprecated", "readOnly", "writeOnly", "additionalProperties", "strict", "nullable",
-               "contentMediaType", "contentEncoding", "$defs", "definitions"}
+               "contentMediaType", "contentEncoding", "$defs", "definitions",
+               "discriminator"}  # OpenAPI's (pydantic writes it on tagged unions): the oneOf alternatives enforce it
 NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 HANDLED = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required", "items",
            "minItems", "maxItems", "minLength", "maxLength", "pattern", *NUMERIC}
