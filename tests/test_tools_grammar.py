@@ -311,3 +311,15 @@ def test_a_pydantic_tagged_union_is_enforced(tok):
         jsonschema.validate(p.tool_calls[0].arguments, schema)
     m = matcher(tok, [{"name": "f", "parameters": schema}])
     assert not consumes(tok, m, "<|tool_call>call:f{pet:{kind:<|\"|>cat<|\"|>,good:true}}<tool_call|>")
+
+
+def test_a_tool_name_may_start_with_a_digit(tok):
+    # OpenAI takes function names of letters, digits, "_" and "-" in any order ("2fa_verify"); they were a 400.
+    from blockdiff.tools.render import ToolPlan
+    params = {"type": "object", "properties": {"code": {"type": "string", "pattern": "[0-9]{6}"}}, "required": ["code"]}
+    plan = ToolPlan.from_request([{"type": "function", "function": {"name": "2fa_verify", "parameters": params}}],
+                                 "required")
+    m = matcher(tok, plan.tools, parallel=False)
+    p = parse_output(tok.decode(walk(tok, m, random.Random(0)), skip_special_tokens=False), tool_names=plan.names)
+    assert p.error is None and [c.name for c in p.tool_calls] == ["2fa_verify"]
+    jsonschema.validate(p.tool_calls[0].arguments, params)

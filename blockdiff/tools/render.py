@@ -42,8 +42,8 @@ def check_tools(tools) -> list[dict]:
             raise ToolError(f"{where}.function", "must be an object with 'name' and 'parameters'")
         name = f.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ToolError(f"{where}.function.name", f"must be a name of letters, digits, '_', '.' or '-' "
-                            f"starting with a letter or '_', got {name!r}")
+            raise ToolError(f"{where}.function.name", f"must be a name of letters, digits, '_', '.' or '-', "
+                            f"got {name!r}")
         if name in seen:
             raise ToolError(f"{where}.function.name", f"{name!r} is declared twice")
         seen.add(name)

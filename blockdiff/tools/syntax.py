@@ -46,7 +46,7 @@ class Markers:
 
 
 MARKERS = Markers()
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # OpenAI: letters, digits, "_" and "-" (a digit first too)
 KEY = re.compile(r"[^\s:{}\[\],<>]+")  # a bare key: what the grammar writes (property names) and more
 NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 BARE_END = re.compile(r"[,}\]]")
