@@ -17,9 +17,9 @@ A lookup attaches the longest cached chain to an empty ``SequenceCache`` (its le
 engine encodes only the rest; the prompt's remaining whole blocks are captured by that encode and inserted after
 it. At least one prompt token is always encoded. A request's ``cache_salt`` roots its chain at a key of the salt:
 blocks cached under one salt are never found under another (or unsalted), so tenants with different salts cannot
-learn from ``cached_tokens`` or the time to first token what the others sent. Only prompt blocks are cached (the canvases a request commits
-start wherever the prompt ended, not on a block boundary); in a multi-turn chat, turn ``n + 1`` reuses turn ``n``'s
-whole prompt, and re-encodes the previous answer once.
+learn from ``cached_tokens`` or the time to first token what the others sent. Only prompt blocks are cached (the
+canvases a request commits start wherever the prompt ended, not on a block boundary); in a multi-turn chat, turn
+``n + 1`` reuses turn ``n``'s whole prompt, and re-encodes the previous answer once.
 
 Prompts with images key each image token by a digest of its image (``ImageInputs.cache_keys``): the same images
 after the same text reuse the keys/values (and skip the vision tower), other images never do, and the text before

@@ -13,7 +13,8 @@ that a grammar can enforce exactly, and refuses (``ValueError`` naming the schem
 - arrays: ``items``, ``minItems``, ``maxItems``; strings: ``minLength``, ``maxLength``, ``pattern``;
 - integers and numbers: ``minimum`` / ``maximum`` (exclusive too) and ``multipleOf``, through llguidance's own JSON
   Schema compiler (``%json``: a number is written the same in both syntaxes). ``uniqueItems``, ``not``, ``if``,
-  ``patternProperties``... are refused. ``format`` is an annotation (as in the jsonschema package's default), and so is OpenAPI's ``discriminator``.
+  ``patternProperties``... are refused. ``format`` is an annotation (as in the jsonschema package's default), and
+  so is OpenAPI's ``discriminator``.
 
 Special tokens are written by id (``<[52]>``): the markers' ids come from the checkpoint's tokenizer.
 """
