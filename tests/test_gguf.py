@@ -297,3 +297,24 @@ def test_gguf_metadata_of_the_wrong_type_names_the_file_and_key(key, value, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert re.search("bad.gguf: GGUF metadata " + message, err[0]), err
+
+
+def test_a_split_gguf_loads_from_its_first_part(tiny_checkpoint, tiny_model, tmp_path, monkeypatch, capsys):
+    """llama-gguf-split's parts (NAME-00001-of-0000N.gguf; the first holds the metadata, every part some tensors)
+    load from the first part, as llama.cpp loads them. The first part alone was "lacks tensors ...", a later part
+    "GGUF architecture None is not supported"."""
+    real = gguf.GGUFWriter.__init__
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__",
+                        lambda self, path, arch, **kw: real(self, path, arch, split_max_tensors=40, **kw))
+    write_gguf(tiny_checkpoint, str(tmp_path / "tiny.gguf"))
+    monkeypatch.undo()
+    parts = sorted(p.name for p in tmp_path.iterdir())
+    assert len(parts) >= 3 and parts[0] == f"tiny-00001-of-{len(parts):05d}.gguf", parts
+    assert torch.equal(_logits(load_model(str(tmp_path / parts[0]))), _logits(tiny_model))
+    rc = cli_main(["run", str(tmp_path / parts[1]), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"pass the first part, {parts[0]}" in err[0], err
+    (tmp_path / parts[-1]).unlink()
+    rc = cli_main(["run", str(tmp_path / parts[0]), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"missing beside it: {parts[-1]}" in err[0], err

@@ -113,15 +113,58 @@ def open_gguf(path: str):
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise QuantizationError(f"no GGUF file at {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # bad magic, truncated header, ...
-        raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
+    reader = _read(gguf, path)
+    count = _field(reader, "split.count", 1)
+    if isinstance(count, (int, np.integer)) and count > 1:
+        reader = _open_parts(gguf, path, reader, int(count))
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
         raise QuantizationError(f"{path}: GGUF architecture {arch!r} is not supported; blockdiff reads "
                                 f"'{ARCH}' files (llama.cpp's DiffusionGemma converter)")
     return reader
+
+
+def _read(gguf, path: str):
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # bad magic, truncated header, ...
+        raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama-gguf-split: NAME-00001-of-00003.gguf
+
+
+class _SplitReader:
+    """The parts of a split GGUF (``llama-gguf-split``) read as one file: the first part's metadata (the others hold
+    only ``split.*``) and every part's tensors."""
+
+    def __init__(self, readers):
+        self.fields = readers[0].fields
+        self.tensors = [t for r in readers for t in r.tensors]
+
+
+def _open_parts(gguf, path: str, first, count: int):
+    """``path`` is a part of a split GGUF: all ``count`` parts, as llama.cpp loads them from the first one (the
+    first part alone was "lacks tensors ...", a later one "architecture None is not supported")."""
+    m = _SPLIT_NAME.search(path)
+    no = _field(first, "split.no", 0)
+    if m is None or int(m.group(2)) != count:
+        raise QuantizationError(f"{path} is part {no + 1} of a GGUF split in {count} parts, but its name does not "
+                                f"end in -{no + 1:05d}-of-{count:05d}.gguf (the names llama-gguf-split gives them)")
+    names = [path[:m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, count + 1)]
+    if no != 0:
+        raise QuantizationError(f"{path} is part {no + 1} of {count} of a split GGUF: pass the first part, "
+                                f"{os.path.basename(names[0])}")
+    missing = [os.path.basename(n) for n in names[1:] if not os.path.isfile(n)]
+    if missing:
+        raise QuantizationError(f"{path} is the first of {count} parts of a split GGUF; missing beside it: "
+                                f"{', '.join(missing)}")
+    readers = [first] + [_read(gguf, n) for n in names[1:]]
+    total = _field(first, "split.tensors.count")
+    if total is not None and total != sum(len(r.tensors) for r in readers):
+        raise QuantizationError(f"{path}: the {count} parts of this split GGUF hold "
+                                f"{sum(len(r.tensors) for r in readers)} tensors, the first says {total}")
+    return _SplitReader(readers)
 
 
 def _field(reader, key, default=None):
@@ -397,12 +440,13 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
 
 def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
     """(model, tokenizer or None, GenerationDefaults) from one .gguf file."""
+    reader = open_gguf(path)
     try:  # the sampler defaults are checked before the (slow) load of the weights
-        generation = generation_from_gguf(open_gguf(path))
+        generation = generation_from_gguf(reader)
     except QuantizationError as e:
         raise QuantizationError(f"{path}: {e}") from None
     model = load_gguf_model(path, dtype, device, quantization, quantize_embedding)
-    tokenizer = tokenizer_from_gguf(open_gguf(path))
+    tokenizer = tokenizer_from_gguf(reader)
     return model, tokenizer, GenerationDefaults.from_dict(generation, model.text.eos_ids)
 
 
