@@ -318,3 +318,16 @@ def test_a_split_gguf_loads_from_its_first_part(tiny_checkpoint, tiny_model, tmp
     rc = cli_main(["run", str(tmp_path / parts[0]), "--prompt-ids", "2,3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and f"missing beside it: {parts[-1]}" in err[0], err
+
+
+def test_a_folder_of_a_gguf_and_tokenizer_files_names_the_file_to_pass(f32_gguf, tiny_checkpoint, tmp_path, capsys):
+    """A folder holding model.gguf plus tokenizer files (as downloaded) was only "FOLDER: no config.json"."""
+    import shutil
+
+    shutil.copy(f32_gguf, tmp_path / "model.gguf")
+    shutil.copy(f"{tiny_checkpoint}/tokenizer.json", tmp_path / "tokenizer.json")
+    rc = cli_main(["run", str(tmp_path), "hello"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no config.json" in err[0] and str(tmp_path / "model.gguf") in err[0], err
+    rc = cli_main(["run", err[0].rsplit(" ", 1)[-1], "hello", "--max-new-tokens", "4", "--steps", "2"])
+    assert rc == 0  # the path the line names runs
