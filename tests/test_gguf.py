@@ -331,3 +331,11 @@ def test_a_folder_of_a_gguf_and_tokenizer_files_names_the_file_to_pass(f32_gguf,
     assert rc == 2 and len(err) == 1 and "no config.json" in err[0] and str(tmp_path / "model.gguf") in err[0], err
     rc = cli_main(["run", err[0].rsplit(" ", 1)[-1], "hello", "--max-new-tokens", "4", "--steps", "2"])
     assert rc == 0  # the path the line names runs
+
+
+def test_quantize_given_a_gguf_says_it_needs_no_copy(f32_gguf, tmp_path, capsys):
+    """Was "FILE is a file; pass the checkpoint folder": advice a GGUF user cannot follow."""
+    rc = cli_main(["quantize", f32_gguf, str(tmp_path / "out"), "--method", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "a .gguf file needs none" in err[0], err
+    assert not (tmp_path / "out").exists()
