@@ -404,10 +404,20 @@ def _read_line(interactive: bool) -> str | None:
 
 def cmd_chat(args) -> int:
     base = sampling_params(args)
+    check_context_before_load(args, None)
     llm = load_llm(args)
     if not has_chat_template(llm.tokenizer):
         raise CLIError(f"{args.model} has no chat template (chat needs tokenizer.json and a chat template); "
                        "use `blockdiff run --raw`")
+    if base.max_new_tokens is not None:  # hub ids and GGUF files: their context is known now
+        # A --max-new-tokens no message fits was every turn's error, and a piped session still exited 0.
+        from .engine.engine import check_fits
+
+        try:
+            check_fits(1, base.max_new_tokens, llm.model.canvas_length, llm.model.text.max_position_embeddings,
+                       at_least=True)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     steps = base.max_denoising_steps or llm.defaults.max_denoising_steps
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

@@ -45,6 +45,21 @@ def is_gguf(ref, gguf_file: str | None = None) -> bool:
     return gguf_file is not None or str(ref).lower().endswith(".gguf")
 
 
+def no_config_message(path: str) -> str:
+    """A folder without config.json: said so, and which .gguf file to pass instead when it holds one (a folder of
+    a .gguf and tokenizer files was only "no config.json")."""
+    try:
+        ggufs = sorted(f for f in os.listdir(path) if f.lower().endswith(".gguf"))
+    except OSError:
+        ggufs = []
+    if not ggufs:
+        return f"{path}: no config.json"
+    if len(ggufs) == 1:
+        return f"{path}: no config.json; for its GGUF file, pass the file itself: {os.path.join(path, ggufs[0])}"
+    shown = ", ".join(ggufs[:3]) + (", ..." if len(ggufs) > 3 else "")
+    return f"{path}: no config.json; for a GGUF file, pass the file itself (it holds {len(ggufs)}: {shown})"
+
+
 def resolve_gguf(ref: str, gguf_file: str | None = None, revision: str | None = None,
                  download_dir: str | None = None) -> str:
     """A local ``.gguf`` path for ``ref`` (downloaded from the hub for ``org/name:file.gguf`` / ``gguf_file``)."""

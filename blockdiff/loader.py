@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
 from .files import atomic_path, write_json
-from .hub import is_gguf, resolve_gguf, resolve_path  # noqa: F401 (also re-exported from here)
+from .hub import is_gguf, no_config_message, resolve_gguf, resolve_path  # noqa: F401 (also re-exported)
 from .placement import resolve_device, resolve_dtype  # noqa: F401 (also re-exported: loader.resolve_dtype)
 from .model import DiffusionGemma
 from .heap import lean_heap
@@ -93,7 +93,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
     path = resolve_path(path_or_id, revision, download_dir)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{path}: no config.json")
+        raise CheckpointError(no_config_message(path))
     config = ModelConfig.from_file(cfg_path)
     if not config.tie_word_embeddings:
         # the reference then unties everything: separate encoder, denoiser and LM-head weights

@@ -102,6 +102,21 @@ def test_the_engine_refuses_max_new_tokens_past_the_context_in_the_same_words(ll
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_new_tokens=5000))
 
 
+def test_chat_refuses_a_max_new_tokens_past_the_context_once_with_status_2(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Every turn failed with "blockdiff: error: ... max_new_tokens ..." and a piped session ended with status 0. A
+    checkpoint folder: before the load; a .gguf file: once its context is known."""
+    from gguf_fixtures import write_gguf
+
+    words = ("the prompt (at least 1 token) plus --max-new-tokens (5000, in canvases of 16) needs at least "
+             f"{1 + -(-5000 // 16) * 16} positions; the model's context is 2048")
+    for model in (tiny_checkpoint, write_gguf(tiny_checkpoint, str(tmp_path / "tiny.gguf"))):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
+        assert main(["chat", model, "--max-new-tokens", "5000", "--quiet"]) == 2
+        out, err = capsys.readouterr()
+        assert err == f"blockdiff: error: {words}\n" and not CLOSING.search(out), (out, err)
+
+
 def test_run_needs_a_prompt(tiny_checkpoint, capsys):
     assert main(["run", tiny_checkpoint]) == 2
     assert "prompt" in capsys.readouterr().err

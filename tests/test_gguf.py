@@ -3,6 +3,8 @@ checkpoint (tests/gguf_fixtures.py spells the converter's names out independentl
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,98 @@ def test_gguf_module_never_imports_the_loader():
     tree = ast.parse(open(g.__file__).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(m == "loader" or m.endswith(".loader") for m in imported), imported
+
+
+def test_a_weight_of_a_type_blockdiff_cannot_read_is_one_line_naming_type_and_tensor(tiny_checkpoint, tmp_path,
+                                                                                   capsys):
+    """A quantized weight (a quantize-while-loading target) of a type the gguf package cannot dequantize ended the
+    load in a NotImplementedError traceback, exit status 1."""
+    n, k = converter_tensors(tiny_checkpoint)["blk.0.attn_q.weight"].shape
+    name = "blk.0.attn_q.weight"
+    path = write_gguf(tiny_checkpoint, str(tmp_path / "q8_1.gguf"), types={name: "Q8_1"},
+                      raw={name: np.zeros((n, k // 32 * 40), dtype=np.uint8)})  # Q8_1: 40 bytes per 32 values
+    with pytest.raises(QuantizationError, match=f"types blockdiff cannot read: Q8_1 \\({name}\\)"):
+        load_model(path)
+    rc = cli_main(["run", path, "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Q8_1" in err[0] and name in err[0], err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("diffusion.eb_max_steps", "five", r"'diffusion.eb_max_steps' must be an integer >= 1, got 'five'"),
+    ("diffusion.eb_max_steps", 0, r"'diffusion.eb_max_steps' must be an integer >= 1, got 0"),
+    ("diffusion.eb_max_steps", 5.5, r"'diffusion.eb_max_steps' must be an integer >= 1, got 5.5"),
+    ("diffusion.eb_t_min", "low", r"'diffusion.eb_t_min' must be a number, got 'low'"),
+    ("diffusion-gemma.attention.layer_norm_rms_epsilon", "tiny",
+     r"'diffusion-gemma.attention.layer_norm_rms_epsilon' must be a number, got 'tiny'"),
+    ("diffusion-gemma.rope.freq_base", "x", r"'diffusion-gemma.rope.freq_base' must be a number, got 'x'"),
+])
+def test_gguf_metadata_of_the_wrong_type_names_the_file_and_key(key, value, message, tmp_path, monkeypatch,
+                                                                capsys):
+    """Sampler defaults and float keys of the wrong type: "invalid literal for int()" / "could not convert string to
+    float" naming neither file nor key, a float step count cut to an integer, zero steps a NaN at generation."""
+    from fixtures import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", generation_config=_GEN)
+    real = {m: getattr(gguf.GGUFWriter, m) for m in ("add_uint32", "add_float32")}
+
+    def wrap(m):
+        def add(self, k, v):
+            if k != key:
+                return real[m](self, k, v)
+            if isinstance(value, str):
+                return self.add_string(k, value)
+            return real["add_float32" if isinstance(value, float) else "add_uint32"](self, k, value)
+        return add
+
+    for m in real:
+        monkeypatch.setattr(gguf.GGUFWriter, m, wrap(m))
+    path = write_gguf(ckpt, str(tmp_path / "bad.gguf"))
+    monkeypatch.undo()
+    assert key in gguf.GGUFReader(path).fields
+    rc = cli_main(["run", path, "--prompt-ids", "2,3", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search("bad.gguf: GGUF metadata " + message, err[0]), err
+
+
+def test_a_split_gguf_loads_from_its_first_part(tiny_checkpoint, tiny_model, tmp_path, monkeypatch, capsys):
+    """llama-gguf-split's parts (NAME-00001-of-0000N.gguf; the first holds the metadata, every part some tensors)
+    load from the first part, as llama.cpp loads them. The first part alone was "lacks tensors ...", a later part
+    "GGUF architecture None is not supported"."""
+    real = gguf.GGUFWriter.__init__
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__",
+                        lambda self, path, arch, **kw: real(self, path, arch, split_max_tensors=40, **kw))
+    write_gguf(tiny_checkpoint, str(tmp_path / "tiny.gguf"))
+    monkeypatch.undo()
+    parts = sorted(p.name for p in tmp_path.iterdir())
+    assert len(parts) >= 3 and parts[0] == f"tiny-00001-of-{len(parts):05d}.gguf", parts
+    assert torch.equal(_logits(load_model(str(tmp_path / parts[0]))), _logits(tiny_model))
+    rc = cli_main(["run", str(tmp_path / parts[1]), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"pass the first part, {parts[0]}" in err[0], err
+    (tmp_path / parts[-1]).unlink()
+    rc = cli_main(["run", str(tmp_path / parts[0]), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"missing beside it: {parts[-1]}" in err[0], err
+
+
+def test_a_folder_of_a_gguf_and_tokenizer_files_names_the_file_to_pass(f32_gguf, tiny_checkpoint, tmp_path, capsys):
+    """A folder holding model.gguf plus tokenizer files (as downloaded) was only "FOLDER: no config.json"."""
+    import shutil
+
+    shutil.copy(f32_gguf, tmp_path / "model.gguf")
+    shutil.copy(f"{tiny_checkpoint}/tokenizer.json", tmp_path / "tokenizer.json")
+    rc = cli_main(["run", str(tmp_path), "hello"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no config.json" in err[0] and str(tmp_path / "model.gguf") in err[0], err
+    rc = cli_main(["run", err[0].rsplit(" ", 1)[-1], "hello", "--max-new-tokens", "4", "--steps", "2"])
+    assert rc == 0  # the path the line names runs
+
+
+def test_quantize_given_a_gguf_says_it_needs_no_copy(f32_gguf, tmp_path, capsys):
+    """Was "FILE is a file; pass the checkpoint folder": advice a GGUF user cannot follow."""
+    rc = cli_main(["quantize", f32_gguf, str(tmp_path / "out"), "--method", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "a .gguf file needs none" in err[0], err
+    assert not (tmp_path / "out").exists()

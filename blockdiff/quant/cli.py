@@ -70,6 +70,10 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     if parsed is None:
         raise ValueError(f"--method {method!r} writes nothing; {choices}")
     method, group = parsed
+    from ..hub import is_gguf
+    if is_gguf(src):  # was "SRC is a file; pass the checkpoint folder", which a GGUF user does not have
+        raise ValueError(f"{src}: blockdiff quantize writes a copy of a safetensors checkpoint; a .gguf file needs "
+                         "none: run, chat and serve load it quantized as it is (--quantization picks the method)")
     path = resolve_path(src, revision=revision, download_dir=download_dir)
     if os.path.abspath(path) == os.path.abspath(dst):
         raise ValueError("DST must differ from SRC")

@@ -113,15 +113,58 @@ def open_gguf(path: str):
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise QuantizationError(f"no GGUF file at {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # bad magic, truncated header, ...
-        raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
+    reader = _read(gguf, path)
+    count = _field(reader, "split.count", 1)
+    if isinstance(count, (int, np.integer)) and count > 1:
+        reader = _open_parts(gguf, path, reader, int(count))
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
         raise QuantizationError(f"{path}: GGUF architecture {arch!r} is not supported; blockdiff reads "
                                 f"'{ARCH}' files (llama.cpp's DiffusionGemma converter)")
     return reader
+
+
+def _read(gguf, path: str):
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # bad magic, truncated header, ...
+        raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama-gguf-split: NAME-00001-of-00003.gguf
+
+
+class _SplitReader:
+    """The parts of a split GGUF (``llama-gguf-split``) read as one file: the first part's metadata (the others hold
+    only ``split.*``) and every part's tensors."""
+
+    def __init__(self, readers):
+        self.fields = readers[0].fields
+        self.tensors = [t for r in readers for t in r.tensors]
+
+
+def _open_parts(gguf, path: str, first, count: int):
+    """``path`` is a part of a split GGUF: all ``count`` parts, as llama.cpp loads them from the first one (the
+    first part alone was "lacks tensors ...", a later one "architecture None is not supported")."""
+    m = _SPLIT_NAME.search(path)
+    no = _field(first, "split.no", 0)
+    if m is None or int(m.group(2)) != count:
+        raise QuantizationError(f"{path} is part {no + 1} of a GGUF split in {count} parts, but its name does not "
+                                f"end in -{no + 1:05d}-of-{count:05d}.gguf (the names llama-gguf-split gives them)")
+    names = [path[:m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, count + 1)]
+    if no != 0:
+        raise QuantizationError(f"{path} is part {no + 1} of {count} of a split GGUF: pass the first part, "
+                                f"{os.path.basename(names[0])}")
+    missing = [os.path.basename(n) for n in names[1:] if not os.path.isfile(n)]
+    if missing:
+        raise QuantizationError(f"{path} is the first of {count} parts of a split GGUF; missing beside it: "
+                                f"{', '.join(missing)}")
+    readers = [first] + [_read(gguf, n) for n in names[1:]]
+    total = _field(first, "split.tensors.count")
+    if total is not None and total != sum(len(r.tensors) for r in readers):
+        raise QuantizationError(f"{path}: the {count} parts of this split GGUF hold "
+                                f"{sum(len(r.tensors) for r in readers)} tensors, the first says {total}")
+    return _SplitReader(readers)
 
 
 def _field(reader, key, default=None):
@@ -146,6 +189,15 @@ def _int(reader, key, default=None, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise QuantizationError(f"GGUF metadata {key!r} must be an integer >= {minimum}, got {v!r}")
     return int(v)
+
+
+def _float(reader, key, default=None) -> float | None:
+    """A number of the metadata (an integer is taken too), checked: a string failed as "could not convert string to
+    float" naming no key."""
+    v = _field(reader, key, default)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
+        raise QuantizationError(f"GGUF metadata {key!r} must be a number, got {v!r}")
+    return None if v is None else float(v)
 
 
 def _per_layer(reader, key, values, n: int) -> list:
@@ -187,28 +239,28 @@ def config_from_gguf(reader) -> ModelConfig:
         "num_key_value_heads": swa_kv, "head_dim": head_swa,
         "global_head_dim": head_full, "num_global_key_value_heads": full_kv,
         "max_position_embeddings": _int(reader, f"{a}.context_length", 131072),
-        "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": _float(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
         "sliding_window": _int(reader, f"{a}.attention.sliding_window", 1024),
-        "final_logit_softcapping": _field(reader, f"{a}.final_logit_softcapping", 30.0),
+        "final_logit_softcapping": _float(reader, f"{a}.final_logit_softcapping", 30.0),
         "num_experts": _int(reader, f"{a}.expert_count"),
         "top_k_experts": _int(reader, f"{a}.expert_used_count"),
         "moe_intermediate_size": _int(reader, f"{a}.expert_feed_forward_length"),
         "layer_types": layer_types,
         "rope_parameters": {
-            SLIDING: {"rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base_swa", 1e4))},
-            FULL: {"rope_type": "proportional", "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 1e6)),
-                   "partial_rotary_factor": float(_field(reader, f"{a}.rope.partial_rotary_factor", 0.25))},
+            SLIDING: {"rope_type": "default", "rope_theta": _float(reader, f"{a}.rope.freq_base_swa", 1e4)},
+            FULL: {"rope_type": "proportional", "rope_theta": _float(reader, f"{a}.rope.freq_base", 1e6),
+                   "partial_rotary_factor": _float(reader, f"{a}.rope.partial_rotary_factor",
+                                                             0.25)},
         },
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", 2),
         "eos_token_id": _eos_ids(reader) or 1,
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", 0),
     }
-    canvas = _diffusion_field(reader, "canvas_length")
-    canvas_key = "diffusion.canvas_length" if canvas is not None else f"{a}.canvas_length"
-    canvas = _int(reader, canvas_key, 256) if canvas is None else canvas
-    if isinstance(canvas, bool) or not isinstance(canvas, (int, np.integer)) or canvas < 1:
-        raise QuantizationError(f"GGUF metadata 'diffusion.canvas_length' must be an integer >= 1, got {canvas!r}")
-    return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": int(canvas),
+    canvas_key, canvas = _diffusion_key(reader, "canvas_length")
+    if canvas is None:
+        canvas_key = f"{a}.canvas_length"
+    canvas = _int(reader, canvas_key, 256)
+    return ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas,
                                   "tie_word_embeddings": True, "text_config": text})
 
 
@@ -220,24 +272,37 @@ DIFFUSION_KEYS = {"max_denoising_steps": "eb_max_steps", "t_min": "eb_t_min", "t
                   "confidence_threshold": "eb_confidence_threshold"}
 
 
+def _diffusion_key(reader, name: str, legacy: str | None = None) -> tuple[str, object]:
+    """(key, value) of ``diffusion.<name>`` as the converter writes it, else of the older
+    ``diffusion-gemma.diffusion.<legacy>``; value None when neither is there."""
+    for key in (f"diffusion.{name}", f"{ARCH}.diffusion.{legacy or name}"):
+        v = _field(reader, key)
+        if v is not None:
+            return key, v
+    return f"diffusion.{name}", None
+
+
 def _diffusion_field(reader, name: str, legacy: str | None = None):
     """``diffusion.<name>`` as the converter writes it, else the older ``diffusion-gemma.diffusion.<legacy>``."""
-    v = _field(reader, f"diffusion.{name}")
-    return v if v is not None else _field(reader, f"{ARCH}.diffusion.{legacy or name}")
+    return _diffusion_key(reader, name, legacy)[1]
 
 
 def generation_from_gguf(reader) -> dict:
     """The generation-config dict (GenerationDefaults.from_dict's input) held in the file's metadata."""
     gen = {"eos_token_id": _eos_ids(reader) or None}
-    for ours, key in DIFFUSION_KEYS.items():
-        v = _diffusion_field(reader, key, legacy=ours)
-        if v is not None:
+    # Integers must be integers (a string was "invalid literal for int()" naming no key, a float cut silently, zero
+    # steps a NaN at generation time); floats numbers.
+    minimum = {"max_denoising_steps": 1, "stability_threshold": 0, "max_new_tokens": 1}
+    for ours, name in list(DIFFUSION_KEYS.items()) + [("max_new_tokens", "max_new_tokens")]:
+        key, v = _diffusion_key(reader, name, legacy=ours)
+        if v is None:
+            continue
+        if ours in minimum:
+            gen[ours] = _int(reader, key, minimum=minimum[ours])
+        else:
             # Floats are stored as float32: take the shortest decimal that round-trips (0.3, not 0.30000001192...),
             # so the sampler sees the value the checkpoint's generation_config.json held.
-            gen[ours] = int(v) if ours in ("max_denoising_steps", "stability_threshold") else float(str(np.float32(v)))
-    v = _diffusion_field(reader, "max_new_tokens")
-    if v is not None:
-        gen["max_new_tokens"] = int(v)
+            gen[ours] = float(str(np.float32(_float(reader, key))))
     eb = gen.pop("entropy_bound", None)
     if eb is not None:
         gen["sampler_config"] = {"entropy_bound": eb}
@@ -267,6 +332,40 @@ def _tensor(t) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+_READABLE: dict[str, bool] = {}
+
+
+def readable(qtype) -> bool:
+    """Whether the gguf package dequantizes tensors of this GGML type (F32/F16/F64 are read directly)."""
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if qtype.name not in _READABLE:
+        ok = qtype.name in ("F32", "F16", "F64")
+        if not ok and qtype in GGML_QUANT_SIZES:
+            try:  # one all-zero block
+                quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+                ok = True
+            except NotImplementedError:
+                pass
+        _READABLE[qtype.name] = ok
+    return _READABLE[qtype.name]
+
+
+def check_tensor_types(reader, path: str) -> None:
+    """Every tensor blockdiff reads has a type it can read: said before the load, in one line naming each type and
+    a tensor of it (a quantized weight of another type ended the load in a NotImplementedError traceback)."""
+    bad: dict[str, list[str]] = {}
+    for t in reader.tensors:
+        if t.name not in IGNORED and not readable(t.tensor_type):
+            bad.setdefault(t.tensor_type.name, []).append(t.name)
+    if bad:
+        kinds = "; ".join(f"{k} ({names[0]}" + (f" and {len(names) - 1} more)" if len(names) > 1 else ")")
+                          for k, names in bad.items())
+        raise QuantizationError(f"{path} has tensors of types blockdiff cannot read: {kinds}; it reads F32, F16, "
+                                "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K..Q6_K and the IQ types")
+
+
 def default_method(reader, plan_targets: set[str]) -> str | None:
     bits = [_BITS.get(t.tensor_type.name, 4) for t in reader.tensors
             if t.tensor_type.name not in _FLOAT and gguf_to_model_name(t.name) in plan_targets]
@@ -285,6 +384,7 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
         config = config_from_gguf(reader)
     except ValueError as e:  # QuantizationError or ModelConfig's own checks: say which file
         raise QuantizationError(f"{path}: {e}") from None
+    check_tensor_types(reader, path)
     dtype = resolve_dtype(dtype, device)
     if quantization is None:
         quantization = default_method(reader, set(target_shapes(config.text, False)))
@@ -340,10 +440,14 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
 
 def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
     """(model, tokenizer or None, GenerationDefaults) from one .gguf file."""
-    model = load_gguf_model(path, dtype, device, quantization, quantize_embedding)
     reader = open_gguf(path)
+    try:  # the sampler defaults are checked before the (slow) load of the weights
+        generation = generation_from_gguf(reader)
+    except QuantizationError as e:
+        raise QuantizationError(f"{path}: {e}") from None
+    model = load_gguf_model(path, dtype, device, quantization, quantize_embedding)
     tokenizer = tokenizer_from_gguf(reader)
-    return model, tokenizer, GenerationDefaults.from_dict(generation_from_gguf(reader), model.text.eos_ids)
+    return model, tokenizer, GenerationDefaults.from_dict(generation, model.text.eos_ids)
 
 
 def tokenizer_from_gguf(reader):
