@@ -264,15 +264,20 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_alternatives_keep_the_keywords_beside_them(tok, name):
-    schema = VARIANTS[name]
-    rng = random.Random(name)
-    for _ in range(6):
+def calls_satisfy(tok, schema: dict, rng: random.Random, walks: int = 6) -> None:
+    """Random walks of the call grammar of one tool ``f`` with ``schema``: each parses to one call whose arguments
+    the jsonschema package accepts."""
+    for _ in range(walks):
         m = matcher(tok, [{"name": "f", "parameters": schema}], parallel=False)
         p = parse_output(tok.decode(walk(tok, m, rng), skip_special_tokens=False), tool_names=["f"])
         assert p.error is None and len(p.tool_calls) == 1
         jsonschema.validate(p.tool_calls[0].arguments, schema)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_alternatives_keep_the_keywords_beside_them(tok, name):
+    schema = VARIANTS[name]
+    calls_satisfy(tok, schema, random.Random(name))
     m = matcher(tok, [{"name": "f", "parameters": schema}])
     assert not consumes(tok, m, "<|tool_call>call:f{x:1}<tool_call|>")  # "kind" is required whatever the variant
 
@@ -303,12 +308,7 @@ def test_a_pydantic_tagged_union_is_enforced(tok):
               "properties": {"pet": {"discriminator": {"propertyName": "kind",
                                                        "mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"}},
                                      "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}], "title": "Pet"}}}
-    rng = random.Random(0)
-    for _ in range(6):
-        m = matcher(tok, [{"name": "f", "parameters": schema}], parallel=False)
-        p = parse_output(tok.decode(walk(tok, m, rng), skip_special_tokens=False), tool_names=["f"])
-        assert p.error is None and len(p.tool_calls) == 1
-        jsonschema.validate(p.tool_calls[0].arguments, schema)
+    calls_satisfy(tok, schema, random.Random(0))
     m = matcher(tok, [{"name": "f", "parameters": schema}])
     assert not consumes(tok, m, "<|tool_call>call:f{pet:{kind:<|\"|>cat<|\"|>,good:true}}<tool_call|>")
 
