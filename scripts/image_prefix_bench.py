@@ -5,8 +5,8 @@
 Builds a random checkpoint with a mid-size text model and a small vision tower (tests/fixtures.py, with
 transformers as the builder; nothing is downloaded) under --dir, then runs the same chat through two
 ``LLM``s, one with ``prefix_cache_bytes`` and one without: every turn resends the image and the whole history,
-as chat clients do. Per turn: the prompt's tokens, the tokens the cache supplied, the images the vision tower
-read, and the median wall time of the request (one canvas, a few denoising steps, so the prompt's encode is a
+as chat clients do. Per turn: the prompt's tokens, the tokens the cache supplied, the vision tower's passes
+(images it computed), and the median wall time of the request (one canvas, a few denoising steps, so the prompt's encode is a
 visible share), the two LLMs alternated per round.
 """
 
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--image-last", action="store_true",
+                   help="the first message ends with the image (its tokens end in the prompt's last, partial block)")
     a = p.parse_args()
     from fixtures import make_checkpoint
 
@@ -53,18 +55,22 @@ def main() -> None:
     image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), "RGB")
     params = SamplingParams(seed=0, max_new_tokens=32, ignore_eos=True, max_denoising_steps=a.steps)
 
-    seen = {"n": 0}
+    seen = {"n": 0}  # the vision tower's passes (one per image it computes)
     for llm in llms.values():
-        orig = llm.model.vision.image_features
+        tower = llm.model.vision.tower
+        orig = tower.forward
 
-        def counted(pv, pos, *rest, orig=orig):
-            seen["n"] += pv.shape[0]
-            return orig(pv, pos, *rest)
-        llm.model.vision.image_features = counted
+        def counted(*args, orig=orig, **kw):
+            seen["n"] += 1
+            return orig(*args, **kw)
+        tower.forward = counted
 
     def chat(llm, history: str, turn: int):
-        prompt = history + f"<|turn>user\nQuestion {turn} about the picture, please answer briefly.<turn|>\n" \
-                           "<|turn>model\n"
+        if not history:  # --image-last: the first message is text, then the image
+            prompt = "<bos><|turn>user\nWhat is in this picture, seen from here? <|image|><turn|>\n<|turn>model\n"
+        else:
+            prompt = history + f"<|turn>user\nQuestion {turn} about the picture, please answer briefly.<turn|>\n" \
+                               "<|turn>model\n"
         seen["n"] = 0
         t0 = time.perf_counter()
         out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": [image]}}, params)[0]
@@ -74,9 +80,12 @@ def main() -> None:
     rows = {}
     for r in range(a.repeats + 1):  # round 0 warms up
         for name, llm in (llms.items() if r % 2 else reversed(list(llms.items()))):
-            if name == "cached":  # a fresh cache each round: the same chat from its first turn
+            if name == "cached":  # a fresh cache (and vision memo) each round: the same chat from its first turn
                 llm.engine.prefix_cache.__init__(llm.model.kv_pool, 1 << 30)
+                llm.engine.image_memo.__init__(llm.engine.image_memo.capacity_bytes)
             history = "<bos><|turn>user\nLook at this: <|image|><turn|>\n<|turn>model\nI see it.<turn|>\n"
+            if a.image_last:
+                history = ""
             for turn in range(a.turns):
                 out, wall, images, history = chat(llm, history, turn)
                 if r:
