@@ -339,3 +339,26 @@ def test_quantize_given_a_gguf_says_it_needs_no_copy(f32_gguf, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "a .gguf file needs none" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_t_min_above_t_max_names_the_keys_at_load(tmp_path, monkeypatch, capsys):
+    """eb_t_min >= eb_t_max in the file was found at the first request, as "--t-max must be greater than --t-min":
+    flags nobody typed. It is refused at load, naming the file and both keys."""
+    from blockdiff import LLM
+    from fixtures import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", generation_config=_GEN)
+    real = gguf.GGUFWriter.add_float32
+
+    def add(self, k, v):
+        return real(self, k, 0.95 if k == "diffusion.eb_t_min" else v)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_float32", add)
+    path = write_gguf(ckpt, str(tmp_path / "hot.gguf"))
+    monkeypatch.undo()
+    with pytest.raises(QuantizationError, match=r"hot.gguf: GGUF metadata diffusion.eb_t_max = [0-9.]+ must be greater "
+                                                r"than diffusion.eb_t_min = 0.95"):
+        LLM(path)
+    rc = cli_main(["run", path, "--prompt-ids", "2,3", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "diffusion.eb_t_min" in err[0] and "--t-" not in err[0], err

@@ -303,6 +303,11 @@ def generation_from_gguf(reader) -> dict:
             # Floats are stored as float32: take the shortest decimal that round-trips (0.3, not 0.30000001192...),
             # so the sampler sees the value the checkpoint's generation_config.json held.
             gen[ours] = float(str(np.float32(_float(reader, key))))
+    if gen.get("t_min") is not None and gen.get("t_max") is not None and gen["t_max"] <= gen["t_min"]:
+        # (found at the first request, this named the run command's --t-max / --t-min, which nobody had typed)
+        keys = [_diffusion_key(reader, DIFFUSION_KEYS[k], legacy=k)[0] for k in ("t_max", "t_min")]
+        raise QuantizationError(f"GGUF metadata {keys[0]} = {gen['t_max']} must be greater than {keys[1]} = "
+                                f"{gen['t_min']} (the first denoising step's temperature is above the last's)")
     eb = gen.pop("entropy_bound", None)
     if eb is not None:
         gen["sampler_config"] = {"entropy_bound": eb}
