@@ -450,7 +450,8 @@ def cmd_chat(args) -> int:
             out = generate_with_view(llm, lambda ev: llm.chat(messages, params, on_event=ev), args.live, steps)[0]
         except ValueError as e:  # e.g. the conversation outgrew the context: keep the session alive
             messages.pop()
-            print(f"blockdiff: error: {e}", file=sys.stderr, flush=True)
+            print(f"blockdiff: error: {flag_names(getattr(args, '_subparser', None), str(e))}", file=sys.stderr,
+                  flush=True)
             continue
         except KeyboardInterrupt:
             if not interactive:  # a script's Ctrl-C ends the session (main says "interrupted")
@@ -610,6 +611,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         from .progress import configure
         args.log_level = configure(args.log_level, args.quiet)
+        args._subparser = sub  # for errors a command reports itself and goes on (chat's turns): in flag names
         rc = func(args)
     except KeyboardInterrupt:
         print("blockdiff: interrupted", file=sys.stderr)

@@ -117,6 +117,18 @@ def test_chat_refuses_a_max_new_tokens_past_the_context_once_with_status_2(tiny_
         assert err == f"blockdiff: error: {words}\n" and not CLOSING.search(out), (out, err)
 
 
+def test_chat_turn_errors_name_the_flags_and_the_session_goes_on(tiny_checkpoint, monkeypatch, capsys):
+    """A turn the context cannot hold (a long message with a large --max-new-tokens) is one error line in the
+    flags' words (it said max_new_tokens), and the next turn still runs."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(" ".join(["word"] * 80) + "\nhi\n"))
+    assert main(["chat", tiny_checkpoint, "--max-new-tokens", "2000", "--steps", "2", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blockdiff: error:"), err
+    assert "--max-new-tokens" in lines[0] and "max_new_tokens" not in lines[0], lines[0]
+    assert sum(bool(CLOSING.match(x)) for x in out.splitlines()) == 1  # the second turn answered
+
+
 def test_run_needs_a_prompt(tiny_checkpoint, capsys):
     assert main(["run", tiny_checkpoint]) == 2
     assert "prompt" in capsys.readouterr().err
