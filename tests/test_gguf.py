@@ -82,7 +82,7 @@ def test_generation_from_the_f32_gguf_equals_the_safetensors_it_came_from(canvas
 
 
 def test_prefixed_diffusion_keys_of_older_files_are_still_read(tiny_checkpoint, tmp_path):
-    from blockdiff.quant.gguf import _diffusion_field, generation_from_gguf
+    from blockdiff.quant.gguf import _diffusion_key, generation_from_gguf
 
     path = str(tmp_path / "old.gguf")
     w = gguf.GGUFWriter(path, "diffusion-gemma")
@@ -96,7 +96,7 @@ def test_prefixed_diffusion_keys_of_older_files_are_still_read(tiny_checkpoint, 
     reader = gguf.GGUFReader(path)
     gen = generation_from_gguf(reader)
     assert gen["max_denoising_steps"] == 9 and gen["sampler_config"] == {"entropy_bound": 0.25}
-    assert _diffusion_field(reader, "canvas_length") == 40
+    assert _diffusion_key(reader, "canvas_length")[1] == 40
 
 
 @pytest.mark.parametrize("types", [

@@ -80,7 +80,7 @@ class Engine:
         # Beside it, the vision tower's output of recent images (1/8 of the budget): an image whose tokens the
         # prefix cache cannot serve (they end in a prompt's last, partial block) skips the tower when resent.
         self.image_memo = FeatureMemo(prefix_cache_bytes // 8) \
-            if prefix_cache_bytes and getattr(model, "vision", None) is not None else None
+            if self.prefix_cache.max_blocks and getattr(model, "vision", None) is not None else None
         self.defaults = defaults or GenerationDefaults.from_dict({}, model.text.eos_ids)
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(max_num_seqs, max_encode_tokens)
@@ -323,7 +323,8 @@ class Engine:
     def _encode_image_prompt(self, s: ModelState, ids: list[int]) -> None:
         """A prompt with images through the prefix cache: its image tokens keyed by their image's digest, the reuse
         cut back so that it never ends inside an image; only the rest is encoded, and the vision tower reads only
-        the images in the rest."""
+        the images in the rest, those the feature memo holds not even those. (Deterministic mode, which reuses
+        nothing, never comes here: its promise is an output that depends on the request alone.)"""
         pc, im, image_id = self.prefix_cache, s.images, self.model.config.image_token_id
         keys, salt = im.cache_keys(ids, image_id), s.params.cache_salt
         reused = pc.attach(s.cache, keys, salt, splits_at=partial(im.splits_at, ids, image_id))
@@ -334,7 +335,7 @@ class Engine:
         kwargs = {} if left is None else {"pixel_values": left.pixel_values,
                                           "image_position_ids": left.image_position_ids,
                                           "mm_token_type_ids": left.mm_token_type_ids(rest, image_id),
-                                          **self._memo_kwargs(left)}
+                                          "image_keys": left.digests(), "image_memo": self.image_memo}
         self.model.encode(torch.tensor([rest]), KVCache([s.cache]), **kwargs)
         self.stats["encode_tokens"] += len(rest)
         pc.insert(s.cache, keys, reused, salt)
@@ -351,15 +352,7 @@ class Engine:
             return {}
         im, s.images = s.images, None
         return {"pixel_values": im.pixel_values, "image_position_ids": im.image_position_ids,
-                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id),
-                **self._memo_kwargs(im)}
-
-    def _memo_kwargs(self, im) -> dict:
-        """The vision-feature memo's arguments for a prompt's images (none in deterministic mode, which reuses
-        nothing: its promise is an output that depends on the request alone)."""
-        if self.image_memo is None or self.model.batch_invariant:
-            return {}
-        return {"image_keys": im.digests(), "image_memo": self.image_memo}
+                "mm_token_type_ids": im.mm_token_type_ids(ids, self.model.config.image_token_id)}
 
     def _denoise(self, states: list[ModelState]) -> None:
         model = self.model

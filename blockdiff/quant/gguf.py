@@ -249,8 +249,7 @@ def config_from_gguf(reader) -> ModelConfig:
         "rope_parameters": {
             SLIDING: {"rope_type": "default", "rope_theta": _float(reader, f"{a}.rope.freq_base_swa", 1e4)},
             FULL: {"rope_type": "proportional", "rope_theta": _float(reader, f"{a}.rope.freq_base", 1e6),
-                   "partial_rotary_factor": _float(reader, f"{a}.rope.partial_rotary_factor",
-                                                             0.25)},
+                   "partial_rotary_factor": _float(reader, f"{a}.rope.partial_rotary_factor", 0.25)},
         },
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", 2),
         "eos_token_id": _eos_ids(reader) or 1,
@@ -282,21 +281,18 @@ def _diffusion_key(reader, name: str, legacy: str | None = None) -> tuple[str, o
     return f"diffusion.{name}", None
 
 
-def _diffusion_field(reader, name: str, legacy: str | None = None):
-    """``diffusion.<name>`` as the converter writes it, else the older ``diffusion-gemma.diffusion.<legacy>``."""
-    return _diffusion_key(reader, name, legacy)[1]
-
-
 def generation_from_gguf(reader) -> dict:
     """The generation-config dict (GenerationDefaults.from_dict's input) held in the file's metadata."""
     gen = {"eos_token_id": _eos_ids(reader) or None}
     # Integers must be integers (a string was "invalid literal for int()" naming no key, a float cut silently, zero
     # steps a NaN at generation time); floats numbers.
     minimum = {"max_denoising_steps": 1, "stability_threshold": 0, "max_new_tokens": 1}
+    keys = {}  # ours -> the key the value came from
     for ours, name in list(DIFFUSION_KEYS.items()) + [("max_new_tokens", "max_new_tokens")]:
         key, v = _diffusion_key(reader, name, legacy=ours)
         if v is None:
             continue
+        keys[ours] = key
         if ours in minimum:
             gen[ours] = _int(reader, key, minimum=minimum[ours])
         else:
@@ -305,9 +301,9 @@ def generation_from_gguf(reader) -> dict:
             gen[ours] = float(str(np.float32(_float(reader, key))))
     if gen.get("t_min") is not None and gen.get("t_max") is not None and gen["t_max"] <= gen["t_min"]:
         # (found at the first request, this named the run command's --t-max / --t-min, which nobody had typed)
-        keys = [_diffusion_key(reader, DIFFUSION_KEYS[k], legacy=k)[0] for k in ("t_max", "t_min")]
-        raise QuantizationError(f"GGUF metadata {keys[0]} = {gen['t_max']} must be greater than {keys[1]} = "
-                                f"{gen['t_min']} (the first denoising step's temperature is above the last's)")
+        raise QuantizationError(f"GGUF metadata {keys['t_max']} = {gen['t_max']} must be greater than "
+                                f"{keys['t_min']} = {gen['t_min']} (the first denoising step's temperature is above "
+                                "the last's)")
     eb = gen.pop("entropy_bound", None)
     if eb is not None:
         gen["sampler_config"] = {"entropy_bound": eb}
