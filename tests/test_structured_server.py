@@ -221,3 +221,36 @@ def test_openai_client_raises_bad_request_for_a_bad_schema(server):
             model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
                 "type": "string", "format": "weird"}}})
+
+
+# Admitted (its first mask is cheap), then llguidance's lexer gives up a few tokens in ("too many expressions
+# constructed"): the request's own constraint failed it, so it is a 400 (not retried), and its neighbours run on.
+LEXER_BOMB = r"(a|aa)*b{1000}{1000}"
+
+
+def test_a_constraint_failing_at_run_time_is_a_400_the_client_does_not_retry(server):
+    seen = []
+    http = httpx.Client(event_hooks={"request": [lambda r: seen.append(r.url.path)]})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", http_client=http, max_retries=2)
+    with ThreadPoolExecutor(2) as pool:
+        ok = pool.submit(client.completions.create, model=MODEL, prompt="hi", max_tokens=16, seed=3)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=64, seed=0,
+                                      extra_body={"guided_regex": LEXER_BOMB})
+        assert ok.result().choices[0].finish_reason in ("stop", "length")
+    err = caught.value.body
+    assert err["code"] == "constraint_failed" and err["param"] == "guided_regex", err
+    assert "this request failed: its structured output constraint failed" in err["message"]
+    assert "lexer" in err["message"]
+    assert seen.count("/v1/completions") == 2  # the neighbour and one try of the failing request: no retries
+
+
+def test_a_constraint_failing_while_streaming_ends_with_an_error_event(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "seed": 0,
+            "stream": True, "structured_outputs": {"regex": LEXER_BOMB}}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "constraint_failed" and err["param"] == "structured_outputs", err

@@ -43,7 +43,12 @@ class EngineFailedError(RuntimeError):
 
 class RequestFailedError(EngineFailedError):
     """This request alone failed inside a tick (its constraint, sampler row, stop check, image, non-finite
-    logits): its neighbours ran on. The message is one line naming what failed (HTTP 500 / an error event)."""
+    logits): its neighbours ran on. The message is one line naming what failed (HTTP 500 / an error event;
+    ``by_input``: its own constraint failed it, HTTP 400)."""
+
+    def __init__(self, message: str, by_input: bool = False):
+        super().__init__(message)
+        self.by_input = by_input
 
 
 class EngineStoppedError(EngineFailedError):
@@ -215,7 +220,7 @@ class AsyncEngine:
                 outcome = "error" if failed and ev.finish_reason == "abort" else ev.finish_reason or "abort"
                 self.counters.record(stream.state, outcome)
                 if ev.finish_reason == "error":  # it failed alone: its stream raises, the others run on
-                    stream._put(RequestFailedError(f"this request failed: {ev.error}"))
+                    stream._put(RequestFailedError(f"this request failed: {ev.error}", by_input=ev.error_by_input))
                     return
             stream._put(ev)
 

@@ -17,6 +17,11 @@ log = logging.getLogger("blockdiff.engine")
 MAX_MESSAGE = 300
 
 
+class RequestFault(Exception):
+    """Raised inside a tick when the request's own input is the cause (its constraint at run time): it still ends
+    that request alone, and the server answers it as a client error (400, not retried), not a 500."""
+
+
 def one_line(e: BaseException | str) -> str:
     """``Type: first line of the message``, at most ``MAX_MESSAGE`` characters."""
     if isinstance(e, str):
@@ -36,6 +41,7 @@ def fail_request(state: ModelState, what: str, e: BaseException | str | None = N
         log.warning("request %s failed alone: %s", state.request_id, msg, exc_info=e)
     else:
         log.warning("request %s failed alone: %s", state.request_id, msg)
+    state.error_by_input = isinstance(e, RequestFault)
     try:
         state.finish("error", error=msg)
     except Exception:  # its consumer raised on the done event: the request is over all the same

@@ -53,6 +53,7 @@ class Event:
     # block/done with params.logprobs set: per token (logprob, [(token id, logprob), ...] the most likely first)
     logprobs: list | None = None
     error: str | None = None  # done with finish_reason "error": what failed (one line, no internal state)
+    error_by_input: bool = False  # that failure was the request's own input's (its constraint): a 400, not a 500
 
 
 @dataclass
@@ -152,6 +153,7 @@ class ModelState:
         self.step_logprobs = None
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.error_by_input = False  # set by failures.fail_request: the request's own input failed it
         self.metrics = Metrics(prompt_tokens=len(prompt_ids))
         self.images = None  # ImageInputs for the prompt (the engine passes them to the prefill encode, then drops them)
         # Infill template (first canvas only) and constrained vocabulary.
@@ -312,4 +314,5 @@ class ModelState:
             self.cache.free()  # its pages go back to the pool now, not when the caller drops the state
         self.cache = None
         self._emit(Event("done", self.request_id, self.request_index, list(self.output_ids),
-                         finish_reason=reason, logprobs=self.output_logprobs, error=error))
+                         finish_reason=reason, logprobs=self.output_logprobs, error=error,
+                         error_by_input=self.error_by_input))

@@ -48,12 +48,22 @@ def _sse(d: dict) -> str:
     return f"data: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def engine_failure(e: EngineFailedError) -> APIError:
+def engine_failure(e: EngineFailedError, req=None) -> APIError:
     if isinstance(e, EngineStoppedError):
         return APIError(503, str(e), code="engine_stopped")
+    if isinstance(e, RequestFailedError) and e.by_input:  # its own constraint failed it: a client error, which
+        # clients do not retry (the openai client retries a 500 twice: the same grammar would fail again)
+        return APIError(400, str(e), code="constraint_failed", param=None if req is None else constraint_field(req))
     if isinstance(e, RequestFailedError):  # this request alone (docs/serving.md, "When one request fails")
         return APIError(500, str(e), code="request_failed")
     return APIError(500, str(e), code="engine_error")
+
+
+def constraint_field(req) -> str:
+    """The field the client sent that became the request's constraint: response_format / guided_*,
+    structured_outputs, or else the tools (the constraint is their call grammar)."""
+    return req.field_names.get("structured_outputs") or (
+        "structured_outputs" if req.structured_outputs is not None else "tools")
 
 
 @dataclass
@@ -242,10 +252,7 @@ class Server:
             self.core.check_structured(params)
         except ValueError as e:
             msg = str(e)
-            # Name the field the client sent: response_format / guided_*, structured_outputs, or else the tools
-            # (the constraint is their call grammar).
-            param = req.field_names.get("structured_outputs") or (
-                "structured_outputs" if req.structured_outputs is not None else "tools")
+            param = constraint_field(req)  # named as the client sent it
             if param == "response_format":
                 msg = msg.replace("structured_outputs.json:", "response_format.json_schema.schema:")
                 msg = msg.replace("structured_outputs.json_object:", "response_format:")
@@ -454,7 +461,7 @@ class Server:
             try:
                 work.result()
             except EngineFailedError as e:
-                raise engine_failure(e) from None
+                raise engine_failure(e, p.req) from None
             except Exception as e:  # detokenizing this request's output: this request fails, alone
                 log.exception("request %s: detokenizing its output failed", rid)
                 self._close(streams, failed=True)
@@ -578,7 +585,7 @@ class Server:
                                             streams[0].state.metrics.cached_tokens)})
             yield "data: [DONE]\n\n"
         except EngineFailedError as e:
-            err = engine_failure(e)
+            err = engine_failure(e, p.req)
             self.count_error(err.status)
             yield _sse(err.body())
             yield "data: [DONE]\n\n"

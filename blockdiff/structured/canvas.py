@@ -33,6 +33,7 @@ import torch
 
 from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, inverse_cdf_draw, temperature
 from ..sampling.truncation import truncate
+from ..engine.failures import RequestFault
 from .spec import compile_spec, kind
 
 
@@ -44,6 +45,11 @@ ADMIT_SECONDS = 1.0
 STEP_SECONDS = 1.0
 ADMITTED_CACHE = 64  # specs whose verdict (a ready matcher, or the refusal) is kept
 MAX_FORCED_BYTES = 16384  # a constraint may force at most this much text before the model chooses anything
+
+
+class ConstraintFailed(RequestFault, RuntimeError):
+    """The request's own constraint failed while it ran (a matcher error such as llguidance's lexer limit on a
+    pathological regex, or one grammar step over the budget): its input's fault, so the server answers 400."""
 
 
 def _clean(msg: str) -> str:
@@ -187,11 +193,11 @@ class CanvasConstraint:
         self.matcher.unsafe_compute_mask_ptr(b.data_ptr(), b.numel() * 4)
         self.masks += 1
         if self.matcher.is_error():
-            raise RuntimeError(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
+            raise ConstraintFailed(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
         took = time.perf_counter() - t0
         if took > self.step_seconds:  # it would slow every tick of the batch: end this request (engine rule)
-            raise RuntimeError(f"the constraint is too costly to enforce: one grammar step took {took:.1f} s "
-                               f"(the budget is {self.step_seconds:g} s)")
+            raise ConstraintFailed(f"the constraint is too costly to enforce: one grammar step took {took:.1f} s "
+                                   f"(the budget is {self.step_seconds:g} s)")
         out = ((b.view(-1, 1) >> self._shifts) & 1).view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting():
             out[self.end_ids] = True
@@ -205,7 +211,7 @@ class CanvasConstraint:
         tokens = tokens[:self.canvas_length - len(self.frozen)]
         n = self.matcher.try_consume_tokens(tokens)
         if self.matcher.is_error():
-            raise RuntimeError(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
+            raise ConstraintFailed(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
         self.frozen.extend(tokens[:n])
         if n < len(tokens) and tokens[n] in self.end_set and self.matcher.is_accepting():
             self.frozen.append(tokens[n])  # the model ended the output where the grammar allows it
