@@ -170,6 +170,24 @@ def test_image_to_a_text_only_checkpoint_is_a_400(servers):
     assert ok.choices[0].message.content is not None  # text still works
 
 
+@pytest.mark.parametrize("content, param", [
+    ("say <|image|> please", "messages[0].content"),  # no image at all: it would stand for none
+    ([image_part(data_url(PNG)), {"type": "text", "text": "is it <|image|>?"}], "messages[0].content[1]"),
+])
+def test_the_image_tokens_text_in_a_message_is_a_400_naming_the_part(servers, content, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        servers["mm"].client().chat.completions.create(model=MODEL, max_tokens=8, extra_body=X,
+                                                       messages=[{"role": "user", "content": content}])
+    assert e.value.body["param"] == param and "image token" in e.value.body["message"]
+    with pytest.raises(ValueError, match=r"image token: put each image in an image_url part"):
+        servers["llm"].chat([{"role": "user", "content": content}])
+    # A text-only checkpoint has no images to confuse it with: the text is its own business.
+    if isinstance(content, str):
+        ok = servers["text"].client().chat.completions.create(model=MODEL, max_tokens=8, extra_body=X,
+                                                              messages=[{"role": "user", "content": content}])
+        assert ok.choices[0].finish_reason in ("stop", "length")
+
+
 # ---------------------------------------------------------------------------------------------- offline API errors
 def test_llm_rejects_bad_image_prompts_with_clear_errors(servers):
     llm = servers["llm"]

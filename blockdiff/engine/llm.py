@@ -412,6 +412,7 @@ class LLM:
         ids, images = [], []
         for c in convs:
             c, sources, wheres = extract_images(template_messages(c))
+            self.images.check_texts(c)
             if sources:
                 self.images.check_can_take_images()
             x = self.tokenizer.encode_chat(c, add_generation_prompt=True, **kwargs)

@@ -344,6 +344,10 @@ class Server:
             raise bad("this model has no chat template: use /v1/completions", "messages")
         messages, sources, wheres = extract_images(req.template_messages())
         self._check_chars(sum(len(m.text()) for m in req.messages), "messages")
+        try:
+            self.images.check_texts(messages)
+        except ValueError as e:
+            raise bad(str(e), getattr(e, "param", None) or "messages") from None
         messages, kwargs = chat_inputs(messages, req.template_kwargs(), req.tool_plan)
         loaded = self.load_images(sources, wheres)
         try:

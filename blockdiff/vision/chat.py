@@ -7,6 +7,8 @@ transformers style ``{"type": "image", "image": <PIL image | bytes | URL>}`` (al
 
 from __future__ import annotations
 
+from ..sampling.fields import ParamError
+
 
 def image_source(part: dict, where: str):
     """The image a content part points to; ValueError naming ``where`` when the part is malformed."""
@@ -48,3 +50,25 @@ def extract_images(messages) -> tuple[list, list, list]:
                 parts.append(p)
         out.append({**m, "content": parts})
     return out, sources, wheres
+
+
+def refuse_image_token_text(messages, token: str) -> None:
+    """A message's text may not hold the image token's text (``<|image|>``): the tokenizer would read it as an
+    image placeholder, which either takes the place of a real image part or stands for no image at all.
+    ``ParamError`` naming the part; images go in image parts, for which the chat template writes the token."""
+    if not token or not isinstance(messages, (list, tuple)):
+        return
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            texts = [(f"messages[{i}].content", content)]
+        elif isinstance(content, list):
+            texts = [(f"messages[{i}].content[{j}]", p.get("text")) for j, p in enumerate(content)
+                     if isinstance(p, dict) and p.get("type") == "text"]
+        else:
+            continue
+        for where, text in texts:
+            if isinstance(text, str) and token in text:
+                raise ParamError(f"'{where}' holds {token!r}, the model's image token: put each image in an "
+                                 "image_url part (the chat template writes its token), not its token in the text",
+                                 where)

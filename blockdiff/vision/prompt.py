@@ -16,6 +16,7 @@ from itertools import accumulate
 import torch
 
 from .processor import ImageBatch, ImageProcessor
+from .chat import refuse_image_token_text
 
 
 @dataclass
@@ -117,6 +118,11 @@ class ImagePrompter:
                 t is not None and 0 <= t < self.vocab_size for t in (self.image_id, self.boi_id, self.eoi_id)):
             raise ValueError(f"the model cannot take images: its image token ids ({self.boi_id}, {self.image_id}, "
                              f"{self.eoi_id}) are not all inside its vocabulary of {self.vocab_size}")
+
+    def check_texts(self, messages) -> None:
+        """On a model that takes images, no message text may hold the image token's text (``ParamError``)."""
+        if self.has_vision:
+            refuse_image_token_text(messages, self.placeholder)
 
     def prepare(self, ids: list[int], images: list) -> tuple[list[int], ImageInputs | None]:
         """(prompt ids, PIL images) -> (ids with every image expanded to its soft tokens, ImageInputs)."""
