@@ -4,7 +4,8 @@
   (its own progress bars; its cache: ``$HF_HOME/hub`` unless ``download_dir`` is given, as vLLM's
   ``--download-dir``), at ``revision`` (a branch, tag or commit; default the repo's main branch).
 - ``org/name:file.gguf`` or ``org/name`` with ``gguf_file="file.gguf"``: that one GGUF file through
-  ``huggingface_hub.hf_hub_download``.
+  ``huggingface_hub.hf_hub_download``; for a part of a split GGUF (``NAME-00001-of-00003.gguf``), every part
+  (they load together from the first).
 
 Anything that looks like a path (``./x``, ``/x``, ``~/x``, more than one ``/``) never goes to the network.
 """
@@ -13,12 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from .checks import CheckpointError
 
 log = logging.getLogger("blockdiff")
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+SPLIT_GGUF_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama-gguf-split: NAME-00001-of-00003.gguf
+
+
+def split_gguf_parts(name: str) -> list[str]:
+    """Every part's name when ``name`` is one part of a split GGUF, else ``[name]``."""
+    m = SPLIT_GGUF_NAME.search(name)
+    if m is None or int(m.group(2)) < 1:
+        return [name]
+    return [name[:m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, int(m.group(2)) + 1)]
 
 
 def looks_like_hub_id(ref: str) -> bool:
@@ -67,12 +78,17 @@ def resolve_gguf(ref: str, gguf_file: str | None = None, revision: str | None = 
     if hub is None:
         return os.path.expanduser(str(ref))
     repo, name = hub
-    log.info("fetching %s from %s on the Hugging Face hub (or its local cache)", name, repo)
-    try:
-        from huggingface_hub import hf_hub_download
-        return hf_hub_download(repo, name, revision=revision, cache_dir=download_dir)
-    except Exception as e:  # offline, unknown repo or file, gated...
-        raise CheckpointError(f"could not fetch {name!r} from {repo!r} on the hub: {_one_line(e)}") from e
+    parts = split_gguf_parts(name)  # a split GGUF loads from all its parts: they land side by side in the cache
+    local = {}
+    for part in parts:
+        log.info("fetching %s from %s on the Hugging Face hub (or its local cache)%s", part, repo,
+                 f" (part {parts.index(part) + 1} of {len(parts)})" if len(parts) > 1 else "")
+        try:
+            from huggingface_hub import hf_hub_download
+            local[part] = hf_hub_download(repo, part, revision=revision, cache_dir=download_dir)
+        except Exception as e:  # offline, unknown repo or file, gated...
+            raise CheckpointError(f"could not fetch {part!r} from {repo!r} on the hub: {_one_line(e)}") from e
+    return local[name]
 
 
 def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str | None = None) -> str:

@@ -178,6 +178,44 @@ def test_gguf_file_from_the_hub(how, gguf_file, monkeypatch, tmp_path):
     assert llm.model_path == gguf_file and llm.tokenizer is not None
 
 
+def test_a_split_gguf_from_the_hub_fetches_every_part(tiny_checkpoint, monkeypatch, tmp_path):
+    """Naming any part of a split GGUF on the hub fetches all of them (they load together from the first part;
+    only the named one was fetched, then "missing beside it: ...")."""
+    import gguf
+    import huggingface_hub
+
+    from blockdiff.engine.llm import LLM
+    from gguf_fixtures import write_gguf
+    real = gguf.GGUFWriter.__init__
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__",
+                        lambda self, path, arch, **kw: real(self, path, arch, split_max_tensors=40, **kw))
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_gguf(tiny_checkpoint, str(hub / "tiny.gguf"))
+    monkeypatch.setattr(gguf.GGUFWriter, "__init__", real)
+    parts = sorted(p.name for p in hub.iterdir())
+    assert len(parts) >= 3
+    snapshot, calls = tmp_path / "snapshot", []
+    snapshot.mkdir()
+
+    def fake_download(repo, filename, **kw):  # as the hub's cache does: each file into the same snapshot folder
+        calls.append(filename)
+        shutil.copy(hub / filename, snapshot / filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    llm = LLM(f"org/tiny-GGUF:{parts[0]}")
+    assert calls == parts and llm.model_path == str(snapshot / parts[0])
+    from blockdiff import SamplingParams
+    sp = SamplingParams(max_new_tokens=8, seed=1)
+    assert llm.generate({"prompt_token_ids": [2, 3]}, sp)[0].token_ids == \
+        LLM(str(hub / parts[0])).generate({"prompt_token_ids": [2, 3]}, sp)[0].token_ids
+    calls.clear()
+    with pytest.raises(Exception, match=f"pass the first part, {parts[0]}"):
+        LLM("org/tiny-GGUF", gguf_file=parts[1])
+    assert calls == parts  # all fetched, so the error is about which part to name, not about missing ones
+
+
 def test_gguf_file_flag_is_checked_before_any_download(capsys):
     rc, _, err = _run(["run", "org/x", "hi", "--gguf-file", "weights.bin"], capsys)
     assert rc == 2 and "--gguf-file must name a .gguf file" in err

@@ -26,6 +26,7 @@ import torch
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
 from ..placement import resolve_dtype
 from ..heap import lean_heap
+from ..hub import SPLIT_GGUF_NAME, split_gguf_parts
 from ..progress import progress
 from .plan import QuantizationError, QuantPlan, check_device, int4_scope, parse_method
 
@@ -131,7 +132,6 @@ def _read(gguf, path: str):
         raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
 
 
-_SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)  # llama-gguf-split: NAME-00001-of-00003.gguf
 
 
 class _SplitReader:
@@ -146,12 +146,12 @@ class _SplitReader:
 def _open_parts(gguf, path: str, first, count: int):
     """``path`` is a part of a split GGUF: all ``count`` parts, as llama.cpp loads them from the first one (the
     first part alone was "lacks tensors ...", a later one "architecture None is not supported")."""
-    m = _SPLIT_NAME.search(path)
+    m = SPLIT_GGUF_NAME.search(path)
     no = _field(first, "split.no", 0)
     if m is None or int(m.group(2)) != count:
         raise QuantizationError(f"{path} is part {no + 1} of a GGUF split in {count} parts, but its name does not "
                                 f"end in -{no + 1:05d}-of-{count:05d}.gguf (the names llama-gguf-split gives them)")
-    names = [path[:m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, count + 1)]
+    names = split_gguf_parts(path)
     if no != 0:
         raise QuantizationError(f"{path} is part {no + 1} of {count} of a split GGUF: pass the first part, "
                                 f"{os.path.basename(names[0])}")
