@@ -543,3 +543,30 @@ def test_no_resume_over_a_sharded_checkpoint_saves_weights_that_load(tmp_path):
     loaded = load_model(str(d), dtype="float32", device="cpu").state_dict()
     assert all(torch.equal(trained[k], loaded[k]) for k in trained if not k.startswith("inv_freq"))
     assert not set(shards) & set(os.listdir(d)) and "model.safetensors.index.json" not in os.listdir(d)
+
+
+def test_a_finished_run_run_again_trains_nothing_and_leaves_its_files(tmp_path):
+    """Re-running a finished command rewrote an identical checkpoint (and trainer state) for nothing."""
+    _trainer(tmp_path / "run", 2).run()
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    seen = []
+    tr = _trainer(tmp_path / "run", 2)
+    tr.log = seen.append
+    assert tr.run() == {} and tr.step == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == files
+    assert any("already trained to step 2 of --max-steps 2: nothing to do; raise --max-steps" in s for s in seen)
+    more = _trainer(tmp_path / "run", 3)  # a higher --max-steps trains on from there
+    more.run()
+    assert more.step == 3
+
+
+def test_resuming_a_run_with_another_task_is_refused_naming_both(tmp_path):
+    """A run resumed with another --task took the other task's data into its optimizer and schedule silently."""
+    from blockdiff.train.tasks import JsonlTask
+    _trainer(tmp_path / "run", 1).run()
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [2, 5], "answer_ids": list(range(9, 17))}) + "\n")
+    o = TrainOptions(out_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, log_every=1000, save_every=0)
+    with pytest.raises(ValueError, match=r"run is a run of task copy, not jsonl: to fine-tune it on jsonl, pass "
+                                         r"--init-from .*run with another --out"):
+        Trainer(JsonlTask(str(data), vocab_size=32, canvas_length=8), o, log=lambda s: None)

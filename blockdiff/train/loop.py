@@ -168,6 +168,10 @@ class Trainer:
         self.scheduler = make_scheduler(self.opt, o)
         if resuming:
             st = _read_state(state_path)
+            if st.get("task", task.name) != task.name:  # its optimizer and schedule belong to the other task
+                raise ValueError(f"{o.out_dir} is a run of task {st['task']}, not {task.name}: to fine-tune it on "
+                                 f"{task.name}, pass --init-from {o.out_dir} with another --out (--no-resume "
+                                 "overwrites the run)")
             self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
             # The saved scheduler holds the schedule it was built with (base lr, length): restored as is, a new
             # --lr was ignored and a cosine run extended by --max-steps climbed back up (cosine is periodic).
@@ -265,7 +269,7 @@ class Trainer:
             write_json(os.path.join(o.out_dir, "tokenizer.json"), tok, indent=1)
         state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
                  "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(),
-                 "torch_rng": self.gen.get_state(), "options": asdict(o)}
+                 "torch_rng": self.gen.get_state(), "options": asdict(o), "task": self.task.name}
         with atomic_path(os.path.join(o.out_dir, STATE_FILE)) as tmp:
             torch.save(state, tmp)
 
@@ -289,6 +293,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         o = self.o
+        if self.finished():  # a finished run, run again: nothing to train, and its saved files stay as they are
+            self.log(f"{o.out_dir} is already trained to step {self.step} of --max-steps {o.max_steps}"
+                     + (f" (its --time-budget of {o.time_budget_s / 60:g} min is spent)" if o.time_budget_s
+                        and self.step < o.max_steps else "")
+                     + ": nothing to do; raise --max-steps (or --time-budget) to train it further")
+            return {}
         start_wall = time.time()
         window, t_window = [], time.time()
         last = {}
