@@ -6,8 +6,8 @@ Examples::
         --max-steps 20000 --curriculum 0:45-70,3000:35-65
     blockdiff train --task jsonl --data pairs.jsonl --init-from some/checkpoint --out runs/ft
 
-Re-running the same command resumes from ``--out`` (``--no-resume`` starts over; a finished run trains nothing). Ctrl-C or SIGTERM saves at the
-end of the current step, then stops. Details: docs/sudoku.md, "Training".
+Re-running the same command resumes from ``--out`` (``--no-resume`` starts over; a finished run trains nothing).
+Ctrl-C or SIGTERM saves at the end of the current step, then stops. Details: docs/sudoku.md, "Training".
 """
 
 from __future__ import annotations
