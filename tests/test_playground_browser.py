@@ -331,3 +331,34 @@ def test_a_refused_key_is_called_refused(page, chat_server):
     error = page.get_by_test_id("error")
     error.wait_for(state="visible")
     assert "refused this API key" in error.text_content()
+
+
+CROSS_ORIGIN_FETCH = """async ([url, body]) => {
+    try {
+        const r = await fetch(url + '/v1/chat/completions', {method: 'POST', body: JSON.stringify(body),
+            headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer k',
+                      'X-Stainless-Lang': 'js'}});  // what the openai JS client sends beside them
+        return {status: r.status, body: await r.json()};
+    } catch (e) { return {error: String(e)}; }
+}"""
+
+
+def test_a_page_of_an_allowed_origin_calls_the_api_and_others_cannot(page, chat_server, sudoku_server):
+    """CORS (--allowed-origins): a page served from another origin may call the API only when its origin is
+    listed; the preflight admits the openai JS client's extra headers and the bearer key."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    api = LiveServer(build_app(LLM(BUNDLED_MODEL, dtype=torch.float32), "sudoku", api_key="k",
+                               allowed_origins=[chat_server.url]))
+    try:
+        page.goto(chat_server.url + "/")  # any page of the other origin
+        body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLE}], "seed": 0}
+        got = page.evaluate(CROSS_ORIGIN_FETCH, [api.url, body])
+        assert got.get("status") == 200, got
+        answer = got["body"]["choices"][0]["message"]["content"]
+        assert is_valid_solution(parse_puzzle(PUZZLE), parse_puzzle(answer))
+        refused = page.evaluate(CROSS_ORIGIN_FETCH, [sudoku_server.url, body])  # lists no origin
+        assert "error" in refused and "Failed to fetch" in refused["error"], refused
+    finally:
+        api.close()
+        torch.set_num_threads(threads)

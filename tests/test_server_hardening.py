@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -577,3 +578,61 @@ def test_a_second_ctrl_c_ends_serve_at_once_in_one_line(ckpt):
     assert "Traceback" not in err and "CancelledError" not in err, err
     assert err.strip().splitlines()[-1] == "blockdiff: interrupted again: exiting now (1 running request(s) cut off)"
     assert proc.returncode == 130
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_serve_over_https_with_a_certificate_and_key(ckpt, tmp_path):
+    """--ssl-certfile / --ssl-keyfile: the openai client, trusting that certificate, gets answers over HTTPS."""
+    import openai
+
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=cert)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", ckpt, "--port", str(port),
+                             "--threads", "1", "--served-model-name", MODEL, "--log-level", "warning",
+                             "--ssl-certfile", cert, "--ssl-keyfile", key], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=1, verify=trust).status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert wait_until(up, timeout=60), proc.stderr.read() if proc.poll() is not None else ""
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                               http_client=httpx.Client(verify=trust))
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert f"on https://127.0.0.1:{port}/v1" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ssl-certfile", "CERT"], "--ssl-certfile and --ssl-keyfile go together"),
+    (["--ssl-certfile", "CERT", "--ssl-keyfile", "CERT"], "do not load as a PEM certificate chain and its key"),
+    (["--ssl-certfile", "MISSING", "--ssl-keyfile", "KEY"], "cannot read"),
+    (["--allowed-origins", "http://localhost:3000/"], "no path, no trailing slash"),
+])
+def test_tls_and_cors_flags_are_checked_before_loading(flags, message, tmp_path, capsys):
+    cert, key = _self_signed(tmp_path)
+    flags = [{"CERT": cert, "KEY": key, "MISSING": str(tmp_path / "nope.pem")}.get(f, f) for f in flags]
+    assert cli_main(["serve", str(tmp_path / "no-such-checkpoint"), "--port", str(_free_port()), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

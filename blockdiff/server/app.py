@@ -17,6 +17,7 @@ import secrets
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
@@ -86,10 +87,27 @@ def _warmup_done(fut) -> None:
         log.warning("structured outputs are unavailable: %s", e)
 
 
+def check_origins(origins) -> list[str]:
+    """``--allowed-origins`` values: ``*`` or ``scheme://host[:port]`` each (``ValueError`` naming a bad one: a
+    path or a trailing slash would never match the ``Origin`` header a browser sends)."""
+    import re
+
+    out = []
+    for o in origins or []:
+        for one in str(o).split(","):
+            one = one.strip()
+            if one != "*" and not re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d{1,5})?", one):
+                raise ValueError(f"allowed origin {one!r} is not '*' or scheme://host[:port] (as a browser sends it "
+                                 "in its Origin header: no path, no trailing slash)")
+            out.append(one)
+    return out
+
+
 def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | None = None,
               max_num_seqs: int | None = None, max_waiting: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
               media_limits=None, max_denoising_steps: int | None = None, max_model_len: int | None = None,
-              salt_by_key: bool | None = None, body_timeout: float = BODY_IDLE_TIMEOUT) -> FastAPI:
+              salt_by_key: bool | None = None, body_timeout: float = BODY_IDLE_TIMEOUT,
+              allowed_origins: list[str] | None = None) -> FastAPI:
     """``llm_or_engine``: an ``LLM``, an ``Engine`` or an ``AsyncEngine``. ``max_num_seqs`` (batch slots) overrides
     the engine's; ``max_waiting`` (default 4 * max_num_seqs) bounds the queue behind them (then 429);
     ``max_body_bytes`` bounds a request body (then 413); ``body_timeout``: seconds without a byte of a body being
@@ -98,7 +116,10 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
     prefix-cache blocks by its key, so tenants never share cached prefixes. ``max_denoising_steps`` and
     ``max_model_len`` cap one request's work (steps per canvas; prompt + output positions): over them, a 400.
     ``media_limits`` (``blockdiff.vision.media.MediaLimits``): images per request, their bytes and pixels, and the
-    folder local image files may come from (default: none)."""
+    folder local image files may come from (default: none). ``allowed_origins``: web origins
+    (``https://app.example``, or ``*`` for any) whose pages may call the API from a browser (CORS); default none,
+    so a browser lets only pages served by this server (the playground) read its answers."""
+    origins = check_origins(allowed_origins)
     keys = [api_key] if isinstance(api_key, str) else list(api_key) if api_key is not None else []
     if api_key is not None and (not keys or any(not isinstance(k, str) or not k.strip() for k in keys)):
         raise ValueError("the API key is empty: pass a non-empty key, or none to serve without one")
@@ -143,6 +164,11 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
                   version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json")
     app.router.route_class = _Route
+    if origins:
+        # Browsers send a preflight (OPTIONS) before a cross-origin JSON POST; the answer lists what they may send.
+        # No cookies are involved (the key travels in the Authorization header), so no credentials mode.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
     app.state.engine = aeng
     app.state.server = srv
 

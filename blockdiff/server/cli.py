@@ -63,6 +63,13 @@ def register(subparsers) -> None:
                         "body: --max-body-bytes must hold 4/3 of this)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="decoded pixels of all images in one request (default 40M)")
+    p.add_argument("--allowed-origins", action="append", metavar="ORIGIN",
+                   help="web origins whose pages may call the API from a browser (CORS), e.g. "
+                        "http://localhost:3000; repeat or separate with commas; * for any (default: none, so only "
+                        "pages this server serves, the playground, can read its answers in a browser)")
+    p.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate chain (PEM); needs "
+                   "--ssl-keyfile")
+    p.add_argument("--ssl-keyfile", metavar="FILE", help="the private key (PEM) of --ssl-certfile")
     p.add_argument("--replicas", type=int, default=0, metavar="N",
                    help="serve N data-parallel replicas on Ray Serve (blockdiff.ray; a local Ray is started when none "
                         "runs; requests go to the replica holding their prefix). Needs pip install 'blockdiff[ray]'")
@@ -115,6 +122,27 @@ def check_bindable(host: str, port: int,
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} ({flags})") from None
 
 
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """--ssl-certfile / --ssl-keyfile: both or neither, and a pair that loads (one line now, not after the model
+    has loaded)."""
+    import ssl
+
+    from ..cli import CLIError
+
+    if bool(certfile) != bool(keyfile):
+        raise CLIError("--ssl-certfile and --ssl-keyfile go together: give both for HTTPS, or neither")
+    if not certfile:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as e:  # an OSError too: caught first
+        raise CLIError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile} do not load as a PEM certificate "
+                       f"chain and its key: {e.reason or e}") from None
+    except OSError as e:
+        raise CLIError(f"--ssl-certfile / --ssl-keyfile: cannot read {e.filename or certfile}: "
+                       f"{e.strerror or e}") from None
+
+
 def force_exit(llm, srv) -> None:
     """The second Ctrl-C: end the process now, in one line. uvicorn's own force-quit cancels the running requests'
     tasks and the lifespan, and each cancellation printed a CancelledError traceback. A split model's spawned ranks
@@ -165,6 +193,15 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     check_bindable(args.host, args.port)
+    from .app import check_origins
+    try:
+        origins = check_origins(args.allowed_origins)
+    except ValueError as e:
+        raise CLIError(f"--allowed-origins: {e}") from None
+    check_tls(args.ssl_certfile, args.ssl_keyfile)
+    if args.replicas and (origins or args.ssl_certfile):
+        raise CLIError("--allowed-origins and --ssl-certfile are not supported with --replicas (Ray Serve's proxy "
+                       "takes the requests): put a TLS/CORS proxy in front of it, or serve one process")
     if args.replicas < 0:
         raise CLIError(f"--replicas must be >= 1 (or 0, the default: one process, no Ray), got {args.replicas}")
     if args.replicas and getattr(args, "tensor_parallel_size", 1) > 1:
@@ -215,13 +252,15 @@ def cmd_serve(args) -> int:
     app = build_app(llm, name, api_key=keys or None, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                     max_body_bytes=args.max_body_bytes, media_limits=limits, max_denoising_steps=steps,
                     max_model_len=args.max_model_len, salt_by_key=salt,
-                    body_timeout=args.body_timeout)
-    print(f"blockdiff: serving {name!r} on http://{args.host}:{args.port}/v1 "
+                    body_timeout=args.body_timeout, allowed_origins=origins)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"blockdiff: serving {name!r} on {scheme}://{args.host}:{args.port}/v1 "
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', fast mode by default' if args.fast else ''}"
           f"{', API key required' if keys else ''}{f' ({len(keys)} keys)' if len(keys) > 1 else ''}, "
           f"max_denoising_steps {steps}, max_model_len {app.state.server.context}); "
-          f"the playground page: http://{args.host}:{args.port}/", flush=True)
+          f"the playground page: {scheme}://{args.host}:{args.port}/"
+          + (f"; browser pages of {', '.join(origins)} may call it" if origins else ""), flush=True)
     grace = args.shutdown_grace
 
     class Server(uvicorn.Server):
@@ -234,6 +273,7 @@ def cmd_serve(args) -> int:
     try:
         Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                               http=h11_protocol(args.body_timeout),
+                              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
                               timeout_graceful_shutdown=grace)).run()
     finally:
         llm.close()  # a split model: end the other ranks
