@@ -68,8 +68,8 @@ def semantic(body, path: str) -> None:
     if not isinstance(body, dict):
         return
     for name, hi in BUDGET:
-        v = body.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v > hi:
+        v = body.get(name)  # an integral float (2048.0) is that integer to the server
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > hi:
             body[name] = hi
     if path == "/tokenize":  # exactly one of prompt / messages
         if (body.get("prompt") is None) == (body.get("messages") is None):
@@ -91,6 +91,17 @@ def semantic(body, path: str) -> None:
         body.pop("echo")
     if isinstance(body.get("logit_bias"), dict):  # token ids within this vocabulary
         body["logit_bias"] = {k: v for k, v in body["logit_bias"].items() if k.isdigit() and int(k) < VOCAB}
+    if path == "/v1/responses":  # the same content rules, on the Responses API's shapes
+        for name in ("text", "reasoning"):
+            body.pop(name, None)
+        items = body.get("input")
+        if isinstance(items, list):
+            items = [m for m in items if isinstance(m, dict) and m.get("type") in (None, "message")]
+            for m in items:
+                m["role"] = "user" if m.get("role") == "developer" else m.get("role")
+                if isinstance(m.get("content"), list):
+                    m["content"] = [p for p in m["content"] if p.get("type") != "input_image"]
+            body["input"] = items or "hi"
     for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
         # This checkpoint's tokenizer has no image tokens; its chat template knows system/user/assistant only.
         if isinstance(m, dict) and m.get("role") in ("tool", "developer"):
@@ -126,11 +137,11 @@ def _run(api_schema, mode: GenerationMode, checks: list, fix, examples: int) -> 
 def test_valid_requests_are_accepted_and_answered_as_documented(api_schema):
     # Driven with hypothesis directly (schemathesis' pytest plugin does not load with this pytest).
     ops = {f"{r.ok().method.upper()} {r.ok().path}" for r in api_schema.get_all_operations()}
-    assert ops >= {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{model_id}",
-                   "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
+    assert ops >= {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models",
+                   "GET /v1/models/{model_id}", "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
     seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 30)
-    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
-        assert (path, 200) in seen  # requests reached the engine / tokenizer and conformed
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"):
+        assert (path, 200) in seen, sorted(set(s for s in seen if s[0] == path))  # reached the engine, conformed
     assert not [s for s in seen if s[1] == 400], seen  # valid for the document: never refused
 
 

@@ -286,6 +286,8 @@ def describe(err: dict) -> tuple[str, str | None]:
         return f"{name} must hold {'at least' if short else 'at most'} {limit} {unit}", param
     if t == "string_pattern_mismatch":
         return f"{name} must match {ctx.get('pattern')}, got {_short(v)}", param
+    if t == "tag":  # a union member chosen by a tag (``Discriminator(custom_error_type="tag")``): says what it must be
+        return f"{name} {err['msg']}", param
     if t == "literal_error":
         return f"{name} must be one of {ctx.get('expected')}, got {_short(v)}", param
     if t == "recursion_loop":
@@ -294,11 +296,18 @@ def describe(err: dict) -> tuple[str, str | None]:
     return f"{name}: {msg[:1].lower() + msg[1:]}", param
 
 
-def first_error(e: ValidationError) -> tuple[str, str | None]:
-    """The first error of a failed validation (one problem at a time, as OpenAI reports them)."""
+def first_error(e: ValidationError, deepest: bool = False) -> tuple[str, str | None]:
+    """The first error of a failed validation (one problem at a time, as OpenAI reports them). ``deepest``: for
+    nested unions (a string or a list of tagged items), the error of the member that got furthest, a wrong
+    ``type`` first."""
     errs = e.errors(include_url=False)
     # A union that fails every member reports each; the member-specific ones say the least.
-    own = [x for x in errs if x["type"] in ("blockdiff", "value_error", "missing")]
+    own = [x for x in errs if x["type"] in ("blockdiff", "value_error", "missing", "tag")]
+    if deepest:
+        def depth(x):
+            loc = [p for p in x["loc"] if isinstance(p, int) or not _TAGS.match(str(p))]
+            return (bool(loc) and loc[-1] == "type", x in own, len(loc))
+        return describe(max(errs, key=depth))
     return describe((own or errs)[0])
 
 

@@ -2,6 +2,7 @@
 
 ``build_app(llm_or_engine, served_model_name, api_key=None, max_num_seqs=None)`` returns a FastAPI app:
 ``/v1/models`` (and ``/v1/models/{id}``), ``/v1/completions``, ``/v1/chat/completions`` (JSON or SSE),
+``/v1/responses`` (OpenAI's Responses API on the chat path: ``responses.py``),
 ``/tokenize``, ``/detokenize``, ``/version``, ``/health``, ``/metrics``, ``/openapi.json`` and ``/docs``. Request bodies are pydantic models (``protocol.py``); every error is OpenAI's JSON
 shape ``{"error": {"message", "type", "param", "code"}}`` and never takes the server down or its connection: an
 unexpected exception is a 500 answered on a connection that stays usable. A client that disconnects (streaming or
@@ -31,7 +32,8 @@ from . import schemas
 from .body import BODY_IDLE_TIMEOUT, MAX_BODY_BYTES, check_body_timeout, check_content_type, read_body
 from .errors import APIError
 from .head_timeout import h11_protocol
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest, TokenizeRequest
+from .responses import create_response
 from .service import Server
 
 log = logging.getLogger("blockdiff.server")
@@ -268,6 +270,13 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
     async def chat_completions(request: Request):
         return await srv.generate(request, await prepared(request, "chat"))
 
+    @app.post("/v1/responses", dependencies=guarded, openapi_extra=_request_body(ResponsesRequest),
+              responses={200: {"content": schemas.RESPONSES}, **schemas.ERRORS})
+    async def responses(request: Request):
+        check_content_type(request)
+        raw = await read_body(request, max_body_bytes, body_timeout)
+        return await create_response(srv, request, raw, getattr(request.state, "tenant", None))
+
     # The request models' schemas join the document's components (the handlers read the raw body themselves,
     # so parsing and validation run off the event loop).
     base_openapi = app.openapi
@@ -276,7 +285,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
         if app.openapi_schema is None:
             doc = base_openapi()
             _, defs = models_json_schema([(m, "validation") for m in (CompletionRequest, ChatCompletionRequest,
-                                                                        TokenizeRequest, DetokenizeRequest)],
+                                                                        TokenizeRequest, DetokenizeRequest,
+                                                                        ResponsesRequest)],
                                          ref_template="#/components/schemas/{model}")
             srv.document_limits(defs["$defs"])
             doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))

@@ -19,9 +19,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, create_model, field_validator,
+                      model_validator)
 
-from ..sampling.fields import MAX_LOGPROBS, Int, OutputFields, ParamError, SamplingFields
+from ..sampling.fields import MAX_LOGPROBS, Int, IntegralFloats, OutputFields, ParamError, SamplingFields
 from ..sampling.params import SamplingParams
 from ..tools.render import ToolError, ToolPlan
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
@@ -402,6 +403,149 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 # ---------------------------------------------------------------------------------------------- /tokenize
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class InputTextPart(_Item):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class RefusalPart(_Item):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class InputImagePart(_Item):
+    type: Literal["input_image"]
+    image_url: str = Field(description="a data: URL (a file:// URL or path with --allowed-local-media-path)")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted; no effect")
+
+
+def _tagged(kind: str, default: str | None = None):
+    """A union member chosen by its "type" (``kind[type]`` tags, which error paths leave out)."""
+    def tag(v):
+        t = (v.get("type") if isinstance(v, dict) else getattr(v, "type", None)) or default  # null: the default
+        return f"{kind}[{t}]" if isinstance(t, str) else None
+    return tag
+
+
+ContentPart = Annotated[
+    Annotated[InputTextPart, Tag("part[input_text]")] | Annotated[InputTextPart, Tag("part[output_text]")]
+    | Annotated[RefusalPart, Tag("part[refusal]")] | Annotated[InputImagePart, Tag("part[input_image]")],
+    Discriminator(_tagged("part"), custom_error_type="tag",
+                  custom_error_message="must be an input_text, output_text, refusal or input_image part "
+                                       "(its 'type')")]
+
+
+class InputMessage(_Item):
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ContentPart]
+
+
+class FunctionCallItem(_Item):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = Field(description="the call's arguments, a JSON object as text")
+
+
+class FunctionCallOutputItem(_Item):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+class ReasoningItem(_Item):
+    type: Literal["reasoning"] = Field(description="an earlier turn's reasoning, sent back: skipped")
+
+
+class FunctionTool(_Item):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema (as tools on chat completions)")
+    strict: bool | None = Field(None, description="always enforced")
+
+
+class TextFormat(_Item):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="with type json_schema")
+    strict: bool | None = None
+
+
+class TextOptions(_Item):
+    format: TextFormat | None = None
+
+
+class Reasoning(_Item):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="any effort but none / minimal turns the model's thinking on")
+    summary: str | None = Field(None, description="accepted; the reasoning itself is returned")
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("item[message]")] | Annotated[FunctionCallItem, Tag("item[function_call]")]
+    | Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")]
+    | Annotated[ReasoningItem, Tag("item[reasoning]")],
+    Discriminator(_tagged("item", "message"), custom_error_type="tag",
+                  custom_error_message="must be a message, or a function_call, function_call_output or "
+                                       "reasoning item (its 'type')")]
+
+
+# blockdiff's sampling fields on /v1/responses: those of SamplingFields, as chat takes them (max_tokens is
+# max_output_tokens there; temperature and top_p are OpenAI's own Responses fields, declared below).
+RESPONSES_SAMPLING = tuple(n for n in SamplingFields.model_fields if n not in ("max_tokens", "temperature", "top_p"))
+_ResponsesSampling = create_model("ResponsesSampling", __base__=IntegralFloats,
+                                  **{n: (SamplingFields.model_fields[n].annotation, SamplingFields.model_fields[n])
+                                     for n in RESPONSES_SAMPLING})
+
+
+class ResponsesRequest(_ResponsesSampling):
+    """``POST /v1/responses`` (OpenAI's Responses API). Validated here, then run as the chat request it means
+    (``responses.py``), whose validation covers the sampling fields: blockdiff's own (``seed``,
+    ``max_denoising_steps``, ...) may be sent beside these, as on chat completions; other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    model: str = Field(description="the served model id (see /v1/models)")
+    input: str | list[InputItem] = Field(description="a user message, or input items: messages, and the "
+                                         "function_call / function_call_output items of earlier turns")
+    instructions: str | None = Field(None, description="a system message before the input")
+    max_output_tokens: Int | None = Field(None, ge=1, description="the most tokens to write (reasoning included)")
+    temperature: float | None = SamplingFields.model_fields["temperature"]
+    top_p: float | None = SamplingFields.model_fields["top_p"]
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="logprobs of the most likely "
+                                     "tokens at each output position")
+    tools: list[FunctionTool] | None = Field(None, description="function tools")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description="none, auto, required, or {type: function, name}",
+        json_schema_extra={"anyOf": [{"enum": ["none", "auto", "required", None]}, {
+            "type": "object", "required": ["type", "name"],
+            "properties": {"type": {"enum": ["function"]}, "name": {"type": "string"}}}]})
+    parallel_tool_calls: bool | None = None
+    text: TextOptions | None = None
+    reasoning: Reasoning | None = None
+    stream: bool | None = Field(None, description="typed Server-Sent Events, response.created ... "
+                                "response.completed")
+    store: bool | None = Field(None, description="accepted; nothing is stored (the response says false)")
+    include: list[str] | None = Field(None, description="accepted; no effect")
+    metadata: dict[str, str] | None = Field(None, description="echoed in the response")
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = Field(None, description="accepted; requests are routed by their prefix anyway")
+    service_tier: str | None = None
+    truncation: Literal["disabled"] | None = Field(None, description="a prompt longer than the context is refused")
+    background: Literal[False] | None = Field(None, description="responses are answered while the request is open")
+    previous_response_id: None = Field(None, description="not supported: nothing is stored; send the "
+                                       "conversation in input")
+    conversation: None = Field(None, description="not supported: nothing is stored")
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a text ``prompt`` or chat ``messages``. Messages become the prompt
     /v1/chat/completions would run (``chat_request``: the same request model, the same rendering), with the

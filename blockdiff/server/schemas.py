@@ -150,3 +150,12 @@ SSE = {"text/event-stream": {"schema": {
                    "last one 'data: [DONE]'",
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
                    "retry": {"type": "integer"}}}}}
+
+RESPONSES = {"application/json": {"schema": {"type": "object", "required": ["id", "object", "output", "status"],
+                                             "description": "a response object (object: response)"}},
+             "text/event-stream": {"schema": {
+                 "type": "object", "required": ["data"],
+                 "description": "one typed Server-Sent Event: 'event: response.output_text.delta' and its "
+                                "'data: {...}' with a sequence_number; the last is response.completed, "
+                                "response.incomplete or response.failed (no [DONE])",
+                 "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}

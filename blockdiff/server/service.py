@@ -139,7 +139,7 @@ class Server:
         """Write this server's own bounds into the request schemas of ``/openapi.json`` (the served model id, the
         vocabulary, the canvas, the caps), so the document promises only what the server accepts."""
         top = self.core.model.vocab_size - 1
-        for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
             props = defs[name]["properties"]
             props["model"]["enum"] = [self.model_name]
             for field in ("stop_token_ids", "allowed_token_ids", "canvas_template"):
@@ -147,7 +147,7 @@ class Server:
             _array_of(props["canvas_template"])["maxItems"] = self.core.canvas_length
             if self.max_denoising_steps is not None:
                 _number(props["max_denoising_steps"])["maximum"] = self.max_denoising_steps
-            for field in ("max_tokens", "max_completion_tokens"):
+            for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                 if field in props:
                     _number(props[field])["maximum"] = self.context
         for branch in defs["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
@@ -158,7 +158,7 @@ class Server:
                 items["items"]["maximum"] = top
         defs["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] = top
         tok = self.core.tokenizer
-        for name in ("CompletionRequest", "ChatCompletionRequest"):
+        for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
             props = defs[name]["properties"]
             if getattr(tok, "lays_canvas_template", False):  # a task model (Sudoku): refused by its task_params
                 props["rng"]["enum"] = ["default"]
@@ -167,12 +167,13 @@ class Server:
                         props[field].pop("anyOf", None)
                         props[field]["type"] = "null"
             if getattr(tok, "structured_output_refusal", None):
-                for field in ("structured_outputs", *GUIDED_FIELDS):
+                for field in (f for f in ("structured_outputs", *GUIDED_FIELDS) if f in props):
                     props[field].pop("anyOf", None)
                     props[field].pop("items", None)
                     props[field]["type"] = "null"
         if getattr(tok, "structured_output_refusal", None):
             defs["ResponseFormat"]["properties"]["type"]["enum"] = ["text"]
+            defs["TextFormat"]["properties"]["type"]["enum"] = ["text"]
         for name in ("TokenizeRequest", "DetokenizeRequest"):
             _union(defs[name]["properties"]["model"], "string")["enum"] = [self.model_name]
 

@@ -1,0 +1,467 @@
+"""OpenAI's Responses API, ``POST /v1/responses``, on the chat completions path.
+
+A Responses request is read as the chat request it means - ``input`` items -> ``messages`` (``instructions`` first,
+as a system message; ``function_call`` / ``function_call_output`` items -> an assistant message with
+``tool_calls`` / a ``tool`` message), function ``tools`` (flat) -> chat's nested ones, ``text.format`` ->
+``response_format``, ``reasoning.effort`` -> the chat template's ``enable_thinking``, ``max_output_tokens`` ->
+``max_tokens`` - and runs through the same preparation, validation, engine and tool / thinking parsing as
+``/v1/chat/completions`` (one validation source). The answer is written back as a ``response`` object, or as the
+Responses stream's typed events (``response.created`` ... ``response.completed``, each with its
+``sequence_number``). blockdiff's own sampling fields (``seed``, ``max_denoising_steps``, ...) pass through as on
+chat. Errors name the Responses field (``max_output_tokens``, ``input[2].content[0]``).
+
+Stateless: nothing is stored, so ``previous_response_id``, ``conversation`` and ``background`` are 400s (send the
+whole conversation in ``input``); ``store`` is accepted and the response says ``"store": false``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..sampling.fields import first_error
+from .body import parse_body
+from .errors import APIError, bad
+from .protocol import RESPONSES_SAMPLING, ResponsesRequest, now
+from .service import SSE_HEADERS
+
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class Translation:
+    """One Responses request as a chat request, and how to name its fields back in errors."""
+
+    def __init__(self, body):
+        _refuse_unsupported(body)  # before validation: these say why, not only what type was expected
+        try:
+            ResponsesRequest.model_validate(body)  # the Responses fields; the chat path checks the rest
+        except ValidationError as e:
+            raise bad(*first_error(e, deepest=True)) from None
+        self.body = body
+        self.origins: list[str] = []  # messages[k] came from this Responses path
+        self.chat = self._chat()
+
+    # ------------------------------------------------------------------ request
+    def _chat(self) -> dict:
+        b = self.body
+        chat: dict[str, Any] = {k: b[k] for k in RESPONSES_SAMPLING if k in b}  # blockdiff's own sampling fields
+        chat["model"] = b.get("model")
+        chat["messages"] = self._messages()
+        for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
+                         ("parallel_tool_calls", "parallel_tool_calls"), ("user", "user"),
+                         ("metadata", "metadata")):
+            if b.get(src) is not None:
+                chat[dst] = b[src]
+        if b.get("top_logprobs") not in (None, 0):
+            chat["logprobs"], chat["top_logprobs"] = True, b["top_logprobs"]
+        if b.get("tools") is not None:
+            chat["tools"] = self._tools(b["tools"])
+        if b.get("tool_choice") is not None:
+            chat["tool_choice"] = self._tool_choice(b["tool_choice"])
+        fmt = self._format()
+        if fmt is not None:
+            chat["response_format"] = fmt
+        thinking = self._thinking()
+        if thinking is not None:
+            chat["chat_template_kwargs"] = {"enable_thinking": thinking}
+        if b.get("stream") is not None:
+            chat["stream"] = b["stream"]
+            if b["stream"] is True:
+                chat["stream_options"] = {"include_usage": True}
+        return chat
+
+    def _messages(self) -> list[dict]:
+        b, out = self.body, []
+        inst = b.get("instructions")
+        if inst is not None:
+            if not isinstance(inst, str):
+                raise bad(f"'instructions' must be a string, got {_type(inst)}", "instructions")
+            out.append({"role": "system", "content": inst})
+            self.origins.append("instructions")
+        items = b.get("input")
+        if items is None:
+            raise bad("'input' is required: a string, or a list of input items", "input")
+        if isinstance(items, str):
+            out.append({"role": "user", "content": items})
+            self.origins.append("input")
+            return out
+        if not isinstance(items, list) or not items:
+            raise bad(f"'input' must be a string or a non-empty list of input items, got "
+                      f"{_type(items) if not isinstance(items, list) else 'an empty list'}", "input")
+        for j, item in enumerate(items):
+            where = f"input[{j}]"
+            if not isinstance(item, dict):
+                raise bad(f"'{where}' must be an object, got {_type(item)}", where)
+            kind = item.get("type") or "message"
+            if kind == "message":
+                out.append(self._message(item, where))
+            elif kind == "function_call":
+                call = {"id": _str(item, "call_id", where), "type": "function",
+                        "function": {"name": _str(item, "name", where), "arguments": _str(item, "arguments", where)}}
+                if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") \
+                        and self.origins[-1].startswith("input"):
+                    out[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+                    continue
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                if isinstance(output, list):  # input_text parts
+                    output = "".join(p.get("text", "") for p in output if isinstance(p, dict))
+                if not isinstance(output, str):
+                    raise bad(f"'{where}.output' must be a string, got {_type(output)}", f"{where}.output")
+                out.append({"role": "tool", "tool_call_id": _str(item, "call_id", where), "content": output})
+            elif kind == "reasoning":
+                continue  # an earlier turn's reasoning, sent back: the chat template drops past thinking anyway
+            else:
+                raise bad(f"'{where}.type' must be 'message', 'function_call', 'function_call_output' or "
+                          f"'reasoning', got {kind!r}", f"{where}.type")
+            self.origins.append(where)
+        return out
+
+    def _message(self, item: dict, where: str) -> dict:
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise bad(f"'{where}.role' must be 'user', 'assistant', 'system' or 'developer', got {role!r}",
+                      f"{where}.role")
+        content = item.get("content")
+        if isinstance(content, str):
+            return {"role": role, "content": content}
+        if not isinstance(content, list):
+            raise bad(f"'{where}.content' must be a string or a list of content parts, got {_type(content)}",
+                      f"{where}.content")
+        parts = []
+        for k, part in enumerate(content):
+            pw = f"{where}.content[{k}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("input_text", "output_text", "text"):
+                parts.append({"type": "text", "text": _str(part, "text", pw)})
+            elif kind == "refusal":
+                parts.append({"type": "text", "text": _str(part, "refusal", pw)})
+            elif kind == "input_image":
+                if part.get("file_id") is not None and part.get("image_url") is None:
+                    raise bad(f"'{pw}': file ids are not supported (this server stores no files); send the image "
+                              "as a data: URL in 'image_url'", pw)
+                parts.append({"type": "image_url", "image_url": {"url": _str(part, "image_url", pw)}})
+            else:
+                raise bad(f"'{pw}.type' must be 'input_text', 'output_text', 'refusal' or 'input_image', got "
+                          f"{kind!r}", f"{pw}.type")
+        return {"role": role, "content": parts}
+
+    def _tools(self, tools) -> list:
+        if not isinstance(tools, list):
+            raise bad(f"'tools' must be a list, got {_type(tools)}", "tools")
+        out = []
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or t.get("type") != "function":
+                kind = t.get("type") if isinstance(t, dict) else _type(t)
+                raise bad(f"'tools[{i}].type' must be 'function' (built-in tools such as web_search run on "
+                          f"OpenAI's servers), got {kind!r}", f"tools[{i}].type")
+            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t and t[k] is not None}
+            out.append({"type": "function", "function": fn})
+        return out
+
+    def _tool_choice(self, choice):
+        if not isinstance(choice, dict):
+            return choice
+        if choice.get("type") != "function":
+            raise bad(f"'tool_choice.type' must be 'function' (or tool_choice 'none', 'auto' or 'required'), got "
+                      f"{choice.get('type')!r}", "tool_choice.type")
+        return {"type": "function", "function": {"name": _str(choice, "name", "tool_choice")}}
+
+    def _format(self):
+        text = self.body.get("text")
+        if text is None:
+            return None
+        if not isinstance(text, dict):
+            raise bad(f"'text' must be an object, got {_type(text)}", "text")
+        fmt = text.get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict):
+            raise bad(f"'text.format' must be an object, got {_type(fmt)}", "text.format")
+        kind = fmt.get("type")
+        if kind == "json_schema":
+            return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema",
+                                                                                "strict") if k in fmt}}
+        return {"type": kind}  # text / json_object (anything else: chat's 400, named text.format below)
+
+    def _thinking(self) -> bool | None:
+        r = self.body.get("reasoning")
+        if r is None:
+            return None
+        if not isinstance(r, dict):
+            raise bad(f"'reasoning' must be an object, got {_type(r)}", "reasoning")
+        effort = r.get("effort")
+        if effort not in (None, "none", "minimal", "low", "medium", "high", "xhigh"):
+            raise bad(f"'reasoning.effort' must be one of none, minimal, low, medium, high, got {effort!r}",
+                      "reasoning.effort")
+        return None if effort is None else effort not in ("none", "minimal")
+
+    # ------------------------------------------------------------------ errors
+    def rename(self, e: APIError) -> APIError:
+        """A chat-path error, naming the Responses request's own fields."""
+        e.param = self._name(e.param) if e.param else e.param
+        e.message = re.sub(r"(?<![\w.\[])(messages\[\d+\][\w.\[\]]*|messages|max_tokens|max_completion_tokens|"
+                           r"response_format(?:\.json_schema\.schema|\.json_schema)?|chat_template_kwargs|"
+                           r"tools\[\d+\]\.function|tool_choice\.function)",
+                           lambda m: self._name(m.group(1)), e.message)
+        return e
+
+    def _name(self, param: str) -> str:
+        m = re.match(r"messages\[(\d+)\](.*)", param)
+        if m and int(m.group(1)) < len(self.origins):
+            origin = self.origins[int(m.group(1))]
+            return origin + ("" if origin in ("input", "instructions") else m.group(2))
+        for old, new in (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                         ("max_tokens", "max_output_tokens"), ("response_format.json_schema.schema",
+                                                               "text.format.schema"),
+                         ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
+                         ("chat_template_kwargs", "reasoning"), ("tool_choice.function", "tool_choice")):
+            if param == old or param.startswith(old + "."):
+                return new + param[len(old):]
+        m = re.match(r"tools\[(\d+)\]\.function(.*)", param)
+        if m:
+            return f"tools[{m.group(1)}]{m.group(2)}"
+        return param
+
+    # ------------------------------------------------------------------ response
+    def response(self, rid: str, created: int, status: str, output: list, usage: dict | None,
+                 incomplete: str | None = None, error: dict | None = None) -> dict:
+        b = self.body
+        fmt = (b.get("text") or {}).get("format") if isinstance(b.get("text"), dict) else None
+        return {"id": rid, "object": "response", "created_at": created, "status": status,
+                "model": b.get("model"), "output": output, "error": error,
+                "incomplete_details": {"reason": incomplete} if incomplete else None,
+                "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
+                "temperature": b.get("temperature"), "top_p": b.get("top_p"),
+                "parallel_tool_calls": b.get("parallel_tool_calls", True) is not False,
+                "tool_choice": b.get("tool_choice") or "auto", "tools": b.get("tools") or [],
+                "text": {"format": fmt or {"type": "text"}}, "reasoning": b.get("reasoning"),
+                "metadata": b.get("metadata") or {}, "store": False, "previous_response_id": None,
+                "truncation": "disabled", "user": b.get("user"), "usage": usage}
+
+
+def _refuse_unsupported(b: dict) -> None:
+    """What a stateless server on the chat path cannot take, each with a 400 saying what to send instead."""
+    for field, why in (("previous_response_id", "this server stores no responses"),
+                       ("conversation", "this server stores no conversations"),
+                       ("prompt", "this server has no stored prompt templates")):
+        if b.get(field) is not None:
+            raise bad(f"'{field}' is not supported: {why}; send the whole conversation in 'input'", field)
+    if b.get("background") not in (None, False):
+        raise bad("'background' is not supported: responses are answered while the request is open", "background")
+    if b.get("truncation") not in (None, "disabled"):
+        raise bad(f"'truncation' must be 'disabled', got {b['truncation']!r}: a prompt longer than the context "
+                  "is refused, never cut", "truncation")
+    if b.get("input") is None and "messages" in b:
+        raise bad("'input' is required: /v1/responses takes the conversation as 'input' (a string, or a list of "
+                  "input items), not 'messages'", "input")
+    tools = b.get("tools")
+    for i, t in enumerate(tools if isinstance(tools, list) else []):
+        if isinstance(t, dict) and t.get("type") != "function":
+            raise bad(f"'tools[{i}].type' must be 'function' (built-in tools such as web_search run on OpenAI's "
+                      f"servers), got {t.get('type')!r}", f"tools[{i}].type")
+
+
+def _type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _str(item: dict, key: str, where: str) -> str:
+    v = item.get(key)
+    if not isinstance(v, str):
+        raise bad(f"'{where}.{key}' must be a string, got {_type(v)}", f"{where}.{key}")
+    return v
+
+
+def response_usage(u: dict | None) -> dict | None:
+    if u is None:
+        return None
+    return {"input_tokens": u["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)},
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u["total_tokens"]}
+
+
+def output_items(message: dict, logprobs: dict | None) -> list[dict]:
+    """A chat message (content, reasoning_content, tool_calls) as Responses output items, in the order written."""
+    items = []
+    if message.get("reasoning_content"):
+        items.append({"type": "reasoning", "id": _id("rs"), "summary": [], "status": "completed",
+                      "content": [{"type": "reasoning_text", "text": message["reasoning_content"]}]})
+    if message.get("content") or not message.get("tool_calls"):
+        items.append({"type": "message", "id": _id("msg"), "role": "assistant", "status": "completed",
+                      "content": [{"type": "output_text", "text": message.get("content") or "", "annotations": [],
+                                   "logprobs": (logprobs or {}).get("content") or []}]})
+    for call in message.get("tool_calls") or []:
+        items.append({"type": "function_call", "id": _id("fc"), "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})
+    return items
+
+
+def _status(finish_reason: str | None) -> tuple[str, str | None]:
+    return ("incomplete", "max_output_tokens") if finish_reason == "length" else ("completed", None)
+
+
+async def create_response(srv, request: Request, raw: bytes, tenant: str | None) -> Response:
+    """``POST /v1/responses``: translate, run on the chat path, translate the answer back."""
+    t = Translation(parse_body(raw))  # its own 400s name the Responses fields already
+    try:
+        p = await srv.prepare("chat", json.dumps(t.chat).encode(), tenant)
+        answer = await srv.generate(request, p)
+    except APIError as e:
+        raise t.rename(e) from None
+    rid, created = _id("resp"), now()
+    if not p.req.stream:
+        if answer.status_code != 200:
+            return answer  # the client left (499)
+        chat = json.loads(answer.body)
+        choice = chat["choices"][0]
+        status, incomplete = _status(choice["finish_reason"])
+        return JSONResponse(t.response(rid, created, status, output_items(choice["message"], choice["logprobs"]),
+                                       response_usage(chat.get("usage")), incomplete))
+    return StreamingResponse(_events(t, rid, created, answer.body_iterator), headers=SSE_HEADERS,
+                             media_type="text/event-stream")
+
+
+async def _events(t: Translation, rid: str, created: int, chunks):
+    try:
+        async for s in _translate(t, rid, created, chunks):
+            yield s
+    finally:  # ended, or the client left: the chat stream's own cleanup (aborting the request) runs now
+        await chunks.aclose()
+
+
+async def _translate(t: Translation, rid: str, created: int, chunks):
+    """The chat stream's chunks as Responses stream events."""
+    seq = 0
+    items: list[dict] = []
+    open_item: dict | None = None  # the reasoning or message item text is going into
+    calls: dict[int, dict] = {}  # tool call index -> its function_call item
+
+    def event(kind: str, **fields) -> str:
+        nonlocal seq
+        d = {"type": kind, "sequence_number": seq, **fields}
+        seq += 1
+        return f"event: {kind}\ndata: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def open_text(kind: str):
+        nonlocal open_item
+        out = list(close_open())
+        if kind == "reasoning":
+            item = {"type": "reasoning", "id": _id("rs"), "summary": [], "status": "in_progress", "content": []}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"type": "message", "id": _id("msg"), "role": "assistant", "status": "in_progress",
+                    "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        items.append(item)
+        open_item = item
+        out.append(event("response.output_item.added", output_index=len(items) - 1, item=dict(item, content=[])))
+        item["content"].append(part)
+        out.append(event("response.content_part.added", item_id=item["id"], output_index=len(items) - 1,
+                         content_index=0, part=dict(part)))
+        return out
+
+    def close_open():
+        nonlocal open_item
+        item, open_item = open_item, None
+        if item is None:
+            return
+        i, part = items.index(item), item["content"][0]
+        item["status"] = "completed"
+        if item["type"] == "reasoning":
+            yield event("response.reasoning_text.done", item_id=item["id"], output_index=i, content_index=0,
+                        text=part["text"])
+        else:
+            yield event("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
+                        text=part["text"], logprobs=part["logprobs"])
+        yield event("response.content_part.done", item_id=item["id"], output_index=i, content_index=0, part=part)
+        yield event("response.output_item.done", output_index=i, item=item)
+
+    def text(kind: str, delta: str, lps=None):
+        out = []
+        if open_item is None or open_item["type"] != kind:
+            out += open_text(kind)
+        item, i = open_item, items.index(open_item)
+        part = item["content"][0]
+        part["text"] += delta
+        if kind == "reasoning":
+            out.append(event("response.reasoning_text.delta", item_id=item["id"], output_index=i, content_index=0,
+                             delta=delta))
+        else:
+            part["logprobs"] += lps or []
+            out.append(event("response.output_text.delta", item_id=item["id"], output_index=i, content_index=0,
+                             delta=delta, logprobs=lps or []))
+        return out
+
+    skeleton = t.response(rid, created, "in_progress", [], None)
+    yield event("response.created", response=skeleton)
+    yield event("response.in_progress", response=skeleton)
+    finish, usage = None, None
+    async for raw in chunks:
+        for line in raw.splitlines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if "error" in d:  # the request failed while it ran: the stream ends with response.failed
+                for s in close_open():
+                    yield s
+                err = d["error"]
+                yield event("response.failed", response=t.response(
+                    rid, created, "failed", items, usage, error={"code": err.get("code") or "server_error",
+                                                                 "message": err.get("message", "")}))
+                return
+            usage = d.get("usage") or usage
+            for choice in d.get("choices") or []:
+                delta, lps = choice.get("delta") or {}, (choice.get("logprobs") or {}).get("content")
+                if delta.get("reasoning_content"):
+                    for s in text("reasoning", delta["reasoning_content"]):
+                        yield s
+                if delta.get("content"):
+                    for s in text("message", delta["content"], lps):
+                        yield s
+                for tc in delta.get("tool_calls") or []:
+                    k = tc.get("index", 0)
+                    if k not in calls:
+                        for s in close_open():
+                            yield s
+                        item = {"type": "function_call", "id": _id("fc"), "call_id": tc.get("id") or _id("call"),
+                                "name": tc["function"].get("name", ""), "arguments": "", "status": "in_progress"}
+                        calls[k] = item
+                        items.append(item)
+                        yield event("response.output_item.added", output_index=len(items) - 1, item=dict(item))
+                    args = (tc.get("function") or {}).get("arguments")
+                    if args:
+                        item = calls[k]
+                        item["arguments"] += args
+                        yield event("response.function_call_arguments.delta", item_id=item["id"],
+                                    output_index=items.index(item), delta=args)
+                finish = choice.get("finish_reason") or finish
+    for s in close_open():
+        yield s
+    for item in calls.values():
+        item["status"] = "completed"
+        i = items.index(item)
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                    arguments=item["arguments"], name=item["name"])
+        yield event("response.output_item.done", output_index=i, item=item)
+    if not items:  # an empty answer is still one (empty) message, as the non-streamed response has
+        for s in open_text("message"):
+            yield s
+        for s in close_open():
+            yield s
+    status, incomplete = _status(finish)
+    yield event("response.incomplete" if status == "incomplete" else "response.completed",
+                response=t.response(rid, created, status, items, response_usage(usage), incomplete))

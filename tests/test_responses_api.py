@@ -1,0 +1,165 @@
+"""OpenAI's Responses API (``POST /v1/responses``) with the official ``openai`` client: each request answers as the
+chat completions request it means (same seed, same tokens), streams typed events the SDK's own stream helper
+accumulates, carries function calls and their outputs across turns, and names its own fields in errors."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+
+from blockdiff import LLM
+from blockdiff.server import build_app
+from test_server import LiveServer
+from tool_fixtures import make_tool_checkpoint
+
+MODEL = "tiny-dg"
+WEATHER = {"type": "function", "name": "get_weather", "description": "the forecast",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                          "required": ["city", "days"], "additionalProperties": False}}
+
+
+def chat_tool(t: dict) -> dict:
+    return {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = make_tool_checkpoint(tmp_path_factory.mktemp("responses_ckpt"), canvas_length=8,
+                                generation_config={"max_denoising_steps": 4, "max_new_tokens": 128})
+    srv = LiveServer(build_app(LLM(path, dtype=torch.float32, deterministic=True), MODEL))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+def test_text_answer_equals_the_chat_answer_for_the_same_request(client):
+    r = client.responses.create(model=MODEL, instructions="Be brief.", input="Why is the sky blue?",
+                                max_output_tokens=12, extra_body={"seed": 5})
+    c = client.chat.completions.create(model=MODEL, max_tokens=12, seed=5, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}])
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert r.output_text == c.choices[0].message.content and len(r.output) == 1
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"  # finish "length"
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (c.usage.prompt_tokens, c.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.store is False
+
+
+def test_stream_events_are_numbered_and_add_up_to_the_response(client):
+    kw = dict(model=MODEL, input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+              max_output_tokens=20, extra_body={"seed": 3})
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    assert len({e.response.id for e in events if hasattr(e, "response")}) == 1
+
+
+def test_a_required_call_streams_through_the_sdk_helper_and_equals_chats_call(client):
+    kw = dict(model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice="required",
+              extra_body={"seed": 2})
+    with client.responses.stream(**kw) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_response()
+    whole = client.responses.create(**kw)
+    chat = client.chat.completions.create(model=MODEL, seed=2, messages=[{"role": "user", "content":
+                                                                          "Weather in Paris?"}],
+                                          tools=[chat_tool(WEATHER)], tool_choice="required")
+    want = chat.choices[0].message.tool_calls[0]
+    for r in (final, whole):
+        assert r.status == "completed" and [o.type for o in r.output] == ["function_call"]
+        call = r.output[0]
+        assert (call.name, call.arguments) == (want.function.name, want.function.arguments)
+        jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert "response.function_call_arguments.done" in events and events[-1] == "response.completed"
+
+
+def test_a_call_and_its_output_sent_back_read_as_the_chat_turns_they_are(client):
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+            "arguments": '{"city": "Paris", "days": 1}'}
+    back = {"type": "function_call_output", "call_id": "call_1", "output": '{"sky": "blue"}'}
+    r = client.responses.create(model=MODEL, input=[{"role": "user", "content": "Weather in Paris?"}, call, back],
+                                tools=[WEATHER], max_output_tokens=16, extra_body={"seed": 4})
+    c = client.chat.completions.create(model=MODEL, seed=4, max_tokens=16, tools=[chat_tool(WEATHER)], messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "blue"}'}])
+    assert r.usage.input_tokens == c.usage.prompt_tokens
+    assert r.output_text == (c.choices[0].message.content or "")
+
+
+def test_text_format_json_schema_gives_valid_json(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    r = client.responses.create(model=MODEL, input="A digit as JSON", extra_body={"seed": 1},
+                                text={"format": {"type": "json_schema", "name": "digit", "schema": schema}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema"
+
+
+def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
+    kw = dict(model=MODEL, input="Think, then call.", tools=[WEATHER], tool_choice="required",
+              reasoning={"effort": "low"}, extra_body={"seed": 6})
+    r = client.responses.create(**kw)
+    c = client.chat.completions.create(model=MODEL, seed=6, tools=[chat_tool(WEATHER)], tool_choice="required",
+                                       messages=[{"role": "user", "content": "Think, then call."}],
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    reasoning = [o for o in r.output if o.type == "reasoning"]
+    assert c.choices[0].message.reasoning_content  # the grammar opens the answer with the thinking channel
+    assert [o.content[0].text for o in reasoning] == [c.choices[0].message.reasoning_content]
+    assert r.output[-1].type == "function_call"
+    off = client.responses.create(**{**kw, "reasoning": {"effort": "none"}})
+    assert off.output and all(o.type == "function_call" for o in off.output)
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"max_output_tokens": 0}, "max_output_tokens", "'max_output_tokens' must be >= 1"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input[0].content[0].text",
+     "must be a string"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role", "must be one of 'user', 'assistant'"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]", "must be a message, or a function_call"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments", "is required"),
+    ({"store": "yes"}, "store", "must be a boolean"),
+    ({"input": []}, "input", "non-empty list"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "this server stores no responses"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type", "must be 'function'"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format",
+     "text.format.schema: the JSON Schema is not supported"),
+    ({"input": None, "messages": [{"role": "user", "content": "x"}]}, "input", "takes the conversation as 'input'"),
+    ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice.name",
+     "'tool_choice.name' 'nope' is not one of the tools"),
+    ({"truncation": "auto"}, "truncation", "must be 'disabled'"),
+    ({"temperature": -1}, "temperature", "'temperature' must be"),
+])
+def test_bad_requests_are_400s_naming_the_responses_field(server, extra, param, message):
+    body = {"model": MODEL, "input": "hi", **extra}
+    r = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and message in err["message"], err
+    assert "messages[" not in err["message"] and "max_tokens" not in err["message"]
+
+
+def test_the_openai_client_raises_bad_request_for_an_unknown_model(client):
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="other", input="hi")
