@@ -256,6 +256,9 @@ BAD = [
     ("/detokenize", {"model": "gpt-4", "tokens": [1, 2]}, 404, "model 'gpt-4' does not exist"),
     ("/v1/completions", {"model": MODEL, "prompt": 42}, 400, "'prompt' must be a string or an array"),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, True]}, 400, "'prompt[1]' must be a token id (an integer), "
+     "got a boolean"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, "a"]]}, 400, "'prompt[1]' must be a token id"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "16"}, 400, "'max_tokens' must be an integer"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "'max_tokens' must be >= 1"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
