@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
-from ..sampling.fields import ParamError, json_type
+from ..sampling.fields import ParamError, json_text, json_type
 from .grammar import answer_rule, thought_then_answer, tool_call_grammar
 from .syntax import MARKERS, NAME, Markers
 
@@ -102,9 +101,9 @@ def template_messages(messages: list[dict]) -> list[dict]:
                 args = fn.get("arguments", "{}")
                 if isinstance(args, str):
                     try:
-                        args = json.loads(args) if args.strip() else {}
-                    except json.JSONDecodeError as e:
-                        raise ToolError(f"{where}.function.arguments", f"is not valid JSON: {e}") from None
+                        args = json_text(args) if args.strip() else {}
+                    except ValueError as e:
+                        raise ToolError(f"{where}.function.arguments", str(e)) from None
                 if not isinstance(args, dict):
                     raise ToolError(f"{where}.function.arguments", "must be a JSON object")
                 c = copy.deepcopy(c)
