@@ -256,6 +256,9 @@ BAD = [
     ("/detokenize", {"model": "gpt-4", "tokens": [1, 2]}, 404, "model 'gpt-4' does not exist"),
     ("/v1/completions", {"model": MODEL, "prompt": 42}, 400, "'prompt' must be a string or an array"),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, True]}, 400, "'prompt[1]' must be a token id (an integer), "
+     "got a boolean"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, "a"]]}, 400, "'prompt[1]' must be a token id"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "16"}, 400, "'max_tokens' must be an integer"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "'max_tokens' must be >= 1"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "'max_tokens' must be >= 1"),
@@ -590,3 +593,25 @@ def test_top_k_top_p_min_p_through_the_openai_client(main):
     assert text() == text(top_k=-1) == text(min_p=0.0)  # neutral
     c = client.completions.create(model=MODEL, prompt="Tell me", max_tokens=32, seed=6, top_p=0.5, extra_body=X)
     assert c.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_completion_logprobs_equal_the_whole_when_the_output_ends_inside_a_character(main):
+    """max_tokens can cut the output inside a character: the text ends in U+FFFD and the last token carries it.
+    Streamed, the tokens of a character the canvas left incomplete come with the next canvas or the finish, so
+    the streamed tokens and offsets equal the non-streamed ones and join to the streamed text."""
+    cut = 0
+    for seed in range(16):
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 20, "seed": seed, "logprobs": 1, **X}
+        whole = httpx.post(main.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        if not whole["text"].endswith("\ufffd"):
+            continue
+        cut += 1
+        streamed, text = {"tokens": [], "text_offset": [], "token_logprobs": []}, ""
+        for line in _sse_lines(main, **body, stream=True):
+            ch = json.loads(line.removeprefix("data: "))["choices"][0]
+            text += ch["text"]
+            for k in streamed:
+                streamed[k] += (ch["logprobs"] or {}).get(k, [])
+        assert text == whole["text"] and streamed == {k: whole["logprobs"][k] for k in streamed}
+        assert "".join(streamed["tokens"]) == text
+    assert cut >= 2  # the seeds above cut some outputs inside a character

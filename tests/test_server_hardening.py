@@ -156,6 +156,30 @@ def test_json_nested_5000_deep_is_400(srv):
     assert httpx.get(srv.url + "/health").status_code == 200
 
 
+@pytest.mark.parametrize("depth", [65, 5000])
+def test_json_text_in_a_field_nested_too_deep_is_400_naming_it(srv, depth):
+    """JSON sent as a string (a tool call's arguments, a schema in guided_json or structured_outputs.json) is read
+    within the body's limit of 64 levels: deeper was a 500 (RecursionError, in the parser or the template after
+    it); so is an integer literal Python cannot read."""
+    deep = '{"a": ' * depth + "1" + "}" * depth
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+    cases = [("/v1/chat/completions", {"messages": messages}, "messages[1].tool_calls[0].function.arguments"),
+             ("/v1/completions", {"prompt": "hi", "guided_json": deep}, "guided_json"),
+             ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": deep}}, "structured_outputs")]
+    for path, body, param in cases:
+        r = httpx.post(srv.url + path, json={"model": MODEL, "max_tokens": 4, **body}, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and "nests too deeply: at most 64 levels" in err["message"], err
+    call["function"]["arguments"] = '{"a": ' + "1" * 5000 + "}"
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 4, "messages": messages},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls[0].function.arguments"
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
 def test_any_500_keeps_the_keep_alive_connection_usable(srv, monkeypatch):
     server = srv.app.state.server
 

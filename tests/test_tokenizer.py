@@ -352,3 +352,25 @@ def test_completion_logprobs_tokens_join_to_the_text_across_blocks(kind, chunk, 
     assert whole["text_offset"][:-1] == [len("".join(toks[:k])) for k in range(len(toks))]
     assert all(len(d) == 4 for d in whole["top_logprobs"])
     assert any(k.startswith("bytes:\\x") for k in whole["top_logprobs"][0])
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_streamed_completion_logprobs_equal_the_whole_when_the_output_ends_inside_a_character(kind, chunk, tok):
+    """An output cut inside a character (max_tokens, a budget): its text ends in U+FFFD, which the whole output's
+    last token carries. Streamed block by block, the tokens of a character a block leaves incomplete wait for the
+    next block or the end (``flush``), so the streamed entries equal the whole's."""
+    from blockdiff.server.logprobs import CompletionLogprobs, completion_logprobs
+    t = tok if kind == "byte-level" else _sentencepiece_tokenizer()
+    ids = t.encode("ab 中文 🙂", add_special_tokens=False)
+    lead = max(k for k, i in enumerate(ids) if t.token_bytes(i)[:1] == b"\xf0")  # the emoji's first byte
+    ids = ids[:lead + 2]  # 2 of its 4 bytes
+    entries = [(-0.5, [(i, -0.5)]) for i in ids]
+    whole = completion_logprobs(t, ids, entries)
+    assert whole["tokens"][-1].endswith("\ufffd")
+    built = CompletionLogprobs(t)
+    parts = [built.block(ids[k:k + chunk], entries[k:k + chunk]) for k in range(0, len(ids), chunk)]
+    parts.append(built.flush())
+    for key in whole:
+        assert [x for p in parts for x in p[key]] == whole[key]
+    assert built.flush() is None  # nothing held back any more

@@ -417,3 +417,15 @@ def test_tokenize_messages_counts_the_prompt_chat_runs(server, body):
 def test_tokenize_validates_tools_as_chat_does(server):
     r = httpx.post(server.url + "/tokenize", json={"messages": USER, "tools": [{"type": "function"}]}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("tools"), r.text
+
+
+@pytest.mark.parametrize("call_id", [["call_1"], {"id": "call_1"}, 1])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_tool_call_id_that_is_not_a_string_is_a_400_naming_it(server, path, call_id):
+    """A tool result's tool_call_id is looked up among the earlier calls' ids: a list or an object there was a
+    500 (unhashable type); now a 400 naming it, like any wrong-typed field."""
+    messages = HISTORY[:2] + [{"role": "tool", "tool_call_id": call_id, "content": "sunny"}]
+    r = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 8, "messages": messages}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[2].tool_call_id"
+    assert r.json()["error"]["message"].startswith("'messages[2].tool_call_id' must be a string, got ")

@@ -9,7 +9,9 @@ live in ``SamplingParams.validate`` and reach HTTP clients as a 400 naming the f
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -35,6 +37,9 @@ MIN_TEMPERATURE_FACTOR = 0.01
 MAX_TEMPERATURE_FACTOR = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_CACHE_SALT_CHARS = 1024
+# Levels of arrays and objects in a request body, and in JSON text a field holds (``json_text``): deeper JSON
+# overflows the recursion of the parser or of what walks the value after it (a template, a schema compiler).
+MAX_JSON_DEPTH = 64
 
 
 class ParamError(ValueError):
@@ -218,6 +223,29 @@ class ParamsFields(SamplingFields, OutputFields):
 def invalid(message: str, param: str) -> PydanticCustomError:
     """Raised inside a validator: a complete message for ``param`` (kept verbatim by ``describe``)."""
     return PydanticCustomError("blockdiff", "{message}", {"message": message, "param": param})
+
+
+def json_text(text: str):
+    """The value of JSON text a field holds (a tool call's ``arguments``, a schema sent as a string), read within the
+    limits of a request body: at most ``MAX_JSON_DEPTH`` levels of arrays and objects, integers Python can read. A
+    ``ValueError`` whose message completes "<field> ..." otherwise."""
+    too_deep = f"nests too deeply: at most {MAX_JSON_DEPTH} levels of arrays and objects"
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON: {e}") from None
+    except ValueError:  # an integer literal past Python's int-string limit
+        raise ValueError(f"holds an integer of more than {sys.get_int_max_str_digits()} digits") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: a deep value must not recurse here either
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(too_deep)
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return value
 
 
 def json_type(v) -> str:

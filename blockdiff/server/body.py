@@ -14,13 +14,13 @@ import json
 
 from starlette.requests import ClientDisconnect, Request
 
+from ..sampling.fields import MAX_JSON_DEPTH
 from .errors import APIError, bad, json_type
 
 MAX_BODY_BYTES = 8 << 20
 # Seconds without a byte of the body before it is refused (408). Idle time, not total time: a big image uploaded
 # slowly but steadily is read however long it takes.
 BODY_IDLE_TIMEOUT = 30.0
-MAX_JSON_DEPTH = 64
 MAX_INT_DIGITS = 4300  # Python's int-string conversion limit (sys.get_int_max_str_digits() by default)
 
 

@@ -56,18 +56,25 @@ def chat_logprobs(tok, ids: list[int], entries: list) -> dict:
 
 class CompletionLogprobs:
     """One choice's completions logprobs, block by block (a character may be split across canvases): the UTF-8
-    decoder state and the text offset carry over from one ``block`` to the next."""
+    decoder state and the text offset carry over from one ``block`` to the next. Tokens that leave a character
+    incomplete at a block's end are held back, as the streamed text holds the character back, until a later
+    block completes it or ``flush`` ends the output: so the blocks' entries join to the whole output's, whose last
+    token takes the U+FFFD of a character the output never completed."""
 
     def __init__(self, tok, offset: int = 0):
         self.tok = tok
         self.offset = offset
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._held: tuple[list, list] = ([], [])  # ids and entries of an incomplete trailing character
 
     def block(self, ids: list[int], entries: list, final: bool = False) -> dict:
         """``final``: no more tokens follow, so bytes still waiting for the rest of a character are written as
         U+FFFD into the last token (as the text's full decode writes them)."""
+        ids, entries = self._held[0] + list(ids), self._held[1] + list(entries)
+        self._held = ([], [])
         tokens, token_lps, tops, offsets = [], [], [], []
         last_text = None  # index of the last token that is text
+        whole, whole_offset = 0, self.offset  # tokens (and the offset) up to the last complete character
         for k, (i, (lp, top)) in enumerate(zip(ids, entries)):
             if self.tok is not None and self.tok.is_special(i):
                 t = token_name(self.tok, i)  # named, but not part of the text
@@ -84,11 +91,22 @@ class CompletionLogprobs:
                 name = token_name(self.tok, j)
                 d[name if name not in d else f"token_id:{j}"] = _lp(x)  # two tokens of one text stay two entries
             tops.append(d)
+            if not self._utf8.getstate()[0]:
+                whole, whole_offset = k + 1, self.offset
         if final and last_text is not None:
             rest = self._utf8.decode(b"", final=True)
             tokens[last_text] += rest
             self.offset += len(rest)
+        elif not final and whole < len(ids):  # decoded again with the block that completes the character
+            self._held = (ids[whole:], entries[whole:])
+            self._utf8.reset()
+            self.offset = whole_offset
+            del tokens[whole:], token_lps[whole:], tops[whole:], offsets[whole:]
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def flush(self) -> dict | None:
+        """The end of the output: the entries still held back (None if none)."""
+        return self.block([], [], final=True) if self._held[0] else None
 
 
 def completion_logprobs(tok, ids: list[int], entries: list, offset: int = 0) -> dict:

@@ -177,6 +177,8 @@ class CompletionRequest(SamplingRequest, OutputFields):
                 return p
             if all(isinstance(x, (str, list)) for x in p):
                 raise invalid(f"'prompt' holds {len(p)} prompts; this server takes one prompt per request", "prompt")
+            k, x = next((k, x) for k, x in enumerate(p) if not isinstance(x, int) or isinstance(x, bool))
+            raise invalid(f"'prompt[{k}]' must be a token id (an integer), got {json_type(x)}", f"prompt[{k}]")
         raise invalid(f"'prompt' must be a string or an array of token ids, got {json_type(p)}", "prompt")
 
     @model_validator(mode="after")

@@ -574,15 +574,17 @@ class Server:
                     if ev.logprobs is not None:  # this block's tokens, sent with its text (even when held back)
                         if chat:
                             lps = chat_logprobs(self.tokenizer, ev.token_ids, ev.logprobs)
-                        else:
+                        else:  # a character the block leaves incomplete: its tokens wait for the next block
                             lps = completion_lps[i].block(ev.token_ids, ev.logprobs)
+                            lps = lps if lps["tokens"] else None
                     if delta or lps is not None:
                         yield chunk(i, delta, lps=lps)
                 elif ev.kind == "done":
                     left -= 1
                     delta = text_streams[i].finish()
-                    if delta:
-                        yield chunk(i, delta)
+                    lps = None if chat else completion_lps[i].flush()  # tokens of a character never completed
+                    if delta or lps is not None:
+                        yield chunk(i, delta, lps=lps)
                     yield chunk(i, finish=ev.finish_reason)
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],

@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 
+from ..sampling.fields import json_text
+
 CONSTRAINT_KEYS = ("json", "json_object", "regex", "choice", "grammar")
 OPTION_KEYS = ("allow_whitespace",)
 MAX_CHOICES = 1024
@@ -59,9 +61,9 @@ def normalize(spec) -> dict:
             if len(value) > MAX_SPEC_CHARS:
                 raise ValueError(f"structured_outputs.json is longer than {MAX_SPEC_CHARS} characters")
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+                value = json_text(value)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json {e}") from None
         if not isinstance(value, dict):
             raise ValueError(f"structured_outputs.json must be a JSON Schema object, got {type(value).__name__}")
         out["json"] = value

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
-from ..sampling.fields import ParamError
+from ..sampling.fields import ParamError, json_text, json_type
 from .grammar import answer_rule, thought_then_answer, tool_call_grammar
 from .syntax import MARKERS, NAME, Markers
 
@@ -102,9 +101,9 @@ def template_messages(messages: list[dict]) -> list[dict]:
                 args = fn.get("arguments", "{}")
                 if isinstance(args, str):
                     try:
-                        args = json.loads(args) if args.strip() else {}
-                    except json.JSONDecodeError as e:
-                        raise ToolError(f"{where}.function.arguments", f"is not valid JSON: {e}") from None
+                        args = json_text(args) if args.strip() else {}
+                    except ValueError as e:
+                        raise ToolError(f"{where}.function.arguments", str(e)) from None
                 if not isinstance(args, dict):
                     raise ToolError(f"{where}.function.arguments", "must be a JSON object")
                 c = copy.deepcopy(c)
@@ -115,6 +114,8 @@ def template_messages(messages: list[dict]) -> list[dict]:
             m["tool_calls"] = fixed
         if m.get("role") == "tool" and not m.get("name"):
             call_id = m.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):  # an id to look up, never a 500
+                raise ToolError(f"messages[{i}].tool_call_id", f"must be a string, got {json_type(call_id)}")
             name = names_by_id.get(call_id)
             if name is None:  # the template would name the result "unknown": which call it answers is lost
                 raise ToolError(f"messages[{i}].tool_call_id",
