@@ -381,6 +381,8 @@ def test_client_leaving_a_non_streamed_request_aborts_it(main):
 
 def test_api_key_is_required_except_on_health(small):
     assert httpx.get(small.url + "/health").status_code == 200
+    head = httpx.head(small.url + "/health")  # load balancers' probes
+    assert head.status_code == 200 and head.content == b""
     r = httpx.get(small.url + "/v1/models")
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
     assert httpx.get(small.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401

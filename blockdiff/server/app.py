@@ -222,7 +222,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
         return await srv.prepare(kind, raw, getattr(request.state, "tenant", None))
 
     # ------------------------------------------------------------------ routes
-    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=schemas.Health,  # HEAD: load balancers' probes
+                   responses={503: {"model": schemas.Health}})
     async def health():
         if not aeng.healthy or srv.draining:
             return JSONResponse({"status": "unavailable"}, status_code=503)
