@@ -222,12 +222,18 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
         return await srv.prepare(kind, raw, getattr(request.state, "tenant", None))
 
     # ------------------------------------------------------------------ routes
-    @app.api_route("/health", methods=["GET", "HEAD"], response_model=schemas.Health,  # HEAD: load balancers' probes
-                   responses={503: {"model": schemas.Health}})
+    def healthy() -> bool:
+        return aeng.healthy and not srv.draining
+
+    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
     async def health():
-        if not aeng.healthy or srv.draining:
+        if not healthy():
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
+
+    @app.head("/health", include_in_schema=False)  # load balancers' probes
+    async def health_head():
+        return Response(status_code=200 if healthy() else 503)
 
     @app.get("/metrics", dependencies=guarded, response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 401: schemas.ERRORS[401]})
