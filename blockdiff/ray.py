@@ -67,7 +67,8 @@ class RoutedRequest:
 
 
 def routing_text(path: str, body: bytes, tenant: str | None = None) -> str:
-    """The text a request's prompt starts with: chat messages' contents in order, or the completion prompt.
+    """The text a request's prompt starts with: chat messages' contents in order (a Responses request's
+    instructions and input items), or the completion prompt.
 
     Salted requests (``tenant``: the API key's tag when the replicas salt by key; the body's ``cache_salt``) start
     with their salt, as their cached blocks do on the replicas: the router then matches a prompt only against
@@ -86,8 +87,13 @@ def routing_text(path: str, body: bytes, tenant: str | None = None) -> str:
 
 def _prompt_text(path: str, data: dict) -> str:
     parts = []
-    if isinstance(data.get("messages"), list):
-        for m in data["messages"]:
+    messages = data.get("messages")
+    if isinstance(data.get("input"), (str, list)):  # /v1/responses: instructions, then the input items
+        inst = data.get("instructions")
+        messages = ([{"content": inst}] if isinstance(inst, str) else []) + (
+            [{"content": data["input"]}] if isinstance(data["input"], str) else data["input"])
+    if isinstance(messages, list):
+        for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, str):
                 parts.append(content)

@@ -330,6 +330,8 @@ def test_the_router_matches_a_prompt_only_within_its_tenant_salt(tiny_checkpoint
     body = json.dumps({"messages": [{"role": "user", "content": "shared prompt"}]}).encode()
     salted = json.dumps({"prompt": "shared prompt", "cache_salt": "s"}).encode()
     assert routing_text("/v1/chat/completions", body) == "shared prompt\n"  # unsalted: as before
+    responses = json.dumps({"input": [{"role": "user", "content": [{"type": "input_text", "text": "shared prompt"}]}]})
+    assert routing_text("/v1/responses", responses.encode()) == "shared prompt\n"  # the same chat, the same replica
     assert routing_text("/v1/completions", salted).endswith("shared prompt")
     assert not routing_text("/v1/completions", salted).startswith("shared prompt")
     assert routing_text("/v1/chat/completions", body, "ta") != routing_text("/v1/chat/completions", body, "tb")
