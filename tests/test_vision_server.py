@@ -105,6 +105,17 @@ def test_openai_client_sends_a_base64_image_and_gets_llm_chats_answer(servers):
     assert other.choices[0].message.content != resp.choices[0].message.content
 
 
+def test_the_responses_api_takes_an_input_image_as_chat_takes_an_image_url(servers):
+    url = data_url(encoded(picture(90, 70, 5)))
+    r = servers["mm"].client().responses.create(model=MODEL, max_output_tokens=16, extra_body={"seed": 3, **X},
+                                                input=[{"role": "user", "content": [
+                                                    {"type": "input_image", "image_url": url},
+                                                    {"type": "input_text", "text": "What is this?"}]}])
+    want = ask(servers["mm"], image_part(url))
+    assert r.output_text == want.choices[0].message.content
+    assert r.usage.input_tokens == want.usage.prompt_tokens
+
+
 def test_local_file_only_under_the_allowed_folder(servers, media_dir, tmp_path):
     ok = ask(servers["mm"], image_part(f"file://{media_dir / 'ok.png'}"))
     assert ok.choices[0].finish_reason in ("stop", "length")
