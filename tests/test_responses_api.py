@@ -163,3 +163,19 @@ def test_bad_requests_are_400s_naming_the_responses_field(server, extra, param, 
 def test_the_openai_client_raises_bad_request_for_an_unknown_model(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="other", input="hi")
+
+
+def test_a_dropped_responses_stream_aborts_its_request(server):
+    from test_server import wait_until
+
+    eng = server.engine
+    aborted = eng.counters.finished["abort"]
+    body = {"model": MODEL, "input": "Go on forever", "max_output_tokens": 1024, "stream": True, "seed": 0,
+            "ignore_eos": True, "max_denoising_steps": 256, "stability_threshold": 10_000}
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/responses", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "response.output_text.delta":
+                break  # the first canvas is out: hang up
+        assert eng.num_in_flight == 1
+    assert wait_until(lambda: eng.counters.finished["abort"] == aborted + 1 and eng.num_in_flight == 0)
