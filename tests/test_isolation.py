@@ -228,3 +228,51 @@ def test_a_temperature_that_underflows_is_refused_up_front(t_max):
     with pytest.raises(ParamError, match="'t_max' must be >= 1e-06") as e:
         SamplingParams(max_new_tokens=16, seed=1, t_min=0, t_max=t_max, max_denoising_steps=3)
     assert e.value.param == "t_max"
+
+
+@pytest.mark.parametrize("fail_at_layer", [0, 1])
+def test_a_batched_encode_failing_after_it_overwrote_sliding_keys_never_runs_on_with_them(tiny_checkpoint,
+                                                                                        monkeypatch, fail_at_layer):
+    """A batched commit encode that raises: before any write (layer 0) each row is run again alone and goes on;
+    after layer 0 wrote its sliding-window ring, which wraps onto positions each row still reads, running a row
+    again would read the failed call's keys there: those rows fail, and never finish as a success with the
+    tokens of a wrong cache."""
+    from blockdiff.kv_cache import CacheBatch
+    fast = LLM(tiny_checkpoint, dtype="float32")
+    ps = [params(i) for i in range(len(PROMPTS))]
+    base = fast.generate(PROMPTS, ps)
+    real = CacheBatch.write
+    raised = []
+
+    def write(self, layer, k, v):
+        if layer == fail_at_layer and not raised and len(self.lengths) > 1 and min(self.lengths) > 0:
+            raised.append(list(self.lengths))  # the first batched commit encode
+            raise RuntimeError("injected mid-encode failure")
+        return real(self, layer, k, v)
+    monkeypatch.setattr(CacheBatch, "write", write)
+    outs = fast.generate(PROMPTS, ps)
+    assert raised and len(raised[0]) == len(PROMPTS)
+    if fail_at_layer == 0:
+        assert [o.finish_reason for o in outs] == ["length"] * len(PROMPTS)
+        return
+    for o, b in zip(outs, base):
+        assert o.finish_reason == "error", (o.token_ids, b.token_ids)
+        assert "overwriting its sliding-window keys/values): RuntimeError: injected mid-encode failure" in o.error
+
+
+def test_overwrites_visible_matches_the_ring_slots_an_encode_writes():
+    """The rule the engine uses above, against the slots themselves: positions a query after ``length`` sees, and
+    the slots of the last ring's worth of new positions (the ones an encode writes)."""
+    from blockdiff.config import FULL, SLIDING, LayerSpec
+    from blockdiff.kv_cache import KVPool
+    for window, page in [(8, 16), (8, 4), (17, 4), (1, 4), (5, 1)]:
+        pool = KVPool([LayerSpec(SLIDING, 4, 1, True, window)], page_size=page)
+        g = pool.group_of[0]
+        R = pool.ring_pages(g) * page
+        for length in range(0, 40):
+            for n in range(1, 40):
+                seen = {p % R for p in range(length - pool.visible(g, length), length)} if R else set()
+                written = {q % R for q in range(max(length, length + n - R), length + n)} if R else set()
+                assert pool.overwrites_visible(g, length, n) == bool(seen & written), (window, page, length, n)
+    full = KVPool([LayerSpec(FULL, 4, 1, True, None)], page_size=4)
+    assert not full.overwrites_visible(None, 100, 1000)

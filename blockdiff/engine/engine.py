@@ -267,7 +267,9 @@ class Engine:
     def _encode(self, states: list[ModelState]) -> None:
         """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest). A
         request whose encode fails (its image, its tokens) ends alone: a failed batched call is retried row by row
-        to find it (the cache rows were not committed, so nothing half-written stays)."""
+        to find it (the cache rows were not committed: a second encode rewrites the same positions). Not a row
+        whose sliding-window ring the failed call already wrapped onto positions it still reads: those keys/values
+        are gone, so that row fails too rather than run on with a wrong cache."""
         model = self.model
         # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
         # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas. A prompt with
@@ -295,15 +297,22 @@ class Engine:
             lengths = [n for n, _, _ in group]
             width = max(lengths)
             ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
+            cache = KVCache([s.cache for _, s, _ in group])
             try:
-                model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
+                model.encode(ids, cache, lengths=lengths)
                 self.stats["encode_tokens"] += sum(lengths)
             except Exception as e:
                 if len(group) == 1:
                     fail_request(group[0][1], "encoding failed", e)
                     continue
-                for _, s, t in group:  # find the request it was: each alone
-                    guarded(s, "encoding failed", self._encode_ids, s, t)
+                for _, s, t in group:  # find the request it was: each alone, where a second encode is exact
+                    if cache.rings_written and s.cache.encode_overwrites(len(t)):
+                        # the failed call already wrote over sliding-window keys/values this row still reads:
+                        # run again, it would read the failed call's keys there and go on with a wrong cache
+                        fail_request(s, "encoding failed (a batched encode holding it failed after overwriting "
+                                        "its sliding-window keys/values)", e)
+                    else:
+                        guarded(s, "encoding failed", self._encode_ids, s, t)
         for s, prompt, reused in prompts:
             if not s.finished:
                 pc.insert(s.cache, prompt, reused, s.params.cache_salt)
