@@ -344,7 +344,7 @@ class Engine:
         kwargs = {} if left is None else {"pixel_values": left.pixel_values,
                                           "image_position_ids": left.image_position_ids,
                                           "mm_token_type_ids": left.mm_token_type_ids(rest, image_id),
-                                          "image_keys": left.digests(), "image_memo": self.image_memo}
+                                          "image_keys": _salted(left.digests(), salt), "image_memo": self.image_memo}
         self.model.encode(torch.tensor([rest]), KVCache([s.cache]), **kwargs)
         self.stats["encode_tokens"] += len(rest)
         pc.insert(s.cache, keys, reused, salt)
@@ -542,6 +542,12 @@ def _encode_groups(items: list) -> list[list]:
 
 
 SOFT_CHUNK = 256  # rows of probabilities cast to the model dtype at once for the self-conditioning product
+
+
+def _salted(digests: list, salt: str | None) -> list:
+    """The feature memo's keys of a request's images: under its ``cache_salt``, as its prefix-cache blocks are (a
+    tenant's time to first token must not tell that another sent the same image)."""
+    return digests if salt is None else [(salt, d) for d in digests]
 
 
 def _row_group(s: ModelState) -> int:
