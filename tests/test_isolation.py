@@ -276,3 +276,36 @@ def test_overwrites_visible_matches_the_ring_slots_an_encode_writes():
                 assert pool.overwrites_visible(g, length, n) == bool(seen & written), (window, page, length, n)
     full = KVPool([LayerSpec(FULL, 4, 1, True, None)], page_size=4)
     assert not full.overwrites_visible(None, 100, 1000)
+
+
+def test_a_late_stop_string_is_found_in_a_few_decodes_not_one_per_output_token(tiny_checkpoint):
+    """The stop check runs on the engine thread, so its cost is every request's wait: where a stop string first
+    shows up in a long output, the cut is found by bisecting the last canvas (a few decodes), and it is the cut
+    of the shortest prefix holding the stop string, as decoding every prefix finds it."""
+    import random
+    from types import SimpleNamespace
+
+    from blockdiff.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    decodes = []
+
+    class Counting:
+        def decode(self, ids):
+            decodes.append(len(ids))
+            return tok.decode(ids)
+    rng = random.Random(0)
+    C = 16
+    for stops in (["ZQ"], ["the", "ZQXJ"], ["a b"]):
+        for trial in range(10):
+            ids = [rng.randrange(3, 400) for _ in range(rng.randrange(C, 40 * C))] + tok.encode(stops[-1])
+            ids += [rng.randrange(3, 400) for _ in range(C)]
+            want = next(k for k in range(1, len(ids) + 1) if any(s in tok.decode(ids[:k]) for s in stops))
+            check = engine_mod.Engine._stop_checker(SimpleNamespace(tokenizer=Counting()), stops)
+            for end in range(C, len(ids) + C, C):  # one call per committed canvas, as ModelState makes them
+                decodes.clear()
+                cut = check(ids[:end])
+                if cut is not None:
+                    break
+                assert len(decodes) == 1
+            assert cut == want, (stops, trial)
+            assert len(decodes) <= 2 + (C - 1).bit_length()  # not one decode per token of the output

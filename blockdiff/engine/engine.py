@@ -218,16 +218,25 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         tok = self.tokenizer
+        clean = [0]  # the longest output (a prefix of every later one) already checked to hold no stop string
+
+        def holds(ids: list[int]) -> bool:
+            text = tok.decode(ids)
+            return any(s in text for s in stops)
 
         def check(ids: list[int]) -> int | None:
-            text = tok.decode(ids)
-            if not any(s in text for s in stops):
+            """The shortest prefix of ``ids`` whose text holds a stop string, or None. It runs on the engine thread
+            once per canvas: the search bisects the tokens added since the last clean check (a longer prefix
+            keeps the stop string), a few decodes, not one per output token (seconds per request at 8k tokens,
+            with every other request's tick waiting)."""
+            if not holds(ids):
+                clean[0] = len(ids)
                 return None
-            for k in range(1, len(ids) + 1):  # the shortest prefix that contains a stop string
-                t = tok.decode(ids[:k])
-                if any(s in t for s in stops):
-                    return k
-            return len(ids)
+            lo, hi = clean[0], len(ids)  # ids[:lo] holds none, ids[:hi] holds one
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if holds(ids[:mid]) else (mid, hi)
+            return hi
         return check
 
     # ------------------------------------------------------------------ one tick
