@@ -113,6 +113,14 @@ class KVPool:
         """Cached positions a query after ``length`` positions can see in this group."""
         return length if group is None else min(length, max(group - 1, 0))
 
+    def overwrites_visible(self, group, length: int, new_tokens: int) -> bool:
+        """Whether writing ``new_tokens`` positions after ``length`` overwrites, in this group's ring, a position a
+        query after ``length`` still sees (never for full attention: new positions take slots of their own). The
+        oldest visible position ``p`` is overwritten by position ``p + ring``, the first that shares its slot."""
+        ring = self.ring_pages(group)
+        vis = self.visible(group, length)
+        return ring is not None and vis > 0 and length - vis + ring * self.page_size < length + new_tokens
+
     def page_bytes(self, group) -> int:
         el = torch.empty(0, dtype=self.dtype).element_size()
         return sum(2 * self.page_size * self.specs[i].num_kv_heads * self.specs[i].head_dim * el
@@ -235,6 +243,11 @@ class SequenceCache:
     def freed(self) -> bool:
         return self.pages is None
 
+    def encode_overwrites(self, new_tokens: int) -> bool:
+        """Whether an encode of ``new_tokens`` more positions overwrites keys/values this sequence still reads (its
+        sliding rings wrap onto visible positions): an encode that fails after such a write cannot be run again."""
+        return any(self.pool.overwrites_visible(g, self.length, new_tokens) for g in self.pages)
+
     def nbytes(self) -> int:
         if self.pages is None:
             return 0
@@ -262,6 +275,7 @@ class KVCache:
             raise ValueError("a KVCache cannot hold a freed sequence")
         self.seqs = seqs
         self.pool = seqs[0].pool
+        self.rings_written = False  # an encode wrote a sliding ring (set by CacheBatch.write)
 
     @classmethod
     def empty(cls, specs: list[LayerSpec], batch_size: int, pool: KVPool | None = None) -> "KVCache":
@@ -397,6 +411,7 @@ class CacheBatch:
             j = torch.arange(S, device=self.device)[None]  # [1, S]
             ok = j < self._n_new[:, None]
             ring = self.pool.ring_pages(g)
+            self.cache.rings_written |= ring is not None
             if ring is not None:  # positions older than the ring are overwritten within this call: skip them
                 ok = ok & (j >= self._n_new[:, None] - ring * self._ps)
             self._slots[("w", g)] = self._slot_of(g, self.start[:, None] + j, ok).reshape(-1)  # [B * S]

@@ -228,3 +228,84 @@ def test_a_temperature_that_underflows_is_refused_up_front(t_max):
     with pytest.raises(ParamError, match="'t_max' must be >= 1e-06") as e:
         SamplingParams(max_new_tokens=16, seed=1, t_min=0, t_max=t_max, max_denoising_steps=3)
     assert e.value.param == "t_max"
+
+
+@pytest.mark.parametrize("fail_at_layer", [0, 1])
+def test_a_batched_encode_failing_after_it_overwrote_sliding_keys_never_runs_on_with_them(tiny_checkpoint,
+                                                                                        monkeypatch, fail_at_layer):
+    """A batched commit encode that raises: before any write (layer 0) each row is run again alone and goes on;
+    after layer 0 wrote its sliding-window ring, which wraps onto positions each row still reads, running a row
+    again would read the failed call's keys there: those rows fail, and never finish as a success with the
+    tokens of a wrong cache."""
+    from blockdiff.kv_cache import CacheBatch
+    fast = LLM(tiny_checkpoint, dtype="float32")
+    ps = [params(i) for i in range(len(PROMPTS))]
+    base = fast.generate(PROMPTS, ps)
+    real = CacheBatch.write
+    raised = []
+
+    def write(self, layer, k, v):
+        if layer == fail_at_layer and not raised and len(self.lengths) > 1 and min(self.lengths) > 0:
+            raised.append(list(self.lengths))  # the first batched commit encode
+            raise RuntimeError("injected mid-encode failure")
+        return real(self, layer, k, v)
+    monkeypatch.setattr(CacheBatch, "write", write)
+    outs = fast.generate(PROMPTS, ps)
+    assert raised and len(raised[0]) == len(PROMPTS)
+    if fail_at_layer == 0:
+        assert [o.finish_reason for o in outs] == ["length"] * len(PROMPTS)
+        return
+    for o, b in zip(outs, base):
+        assert o.finish_reason == "error", (o.token_ids, b.token_ids)
+        assert "overwriting its sliding-window keys/values): RuntimeError: injected mid-encode failure" in o.error
+
+
+def test_overwrites_visible_matches_the_ring_slots_an_encode_writes():
+    """The rule the engine uses above, against the slots themselves: positions a query after ``length`` sees, and
+    the slots of the last ring's worth of new positions (the ones an encode writes)."""
+    from blockdiff.config import FULL, SLIDING, LayerSpec
+    from blockdiff.kv_cache import KVPool
+    for window, page in [(8, 16), (8, 4), (17, 4), (1, 4), (5, 1)]:
+        pool = KVPool([LayerSpec(SLIDING, 4, 1, True, window)], page_size=page)
+        g = pool.group_of[0]
+        R = pool.ring_pages(g) * page
+        for length in range(0, 40):
+            for n in range(1, 40):
+                seen = {p % R for p in range(length - pool.visible(g, length), length)} if R else set()
+                written = {q % R for q in range(max(length, length + n - R), length + n)} if R else set()
+                assert pool.overwrites_visible(g, length, n) == bool(seen & written), (window, page, length, n)
+    full = KVPool([LayerSpec(FULL, 4, 1, True, None)], page_size=4)
+    assert not full.overwrites_visible(None, 100, 1000)
+
+
+def test_a_late_stop_string_is_found_in_a_few_decodes_not_one_per_output_token(tiny_checkpoint):
+    """The stop check runs on the engine thread, so its cost is every request's wait: where a stop string first
+    shows up in a long output, the cut is found by bisecting the last canvas (a few decodes), and it is the cut
+    of the shortest prefix holding the stop string, as decoding every prefix finds it."""
+    import random
+    from types import SimpleNamespace
+
+    from blockdiff.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    decodes = []
+
+    class Counting:
+        def decode(self, ids):
+            decodes.append(len(ids))
+            return tok.decode(ids)
+    rng = random.Random(0)
+    C = 16
+    for stops in (["ZQ"], ["the", "ZQXJ"], ["a b"]):
+        for trial in range(10):
+            ids = [rng.randrange(3, 400) for _ in range(rng.randrange(C, 40 * C))] + tok.encode(stops[-1])
+            ids += [rng.randrange(3, 400) for _ in range(C)]
+            want = next(k for k in range(1, len(ids) + 1) if any(s in tok.decode(ids[:k]) for s in stops))
+            check = engine_mod.Engine._stop_checker(SimpleNamespace(tokenizer=Counting()), stops)
+            for end in range(C, len(ids) + C, C):  # one call per committed canvas, as ModelState makes them
+                decodes.clear()
+                cut = check(ids[:end])
+                if cut is not None:
+                    break
+                assert len(decodes) == 1
+            assert cut == want, (stops, trial)
+            assert len(decodes) <= 2 + (C - 1).bit_length()  # not one decode per token of the output

@@ -240,3 +240,18 @@ def test_feature_memo_keeps_the_most_recent_within_its_bytes():
     assert m.nbytes == 1200 and (m.hits, m.misses) == (4, 1)
     m.put(4, torch.zeros(20, 20))  # larger than the whole budget: not kept, nothing evicted
     assert m.get(4) is None and len(m.items) == 3
+
+
+def test_the_feature_memo_is_never_shared_across_cache_salts(llm):
+    """The memo keys an image under its request's cache_salt, as the prefix cache keys blocks: a tenant sending an
+    image another tenant sent gets no faster first block from it (the tower runs); the same salt still skips it."""
+    _, warm = engines(llm)
+    img = picture(120, 90, 8)
+    turn1 = "<bos>What is in this picture? <|image|>"
+    turn2 = turn1 + " It looks like noise. And now?"  # the image ends in turn1's partial block: the memo's case
+    run(warm, llm, turn1, [img], salt="tenant-a")
+    for salt, runs in (("tenant-b", 1), (None, 1), ("tenant-a", 0)):
+        with TowerRuns(llm.model) as t:
+            s, ids = run(warm, llm, turn2, [img], salt=salt)
+        assert t.runs == runs, salt
+    assert s.metrics.cached_tokens <= ids.index(IMAGE_ID)  # tenant-a's skip came from the memo, not the blocks

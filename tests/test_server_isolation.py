@@ -238,3 +238,20 @@ def test_a_mixed_batch_with_failing_and_leaving_neighbours_equals_each_solo_run(
     assert got[3:6] == ["left", 400, 400]
     assert got[:3] + got[6:] == solo
     assert len(solo[0]) == 2 and solo[0][0] != solo[0][1] and solo[2][0][1] is not None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_the_other_choices_of_a_failed_response_count_as_errors_not_client_aborts(srv, monkeypatch, stream):
+    """n = 2 and choice 0 fails inside a tick: the response fails (a 500 / an error event) and the server ends choice
+    1 with it; /metrics counts both as errors ("abort" reads as a client that left or stopped)."""
+    counters = srv.engine.counters
+    before = dict(counters.finished)
+    _inject(monkeypatch, "sampler_row", {})  # the choice whose seed is BAD_SEED: choice 0
+    r = post(srv.url, body("the bad request", BAD_SEED, max_tokens=400, n=2, stream=stream))
+    assert "request_failed" in r.text and r.status_code == (200 if stream else 500)
+    deadline = time.monotonic() + 30
+    while srv.engine.num_in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert counters.finished["error"] == before["error"] + 2
+    assert counters.finished["abort"] == before["abort"]

@@ -374,3 +374,32 @@ def test_streamed_completion_logprobs_equal_the_whole_when_the_output_ends_insid
     for key in whole:
         assert [x for p in parts for x in p[key]] == whole[key]
     assert built.flush() is None  # nothing held back any more
+
+
+def test_a_long_stop_string_costs_a_stream_no_work_per_character_of_it(tok):
+    """The held-back tail of a stream is computed on the event loop every stream shares, once per canvas: a stop
+    string of many characters is not matched at every length against the text's tail (its square per canvas:
+    seconds for 16 stops of 20k characters), and the stream still stops exactly before it, whatever the canvases."""
+    from blockdiff.server.text import TextStream
+
+    slices = []
+
+    class Stop(str):
+        def __getitem__(self, i):
+            slices.append(i)
+            return str.__getitem__(self, i)
+    long_stop = Stop("x" + "y z " * 300)
+    ts = TextStream(tok, [long_stop, Stop("END")])
+    ids = tok.encode("x y z " * 400, add_special_tokens=False)
+    for i in range(0, len(ids), 16):
+        slices.clear()
+        ts.push(ids[i:i + 16])
+        assert len([s for s in slices if not isinstance(s, int)]) <= 100  # not one per character
+    for text, stop in [("hello x" + "y z " * 300 + " after", str(long_stop)),
+                       ("a" * 500 + "b" * 70 + "a" * 200, "a" * 150 + "c"),
+                       ("naïve " * 40 + "STOP" + "🙂" * 120 + " tail", "STOP" + "🙂" * 120)]:
+        assert len(stop) > 100
+        ids = tok.encode(text, add_special_tokens=False)
+        want = text[:text.find(stop)] if stop in text else text
+        for chunk in (1, 5, 16):
+            assert "".join(_stream(tok, ids, chunk, stops=[stop])) == want, (stop[:10], chunk)

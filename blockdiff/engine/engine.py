@@ -218,16 +218,25 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         tok = self.tokenizer
+        clean = [0]  # the longest output (a prefix of every later one) already checked to hold no stop string
+
+        def holds(ids: list[int]) -> bool:
+            text = tok.decode(ids)
+            return any(s in text for s in stops)
 
         def check(ids: list[int]) -> int | None:
-            text = tok.decode(ids)
-            if not any(s in text for s in stops):
+            """The shortest prefix of ``ids`` whose text holds a stop string, or None. It runs on the engine thread
+            once per canvas: the search bisects the tokens added since the last clean check (a longer prefix
+            keeps the stop string), a few decodes, not one per output token (seconds per request at 8k tokens,
+            with every other request's tick waiting)."""
+            if not holds(ids):
+                clean[0] = len(ids)
                 return None
-            for k in range(1, len(ids) + 1):  # the shortest prefix that contains a stop string
-                t = tok.decode(ids[:k])
-                if any(s in t for s in stops):
-                    return k
-            return len(ids)
+            lo, hi = clean[0], len(ids)  # ids[:lo] holds none, ids[:hi] holds one
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if holds(ids[:mid]) else (mid, hi)
+            return hi
         return check
 
     # ------------------------------------------------------------------ one tick
@@ -267,7 +276,9 @@ class Engine:
     def _encode(self, states: list[ModelState]) -> None:
         """One batched encode over every prompt / finished canvas of the tick (right-padded to the longest). A
         request whose encode fails (its image, its tokens) ends alone: a failed batched call is retried row by row
-        to find it (the cache rows were not committed, so nothing half-written stays)."""
+        to find it (the cache rows were not committed: a second encode rewrites the same positions). Not a row
+        whose sliding-window ring the failed call already wrapped onto positions it still reads: those keys/values
+        are gone, so that row fails too rather than run on with a wrong cache."""
         model = self.model
         # Deterministic mode: a request's cache must not depend on what it was encoded with (padding changes
         # the matmul shapes), so each request reads its tokens alone. Encodes run once per canvas. A prompt with
@@ -295,15 +306,22 @@ class Engine:
             lengths = [n for n, _, _ in group]
             width = max(lengths)
             ids = torch.tensor([t + [0] * (width - len(t)) for _, _, t in group])  # host ids: validated, moved once
+            cache = KVCache([s.cache for _, s, _ in group])
             try:
-                model.encode(ids, KVCache([s.cache for _, s, _ in group]), lengths=lengths)
+                model.encode(ids, cache, lengths=lengths)
                 self.stats["encode_tokens"] += sum(lengths)
             except Exception as e:
                 if len(group) == 1:
                     fail_request(group[0][1], "encoding failed", e)
                     continue
-                for _, s, t in group:  # find the request it was: each alone
-                    guarded(s, "encoding failed", self._encode_ids, s, t)
+                for _, s, t in group:  # find the request it was: each alone, where a second encode is exact
+                    if cache.rings_written and s.cache.encode_overwrites(len(t)):
+                        # the failed call already wrote over sliding-window keys/values this row still reads:
+                        # run again, it would read the failed call's keys there and go on with a wrong cache
+                        fail_request(s, "encoding failed (a batched encode holding it failed after overwriting "
+                                        "its sliding-window keys/values)", e)
+                    else:
+                        guarded(s, "encoding failed", self._encode_ids, s, t)
         for s, prompt, reused in prompts:
             if not s.finished:
                 pc.insert(s.cache, prompt, reused, s.params.cache_salt)
@@ -335,7 +353,7 @@ class Engine:
         kwargs = {} if left is None else {"pixel_values": left.pixel_values,
                                           "image_position_ids": left.image_position_ids,
                                           "mm_token_type_ids": left.mm_token_type_ids(rest, image_id),
-                                          "image_keys": left.digests(), "image_memo": self.image_memo}
+                                          "image_keys": _salted(left.digests(), salt), "image_memo": self.image_memo}
         self.model.encode(torch.tensor([rest]), KVCache([s.cache]), **kwargs)
         self.stats["encode_tokens"] += len(rest)
         pc.insert(s.cache, keys, reused, salt)
@@ -533,6 +551,12 @@ def _encode_groups(items: list) -> list[list]:
 
 
 SOFT_CHUNK = 256  # rows of probabilities cast to the model dtype at once for the self-conditioning product
+
+
+def _salted(digests: list, salt: str | None) -> list:
+    """The feature memo's keys of a request's images: under its ``cache_salt``, as its prefix-cache blocks are (a
+    tenant's time to first token must not tell that another sent the same image)."""
+    return digests if salt is None else [(salt, d) for d in digests]
 
 
 def _row_group(s: ModelState) -> int:

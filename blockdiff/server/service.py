@@ -466,6 +466,7 @@ class Server:
             try:
                 work.result()
             except EngineFailedError as e:
+                self._close(streams, failed=_fails_response(e))  # its other choices end with it (a 500)
                 raise engine_failure(e, p.req) from None
             except Exception as e:  # detokenizing this request's output: this request fails, alone
                 log.exception("request %s: detokenizing its output failed", rid)
@@ -592,6 +593,7 @@ class Server:
                                             streams[0].state.metrics.cached_tokens)})
             yield "data: [DONE]\n\n"
         except EngineFailedError as e:
+            self._close(streams, failed=_fails_response(e))  # its other choices end with it (an error event)
             err = engine_failure(e, p.req)
             self.count_error(err.status)
             yield _sse(err.body())
@@ -627,6 +629,12 @@ class Server:
             s._put(exc)
         log.warning("shutdown: %d request(s) still running after the %g s grace period were ended with an "
                     "error event", len(open_now), grace)
+
+
+def _fails_response(e: EngineFailedError) -> bool:
+    """Whether the choices still running beside a choice that failed with ``e`` count as failed (/metrics: error):
+    yes when it failed, no when the engine stopped (shutdown: they are aborted)."""
+    return not isinstance(e, EngineStoppedError)
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

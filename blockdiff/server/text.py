@@ -17,6 +17,8 @@ Byte soup that decodes differently once more bytes arrive (invalid UTF-8 from by
 
 from __future__ import annotations
 
+EXACT_TAIL = 64  # tails up to this long are matched exactly against a stop string's prefixes, longer ones bounded
+
 
 class TextStream:
     def __init__(self, tokenizer, stops: list[str] | None = None, eos_ids: set[int] | frozenset = frozenset()):
@@ -61,7 +63,16 @@ class TextStream:
             self.stopped = True
         if not final:
             for s in self.stops:  # the longest tail that is a proper prefix of a stop string
-                for k in range(min(len(s) - 1, end), 0, -1):
+                window = min(len(s) - 1, end)
+                if window > EXACT_TAIL:
+                    # Trying every length costs the square of the stop string's length per canvas, on the event
+                    # loop every stream shares: hold back from the first character of the window that can begin
+                    # it instead (every such tail starts there or later).
+                    at = text.find(s[0], len(text) - window)
+                    if at >= 0:
+                        end = min(end, at)
+                    continue
+                for k in range(window, 0, -1):
                     if text.endswith(s[:k]):
                         end = min(end, len(text) - k)
                         break
