@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -230,6 +231,17 @@ def cmd_serve(args) -> int:
                 force_exit(llm, app.state.server)  # the second Ctrl-C
             app.state.server.begin_drain(grace)
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal it handled as this exits; SIGTERM's default action then ends the process
+            # at once, before the ``finally`` below: a split model's ranks must be told to stop first (else each
+            # found rank 0 gone and died with a traceback; on NCCL it could wait out the collective timeout)
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    llm.close()
 
     try:
         Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
