@@ -329,6 +329,57 @@ def test_closing_a_group_whose_follower_died_releases_it_without_raising(tmp_pat
     assert "could not tell every rank to stop" in out.stderr  # said, not raised
 
 
+# A rank that cannot load the checkpoint (rank 0 alone, e.g. out of memory on its device; a follower alone; or rank 0
+# interrupted mid-load): every rank must learn it and leave in step, with one error naming the rank that failed. Rank
+# 0 failing alone left the followers waiting inside the load for the collective timeout, then dying with a gloo
+# traceback; a follower failing alone printed its traceback and rank 0 raised gloo's "Connection closed by peer".
+LOAD_FAILS_SCRIPT = """
+import multiprocessing, os, sys
+from blockdiff import LLM
+from blockdiff.checks import CheckpointError
+from blockdiff.distributed import launch
+
+real = launch._load_shard
+
+
+def load(path, world, rank, *a, **k):  # the spawned followers run this module's top level too
+    if rank == int(sys.argv[2]):
+        raise {"value": CheckpointError, "memory": MemoryError, "interrupt": KeyboardInterrupt}[sys.argv[3]]("no luck")
+    return real(path, world, rank, *a, **k)
+
+
+launch._load_shard = load
+if __name__ == "__main__":
+    for attempt in range(2):  # the second one starts cleanly: the first left no rank nor process group behind
+        try:
+            LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)
+        except BaseException as e:
+            print("RAISED", type(e).__name__, e, flush=True)
+        print("CHILDREN", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("rank,how,want", [
+    (0, "value", "CheckpointError no luck"),
+    (1, "memory", f"RuntimeError rank 1 of the split model could not load {{path}}: MemoryError: no luck"),
+    (0, "interrupt", "KeyboardInterrupt no luck")], ids=["rank0", "rank1-oom", "rank0-interrupted"])
+def test_a_rank_that_cannot_load_fails_the_load_on_every_rank_with_one_error(paths, tmp_path, rank, how, want):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fails.py"
+    script.write_text(LOAD_FAILS_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", BLOCKDIFF_DIST_TIMEOUT="30",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(script), paths["tiny"], str(rank), how], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [f"RAISED {want.format(path=paths['tiny'])}", "CHILDREN 0"] * 2, \
+        out.stdout + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

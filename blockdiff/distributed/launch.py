@@ -144,8 +144,18 @@ class Group:
             raise RuntimeError("this group of ranks is closed")
         self.channel.send("load", path=path, expert_parallel=bool(expert_parallel), load=load,
                           quant_kernels=bool(quant_kernels))
-        model = _load_shard(path, self.world, 0, expert_parallel, self.device, load, quant_kernels)
-        self.channel.share_ranges(model.vocab_range)
+        try:
+            model = _load_shard(path, self.world, 0, expert_parallel, self.device, load, quant_kernels)
+        except Exception as e:  # the followers learn it (and stay in step: ``close`` can still tell them to stop)
+            try:
+                self.channel.share_ranges(f"{type(e).__name__}: {e}")
+            except Exception as broken:  # a follower gone too: this load's own error is the one to raise
+                logging.getLogger(__name__).warning("could not tell the other ranks the load failed: %s", broken)
+            raise
+        failed = self.channel.share_ranges(model.vocab_range)
+        if failed:
+            rank, why = failed[0]
+            raise RuntimeError(f"rank {rank} of the split model could not load {path}: {why}")
         return LeaderModel(model, self.channel, self)
 
     def close(self, failed: str | None = None) -> None:
@@ -182,6 +192,9 @@ def start(path: str, tensor_parallel_size: int, expert_parallel: bool = False, d
     group = Group.spawn(int(tensor_parallel_size), device)
     try:
         return group.load(path, expert_parallel, **load)
-    except BaseException:
+    except Exception:  # a failed load is shared by every rank: they are in step, and told to stop
         group.close()
+        raise
+    except BaseException:  # interrupted mid-load (Ctrl-C): the followers are not where "stop" reaches them
+        group.close(failed="interrupted while loading")
         raise
