@@ -380,6 +380,35 @@ def test_a_rank_that_cannot_load_fails_the_load_on_every_rank_with_one_error(pat
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
+BAD_GENERATION_CONFIG_SCRIPT = """
+import multiprocessing, sys
+from blockdiff import LLM
+if __name__ == "__main__":
+    for attempt in range(2):
+        try:
+            LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)
+        except ValueError as e:
+            print("RAISED", type(e).__name__, flush=True)
+        print("CHILDREN", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_a_checkpoint_refused_after_its_ranks_started_ends_them(tmp_path):
+    """generation_config.json is read after the split model loaded: its refusal must end the ranks (they were left
+    running, and the process group with them: the next LLM(tensor_parallel_size=2) of the process was refused)."""
+    import subprocess
+    import sys
+
+    path = make_checkpoint(tmp_path / "ckpt", generation_config={"max_length": 100})
+    script = tmp_path / "bad.py"
+    script.write_text(BAD_GENERATION_CONFIG_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["RAISED CheckpointError", "CHILDREN 0"] * 2, out.stdout + out.stderr[-3000:]
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
