@@ -113,6 +113,28 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
      "rope_parameters['full_attention'] (rope_type 'linear') needs 'factor'"),
     ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(sliding_window=4),
      "per_layer_config[3]: sliding_window per layer is not supported"),
+    # sizes the model divides by or indexes with, and values the reference cannot run either (its top-k, RoPE
+    # tables and sliding-window mask fail; a soft-cap of 0 divides its logits by 0): refused at load, naming the key
+    # (were ZeroDivisionError / IndexError / RuntimeError tracebacks, or a failure at the first request)
+    ("config.json", lambda d: d["text_config"].update(num_key_value_heads=0),
+     "num_key_value_heads must be a positive integer, got 0"),
+    ("config.json", lambda d: d["text_config"].update(num_hidden_layers=0, layer_types=[]),
+     "num_hidden_layers must be a positive integer, got 0"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(num_key_value_heads=0),
+     "layer 3: num_key_value_heads must be a positive integer, got 0"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(head_dim="32"),
+     "per_layer_config[3].head_dim must be an integer, got '32'"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"].update(last={"head_dim": 32}),
+     "per_layer_config: keys are layer indices, got 'last'"),
+    ("config.json", lambda d: d["text_config"].update(top_k_experts=5),
+     "top_k_experts 5 is more than the 4 experts (num_experts)"),
+    ("config.json", lambda d: d["text_config"].update(sliding_window=1), "sliding_window must be at least 2, got 1"),
+    ("config.json", lambda d: d["text_config"].update(final_logit_softcapping=0),
+     "final_logit_softcapping 0 divides the logits by 0"),
+    ("config.json", lambda d: d["text_config"]["rope_parameters"]["full_attention"].update(partial_rotary_factor=2),
+     "rope_parameters['full_attention']: partial_rotary_factor must be in (0, 1], got 2.0"),
+    ("config.json", lambda d: d["text_config"]["rope_parameters"]["sliding_attention"].update(rope_theta=0),
+     "rope_parameters['sliding_attention']: rope_theta must be positive, got 0.0"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_value_of_the_wrong_type_names_file_and_key(ckpt, capsys, file, edit, words):
     edit_json(os.path.join(ckpt, file), edit)
