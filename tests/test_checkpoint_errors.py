@@ -158,6 +158,25 @@ def test_impossible_weights_are_refused_naming_the_tensor(ckpt, capsys, make, wo
     assert name in err and words in err, err
 
 
+def test_a_float8_weight_without_a_scale_loads_cast_and_its_nan_is_named(ckpt, capsys):
+    """A float8 tensor in a plain checkpoint is cast to the model's dtype like bf16 / fp16 ones (as the reference
+    casts it); its check for NaN used to be a NotImplementedError traceback ("isfinite" has no float8 kernel)."""
+    from blockdiff import load_model
+
+    f = os.path.join(ckpt, WEIGHTS)
+    tensors = load_file(f)
+    name = next(n for n in tensors if n.endswith("layers.1.self_attn.q_proj.weight"))
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, f, metadata={"format": "pt"})
+    model = load_model(ckpt, dtype=torch.float32, device="cpu")
+    assert torch.equal(model.layers[1].self_attn.q_proj.weight, tensors[name].float())
+    tensors[name] = tensors[name].clone().view(torch.uint8).index_fill_(0, torch.tensor([0]), 0x7F) \
+        .view(torch.float8_e4m3fn)  # 0x7f: e4m3fn's NaN
+    save_file(tensors, f, metadata={"format": "pt"})
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert name in err and "holds NaN values" in err, err
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--device", "mps"], "MPS is not available"),
