@@ -177,6 +177,23 @@ def test_a_float8_weight_without_a_scale_loads_cast_and_its_nan_is_named(ckpt, c
     assert name in err and "holds NaN values" in err, err
 
 
+def test_a_tensor_stored_in_two_shards_is_refused_naming_both(ckpt, capsys):
+    """Which copy loaded depended on the shards' order: the later shard's silently won."""
+    tensors = load_file(os.path.join(ckpt, WEIGHTS))
+    names = sorted(tensors)
+    a, b = ({n: tensors[n] for n in part} for part in (names[: len(names) // 2], names[len(names) // 2:]))
+    name = names[0]
+    b[name] = torch.zeros_like(tensors[name])
+    save_file(a, os.path.join(ckpt, "model-00001-of-00002.safetensors"))
+    save_file(b, os.path.join(ckpt, "model-00002-of-00002.safetensors"))
+    os.remove(os.path.join(ckpt, WEIGHTS))
+    with open(os.path.join(ckpt, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {**{n: "model-00001-of-00002.safetensors" for n in a},
+                                  **{n: "model-00002-of-00002.safetensors" for n in b}}}, f)
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert f"tensor {name} is stored twice, in model-00001-of-00002.safetensors and model-00002-of-00002" in err, err
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--device", "mps"], "MPS is not available"),
