@@ -409,6 +409,51 @@ def test_a_checkpoint_refused_after_its_ranks_started_ends_them(tmp_path):
     assert out.stdout.splitlines() == ["RAISED CheckpointError", "CHILDREN 0"] * 2, out.stdout + out.stderr[-3000:]
 
 
+RANK0_DIES_SCRIPT = """
+import multiprocessing, os, signal
+from blockdiff.distributed import launch
+if __name__ == "__main__":
+    def die(*args, **kwargs):  # rank 0 killed after spawning its follower, before it hosts the rendezvous
+        print("FOLLOWERS", *[p.pid for p in multiprocessing.active_children()], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    launch.dist.init_process_group = die  # here only: the spawned follower imports its own
+    launch.Group.spawn(2)
+"""
+
+
+def test_a_follower_ends_when_rank0_is_killed_before_the_ranks_meet(tmp_path):
+    """The follower retried the rendezvous for BLOCKDIFF_DIST_TIMEOUT (600 s by default): an orphan process."""
+    import subprocess
+    import sys
+
+    from test_server import wait_until
+
+    script = tmp_path / "die.py"
+    script.write_text(RANK0_DIES_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", BLOCKDIFF_DIST_TIMEOUT="600",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tmp_path / "out.txt"  # a file, not a pipe: a follower left behind would hold a pipe open
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.STDOUT, timeout=120,
+                            env=env).returncode
+    text = log.read_text()
+    followers = [int(x) for x in text.split("FOLLOWERS", 1)[1].split()]
+    assert rc == -9 and len(followers) == 1, text[-3000:]
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+    try:
+        assert wait_until(lambda: gone(followers[0]), timeout=60)
+    finally:
+        if not gone(followers[0]):
+            os.kill(followers[0], 9)
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -69,8 +69,28 @@ def _follow(rank: int, world: int, dev: torch.device) -> None:
                                                                                  dev, load, quant_kernels))
 
 
+def _end_with_rank0() -> None:
+    """A spawned follower ends when rank 0's process does, whatever it is doing then. Rank 0 killed while the ranks
+    met (before it hosted the rendezvous) left each follower retrying for ``BLOCKDIFF_DIST_TIMEOUT`` (600 s), an
+    orphan; killed mid-load or mid-call, NCCL may wait as long in a collective. The sentinel: the pipe rank 0 holds
+    open for its child, at EOF once rank 0's process is gone."""
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        logging.getLogger(__name__).warning("rank 0 (pid %s) ended: this rank ends with it", parent.pid)
+        os._exit(1)
+    threading.Thread(target=watch, name="blockdiff-rank0-watch", daemon=True).start()
+
+
 def _follower_main(rank: int, world: int, port: int, device: str, threads: int) -> None:
     """Entry of a spawned follower (``rank`` >= 1)."""
+    _end_with_rank0()
     torch.set_num_threads(threads)
     dev = _device(device, rank)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
