@@ -168,8 +168,10 @@ def cmd_serve(args) -> int:
     check_bindable(args.host, args.port)
     if args.replicas < 0:
         raise CLIError(f"--replicas must be >= 1 (or 0, the default: one process, no Ray), got {args.replicas}")
-    if args.replicas and getattr(args, "tensor_parallel_size", 1) > 1:
-        raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
+    if args.replicas and (getattr(args, "tensor_parallel_size", 1) > 1 or getattr(args, "expert_parallel", False)):
+        # (--expert-parallel reached no replica: it was dropped without a word)
+        raise CLIError("--replicas and --tensor-parallel-size / --expert-parallel together are not supported yet: "
+                       "pick one")
     from ..vision.media import MediaLimits
 
     try:
