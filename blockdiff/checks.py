@@ -159,6 +159,8 @@ def check_weight(name: str, t: torch.Tensor, file: str) -> None:
     step = 1 << 24  # check in slices: isfinite on a multi-GB expert tensor would double its memory
     for i in range(0, rows.numel(), step):
         part = rows[i:i + step]
+        if part.element_size() == 1:  # float8 (stored without a scale): torch has no isfinite for it
+            part = part.float()
         if not torch.isfinite(part).all():
             bad = int((~torch.isfinite(part)).sum())
             kind = "NaN" if torch.isnan(part).any() else "infinite"

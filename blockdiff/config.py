@@ -21,6 +21,12 @@ _DEFAULT_ROPE = {
 }
 
 
+# Sizes and counts that must be at least 1 (None: not set, where the field may be).
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+             "max_position_embeddings", "num_experts", "top_k_experts", "moe_intermediate_size")
+
+
 @dataclass
 class LayerSpec:
     """Attention geometry of one layer."""
@@ -86,6 +92,16 @@ class TextConfig:
                              "(null or 'vision')")
         if not self.num_experts or not self.top_k_experts or not self.moe_intermediate_size:
             raise ValueError("DiffusionGemma needs num_experts, top_k_experts and moe_intermediate_size")
+        for name in _POSITIVE:  # (a 0 divided by, or indexed: ZeroDivisionError / IndexError from deep inside)
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        if self.top_k_experts > self.num_experts:  # (the router's top-k failed at the first request)
+            raise ValueError(f"top_k_experts {self.top_k_experts} is more than the {self.num_experts} experts "
+                             "(num_experts)")
+        if self.final_logit_softcapping == 0:  # the reference divides the logits by it; null is "no soft-cap"
+            raise ValueError("final_logit_softcapping 0 divides the logits by 0 (the reference's come out 0 or NaN): "
+                             "use null for no soft-cap")
         if self.layer_types is None:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
         self.layer_types = list(self.layer_types)
@@ -96,6 +112,10 @@ class TextConfig:
                 raise ValueError(f"unknown layer type {t!r}")
         # The reference forces the last layer to full attention.
         self.layer_types[-1] = FULL
+        if SLIDING in self.layer_types and self.sliding_window < 2:
+            # the cache keeps window - 1 positions: none at 1, and the reference's denoiser then fails on the
+            # mismatch of its mask and keys (transformers 5.23): nothing to be equal to
+            raise ValueError(f"sliding_window must be at least 2, got {self.sliding_window}")
         if self.rope_parameters is None:
             self.rope_parameters = {k: dict(v) for k, v in _DEFAULT_ROPE.items()}
         for t in set(self.layer_types):
@@ -107,7 +127,13 @@ class TextConfig:
         overrides: dict[int, dict] = {}
         if self.per_layer_config is not None:
             # Saved form: only layers that differ from the global values are listed ({} = none differ).
-            overrides = {int(k): dict(v) for k, v in self.per_layer_config.items()}
+            overrides = {}
+            for k, v in self.per_layer_config.items():
+                if not isinstance(k, int) and not (isinstance(k, str) and k.isdigit()):
+                    raise ValueError(f"per_layer_config: keys are layer indices, got {k!r}")
+                if not isinstance(v, dict):
+                    raise ValueError(f"per_layer_config[{k}] must be an object, got {v!r}")
+                overrides[int(k)] = dict(v)
             for i, o in overrides.items():  # the reference's attention reads these two per layer, no other key
                 other = sorted(set(o) - {"head_dim", "num_key_value_heads"})
                 if other:
@@ -115,6 +141,9 @@ class TextConfig:
                                      "head_dim and num_key_value_heads per layer)")
                 if not 0 <= i < self.num_hidden_layers:
                     raise ValueError(f"per_layer_config: layer {i} is not in [0, {self.num_hidden_layers})")
+                for key, v in o.items():
+                    if not isinstance(v, int) or isinstance(v, bool):
+                        raise ValueError(f"per_layer_config[{i}].{key} must be an integer, got {v!r}")
         else:
             # Form of the released config.json: global_* keys apply to every full-attention layer.
             glob = {"head_dim": self.global_head_dim if self.global_head_dim is not None else 512}
@@ -131,6 +160,9 @@ class TextConfig:
                 has_v_proj=t == SLIDING,
                 sliding_window=self.sliding_window if t == SLIDING else None,
             )
+            for key, v in (("head_dim", spec.head_dim), ("num_key_value_heads", spec.num_kv_heads)):
+                if v < 1:
+                    raise ValueError(f"layer {i}: {key} must be a positive integer, got {v}")
             if self.num_attention_heads % spec.num_kv_heads:
                 raise ValueError(
                     f"layer {i}: {self.num_attention_heads} attention heads not divisible by {spec.num_kv_heads} KV heads"

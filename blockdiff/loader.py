@@ -194,11 +194,17 @@ def _quant_plan(config, quantization, device, dtype, quantize_embedding):
 
 
 def _all_tensor_names(files: list[str]) -> set[str]:
-    names: set[str] = set()
+    """Every tensor of the shards (headers only); a tensor stored in two shards is refused (which copy the model
+    got depended on the shards' order)."""
+    where: dict[str, str] = {}
     for file in files:
         with open_safetensors(file) as f:
-            names.update(f.keys())
-    return names
+            for name in f.keys():
+                if name in where:
+                    raise CheckpointError(f"{os.path.dirname(file)}: tensor {name} is stored twice, in "
+                                          f"{os.path.basename(where[name])} and {os.path.basename(file)}")
+                where[name] = file
+    return set(where)
 
 
 def _model_to_checkpoint_name(ours: str) -> str:

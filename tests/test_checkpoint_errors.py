@@ -113,6 +113,28 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
      "rope_parameters['full_attention'] (rope_type 'linear') needs 'factor'"),
     ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(sliding_window=4),
      "per_layer_config[3]: sliding_window per layer is not supported"),
+    # sizes the model divides by or indexes with, and values the reference cannot run either (its top-k, RoPE
+    # tables and sliding-window mask fail; a soft-cap of 0 divides its logits by 0): refused at load, naming the key
+    # (were ZeroDivisionError / IndexError / RuntimeError tracebacks, or a failure at the first request)
+    ("config.json", lambda d: d["text_config"].update(num_key_value_heads=0),
+     "num_key_value_heads must be a positive integer, got 0"),
+    ("config.json", lambda d: d["text_config"].update(num_hidden_layers=0, layer_types=[]),
+     "num_hidden_layers must be a positive integer, got 0"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(num_key_value_heads=0),
+     "layer 3: num_key_value_heads must be a positive integer, got 0"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"]["3"].update(head_dim="32"),
+     "per_layer_config[3].head_dim must be an integer, got '32'"),
+    ("config.json", lambda d: d["text_config"]["per_layer_config"].update(last={"head_dim": 32}),
+     "per_layer_config: keys are layer indices, got 'last'"),
+    ("config.json", lambda d: d["text_config"].update(top_k_experts=5),
+     "top_k_experts 5 is more than the 4 experts (num_experts)"),
+    ("config.json", lambda d: d["text_config"].update(sliding_window=1), "sliding_window must be at least 2, got 1"),
+    ("config.json", lambda d: d["text_config"].update(final_logit_softcapping=0),
+     "final_logit_softcapping 0 divides the logits by 0"),
+    ("config.json", lambda d: d["text_config"]["rope_parameters"]["full_attention"].update(partial_rotary_factor=2),
+     "rope_parameters['full_attention']: partial_rotary_factor must be in (0, 1], got 2.0"),
+    ("config.json", lambda d: d["text_config"]["rope_parameters"]["sliding_attention"].update(rope_theta=0),
+     "rope_parameters['sliding_attention']: rope_theta must be positive, got 0.0"),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_config_value_of_the_wrong_type_names_file_and_key(ckpt, capsys, file, edit, words):
     edit_json(os.path.join(ckpt, file), edit)
@@ -134,6 +156,42 @@ def test_impossible_weights_are_refused_naming_the_tensor(ckpt, capsys, make, wo
     save_file(tensors, f, metadata={"format": "pt"})
     err = run_fails(capsys, ["run", ckpt, "hi"])
     assert name in err and words in err, err
+
+
+def test_a_float8_weight_without_a_scale_loads_cast_and_its_nan_is_named(ckpt, capsys):
+    """A float8 tensor in a plain checkpoint is cast to the model's dtype like bf16 / fp16 ones (as the reference
+    casts it); its check for NaN used to be a NotImplementedError traceback ("isfinite" has no float8 kernel)."""
+    from blockdiff import load_model
+
+    f = os.path.join(ckpt, WEIGHTS)
+    tensors = load_file(f)
+    name = next(n for n in tensors if n.endswith("layers.1.self_attn.q_proj.weight"))
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, f, metadata={"format": "pt"})
+    model = load_model(ckpt, dtype=torch.float32, device="cpu")
+    assert torch.equal(model.layers[1].self_attn.q_proj.weight, tensors[name].float())
+    tensors[name] = tensors[name].clone().view(torch.uint8).index_fill_(0, torch.tensor([0]), 0x7F) \
+        .view(torch.float8_e4m3fn)  # 0x7f: e4m3fn's NaN
+    save_file(tensors, f, metadata={"format": "pt"})
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert name in err and "holds NaN values" in err, err
+
+
+def test_a_tensor_stored_in_two_shards_is_refused_naming_both(ckpt, capsys):
+    """Which copy loaded depended on the shards' order: the later shard's silently won."""
+    tensors = load_file(os.path.join(ckpt, WEIGHTS))
+    names = sorted(tensors)
+    a, b = ({n: tensors[n] for n in part} for part in (names[: len(names) // 2], names[len(names) // 2:]))
+    name = names[0]
+    b[name] = torch.zeros_like(tensors[name])
+    save_file(a, os.path.join(ckpt, "model-00001-of-00002.safetensors"))
+    save_file(b, os.path.join(ckpt, "model-00002-of-00002.safetensors"))
+    os.remove(os.path.join(ckpt, WEIGHTS))
+    with open(os.path.join(ckpt, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {**{n: "model-00001-of-00002.safetensors" for n in a},
+                                  **{n: "model-00002-of-00002.safetensors" for n in b}}}, f)
+    err = run_fails(capsys, ["run", ckpt, "hi"])
+    assert f"tensor {name} is stored twice, in model-00001-of-00002.safetensors and model-00002-of-00002" in err, err
 
 
 @pytest.mark.parametrize("argv,words", [

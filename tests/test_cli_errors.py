@@ -147,3 +147,20 @@ def test_run_prompt_ids_outside_the_vocabulary_name_the_flag(tiny_checkpoint, ca
     assert main(["run", tiny_checkpoint, "--prompt-ids", "2,99999", "--threads", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("blockdiff: error: --prompt-ids must be token ids in [0, ") and err.endswith("got 99999\n")
+
+
+@pytest.mark.parametrize("flags", [["--tensor-parallel-size", "2"], ["--expert-parallel"]], ids=["tp", "ep"])
+def test_serve_replicas_with_a_split_model_is_refused_before_ray_starts(tiny_checkpoint, capsys, monkeypatch, flags):
+    """--expert-parallel with --replicas was dropped without a word (the replicas load one whole model each)."""
+    import socket
+    import types
+
+    def never(*a, **k):
+        raise AssertionError("the replicas were started")
+    monkeypatch.setitem(sys.modules, "blockdiff.ray", types.SimpleNamespace(serve_replicas=never))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", tiny_checkpoint, "--replicas", "2", "--port", str(port), *flags]) == 2
+    assert capsys.readouterr().err == ("blockdiff: error: --replicas and --tensor-parallel-size / --expert-parallel "
+                                       "together are not supported yet: pick one\n")

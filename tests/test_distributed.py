@@ -329,6 +329,131 @@ def test_closing_a_group_whose_follower_died_releases_it_without_raising(tmp_pat
     assert "could not tell every rank to stop" in out.stderr  # said, not raised
 
 
+# A rank that cannot load the checkpoint (rank 0 alone, e.g. out of memory on its device; a follower alone; or rank 0
+# interrupted mid-load): every rank must learn it and leave in step, with one error naming the rank that failed. Rank
+# 0 failing alone left the followers waiting inside the load for the collective timeout, then dying with a gloo
+# traceback; a follower failing alone printed its traceback and rank 0 raised gloo's "Connection closed by peer".
+LOAD_FAILS_SCRIPT = """
+import multiprocessing, os, sys
+from blockdiff import LLM
+from blockdiff.checks import CheckpointError
+from blockdiff.distributed import launch
+
+real = launch._load_shard
+
+
+def load(path, world, rank, *a, **k):  # the spawned followers run this module's top level too
+    if rank == int(sys.argv[2]):
+        raise {"value": CheckpointError, "memory": MemoryError, "interrupt": KeyboardInterrupt}[sys.argv[3]]("no luck")
+    return real(path, world, rank, *a, **k)
+
+
+launch._load_shard = load
+if __name__ == "__main__":
+    for attempt in range(2):  # the second one starts cleanly: the first left no rank nor process group behind
+        try:
+            LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)
+        except BaseException as e:
+            print("RAISED", type(e).__name__, e, flush=True)
+        print("CHILDREN", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("rank,how,want", [
+    (0, "value", "CheckpointError no luck"),
+    (1, "memory", f"RuntimeError rank 1 of the split model could not load {{path}}: MemoryError: no luck"),
+    (0, "interrupt", "KeyboardInterrupt no luck")], ids=["rank0", "rank1-oom", "rank0-interrupted"])
+def test_a_rank_that_cannot_load_fails_the_load_on_every_rank_with_one_error(paths, tmp_path, rank, how, want):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fails.py"
+    script.write_text(LOAD_FAILS_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", BLOCKDIFF_DIST_TIMEOUT="30",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(script), paths["tiny"], str(rank), how], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [f"RAISED {want.format(path=paths['tiny'])}", "CHILDREN 0"] * 2, \
+        out.stdout + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+BAD_GENERATION_CONFIG_SCRIPT = """
+import multiprocessing, sys
+from blockdiff import LLM
+if __name__ == "__main__":
+    for attempt in range(2):
+        try:
+            LLM(sys.argv[1], dtype="float32", tensor_parallel_size=2)
+        except ValueError as e:
+            print("RAISED", type(e).__name__, flush=True)
+        print("CHILDREN", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_a_checkpoint_refused_after_its_ranks_started_ends_them(tmp_path):
+    """generation_config.json is read after the split model loaded: its refusal must end the ranks (they were left
+    running, and the process group with them: the next LLM(tensor_parallel_size=2) of the process was refused)."""
+    import subprocess
+    import sys
+
+    path = make_checkpoint(tmp_path / "ckpt", generation_config={"max_length": 100})
+    script = tmp_path / "bad.py"
+    script.write_text(BAD_GENERATION_CONFIG_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["RAISED CheckpointError", "CHILDREN 0"] * 2, out.stdout + out.stderr[-3000:]
+
+
+RANK0_DIES_SCRIPT = """
+import multiprocessing, os, signal
+from blockdiff.distributed import launch
+if __name__ == "__main__":
+    def die(*args, **kwargs):  # rank 0 killed after spawning its follower, before it hosts the rendezvous
+        print("FOLLOWERS", *[p.pid for p in multiprocessing.active_children()], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    launch.dist.init_process_group = die  # here only: the spawned follower imports its own
+    launch.Group.spawn(2)
+"""
+
+
+def test_a_follower_ends_when_rank0_is_killed_before_the_ranks_meet(tmp_path):
+    """The follower retried the rendezvous for BLOCKDIFF_DIST_TIMEOUT (600 s by default): an orphan process."""
+    import subprocess
+    import sys
+
+    from test_server import wait_until
+
+    script = tmp_path / "die.py"
+    script.write_text(RANK0_DIES_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", BLOCKDIFF_DIST_TIMEOUT="600",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tmp_path / "out.txt"  # a file, not a pipe: a follower left behind would hold a pipe open
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.STDOUT, timeout=120,
+                            env=env).returncode
+    text = log.read_text()
+    followers = [int(x) for x in text.split("FOLLOWERS", 1)[1].split()]
+    assert rc == -9 and len(followers) == 1, text[-3000:]
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+    try:
+        assert wait_until(lambda: gone(followers[0]), timeout=60)
+    finally:
+        if not gone(followers[0]):
+            os.kill(followers[0], 9)
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:

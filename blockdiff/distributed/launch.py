@@ -69,8 +69,28 @@ def _follow(rank: int, world: int, dev: torch.device) -> None:
                                                                                  dev, load, quant_kernels))
 
 
+def _end_with_rank0() -> None:
+    """A spawned follower ends when rank 0's process does, whatever it is doing then. Rank 0 killed while the ranks
+    met (before it hosted the rendezvous) left each follower retrying for ``BLOCKDIFF_DIST_TIMEOUT`` (600 s), an
+    orphan; killed mid-load or mid-call, NCCL may wait as long in a collective. The sentinel: the pipe rank 0 holds
+    open for its child, at EOF once rank 0's process is gone."""
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        logging.getLogger(__name__).warning("rank 0 (pid %s) ended: this rank ends with it", parent.pid)
+        os._exit(1)
+    threading.Thread(target=watch, name="blockdiff-rank0-watch", daemon=True).start()
+
+
 def _follower_main(rank: int, world: int, port: int, device: str, threads: int) -> None:
     """Entry of a spawned follower (``rank`` >= 1)."""
+    _end_with_rank0()
     torch.set_num_threads(threads)
     dev = _device(device, rank)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
@@ -144,8 +164,18 @@ class Group:
             raise RuntimeError("this group of ranks is closed")
         self.channel.send("load", path=path, expert_parallel=bool(expert_parallel), load=load,
                           quant_kernels=bool(quant_kernels))
-        model = _load_shard(path, self.world, 0, expert_parallel, self.device, load, quant_kernels)
-        self.channel.share_ranges(model.vocab_range)
+        try:
+            model = _load_shard(path, self.world, 0, expert_parallel, self.device, load, quant_kernels)
+        except Exception as e:  # the followers learn it (and stay in step: ``close`` can still tell them to stop)
+            try:
+                self.channel.share_ranges(f"{type(e).__name__}: {e}")
+            except Exception as broken:  # a follower gone too: this load's own error is the one to raise
+                logging.getLogger(__name__).warning("could not tell the other ranks the load failed: %s", broken)
+            raise
+        failed = self.channel.share_ranges(model.vocab_range)
+        if failed:
+            rank, why = failed[0]
+            raise RuntimeError(f"rank {rank} of the split model could not load {path}: {why}")
         return LeaderModel(model, self.channel, self)
 
     def close(self, failed: str | None = None) -> None:
@@ -182,6 +212,9 @@ def start(path: str, tensor_parallel_size: int, expert_parallel: bool = False, d
     group = Group.spawn(int(tensor_parallel_size), device)
     try:
         return group.load(path, expert_parallel, **load)
-    except BaseException:
+    except Exception:  # a failed load is shared by every rank: they are in step, and told to stop
         group.close()
+        raise
+    except BaseException:  # interrupted mid-load (Ctrl-C): the followers are not where "stop" reaches them
+        group.close(failed="interrupted while loading")
         raise

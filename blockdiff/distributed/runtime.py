@@ -67,12 +67,17 @@ class Channel:
         self.ranges: list = []
         self.sent = 0  # messages sent (rank 0): a call that raises after sending left the followers mid-call
 
-    def share_ranges(self, mine: tuple[int, int]) -> None:
-        """Learn every rank's vocabulary slice (after a model is loaded)."""
+    def share_ranges(self, mine: tuple[int, int] | str) -> list[tuple[int, str]]:
+        """After a load, on every rank: learn every rank's vocabulary slice. ``mine``: this rank's slice, or why it
+        could not load (a str): every rank comes here either way, so a rank that failed leaves none of the others
+        waiting. Returns the ranks that failed and why ([] when every rank loaded)."""
         ranges = [None] * self.world
         dist.all_gather_object(ranges, mine)
-        self.ranges = ranges
-        self.width = max(hi - lo for lo, hi in ranges)  # slices padded to one width for gather/scatter
+        failed = [(r, why) for r, why in enumerate(ranges) if isinstance(why, str)]
+        if not failed:
+            self.ranges = ranges
+            self.width = max(hi - lo for lo, hi in ranges)  # slices padded to one width for gather/scatter
+        return failed
 
     def send(self, op: str, **payload) -> None:
         self.sent += 1
@@ -350,12 +355,19 @@ def follow(channel: Channel, load) -> None:
             if op == "stop":
                 farewell()
                 return
-            if op == "load":  # a failure here cannot be survived: rank 0 would wait in share_ranges forever
-                model = None
-                model = load(**kw)
-                channel.share_ranges(model.vocab_range)
-                pool = model.kv_pool
-                pages = PrefixCache(pool, 0)  # only for its page-copy routine
+            if op == "load":
+                model = pool = pages = None
+                try:
+                    model = load(**kw)
+                except Exception as exc:  # rank 0 says it (and its own, if it failed too); this rank waits for stop
+                    log.debug("rank %d could not load %s", channel.rank, kw.get("path"), exc_info=True)
+                    channel.share_ranges(f"{type(exc).__name__}: {exc}")
+                    continue
+                if not channel.share_ranges(model.vocab_range):
+                    pool = model.kv_pool
+                    pages = PrefixCache(pool, 0)  # only for its page-copy routine
+                else:
+                    model = None
                 continue
             try:
                 if op == "encode" or op == "denoise":

@@ -188,14 +188,18 @@ class LLM:
             self.model = start(path, tp, expert_parallel, device=device, **load)
         else:
             self.model = load_model(path, device=device, **load)
-        self.model.batch_invariant = bool(deterministic)
-        self.defaults = GenerationDefaults.from_dir(path)
-        self.tokenizer = load_tokenizer(path)
-        if self.tokenizer is not None:
-            check_tokenizer_fits(self.tokenizer, self.model.vocab_size, os.path.join(path, "tokenizer.json"))
-        self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
-                             prefix_cache_bytes=prefix_cache_bytes)
-        self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
+        try:
+            self.model.batch_invariant = bool(deterministic)
+            self.defaults = GenerationDefaults.from_dir(path)
+            self.tokenizer = load_tokenizer(path)
+            if self.tokenizer is not None:
+                check_tokenizer_fits(self.tokenizer, self.model.vocab_size, os.path.join(path, "tokenizer.json"))
+            self.engine = Engine(self.model, self.defaults, self.tokenizer, max_num_seqs=max_num_seqs,
+                                 prefix_cache_bytes=prefix_cache_bytes)
+            self.images = ImagePrompter.for_model(self.model, path, self.tokenizer)
+        except BaseException:  # (a bad generation_config.json, tokenizer, processor config): no LLM to close() later
+            self.close()  # a split model's ranks end with it
+            raise
 
     def close(self) -> None:
         """End the other ranks of a split model (a no-op for one process)."""

@@ -62,6 +62,10 @@ def rope_inv_freq(params: dict, head_dim: int, max_positions: int | None = None)
     rope_type = params.get("rope_type", "default")
     theta = float(params["rope_theta"])
     partial = float(params.get("partial_rotary_factor", 1.0))
+    if not theta > 0:
+        raise ValueError(f"rope_theta must be positive, got {theta}")
+    if not 0 < partial <= 1:  # the share of each head that rotates
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], got {partial}")
     if rope_type == "proportional":
         # The first partial*D/2 frequencies rotate (exponent over the full head dim), the rest are identity.
         angles = int(partial * head_dim // 2)

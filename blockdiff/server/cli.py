@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -204,8 +205,10 @@ def cmd_serve(args) -> int:
                        "takes the requests): put a TLS/CORS proxy in front of it, or serve one process")
     if args.replicas < 0:
         raise CLIError(f"--replicas must be >= 1 (or 0, the default: one process, no Ray), got {args.replicas}")
-    if args.replicas and getattr(args, "tensor_parallel_size", 1) > 1:
-        raise CLIError("--replicas and --tensor-parallel-size together are not supported yet: pick one")
+    if args.replicas and (getattr(args, "tensor_parallel_size", 1) > 1 or getattr(args, "expert_parallel", False)):
+        # (--expert-parallel reached no replica: it was dropped without a word)
+        raise CLIError("--replicas and --tensor-parallel-size / --expert-parallel together are not supported yet: "
+                       "pick one")
     from ..vision.media import MediaLimits
 
     try:
@@ -269,6 +272,17 @@ def cmd_serve(args) -> int:
                 force_exit(llm, app.state.server)  # the second Ctrl-C
             app.state.server.begin_drain(grace)
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal it handled as this exits; SIGTERM's default action then ends the process
+            # at once, before the ``finally`` below: a split model's ranks must be told to stop first (else each
+            # found rank 0 gone and died with a traceback; on NCCL it could wait out the collective timeout)
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    llm.close()
 
     try:
         Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
