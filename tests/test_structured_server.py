@@ -254,3 +254,35 @@ def test_a_constraint_failing_while_streaming_ends_with_an_error_event(server):
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert err["code"] == "constraint_failed" and err["param"] == "structured_outputs", err
+
+
+def test_tenants_never_share_a_compiled_or_admitted_constraint(tmp_path):
+    """The grammar caches (compiled grammars, admitted matchers) are kept per prefix-cache salt, as the prefix cache
+    is: a tenant's structured request is never prepared faster because another tenant sent the same schema."""
+    from blockdiff.structured.spec import _compile
+
+    path = make_checkpoint(tmp_path / "ck", canvas_length=8, generation_config={"max_denoising_steps": 2})
+    llm = LLM(path, dtype=torch.float32)
+    srv = LiveServer(build_app(Engine(llm.model, llm.defaults, llm.tokenizer), MODEL, api_key=["ka", "kb"]))
+    try:
+        compiler = srv.engine.engine.grammars()
+        admitted = lambda: len(compiler._admitted)  # noqa: E731
+        schema = {"type": "object", "properties": {"tenant_probe": {"type": "integer"}}, "required": ["tenant_probe"]}
+        rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+
+        def ask(key: str, **extra):
+            return srv.client(key).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                           max_tokens=16, seed=0, response_format=rf, **extra)
+        before, misses = admitted(), _compile.cache_info().misses
+        first = ask("ka")
+        assert admitted() == before + 1 and _compile.cache_info().misses > misses
+        ask("ka")  # the same tenant again: both caches hit
+        assert admitted() == before + 1
+        misses = _compile.cache_info().misses
+        other = ask("kb")  # another tenant: compiled and admitted anew
+        assert admitted() == before + 2 and _compile.cache_info().misses > misses
+        assert other.choices[0].message.content == first.choices[0].message.content  # the same answer all the same
+        ask("ka", extra_body={"cache_salt": "s"})  # a request's own salt separates it too
+        assert admitted() == before + 3
+    finally:
+        srv.close()

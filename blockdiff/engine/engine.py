@@ -189,12 +189,12 @@ class Engine:
         cached, so ``make_state`` (on the server's event loop) only copies the admitted matcher. The server calls
         this while preparing a request, off the event loop."""
         if params.structured_outputs is not None:
-            self.grammars().prepared(params.structured_outputs)
+            self.grammars().prepared(params.structured_outputs, params.cache_salt)
 
     def _constraint(self, params: SamplingParams):
         end_ids = list(dict.fromkeys(list(self.defaults.eos_token_ids) + list(params.stop_token_ids or [])))
         return self.grammars().constraint(params.structured_outputs, end_ids, self.canvas_length, params.seed,
-                                          self.model.device)
+                                          self.model.device, salt=params.cache_salt)
 
     def add_request(self, prompt_ids, params=None, on_event=None, request_id=None, request_index=0,
                     images=None) -> ModelState:

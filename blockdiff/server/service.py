@@ -24,6 +24,7 @@ from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloa
 from ..engine.engine import Engine
 from ..engine.failures import one_line
 from ..sampling.params import SamplingParams
+from ..structured.spec import SALT as STRUCTURED_SALT
 from ..tools.output import ChatText
 from ..tools.output import message as tool_message
 from ..vision.chat import extract_images
@@ -76,6 +77,11 @@ class Prepared:
     params: SamplingParams
     echo: str | None = None  # completions with echo: the prompt text
     images: object = None  # chat with image_url parts: the prompt's ImageInputs (blockdiff.vision.prompt)
+
+def salted(tenant: str | None, salt: str | None) -> str | None:
+    """A request's prefix-cache salt: its own ``cache_salt``, under its tenant's when salting by API key."""
+    return salt if tenant is None else f"{tenant}:{salt or ''}"
+
 
 def key_digest(key: str) -> str:
     """An API key's tenant tag (the prefix-cache salt when salting by key; Ray's router matches within it)."""
@@ -200,6 +206,14 @@ class Server:
 
     def _prepare(self, kind: str, raw: bytes, tenant: str | None = None) -> Prepared:
         body = parse_body(raw)
+        own = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+        token = STRUCTURED_SALT.set(salted(tenant, own))  # grammars compiled while preparing it: cached per salt
+        try:
+            return self._prepare_body(kind, body, tenant)
+        finally:
+            STRUCTURED_SALT.reset(token)
+
+    def _prepare_body(self, kind: str, body: dict, tenant: str | None) -> Prepared:
         try:
             req = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
         except ValidationError as e:
@@ -209,8 +223,7 @@ class Server:
             raise bad(f"'n' is {req.n}, more choices than this server runs at once ({self.engine.capacity})", "n")
         params = req.to_params()
         self._cap(params)
-        if tenant is not None:  # salted by API key: no tenant's cached prefix is visible to another
-            params.cache_salt = f"{tenant}:{params.cache_salt or ''}"
+        params.cache_salt = salted(tenant, params.cache_salt)  # by API key: no tenant's prefix is another's
         echo = images = None
         if kind == "chat":
             ids, images = self.encode_chat(req)

@@ -34,7 +34,7 @@ import torch
 from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, inverse_cdf_draw, temperature
 from ..sampling.truncation import truncate
 from ..engine.failures import RequestFault
-from .spec import compile_spec, kind
+from .spec import SALT, compile_spec, kind
 
 
 # Admission budget: binding a grammar to the tokenizer and computing its first mask must fit in ADMIT_SECONDS, or
@@ -88,18 +88,23 @@ class GrammarCompiler:
         # verbose_errors=False: an error never carries the parser's state (it can quote the schema or the text).
         return self._llg.LLParserLimits(verbose_errors=False)
 
-    def prepared(self, spec: dict):
-        """The admitted matcher for ``spec`` (shared: copy it before use), or ``ValueError``."""
-        key = json.dumps(spec)  # not sorted: the order of a schema's properties is the order of the output
+    def prepared(self, spec: dict, salt: str | None = None):
+        """The admitted matcher for ``spec`` (shared: copy it before use), or ``ValueError``. Verdicts are kept per
+        ``salt`` (the request's prefix-cache salt): a tenant's admission never runs faster because another tenant
+        sent the same constraint."""
+        key = json.dumps([salt, spec])  # not sorted: the order of a schema's properties is the order of the output
         with self._lock:
             hit = self._admitted.get(key)
             if hit is not None:
                 self._admitted.move_to_end(key)
         if hit is None:
+            token = SALT.set(salt)
             try:
                 hit = self._admit(spec)
             except ValueError as e:
                 hit = str(e)
+            finally:
+                SALT.reset(token)
             with self._lock:
                 self._admitted[key] = hit
                 while len(self._admitted) > ADMITTED_CACHE:
@@ -135,12 +140,12 @@ class GrammarCompiler:
                              "counts or fewer alternatives)")
         return m
 
-    def matcher(self, spec: dict):
-        return self.prepared(spec).deep_copy()
+    def matcher(self, spec: dict, salt: str | None = None):
+        return self.prepared(spec, salt).deep_copy()
 
     def constraint(self, spec: dict, end_ids: list[int], canvas_length: int, seed: int | None = None,
-                   device=None) -> "CanvasConstraint":
-        c = CanvasConstraint(self.matcher(spec), end_ids or self.eos_ids, self.vocab_size, canvas_length,
+                   device=None, salt: str | None = None) -> "CanvasConstraint":
+        c = CanvasConstraint(self.matcher(spec, salt), end_ids or self.eos_ids, self.vocab_size, canvas_length,
                              seed, device)
         c.step_seconds = self.step_seconds
         return c

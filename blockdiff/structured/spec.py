@@ -18,6 +18,7 @@ the key and the problem; ``LLMatcher`` later binds it to the checkpoint's tokeni
 from __future__ import annotations
 
 import functools
+from contextvars import ContextVar
 import json
 
 from ..sampling.fields import json_text
@@ -93,15 +94,21 @@ def kind(spec: dict) -> str:
     return next(k for k in CONSTRAINT_KEYS if k in spec)
 
 
+# The prefix-cache salt of the request being prepared (``Server._prepare`` sets it, with its tenant's): compiled
+# grammars are cached per salt, so how fast a schema is compiled (cached or not) never tells one tenant whether
+# another sent it.
+SALT: ContextVar[str | None] = ContextVar("blockdiff_structured_salt", default=None)
+
+
 def compile_spec(spec: dict) -> str:
     """Normalized spec -> llguidance grammar text. Raises ``ValueError`` naming what is wrong."""
-    return _compile(json.dumps(spec))  # keys in their order: a schema's properties are written in it
+    return _compile(json.dumps([SALT.get(), spec]))  # keys in their order: a schema's properties are written in it
 
 
 @functools.lru_cache(maxsize=256)
 def _compile(key: str) -> str:
     llg = _llg()
-    spec = json.loads(key)
+    spec = json.loads(key)[1]
     k = kind(spec)
     where = f"structured_outputs.{k}"
     try:
