@@ -177,4 +177,10 @@ def weight_map(index_path: str) -> dict[str, str]:
     bad = [k for k, v in wm.items() if not isinstance(v, str) or not v]
     if bad:
         raise CheckpointError(f"{index_path}: 'weight_map' entries must name a shard file; {bad[0]!r} does not")
+    # A shard is a file beside the index: a path ('../x', '/etc/x') would be read - or, when a checkpoint is saved
+    # over this one, removed - outside the checkpoint's folder.
+    outside = next((v for v in wm.values() if v != os.path.basename(v) or v in (".", "..") or "\\" in v), None)
+    if outside is not None:
+        raise CheckpointError(f"{index_path}: shard {outside!r} is not a file name in the checkpoint's folder "
+                              "(a shard must lie beside the index)")
     return wm

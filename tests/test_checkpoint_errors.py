@@ -71,7 +71,10 @@ def test_corrupt_tokenizer_json_names_the_file(ckpt, capsys, content, words):
     ("{\"weight_map\": ", "is not valid JSON"),
     ("[1, 2]", "must hold a JSON object"),
     ('{"metadata": {}}', "has no 'weight_map'"),
-], ids=["syntax", "array", "no-map"])
+    ('{"weight_map": {"a": "../model.safetensors"}}', "shard '../model.safetensors' is not a file name in the "
+                                                       "checkpoint's folder"),
+    ('{"weight_map": {"a": "/etc/passwd"}}', "shard '/etc/passwd' is not a file name"),
+], ids=["syntax", "array", "no-map", "parent", "absolute"])
 def test_corrupt_index_json_names_the_file(ckpt, capsys, content, words):
     with open(os.path.join(ckpt, "model.safetensors.index.json"), "w") as f:
         f.write(content)
