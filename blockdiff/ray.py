@@ -421,9 +421,10 @@ def _replica_error(e: Exception) -> str:
 def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -> int:
     """``blockdiff serve CHECKPOINT --replicas N``: Ray Serve on ``--host``/``--port`` (a local Ray when none runs).
     ``api_keys``: every key of --api-key / --api-key-file / $BLOCKDIFF_API_KEY; every server flag reaches the
-    replicas (each runs the server ``blockdiff serve`` would). SIGINT (Ctrl-C) and SIGTERM stop it alike: the local
-    Ray it started is shut down; on a cluster that was already running only this application is deleted (the
-    cluster's other Serve applications stay)."""
+    replicas (each runs the server ``blockdiff serve`` would) but --shutdown-grace (the stop is Ray's);
+    --allowed-origins and --ssl-certfile are refused before this is called. SIGINT (Ctrl-C) and SIGTERM stop it
+    alike: the local Ray it started is shut down; on a cluster that was already running only this application is
+    deleted (the cluster's other Serve applications stay)."""
     import signal
     import threading
 

@@ -1,6 +1,6 @@
 """The released 26B-A4B shape with random weights, quantized while it is built: load memory and one denoise step.
 
-``blockdiff bench --random-config full --quantization int4 [--canvas 256] [--prompt-len 64]``
+``blockdiff bench --random-config full --quantization int4 [--prompt-len 64]``
 
 The model is built on the meta device; each tensor is then drawn at random (normal(0, 0.02) for matrices, ones for
 norms and scalars) and quantized on its own, so no full-precision copy of the model ever exists: peak memory is the

@@ -29,27 +29,28 @@ def register(subparsers) -> None:
                    "starting with # are skipped)")
     p.add_argument("--cache-salt-by-key", choices=["auto", "on", "off"], default="auto",
                    help="salt each request's prefix-cache blocks by its API key, so tenants never share cached "
-                        "prefixes (auto: on with several keys)")
+                        "prefixes (default auto: on with several keys)")
     p.add_argument("--max-denoising-steps", type=int, help="the most denoising steps per canvas one request may "
                    f"ask for (default: {DEFAULT_MAX_STEPS}, or the checkpoint's max_denoising_steps when larger); "
                    "over it, HTTP 400")
     p.add_argument("--max-model-len", type=int, help="the most positions (prompt + output) one request may use "
                    "(default and most: the model's context); over it, HTTP 400")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together per tick (default 16)")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond max-num-seqs before 429 "
                    "(default 4 * max-num-seqs)")
     p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30,
                    help="memory for the KV of prompt prefixes reused by later requests (shared system prompts, "
                         "multi-turn chats); least recently used blocks are evicted past it; 0 turns it off "
                         "(default 1 GiB)")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (then HTTP 413)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20,
+                   help="largest request body (then HTTP 413; default 8 MiB)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds without a byte of a request body being read before it is refused (HTTP 408, the "
                         "connection closed); idle time, so a slow but steady upload still works. A request head "
                         "(line and headers) must arrive whole within as long (default 30)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM/SIGINT; streams still running then "
-                        "get an error event and [DONE]")
+                        "get an error event and [DONE] (default 10)")
     p.add_argument("--deterministic", action="store_true",
                    help="a seeded request's output is bit-identical alone or in any batch (per-request compute: "
                         "slower under load); default: one batched pass per tick")
@@ -58,7 +59,7 @@ def register(subparsers) -> None:
                         "keep their keys/values across denoising steps (docs/serving.md, \"Fast mode\")")
     p.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="image_url parts may name local files (file:// URLs or paths) under DIR (default: none)")
-    p.add_argument("--max-images-per-request", type=int, default=8)
+    p.add_argument("--max-images-per-request", type=int, default=8, help="images in one request (default 8)")
     p.add_argument("--max-image-bytes", type=int, default=5 << 20,
                    help="encoded bytes of all images in one request (default 5 MiB; they arrive base64 in the "
                         "body: --max-body-bytes must hold 4/3 of this)")

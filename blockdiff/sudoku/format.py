@@ -3,7 +3,7 @@
 Every cell token names its cell *and* its content: ``r3c7=5`` is "row 3, column 7 holds a 5", ``r3c7=.``
 is "row 3, column 7 is blank". Why: DiffusionGemma has no absolute position embedding and only 1-D RoPE,
 so with plain digit tokens a canvas cell must first work out which row, column and box it sits in before
-it can check a single constraint (NOTES.md: a plain layout stayed at chance on CPU). With cell-tagged
+it can check a single constraint (in an earlier experiment a plain layout stayed at chance on CPU). With cell-tagged
 tokens the row/column/box of every token is in its embedding, so "attend to my row, column and box" is a
 plain content match. A second effect: uniform-state noise draws from the whole vocabulary, so a noised
 cell almost always holds a token of *another* cell (810 cell tokens, 10 of them this cell's) and is
