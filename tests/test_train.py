@@ -570,3 +570,5 @@ def test_resuming_a_run_with_another_task_is_refused_naming_both(tmp_path):
     with pytest.raises(ValueError, match=r"run is a run of task copy, not jsonl: to fine-tune it on jsonl, pass "
                                          r"--init-from .*run with another --out"):
         Trainer(JsonlTask(str(data), vocab_size=32, canvas_length=8), o, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"run is a run of task copy, not jsonl"):  # named before its shapes are
+        Trainer(JsonlTask(str(data), vocab_size=64, canvas_length=16), o, log=lambda s: None)

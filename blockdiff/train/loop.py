@@ -137,6 +137,11 @@ class Trainer:
             # very one named by --init-from.
             raise ValueError(f"{o.out_dir} already holds a checkpoint but no {STATE_FILE}, so it is not a training "
                              "run to resume; choose another --out (--no-resume overwrites it)")
+        st = _read_state(state_path) if resuming else None
+        if st is not None and st.get("task", task.name) != task.name:  # its optimizer and schedule: the other task's
+            raise ValueError(f"{o.out_dir} is a run of task {st['task']}, not {task.name}: to fine-tune it on "
+                             f"{task.name}, pass --init-from {o.out_dir} with another --out (--no-resume "
+                             "overwrites the run)")
         if not resuming:  # a fresh start: the learning curve of an earlier run in this folder no longer applies
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(o.out_dir, LOG_FILE))
@@ -167,11 +172,6 @@ class Trainer:
         self.opt = make_optimizer(m, o)
         self.scheduler = make_scheduler(self.opt, o)
         if resuming:
-            st = _read_state(state_path)
-            if st.get("task", task.name) != task.name:  # its optimizer and schedule belong to the other task
-                raise ValueError(f"{o.out_dir} is a run of task {st['task']}, not {task.name}: to fine-tune it on "
-                                 f"{task.name}, pass --init-from {o.out_dir} with another --out (--no-resume "
-                                 "overwrites the run)")
             self.step, self.elapsed_s, self.examples = st["step"], st["elapsed_s"], st["examples"]
             # The saved scheduler holds the schedule it was built with (base lr, length): restored as is, a new
             # --lr was ignored and a cosine run extended by --max-steps climbed back up (cosine is periodic).
