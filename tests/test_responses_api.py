@@ -107,6 +107,24 @@ def test_a_call_and_its_output_sent_back_read_as_the_chat_turns_they_are(client)
     assert r.output_text == (c.choices[0].message.content or "")
 
 
+def test_an_assistant_message_and_its_calls_sent_back_are_one_turn(client):
+    said = {"role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]}
+    calls = [{"type": "function_call", "call_id": f"call_{k}", "name": "get_weather",
+              "arguments": f'{{"city": "P{k}", "days": 1}}'} for k in (1, 2)]
+    outs = [{"type": "function_call_output", "call_id": f"call_{k}", "output": "sunny"} for k in (1, 2)]
+    r = client.responses.create(model=MODEL, input=[{"role": "user", "content": "Weather?"}, said, *calls, *outs],
+                                tools=[WEATHER], max_output_tokens=8, extra_body={"seed": 4})
+    c = client.chat.completions.create(model=MODEL, seed=4, max_tokens=8, tools=[chat_tool(WEATHER)], messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}], "tool_calls": [
+            {"id": f"call_{k}", "type": "function", "function": {"name": "get_weather",
+                                                                 "arguments": f'{{"city": "P{k}", "days": 1}}'}}
+            for k in (1, 2)]},
+        *({"role": "tool", "tool_call_id": f"call_{k}", "content": "sunny"} for k in (1, 2))])
+    assert r.usage.input_tokens == c.usage.prompt_tokens
+    assert r.output_text == (c.choices[0].message.content or "")
+
+
 def test_text_format_json_schema_gives_valid_json(client):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"], "additionalProperties": False}

@@ -107,9 +107,9 @@ class Translation:
             elif kind == "function_call":
                 call = {"id": _str(item, "call_id", where), "type": "function",
                         "function": {"name": _str(item, "name", where), "arguments": _str(item, "arguments", where)}}
-                if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") \
-                        and self.origins[-1].startswith("input"):
-                    out[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+                if out and out[-1]["role"] == "assistant" and self.origins[-1].startswith("input"):
+                    # the turn's text, then its calls (or parallel calls): items of one assistant turn
+                    out[-1].setdefault("tool_calls", []).append(call)
                     continue
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
