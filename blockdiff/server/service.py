@@ -78,6 +78,7 @@ class Prepared:
     echo: str | None = None  # completions with echo: the prompt text
     images: object = None  # chat with image_url parts: the prompt's ImageInputs (blockdiff.vision.prompt)
 
+
 def salted(tenant: str | None, salt: str | None) -> str | None:
     """A request's prefix-cache salt: its own ``cache_salt``, under its tenant's when salting by API key."""
     return salt if tenant is None else f"{tenant}:{salt or ''}"
@@ -479,7 +480,7 @@ class Server:
             try:
                 work.result()
             except EngineFailedError as e:
-                self._close(streams, failed=_fails_response(e))  # its other choices end with it (a 500)
+                self._close(streams, failed=_fails_response(e))  # its other choices end with it (its error)
                 raise engine_failure(e, p.req) from None
             except Exception as e:  # detokenizing this request's output: this request fails, alone
                 log.exception("request %s: detokenizing its output failed", rid)
