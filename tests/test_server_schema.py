@@ -141,7 +141,8 @@ def test_valid_requests_are_accepted_and_answered_as_documented(api_schema):
                    "GET /v1/models/{model_id}", "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
     seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 30)
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"):
-        assert (path, 200) in seen, sorted(set(s for s in seen if s[0] == path))  # reached the engine, conformed
+        # requests reached the engine / tokenizer and conformed
+        assert (path, 200) in seen, sorted(set(s for s in seen if s[0] == path))
     assert not [s for s in seen if s[1] == 400], seen  # valid for the document: never refused
 
 
