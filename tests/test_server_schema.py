@@ -138,7 +138,8 @@ def test_valid_requests_are_accepted_and_answered_as_documented(api_schema):
     # Driven with hypothesis directly (schemathesis' pytest plugin does not load with this pytest).
     ops = {f"{r.ok().method.upper()} {r.ok().path}" for r in api_schema.get_all_operations()}
     assert ops >= {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models",
-                   "GET /v1/models/{model_id}", "POST /tokenize", "POST /detokenize", "GET /version", "GET /health", "GET /metrics"}
+                   "GET /v1/models/{model_id}", "POST /tokenize", "POST /detokenize", "GET /version", "GET /health",
+                   "GET /metrics"}
     seen = _run(api_schema, GenerationMode.POSITIVE, BOTH + [positive_data_acceptance], semantic, 30)
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"):
         # requests reached the engine / tokenizer and conformed
