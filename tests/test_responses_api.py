@@ -146,6 +146,12 @@ def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
     assert c.choices[0].message.reasoning_content  # the grammar opens the answer with the thinking channel
     assert [o.content[0].text for o in reasoning] == [c.choices[0].message.reasoning_content]
     assert r.output[-1].type == "function_call"
+    with client.responses.stream(**kw) as stream:  # streamed: the reasoning item closes before the calls open
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert [o.type for o in final.output] == [o.type for o in r.output]
+    assert final.output[0].content[0].text == reasoning[0].content[0].text
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.function_call_arguments.done")
     off = client.responses.create(**{**kw, "reasoning": {"effort": "none"}})
     assert off.output and all(o.type == "function_call" for o in off.output)
 
