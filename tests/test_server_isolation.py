@@ -7,7 +7,6 @@ bit-identical to their solo runs (deterministic mode)."""
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -22,7 +21,7 @@ from blockdiff.server.service import Server
 from blockdiff.structured import CanvasConstraint
 from fixtures import make_checkpoint
 from test_isolation import fail_stop_checks_on_boom
-from test_server import LiveServer
+from test_server import LiveServer, wait_until
 
 MODEL = "tiny-dg"
 BAD_SEED = 666
@@ -185,10 +184,7 @@ def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monk
     extra = _inject(monkeypatch, "detokenizer", {})
     r = post(srv.url, dict(body("the bad request", BAD_SEED, max_tokens=400), **extra, stream=stream))
     assert ("request_failed" in r.text) and r.status_code == (200 if stream else 500)
-    deadline = time.monotonic() + 30
-    while srv.engine.num_in_flight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
     assert counters.finished["error"] == before["error"] + 1
     assert counters.finished["abort"] == before["abort"]
 
@@ -249,9 +245,6 @@ def test_the_other_choices_of_a_failed_response_count_as_errors_not_client_abort
     _inject(monkeypatch, "sampler_row", {})  # the choice whose seed is BAD_SEED: choice 0
     r = post(srv.url, body("the bad request", BAD_SEED, max_tokens=400, n=2, stream=stream))
     assert "request_failed" in r.text and r.status_code == (200 if stream else 500)
-    deadline = time.monotonic() + 30
-    while srv.engine.num_in_flight:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
     assert counters.finished["error"] == before["error"] + 2
     assert counters.finished["abort"] == before["abort"]
