@@ -255,7 +255,8 @@ def build_app(llm_or_engine, served_model_name: str, api_key: str | list[str] | 
               responses={200: {"model": schemas.Tokenized}, **schemas.ERRORS})
     async def tokenize(request: Request):
         check_content_type(request)
-        return await srv.tokenize(await read_body(request, max_body_bytes, body_timeout))
+        return await srv.tokenize(await read_body(request, max_body_bytes, body_timeout),
+                                  getattr(request.state, "tenant", None))
 
     @app.post("/detokenize", dependencies=guarded, openapi_extra=_request_body(DetokenizeRequest),
               responses={200: {"model": schemas.Detokenized}, **schemas.ERRORS})

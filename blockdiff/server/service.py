@@ -334,8 +334,15 @@ class Server:
             raise bad(f"'tokens' must be ids in [0, {V}), got {bad_ids[0]}", "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
-    async def tokenize(self, raw: bytes) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._tokenize, raw)
+    async def tokenize(self, raw: bytes, tenant: str | None = None) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._tokenize_salted, raw, tenant)
+
+    def _tokenize_salted(self, raw: bytes, tenant: str | None) -> dict:
+        token = STRUCTURED_SALT.set(salted(tenant, None))  # a tools grammar compiled here: cached per tenant too
+        try:
+            return self._tokenize(raw)
+        finally:
+            STRUCTURED_SALT.reset(token)
 
     async def detokenize(self, raw: bytes) -> dict:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._detokenize, raw)
