@@ -24,6 +24,11 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "the foreca
                           "required": ["city", "days"], "additionalProperties": False}}
 
 
+def CALLS(arguments) -> list[dict]:
+    return [{"type": "function_call", "call_id": f"call_{k}", "name": "get_weather", "arguments": a}
+            for k, a in enumerate(arguments)]
+
+
 def chat_tool(t: dict) -> dict:
     return {"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}}
 
@@ -174,6 +179,10 @@ def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
      "'tool_choice.name' 'nope' is not one of the tools"),
     ({"truncation": "auto"}, "truncation", "must be 'disabled'"),
     ({"temperature": -1}, "temperature", "'temperature' must be"),
+    ({"input": [{"role": "user", "content": "x"}, *CALLS(("{}", "nope"))]}, "input[2].arguments",
+     "'input[2].arguments' is not valid JSON"),
+    ({"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "hm"}, *CALLS(("{}", "[1]"))]},
+     "input[3].arguments", "'input[3].arguments' must be a JSON object"),
 ])
 def test_bad_requests_are_400s_naming_the_responses_field(server, extra, param, message):
     body = {"model": MODEL, "input": "hi", **extra}
@@ -181,7 +190,7 @@ def test_bad_requests_are_400s_naming_the_responses_field(server, extra, param, 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and message in err["message"], err
-    assert "messages[" not in err["message"] and "max_tokens" not in err["message"]
+    assert not any(w in err["message"] for w in ("messages[", "max_tokens", "tool_calls"))
 
 
 def test_the_openai_client_raises_bad_request_for_an_unknown_model(client):

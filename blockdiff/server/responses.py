@@ -48,6 +48,7 @@ class Translation:
             raise bad(*first_error(e, deepest=True)) from None
         self.body = body
         self.origins: list[str] = []  # messages[k] came from this Responses path
+        self.call_origins: dict[int, list[str]] = {}  # messages[k].tool_calls[j] came from this function_call item
         self.chat = self._chat()
 
     # ------------------------------------------------------------------ request
@@ -110,7 +111,9 @@ class Translation:
                 if out and out[-1]["role"] == "assistant" and self.origins[-1].startswith("input"):
                     # the turn's text, then its calls (or parallel calls): items of one assistant turn
                     out[-1].setdefault("tool_calls", []).append(call)
+                    self.call_origins.setdefault(len(out) - 1, []).append(where)
                     continue
+                self.call_origins[len(out)] = [where]
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
                 output = item.get("output")
@@ -203,8 +206,17 @@ class Translation:
     def _name(self, param: str) -> str:
         m = re.match(r"messages\[(\d+)\](.*)", param)
         if m and int(m.group(1)) < len(self.origins):
-            origin = self.origins[int(m.group(1))]
-            return origin + ("" if origin in ("input", "instructions") else m.group(2))
+            k, rest = int(m.group(1)), m.group(2)
+            origin = self.origins[k]
+            if origin in ("input", "instructions"):
+                return origin
+            call = re.match(r"\.tool_calls\[(\d+)\](.*)", rest)
+            if call and int(call.group(1)) < len(self.call_origins.get(k, [])):  # a function_call item's field
+                field = {".id": ".call_id", ".function.name": ".name", ".function.arguments": ".arguments"}
+                return self.call_origins[k][int(call.group(1))] + field.get(call.group(2), "")
+            if self.body["input"][int(origin[6:-1])].get("type") == "function_call_output":  # a tool message's
+                return origin + {".tool_call_id": ".call_id", ".content": ".output"}.get(rest, "")
+            return origin + rest
         for old, new in (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
                          ("max_tokens", "max_output_tokens"), ("response_format.json_schema.schema",
                                                                "text.format.schema"),
