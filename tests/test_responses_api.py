@@ -212,3 +212,17 @@ def test_a_dropped_responses_stream_aborts_its_request(server):
                 break  # the first canvas is out: hang up
         assert eng.num_in_flight == 1
     assert wait_until(lambda: eng.counters.finished["abort"] == aborted + 1 and eng.num_in_flight == 0)
+
+
+def test_an_answer_cut_inside_its_reasoning_is_the_reasoning_item_alone_streamed_or_not(client):
+    kw = dict(model=MODEL, input="Weather?", tools=[WEATHER], tool_choice="required", reasoning={"effort": "low"},
+              max_output_tokens=16, extra_body={"seed": 6})
+    chat = client.chat.completions.create(model=MODEL, seed=6, max_tokens=16, tools=[chat_tool(WEATHER)],
+                                          tool_choice="required", messages=[{"role": "user", "content": "Weather?"}],
+                                          extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert chat.choices[0].message.reasoning_content and not chat.choices[0].message.content
+    whole = client.responses.create(**kw)
+    streamed = list(client.responses.create(stream=True, **kw))[-1].response
+    for r in (whole, streamed):
+        assert r.status == "incomplete" and [o.type for o in r.output] == ["reasoning"]
+        assert r.output[0].content[0].text == chat.choices[0].message.reasoning_content

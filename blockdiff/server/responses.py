@@ -295,7 +295,7 @@ def output_items(message: dict, logprobs: dict | None) -> list[dict]:
     if message.get("reasoning_content"):
         items.append({"type": "reasoning", "id": _id("rs"), "summary": [], "status": "completed",
                       "content": [{"type": "reasoning_text", "text": message["reasoning_content"]}]})
-    if message.get("content") or not message.get("tool_calls"):
+    if message.get("content") or not (items or message.get("tool_calls")):  # an empty answer: one empty message
         items.append({"type": "message", "id": _id("msg"), "role": "assistant", "status": "completed",
                       "content": [{"type": "output_text", "text": message.get("content") or "", "annotations": [],
                                    "logprobs": (logprobs or {}).get("content") or []}]})
