@@ -112,6 +112,17 @@ def test_a_call_and_its_output_sent_back_read_as_the_chat_turns_they_are(client)
     assert r.output_text == (c.choices[0].message.content or "")
 
 
+def test_a_call_output_sent_as_text_parts_reads_as_its_joined_text(client):
+    turn = [{"role": "user", "content": "Weather in Paris?"}, *CALLS(('{"city": "Paris", "days": 1}',))]
+    parts = [{"type": "input_text", "text": '{"sky": '}, {"type": "input_text", "text": '"blue"}'}]
+    answers = [client.responses.create(model=MODEL, tools=[WEATHER], max_output_tokens=16, extra_body={"seed": 4},
+                                       input=[*turn, {"type": "function_call_output", "call_id": "call_0",
+                                                      "output": output}])
+               for output in (parts, '{"sky": "blue"}')]
+    assert answers[0].usage.input_tokens == answers[1].usage.input_tokens
+    assert answers[0].output_text == answers[1].output_text
+
+
 def test_an_assistant_message_and_its_calls_sent_back_are_one_turn(client):
     said = {"role": "assistant", "content": [{"type": "output_text", "text": "Let me look."}]}
     calls = [{"type": "function_call", "call_id": f"call_{k}", "name": "get_weather",
@@ -179,6 +190,9 @@ def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
      "'tool_choice.name' 'nope' is not one of the tools"),
     ({"truncation": "auto"}, "truncation", "must be 'disabled'"),
     ({"temperature": -1}, "temperature", "'temperature' must be"),
+    ({"input": [*CALLS(("{}",)), {"type": "function_call_output", "call_id": "call_0", "output": [
+        {"type": "input_image", "image_url": "data:image/png;base64,AA=="}]}]}, "input[1].output[0].type",
+     "'input_text', got 'input_image'"),
     ({"input": [{"role": "user", "content": "x"}, *CALLS(("{}", "nope"))]}, "input[2].arguments",
      "'input[2].arguments' is not valid JSON"),
     ({"input": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "hm"}, *CALLS(("{}", "[1]"))]},

@@ -454,10 +454,15 @@ class FunctionCallItem(_Item):
     arguments: str = Field(description="the call's arguments, a JSON object as text")
 
 
+class OutputTextPart(_Item):
+    type: Literal["input_text"] = Field(description="a tool's output is text (joined, as the chat tool message's)")
+    text: str
+
+
 class FunctionCallOutputItem(_Item):
     type: Literal["function_call_output"]
     call_id: str
-    output: str
+    output: str | list[OutputTextPart]
 
 
 class ReasoningItem(_Item):

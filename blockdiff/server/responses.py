@@ -116,11 +116,9 @@ class Translation:
                 self.call_origins[len(out)] = [where]
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
-                output = item.get("output")
-                if isinstance(output, list):  # input_text parts
-                    output = "".join(p.get("text", "") for p in output if isinstance(p, dict))
-                if not isinstance(output, str):
-                    raise bad(f"'{where}.output' must be a string, got {_type(output)}", f"{where}.output")
+                output = item["output"]  # the model checked it: a string, or input_text parts
+                if isinstance(output, list):
+                    output = "".join(p["text"] for p in output)
                 out.append({"role": "tool", "tool_call_id": _str(item, "call_id", where), "content": output})
             elif kind == "reasoning":
                 continue  # an earlier turn's reasoning, sent back: the chat template drops past thinking anyway
