@@ -9,11 +9,13 @@ import json
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 import torch
 
 from blockdiff import LLM
 from blockdiff.server import build_app
+from openai.types.responses import Response, ResponseStreamEvent
 from test_server import LiveServer
 from tool_fixtures import make_tool_checkpoint
 
@@ -240,3 +242,20 @@ def test_an_answer_cut_inside_its_reasoning_is_the_reasoning_item_alone_streamed
     for r in (whole, streamed):
         assert r.status == "incomplete" and [o.type for o in r.output] == ["reasoning"]
         assert r.output[0].content[0].text == chat.choices[0].message.reasoning_content
+
+
+@pytest.mark.parametrize("extra", [dict(input="Hi", max_output_tokens=10, top_logprobs=2, metadata={"k": "v"}),
+                                   dict(input="Weather?", tools=[WEATHER], tool_choice="required"),
+                                   dict(input="Weather?", tools=[WEATHER], tool_choice="required",
+                                        reasoning={"effort": "low"}, max_output_tokens=48)])
+def test_the_response_and_every_event_validate_as_the_sdks_types(server, extra):
+    """The SDK builds its objects without validating them: a field it requires that the server leaves out shows
+    up only when a client reads it. Validated here, every required field is there with the right type."""
+    body = {"model": MODEL, "seed": 3, **extra}
+    Response.model_validate(httpx.post(server.url + "/v1/responses", json=body, timeout=60).json())
+    adapter = pydantic.TypeAdapter(ResponseStreamEvent)
+    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    for e in events:
+        adapter.validate_python(e)

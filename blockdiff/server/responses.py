@@ -282,7 +282,8 @@ def response_usage(u: dict | None) -> dict | None:
     if u is None:
         return None
     return {"input_tokens": u["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)},
+            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                                     "cache_write_tokens": 0},  # no billed cache writes: the prefix cache is automatic
             "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u["total_tokens"]}
 
