@@ -58,6 +58,7 @@ def test_text_answer_equals_the_chat_answer_for_the_same_request(client):
     assert r.output_text == c.choices[0].message.content and len(r.output) == 1
     assert r.output[0].type == "message" and r.output[0].role == "assistant"
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"  # finish "length"
+    assert r.output[0].status == "incomplete"  # the message the budget ran out in
     assert (r.usage.input_tokens, r.usage.output_tokens) == (c.usage.prompt_tokens, c.usage.completion_tokens)
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
     assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.store is False
@@ -76,6 +77,7 @@ def test_stream_events_are_numbered_and_add_up_to_the_response(client):
                           "response.incomplete"]
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text == events[-1].response.output_text
+    assert events[-2].item.status == events[-1].response.output[0].status == whole.output[0].status == "incomplete"
     assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
     assert len({e.response.id for e in events if hasattr(e, "response")}) == 1
 
@@ -242,6 +244,7 @@ def test_an_answer_cut_inside_its_reasoning_is_the_reasoning_item_alone_streamed
     for r in (whole, streamed):
         assert r.status == "incomplete" and [o.type for o in r.output] == ["reasoning"]
         assert r.output[0].content[0].text == chat.choices[0].message.reasoning_content
+        assert r.output[0].status == "incomplete"
 
 
 @pytest.mark.parametrize("extra", [dict(input="Hi", max_output_tokens=10, top_logprobs=2, metadata={"k": "v"}),
@@ -259,3 +262,32 @@ def test_the_response_and_every_event_validate_as_the_sdks_types(server, extra):
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
     for e in events:
         adapter.validate_python(e)
+
+
+def test_a_stream_failing_mid_answer_ends_with_response_failed_and_an_incomplete_message(server):
+    core = server.engine.engine
+    real = core._denoise
+
+    def broken(states):
+        core._denoise = real  # fail exactly one tick
+        raise RuntimeError("injected denoise failure")
+
+    body = {"model": MODEL, "input": "Go on forever", "max_output_tokens": 1024, "stream": True, "seed": 0,
+            "ignore_eos": True, "max_denoising_steps": 256, "stability_threshold": 10_000}
+    events = []
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if events[-1]["type"] == "response.output_text.delta":
+                    core._denoise = broken  # the first canvas is out: the next tick fails
+    adapter = pydantic.TypeAdapter(ResponseStreamEvent)
+    for e in events:
+        adapter.validate_python(e)
+    failed, done = adapter.validate_python(events[-1]), adapter.validate_python(events[-2])
+    assert failed.type == "response.failed" and failed.response.status == "failed"
+    assert done.type == "response.output_item.done" and done.item.status == "incomplete"
+    assert failed.response.output == [done.item]
+    assert done.item.content[0].text == "".join(e["delta"] for e in events if e["type"].endswith("text.delta"))
+    assert failed.response.error.code == "server_error"  # OpenAI's code for the server's fault
+    assert "RuntimeError in the batched work" in failed.response.error.message

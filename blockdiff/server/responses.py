@@ -288,8 +288,9 @@ def response_usage(u: dict | None) -> dict | None:
             "total_tokens": u["total_tokens"]}
 
 
-def output_items(message: dict, logprobs: dict | None) -> list[dict]:
-    """A chat message (content, reasoning_content, tool_calls) as Responses output items, in the order written."""
+def output_items(message: dict, logprobs: dict | None, cut: bool = False) -> list[dict]:
+    """A chat message (content, reasoning_content, tool_calls) as Responses output items, in the order written;
+    ``cut``: the budget ran out, and the last item, the one being written, is ``incomplete``."""
     items = []
     if message.get("reasoning_content"):
         items.append({"type": "reasoning", "id": _id("rs"), "summary": [], "status": "completed",
@@ -302,7 +303,18 @@ def output_items(message: dict, logprobs: dict | None) -> list[dict]:
         items.append({"type": "function_call", "id": _id("fc"), "call_id": call["id"],
                       "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                       "status": "completed"})
+    if cut:
+        items[-1]["status"] = "incomplete"
     return items
+
+
+def _failure(t: Translation, chunk: dict) -> dict:
+    """A chat stream's error event as the Responses error object: OpenAI's code for a client's or the server's
+    fault (the request's own constraint failing it, or anything else), the message and param in Responses names."""
+    err = chunk["error"]
+    e = t.rename(APIError(500, err.get("message") or "", err.get("param"), type=err.get("type")))
+    return {"code": "invalid_prompt" if e.type == "invalid_request_error" else "server_error", "message": e.message,
+            "param": e.param, "type": e.type}
 
 
 def _status(finish_reason: str | None) -> tuple[str, str | None]:
@@ -324,7 +336,8 @@ async def create_response(srv, request: Request, raw: bytes, tenant: str | None)
         chat = json.loads(answer.body)
         choice = chat["choices"][0]
         status, incomplete = _status(choice["finish_reason"])
-        return JSONResponse(t.response(rid, created, status, output_items(choice["message"], choice["logprobs"]),
+        output = output_items(choice["message"], choice["logprobs"], cut=status == "incomplete")
+        return JSONResponse(t.response(rid, created, status, output,
                                        response_usage(chat.get("usage")), incomplete))
     return StreamingResponse(_events(t, rid, created, answer.body_iterator), headers=SSE_HEADERS,
                              media_type="text/event-stream")
@@ -369,13 +382,13 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
                          content_index=0, part=dict(part)))
         return out
 
-    def close_open():
+    def close_open(status: str = "completed"):
         nonlocal open_item
         item, open_item = open_item, None
         if item is None:
             return
         i, part = items.index(item), item["content"][0]
-        item["status"] = "completed"
+        item["status"] = status
         if item["type"] == "reasoning":
             yield event("response.reasoning_text.done", item_id=item["id"], output_index=i, content_index=0,
                         text=part["text"])
@@ -410,13 +423,14 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             d = json.loads(line[6:])
-            if "error" in d:  # the request failed while it ran: the stream ends with response.failed
-                for s in close_open():
+            if "error" in d:  # the request failed while it ran: what it wrote is incomplete; then response.failed
+                for s in close_open("incomplete"):
                     yield s
-                err = d["error"]
-                yield event("response.failed", response=t.response(
-                    rid, created, "failed", items, usage, error={"code": err.get("code") or "server_error",
-                                                                 "message": err.get("message", "")}))
+                for item in calls.values():
+                    item["status"] = "incomplete"
+                    yield event("response.output_item.done", output_index=items.index(item), item=item)
+                yield event("response.failed", response=t.response(rid, created, "failed", items,
+                                                                   response_usage(usage), error=_failure(t, d)))
                 return
             usage = d.get("usage") or usage
             for choice in d.get("choices") or []:
@@ -444,10 +458,12 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
                         yield event("response.function_call_arguments.delta", item_id=item["id"],
                                     output_index=items.index(item), delta=args)
                 finish = choice.get("finish_reason") or finish
-    for s in close_open():
+    status, incomplete = _status(finish)
+    cut = items[-1] if items and status == "incomplete" else None  # the item the budget ran out in
+    for s in close_open("incomplete" if open_item is not None and open_item is cut else "completed"):
         yield s
     for item in calls.values():
-        item["status"] = "completed"
+        item["status"] = "incomplete" if item is cut else "completed"
         i = items.index(item)
         yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
                     arguments=item["arguments"], name=item["name"])
@@ -455,8 +471,7 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
     if not items:  # an empty answer is still one (empty) message, as the non-streamed response has
         for s in open_text("message"):
             yield s
-        for s in close_open():
+        for s in close_open("incomplete" if status == "incomplete" else "completed"):
             yield s
-    status, incomplete = _status(finish)
     yield event("response.incomplete" if status == "incomplete" else "response.completed",
                 response=t.response(rid, created, status, items, response_usage(usage), incomplete))
