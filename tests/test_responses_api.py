@@ -291,3 +291,14 @@ def test_a_stream_failing_mid_answer_ends_with_response_failed_and_an_incomplete
     assert done.item.content[0].text == "".join(e["delta"] for e in events if e["type"].endswith("text.delta"))
     assert failed.response.error.code == "server_error"  # OpenAI's code for the server's fault
     assert "RuntimeError in the batched work" in failed.response.error.message
+
+
+@pytest.mark.parametrize("extra", [{"include": ["message.output_text.logprobs"]}, {"top_logprobs": 2}])
+def test_logprobs_asked_for_by_include_or_top_logprobs_equal_chats(client, extra):
+    r = client.responses.create(model=MODEL, input="Hi", max_output_tokens=10, extra_body={"seed": 7}, **extra)
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=10,
+                                       seed=7, logprobs=True, top_logprobs=extra.get("top_logprobs", 0))
+    got, want = r.output[0].content[0].logprobs, c.choices[0].logprobs.content
+    assert [(lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top_logprobs]) for lp in got] == \
+        [(lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top_logprobs]) for lp in want]
+    assert len(got) == r.usage.output_tokens and r.top_logprobs == extra.get("top_logprobs")

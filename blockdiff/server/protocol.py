@@ -540,7 +540,8 @@ class ResponsesRequest(_ResponsesSampling):
     stream: bool | None = Field(None, description="typed Server-Sent Events, response.created ... "
                                 "response.completed")
     store: bool | None = Field(None, description="accepted; nothing is stored (the response says false)")
-    include: list[str] | None = Field(None, description="accepted; no effect")
+    include: list[str] | None = Field(None, description="message.output_text.logprobs: the output tokens' logprobs; "
+                                      "the rest are accepted and change nothing")
     metadata: dict[str, str] | None = Field(None, description="echoed in the response")
     user: str | None = None
     safety_identifier: str | None = None

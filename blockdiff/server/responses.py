@@ -62,8 +62,8 @@ class Translation:
                          ("metadata", "metadata")):
             if b.get(src) is not None:
                 chat[dst] = b[src]
-        if b.get("top_logprobs") not in (None, 0):
-            chat["logprobs"], chat["top_logprobs"] = True, b["top_logprobs"]
+        if b.get("top_logprobs") not in (None, 0) or "message.output_text.logprobs" in (b.get("include") or []):
+            chat["logprobs"], chat["top_logprobs"] = True, b.get("top_logprobs") or 0
         if b.get("tools") is not None:
             chat["tools"] = self._tools(b["tools"])
         if b.get("tool_choice") is not None:
@@ -236,7 +236,7 @@ class Translation:
                 "model": b.get("model"), "output": output, "error": error,
                 "incomplete_details": {"reason": incomplete} if incomplete else None,
                 "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
-                "temperature": b.get("temperature"), "top_p": b.get("top_p"),
+                "temperature": b.get("temperature"), "top_p": b.get("top_p"), "top_logprobs": b.get("top_logprobs"),
                 "parallel_tool_calls": b.get("parallel_tool_calls", True) is not False,
                 "tool_choice": b.get("tool_choice") or "auto", "tools": b.get("tools") or [],
                 "text": {"format": fmt or {"type": "text"}}, "reasoning": b.get("reasoning"),
