@@ -194,6 +194,9 @@ def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
      "'tool_choice.name' 'nope' is not one of the tools"),
     ({"truncation": "auto"}, "truncation", "must be 'disabled'"),
     ({"temperature": -1}, "temperature", "'temperature' must be"),
+    ({"top_logprobs": 1, "text": {"format": {"type": "json_object"}}}, "top_logprobs",
+     "'top_logprobs' cannot be combined with text.format"),
+    ({"include": ["message.output_text.logprobs"], "tools": [WEATHER]}, "include", "'include' cannot be combined"),
     ({"input": [*CALLS(("{}",)), {"type": "function_call_output", "call_id": "call_0", "output": [
         {"type": "input_image", "image_url": "data:image/png;base64,AA=="}]}]}, "input[1].output[0].type",
      "'input_text', got 'input_image'"),

@@ -199,6 +199,7 @@ class Translation:
                            r"response_format(?:\.json_schema\.schema|\.json_schema)?|chat_template_kwargs|"
                            r"tools\[\d+\]\.function|tool_choice\.function)",
                            lambda m: self._name(m.group(1)), e.message)
+        e.message = e.message.replace("'logprobs'", f"'{self._name('logprobs')}'")  # the field, not the word
         return e
 
     def _name(self, param: str) -> str:
@@ -219,7 +220,8 @@ class Translation:
                          ("max_tokens", "max_output_tokens"), ("response_format.json_schema.schema",
                                                                "text.format.schema"),
                          ("response_format.json_schema", "text.format"), ("response_format", "text.format"),
-                         ("chat_template_kwargs", "reasoning"), ("tool_choice.function", "tool_choice")):
+                         ("chat_template_kwargs", "reasoning"), ("tool_choice.function", "tool_choice"),
+                         ("logprobs", "top_logprobs" if self.body.get("top_logprobs") else "include")):
             if param == old or param.startswith(old + "."):
                 return new + param[len(old):]
         m = re.match(r"tools\[(\d+)\]\.function(.*)", param)
