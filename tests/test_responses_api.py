@@ -305,3 +305,14 @@ def test_logprobs_asked_for_by_include_or_top_logprobs_equal_chats(client, extra
     assert [(lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top_logprobs]) for lp in got] == \
         [(lp.token, lp.logprob, [(t.token, t.logprob) for t in lp.top_logprobs]) for lp in want]
     assert len(got) == r.usage.output_tokens and r.top_logprobs == extra.get("top_logprobs")
+
+
+def test_streamed_logprobs_equal_the_responses_when_a_stop_string_held_text_back(client):
+    kw = dict(model=MODEL, input="Hi", max_output_tokens=40, top_logprobs=1, extra_body={"seed": 0, "stop": ["a"]})
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    assert whole.output[0].content[0].logprobs  # the tokens before (and of) the stop string have theirs
+    for got in (events[-1].response.output[0].content[0].logprobs,
+                [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]):
+        assert [(lp.token, lp.logprob) for lp in got] == \
+            [(lp.token, lp.logprob) for lp in whole.output[0].content[0].logprobs]

@@ -359,6 +359,7 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
     items: list[dict] = []
     open_item: dict | None = None  # the reasoning or message item text is going into
     calls: dict[int, dict] = {}  # tool call index -> its function_call item
+    lps: list = []  # logprobs not yet sent: a canvas whose text is held back (a stop string may follow) sends its own
 
     def event(kind: str, **fields) -> str:
         nonlocal seq
@@ -436,13 +437,15 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
                 return
             usage = d.get("usage") or usage
             for choice in d.get("choices") or []:
-                delta, lps = choice.get("delta") or {}, (choice.get("logprobs") or {}).get("content")
+                delta = choice.get("delta") or {}
+                lps += (choice.get("logprobs") or {}).get("content") or []
                 if delta.get("reasoning_content"):
                     for s in text("reasoning", delta["reasoning_content"]):
                         yield s
                 if delta.get("content"):
                     for s in text("message", delta["content"], lps):
                         yield s
+                    lps = []
                 for tc in delta.get("tool_calls") or []:
                     k = tc.get("index", 0)
                     if k not in calls:
@@ -460,6 +463,9 @@ async def _translate(t: Translation, rid: str, created: int, chunks):
                         yield event("response.function_call_arguments.delta", item_id=item["id"],
                                     output_index=items.index(item), delta=args)
                 finish = choice.get("finish_reason") or finish
+    if lps and (not items or open_item is not None and open_item["type"] == "message"):  # the held-back text's
+        for s in text("message", "", lps):
+            yield s
     status, incomplete = _status(finish)
     cut = items[-1] if items and status == "incomplete" else None  # the item the budget ran out in
     for s in close_open("incomplete" if open_item is not None and open_item is cut else "completed"):
