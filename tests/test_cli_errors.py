@@ -74,6 +74,23 @@ def test_train_with_a_bad_init_from_leaves_no_empty_run_folder(tmp_path, capsys)
     assert out.is_dir()
 
 
+def test_train_refuses_a_recipe_beside_init_from_instead_of_ignoring_it(tmp_path, capsys):
+    """--init-from trains the checkpoint's model: a --recipe beside it (a user asking for another size) was dropped
+    without a word, and the run trained the checkpoint's model as if the recipe had been honoured."""
+    src = tmp_path / "src"
+    assert main(["train", "--out", str(src), "--task", "copy", "--recipe", "tiny", "--max-steps", "1",
+                 "--batch-size", "1", "--save-every", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ft"
+    assert main(["train", "--out", str(out), "--task", "copy", "--init-from", str(src), "--recipe", "sudoku-large",
+                 "--max-steps", "1", "--batch-size", "1"]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: --recipe sudoku-large builds a new model, --init-from "
+                                       f"{src} starts from that checkpoint's: pass one of them\n")
+    assert not out.exists()
+    assert main(["train", "--out", str(out), "--task", "copy", "--init-from", str(src), "--max-steps", "1",
+                 "--batch-size", "1"]) == 0
+
+
 def test_the_command_line_module_imports_without_torch():
     # so that a Ctrl-C in the seconds torch takes to import lands inside main(), which says "interrupted"
     code = "import sys, blockdiff.cli; print('torch' in sys.modules)"
