@@ -626,3 +626,20 @@ def test_a_signal_during_the_saves_renames_waits_until_every_file_is_in_place(tm
     assert _trainer(tmp_path / "run", 2).step == 1
     saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in tr.model.state_dict().items() if k in saved)
+
+
+def test_a_raised_time_budget_replays_the_schedule_at_the_new_position(tmp_path):
+    """A run whose --time-budget is spent says to raise it to train on; resumed with a larger budget, its schedule
+    position (elapsed / budget) moves back, but the saved scheduler stayed at the old, later step: a cosine run went
+    on at its final learning rate instead of the new budget's."""
+    def make(budget):
+        return _trainer(tmp_path / "run", 100, batch=2, warmup_steps=2, schedule="cosine", time_budget_s=budget)
+    part = make(10.0)
+    part.elapsed_s = 9.5  # 95% of the budget trained
+    part.train_step()
+    part.save()
+    resumed = make(20.0)
+    assert resumed.schedule_step() == 47
+    fresh = _trainer(tmp_path / "fresh", 100, batch=2, warmup_steps=2, schedule="cosine")
+    fresh.step = 47
+    assert resumed.train_step()["lr"] == pytest.approx(fresh.train_step()["lr"], rel=1e-9)

@@ -35,8 +35,9 @@ from .tasks import Task
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 GENERATION_FILE = "generation_config.json"
-# TrainOptions fields that define the learning-rate schedule (a resume with other values replays the new one)
-SCHEDULE_OPTIONS = ("lr", "schedule", "max_steps", "warmup_steps", "decay_start", "min_lr_ratio")
+# TrainOptions fields that define the learning-rate schedule (a resume with other values replays the new one);
+# the time budget places each step on it
+SCHEDULE_OPTIONS = ("lr", "schedule", "max_steps", "warmup_steps", "decay_start", "min_lr_ratio", "time_budget_s")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 # What a tokenizer is read from (blockdiff/tokenizer.py): carried over from a fine-tuned checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
