@@ -407,8 +407,9 @@ def cmd_chat(args) -> int:
     check_context_before_load(args, None)
     llm = load_llm(args)
     if not has_chat_template(llm.tokenizer):
-        raise CLIError(f"{args.model} has no chat template (chat needs tokenizer.json and a chat template); "
-                       "use `blockdiff run --raw`")
+        # without a tokenizer, `run --raw` fails the same way: only token ids reach such a model
+        alt = "use `blockdiff run --raw`" if llm.tokenizer is not None else "use `blockdiff run --prompt-ids`"
+        raise CLIError(f"{args.model} has no chat template (chat needs tokenizer.json and a chat template); {alt}")
     if base.max_new_tokens is not None:  # hub ids and GGUF files: their context is known now
         # A --max-new-tokens no message fits was every turn's error, and a piped session still exited 0.
         from .engine.engine import check_fits

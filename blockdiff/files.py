@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from contextlib import contextmanager, suppress
 
 
@@ -24,14 +26,65 @@ def atomic_path(path: str):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
-        if os.path.isfile(tmp):
-            mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~_UMASK
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _replace(tmp: str, path: str) -> None:
+    if os.path.isfile(tmp):
+        mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_files():
+    """Several files replaced together (a checkpoint's weights, config and trainer state): ``stage(path)`` gives
+    the temporary name to write beside ``path``. When the block ends without error every file replaces its target,
+    in the order staged, with SIGINT and SIGTERM held until the last is in place; on an error or an interruption
+    while writing, the temporary files are removed and no target is touched. Replaced one by one, a Ctrl-C between
+    two files left new weights beside an old config.json (or no config.json at all in a new folder)."""
+    staged: list[tuple[str, str]] = []
+
+    def stage(path: str) -> str:
+        tmp = f"{path}.tmp{os.getpid()}"
+        staged.append((tmp, path))
+        return tmp
+
+    try:
+        yield stage
+        with signals_held():
+            for tmp, path in staged:
+                _replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with suppress(OSError):
+                os.remove(tmp)
+        raise
+
+
+@contextmanager
+def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """SIGINT and SIGTERM received inside the block are delivered when it ends, to the handlers in place before
+    (main thread only: elsewhere, and for an ignored signal, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    for s in signals:
+        if signal.getsignal(s) not in (signal.SIG_IGN, None):
+            previous[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(held):
+            signal.raise_signal(s)
 
 
 def write_json(path: str, data, indent: int = 2) -> None:

@@ -10,6 +10,7 @@ whose weights hold none of its tensors loads text-only (``model.vision is None``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
-from .files import atomic_path, write_json
+from .files import atomic_files
 from .hub import is_gguf, no_config_message, resolve_gguf, resolve_path  # noqa: F401 (also re-exported)
 from .placement import resolve_device, resolve_dtype  # noqa: F401 (also re-exported: loader.resolve_dtype)
 from .model import DiffusionGemma
@@ -242,6 +243,16 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
     """Write ``config.json`` and ``model.safetensors`` in the released layout (loads back with ``load_model``
     and with the transformers reference, which then sees no vision tower: pass a config with one if needed)."""
     os.makedirs(path, exist_ok=True)
+    # Both files are replaced together (blockdiff/files.py): an interrupted save leaves the previous checkpoint.
+    with atomic_files() as stage:
+        stage_model(model, path, stage, dtype)
+    drop_sharded_weights(path)
+
+
+def stage_model(model: DiffusionGemma, path: str, stage, dtype: torch.dtype | None = None) -> None:
+    """``save_model``'s two files, written to the temporary names ``stage`` (``files.atomic_files``) gives, so a
+    caller can replace them together with files of its own (the trainer's state); call ``drop_sharded_weights``
+    once they are in place."""
     tensors = {}
     for name, t in model.state_dict().items():
         if name.startswith("inv_freq_") or name == "vision.tower.inv_freq":
@@ -250,14 +261,12 @@ def save_model(model: DiffusionGemma, path: str, dtype: torch.dtype | None = Non
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[_model_to_checkpoint_name(name)] = t.contiguous()
-    # Each file is replaced whole (blockdiff/files.py): an interrupted save leaves the previous checkpoint loadable.
-    with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    drop_sharded_weights(path)
+    save_file(tensors, stage(os.path.join(path, "model.safetensors")), metadata={"format": "pt"})
     config = model.config.to_dict()
     from .quant.modules import has_quantized_modules
     if not has_quantized_modules(model):
         # the tensors written are full precision: a quantization_config kept from the checkpoint loaded (FP8,
         # dequantized while loading) would describe weights this file does not hold
         config.pop("quantization_config", None)
-    write_json(os.path.join(path, "config.json"), config)
+    with open(stage(os.path.join(path, "config.json")), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

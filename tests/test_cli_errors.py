@@ -74,6 +74,38 @@ def test_train_with_a_bad_init_from_leaves_no_empty_run_folder(tmp_path, capsys)
     assert out.is_dir()
 
 
+def test_train_refuses_a_recipe_beside_init_from_instead_of_ignoring_it(tmp_path, capsys):
+    """--init-from trains the checkpoint's model: a --recipe beside it (a user asking for another size) was dropped
+    without a word, and the run trained the checkpoint's model as if the recipe had been honoured."""
+    src = tmp_path / "src"
+    assert main(["train", "--out", str(src), "--task", "copy", "--recipe", "tiny", "--max-steps", "1",
+                 "--batch-size", "1", "--save-every", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ft"
+    assert main(["train", "--out", str(out), "--task", "copy", "--init-from", str(src), "--recipe", "sudoku-large",
+                 "--max-steps", "1", "--batch-size", "1"]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: --recipe sudoku-large builds a new model, --init-from "
+                                       f"{src} starts from that checkpoint's: pass one of them\n")
+    assert not out.exists()
+    assert main(["train", "--out", str(out), "--task", "copy", "--init-from", str(src), "--max-steps", "1",
+                 "--batch-size", "1"]) == 0
+
+
+def test_chat_on_a_model_without_a_tokenizer_points_to_a_command_that_runs_it(tmp_path, capsys):
+    """A trained model without tokenizer.json (`train --task copy`) sent chat users to `blockdiff run --raw`,
+    which fails on it too ("has no tokenizer.json: pass the prompt as --prompt-ids")."""
+    out = tmp_path / "copy"
+    assert main(["train", "--out", str(out), "--task", "copy", "--recipe", "tiny", "--max-steps", "1",
+                 "--batch-size", "1", "--save-every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blockdiff: error: {out} has no chat template") and err.endswith(
+        "use `blockdiff run --prompt-ids`\n"), err
+    assert main(["run", str(out), "--prompt-ids", "2,9,10", "--max-new-tokens", "4", "--steps", "2",
+                 "--device", "cpu", "--quiet"]) == 0
+
+
 def test_the_command_line_module_imports_without_torch():
     # so that a Ctrl-C in the seconds torch takes to import lands inside main(), which says "interrupted"
     code = "import sys, blockdiff.cli; print('torch' in sys.modules)"

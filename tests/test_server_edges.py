@@ -178,3 +178,29 @@ def test_max_model_len_beyond_the_models_context_is_refused_not_capped(tmp_path,
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the load's own log line: one error line
     assert last.startswith(f"blockdiff: error: --max-model-len {ctx + 1} is more than the model's context of {ctx} "
                            "positions"), last
+
+
+def test_a_model_without_a_tokenizer_answers_with_its_token_ids(tmp_path):
+    """A checkpoint without tokenizer.json (one `blockdiff train --task copy` or `jsonl` wrote) takes its prompt
+    as ids, but answered with an empty text and nothing else: the output was lost. Its completions now carry
+    `token_ids`, streamed block by block, equal to what LLM.generate returns."""
+    import openai
+    from fixtures import make_checkpoint
+    path = make_checkpoint(tmp_path / "ckpt", canvas_length=8, with_tokenizer=False,
+                           generation_config={"max_denoising_steps": 4})
+    llm = LLM(path, dtype=torch.float32, deterministic=True)
+    prompt = [2, 40, 41, 42, 43]
+    want = llm.generate(prompt_token_ids=[prompt],
+                        sampling_params=SamplingParams(max_new_tokens=20, seed=3, ignore_eos=True))[0].token_ids
+    assert len(want) == 20
+    s = LiveServer(build_app(llm, MODEL))
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        body = dict(model=MODEL, prompt=prompt, max_tokens=20, seed=3, extra_body={"ignore_eos": True})
+        r = client.completions.create(**body)
+        assert r.choices[0].text == "" and r.choices[0].model_extra["token_ids"] == want
+        streamed = [c.choices[0].model_extra.get("token_ids") or [] for c in client.completions.create(
+            **body, stream=True) if c.choices]
+        assert sum(streamed, []) == want and len([ids for ids in streamed if ids]) == 3  # canvases of 8, 8, 4
+    finally:
+        s.close()

@@ -572,3 +572,74 @@ def test_resuming_a_run_with_another_task_is_refused_naming_both(tmp_path):
         Trainer(JsonlTask(str(data), vocab_size=32, canvas_length=8), o, log=lambda s: None)
     with pytest.raises(ValueError, match=r"run is a run of task copy, not jsonl"):  # named before its shapes are
         Trainer(JsonlTask(str(data), vocab_size=64, canvas_length=16), o, log=lambda s: None)
+
+
+def test_a_save_interrupted_while_writing_leaves_the_last_save_whole(tmp_path, monkeypatch):
+    """A second Ctrl-C during a save replaced the files one by one: the first save of a new run cut short after
+    model.safetensors left weights without config.json, and the same command then refused the folder (a checkpoint
+    that is no run); later saves mixed new weights with the old step's trainer state."""
+    import blockdiff.train.loop as loop
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def cut(*a, **k):  # the trainer state is the last file a save writes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(out, 2).run()
+    assert sorted(os.listdir(out)) == ["train_log.jsonl"]  # nothing of the save, and no temporary files
+    monkeypatch.setattr(loop.torch, "save", real_save)
+    tr = _trainer(out, 2)  # the same command again: a fresh run, not "holds a checkpoint but no trainer_state.pt"
+    tr.run()
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train_log.jsonl"}
+    more = _trainer(out, 4)
+    for _ in range(2):
+        more.train_step()
+    monkeypatch.setattr(loop.torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        more.save()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "train_log.jsonl"} == saved
+
+
+def test_a_signal_during_the_saves_renames_waits_until_every_file_is_in_place(tmp_path, monkeypatch):
+    """The files of a save are replaced together: a Ctrl-C arriving between two renames is delivered after the
+    last, so the weights, config.json and trainer state on disk are all of the same step."""
+    import signal
+    import blockdiff.files as files
+    tr = _trainer(tmp_path / "run", 2)
+    tr.train_step()
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        if not renamed:
+            signal.raise_signal(signal.SIGINT)
+        real_replace(src, dst)
+        renamed.append(os.path.basename(dst))
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    assert {"model.safetensors", "config.json", "trainer_state.pt"} <= set(renamed)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _trainer(tmp_path / "run", 2).step == 1
+    saved = load_model(str(tmp_path / "run"), dtype="float32", device="cpu").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in tr.model.state_dict().items() if k in saved)
+
+
+def test_a_raised_time_budget_replays_the_schedule_at_the_new_position(tmp_path):
+    """A run whose --time-budget is spent says to raise it to train on; resumed with a larger budget, its schedule
+    position (elapsed / budget) moves back, but the saved scheduler stayed at the old, later step: a cosine run went
+    on at its final learning rate instead of the new budget's."""
+    def make(budget):
+        return _trainer(tmp_path / "run", 100, batch=2, warmup_steps=2, schedule="cosine", time_budget_s=budget)
+    part = make(10.0)
+    part.elapsed_s = 9.5  # 95% of the budget trained
+    part.train_step()
+    part.save()
+    resumed = make(20.0)
+    assert resumed.schedule_step() == 47
+    fresh = _trainer(tmp_path / "fresh", 100, batch=2, warmup_steps=2, schedule="cosine")
+    fresh.step = 47
+    assert resumed.train_step()["lr"] == pytest.approx(fresh.train_step()["lr"], rel=1e-9)

@@ -58,6 +58,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = Field(description="stop | length | abort")
+    token_ids: list[int] | None = Field(None, description="a model without a tokenizer: the output's token ids "
+                                        "(its text is empty)")
     metrics: dict[str, Any] | None = Field(None, description="per choice when n > 1")
 
 

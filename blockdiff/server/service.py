@@ -511,6 +511,8 @@ class Server:
                      "finish_reason": s.finish_reason}
             else:
                 c = {"index": i, "text": text, "logprobs": lps, "finish_reason": s.finish_reason}
+                if self.tokenizer is None:  # no text to show: the answer is its ids, as the prompt was
+                    c["token_ids"] = list(s.output_ids)
             if len(states) > 1:
                 c["metrics"] = s.metrics.as_dict()
             choices.append(c)
@@ -527,13 +529,15 @@ class Server:
         include_usage = p.req.include_usage
 
         def chunk(i: int, text: str | None = None, finish: str | None = None, role: bool = False, lps=None,
-                  delta: dict | None = None, **extra) -> str:
+                  delta: dict | None = None, ids: list[int] | None = None, **extra) -> str:
             if chat:
                 if delta is None:
                     delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
                 choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": lps, "finish_reason": finish}
+                if ids is not None:
+                    choice["token_ids"] = ids
             d = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             if include_usage:
                 d["usage"] = None
@@ -599,8 +603,10 @@ class Server:
                         else:  # a character the block leaves incomplete: its tokens wait for the next block
                             lps = completion_lps[i].block(ev.token_ids, ev.logprobs)
                             lps = lps if lps["tokens"] else None
-                    if delta or lps is not None:
-                        yield chunk(i, delta, lps=lps)
+                    # a model without a tokenizer streams its ids: its text is always empty
+                    ids = list(ev.token_ids) if self.tokenizer is None and not chat else None
+                    if delta or lps is not None or ids:
+                        yield chunk(i, delta, lps=lps, ids=ids)
                 elif ev.kind == "done":
                     left -= 1
                     delta = text_streams[i].finish()

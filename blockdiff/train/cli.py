@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="jsonl task: file of {prompt_ids, answer_ids} lines")
     p.add_argument("--vocab-size", type=at_least(2), help="jsonl/copy task: vocabulary size")
     p.add_argument("--canvas-length", type=at_least(1), help="jsonl/copy task: canvas length")
-    p.add_argument("--recipe", default="sudoku-small", help="model size for a from-scratch run")
+    p.add_argument("--recipe", help="model size for a from-scratch run (default sudoku-small; not with --init-from)")
     p.add_argument("--init-from", help="fine-tune: start from this checkpoint's weights (fresh optimizer; folder, hub "
                    "id or .gguf; not a quantized checkpoint)")
     p.add_argument("--max-steps", type=at_least(1), default=1000)
@@ -90,12 +90,16 @@ def run(args) -> int:
         args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.init_from and args.recipe:  # the checkpoint's config.json is the model: the recipe went unused
+        raise ValueError(f"--recipe {args.recipe} builds a new model, --init-from {args.init_from} starts from that "
+                         "checkpoint's: pass one of them")
     task = build_task(args)
     config = None
     if not args.init_from:
-        if args.recipe not in RECIPES:
-            raise SystemExit(f"unknown recipe {args.recipe!r}; choose from {sorted(RECIPES)}")
-        config = model_config(task.vocab_size, task.canvas_length, **RECIPES[args.recipe])
+        recipe = args.recipe or "sudoku-small"
+        if recipe not in RECIPES:
+            raise SystemExit(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+        config = model_config(task.vocab_size, task.canvas_length, **RECIPES[recipe])
     o = TrainOptions(out_dir=args.out, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                      schedule=args.schedule, decay_start=args.decay_start,
                      min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import ModelConfig
-from ..files import atomic_path, write_json
-from ..loader import is_gguf, load_model, resolve_path, save_model
+from ..files import atomic_files, atomic_path
+from ..loader import drop_sharded_weights, is_gguf, load_model, resolve_path, stage_model
 from ..model import DiffusionGemma
 from ..progress import progress
 from .objective import diffusion_loss
@@ -35,8 +35,9 @@ from .tasks import Task
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 GENERATION_FILE = "generation_config.json"
-# TrainOptions fields that define the learning-rate schedule (a resume with other values replays the new one)
-SCHEDULE_OPTIONS = ("lr", "schedule", "max_steps", "warmup_steps", "decay_start", "min_lr_ratio")
+# TrainOptions fields that define the learning-rate schedule (a resume with other values replays the new one);
+# the time budget places each step on it
+SCHEDULE_OPTIONS = ("lr", "schedule", "max_steps", "warmup_steps", "decay_start", "min_lr_ratio", "time_budget_s")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 # What a tokenizer is read from (blockdiff/tokenizer.py): carried over from a fine-tuned checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -245,33 +246,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving
     def save(self) -> None:
-        """Write the checkpoint, then the trainer state (each file replaced whole: blockdiff/files.py)."""
+        """Write the checkpoint and the trainer state, replaced together (blockdiff/files.py): a save cut short
+        (a second Ctrl-C, a full disk) leaves the folder as the last save left it."""
         o = self.o
-        save_model(self.model, o.out_dir)
+        os.makedirs(o.out_dir, exist_ok=True)
         tok = self.task.tokenizer_json()
-        # The task's tokenizer defines the ids of its data; without one (jsonl, copy) the fine-tuned checkpoint's
-        # tokenizer files are what the new checkpoint is read with. Its generation_config.json (stop ids, tuned
-        # sampler values) wins over the task's defaults.
-        carried = {GENERATION_FILE, *PROCESSOR_FILES} | (set() if tok is not None else set(TOKENIZER_FILES))
-        for name in sorted(carried):
-            src = os.path.join(self.carry_from, name) if self.carry_from else None
-            dst = os.path.join(o.out_dir, name)
-            if src and os.path.isfile(src):
-                if os.path.abspath(src) != os.path.abspath(dst):
-                    with atomic_path(dst) as tmp:
-                        shutil.copyfile(src, tmp)
-            elif name in self.gguf_files:
-                with atomic_path(dst) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                    f.write(self.gguf_files[name])
-            elif name == GENERATION_FILE:
-                write_json(dst, self.task.generation_config())
-        if tok is not None:
-            write_json(os.path.join(o.out_dir, "tokenizer.json"), tok, indent=1)
-        state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
-                 "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(),
-                 "torch_rng": self.gen.get_state(), "options": asdict(o), "task": self.task.name}
-        with atomic_path(os.path.join(o.out_dir, STATE_FILE)) as tmp:
-            torch.save(state, tmp)
+        with atomic_files() as stage:
+            stage_model(self.model, o.out_dir, stage)
+            # The task's tokenizer defines the ids of its data; without one (jsonl, copy) the fine-tuned
+            # checkpoint's tokenizer files are what the new checkpoint is read with. Its generation_config.json
+            # (stop ids, tuned sampler values) wins over the task's defaults.
+            carried = {GENERATION_FILE, *PROCESSOR_FILES} | (set() if tok is not None else set(TOKENIZER_FILES))
+            for name in sorted(carried):
+                src = os.path.join(self.carry_from, name) if self.carry_from else None
+                dst = os.path.join(o.out_dir, name)
+                if src and os.path.isfile(src):
+                    if os.path.abspath(src) != os.path.abspath(dst):
+                        shutil.copyfile(src, stage(dst))
+                elif name in self.gguf_files:
+                    with open(stage(dst), "w", encoding="utf-8") as f:
+                        f.write(self.gguf_files[name])
+                elif name == GENERATION_FILE:
+                    _dump_json(stage(dst), self.task.generation_config())
+            if tok is not None:
+                _dump_json(stage(os.path.join(o.out_dir, "tokenizer.json")), tok, indent=1)
+            state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
+                     "elapsed_s": self.elapsed_s, "examples": self.examples, "python_rng": self.rng.getstate(),
+                     "torch_rng": self.gen.get_state(), "options": asdict(o), "task": self.task.name}
+            torch.save(state, stage(os.path.join(o.out_dir, STATE_FILE)))
+        drop_sharded_weights(o.out_dir)
 
     def _log_json(self, rec: dict) -> None:
         with open(os.path.join(self.o.out_dir, LOG_FILE), "a") as f:
@@ -361,7 +364,7 @@ class StopSignals:
     """While active (main thread only), SIGINT and SIGTERM ask the training loop to stop at the end of the current
     step and save, instead of killing it between saves (losing up to ``save_every`` steps) or in the middle of
     writing. ``signum`` is the first signal received; a second SIGINT raises KeyboardInterrupt at once (the
-    checkpoint files are each replaced whole, so that loses steps, never the run). The previous handlers are
+    checkpoint and trainer state are replaced together, so that loses steps, never the run). The previous handlers are
     restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -403,6 +406,11 @@ def _read_state(path: str) -> dict:
         raise ValueError(f"{path} is not a blockdiff trainer state (no {', '.join(missing)}); "
                          "--no-resume starts the run over")
     return st
+
+
+def _dump_json(path: str, data, indent: int = 2) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=indent)
 
 
 def _log_step(line: str) -> int:
