@@ -268,13 +268,9 @@ def test_the_response_and_every_event_validate_as_the_sdks_types(server, extra):
 
 
 def test_a_stream_failing_mid_answer_ends_with_response_failed_and_an_incomplete_message(server):
+    from test_server import fail_next_tick
+
     core = server.engine.engine
-    real = core._denoise
-
-    def broken(states):
-        core._denoise = real  # fail exactly one tick
-        raise RuntimeError("injected denoise failure")
-
     body = {"model": MODEL, "input": "Go on forever", "max_output_tokens": 1024, "stream": True, "seed": 0,
             "ignore_eos": True, "max_denoising_steps": 256, "stability_threshold": 10_000}
     events = []
@@ -282,8 +278,9 @@ def test_a_stream_failing_mid_answer_ends_with_response_failed_and_an_incomplete
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
-                if events[-1]["type"] == "response.output_text.delta":
-                    core._denoise = broken  # the first canvas is out: the next tick fails
+                if [e["type"] for e in events].count("response.output_text.delta") == 1 and \
+                        events[-1]["type"] == "response.output_text.delta":
+                    fail_next_tick(core)  # the first canvas is out: the next tick fails (once)
     adapter = pydantic.TypeAdapter(ResponseStreamEvent)
     for e in events:
         adapter.validate_python(e)

@@ -434,20 +434,24 @@ def test_n_choices_that_do_not_all_fit_are_refused_together(llm):
         srv.close()
 
 
-def test_engine_failure_fails_the_request_with_500_and_server_keeps_serving(small):
-    core = small.engine.engine
+def fail_next_tick(core) -> None:
+    """The engine's next batched denoise raises (once): batched work no request can be blamed for."""
     real = core._denoise
 
     def broken(states):
-        core._denoise = real  # fail exactly one tick
+        core._denoise = real
         raise RuntimeError("injected denoise failure")
-
     core._denoise = broken
+
+
+def test_engine_failure_fails_the_request_with_500_and_server_keeps_serving(small):
+    core = small.engine.engine
+    fail_next_tick(core)
     client = small.client(KEY)
     # The exception's text stays in the server log (batched work: it may quote other requests); its type is said.
     with pytest.raises(openai.InternalServerError, match=r"\(RuntimeError in the batched work of its tick"):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X)
-    core._denoise = broken
+    fail_next_tick(core)
     with pytest.raises(openai.APIError, match=r"\(RuntimeError in the batched work"):  # streaming: an error event
         list(client.completions.create(model=MODEL, prompt="hi", max_tokens=16, seed=0, extra_body=X, stream=True))
     assert small.engine.counters.finished["error"] == 2
