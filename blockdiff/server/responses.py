@@ -25,7 +25,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..sampling.fields import first_error
+from ..sampling.fields import first_error, json_type
 from .body import parse_body
 from .errors import APIError, bad
 from .protocol import RESPONSES_SAMPLING, ResponsesRequest, now
@@ -80,34 +80,28 @@ class Translation:
                 chat["stream_options"] = {"include_usage": True}
         return chat
 
+    # The model has checked every shape below (types, roles, part kinds, required keys): only what it cannot say is
+    # refused here.
     def _messages(self) -> list[dict]:
         b, out = self.body, []
-        inst = b.get("instructions")
-        if inst is not None:
-            if not isinstance(inst, str):
-                raise bad(f"'instructions' must be a string, got {_type(inst)}", "instructions")
-            out.append({"role": "system", "content": inst})
+        if b.get("instructions") is not None:
+            out.append({"role": "system", "content": b["instructions"]})
             self.origins.append("instructions")
-        items = b.get("input")
-        if items is None:
-            raise bad("'input' is required: a string, or a list of input items", "input")
+        items = b["input"]
         if isinstance(items, str):
             out.append({"role": "user", "content": items})
             self.origins.append("input")
             return out
-        if not isinstance(items, list) or not items:
-            raise bad(f"'input' must be a string or a non-empty list of input items, got "
-                      f"{_type(items) if not isinstance(items, list) else 'an empty list'}", "input")
+        if not items:
+            raise bad("'input' must be a string or a non-empty list of input items, got an empty list", "input")
         for j, item in enumerate(items):
             where = f"input[{j}]"
-            if not isinstance(item, dict):
-                raise bad(f"'{where}' must be an object, got {_type(item)}", where)
             kind = item.get("type") or "message"
             if kind == "message":
-                out.append(self._message(item, where))
+                out.append(self._message(item))
             elif kind == "function_call":
-                call = {"id": _str(item, "call_id", where), "type": "function",
-                        "function": {"name": _str(item, "name", where), "arguments": _str(item, "arguments", where)}}
+                call = {"id": item["call_id"], "type": "function",
+                        "function": {"name": item["name"], "arguments": item["arguments"]}}
                 if out and out[-1]["role"] == "assistant" and self.origins[-1].startswith("input"):
                     # the turn's text, then its calls (or parallel calls): items of one assistant turn
                     out[-1].setdefault("tool_calls", []).append(call)
@@ -116,59 +110,28 @@ class Translation:
                 self.call_origins[len(out)] = [where]
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
-                output = item["output"]  # the model checked it: a string, or input_text parts
+                output = item["output"]  # a string, or input_text parts
                 if isinstance(output, list):
                     output = "".join(p["text"] for p in output)
-                out.append({"role": "tool", "tool_call_id": _str(item, "call_id", where), "content": output})
-            elif kind == "reasoning":
-                continue  # an earlier turn's reasoning, sent back: the chat template drops past thinking anyway
-            else:
-                raise bad(f"'{where}.type' must be 'message', 'function_call', 'function_call_output' or "
-                          f"'reasoning', got {kind!r}", f"{where}.type")
+                out.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+            else:  # reasoning: an earlier turn's, sent back; the chat template drops past thinking anyway
+                continue
             self.origins.append(where)
         return out
 
-    def _message(self, item: dict, where: str) -> dict:
-        role = item.get("role")
-        if role not in ("user", "assistant", "system", "developer"):
-            raise bad(f"'{where}.role' must be 'user', 'assistant', 'system' or 'developer', got {role!r}",
-                      f"{where}.role")
-        content = item.get("content")
-        if isinstance(content, str):
-            return {"role": role, "content": content}
-        if not isinstance(content, list):
-            raise bad(f"'{where}.content' must be a string or a list of content parts, got {_type(content)}",
-                      f"{where}.content")
-        parts = []
-        for k, part in enumerate(content):
-            pw = f"{where}.content[{k}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in ("input_text", "output_text", "text"):
-                parts.append({"type": "text", "text": _str(part, "text", pw)})
-            elif kind == "refusal":
-                parts.append({"type": "text", "text": _str(part, "refusal", pw)})
-            elif kind == "input_image":
-                if part.get("file_id") is not None and part.get("image_url") is None:
-                    raise bad(f"'{pw}': file ids are not supported (this server stores no files); send the image "
-                              "as a data: URL in 'image_url'", pw)
-                parts.append({"type": "image_url", "image_url": {"url": _str(part, "image_url", pw)}})
-            else:
-                raise bad(f"'{pw}.type' must be 'input_text', 'output_text', 'refusal' or 'input_image', got "
-                          f"{kind!r}", f"{pw}.type")
-        return {"role": role, "content": parts}
+    @staticmethod
+    def _message(item: dict) -> dict:
+        content = item["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": p["image_url"]}} if p["type"] == "input_image"
+                       else {"type": "text", "text": p["refusal"] if p["type"] == "refusal" else p["text"]}
+                       for p in content]
+        return {"role": item["role"], "content": content}
 
-    def _tools(self, tools) -> list:
-        if not isinstance(tools, list):
-            raise bad(f"'tools' must be a list, got {_type(tools)}", "tools")
-        out = []
-        for i, t in enumerate(tools):
-            if not isinstance(t, dict) or t.get("type") != "function":
-                kind = t.get("type") if isinstance(t, dict) else _type(t)
-                raise bad(f"'tools[{i}].type' must be 'function' (built-in tools such as web_search run on "
-                          f"OpenAI's servers), got {kind!r}", f"tools[{i}].type")
-            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t and t[k] is not None}
-            out.append({"type": "function", "function": fn})
-        return out
+    @staticmethod
+    def _tools(tools: list) -> list:
+        return [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
+                                                  if t.get(k) is not None}} for t in tools]
 
     def _tool_choice(self, choice):
         if not isinstance(choice, dict):
@@ -176,7 +139,10 @@ class Translation:
         if choice.get("type") != "function":
             raise bad(f"'tool_choice.type' must be 'function' (or tool_choice 'none', 'auto' or 'required'), got "
                       f"{choice.get('type')!r}", "tool_choice.type")
-        return {"type": "function", "function": {"name": _str(choice, "name", "tool_choice")}}
+        name = choice.get("name")
+        if not isinstance(name, str):
+            raise bad(f"'tool_choice.name' must be a string, got {json_type(name)}", "tool_choice.name")
+        return {"type": "function", "function": {"name": name}}
 
     def _format(self):  # the model checked the shapes: text.format, then reasoning.effort
         fmt = (self.body.get("text") or {}).get("format")
@@ -266,18 +232,6 @@ def _refuse_unsupported(b: dict) -> None:
         if isinstance(t, dict) and t.get("type") != "function":
             raise bad(f"'tools[{i}].type' must be 'function' (built-in tools such as web_search run on OpenAI's "
                       f"servers), got {t.get('type')!r}", f"tools[{i}].type")
-
-
-def _type(v) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), "a number")
-
-
-def _str(item: dict, key: str, where: str) -> str:
-    v = item.get(key)
-    if not isinstance(v, str):
-        raise bad(f"'{where}.{key}' must be a string, got {_type(v)}", f"{where}.{key}")
-    return v
 
 
 def response_usage(u: dict | None) -> dict | None:
