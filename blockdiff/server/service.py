@@ -24,7 +24,7 @@ from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloa
 from ..engine.engine import Engine
 from ..engine.failures import one_line
 from ..sampling.params import SamplingParams
-from ..structured.spec import SALT as STRUCTURED_SALT
+from ..structured.spec import compiling_for
 from ..tools.output import ChatText
 from ..tools.output import message as tool_message
 from ..vision.chat import extract_images
@@ -208,11 +208,8 @@ class Server:
     def _prepare(self, kind: str, raw: bytes, tenant: str | None = None) -> Prepared:
         body = parse_body(raw)
         own = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
-        token = STRUCTURED_SALT.set(salted(tenant, own))  # grammars compiled while preparing it: cached per salt
-        try:
+        with compiling_for(salted(tenant, own)):  # grammars compiled while preparing it: cached per salt
             return self._prepare_body(kind, body, tenant)
-        finally:
-            STRUCTURED_SALT.reset(token)
 
     def _prepare_body(self, kind: str, body: dict, tenant: str | None) -> Prepared:
         try:
@@ -338,11 +335,8 @@ class Server:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._tokenize_salted, raw, tenant)
 
     def _tokenize_salted(self, raw: bytes, tenant: str | None) -> dict:
-        token = STRUCTURED_SALT.set(salted(tenant, None))  # a tools grammar compiled here: cached per tenant too
-        try:
+        with compiling_for(salted(tenant, None)):  # a tools grammar compiled here: cached per tenant too
             return self._tokenize(raw)
-        finally:
-            STRUCTURED_SALT.reset(token)
 
     async def detokenize(self, raw: bytes) -> dict:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._detokenize, raw)

@@ -34,7 +34,7 @@ import torch
 from ..sampling.sampler import ROW_CHUNK, StepResult, acceptance_mask, inverse_cdf_draw, temperature
 from ..sampling.truncation import truncate
 from ..engine.failures import RequestFault
-from .spec import SALT, compile_spec, kind
+from .spec import compile_spec, compiling_for, kind
 
 
 # Admission budget: binding a grammar to the tokenizer and computing its first mask must fit in ADMIT_SECONDS, or
@@ -98,13 +98,11 @@ class GrammarCompiler:
             if hit is not None:
                 self._admitted.move_to_end(key)
         if hit is None:
-            token = SALT.set(salt)
             try:
-                hit = self._admit(spec)
+                with compiling_for(salt):
+                    hit = self._admit(spec)
             except ValueError as e:
                 hit = str(e)
-            finally:
-                SALT.reset(token)
             with self._lock:
                 self._admitted[key] = hit
                 while len(self._admitted) > ADMITTED_CACHE:

@@ -18,6 +18,7 @@ the key and the problem; ``LLMatcher`` later binds it to the checkpoint's tokeni
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from contextvars import ContextVar
 import json
 
@@ -98,6 +99,16 @@ def kind(spec: dict) -> str:
 # grammars are cached per salt, so how fast a schema is compiled (cached or not) never tells one tenant whether
 # another sent it.
 SALT: ContextVar[str | None] = ContextVar("blockdiff_structured_salt", default=None)
+
+
+@contextmanager
+def compiling_for(salt: str | None):
+    """Grammars compiled in this block are cached under ``salt`` (a request's prefix-cache salt)."""
+    token = SALT.set(salt)
+    try:
+        yield
+    finally:
+        SALT.reset(token)
 
 
 def compile_spec(spec: dict) -> str:
