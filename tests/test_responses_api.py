@@ -62,6 +62,7 @@ def test_text_answer_equals_the_chat_answer_for_the_same_request(client):
     assert (r.usage.input_tokens, r.usage.output_tokens) == (c.usage.prompt_tokens, c.usage.completion_tokens)
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
     assert r.instructions == "Be brief." and r.max_output_tokens == 12 and r.store is False
+    assert r.completed_at is None  # not completed: cut by the budget
 
 
 def test_stream_events_are_numbered_and_add_up_to_the_response(client):
@@ -150,7 +151,7 @@ def test_text_format_json_schema_gives_valid_json(client):
               "required": ["n"], "additionalProperties": False}
     r = client.responses.create(model=MODEL, input="A digit as JSON", extra_body={"seed": 1},
                                 text={"format": {"type": "json_schema", "name": "digit", "schema": schema}})
-    assert r.status == "completed"
+    assert r.status == "completed" and r.created_at <= r.completed_at <= r.created_at + 60
     jsonschema.validate(json.loads(r.output_text), schema)
     assert r.text.format.type == "json_schema"
 
@@ -166,14 +167,20 @@ def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
     assert c.choices[0].message.reasoning_content  # the grammar opens the answer with the thinking channel
     assert [o.content[0].text for o in reasoning] == [c.choices[0].message.reasoning_content]
     assert r.output[-1].type == "function_call"
+    # reasoning tokens: the thinking channel's tokens, part of the output, the same on both routes
+    thought = c.usage.completion_tokens_details.reasoning_tokens
+    assert 0 < thought < c.usage.completion_tokens
+    assert r.usage.output_tokens_details.reasoning_tokens == thought
     with client.responses.stream(**kw) as stream:  # streamed: the reasoning item closes before the calls open
         kinds = [e.type for e in stream]
         final = stream.get_final_response()
     assert [o.type for o in final.output] == [o.type for o in r.output]
     assert final.output[0].content[0].text == reasoning[0].content[0].text
+    assert final.usage.output_tokens_details.reasoning_tokens == thought
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.function_call_arguments.done")
     off = client.responses.create(**{**kw, "reasoning": {"effort": "none"}})
     assert off.output and all(o.type == "function_call" for o in off.output)
+    assert off.usage.output_tokens_details.reasoning_tokens == 0
 
 
 @pytest.mark.parametrize("extra, param, message", [
@@ -193,6 +200,11 @@ def test_reasoning_effort_turns_thinking_on_as_chat_template_kwargs_do(client):
     ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, "tool_choice.name",
      "'tool_choice.name' 'nope' is not one of the tools"),
     ({"truncation": "auto"}, "truncation", "must be 'disabled'"),
+    ({"stream": True, "stream_drafts": True}, "stream_drafts", "'stream_drafts' is not supported on /v1/responses"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name",
+     "'text.format.name' is required"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema",
+     "'text.format.schema' is required"),
     ({"temperature": -1}, "temperature", "'temperature' must be"),
     ({"top_logprobs": 1, "text": {"format": {"type": "json_object"}}}, "top_logprobs",
      "'top_logprobs' cannot be combined with text.format"),
@@ -248,6 +260,7 @@ def test_an_answer_cut_inside_its_reasoning_is_the_reasoning_item_alone_streamed
         assert r.status == "incomplete" and [o.type for o in r.output] == ["reasoning"]
         assert r.output[0].content[0].text == chat.choices[0].message.reasoning_content
         assert r.output[0].status == "incomplete"
+        assert r.usage.output_tokens_details.reasoning_tokens == r.usage.output_tokens == 16  # all of it thinking
 
 
 @pytest.mark.parametrize("extra", [dict(input="Hi", max_output_tokens=10, top_logprobs=2, metadata={"k": "v"}),

@@ -429,3 +429,19 @@ def test_a_tool_call_id_that_is_not_a_string_is_a_400_naming_it(server, path, ca
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages[2].tool_call_id"
     assert r.json()["error"]["message"].startswith("'messages[2].tool_call_id' must be a string, got ")
+
+
+def test_reasoning_tokens_count_each_thinking_channel_markers_included():
+    from blockdiff.tools.output import reasoning_tokens
+    from blockdiff.tools.render import ToolPlan
+
+    class Tok:  # <|channel> is id 7, <channel|> id 8
+        def token_to_id(self, s):
+            return {"<|channel>": 7, "<channel|>": 8}.get(s)
+
+    thinking = ToolPlan(thinking=True)
+    assert reasoning_tokens(Tok(), thinking, [7, 1, 2, 8, 3, 4]) == 4
+    assert reasoning_tokens(Tok(), thinking, [3, 7, 1, 8, 7, 2, 8, 5]) == 6  # two channels
+    assert reasoning_tokens(Tok(), thinking, [7, 1, 2, 3]) == 4  # cut by the budget inside its thinking
+    assert reasoning_tokens(Tok(), thinking, [1, 2, 3]) == 0
+    assert reasoning_tokens(Tok(), ToolPlan(), [7, 1, 8]) == 0  # thinking off: nothing is parsed as thinking

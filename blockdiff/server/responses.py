@@ -149,6 +149,10 @@ class Translation:
         if fmt is None:
             return None
         if fmt.get("type") == "json_schema":
+            for k in ("name", "schema"):  # OpenAI's Responses API requires both (chat's json_schema only a name)
+                if fmt.get(k) is None:
+                    raise bad(f"'text.format.{k}' is required when 'text.format.type' is 'json_schema'",
+                              f"text.format.{k}")
             return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema",
                                                                                 "strict") if k in fmt}}
         return {"type": fmt.get("type")}  # text / json_object
@@ -201,6 +205,7 @@ class Translation:
         b = self.body
         fmt = (b.get("text") or {}).get("format") if isinstance(b.get("text"), dict) else None
         return {"id": rid, "object": "response", "created_at": created, "status": status,
+                "completed_at": now() if status == "completed" else None,
                 "model": b.get("model"), "output": output, "error": error,
                 "incomplete_details": {"reason": incomplete} if incomplete else None,
                 "instructions": b.get("instructions"), "max_output_tokens": b.get("max_output_tokens"),
@@ -224,6 +229,9 @@ def _refuse_unsupported(b: dict) -> None:
     if b.get("truncation") not in (None, "disabled"):
         raise bad(f"'truncation' must be 'disabled', got {b['truncation']!r}: a prompt longer than the context "
                   "is refused, never cut", "truncation")
+    if b.get("stream_drafts"):
+        raise bad("'stream_drafts' is not supported on /v1/responses (its event types carry no drafts): stream "
+                  "drafts from /v1/chat/completions or /v1/completions", "stream_drafts")
     if b.get("input") is None and "messages" in b:
         raise bad("'input' is required: /v1/responses takes the conversation as 'input' (a string, or a list of "
                   "input items), not 'messages'", "input")
@@ -240,7 +248,8 @@ def response_usage(u: dict | None) -> dict | None:
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
                                      "cache_write_tokens": 0},  # no billed cache writes: the prefix cache is automatic
-            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {
+                "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)},
             "total_tokens": u["total_tokens"]}
 
 

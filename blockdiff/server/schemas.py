@@ -24,11 +24,17 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="prompt tokens whose keys/values came from the prefix cache")
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="completion tokens that were the model's thinking (its channel's "
+                                  "markers included); 0 unless the request turned thinking on")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = Field(None, description="chat completions only")
 
 
 class TopLogprob(BaseModel):

@@ -25,7 +25,7 @@ from ..engine.engine import Engine
 from ..engine.failures import one_line
 from ..sampling.params import SamplingParams
 from ..structured.spec import compiling_for
-from ..tools.output import ChatText
+from ..tools.output import ChatText, reasoning_tokens
 from ..tools.output import message as tool_message
 from ..vision.chat import extract_images
 from ..vision.media import ImageLoader, MediaLimits
@@ -427,6 +427,13 @@ class Server:
         ts = self.text_stream(p.params)
         return ChatText(self.tokenizer, plan, ts.eos_ids, ts.stops)
 
+    def reasoning_tokens(self, p: Prepared, states) -> int | None:
+        """Chat's ``completion_tokens_details.reasoning_tokens`` over the choices (None on completions)."""
+        if p.kind != "chat":
+            return None
+        plan = p.req.tool_plan
+        return sum(reasoning_tokens(self.tokenizer, plan, s.output_ids) for s in states)
+
     async def generate(self, request: Request, p: Prepared) -> Response:
         rid = new_id("chatcmpl" if p.kind == "chat" else "cmpl")
         streams = self.submit(p, rid)
@@ -513,7 +520,7 @@ class Server:
         return JSONResponse({"id": rid, "object": "chat.completion" if p.kind == "chat" else "text_completion",
                              "created": now(), "model": self.model_name, "choices": choices,
                              "usage": usage(len(p.ids), sum(len(s.output_ids) for s in states),
-                                            states[0].metrics.cached_tokens),
+                                            states[0].metrics.cached_tokens, self.reasoning_tokens(p, states)),
                              "metrics": states[0].metrics.as_dict()})
 
     async def _sse(self, p: Prepared, rid: str, streams: list[RequestStream]):
@@ -611,7 +618,8 @@ class Server:
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": [],
                             "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams),
-                                            streams[0].state.metrics.cached_tokens)})
+                                            streams[0].state.metrics.cached_tokens,
+                                            self.reasoning_tokens(p, [rs.state for rs in streams]))})
             yield "data: [DONE]\n\n"
         except EngineFailedError as e:
             self._close(streams, failed=_fails_response(e))  # its other choices end with it (an error event)

@@ -58,6 +58,22 @@ class ChatText:
         return deltas, parsed, reason
 
 
+def reasoning_tokens(tokenizer, plan: ToolPlan | None, ids) -> int:
+    """How many of an output's ids are its thinking: each thinking channel from its opening marker through its
+    closing one (to the end when the budget cut it), as OpenAI's ``reasoning_tokens`` counts them; 0 when the
+    request did not turn thinking on (the output is then not parsed for it)."""
+    if plan is None or not plan.thinking or tokenizer is None or not hasattr(tokenizer, "token_to_id"):
+        return 0
+    open_id = tokenizer.token_to_id(plan.markers.channel_open)
+    close_id = tokenizer.token_to_id(plan.markers.channel_close)
+    n, inside = 0, False
+    for t in ids:
+        inside = inside or t == open_id
+        n += inside
+        inside = inside and t != close_id
+    return n
+
+
 def message(parsed: ParsedOutput) -> dict:
     """The assistant message of a parsed output (content null when it is only calls)."""
     m = {"role": "assistant",
