@@ -643,3 +643,40 @@ def test_a_raised_time_budget_replays_the_schedule_at_the_new_position(tmp_path)
     fresh = _trainer(tmp_path / "fresh", 100, batch=2, warmup_steps=2, schedule="cosine")
     fresh.step = 47
     assert resumed.train_step()["lr"] == pytest.approx(fresh.train_step()["lr"], rel=1e-9)
+
+
+def test_a_jsonl_fine_tune_ends_answers_with_the_checkpoints_stop_id(tmp_path):
+    """Answers shorter than the canvas were ended with id 1 whatever the fine-tuned checkpoint stops on (its
+    generation_config says [1, 106, 50] here, and 1 need not be an EOS at all): they now end with its first stop
+    id and its pad id, and a from-scratch run keeps 1 / 0."""
+    import random
+    from fixtures import make_checkpoint
+    from blockdiff.train.tasks import JsonlTask
+    src = make_checkpoint(tmp_path / "src", text_overrides={"sliding_window": 64}, canvas_length=8)
+    gen = json.loads(open(os.path.join(src, "generation_config.json")).read())
+    gen["eos_token_id"], gen["pad_token_id"] = [106, 1, 50], 3
+    with open(os.path.join(src, "generation_config.json"), "w") as f:
+        json.dump(gen, f)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt_ids": [2, 9, 10], "answer_ids": [11, 12, 13]}) + "\n")
+    task = JsonlTask(str(data), vocab_size=512, canvas_length=8)
+    assert task.batch(0, 1, random.Random(0)).answer.tolist() == [[11, 12, 13, 1, 0, 0, 0, 0]]  # no checkpoint
+    Trainer(task, TrainOptions(out_dir=str(tmp_path / "ft"), max_steps=1, batch_size=2, log_every=1000),
+            init_from=src, log=lambda s: None).run()
+    assert task.batch(0, 1, random.Random(0)).answer.tolist() == [[11, 12, 13, 106, 3, 3, 3, 3]]
+    assert json.loads((tmp_path / "ft" / "generation_config.json").read_text())["eos_token_id"] == [106, 1, 50]
+
+
+def test_no_resume_over_another_models_folder_leaves_none_of_its_tokenizer_files(tmp_path):
+    """A tokenizer-less run (copy / jsonl) started with --no-resume over a chat checkpoint's folder left that
+    model's tokenizer files beside the new weights, which were then read with a tokenizer of another vocabulary."""
+    from fixtures import make_checkpoint
+    out = make_checkpoint(tmp_path / "other", text_overrides={"sliding_window": 64}, canvas_length=8)
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+    Trainer(CopyTask(vocab_size=32, canvas_length=8), TrainOptions(out_dir=out, max_steps=1, batch_size=2,
+                                                                    log_every=1000, resume=False),
+            config=model_config(32, 8, **RECIPES["tiny"]), log=lambda s: None).run()
+    left = set(os.listdir(out))
+    assert not left & {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}, left
+    from blockdiff import LLM
+    assert LLM(out, device="cpu").tokenizer is None  # the run's own checkpoint: ids in, ids out

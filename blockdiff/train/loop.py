@@ -151,6 +151,8 @@ class Trainer:
         self.carry_from = o.out_dir if resuming else _local_dir(init_from)
         # a .gguf file holds them in its metadata: written out as the files a checkpoint folder has
         self.gguf_files = _gguf_files(init_from) if init_from and not resuming and is_gguf(init_from, None) else {}
+        if hasattr(task, "use_generation_config"):  # answers end with the stop id of the checkpoint carried on
+            task.use_generation_config(self._carried_generation_config())
         if resuming:
             self.model = load_model(o.out_dir, dtype="float32", device=o.device)
             _refuse_quantized(self.model, o.out_dir)  # e.g. a quantized copy of a run, trainer state and all
@@ -244,6 +246,18 @@ class Trainer:
             self._dgen.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=self.gen)))
         return self._dgen
 
+    def _carried_generation_config(self) -> dict:
+        """The generation_config.json the checkpoint will carry (the run's, the fine-tuned checkpoint's or the
+        .gguf file's); {} when there is none."""
+        if GENERATION_FILE in self.gguf_files:
+            return json.loads(self.gguf_files[GENERATION_FILE])
+        path = os.path.join(self.carry_from, GENERATION_FILE) if self.carry_from else None
+        if path and os.path.isfile(path):
+            with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as f:
+                gen = json.load(f)
+                return gen if isinstance(gen, dict) else {}
+        return {}
+
     # ------------------------------------------------------------------ saving
     def save(self) -> None:
         """Write the checkpoint and the trainer state, replaced together (blockdiff/files.py): a save cut short
@@ -257,6 +271,9 @@ class Trainer:
             # checkpoint's tokenizer files are what the new checkpoint is read with. Its generation_config.json
             # (stop ids, tuned sampler values) wins over the task's defaults.
             carried = {GENERATION_FILE, *PROCESSOR_FILES} | (set() if tok is not None else set(TOKENIZER_FILES))
+            # The rest of the tokenizer / processor files in --out are another model's (a --no-resume run over
+            # it): removed once the new checkpoint is in place, or the new weights would be read with them.
+            stale = {*TOKENIZER_FILES, *PROCESSOR_FILES} - carried - ({"tokenizer.json"} if tok is not None else set())
             for name in sorted(carried):
                 src = os.path.join(self.carry_from, name) if self.carry_from else None
                 dst = os.path.join(o.out_dir, name)
@@ -268,6 +285,8 @@ class Trainer:
                         f.write(self.gguf_files[name])
                 elif name == GENERATION_FILE:
                     _dump_json(stage(dst), self.task.generation_config())
+                else:
+                    stale.add(name)
             if tok is not None:
                 _dump_json(stage(os.path.join(o.out_dir, "tokenizer.json")), tok, indent=1)
             state = {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
@@ -275,6 +294,9 @@ class Trainer:
                      "torch_rng": self.gen.get_state(), "options": asdict(o), "task": self.task.name}
             torch.save(state, stage(os.path.join(o.out_dir, STATE_FILE)))
         drop_sharded_weights(o.out_dir)
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(o.out_dir, name))
 
     def _log_json(self, rec: dict) -> None:
         with open(os.path.join(self.o.out_dir, LOG_FILE), "a") as f:

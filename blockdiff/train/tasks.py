@@ -62,12 +62,15 @@ class CopyTask(Task):
 
 class JsonlTask(Task):
     """Pre-tokenized pairs, one JSON object a line: {"prompt_ids": [...], "answer_ids": [...]}. Every prompt must
-    have the same length (training batches are unpadded); answers shorter than the canvas get EOS then pad."""
+    have the same length (training batches are unpadded); answers shorter than the canvas get EOS then pad: by
+    default ids 1 and 0, and a fine-tune's the ids of the checkpoint it starts from (``use_generation_config``),
+    so the model learns to stop with the id its sampler stops on."""
 
     name = "jsonl"
 
     def __init__(self, path: str, vocab_size: int, canvas_length: int, eos_id: int = 1, pad_id: int = 0):
         self.vocab_size, self.canvas_length = vocab_size, canvas_length
+        self.eos_id, self.pad_id = eos_id, pad_id
         self.rows = []
         with open(path, "rb") as f:  # decoded line by line: a byte that is not UTF-8 is named with its line
             for n, raw in enumerate(f, 1):
@@ -85,9 +88,7 @@ class JsonlTask(Task):
                     raise ValueError(f"{path}: line {n}: prompt_ids has {len(p)} ids, line {first}'s has "
                                      f"{len(self.rows[0][0])}: every prompt must have the same length (training "
                                      "batches are unpadded)")
-                if len(a) < canvas_length:
-                    a = a + [eos_id] + [pad_id] * (canvas_length - len(a) - 1)
-                if len(a) != canvas_length:
+                if len(a) > canvas_length:
                     raise ValueError(f"{path}: line {n}: answer_ids has {len(a)} ids, longer than the canvas "
                                      f"({canvas_length}, --canvas-length)")
                 self.rows.append((p, a))
@@ -116,6 +117,21 @@ class JsonlTask(Task):
             out.append(ids)
         return out[0], out[1]
 
+    def use_generation_config(self, gen: dict) -> None:
+        """End and pad answers with the stop and pad ids of ``gen`` (a fine-tuned checkpoint's
+        generation_config.json): its first ``eos_token_id``, its ``pad_token_id``."""
+        eos = gen.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        for name, v in (("eos_id", eos), ("pad_id", gen.get("pad_token_id"))):
+            if type(v) is int and 0 <= v < self.vocab_size:
+                setattr(self, name, v)
+
+    def generation_config(self) -> dict:
+        return {**super().generation_config(), "eos_token_id": [self.eos_id], "pad_token_id": self.pad_id}
+
+    def _answer(self, a: list[int]) -> list[int]:
+        return a if len(a) == self.canvas_length else a + [self.eos_id] + [self.pad_id] * (self.canvas_length - len(a) - 1)
+
     def batch(self, step, batch_size, rng):
         pick = [self.rows[rng.randrange(len(self.rows))] for _ in range(batch_size)]
-        return Batch(torch.tensor([p for p, _ in pick]), torch.tensor([a for _, a in pick]))
+        return Batch(torch.tensor([p for p, _ in pick]), torch.tensor([self._answer(a) for _, a in pick]))
