@@ -680,3 +680,15 @@ def test_no_resume_over_another_models_folder_leaves_none_of_its_tokenizer_files
     assert not left & {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}, left
     from blockdiff import LLM
     assert LLM(out, device="cpu").tokenizer is None  # the run's own checkpoint: ids in, ids out
+
+
+def test_a_batch_size_whose_logits_cannot_fit_is_refused_before_training(tmp_path, capsys):
+    """An absurd --batch-size was killed by the OOM killer (a bare "Killed", exit 137) once the first step ran."""
+    from blockdiff.cli import main as cli_main
+    assert cli_main(["train", "--task", "copy", "--out", str(tmp_path / "run"), "--batch-size", "100000000",
+                     "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blockdiff: error: --batch-size 100000000 cannot fit: its logits alone need ") and \
+        "x 25 positions x vocabulary 32" in err and "lower --batch-size" in err, err
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
+    _trainer(tmp_path / "ok", 1, batch=64).run()  # an ordinary batch is not refused

@@ -172,6 +172,7 @@ class Trainer:
             raise ValueError(f"model (vocab {m.vocab_size}, canvas {m.canvas_length}) does not fit task "
                              f"{task.name} (vocab {task.vocab_size}, canvas {task.canvas_length}; "
                              "--vocab-size, --canvas-length)")
+        _check_batch_fits(m, task, o)
         self.opt = make_optimizer(m, o)
         self.scheduler = make_scheduler(self.opt, o)
         if resuming:
@@ -428,6 +429,37 @@ def _read_state(path: str) -> dict:
         raise ValueError(f"{path} is not a blockdiff trainer state (no {', '.join(missing)}); "
                          "--no-resume starts the run over")
     return st
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes the device can still allocate (CPU: the kernel's MemAvailable), or None when unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_batch_fits(model, task: Task, o: TrainOptions) -> None:
+    """Refuse a --batch-size whose logits alone cannot fit: the kernel's OOM killer otherwise ends the run with
+    a bare "Killed" (exit 137) minutes into loading, and a CUDA run with an out-of-memory traceback. A lower bound:
+    the fp32 logits over the vocabulary that one step keeps for its backward pass (the prompt, the answer read
+    causally, each noised canvas), and their gradients."""
+    free = free_memory(o.device)
+    if free is None:
+        return
+    prompt = task.batch(0, 1, random.Random(0)).prompt.shape[1]
+    positions = prompt + task.canvas_length * (1 + o.canvases_per_prompt)
+    need = o.batch_size * positions * model.vocab_size * 4 * 2
+    if need > free:
+        raise ValueError(f"--batch-size {o.batch_size} cannot fit: its logits alone need {need / 2 ** 30:.1f} GiB "
+                         f"({o.batch_size} x {positions} positions x vocabulary {model.vocab_size} x fp32, and their "
+                         f"gradients), and {o.device} has {free / 2 ** 30:.1f} GiB free; lower --batch-size")
 
 
 def _dump_json(path: str, data, indent: int = 2) -> None:
