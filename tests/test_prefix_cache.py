@@ -194,3 +194,30 @@ def test_serve_refuses_a_negative_prefix_cache_budget(checkpoints, capsys):
     assert cli_main(["serve", checkpoints[8], "--prefix-cache-bytes", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--prefix-cache-bytes" in err
+
+
+def test_an_engine_dropped_while_its_model_lives_returns_its_cache_pages(checkpoints):
+    """Engines made again and again over one model (``LLM.from_model`` per job) each left their cached blocks'
+    pages taken in the model's pool, so the pool only grew. Now a dropped engine's cache is cleared by the next
+    engine over the model (under the model's lock, never from the garbage collector), and close() returns them
+    at once."""
+    import gc
+
+    from blockdiff import LLM
+    model = _model(checkpoints[8], 4)
+    pool = model.kv_pool
+    prompt = list(range(10, 23))  # 3 whole blocks
+    for _ in range(3):
+        llm = LLM.from_model(model, prefix_cache_bytes=1 << 24)
+        llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(seed=0, max_new_tokens=4, max_denoising_steps=2))
+        assert len(llm.engine.prefix_cache) == 3
+        assert all(pool.used_pages(g) == 3 for g in pool.groups)  # only this engine's blocks: the last ones went
+        del llm
+        gc.collect()
+    fresh = Engine(model)  # any engine over the model returns them
+    assert all(pool.used_pages(g) == 0 for g in pool.groups)
+    llm = LLM.from_model(model, prefix_cache_bytes=1 << 24)
+    llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(seed=0, max_new_tokens=4, max_denoising_steps=2))
+    llm.close()
+    assert len(llm.engine.prefix_cache) == 0 and all(pool.used_pages(g) == 0 for g in pool.groups)
+    assert fresh.prefix_cache.max_blocks == 0

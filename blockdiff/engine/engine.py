@@ -94,6 +94,28 @@ class Engine:
         # callback runs inside the tick.
         self.lock = model_lock(model)
         self.stats = {"ticks": 0, "denoise_steps": 0, "encode_tokens": 0, "last_tick_seconds": 0.0}
+        if make is None and self.prefix_cache.max_blocks:
+            # An engine dropped while its model lives on (LLM.from_model called again over one model) leaves its
+            # cached blocks' pages taken in the model's pool. Returned then, but not from the garbage collector's
+            # thread (it may run inside another engine's tick, or on a worker that tick waits for): the cache is
+            # handed to the pool, and the next tick of any engine over the model, under the lock, clears it.
+            pool = self.prefix_cache.pool
+            if not hasattr(pool, "orphaned_caches"):
+                pool.orphaned_caches = []
+            weakref.finalize(self, pool.orphaned_caches.append, self.prefix_cache)
+        with self.lock:
+            self._release_orphans()
+
+    def _release_orphans(self) -> None:
+        """Clear the prefix caches of dropped engines over this model (under the lock)."""
+        orphans = getattr(getattr(self.model, "kv_pool", None), "orphaned_caches", None)
+        while orphans:
+            orphans.pop().clear()
+
+    def close(self) -> None:
+        """Return the prefix cache's pages to the model's pool now (the engine stays usable, its cache empty)."""
+        with self.lock:
+            self.prefix_cache.clear()
 
     @property
     def deterministic(self) -> bool:
@@ -248,6 +270,7 @@ class Engine:
 
     def _tick(self) -> list[ModelState]:
         t0 = time.perf_counter()
+        self._release_orphans()
         out = self.scheduler.schedule()
         if out.encode:
             self._encode(out.encode)

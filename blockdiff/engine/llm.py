@@ -202,7 +202,10 @@ class LLM:
             raise
 
     def close(self) -> None:
-        """End the other ranks of a split model (a no-op for one process)."""
+        """Return the prefix cache's pages to the model's pool and end the other ranks of a split model."""
+        engine = getattr(self, "engine", None)
+        if engine is not None and getattr(self.model, "make_prefix_cache", None) is None:
+            engine.close()
         close = getattr(self.model, "close", None)
         if close is not None:
             close()
