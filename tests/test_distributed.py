@@ -471,6 +471,14 @@ def test_a_world_larger_than_the_heads_is_refused_before_any_rank_starts(paths, 
         LLM(paths["tiny"], dtype="float32", tensor_parallel_size=100)
     with pytest.raises(ValueError, match="at least 6 experts, the model has 5"):  # 12 heads, 5 experts
         LLM(paths["uneven"], dtype="float32", tensor_parallel_size=6, expert_parallel=True)
+    # int4 cuts only on group boundaries: the tiny model's expert intermediate (32) is one group of 32
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 2 cannot split layers.0.experts.down_proj in int4: "
+                                         r"its 32 inputs are stored in groups of 32 \(1 group\), .*expert parallel"):
+        LLM(paths["tiny"], dtype="float32", tensor_parallel_size=2, quantization="int4")
+    # 128 = 2 groups of 64: TP 2 takes it; TP 4 would need groups of 32
+    with pytest.raises(ValueError, match=r"split layers.0.experts.down_proj in int4: its 128 inputs are stored in "
+                                         r"groups of 64 \(2 groups\).*int4 with groups of 32 \(int4-g32\)"):
+        LLM(paths["int4"], dtype="float32", tensor_parallel_size=4, quantization="int4")
 
 
 # A server on a split model whose follower dies (killed, OOM) or whose collective breaks mid-call: the ranks can no

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from .runtime import Channel, LeaderModel, farewell, follow
-from .shard import check_world_size, shard_model
+from .shard import check_int4_split, check_world_size, shard_model
 
 
 def _timeout() -> datetime.timedelta:
@@ -208,7 +208,12 @@ def start(path: str, tensor_parallel_size: int, expert_parallel: bool = False, d
     ``LeaderModel`` (its ``close()`` ends the ranks). ``load``: keyword arguments of ``load_model``."""
     config = os.path.join(path, "config.json")
     if os.path.isfile(config):  # (a missing one is the loader's error, said the loader's way)
-        check_world_size(ModelConfig.from_file(config).text, int(tensor_parallel_size), expert_parallel)
+        cfg = ModelConfig.from_file(config)
+        check_world_size(cfg.text, int(tensor_parallel_size), expert_parallel)
+        from ..quant import plan_for_checkpoint
+        plan = plan_for_checkpoint(cfg, load.get("quantization"), device, torch.float32,
+                                   load.get("quantize_embedding", True))
+        check_int4_split(plan, int(tensor_parallel_size), expert_parallel)
     group = Group.spawn(int(tensor_parallel_size), device)
     try:
         return group.load(path, expert_parallel, **load)

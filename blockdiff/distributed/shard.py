@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts, combine, route
+from ..quant.tensors import INT4_GROUPS
 
 
 def split(n: int, world: int, rank: int, align: int = 1) -> tuple[int, int]:
@@ -182,6 +183,34 @@ def check_world_size(text, world: int, expert_parallel: bool) -> None:
     if expert_parallel and text.num_experts and world > text.num_experts:
         raise ValueError(f"expert parallel over {world} ranks needs at least {world} experts, the model has "
                          f"{text.num_experts}")
+
+
+def check_int4_split(plan, world: int, expert_parallel: bool) -> None:
+    """Before any rank starts: every row-parallel weight ``plan`` (quant.plan.QuantPlan) stores in int4 must give
+    each of ``world`` ranks whole groups of its inputs (``shard_model`` cuts int4 only on group boundaries). A
+    layer whose inputs are one or two groups otherwise failed on every rank after each had loaded the checkpoint,
+    with an error that did not name int4's groups as the cause."""
+    if plan is None or plan.method != "int4":
+        return
+    cfg = plan.cfg
+    for name, shape in plan.targets.items():
+        row_parallel = name.endswith(("down_proj.weight", "o_proj.weight")) or (
+            name.endswith("experts.down_proj") and not expert_parallel)
+        if not row_parallel or plan.tensor_method(name) != "int4":
+            continue
+        K, g = shape[-1], plan.tensor_group(name)
+        if name.endswith("o_proj.weight"):  # cut by heads: every boundary a multiple of the group
+            D = K // cfg.num_attention_heads
+            ok = all(split(cfg.num_attention_heads, world, r)[0] * D % g == 0 for r in range(world))
+        else:
+            ok = K // g >= world
+        if not ok:
+            smaller = [h for h in INT4_GROUPS if h < g and K % h == 0 and K // h >= world]
+            raise ValueError(f"tensor_parallel_size {world} cannot split {name} in int4: its {K} inputs are stored "
+                             f"in groups of {g} ({K // g} group{'s' if K // g != 1 else ''}), and a rank takes "
+                             "whole groups only; use a smaller tensor_parallel_size"
+                             + (f", int4 with groups of {smaller[0]} (int4-g{smaller[0]})" if smaller else "")
+                             + (", expert parallel" if name.endswith("experts.down_proj") else "") + " or int8")
 
 
 def shard_attention(attn: nn.Module, world: int, rank: int, group=None) -> None:
