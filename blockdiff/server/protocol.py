@@ -478,6 +478,11 @@ class FunctionTool(_Item):
 
 
 class TextFormat(_Item):
+    # The schema says what responses.py enforces: type json_schema needs its name and schema (OpenAI's rule).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"required": ["name", "schema"],
+         "properties": {"name": {"type": "string"}, "schema": {"type": "object"}}}]})
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     description: str | None = None
@@ -506,7 +511,8 @@ InputItem = Annotated[
 
 # blockdiff's sampling fields on /v1/responses: those of SamplingFields, as chat takes them (max_tokens is
 # max_output_tokens there; temperature and top_p are OpenAI's own Responses fields, declared below).
-RESPONSES_SAMPLING = tuple(n for n in SamplingFields.model_fields if n not in ("max_tokens", "temperature", "top_p"))
+RESPONSES_SAMPLING = tuple(n for n in SamplingFields.model_fields
+                           if n not in ("max_tokens", "temperature", "top_p", "stream_drafts"))
 _ResponsesSampling = create_model("ResponsesSampling", __base__=IntegralFloats,
                                   **{n: (SamplingFields.model_fields[n].annotation, SamplingFields.model_fields[n])
                                      for n in RESPONSES_SAMPLING})
@@ -539,6 +545,8 @@ class ResponsesRequest(_ResponsesSampling):
     reasoning: Reasoning | None = None
     stream: bool | None = Field(None, description="typed Server-Sent Events, response.created ... "
                                 "response.completed")
+    stream_drafts: Literal[False] | None = Field(None, description="not supported here (the Responses events carry "
+                                                 "no drafts): stream drafts from chat or completions")
     store: bool | None = Field(None, description="accepted; nothing is stored (the response says false)")
     include: list[str] | None = Field(None, description="message.output_text.logprobs: the output tokens' logprobs; "
                                       "the rest are accepted and change nothing")
