@@ -204,6 +204,13 @@ def test_stop_strings_do_not_cut_constrained_output(server):
     ({"guided_choice": "yes"}, "guided_choice", "must be an array"),
     ({"guided_choice": ["a"], "ignore_eos": True}, "guided_choice", "ignore_eos"),
     ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "guided_choice", "not both"),
+    # response_format {"type": "text"} is no constraint: the errors name the field that is one
+    ({"response_format": {"type": "text"}, "structured_outputs": {"regex": "a"}, "ignore_eos": True},
+     "structured_outputs", "'structured_outputs' cannot be combined with ignore_eos"),
+    ({"response_format": {"type": "text"}, "structured_outputs": {"grammar": "start: start"}}, "structured_outputs",
+     "structured_outputs.grammar: no finite output satisfies it"),
+    ({"response_format": {"type": "text"}, "guided_regex": "a", "ignore_eos": True}, "guided_regex",
+     "'guided_regex' cannot be combined with ignore_eos"),
 ])
 def test_bad_constraints_are_400_naming_the_problem(server, extra, param, message):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 8, **extra}

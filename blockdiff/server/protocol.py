@@ -137,7 +137,7 @@ class SamplingRequest(SamplingFields):
     def field_names(self) -> dict[str, str]:
         """SamplingParams field -> the request field the client sent it as."""
         names = {"max_new_tokens": self.max_tokens_name, "max_tokens": self.max_tokens_name}
-        if self.response_format is not None:
+        if self.response_format is not None and self.response_format.type != "text":  # "text": no constraint
             names["structured_outputs"] = "response_format"
         for name in GUIDED_FIELDS:
             if getattr(self, name) is not None:
