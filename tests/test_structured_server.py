@@ -293,3 +293,28 @@ def test_tenants_never_share_a_compiled_or_admitted_constraint(tmp_path):
         assert admitted() == before + 3
     finally:
         srv.close()
+
+
+def test_a_grammar_that_asks_for_the_eos_token_mid_output_is_a_400_not_a_500(server):
+    """A grammar may name a token by id (Lark's ``<[id]>``); naming the EOS where the grammar is not complete puts it
+    in llguidance's mask, but its matcher never consumes an EOS there: the request could never move on (it was a
+    500, "grammar matcher refused the 64 most likely tokens its own mask allowed"). First thing: refused at
+    admission; later: the request's own constraint failed it (400 constraint_failed), naming the field."""
+    from fixtures import EOS_ID
+
+    def ask(grammar: str):
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 16, "seed": 0, "guided_grammar": grammar}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+
+    r = ask(f"start: <[{EOS_ID}]>")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "guided_grammar" and "end token" in err["message"], err
+    r = ask(f'start: "a" <[{EOS_ID}]>')
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "constraint_failed" and err["param"] == "guided_grammar", err
+    assert "end token" in err["message"], err
+    # an EOS the grammar names where it is complete is the ordinary end
+    r = ask(f'start: "a" (<[{EOS_ID}]>)?')
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "a", r.text

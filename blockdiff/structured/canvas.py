@@ -124,8 +124,13 @@ class GrammarCompiler:
             if "NoExtensionBias" in err:
                 raise ValueError(f"{where}: {NO_OUTPUT}")
             raise ValueError(f"{where}: the constraint cannot be enforced: {_clean(err)}")
-        if not any(first) and not m.is_accepting():
-            raise ValueError(f"{where}: {NO_OUTPUT}")
+        if not m.is_accepting():
+            first = bytearray(first)
+            refused = _refused_end_ids(m, self.eos_ids, lambda t: first[t // 8] >> (t % 8) & 1)
+            for t in refused:
+                first[t // 8] &= ~(1 << (t % 8)) & 0xFF
+            if not any(first):
+                raise ValueError(f"{where}: {END_TOKEN if refused else NO_OUTPUT}")
         # Bytes the grammar forces before any choice: a rule that only repeats itself ('start: "a" start', a
         # required property whose $ref leads back to itself) forces an endless run, cut by llguidance's item
         # limit at tens of KB; at run time the same walk fails the request a few steps in.
@@ -149,6 +154,16 @@ class GrammarCompiler:
         return c
 
 
+def _refused_end_ids(matcher, end_ids, is_set) -> list[int]:
+    """End ids the grammar's mask allows although the matcher is not accepting, and which it would refuse: a
+    grammar that names its EOS as a token (``<[1]>``) where it is not complete gets the id in llguidance's mask,
+    but the matcher never consumes its EOS there (an end token ends the output, only where the grammar is
+    complete). Such an id is not a way forward."""
+    return [t for t in end_ids if is_set(t) and matcher.validate_tokens([t]) == 0]
+
+
+END_TOKEN = ("it asks for an end token (EOS) where the output is not complete: an end token only ends the "
+             "output, where the grammar is complete")
 NO_OUTPUT = ("no finite output satisfies it (a rule that only refers back to itself, e.g. 'start: start', "
              "'start: \"a\" start', left recursion without a base case, or a JSON Schema whose $ref cycle "
              "has no way out)")
@@ -204,6 +219,12 @@ class CanvasConstraint:
         out = ((b.view(-1, 1) >> self._shifts) & 1).view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting():
             out[self.end_ids] = True
+        else:
+            refused = _refused_end_ids(self.matcher, self.end_ids, lambda t: bool(out[t]))
+            if refused:
+                out[refused] = False
+                if not bool(out.any()):
+                    raise ConstraintFailed(f"the grammar cannot go on: {END_TOKEN}")
         self.mask_seconds += time.perf_counter() - t0
         return out
 
@@ -313,9 +334,9 @@ class CanvasConstraint:
                     for tok in row.topk(min(MAX_SETTLE_TRIES, int(allowed.sum()))).indices.tolist():
                         if self.consume([tok]) or self.settled:
                             break
-                    else:
-                        raise RuntimeError(f"grammar matcher refused the {MAX_SETTLE_TRIES} most likely tokens its "
-                                           "own mask allowed")
+                    else:  # the constraint's own doing (its grammar, through llguidance's mask): a 400
+                        raise ConstraintFailed(f"grammar matcher refused the {MAX_SETTLE_TRIES} most likely tokens "
+                                               "its own mask allowed")
                 if self.settled:
                     break
         self._probs = None
