@@ -178,6 +178,14 @@ AGREE = [
     ("/v1/completions", "CompletionRequest", _cmpl(structured_outputs={"choice": ["0"], "allow_whitespace": None,
                                                                       "regex": None, "json_object": False})),
     ("/v1/completions", "CompletionRequest", _cmpl(text_template="no holes")),
+    # vLLM's guided_* take what structured_outputs' keys take (the document allowed [], [""] and "")
+    ("/v1/completions", "CompletionRequest", _cmpl(guided_choice=[])),
+    ("/v1/completions", "CompletionRequest", _cmpl(guided_choice=["a", ""])),
+    ("/v1/chat/completions", "ChatCompletionRequest", _chat(guided_regex="")),
+    ("/v1/completions", "CompletionRequest", _cmpl(guided_grammar="")),
+    ("/v1/completions", "CompletionRequest", _cmpl(guided_json="")),
+    ("/v1/completions", "CompletionRequest", _cmpl(guided_choice=["a", "b"])),
+    ("/v1/completions", "CompletionRequest", _cmpl(guided_json='{"type": "integer"}')),
     ("/v1/completions", "CompletionRequest", _cmpl(repetition_penalty=5e-324)),  # was a 500 (NaN logits)
     ("/v1/chat/completions", "ChatCompletionRequest", _chat(t_max=4.7e307)),  # was a 500 (inf temperature)
 ]

@@ -204,6 +204,13 @@ def test_stop_strings_do_not_cut_constrained_output(server):
     ({"guided_choice": "yes"}, "guided_choice", "must be an array"),
     ({"guided_choice": ["a"], "ignore_eos": True}, "guided_choice", "ignore_eos"),
     ({"guided_choice": ["a"], "structured_outputs": {"regex": "a"}}, "guided_choice", "not both"),
+    # response_format {"type": "text"} is no constraint: the errors name the field that is one
+    ({"response_format": {"type": "text"}, "structured_outputs": {"regex": "a"}, "ignore_eos": True},
+     "structured_outputs", "'structured_outputs' cannot be combined with ignore_eos"),
+    ({"response_format": {"type": "text"}, "structured_outputs": {"grammar": "start: start"}}, "structured_outputs",
+     "structured_outputs.grammar: no finite output satisfies it"),
+    ({"response_format": {"type": "text"}, "guided_regex": "a", "ignore_eos": True}, "guided_regex",
+     "'guided_regex' cannot be combined with ignore_eos"),
 ])
 def test_bad_constraints_are_400_naming_the_problem(server, extra, param, message):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 8, **extra}
@@ -286,3 +293,57 @@ def test_tenants_never_share_a_compiled_or_admitted_constraint(tmp_path):
         assert admitted() == before + 3
     finally:
         srv.close()
+
+
+def test_a_grammar_that_asks_for_the_eos_token_mid_output_is_a_400_not_a_500(server):
+    """A grammar may name a token by id (Lark's ``<[id]>``); naming the EOS where the grammar is not complete puts it
+    in llguidance's mask, but its matcher never consumes an EOS there: the request could never move on (it was a
+    500, "grammar matcher refused the 64 most likely tokens its own mask allowed"). First thing: refused at
+    admission; later: the request's own constraint failed it (400 constraint_failed), naming the field."""
+    from fixtures import EOS_ID
+
+    def ask(grammar: str):
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 16, "seed": 0, "guided_grammar": grammar}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+
+    r = ask(f"start: <[{EOS_ID}]>")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "guided_grammar" and "end token" in err["message"], err
+    r = ask(f'start: "a" <[{EOS_ID}]>')
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "constraint_failed" and err["param"] == "guided_grammar", err
+    assert "end token" in err["message"], err
+    # an EOS the grammar names where it is complete is the ordinary end
+    r = ask(f'start: "a" (<[{EOS_ID}]>)?')
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "a", r.text
+
+
+def test_a_stop_token_id_ends_a_constrained_output_only_where_the_grammar_is_complete(server):
+    """stop_token_ids join the EOS ids as end tokens, allowed only where the grammar is complete. A stop id the
+    grammar would take as text (";" in "a;b") went into the output mid-grammar, and the text was cut at it: "a",
+    finish_reason "stop", not a match of the pattern. Where the grammar cannot go on without it, the request's own
+    constraint failed it (400); where it is optional, the output ends there, valid."""
+    semi, = server.engine.engine.tokenizer.encode(";")
+
+    def ask(regex: str, **kw):
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 16, "seed": 0, "guided_regex": regex,
+                "stop_token_ids": [semi], **kw}
+        return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+
+    r = ask("a;b")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "constraint_failed" and err["param"] == "guided_regex" and "end token" in err["message"]
+    for seed in SEEDS:
+        for stream in (False, True):
+            r = ask("a(;b)?", seed=seed, stream=stream)
+            assert r.status_code == 200, r.text
+            if stream:
+                chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+                text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+                finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+            else:
+                text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+            assert finish == "stop" and re.fullmatch("a(;b)?", text), (text, finish)

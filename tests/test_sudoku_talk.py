@@ -152,3 +152,14 @@ def test_a_trained_sudoku_checkpoint_without_a_template_file_talks_too(tmp_path)
     with open(f"{BUNDLED_MODEL}/chat_template.jinja") as f:
         assert tok.chat_template == f.read()
     assert tok.encode_chat([{"role": "user", "content": PUZZLE}]) == fmt.encode_prompt(parse_puzzle(PUZZLE))
+
+
+@pytest.mark.parametrize("field,value", [("text_template", "<|hole|>"), ("suffix", "1")])
+def test_infilling_on_a_puzzle_is_refused_naming_only_the_field_sent(server, field, value):
+    """The model lays the givens as its own canvas_template: a text_template or suffix was refused with "builds the
+    canvas_template itself; do not give both", about a field the client never sent."""
+    r = httpx.post(server.url + "/v1/completions", json={"model": "sudoku", "prompt": PUZZLE, field: value}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and "Sudoku model" in err["message"], err
+    assert "canvas_template" not in err["message"] and "both" not in err["message"], err

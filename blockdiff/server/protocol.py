@@ -24,9 +24,13 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
 
 from ..sampling.fields import MAX_LOGPROBS, Int, IntegralFloats, OutputFields, ParamError, SamplingFields
 from ..sampling.params import SamplingParams
+from ..structured.spec import MAX_CHOICES, MAX_SPEC_CHARS
 from ..tools.render import ToolError, ToolPlan
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import GUIDED_FIELDS, structured_outputs as constraint_from
+
+_SPEC_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_SPEC_CHARS}  # a pattern, grammar or schema text
+_CHOICES = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CHOICES}
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_N = 16  # choices per request (each is a request in the engine)
@@ -88,11 +92,17 @@ class SamplingRequest(SamplingFields):
     response_format: ResponseFormat | None = Field(None, description="the output is JSON (valid for the schema)")
     # vLLM's older names for structured_outputs' keys, which clients written for vLLM still send: honoured, since
     # ignoring one (as an unknown field) would return unconstrained text to a client that asked for a constraint.
+    # (the document says what structured_outputs' keys take, as for that field: spec.normalize checks them)
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older name for "
-                                                     "structured_outputs.json (a JSON Schema)")
-    guided_regex: str | None = Field(None, description="vLLM's older name for structured_outputs.regex")
-    guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice")
-    guided_grammar: str | None = Field(None, description="vLLM's older name for structured_outputs.grammar")
+                                                     "structured_outputs.json (a JSON Schema)",
+                                                     json_schema_extra={"anyOf": [{"type": "object"}, _SPEC_TEXT,
+                                                                                  {"type": "null"}]})
+    guided_regex: str | None = Field(None, description="vLLM's older name for structured_outputs.regex",
+                                     json_schema_extra={"anyOf": [_SPEC_TEXT, {"type": "null"}]})
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice",
+                                            json_schema_extra={"anyOf": [_CHOICES, {"type": "null"}]})
+    guided_grammar: str | None = Field(None, description="vLLM's older name for structured_outputs.grammar",
+                                       json_schema_extra={"anyOf": [_SPEC_TEXT, {"type": "null"}]})
 
     @field_validator("n", "stream", "echo", mode="before", check_fields=False)
     @classmethod
@@ -137,7 +147,7 @@ class SamplingRequest(SamplingFields):
     def field_names(self) -> dict[str, str]:
         """SamplingParams field -> the request field the client sent it as."""
         names = {"max_new_tokens": self.max_tokens_name, "max_tokens": self.max_tokens_name}
-        if self.response_format is not None:
+        if self.response_format is not None and self.response_format.type != "text":  # "text": no constraint
             names["structured_outputs"] = "response_format"
         for name in GUIDED_FIELDS:
             if getattr(self, name) is not None:

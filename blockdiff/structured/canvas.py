@@ -124,8 +124,13 @@ class GrammarCompiler:
             if "NoExtensionBias" in err:
                 raise ValueError(f"{where}: {NO_OUTPUT}")
             raise ValueError(f"{where}: the constraint cannot be enforced: {_clean(err)}")
-        if not any(first) and not m.is_accepting():
-            raise ValueError(f"{where}: {NO_OUTPUT}")
+        if not m.is_accepting():
+            first = bytearray(first)  # end ids are no way forward where the grammar is not complete
+            named = [t for t in self.eos_ids if first[t // 8] >> (t % 8) & 1]
+            for t in named:
+                first[t // 8] &= ~(1 << (t % 8)) & 0xFF
+            if not any(first):
+                raise ValueError(f"{where}: {END_TOKEN if named else NO_OUTPUT}")
         # Bytes the grammar forces before any choice: a rule that only repeats itself ('start: "a" start', a
         # required property whose $ref leads back to itself) forces an endless run, cut by llguidance's item
         # limit at tens of KB; at run time the same walk fails the request a few steps in.
@@ -149,6 +154,12 @@ class GrammarCompiler:
         return c
 
 
+# An end id (the EOS ids, and a request's stop_token_ids) ends the output, and only where the grammar is complete:
+# it is never fed to the matcher. Where the grammar is not complete it is out of the mask, even when the grammar
+# names it (``<[1]>``: llguidance's mask then allows the id, but its matcher never consumes an EOS there) or would
+# take it as text (a stop_token_ids id such as ";": the text would be cut at it, short of a valid output).
+END_TOKEN = ("it asks for an end token (EOS, or one of stop_token_ids) where the output is not complete: an end "
+             "token only ends the output, where the grammar is complete")
 NO_OUTPUT = ("no finite output satisfies it (a rule that only refers back to itself, e.g. 'start: start', "
              "'start: \"a\" start', left recursion without a base case, or a JSON Schema whose $ref cycle "
              "has no way out)")
@@ -204,6 +215,10 @@ class CanvasConstraint:
         out = ((b.view(-1, 1) >> self._shifts) & 1).view(-1)[:self.vocab_size].bool()
         if self.matcher.is_accepting():
             out[self.end_ids] = True
+        elif bool(out[self.end_ids].any()):  # a grammar that names an end id where it is not complete (END_TOKEN)
+            out[self.end_ids] = False
+            if not bool(out.any()):
+                raise ConstraintFailed(f"the grammar cannot go on: {END_TOKEN}")
         self.mask_seconds += time.perf_counter() - t0
         return out
 
@@ -212,19 +227,18 @@ class CanvasConstraint:
         if self.settled or not tokens:
             return 0
         tokens = tokens[:self.canvas_length - len(self.frozen)]
-        n = self.matcher.try_consume_tokens(tokens)
+        end = next((i for i, t in enumerate(tokens) if t in self.end_set), len(tokens))  # never fed (END_TOKEN)
+        n = self.matcher.try_consume_tokens(tokens[:end]) if end else 0
         if self.matcher.is_error():
             raise ConstraintFailed(f"grammar matcher failed: {_clean(self.matcher.get_error())}")
         self.frozen.extend(tokens[:n])
-        if n < len(tokens) and tokens[n] in self.end_set and self.matcher.is_accepting():
+        if n == end < len(tokens) and self.matcher.is_accepting():
             self.frozen.append(tokens[n])  # the model ended the output where the grammar allows it
             self.ended = True
             return n + 1
         if self.matcher.is_stopped():  # complete, nothing may follow: end it now
             self.ended = True
-            # the matcher takes an end token itself (it knows the EOS): only a grammar that completed without
-            # one gets it appended, never a second after the model's own
-            if len(self.frozen) < self.canvas_length and not (n and tokens[n - 1] in self.end_set):
+            if len(self.frozen) < self.canvas_length:
                 self.frozen.append(self.end_ids[0])
         return n
 
@@ -313,9 +327,9 @@ class CanvasConstraint:
                     for tok in row.topk(min(MAX_SETTLE_TRIES, int(allowed.sum()))).indices.tolist():
                         if self.consume([tok]) or self.settled:
                             break
-                    else:
-                        raise RuntimeError(f"grammar matcher refused the {MAX_SETTLE_TRIES} most likely tokens its "
-                                           "own mask allowed")
+                    else:  # the constraint's own doing (its grammar, through llguidance's mask): a 400
+                        raise ConstraintFailed(f"grammar matcher refused the {MAX_SETTLE_TRIES} most likely tokens "
+                                               "its own mask allowed")
                 if self.settled:
                     break
         self._probs = None

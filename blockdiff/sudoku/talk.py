@@ -147,6 +147,11 @@ class SudokuTokenizer(Tokenizer):
 
         if not is_consistent(grid):
             raise ValueError("the puzzle's givens conflict: a digit repeats in a row, column or box")
+        infill = "text_template" if params.text_template is not None else "suffix" if params.suffix is not None \
+            else None
+        if infill is not None and params.canvas_template is None:  # else "do not give both" named a field not sent
+            raise ParamError(f"{infill} cannot be used with the Sudoku model: it lays the puzzle's givens on the "
+                             "canvas itself and answers with the 81 digits", infill)
         changes = {}
         if params.canvas_template is None:
             changes["canvas_template"] = fmt.canvas_template(grid)
