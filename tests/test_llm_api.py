@@ -227,3 +227,31 @@ def test_chat_honours_add_generation_prompt_in_chat_template_kwargs_as_the_serve
     out = llm.chat(messages, PARAMS, chat_template_kwargs={"add_generation_prompt": False})[0]
     assert out.prompt_token_ids == want
     assert want != llm.chat(messages, PARAMS)[0].prompt_token_ids
+
+
+def test_sampling_params_take_numpy_and_torch_numbers_as_the_plain_values_they_hold(llm):
+    # seed=np.int64(3) was refused as "'seed' must be an integer, got int64", allowed_token_ids=np.arange(...) as
+    # "must be an array, got ndarray" (while prompt_token_ids take rows of an array).
+    import numpy as np
+    import torch
+
+    plain = dict(seed=3, max_new_tokens=20, max_denoising_steps=3, entropy_bound=0.5, stop_token_ids=[7],
+                 allowed_token_ids=list(range(10, 60)), logit_bias={12: 1.5}, ignore_eos=True)
+    arrays = dict(seed=np.int64(3), max_new_tokens=torch.tensor(20), max_denoising_steps=np.int32(3),
+                  entropy_bound=np.float64(0.5), stop_token_ids=[np.int64(7)],
+                  allowed_token_ids=np.arange(10, 60), logit_bias={np.int64(12): np.float32(1.5)},
+                  ignore_eos=np.bool_(True))
+    p = SamplingParams(**arrays)
+    assert p == SamplingParams(**plain)
+    for name in plain:
+        v = getattr(p, name)
+        assert type(v) is type(plain[name]), (name, type(v))
+        if isinstance(v, list):
+            assert all(type(x) is int for x in v), name
+    assert SamplingParams(allowed_token_ids=torch.arange(10, 60)).allowed_token_ids == list(range(10, 60))
+    assert llm.generate("hi", p)[0].token_ids == llm.generate("hi", SamplingParams(**plain))[0].token_ids
+    # what is not an integer stays refused, in the words a plain value gets
+    with pytest.raises(ValueError, match="'max_new_tokens' must be an integer, got a number"):
+        SamplingParams(max_new_tokens=np.float64(1.5))
+    with pytest.raises(ValueError, match=r"'allowed_token_ids\[0\]' must be an integer, got a number"):
+        SamplingParams(allowed_token_ids=torch.tensor([1.0]))
