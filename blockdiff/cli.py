@@ -124,26 +124,20 @@ def check_device(device: str) -> str:
     the load."""
     import torch
 
-    from .placement import resolve_device
+    from .placement import resolve_device, unavailable
 
+    if device is None or device.strip().lower() == "auto":
+        return resolve_device(device)
     try:
-        device = resolve_device(device)  # an unknown name is a ValueError there
-    except ValueError as e:
-        raise CLIError(f"bad --device: {e}") from None
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return device
-    backend = getattr(torch, dev.type, None)
-    if dev.type == "mps":
-        available = torch.backends.mps.is_available()
-    else:
-        is_available = getattr(backend, "is_available", None)
-        available = bool(is_available and is_available())
-    if not available:
-        raise CLIError(f"--device {device}: {dev.type.upper()} is not available on this machine (try --device cpu)")
-    count = getattr(backend, "device_count", None)
-    if dev.index is not None and count is not None and dev.index >= count():
-        raise CLIError(f"--device {device}: this machine has {count()} {dev.type} device(s)")
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        try:
+            resolve_device(device)  # the one line for an unknown name
+        except ValueError as e:
+            raise CLIError(f"bad --device: {e}") from None
+    why = unavailable(device)
+    if why is not None:
+        raise CLIError(f"--device {device}: {why} (try --device cpu)")
     return device
 
 

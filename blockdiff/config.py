@@ -252,8 +252,9 @@ class ModelConfig:
         check_field_types(TextConfig, text, "text_config.")
         if not isinstance(d.get("tie_word_embeddings", True), bool):
             raise ValueError("tie_word_embeddings must be a boolean")
-        canvas = d.get("canvas_length") or 256
-        if not isinstance(canvas, int) or canvas <= 0:
+        # absent: the reference config's default; 0 or null were run as 256 here (the reference divides by it)
+        canvas = d.get("canvas_length", 256)
+        if not isinstance(canvas, int) or isinstance(canvas, bool) or canvas <= 0:
             raise ValueError(f"canvas_length must be a positive integer, got {canvas!r}")
         vision = d.get("vision_config")
         ids = {k: d.get(k, getattr(cls, k)) for k in ("image_token_id", "boi_token_id", "eoi_token_id")}

@@ -52,6 +52,20 @@ def split_gguf_ref(ref: str, gguf_file: str | None = None) -> tuple[str, str] | 
     return None
 
 
+def model_ref(ref, name: str = "model", gguf_file=None) -> str:
+    """``ref`` (a folder, a ``.gguf`` file or a hub id; a str or an ``os.PathLike``) as a str; anything else (None, a
+    number, a model object) is a ``ValueError`` naming the argument, not a ``TypeError`` from ``os.path`` inside
+    the load. ``gguf_file``, when given, must be a str too."""
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str):
+        raise ValueError(f"{name} must be a checkpoint folder, a .gguf file or a hub id such as 'org/name' (a str "
+                         f"or a path), got {type(ref).__name__}")
+    if gguf_file is not None and not isinstance(gguf_file, str):
+        raise ValueError(f"gguf_file must be the name of a .gguf file (a str), got {type(gguf_file).__name__}")
+    return ref
+
+
 def is_gguf(ref, gguf_file: str | None = None) -> bool:
     return gguf_file is not None or str(ref).lower().endswith(".gguf")
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from .checks import CheckpointError, check_weight, open_safetensors, read_tensor, weight_map
 from .config import ModelConfig
 from .files import atomic_files
-from .hub import is_gguf, no_config_message, resolve_gguf, resolve_path  # noqa: F401 (also re-exported)
+from .hub import is_gguf, model_ref, no_config_message, resolve_gguf, resolve_path  # noqa: F401 (also re-exported)
 from .placement import resolve_device, resolve_dtype  # noqa: F401 (also re-exported: loader.resolve_dtype)
 from .model import DiffusionGemma
 from .heap import lean_heap
@@ -86,6 +86,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
     A ``.gguf`` file (local, ``org/name:file.gguf`` or ``gguf_file=`` with a hub id) loads from its own metadata and
     tensors (text only). ``device="auto"``: CUDA when present, else CPU. ``revision`` / ``download_dir``: for hub
     ids (blockdiff/hub.py)."""
+    path_or_id = model_ref(path_or_id, "path_or_id", gguf_file)
     device = resolve_device(device)
     if is_gguf(path_or_id, gguf_file):
         from .quant.gguf import load_gguf_model

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+from blockdiff.model.cpu_threads import spans_of  # noqa: E402
 from blockdiff.quant.modules import QTensor, QuantExperts  # noqa: E402
 from blockdiff.quant.tensors import dequantize, quantize  # noqa: E402
 
@@ -59,26 +60,9 @@ class Fbgemm:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed[0 if i is None else i])
 
 
-def main():
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    print("| shape [M x K] @ [N x K]^T | fp32 | int8 _int_mm (used) | fbgemm int8 | _weight_int8pack_mm | "
-          "dequant int8 + mm | int4pack (bf16 act.) | int4pack (fp32 act.) | dequant int4 + mm |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for M, K, N in [(128, 512, 1024), (128, 1024, 512), (128, 512, 32768)]:
-        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
-        q8, p8 = packed(w, "int8")
-        f8 = Fbgemm(w)
-        q4, p4 = packed(w, "int4")
-        wp, gs, sz = q4.packed
-        row = [ms(lambda: F.linear(x, w)), ms(lambda: q8.matmul(x)), ms(lambda: f8.matmul(x)),
-               ms(lambda: torch._weight_int8pack_mm(x, p8["qweight"], p8["qscale"]), n=1),
-               ms(lambda: F.linear(x, dequantize(p8, "int8"))), ms(lambda: q4.matmul(x)),
-               ms(lambda: torch._weight_int4pack_mm_for_cpu(x, wp, gs, sz.float()), n=1),
-               ms(lambda: F.linear(x, dequantize(p4, "int4")))]
-        print(f"| [{M} x {K}] @ [{N} x {K}] | " + " | ".join(map(str, row)) + " |", flush=True)
-
-    E, H, I, T, K = 32, 512, 256, 128, 4
+def expert_rows(g, E=32, H=512, I=256, T=128, K=4):
+    """One layer of E experts (top-K of T tokens): the fp32 grouped product and every candidate's callable, each
+    returning the layer's output rows grouped by expert ([T * K, H])."""
     gu, dn = torch.randn(E, 2 * I, H, generator=g) * 0.02, torch.randn(E, H, I, generator=g) * 0.02
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     flat = idx.reshape(-1)
@@ -105,7 +89,10 @@ def main():
     rows = {"fp32 grouped mm": lambda: grouped(gu, dn)}
     qe = QuantExperts(E, H, I, ("int8", "int8"))
     qe.gate_up_proj, qe.down_proj = packed(gu, "int8")[0], packed(dn, "int8")[0]
-    rows["int8 _int_mm per expert, rows quantized once per matrix (used)"] = lambda: qe._int8_loop(xs, cl)
+    # the path QuantExperts runs on the CPU: one run of consecutive experts (here all of them, as on one thread),
+    # the rows quantized once per matrix, one torch._int_mm per expert (QTensor.experts_matmul)
+    run, per_row = spans_of(cl), flat[order]
+    rows["int8 _int_mm per expert, rows quantized once per matrix (used)"] = lambda: qe._block(xs, cl, per_row, run)
     fa, fb = Fbgemm(gu), Fbgemm(dn)
     rows["int8 fbgemm per-expert packed loop"] = lambda: loop(fa, fb)
     for m in ("int8", "int4"):
@@ -115,6 +102,29 @@ def main():
             rows[f"{m} per-expert packed loop (used)"] = lambda qa=qa, qb=qb: loop(qa, qb)
         rows[f"{m} dequantize all + grouped mm"] = lambda pa=pa, pb=pb, m=m: grouped(dequantize(pa, m),
                                                                                    dequantize(pb, m))
+    return ref, rows
+
+
+def main():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print("| shape [M x K] @ [N x K]^T | fp32 | int8 _int_mm (used) | fbgemm int8 | _weight_int8pack_mm | "
+          "dequant int8 + mm | int4pack (bf16 act.) | int4pack (fp32 act.) | dequant int4 + mm |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for M, K, N in [(128, 512, 1024), (128, 1024, 512), (128, 512, 32768)]:
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * 0.02
+        q8, p8 = packed(w, "int8")
+        f8 = Fbgemm(w)
+        q4, p4 = packed(w, "int4")
+        wp, gs, sz = q4.packed
+        row = [ms(lambda: F.linear(x, w)), ms(lambda: q8.matmul(x)), ms(lambda: f8.matmul(x)),
+               ms(lambda: torch._weight_int8pack_mm(x, p8["qweight"], p8["qscale"]), n=1),
+               ms(lambda: F.linear(x, dequantize(p8, "int8"))), ms(lambda: q4.matmul(x)),
+               ms(lambda: torch._weight_int4pack_mm_for_cpu(x, wp, gs, sz.float()), n=1),
+               ms(lambda: F.linear(x, dequantize(p4, "int4")))]
+        print(f"| [{M} x {K}] @ [{N} x {K}] | " + " | ".join(map(str, row)) + " |", flush=True)
+
+    ref, rows = expert_rows(g)
     print("\n| one expert layer (32 experts, 128 tokens, top-4) | ms | rel. error vs fp32 |\n|---|---:|---:|")
     for name, fn in rows.items():
         print(f"| {name} | {ms(fn)} | {float((fn() - ref).norm() / ref.norm()):.4f} |", flush=True)

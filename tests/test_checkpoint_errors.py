@@ -96,6 +96,10 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
     ("config.json", lambda d: d["text_config"].update(layer_types="full"), "text_config.layer_types must be"),
     ("config.json", lambda d: d.update(text_config=[]), "text_config must be an object"),
     ("config.json", lambda d: d.update(canvas_length="16"), "canvas_length must be a positive integer"),
+    # 0, null and false ran as a canvas of 256 (the reference divides by 0 and fails on null)
+    ("config.json", lambda d: d.update(canvas_length=0), "canvas_length must be a positive integer, got 0"),
+    ("config.json", lambda d: d.update(canvas_length=None), "canvas_length must be a positive integer, got None"),
+    ("config.json", lambda d: d.update(canvas_length=False), "canvas_length must be a positive integer, got False"),
     ("generation_config.json", lambda d: d.update(max_denoising_steps="48"), "max_denoising_steps must be an integer"),
     ("generation_config.json", lambda d: d.update(t_min=[0.4]), "t_min must be a number"),
     ("generation_config.json", lambda d: d.update(eos_token_id="<eos>"), "eos_token_id must be an integer"),

@@ -1,6 +1,7 @@
 """The offline ``LLM`` API as a researcher calls it (README "Python API"): threads, callbacks, interrupts."""
 
 import io
+import re
 import threading
 
 import pytest
@@ -169,3 +170,88 @@ def test_run_shows_control_characters_escaped_on_a_terminal_and_as_they_are_in_a
     assert shown_answer(llm, text) == "a\\x1b[2Jb\tc\nd\\x07\\x7f\\x9b\\r"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     assert shown_answer(llm, text) == text
+
+
+@pytest.mark.parametrize("model", [None, 5, ["ckpt"]])
+def test_llm_and_load_model_refuse_a_model_that_is_no_path_naming_the_argument(model):
+    # LLM(None) was a TypeError from os.path ("expected str, bytes or os.PathLike object, not NoneType").
+    from blockdiff import load_model
+
+    with pytest.raises(ValueError, match="model must be a checkpoint folder, a .gguf file or a hub id"):
+        LLM(model, device="cpu")
+    with pytest.raises(ValueError, match="path_or_id must be a checkpoint folder"):
+        load_model(model, device="cpu")
+
+
+def test_llm_takes_a_pathlib_path(tiny_checkpoint):
+    import pathlib
+
+    llm = LLM(pathlib.Path(tiny_checkpoint), dtype="float32", device="cpu")
+    assert llm.model_path == tiny_checkpoint
+
+
+@pytest.mark.parametrize("messages, words", [
+    ("hi", "got a str"),
+    ([], "got an empty list"),
+    (["hi"], "messages[0] is a str"),
+    ([[{"role": "user", "content": "hi"}], "hi"], "messages[1] is a str"),
+    ([[{"role": "user", "content": "hi"}], []], "messages[1] is an empty list"),
+])
+def test_chat_refuses_messages_of_the_wrong_shape_saying_what_it_takes(llm, messages, words):
+    # ["hi"] was "dictionary update sequence element #0 has length 1; 2 is required" from deep in the renderer.
+    before = llm.engine.stats["denoise_steps"]
+    with pytest.raises(ValueError) as e:
+        llm.chat(messages, PARAMS)
+    assert "messages must be a list of {'role': ..., 'content': ...} dicts" in str(e.value) and words in str(e.value)
+    assert llm.engine.stats["denoise_steps"] == before
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (5, "chat_template_kwargs must be an object"),
+    ({1: 2}, "chat_template_kwargs keys must be strings"),
+    ({"add_generation_prompt": "no"}, "chat_template_kwargs.add_generation_prompt must be a boolean"),
+    ({"messages": []}, "chat_template_kwargs must not set 'messages'"),
+    ({"tools": []}, "chat_template_kwargs must not set 'tools'"),
+])
+def test_chat_refuses_bad_chat_template_kwargs_naming_them(llm, kwargs, words):
+    # These were an AttributeError ('int' object has no attribute 'get') or a TypeError from encode_chat
+    # ("got multiple values for argument 'messages'").
+    with pytest.raises(ValueError, match=re.escape(words)):
+        llm.chat([{"role": "user", "content": "hi"}], PARAMS, chat_template_kwargs=kwargs)
+
+
+def test_chat_honours_add_generation_prompt_in_chat_template_kwargs_as_the_server_does(llm):
+    # {"add_generation_prompt": False} was a TypeError (the keyword given twice); the server honours it.
+    messages = [{"role": "user", "content": "hi"}]
+    want = llm.tokenizer.encode_chat(messages, add_generation_prompt=False)
+    out = llm.chat(messages, PARAMS, chat_template_kwargs={"add_generation_prompt": False})[0]
+    assert out.prompt_token_ids == want
+    assert want != llm.chat(messages, PARAMS)[0].prompt_token_ids
+
+
+def test_sampling_params_take_numpy_and_torch_numbers_as_the_plain_values_they_hold(llm):
+    # seed=np.int64(3) was refused as "'seed' must be an integer, got int64", allowed_token_ids=np.arange(...) as
+    # "must be an array, got ndarray" (while prompt_token_ids take rows of an array).
+    import numpy as np
+    import torch
+
+    plain = dict(seed=3, max_new_tokens=20, max_denoising_steps=3, entropy_bound=0.5, stop_token_ids=[7],
+                 allowed_token_ids=list(range(10, 60)), logit_bias={12: 1.5}, ignore_eos=True)
+    arrays = dict(seed=np.int64(3), max_new_tokens=torch.tensor(20), max_denoising_steps=np.int32(3),
+                  entropy_bound=np.float64(0.5), stop_token_ids=[np.int64(7)],
+                  allowed_token_ids=np.arange(10, 60), logit_bias={np.int64(12): np.float32(1.5)},
+                  ignore_eos=np.bool_(True))
+    p = SamplingParams(**arrays)
+    assert p == SamplingParams(**plain)
+    for name in plain:
+        v = getattr(p, name)
+        assert type(v) is type(plain[name]), (name, type(v))
+        if isinstance(v, list):
+            assert all(type(x) is int for x in v), name
+    assert SamplingParams(allowed_token_ids=torch.arange(10, 60)).allowed_token_ids == list(range(10, 60))
+    assert llm.generate("hi", p)[0].token_ids == llm.generate("hi", SamplingParams(**plain))[0].token_ids
+    # what is not an integer stays refused, in the words a plain value gets
+    with pytest.raises(ValueError, match="'max_new_tokens' must be an integer, got a number"):
+        SamplingParams(max_new_tokens=np.float64(1.5))
+    with pytest.raises(ValueError, match=r"'allowed_token_ids\[0\]' must be an integer, got a number"):
+        SamplingParams(allowed_token_ids=torch.tensor([1.0]))

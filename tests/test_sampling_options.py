@@ -176,3 +176,19 @@ def test_generate_refuses_arguments_of_the_wrong_kind_before_running_anything(ll
 def test_llm_refuses_a_dtype_or_device_it_cannot_compute_in_with_a_value_error(tiny_checkpoint, kw, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         LLM(tiny_checkpoint, **kw)
+
+
+@pytest.mark.parametrize("load", ["LLM", "load_model"])
+def test_a_device_this_machine_lacks_is_a_value_error_before_the_load(tiny_checkpoint, monkeypatch, load):
+    """device='cuda' without CUDA (or an index past the devices) is one ValueError naming the device, as the CLI's
+    --device is, not torch's AssertionError from inside the load."""
+    from blockdiff import load_model
+
+    fn = LLM if load == "LLM" else load_model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape("device 'cuda': CUDA is not available on this machine")):
+        fn(tiny_checkpoint, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=re.escape("device 'cuda:3': this machine has 1 cuda device(s)")):
+        fn(tiny_checkpoint, device="cuda:3")

@@ -18,14 +18,14 @@ from typing import Callable, Sequence
 
 from ..checks import check_tokenizer_fits
 from ..config import GenerationDefaults
-from ..hub import is_gguf, resolve_gguf, resolve_path
+from ..hub import is_gguf, model_ref, resolve_gguf, resolve_path
 from ..loader import load_model
 from ..placement import resolve_device
 from ..model import DiffusionGemma
 from ..sampling.params import SamplingParams
 from ..tools.output import ChatText
 from ..tools.output import message as chat_message
-from ..tools.render import ToolPlan, template_messages
+from ..tools.render import ToolPlan, template_kwargs_problem, template_messages
 from ..vision.chat import extract_images
 from ..vision.media import ImageLoader, MediaLimits
 from ..vision.prompt import ImagePrompter
@@ -125,6 +125,23 @@ class _OneCallAtATime:
         return run
 
 
+def _conversations(messages) -> list[list[dict]]:
+    """``LLM.chat``'s ``messages``: one conversation (a list of message dicts) or a list of them; anything else is
+    a ``ValueError`` saying what was expected and what the first misfit is."""
+    shape = "a list of {'role': ..., 'content': ...} dicts (one conversation) or a list of such lists"
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else f"a {type(messages).__name__}"
+        raise ValueError(f"messages must be {shape}, got {got}")
+    if all(isinstance(m, dict) for m in messages):
+        return [messages]
+    for i, c in enumerate(messages):
+        if not isinstance(c, list) or not c or not all(isinstance(m, dict) for m in c):
+            what = "an empty list" if c == [] else f"a {type(c).__name__}" if not isinstance(c, list) else \
+                "a list holding a " + type(next(m for m in c if not isinstance(m, dict))).__name__
+            raise ValueError(f"messages must be {shape}; messages[{i}] is {what}")
+    return messages
+
+
 def _check_flags(**flags) -> None:
     """On/off arguments are booleans: a string such as "no" would be truthy and switch the option on."""
     for name, v in flags.items():
@@ -162,6 +179,7 @@ class LLM:
         self.media_limits = media_limits or MediaLimits()
         self._calls = _OneCallAtATime()
         check_max_num_seqs(max_num_seqs)  # before the (slow) load, like every argument
+        model = model_ref(model, "model", gguf_file)
         device = resolve_device(device)
         tp = _check_parallel(tensor_parallel_size, expert_parallel)
         if tp > 1 and is_gguf(model, gguf_file):
@@ -409,20 +427,23 @@ class LLM:
         none came although ``tool_choice`` required one)."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so it has no chat template")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
+        convs = _conversations(messages)
+        if chat_template_kwargs is not None:
+            why = template_kwargs_problem(chat_template_kwargs)
+            if why is not None:
+                raise ValueError(why.replace("{name}", "chat_template_kwargs"))
         plan = ToolPlan.from_request(tools, tool_choice, parallel_tool_calls, chat_template_kwargs)
         kwargs = dict(chat_template_kwargs or {})
+        add_generation_prompt = kwargs.pop("add_generation_prompt", None) is not False  # honoured, as the server does
         if plan.template_tools() is not None:
             kwargs["tools"] = plan.template_tools()
-        convs = [messages] if isinstance(messages[0], dict) else messages
         ids, images = [], []
         for c in convs:
             c, sources, wheres = extract_images(template_messages(c))
             self.images.check_texts(c)
             if sources:
                 self.images.check_can_take_images()
-            x = self.tokenizer.encode_chat(c, add_generation_prompt=True, **kwargs)
+            x = self.tokenizer.encode_chat(c, add_generation_prompt=add_generation_prompt, **kwargs)
             x, im = self._with_images(x, sources or None, wheres)
             ids.append(x)
             images.append(im)

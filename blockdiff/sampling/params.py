@@ -25,6 +25,22 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _plain(v):
+    """A NumPy / torch scalar as the Python number it holds (``np.int64(3)`` -> 3), a 1-D array or tensor (or a
+    tuple) as a list of them, so ``seed=np.int64(3)`` or ``allowed_token_ids=np.arange(10)`` are checked as the
+    numbers and lists they are (they were refused as "must be an integer, got int64"); anything else unchanged."""
+    if type(v) in (str, bytes, bool, int, float, dict, type(None)):  # (np.float64 is a float: made one below)
+        return v
+    ndim = getattr(v, "ndim", None)
+    if ndim == 0 and hasattr(v, "item"):
+        return v.item()
+    if ndim == 1 and hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int | None = None
@@ -98,10 +114,13 @@ class SamplingParams:
     def validate(self, vocab_size: int | None = None, canvas_length: int | None = None) -> None:
         """Types and bounds from ``ParamsFields`` (the same declarations the HTTP API documents), then the rules
         between fields. Every error is a ``ParamError`` whose ``.param`` names the field at fault."""
-        # (tuples are fine from Python: the declarations say "array", which JSON spells as a list)
-        values = {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in FIELD_NAMES}
+        # (tuples, NumPy / torch scalars and 1-D arrays are fine from Python: the declarations say "integer" and
+        # "array", which JSON spells as an int and a list)
+        values = {name: _plain(getattr(self, name)) for name in FIELD_NAMES if name != "structured_outputs"}
+        values["structured_outputs"] = self.structured_outputs
         if isinstance(self.logit_bias, dict):  # the Python API may key it by int
-            values["logit_bias"] = {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()}
+            items = [(_plain(k), _plain(v)) for k, v in self.logit_bias.items()]
+            values["logit_bias"] = {str(k) if _is_int(k) else k: v for k, v in items}
         checked = check_fields(ParamsFields, values)
         for name in FIELD_NAMES:
             if name not in ("structured_outputs", "logit_bias"):

@@ -25,7 +25,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
 from ..sampling.fields import MAX_LOGPROBS, Int, IntegralFloats, OutputFields, ParamError, SamplingFields
 from ..sampling.params import SamplingParams
 from ..structured.spec import MAX_CHOICES, MAX_SPEC_CHARS
-from ..tools.render import ToolError, ToolPlan
+from ..tools.render import ToolError, ToolPlan, template_kwargs_problem
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import GUIDED_FIELDS, structured_outputs as constraint_from
 
@@ -352,17 +352,9 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_kwargs(cls, v):
-        if v is None:
-            return v
-        agp = v.get("add_generation_prompt")
-        if agp is not None and not isinstance(agp, bool):
-            raise ValueError(f"{{name}}.add_generation_prompt must be a boolean, got {json_type(agp)}")
-        if "tools" in v:  # through the template alone they would skip validation, the grammar and call parsing
-            raise ValueError("{name} must not set 'tools': send them in the request's 'tools' field")
-        reserved = sorted(set(v) & {"messages", "bos_token", "eos_token", "pad_token"})
-        if reserved:
-            raise ValueError(f"{{name}} must not set {', '.join(repr(k) for k in reserved)}: the server fills "
-                             "them in")
+        why = None if v is None else template_kwargs_problem(v)
+        if why is not None:
+            raise ValueError(why)
         return v
 
     @model_validator(mode="after")

@@ -27,6 +27,30 @@ class ToolError(ValueError):
         self.param = param
 
 
+TEMPLATE_RESERVED = ("messages", "bos_token", "eos_token", "pad_token")  # what the renderer itself fills in
+
+
+def template_kwargs_problem(v) -> str | None:
+    """What is wrong with a request's ``chat_template_kwargs`` (None: nothing), as a sentence starting with
+    ``{name}`` for the caller to fill in: an object of template variables, ``add_generation_prompt`` a boolean,
+    no ``tools`` (they go in the request's own field, which validates them and builds the call grammar) and none
+    of the variables the renderer fills in itself."""
+    if not isinstance(v, dict):
+        return f"{{name}} must be an object of template variables, got {json_type(v)}"
+    bad = next((k for k in v if not isinstance(k, str)), None)
+    if bad is not None:
+        return f"{{name}} keys must be strings (template variable names), got {json_type(bad)}"
+    agp = v.get("add_generation_prompt")
+    if agp is not None and not isinstance(agp, bool):
+        return f"{{name}}.add_generation_prompt must be a boolean, got {json_type(agp)}"
+    if "tools" in v:  # through the template alone they would skip validation, the grammar and call parsing
+        return "{name} must not set 'tools': send them in the request's 'tools' field"
+    reserved = sorted(set(v) & set(TEMPLATE_RESERVED))
+    if reserved:
+        return f"{{name}} must not set {', '.join(repr(k) for k in reserved)}: they are filled in for you"
+    return None
+
+
 def check_tools(tools) -> list[dict]:
     """OpenAI ``tools`` -> [{"name", "description", "parameters"}] (the function objects), validated."""
     if not isinstance(tools, list):
