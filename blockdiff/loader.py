@@ -139,7 +139,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
                         unexpected.append(name)
                         continue
                     t = read_tensor(f, file, name)
-                    if part is None:  # stored quantized parts are integer by design
+                    # Stored quantized parts: the integer codes (qweight) cannot be wrong; their scales, zeros and
+                    # FP8 values can. A NaN there loaded, and every request failed with non-finite logits.
+                    if part is None or t.is_floating_point():
                         check_weight(name, t, file)
                     if plan is not None:
                         plan.add(ours, part, t, tuple(expected[ours].shape), name)

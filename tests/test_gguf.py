@@ -362,3 +362,28 @@ def test_gguf_t_min_above_t_max_names_the_keys_at_load(tmp_path, monkeypatch, ca
     rc = cli_main(["run", path, "--prompt-ids", "2,3", "--max-new-tokens", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "diffusion.eb_t_min" in err[0] and "--t-" not in err[0], err
+
+
+@pytest.mark.parametrize("name, kind, quantization", [
+    ("output_norm.weight", "F32", None),  # a tensor kept in full precision
+    ("blk.1.attn_q.weight", "Q8_0", None),  # converted to int8 a few rows at a time
+    ("blk.0.attn_k.weight", "Q4_0", "int4-all-g32"),  # repacked as it is
+    ("blk.0.ffn_gate_up_exps.weight", "F16", "int8"),  # a float weight quantized while loading
+], ids=["plain", "converted", "repacked", "quantized"])
+def test_gguf_with_non_finite_weights_is_refused_naming_the_tensor(tiny_checkpoint, tmp_path, monkeypatch, name,
+                                                                   kind, quantization):
+    """The safetensors loader refuses NaN weights; a GGUF file was not checked at all: one with a NaN loaded, then
+    every request failed with non-finite logits."""
+    import gguf_fixtures
+
+    real = gguf_fixtures.converter_tensors
+
+    def with_nan(ckpt):
+        tensors = real(ckpt)
+        tensors[name].reshape(-1)[3] = np.nan
+        return tensors
+
+    monkeypatch.setattr(gguf_fixtures, "converter_tensors", with_nan)
+    path = gguf_fixtures.write_gguf(tiny_checkpoint, str(tmp_path / "nan.gguf"), types={name: kind})
+    with pytest.raises(ValueError, match=f"nan.gguf: tensor {re.escape(name)} holds NaN"):
+        load_model(path, quantization=quantization)

@@ -384,6 +384,35 @@ def test_corrupt_quantized_checkpoint_is_refused_naming_the_tensor(tiny_checkpoi
     assert rc == 2 and len(err) == 1 and "layers.1.mlp.down_proj.weight" in err[0] and "missing" in err[0]
 
 
+@pytest.mark.parametrize("method, name, nan", [
+    ("int8", "model.decoder.layers.1.self_attn.q_proj.weight.qscale", float("nan")),
+    ("int4-all", "model.decoder.layers.0.experts.down_proj.qzero", float("inf")),
+    ("fp8", "model.decoder.layers.1.mlp.up_proj.weight_scale", float("nan")),
+    ("fp8", "model.decoder.layers.0.self_attn.k_proj.weight", "e4m3-nan"),
+])
+def test_non_finite_stored_quantized_parts_are_refused_naming_the_tensor(tiny_checkpoint, tmp_path, method, name,
+                                                                         nan, capsys):
+    """The loader refused NaN full-precision weights but skipped every stored quantized part: a NaN in a scale,
+    a zero or an FP8 weight loaded, then every request failed with non-finite logits."""
+    from safetensors.torch import load_file, save_file
+
+    dst = str(tmp_path / "q")
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", method]) == 0
+    path = os.path.join(dst, "model.safetensors")
+    sd = load_file(path)
+    if nan == "e4m3-nan":
+        sd[name] = sd[name].view(torch.uint8).clone().index_fill_(0, torch.tensor([0]), 0x7F) \
+            .view(torch.float8_e4m3fn)  # 0x7f: e4m3fn's NaN
+    else:
+        sd[name].view(-1)[0] = nan
+    save_file(sd, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    rc = cli_main(["run", dst, "--prompt-ids", "2,3", "--max-new-tokens", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]  # (FP8 on a CPU: a log line)
+    kind = "infinite" if nan == float("inf") else "NaN"
+    assert rc == 2 and len(err) == 1 and f"tensor {name} holds {kind} values" in err[0], err
+
+
 def test_bench_takes_a_quantization(capsys):
     rc = cli_main(["bench", "--random-config", "tiny", "--quantization", "int8", "--no-oracle", "--repeats", "1",
                    "--warmup", "0", "--systems", "blockdiff-default", "--steps", "2"])

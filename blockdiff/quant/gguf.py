@@ -23,6 +23,7 @@ import re
 import numpy as np
 import torch
 
+from ..checks import check_weight
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
 from ..placement import resolve_dtype
 from ..heap import lean_heap
@@ -413,10 +414,12 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
                 continue
             if ours in plan.targets and tuple(reversed([int(x) for x in t.shape])) == expected[ours]:
                 # Straight from the file's blocks to int8 / int4 parts: never the whole tensor in fp32.
-                plan.add_parts(ours, tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours)),
-                               expected[ours], t.name)
+                parts = tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours))
+                _check_parts(path, t.name, parts)
+                plan.add_parts(ours, parts, expected[ours], t.name)
                 continue
             w = _tensor(t)
+            check_weight(t.name, w, path)  # as the safetensors loader does: a NaN loaded and failed every request
             if w.numel() == 1 and len(expected[ours]) == 1:
                 w = w.reshape(expected[ours])
             plan.add(ours, None, w, expected[ours], t.name)
@@ -437,6 +440,15 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
                                                           config.text.max_position_embeddings).to(device))
     model.eval()
     return model
+
+
+def _check_parts(path: str, name: str, parts: dict[str, torch.Tensor]) -> None:
+    """A NaN or infinity in a quantized weight (a block's scale, or a value of a float tensor being quantized)
+    ends up in the scales or zeros of its parts: refused as the safetensors loader refuses non-finite weights."""
+    for v in parts.values():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise QuantizationError(f"{path}: tensor {name} holds NaN or infinite values (in its weights or its "
+                                    "blocks' scales); the file is corrupt")
 
 
 def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
