@@ -101,7 +101,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
         raise CheckpointError(f"{cfg_path}: tie_word_embeddings=false is not supported (blockdiff runs one weight set "
                               "shared by the encoder, the denoiser and the LM head)")
     dtype = resolve_dtype(dtype, device)
-    plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
+    plan = _quant_plan(config, quantization, device, dtype, quantize_embedding, cfg_path)
     # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
     with lean_heap(device), progress(_describe_load(path, quantization)) as bar:
         files = _weight_files(path)
@@ -190,10 +190,10 @@ def _describe_load(path: str, quantization: str | None) -> str:
     return f"loading {name}" + (f", quantizing to {quantization}" if quantization else "")
 
 
-def _quant_plan(config, quantization, device, dtype, quantize_embedding):
+def _quant_plan(config, quantization, device, dtype, quantize_embedding, source: str = "config.json"):
     """The quantize-while-loading plan (blockdiff/quant), or None for a plain full-precision load."""
     from .quant import plan_for_checkpoint
-    return plan_for_checkpoint(config, quantization, device, dtype, embedding=quantize_embedding)
+    return plan_for_checkpoint(config, quantization, device, dtype, embedding=quantize_embedding, source=source)
 
 
 def _all_tensor_names(files: list[str]) -> set[str]:

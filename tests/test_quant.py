@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -411,6 +412,48 @@ def test_non_finite_stored_quantized_parts_are_refused_naming_the_tensor(tiny_ch
     err = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]  # (FP8 on a CPU: a log line)
     kind = "infinite" if nan == float("inf") else "NaN"
     assert rc == 2 and len(err) == 1 and f"tensor {name} holds {kind} values" in err[0], err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("group_size", "64", r'quantization_config\.group_size must be 32, 64 or 128, got "64"'),
+    ("group_size", 48, r"quantization_config\.group_size must be 32, 64 or 128, got 48"),
+    ("embedding", "false", r'quantization_config\.embedding must be true or false, got "false"'),
+    ("int4_scope", "attention", r'quantization_config\.int4_scope must be "experts" or "all", got "attention"'),
+    ("method", "int2", r"quantization_config has an unknown method 'int2'"),
+])
+def test_bad_quantization_config_values_are_refused_naming_the_file_and_key(tiny_checkpoint, tmp_path, key, value,
+                                                                            message, capsys):
+    """A hand-edited quantization_config: "group_size": "64" was "invalid literal for int()" naming neither file nor
+    key, and "embedding": "false" was read as true."""
+    dst = tmp_path / "q"
+    assert cli_main(["quantize", tiny_checkpoint, str(dst), "--method", "int4"]) == 0
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"][key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    rc = cli_main(["run", str(dst), "--prompt-ids", "2,3", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(re.escape(str(dst / "config.json")) + ": " + message, err[0]), err
+
+
+def test_keep_embedding_on_a_checkpoint_with_an_int8_embedding_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """``--quantization int8 --keep-embedding`` on a ``blockdiff quantize`` int8 checkpoint (or
+    ``quantize_embedding=False``) was accepted and ignored: the stored int8 embedding loaded as it is."""
+    dst = str(tmp_path / "q")
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", "int8"]) == 0
+    with pytest.raises(QuantizationError, match="tied embedding is stored in int8"):
+        load_model(dst, quantize_embedding=False)
+    capsys.readouterr()
+    rc = cli_main(["run", dst, "--quantization", "int8", "--keep-embedding", "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--keep-embedding" in err[0], err
+    # a checkpoint quantized with --keep-embedding loads its full-precision embedding either way
+    keep = str(tmp_path / "keep")
+    assert cli_main(["quantize", tiny_checkpoint, keep, "--method", "int8", "--keep-embedding"]) == 0
+    m = load_model(keep, quantize_embedding=False)
+    assert isinstance(m.embed_tokens, nn.Embedding)
+    assert torch.equal(_logits(m), _logits(load_model(keep)))
 
 
 def test_bench_takes_a_quantization(capsys):
