@@ -387,3 +387,22 @@ def test_gguf_with_non_finite_weights_is_refused_naming_the_tensor(tiny_checkpoi
     path = gguf_fixtures.write_gguf(tiny_checkpoint, str(tmp_path / "nan.gguf"), types={name: kind})
     with pytest.raises(ValueError, match=f"nan.gguf: tensor {re.escape(name)} holds NaN"):
         load_model(path, quantization=quantization)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.3, 100])
+def test_a_truncated_gguf_says_it_is_truncated(f32_gguf, tmp_path, keep, capsys):
+    """A GGUF cut short (an interrupted download) was "not a readable GGUF file: cannot reshape array of size 8448
+    into shape (128,68)" (or "index 0 is out of bounds for axis 0 with size 0"): nothing said the file was cut."""
+    import os
+
+    data = open(f32_gguf, "rb").read()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    rc = cli_main(["run", str(path), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cut.gguf is a GGUF file that cannot be read" in err[0], err
+    assert f"({os.path.getsize(path)} bytes): it is truncated or corrupt" in err[0], err
+    path.write_bytes(b"not a gguf file at all")  # another kind of file: no word about truncation
+    rc = cli_main(["run", str(path), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[0].endswith("cut.gguf is not a readable GGUF file: GGUF magic invalid"), err

@@ -130,6 +130,15 @@ def _read(gguf, path: str):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, ...
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError:
+            magic = b""
+        if magic == b"GGUF":  # a GGUF cut short (an interrupted download) failed as "cannot reshape array of size
+            # 8448 into shape (128,68)" or "index 0 is out of bounds": say what is most likely wrong
+            raise QuantizationError(f"{path} is a GGUF file that cannot be read ({os.path.getsize(path)} bytes): "
+                                    f"it is truncated or corrupt (did the download or copy finish?): {e}") from None
         raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
 
 
