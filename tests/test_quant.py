@@ -309,6 +309,46 @@ def test_quantize_refuses_a_source_with_nan_weights(tmp_path, capsys):
     assert not (tmp_path / "q").exists()  # the folder it created for the output is gone again
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing tensors: model.decoder.layers.1.mlp.up_proj.weight"),
+    ("unknown", "unexpected tensors: model.decoder.extra.weight"),
+    ("shape", r"tensor model.decoder.layers.0.input_layernorm.weight has shape \(3,\), the config implies \(64,\)"),
+    ("untied", "tie_word_embeddings=false is not supported"),
+])
+def test_quantize_refuses_a_source_that_cannot_load_before_quantizing(tmp_path, monkeypatch, damage, message,
+                                                                      capsys):
+    """A source missing a tensor, with one the model has no place for, a norm of another shape or untied
+    embeddings was quantized and written ("quantized 38 tensors ... wrote DST"), and DST failed to load."""
+    from safetensors.torch import load_file, save_file
+
+    import blockdiff.quant.tensors as qt
+    from fixtures import make_checkpoint
+    src = make_checkpoint(tmp_path / "src", with_tokenizer=False)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    if damage == "missing":
+        del sd["model.decoder.layers.1.mlp.up_proj.weight"]
+    elif damage == "unknown":
+        sd["model.decoder.extra.weight"] = torch.ones(4)
+    elif damage == "shape":
+        sd["model.decoder.layers.0.input_layernorm.weight"] = torch.ones(3)
+    else:
+        cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+        cfg["tie_word_embeddings"] = False
+        (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception, match=message):  # the loader refuses it with the same line
+        load_model(src)
+
+    def never(*a, **k):
+        raise AssertionError("quantized a source that cannot load")
+
+    monkeypatch.setattr(qt, "quantize", never)
+    rc = cli_main(["quantize", src, str(tmp_path / "q"), "--method", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "q").exists()
+
+
 def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 
