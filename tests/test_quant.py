@@ -279,6 +279,22 @@ def test_interrupted_quantize_leaves_no_checkpoint_and_can_be_rerun(tiny_checkpo
     assert torch.equal(_logits(load_model(dst)), _logits(load_model(tiny_checkpoint, quantization="int8")))
 
 
+def test_quantize_into_a_folder_with_a_stale_shard_index_loads_the_new_weights(tiny_checkpoint, tmp_path):
+    """DST held a sharded checkpoint's index and shard without config.json (a copy cut short): quantize wrote
+    model.safetensors beside them, and loading DST read the index first, i.e. the stale weights."""
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "q"
+    dst.mkdir()
+    stale = {k: torch.zeros_like(v) for k, v in load_file(os.path.join(tiny_checkpoint, "model.safetensors")).items()}
+    save_file(stale, str(dst / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in stale}}))
+    quantize_checkpoint(tiny_checkpoint, str(dst), "int8", log=lambda s: None)
+    assert sorted(p.name for p in dst.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(_logits(load_model(str(dst))), _logits(load_model(tiny_checkpoint, quantization="int8")))
+
+
 def test_quantize_to_a_file_fails_before_quantizing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """DST was created only after every tensor was quantized: a DST that is a file (or cannot be created) cost the
     whole run, then "[Errno 17] File exists"."""

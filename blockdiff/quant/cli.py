@@ -57,7 +57,8 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     from ..files import atomic_path, write_json
     from ..checks import check_weight, read_tensor
     from ..loader import (CheckpointError, _all_tensor_names, _weight_files, check_checkpoint_tensors,
-                          check_tied, checkpoint_to_model_name, no_config_message,
+                          check_tied, checkpoint_to_model_name, drop_sharded_weights,
+                          no_config_message,
                           resolve_path)
     from ..progress import progress
     from .plan import QuantizationError, QuantPlan, int4_scope, parse_method
@@ -133,6 +134,9 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     # (Ctrl-C, a full disk) leaves no config.json, so DST does not load as a checkpoint and a re-run may reuse it.
     with atomic_path(os.path.join(dst, "model.safetensors")) as tmp:
         save_file(out, tmp, metadata={"format": "pt"})
+    # A model.safetensors.index.json left in DST (a copy of a sharded checkpoint that never got its config.json)
+    # is read before model.safetensors: DST loaded those stale weights, quantized while loading, without a word.
+    drop_sharded_weights(dst)
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
         full = os.path.join(path, entry)
         # not a training run's own files (its optimizer state, learning curve) nor a save cut short
