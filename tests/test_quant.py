@@ -382,6 +382,41 @@ def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(ti
     assert rel(loaded.layers[0].self_attn.q_proj.weight, ref.layers[0].self_attn.q_proj.weight) < 0.04
 
 
+@pytest.mark.parametrize("fmt, weights, what", [
+    ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}, "4-bit int weights"),
+    ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group"}, "4-bit float weights"),
+    ("marlin-24", None, "weights"),
+])
+def test_a_compressed_tensors_checkpoint_that_is_not_fp8_is_refused_naming_what_it_holds(tiny_checkpoint, tmp_path,
+                                                                                        fmt, weights, what, capsys):
+    """Every compressed-tensors checkpoint was read as FP8: a W4A16 one (``weight_packed`` int32 + ``weight_scale``
+    + ``weight_shape``) failed after reading every tensor with "missing tensors ...q_proj.weight ... unexpected
+    tensors ...q_proj.weight_packed, ...weight_scale"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "w4a16"
+    shutil.copytree(tiny_checkpoint, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    for name in [k for k in sd if k.startswith("model.decoder.") and k.endswith("q_proj.weight")]:
+        n, k = sd[name].shape
+        w = sd.pop(name)
+        sd[name + "_packed"] = torch.zeros(n, k // 8, dtype=torch.int32)
+        sd[name + "_scale"] = w.abs().amax(-1, keepdim=True).expand(n, k // 32).contiguous()
+        sd[name + "_shape"] = torch.tensor([n, k])
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {
+        "group_0": {"targets": ["Linear"], **({"weights": weights} if weights else {})}}}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    rc = cli_main(["run", str(dst), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"config.json: a compressed-tensors checkpoint of {what} (format '{fmt}'): blockdiff reads " \
+           "compressed-tensors FP8" in err[0], err
+
+
 def test_fp8_block_and_tensor_scales_are_understood():
     from blockdiff.quant.plan import _dequant_fp8
 

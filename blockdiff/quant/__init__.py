@@ -53,6 +53,7 @@ def plan_for_checkpoint(config, quantization, device, dtype: torch.dtype, embedd
         if kind != "compressed-tensors":
             raise QuantizationError(f"unsupported quantization_config quant_method {kind!r}: blockdiff reads its "
                                     "own int8/int4 checkpoints and compressed-tensors FP8 ones")
+        _check_compressed_tensors(qc, source)
         if not parsed:  # an FP8 checkpoint: keep FP8 where the GPU runs it, else dequantize per tensor
             if _fp8_capable(device):
                 parsed = ("fp8", 64)
@@ -86,3 +87,24 @@ def _stored_method(qc: dict, source: str) -> tuple[str, int, bool, str]:
     if scope not in ("experts", "all"):
         raise bad("int4_scope", '"experts" or "all"')
     return stored, int(group), emb, scope
+
+
+# compressed-tensors formats whose weights are stored as plain tensors (FP8 ones with their scales)
+_CT_FORMATS = (None, "float-quantized", "naive-quantized", "dense")
+
+
+def _check_compressed_tensors(qc: dict, source: str) -> None:
+    """A compressed-tensors checkpoint blockdiff reads holds FP8 weights; any other (int4 / int8 packed, NVFP4,
+    sparse) failed as "does not match the DiffusionGemma config: missing tensors ...weight, unexpected tensors
+    ...weight_packed, ...weight_scale" after reading every tensor."""
+    fmt = qc.get("format")
+    groups = qc.get("config_groups")
+    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict)] if isinstance(groups, dict) else []
+    other = next((w for w in weights if isinstance(w, dict) and (w.get("type"), w.get("num_bits")) != ("float", 8)),
+                 None)
+    if other is None and fmt in _CT_FORMATS:
+        return
+    what = f"{other.get('num_bits')}-bit {other.get('type')} weights" if other else "weights"
+    raise QuantizationError(f"{source}: a compressed-tensors checkpoint of {what} (format {fmt!r}): blockdiff reads "
+                            "compressed-tensors FP8 (8-bit float weights) only; load the full-precision checkpoint "
+                            "with --quantization int8 / int4, or write a copy with blockdiff quantize")
