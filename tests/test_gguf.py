@@ -406,3 +406,28 @@ def test_a_truncated_gguf_says_it_is_truncated(f32_gguf, tmp_path, keep, capsys)
     rc = cli_main(["run", str(path), "--prompt-ids", "2,3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[0].endswith("cut.gguf is not a readable GGUF file: GGUF magic invalid"), err
+
+
+@pytest.mark.parametrize("name, kind", [("blk.0.attn_q.weight", "Q8_0"), ("blk.0.attn_norm.weight", "F32"),
+                                        ("blk.1.ffn_gate_up_exps.weight", "F16")])
+def test_a_gguf_tensor_of_another_shape_names_the_file_and_the_metadata(tiny_checkpoint, tmp_path, monkeypatch, name,
+                                                                        kind, capsys):
+    """A tensor whose shape does not fit the file's own metadata was "tensor X has shape ..., the config implies
+    ...": no file named, and a config.json the user does not have."""
+    import gguf_fixtures
+
+    real = gguf_fixtures.converter_tensors
+
+    def cut(ckpt):
+        tensors = real(ckpt)
+        tensors[name] = np.ascontiguousarray(tensors[name][..., :32])
+        return tensors
+
+    monkeypatch.setattr(gguf_fixtures, "converter_tensors", cut)
+    path = gguf_fixtures.write_gguf(tiny_checkpoint, str(tmp_path / "cut.gguf"), types={name: kind})
+    want = real(tiny_checkpoint)[name].shape
+    rc = cli_main(["run", path, "--prompt-ids", "2,3"])
+    err = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].endswith(f"cut.gguf: tensor {name} has shape {want[:-1] + (32,)}, the GGUF metadata implies "
+                           f"{want}"), err

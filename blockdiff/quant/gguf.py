@@ -421,7 +421,12 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
             if ours is None or ours not in expected:
                 unexpected.append(t.name)
                 continue
-            if ours in plan.targets and tuple(reversed([int(x) for x in t.shape])) == expected[ours]:
+            shape = tuple(reversed([int(x) for x in t.shape]))
+            if shape != expected[ours] and not (int(np.prod(shape)) == 1 and expected[ours] == (1,)):
+                # (was the plan's "tensor X has shape ..., the config implies ...": no file, and no config.json)
+                raise QuantizationError(f"{path}: tensor {t.name} has shape {shape}, the GGUF metadata implies "
+                                        f"{expected[ours]}")
+            if ours in plan.targets:
                 # Straight from the file's blocks to int8 / int4 parts: never the whole tensor in fp32.
                 parts = tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours))
                 _check_parts(path, t.name, parts)
