@@ -528,6 +528,19 @@ def test_bad_quantization_config_values_are_refused_naming_the_file_and_key(tiny
     assert re.search(re.escape(str(dst / "config.json")) + ": " + message, err[0]), err
 
 
+@pytest.mark.parametrize("written, asked", [("int4", "int4-all"), ("int4", "int4-g32"), ("int4-all-g32", "int4-g32"),
+                                            ("int4-all-g32", "int4-all")])
+def test_asking_an_int4_checkpoint_for_another_int4_layout_is_refused(tiny_checkpoint, tmp_path, written, asked):
+    """Only the method was compared: ``quantization="int4-all"`` (or another group size) on an int4 checkpoint of
+    another scope or group loaded the file's own layout without a word."""
+    dst = str(tmp_path / "q")
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", written]) == 0
+    with pytest.raises(QuantizationError, match=f"already quantized to {written}; load it without quantization "
+                                                f"\\(asked for {asked}\\)"):
+        load_model(dst, quantization=asked)
+    assert torch.equal(_logits(load_model(dst, quantization=written)), _logits(load_model(dst)))
+
+
 def test_keep_embedding_on_a_checkpoint_with_an_int8_embedding_is_refused(tiny_checkpoint, tmp_path, capsys):
     """``--quantization int8 --keep-embedding`` on a ``blockdiff quantize`` int8 checkpoint (or
     ``quantize_embedding=False``) was accepted and ignored: the stored int8 embedding loaded as it is."""

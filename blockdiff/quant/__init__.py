@@ -41,9 +41,14 @@ def plan_for_checkpoint(config, quantization, device, dtype: torch.dtype, embedd
         kind = qc.get("quant_method") if isinstance(qc, dict) else None
         if kind == "blockdiff":
             stored, group, stored_embedding, scope = _stored_method(qc, source)
-            if parsed and parsed[0] != stored:
-                raise QuantizationError(f"this checkpoint is already quantized to {stored}; load it without "
-                                        f"quantization (asked for {parsed[0]})")
+            # the whole spelling, not the method alone: "int4-g128" or "int4-all" on an int4 (g64, experts) file
+            # loaded the file's layout without a word
+            spelled = stored if stored == "int8" else \
+                "int4" + ("-all" if scope == "all" else "") + (f"-g{group}" if group != 64 else "")
+            if parsed and (parsed[0] != stored or (stored == "int4" and (parsed[1], int4_scope(quantization))
+                                                   != (group, scope))):
+                raise QuantizationError(f"this checkpoint is already quantized to {spelled}; load it without "
+                                        f"quantization (asked for {quantization})")
             if stored_embedding and not embedding:
                 # was ignored: the int8 embedding of the file loaded as it is
                 raise QuantizationError("this checkpoint's tied embedding is stored in int8 (blockdiff quantize "
