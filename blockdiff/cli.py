@@ -88,7 +88,7 @@ def quantization_kwargs(args) -> dict:
     keep = getattr(args, "keep_embedding", False)
     if method is not None and not method.strip():
         raise CLIError("--quantization is empty: give int8, int4, fp8 (or leave the flag out)")
-    if keep and method is None:
+    if keep and (method is None or method.strip().lower() == "none"):  # "none" quantizes nothing: it was ignored
         raise CLIError("--keep-embedding applies only with --quantization (it keeps the embedding out of it)")
     return {"quantization": method, "quantize_embedding": not keep}
 

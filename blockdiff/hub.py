@@ -90,6 +90,7 @@ def resolve_gguf(ref: str, gguf_file: str | None = None, revision: str | None = 
     """A local ``.gguf`` path for ``ref`` (downloaded from the hub for ``org/name:file.gguf`` / ``gguf_file``)."""
     hub = split_gguf_ref(ref, gguf_file)
     if hub is None:
+        _warn_unused(ref, revision, download_dir)
         return os.path.expanduser(str(ref))
     repo, name = hub
     parts = split_gguf_parts(name)  # a split GGUF loads from all its parts: they land side by side in the cache
@@ -109,8 +110,7 @@ def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str
     """A local folder, or a hub id fetched with huggingface_hub (needs a network; tests never do this)."""
     path_or_id = os.path.expanduser(path_or_id)  # "~/ckpt" is a local path, never a hub id
     if os.path.isdir(path_or_id):
-        if revision is not None:
-            log.warning("--revision %s is ignored for the local folder %s", revision, path_or_id)
+        _warn_unused(path_or_id, revision, download_dir)
         return path_or_id
     if os.path.exists(path_or_id):
         raise CheckpointError(f"{path_or_id} is a file; pass the checkpoint folder")
@@ -124,6 +124,15 @@ def resolve_path(path_or_id: str, revision: str | None = None, download_dir: str
                                  allow_patterns=CHECKPOINT_FILES)
     except Exception as e:  # offline, unknown repo, gated...
         raise CheckpointError(f"could not fetch {path_or_id!r} from the hub: {_one_line(e)}") from e
+
+
+def _warn_unused(local: str, revision: str | None, download_dir: str | None) -> None:
+    """--revision and --download-dir only mean something for the hub: said when a local path makes them unused
+    (--download-dir was ignored without a word)."""
+    for flag, value in (("--revision", revision), ("--download-dir", download_dir)):
+        if value is not None:
+            log.warning("%s %s is ignored for the local %s %s", flag, value,
+                        "folder" if os.path.isdir(os.path.expanduser(str(local))) else "file", local)
 
 
 def _one_line(e: Exception) -> str:

@@ -97,12 +97,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
     if not os.path.exists(cfg_path):
         raise CheckpointError(no_config_message(path))
     config = ModelConfig.from_file(cfg_path)
-    if not config.tie_word_embeddings:
-        # the reference then unties everything: separate encoder, denoiser and LM-head weights
-        raise CheckpointError(f"{cfg_path}: tie_word_embeddings=false is not supported (blockdiff runs one weight set "
-                              "shared by the encoder, the denoiser and the LM head)")
+    check_tied(config, cfg_path)
     dtype = resolve_dtype(dtype, device)
-    plan = _quant_plan(config, quantization, device, dtype, quantize_embedding)
+    plan = _quant_plan(config, quantization, device, dtype, quantize_embedding, cfg_path)
     # CPU: loading temporaries apart from the kept tensors (blockdiff/heap.py)
     with lean_heap(device), progress(_describe_load(path, quantization)) as bar:
         files = _weight_files(path)
@@ -140,7 +137,9 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
                         unexpected.append(name)
                         continue
                     t = read_tensor(f, file, name)
-                    if part is None:  # stored quantized parts are integer by design
+                    # Stored quantized parts: the integer codes (qweight) cannot be wrong; their scales, zeros and
+                    # FP8 values can. A NaN there loaded, and every request failed with non-finite logits.
+                    if part is None or t.is_floating_point():
                         check_weight(name, t, file)
                     if plan is not None:
                         plan.add(ours, part, t, tuple(expected[ours].shape), name)
@@ -157,16 +156,7 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
             loaded, have = plan.state, plan.sources
         else:
             have = set(loaded)
-        missing = sorted(set(expected) - have)
-        if missing or unexpected:
-            def show(names):
-                return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-            msg = [f"checkpoint at {path} does not match the DiffusionGemma config:"]
-            if missing:
-                msg.append(f"missing tensors: {show([_model_to_checkpoint_name(n) for n in missing])}")
-            if unexpected:
-                msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
-            raise CheckpointError(" ".join(msg))
+        _check_match(path, sorted(set(expected) - have), unexpected)
         if plan is not None:
             plan.install(model)
         model.load_state_dict(loaded, strict=False, assign=True)
@@ -184,15 +174,68 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
     return model
 
 
+def check_tied(config: ModelConfig, cfg_path: str) -> None:
+    if not config.tie_word_embeddings:
+        # the reference then unties everything: separate encoder, denoiser and LM-head weights
+        raise CheckpointError(f"{cfg_path}: tie_word_embeddings=false is not supported (blockdiff runs one weight set "
+                              "shared by the encoder, the denoiser and the LM head)")
+
+
+def _check_match(path: str, missing: list[str], unexpected: list[str]) -> None:
+    """One line naming the tensors the model needs and the checkpoint lacks (``missing``: model names) and the ones
+    it holds that the model has no place for (``unexpected``: checkpoint names)."""
+    if not missing and not unexpected:
+        return
+
+    def show(names):
+        return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    msg = [f"checkpoint at {path} does not match the DiffusionGemma config:"]
+    if missing:
+        msg.append(f"missing tensors: {show([_model_to_checkpoint_name(n) for n in missing])}")
+    if unexpected:
+        msg.append(f"unexpected tensors: {show(sorted(unexpected))}")
+    raise CheckpointError(" ".join(msg))
+
+
+def check_checkpoint_tensors(path: str, config: ModelConfig, files: list[str]) -> None:
+    """From the headers alone, that a full-precision checkpoint holds every tensor the model needs, in its shape,
+    and nothing else: what ``load_model`` finds only after reading every tensor (``blockdiff quantize`` checks its
+    source with this before its long run: it wrote a checkpoint that could not load)."""
+    with_vision = config.vision is not None and _has_vision_tensors(files)
+    with torch.device("meta"):
+        model = DiffusionGemma(config, with_vision=with_vision)
+    expected = {n: tuple(p.shape) for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                if not n.startswith("inv_freq_") and n != "vision.tower.inv_freq"}
+    have, unexpected = set(), []
+    for file in files:
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                try:
+                    ours = checkpoint_to_model_name(name)
+                except KeyError:
+                    unexpected.append(name)
+                    continue
+                if ours is None:
+                    continue
+                if ours not in expected:
+                    unexpected.append(name)
+                    continue
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[ours]:
+                    raise CheckpointError(f"tensor {name} has shape {shape}, the config implies {expected[ours]}")
+                have.add(ours)
+    _check_match(path, sorted(set(expected) - have), unexpected)
+
+
 def _describe_load(path: str, quantization: str | None) -> str:
     name = os.path.basename(os.path.normpath(path))
     return f"loading {name}" + (f", quantizing to {quantization}" if quantization else "")
 
 
-def _quant_plan(config, quantization, device, dtype, quantize_embedding):
+def _quant_plan(config, quantization, device, dtype, quantize_embedding, source: str = "config.json"):
     """The quantize-while-loading plan (blockdiff/quant), or None for a plain full-precision load."""
     from .quant import plan_for_checkpoint
-    return plan_for_checkpoint(config, quantization, device, dtype, embedding=quantize_embedding)
+    return plan_for_checkpoint(config, quantization, device, dtype, embedding=quantize_embedding, source=source)
 
 
 def _all_tensor_names(files: list[str]) -> set[str]:

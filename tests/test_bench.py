@@ -250,5 +250,9 @@ def test_the_oracle_is_skipped_on_a_blockdiff_quantized_checkpoint_it_cannot_rea
     report = harness.run_benchmark(q, o, log=lines.append)
     assert "oracle" not in report["results"] and "blockdiff-default" in report["results"]
     assert any(s.startswith("no oracle: the transformers reference cannot read") for s in lines), lines
+    capsys.readouterr()
+    # refused before the load (it was refused once the model, minutes of it for the real one, had loaded)
+    import blockdiff.engine.llm as llm_module
+    monkeypatch.setattr(llm_module, "LLM", lambda *a, **k: pytest.fail("loaded a model whose oracle it refuses"))
     assert main(["bench", q, "--systems", "oracle", "--steps", "2"]) == 2
     assert "--systems oracle: the transformers reference cannot read" in capsys.readouterr().err

@@ -362,3 +362,72 @@ def test_gguf_t_min_above_t_max_names_the_keys_at_load(tmp_path, monkeypatch, ca
     rc = cli_main(["run", path, "--prompt-ids", "2,3", "--max-new-tokens", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "diffusion.eb_t_min" in err[0] and "--t-" not in err[0], err
+
+
+@pytest.mark.parametrize("name, kind, quantization", [
+    ("output_norm.weight", "F32", None),  # a tensor kept in full precision
+    ("blk.1.attn_q.weight", "Q8_0", None),  # converted to int8 a few rows at a time
+    ("blk.0.attn_k.weight", "Q4_0", "int4-all-g32"),  # repacked as it is
+    ("blk.0.ffn_gate_up_exps.weight", "F16", "int8"),  # a float weight quantized while loading
+], ids=["plain", "converted", "repacked", "quantized"])
+def test_gguf_with_non_finite_weights_is_refused_naming_the_tensor(tiny_checkpoint, tmp_path, monkeypatch, name,
+                                                                   kind, quantization):
+    """The safetensors loader refuses NaN weights; a GGUF file was not checked at all: one with a NaN loaded, then
+    every request failed with non-finite logits."""
+    import gguf_fixtures
+
+    real = gguf_fixtures.converter_tensors
+
+    def with_nan(ckpt):
+        tensors = real(ckpt)
+        tensors[name].reshape(-1)[3] = np.nan
+        return tensors
+
+    monkeypatch.setattr(gguf_fixtures, "converter_tensors", with_nan)
+    path = gguf_fixtures.write_gguf(tiny_checkpoint, str(tmp_path / "nan.gguf"), types={name: kind})
+    with pytest.raises(ValueError, match=f"nan.gguf: tensor {re.escape(name)} holds NaN"):
+        load_model(path, quantization=quantization)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.3, 100])
+def test_a_truncated_gguf_says_it_is_truncated(f32_gguf, tmp_path, keep, capsys):
+    """A GGUF cut short (an interrupted download) was "not a readable GGUF file: cannot reshape array of size 8448
+    into shape (128,68)" (or "index 0 is out of bounds for axis 0 with size 0"): nothing said the file was cut."""
+    import os
+
+    data = open(f32_gguf, "rb").read()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    rc = cli_main(["run", str(path), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cut.gguf is a GGUF file that cannot be read" in err[0], err
+    assert f"({os.path.getsize(path)} bytes): it is truncated or corrupt" in err[0], err
+    path.write_bytes(b"not a gguf file at all")  # another kind of file: no word about truncation
+    rc = cli_main(["run", str(path), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[0].endswith("cut.gguf is not a readable GGUF file: GGUF magic invalid"), err
+
+
+@pytest.mark.parametrize("name, kind", [("blk.0.attn_q.weight", "Q8_0"), ("blk.0.attn_norm.weight", "F32"),
+                                        ("blk.1.ffn_gate_up_exps.weight", "F16")])
+def test_a_gguf_tensor_of_another_shape_names_the_file_and_the_metadata(tiny_checkpoint, tmp_path, monkeypatch, name,
+                                                                        kind, capsys):
+    """A tensor whose shape does not fit the file's own metadata was "tensor X has shape ..., the config implies
+    ...": no file named, and a config.json the user does not have."""
+    import gguf_fixtures
+
+    real = gguf_fixtures.converter_tensors
+
+    def cut(ckpt):
+        tensors = real(ckpt)
+        tensors[name] = np.ascontiguousarray(tensors[name][..., :32])
+        return tensors
+
+    monkeypatch.setattr(gguf_fixtures, "converter_tensors", cut)
+    path = gguf_fixtures.write_gguf(tiny_checkpoint, str(tmp_path / "cut.gguf"), types={name: kind})
+    want = real(tiny_checkpoint)[name].shape
+    rc = cli_main(["run", path, "--prompt-ids", "2,3"])
+    err = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].endswith(f"cut.gguf: tensor {name} has shape {want[:-1] + (32,)}, the GGUF metadata implies "
+                           f"{want}"), err

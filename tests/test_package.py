@@ -149,6 +149,25 @@ def test_revision_and_download_dir_reach_huggingface_hub(monkeypatch, tmp_path, 
     assert "at revision v2" in err
 
 
+def test_hub_flags_on_a_local_path_are_said_to_be_ignored(tmp_path, caplog):
+    """--revision was said to be ignored for a local folder, --download-dir was ignored without a word, and both
+    without a word for a local .gguf file."""
+    import logging
+
+    from blockdiff.hub import resolve_gguf, resolve_path
+
+    local = tmp_path / "model.gguf"
+    local.write_bytes(b"GGUF")
+    with caplog.at_level(logging.WARNING, logger="blockdiff"):
+        assert resolve_path(str(tmp_path), download_dir="/somewhere") == str(tmp_path)
+        assert resolve_gguf(str(local), revision="v2", download_dir="/elsewhere") == str(local)
+        assert resolve_path(str(tmp_path)) == str(tmp_path) and resolve_gguf(str(local)) == str(local)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"--download-dir /somewhere is ignored for the local folder {tmp_path}",
+                    f"--revision v2 is ignored for the local file {local}",
+                    f"--download-dir /elsewhere is ignored for the local file {local}"], said
+
+
 @pytest.fixture(scope="module")
 def gguf_file(tiny_checkpoint, tmp_path_factory):
     pytest.importorskip("gguf")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -278,6 +279,22 @@ def test_interrupted_quantize_leaves_no_checkpoint_and_can_be_rerun(tiny_checkpo
     assert torch.equal(_logits(load_model(dst)), _logits(load_model(tiny_checkpoint, quantization="int8")))
 
 
+def test_quantize_into_a_folder_with_a_stale_shard_index_loads_the_new_weights(tiny_checkpoint, tmp_path):
+    """DST held a sharded checkpoint's index and shard without config.json (a copy cut short): quantize wrote
+    model.safetensors beside them, and loading DST read the index first, i.e. the stale weights."""
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "q"
+    dst.mkdir()
+    stale = {k: torch.zeros_like(v) for k, v in load_file(os.path.join(tiny_checkpoint, "model.safetensors")).items()}
+    save_file(stale, str(dst / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in stale}}))
+    quantize_checkpoint(tiny_checkpoint, str(dst), "int8", log=lambda s: None)
+    assert sorted(p.name for p in dst.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(_logits(load_model(str(dst))), _logits(load_model(tiny_checkpoint, quantization="int8")))
+
+
 def test_quantize_to_a_file_fails_before_quantizing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """DST was created only after every tensor was quantized: a DST that is a file (or cannot be created) cost the
     whole run, then "[Errno 17] File exists"."""
@@ -308,6 +325,46 @@ def test_quantize_refuses_a_source_with_nan_weights(tmp_path, capsys):
     assert not (tmp_path / "q").exists()  # the folder it created for the output is gone again
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing tensors: model.decoder.layers.1.mlp.up_proj.weight"),
+    ("unknown", "unexpected tensors: model.decoder.extra.weight"),
+    ("shape", r"tensor model.decoder.layers.0.input_layernorm.weight has shape \(3,\), the config implies \(64,\)"),
+    ("untied", "tie_word_embeddings=false is not supported"),
+])
+def test_quantize_refuses_a_source_that_cannot_load_before_quantizing(tmp_path, monkeypatch, damage, message,
+                                                                      capsys):
+    """A source missing a tensor, with one the model has no place for, a norm of another shape or untied
+    embeddings was quantized and written ("quantized 38 tensors ... wrote DST"), and DST failed to load."""
+    from safetensors.torch import load_file, save_file
+
+    import blockdiff.quant.tensors as qt
+    from fixtures import make_checkpoint
+    src = make_checkpoint(tmp_path / "src", with_tokenizer=False)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    if damage == "missing":
+        del sd["model.decoder.layers.1.mlp.up_proj.weight"]
+    elif damage == "unknown":
+        sd["model.decoder.extra.weight"] = torch.ones(4)
+    elif damage == "shape":
+        sd["model.decoder.layers.0.input_layernorm.weight"] = torch.ones(3)
+    else:
+        cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+        cfg["tie_word_embeddings"] = False
+        (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception, match=message):  # the loader refuses it with the same line
+        load_model(src)
+
+    def never(*a, **k):
+        raise AssertionError("quantized a source that cannot load")
+
+    monkeypatch.setattr(qt, "quantize", never)
+    rc = cli_main(["quantize", src, str(tmp_path / "q"), "--method", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "q").exists()
+
+
 def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 
@@ -323,6 +380,41 @@ def test_fp8_checkpoint_in_compressed_tensors_layout_loads_dequantized_on_cpu(ti
     assert torch.allclose(loaded.layers[0].self_attn.q_proj.weight, w.float() * s, atol=0, rtol=1e-6)
     ref = load_model(tiny_checkpoint)
     assert rel(loaded.layers[0].self_attn.q_proj.weight, ref.layers[0].self_attn.q_proj.weight) < 0.04
+
+
+@pytest.mark.parametrize("fmt, weights, what", [
+    ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}, "4-bit int weights"),
+    ("nvfp4-pack-quantized", {"num_bits": 4, "type": "float", "strategy": "tensor_group"}, "4-bit float weights"),
+    ("marlin-24", None, "weights"),
+])
+def test_a_compressed_tensors_checkpoint_that_is_not_fp8_is_refused_naming_what_it_holds(tiny_checkpoint, tmp_path,
+                                                                                        fmt, weights, what, capsys):
+    """Every compressed-tensors checkpoint was read as FP8: a W4A16 one (``weight_packed`` int32 + ``weight_scale``
+    + ``weight_shape``) failed after reading every tensor with "missing tensors ...q_proj.weight ... unexpected
+    tensors ...q_proj.weight_packed, ...weight_scale"."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "w4a16"
+    shutil.copytree(tiny_checkpoint, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    for name in [k for k in sd if k.startswith("model.decoder.") and k.endswith("q_proj.weight")]:
+        n, k = sd[name].shape
+        w = sd.pop(name)
+        sd[name + "_packed"] = torch.zeros(n, k // 8, dtype=torch.int32)
+        sd[name + "_scale"] = w.abs().amax(-1, keepdim=True).expand(n, k // 32).contiguous()
+        sd[name + "_shape"] = torch.tensor([n, k])
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {
+        "group_0": {"targets": ["Linear"], **({"weights": weights} if weights else {})}}}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    rc = cli_main(["run", str(dst), "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"config.json: a compressed-tensors checkpoint of {what} (format '{fmt}'): blockdiff reads " \
+           "compressed-tensors FP8" in err[0], err
 
 
 def test_fp8_block_and_tensor_scales_are_understood():
@@ -382,6 +474,90 @@ def test_corrupt_quantized_checkpoint_is_refused_naming_the_tensor(tiny_checkpoi
     rc = cli_main(["run", dst, "--prompt-ids", "2,3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "layers.1.mlp.down_proj.weight" in err[0] and "missing" in err[0]
+
+
+@pytest.mark.parametrize("method, name, nan", [
+    ("int8", "model.decoder.layers.1.self_attn.q_proj.weight.qscale", float("nan")),
+    ("int4-all", "model.decoder.layers.0.experts.down_proj.qzero", float("inf")),
+    ("fp8", "model.decoder.layers.1.mlp.up_proj.weight_scale", float("nan")),
+    ("fp8", "model.decoder.layers.0.self_attn.k_proj.weight", "e4m3-nan"),
+])
+def test_non_finite_stored_quantized_parts_are_refused_naming_the_tensor(tiny_checkpoint, tmp_path, method, name,
+                                                                         nan, capsys):
+    """The loader refused NaN full-precision weights but skipped every stored quantized part: a NaN in a scale,
+    a zero or an FP8 weight loaded, then every request failed with non-finite logits."""
+    from safetensors.torch import load_file, save_file
+
+    dst = str(tmp_path / "q")
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", method]) == 0
+    path = os.path.join(dst, "model.safetensors")
+    sd = load_file(path)
+    if nan == "e4m3-nan":
+        sd[name] = sd[name].view(torch.uint8).clone().index_fill_(0, torch.tensor([0]), 0x7F) \
+            .view(torch.float8_e4m3fn)  # 0x7f: e4m3fn's NaN
+    else:
+        sd[name].view(-1)[0] = nan
+    save_file(sd, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    rc = cli_main(["run", dst, "--prompt-ids", "2,3", "--max-new-tokens", "2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if " INFO " not in line]  # (FP8 on a CPU: a log line)
+    kind = "infinite" if nan == float("inf") else "NaN"
+    assert rc == 2 and len(err) == 1 and f"tensor {name} holds {kind} values" in err[0], err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("group_size", "64", r'quantization_config\.group_size must be 32, 64 or 128, got "64"'),
+    ("group_size", 48, r"quantization_config\.group_size must be 32, 64 or 128, got 48"),
+    ("embedding", "false", r'quantization_config\.embedding must be true or false, got "false"'),
+    ("int4_scope", "attention", r'quantization_config\.int4_scope must be "experts" or "all", got "attention"'),
+    ("method", "int2", r"quantization_config has an unknown method 'int2'"),
+])
+def test_bad_quantization_config_values_are_refused_naming_the_file_and_key(tiny_checkpoint, tmp_path, key, value,
+                                                                            message, capsys):
+    """A hand-edited quantization_config: "group_size": "64" was "invalid literal for int()" naming neither file nor
+    key, and "embedding": "false" was read as true."""
+    dst = tmp_path / "q"
+    assert cli_main(["quantize", tiny_checkpoint, str(dst), "--method", "int4"]) == 0
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"][key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    rc = cli_main(["run", str(dst), "--prompt-ids", "2,3", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(re.escape(str(dst / "config.json")) + ": " + message, err[0]), err
+
+
+@pytest.mark.parametrize("written, asked", [("int4", "int4-all"), ("int4", "int4-g32"), ("int4-all-g32", "int4-g32"),
+                                            ("int4-all-g32", "int4-all")])
+def test_asking_an_int4_checkpoint_for_another_int4_layout_is_refused(tiny_checkpoint, tmp_path, written, asked):
+    """Only the method was compared: ``quantization="int4-all"`` (or another group size) on an int4 checkpoint of
+    another scope or group loaded the file's own layout without a word."""
+    dst = str(tmp_path / "q")
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", written]) == 0
+    with pytest.raises(QuantizationError, match=f"already quantized to {written}; load it without quantization "
+                                                f"\\(asked for {asked}\\)"):
+        load_model(dst, quantization=asked)
+    assert torch.equal(_logits(load_model(dst, quantization=written)), _logits(load_model(dst)))
+
+
+def test_keep_embedding_on_a_checkpoint_with_an_int8_embedding_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """``--quantization int8 --keep-embedding`` on a ``blockdiff quantize`` int8 checkpoint (or
+    ``quantize_embedding=False``) was accepted and ignored: the stored int8 embedding loaded as it is."""
+    dst = str(tmp_path / "q")
+    assert cli_main(["quantize", tiny_checkpoint, dst, "--method", "int8"]) == 0
+    with pytest.raises(QuantizationError, match="tied embedding is stored in int8"):
+        load_model(dst, quantize_embedding=False)
+    capsys.readouterr()
+    rc = cli_main(["run", dst, "--quantization", "int8", "--keep-embedding", "--prompt-ids", "2,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--keep-embedding" in err[0], err
+    # a checkpoint quantized with --keep-embedding loads its full-precision embedding either way
+    keep = str(tmp_path / "keep")
+    assert cli_main(["quantize", tiny_checkpoint, keep, "--method", "int8", "--keep-embedding"]) == 0
+    m = load_model(keep, quantize_embedding=False)
+    assert isinstance(m.embed_tokens, nn.Embedding)
+    assert torch.equal(_logits(m), _logits(load_model(keep)))
 
 
 def test_bench_takes_a_quantization(capsys):

@@ -204,6 +204,9 @@ def run_benchmark(path: str, options: BenchOptions | None = None, log=print) -> 
     o.validate()
     device = torch.device(o.device)
     dtype = resolve_dtype(o.dtype, device)
+    unreadable = oracle_cannot_read(path) if o.oracle and o.systems and ORACLE in o.systems else None
+    if unreadable:  # before the load (minutes for the real model); a hub id is checked once it is fetched
+        raise ValueError(f"--systems oracle: {unreadable}")
     llm = LLM(path, dtype=dtype, device=o.device, quantization=o.quantization,
               tensor_parallel_size=o.tensor_parallel_size, expert_parallel=o.expert_parallel)
     try:

@@ -56,7 +56,10 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     from ..config import ModelConfig
     from ..files import atomic_path, write_json
     from ..checks import check_weight, read_tensor
-    from ..loader import CheckpointError, _all_tensor_names, _weight_files, checkpoint_to_model_name, resolve_path
+    from ..loader import (CheckpointError, _all_tensor_names, _weight_files, check_checkpoint_tensors,
+                          check_tied, checkpoint_to_model_name, drop_sharded_weights,
+                          no_config_message,
+                          resolve_path)
     from ..progress import progress
     from .plan import QuantizationError, QuantPlan, int4_scope, parse_method
     from .tensors import quantize
@@ -81,10 +84,16 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
         raise ValueError(f"{dst} already holds a checkpoint; choose an empty folder")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
-        raise CheckpointError(f"{path}: no config.json")
+        raise CheckpointError(no_config_message(path))  # (with the .gguf file to pass instead, when it holds one)
     config = ModelConfig.from_file(cfg_path)
-    if config.raw.get("quantization_config"):
-        raise ValueError(f"{src} is already quantized ({config.raw['quantization_config'].get('quant_method')})")
+    qc = config.raw.get("quantization_config")
+    if qc:
+        raise ValueError(f"{src} is already quantized ({qc.get('quant_method') if isinstance(qc, dict) else qc!r})")
+    files = _weight_files(path)
+    # Before the (long) quantization: a source missing a tensor, holding one the model has no place for, or one of
+    # another shape was quantized and written, and DST then failed to load.
+    check_tied(config, cfg_path)
+    check_checkpoint_tensors(path, config, files)
     # Made before the (long) quantization: a DST that is a file or cannot be created fails now, not at the end.
     try:
         os.makedirs(dst, exist_ok=True)
@@ -94,18 +103,13 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     plan = QuantPlan(config.text, method, group, embedding, scope=scope)
     out: dict[str, torch.Tensor] = {}
     n_quant = 0
-    files = _weight_files(path)
     name = os.path.basename(os.path.normpath(path))
     with progress(f"quantizing {name} to {method}", total=len(_all_tensor_names(files))) as bar:
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     bar.advance()
-                    try:
-                        ours = checkpoint_to_model_name(name)
-                    except KeyError:
-                        out[name] = read_tensor(f, file, name)  # e.g. the vision tower: carried over unchanged
-                        continue
+                    ours = checkpoint_to_model_name(name)  # (check_checkpoint_tensors refused unknown names)
                     if ours is None:
                         continue  # tied aliases (lm_head, the encoder's shared weights): never read by the loader
                     t = read_tensor(f, file, name)
@@ -130,6 +134,9 @@ def _quantize(src: str, dst: str, method: str, quantize_embedding: bool, log, re
     # (Ctrl-C, a full disk) leaves no config.json, so DST does not load as a checkpoint and a re-run may reuse it.
     with atomic_path(os.path.join(dst, "model.safetensors")) as tmp:
         save_file(out, tmp, metadata={"format": "pt"})
+    # A model.safetensors.index.json left in DST (a copy of a sharded checkpoint that never got its config.json)
+    # is read before model.safetensors: DST loaded those stale weights, quantized while loading, without a word.
+    drop_sharded_weights(dst)
     for entry in os.listdir(path):  # tokenizer, generation config, chat template, README...
         full = os.path.join(path, entry)
         # not a training run's own files (its optimizer state, learning curve) nor a save cut short

@@ -23,6 +23,7 @@ import re
 import numpy as np
 import torch
 
+from ..checks import check_weight
 from ..config import FULL, SLIDING, GenerationDefaults, ModelConfig
 from ..placement import resolve_dtype
 from ..heap import lean_heap
@@ -129,6 +130,15 @@ def _read(gguf, path: str):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, ...
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError:
+            magic = b""
+        if magic == b"GGUF":  # a GGUF cut short (an interrupted download) failed as "cannot reshape array of size
+            # 8448 into shape (128,68)" or "index 0 is out of bounds": say what is most likely wrong
+            raise QuantizationError(f"{path} is a GGUF file that cannot be read ({os.path.getsize(path)} bytes): "
+                                    f"it is truncated or corrupt (did the download or copy finish?): {e}") from None
         raise QuantizationError(f"{path} is not a readable GGUF file: {e}") from None
 
 
@@ -411,12 +421,19 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
             if ours is None or ours not in expected:
                 unexpected.append(t.name)
                 continue
-            if ours in plan.targets and tuple(reversed([int(x) for x in t.shape])) == expected[ours]:
+            shape = tuple(reversed([int(x) for x in t.shape]))
+            if shape != expected[ours] and not (int(np.prod(shape)) == 1 and expected[ours] == (1,)):
+                # (was the plan's "tensor X has shape ..., the config implies ...": no file, and no config.json)
+                raise QuantizationError(f"{path}: tensor {t.name} has shape {shape}, the GGUF metadata implies "
+                                        f"{expected[ours]}")
+            if ours in plan.targets:
                 # Straight from the file's blocks to int8 / int4 parts: never the whole tensor in fp32.
-                plan.add_parts(ours, tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours)),
-                               expected[ours], t.name)
+                parts = tensor_parts(t, plan.tensor_method(ours), plan.tensor_group(ours))
+                _check_parts(path, t.name, parts)
+                plan.add_parts(ours, parts, expected[ours], t.name)
                 continue
             w = _tensor(t)
+            check_weight(t.name, w, path)  # as the safetensors loader does: a NaN loaded and failed every request
             if w.numel() == 1 and len(expected[ours]) == 1:
                 w = w.reshape(expected[ours])
             plan.add(ours, None, w, expected[ours], t.name)
@@ -437,6 +454,15 @@ def load_gguf_model(path: str, dtype="auto", device="cpu", quantization=None, qu
                                                           config.text.max_position_embeddings).to(device))
     model.eval()
     return model
+
+
+def _check_parts(path: str, name: str, parts: dict[str, torch.Tensor]) -> None:
+    """A NaN or infinity in a quantized weight (a block's scale, or a value of a float tensor being quantized)
+    ends up in the scales or zeros of its parts: refused as the safetensors loader refuses non-finite weights."""
+    for v in parts.values():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise QuantizationError(f"{path}: tensor {name} holds NaN or infinite values (in its weights or its "
+                                    "blocks' scales); the file is corrupt")
 
 
 def load_gguf(path: str, dtype="auto", device="cpu", quantization=None, quantize_embedding: bool = True):
