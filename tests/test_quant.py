@@ -539,6 +539,8 @@ def test_asking_an_int4_checkpoint_for_another_int4_layout_is_refused(tiny_check
                                                 f"\\(asked for {asked}\\)"):
         load_model(dst, quantization=asked)
     assert torch.equal(_logits(load_model(dst, quantization=written)), _logits(load_model(dst)))
+    # a plain "int4" names the method alone: any int4 layout is what it asked for
+    assert torch.equal(_logits(load_model(dst, quantization="int4")), _logits(load_model(dst)))
 
 
 def test_keep_embedding_on_a_checkpoint_with_an_int8_embedding_is_refused(tiny_checkpoint, tmp_path, capsys):
