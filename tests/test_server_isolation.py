@@ -175,18 +175,43 @@ def test_a_request_failing_inside_a_tick_fails_alone(srv, monkeypatch, place, st
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("max_tokens", [400, 16], ids=["running", "last_canvas"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monkeypatch, stream):
-    """The detokenizer fails on the server's side, the engine request is ended: /metrics says error (the client
-    got a 500 / an error event), not abort (which reads as a client that left)."""
+def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monkeypatch, stream, max_tokens):
+    """The detokenizer fails on the server's side: /metrics says error (the client got a 500 / an error event),
+    not abort (which reads as a client that left), and not stop/length either. ``last_canvas``: one canvas of 16,
+    so the engine had already finished the request (done) when the server failed to detokenize its only block."""
     counters = srv.engine.counters
     before = dict(counters.finished)
     extra = _inject(monkeypatch, "detokenizer", {})
-    r = post(srv.url, dict(body("the bad request", BAD_SEED, max_tokens=400), **extra, stream=stream))
+    r = post(srv.url, dict(body("the bad request", BAD_SEED, max_tokens=max_tokens), **extra, stream=stream))
     assert ("request_failed" in r.text) and r.status_code == (200 if stream else 500)
     assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
     assert counters.finished["error"] == before["error"] + 1
-    assert counters.finished["abort"] == before["abort"]
+    assert {k: counters.finished[k] for k in ("abort", "stop", "length")} == \
+        {k: before[k] for k in ("abort", "stop", "length")}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_failed_choice_fails_its_finished_siblings_in_metrics(srv, monkeypatch, stream):
+    """n = 2, choice 1 fails at its last denoising step, when choice 0 (one canvas, like it) has finished in the
+    engine: the response failed, so /metrics counts both choices as errors (docs/serving.md), none as a success."""
+    from blockdiff.server.protocol import choice_seed
+
+    bad_seed, real = choice_seed(7, 1), ModelState.sampler_row
+
+    def sampler_row(self):
+        if self.seed == bad_seed and self.step == 3:  # its 4th and last step (max_denoising_steps 4)
+            raise RuntimeError("injected sampler failure")
+        return real(self)
+    monkeypatch.setattr(ModelState, "sampler_row", sampler_row)
+    counters = srv.engine.counters
+    before = dict(counters.finished)
+    r = post(srv.url, body("two choices", 7, max_tokens=16, n=2, max_denoising_steps=4, stream=stream))
+    assert "request_failed" in r.text and r.status_code == (200 if stream else 500), r.text
+    assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
+    assert {k: counters.finished[k] - before[k] for k in ("stop", "length", "abort", "error")} == \
+        {"stop": 0, "length": 0, "abort": 0, "error": 2}
 
 
 def _answer(url: str, path: str, b: dict):
