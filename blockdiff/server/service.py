@@ -485,6 +485,8 @@ class Server:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # nobody is waiting for the answer any more
                 work.cancel()
+                # its outcome (the cancellation) is read, never logged as "exception was never retrieved"
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())
                 return Response(status_code=499)
             try:
                 work.result()
