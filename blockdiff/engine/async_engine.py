@@ -287,8 +287,11 @@ class AsyncEngine:
 
     def release(self, stream: RequestStream, failed: bool = False) -> None:
         """The caller is done with a request (its response was sent, failed, or its client left): abort it if it
-        still runs, and count a ``held`` request's outcome: its engine outcome, or ``error`` when ``failed``."""
+        still runs, and count a ``held`` request's outcome: its engine outcome, or ``error`` when ``failed``. The
+        first call decides; later ones do nothing."""
         with self._cond:  # one step with the abort: a done between them would count a failed request as a success
+            if stream.released:
+                return
             stream.released = True
             if stream.pending is not None:
                 self.counters.count("error" if failed else stream.pending)

@@ -444,6 +444,9 @@ class Server:
                                      media_type="text/event-stream")
         try:
             return await self._complete(request, p, rid, streams)
+        except Exception:  # writing the response failed (the client gets a 500): an error in /metrics
+            self._close(streams, failed=True)
+            raise
         finally:
             self._close(streams)
 
