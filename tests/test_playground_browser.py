@@ -397,3 +397,15 @@ def test_a_long_reply_stays_in_view_while_it_streams(page, chat_server):
     top, height, client = out.evaluate("o => [o.scrollTop, o.scrollHeight, o.clientHeight]")
     assert height > 2 * client  # the reply is much longer than the box
     assert top + client >= height - 2  # its end is in view
+
+
+def test_a_key_a_browser_cannot_send_is_named_not_blamed_on_the_server(page, chat_server):
+    """A header carries Latin-1 only: a key typed with other characters cannot be sent at all. The page says so,
+    instead of 'cannot reach the server' (the browser's TypeError) or nothing."""
+    page.goto(chat_server.url + "/")
+    page.get_by_test_id("api-key-form").wait_for(state="visible")
+    page.get_by_test_id("api-key-input").fill("clé-№1")
+    page.get_by_test_id("api-key-save").click()
+    page.wait_for_function("document.querySelector('[data-testid=error]').textContent.includes('API key holds')")
+    assert "cannot reach" not in page.get_by_test_id("error").text_content()
+    assert page.get_by_test_id("api-key-form").is_visible()

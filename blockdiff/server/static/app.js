@@ -17,6 +17,12 @@ function showError(msg) {
 function authHeaders() {
   const h = { "Content-Type": "application/json" };
   const key = sessionStorage.getItem(KEY_STORE);
+  // A header holds Latin-1 text only: fetch refuses any other character with a TypeError, before any request
+  if (key && /[^\x20-\x7e\xa0-\xff]/.test(key)) {
+    $("key-form").hidden = false;
+    throw new Error("The API key holds characters a browser cannot send in a header (it takes Latin-1 text " +
+                    "only): enter it again at the top right.");
+  }
   if (key) h.Authorization = "Bearer " + key;
   return h;
 }
