@@ -430,6 +430,8 @@ def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -
 
     import ray
 
+    from .server.cli import url
+
     started_ray = False
     if not ray.is_initialized():
         try:
@@ -466,7 +468,7 @@ def serve_replicas(args, api_keys: list[str] | None = None, media_limits=None) -
             raise ValueError(f"the replicas did not start: {_replica_error(e)}") from None
         ready.set()
         print(f"blockdiff: {args.replicas} replica{'s' if args.replicas > 1 else ''} on Ray Serve at "
-              f"http://{args.host}:{args.port}/v1", flush=True)
+              f"{url('http', args.host, args.port)}/v1", flush=True)
         while not stop.wait(3600):
             pass
         print("blockdiff: stopping the replicas", file=sys.stderr, flush=True)

@@ -207,3 +207,39 @@ def test_serve_prints_the_playground_url(tiny_checkpoint, monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     assert f"the playground page: http://127.0.0.1:{port}/\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_serve_prints_a_url_that_works(tiny_checkpoint, monkeypatch, capsys, host):
+    """--port 0 (any free port) prints the port uvicorn will listen on, not 0; an IPv6 host is bracketed in the
+    URL (http://[::1]:PORT/, as a browser needs it), not http://::1:PORT/."""
+    import torch
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.setdefault("config", self.config))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["serve", tiny_checkpoint, "--host", host, "--port", "0", "--threads", "1", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    port = served["config"].port
+    assert port != 0
+    shown = f"[{host}]" if ":" in host else host
+    out = capsys.readouterr().out
+    assert f"on http://{shown}:{port}/v1 " in out and f"the playground page: http://{shown}:{port}/\n" in out
+
+
+def test_demo_web_port_0_prints_the_port_it_serves_on(monkeypatch, capsys):
+    import torch
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.setdefault("config", self.config))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--web", "--port", "0", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    port = served["config"].port
+    assert port != 0 and f"the playground is at http://127.0.0.1:{port}/ " in capsys.readouterr().out

@@ -362,3 +362,50 @@ def test_a_page_of_an_allowed_origin_calls_the_api_and_others_cannot(page, chat_
     finally:
         api.close()
         torch.set_num_threads(threads)
+
+
+def test_a_server_unreachable_before_the_model_is_known_is_named_as_such(page, chat_server):
+    """/v1/models cannot be reached (the server went away after serving the page): the page says so, and a Send
+    that has to connect first says so too, instead of failing silently with an uncaught 'Failed to fetch'."""
+    page.add_init_script(f"sessionStorage.setItem('blockdiff-api-key', {KEY!r})")
+    page.route("**/v1/models", lambda route: route.abort("connectionrefused"))
+    page.goto(chat_server.url + "/")
+    error = page.get_by_test_id("error")
+    error.wait_for(state="visible")
+    assert "cannot reach the server" in error.text_content()
+    page.get_by_test_id("chat-input").fill("Hello")
+    page.get_by_test_id("chat-send").click()
+    page.wait_for_function("document.querySelector('[data-testid=error]').textContent.includes('cannot reach')"
+                           " && !document.querySelector('[data-testid=error]').hidden")
+    page.get_by_test_id("sudoku-solve").click()
+    page.wait_for_function("document.querySelector('[data-testid=sudoku-status]').dataset.state === 'error'")
+    assert "cannot reach the server" in page.get_by_test_id("sudoku-status").text_content()
+    assert page.get_by_test_id("chat-send").is_enabled()
+
+
+def test_a_long_reply_stays_in_view_while_it_streams(page, chat_server):
+    """The chat box scrolls: a reply longer than the box keeps its newest text in view as it grows (unless the
+    reader scrolled up), and so does its closing line."""
+    _with_key(page, chat_server)
+    lines = "".join(f"line {i} of a long reply\\n" for i in range(60))
+    events = ['{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'] + \
+        [f'{{"choices":[{{"index":0,"delta":{{"content":"{lines}"}}}}]}}'] * 2 + \
+        ['{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', "[DONE]"]
+    _send_with_canned_reply(page, "Hello", "".join(f"data: {e}\n\n" for e in events))
+    page.locator(".msg.assistant .meta").first.wait_for()
+    out = page.get_by_test_id("chat-output")
+    top, height, client = out.evaluate("o => [o.scrollTop, o.scrollHeight, o.clientHeight]")
+    assert height > 2 * client  # the reply is much longer than the box
+    assert top + client >= height - 2  # its end is in view
+
+
+def test_a_key_a_browser_cannot_send_is_named_not_blamed_on_the_server(page, chat_server):
+    """A header carries Latin-1 only: a key typed with other characters cannot be sent at all. The page says so,
+    instead of 'cannot reach the server' (the browser's TypeError) or nothing."""
+    page.goto(chat_server.url + "/")
+    page.get_by_test_id("api-key-form").wait_for(state="visible")
+    page.get_by_test_id("api-key-input").fill("clé-№1")
+    page.get_by_test_id("api-key-save").click()
+    page.wait_for_function("document.querySelector('[data-testid=error]').textContent.includes('API key holds')")
+    assert "cannot reach" not in page.get_by_test_id("error").text_content()
+    assert page.get_by_test_id("api-key-form").is_visible()

@@ -175,18 +175,84 @@ def test_a_request_failing_inside_a_tick_fails_alone(srv, monkeypatch, place, st
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("max_tokens", [400, 16], ids=["running", "last_canvas"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monkeypatch, stream):
-    """The detokenizer fails on the server's side, the engine request is ended: /metrics says error (the client
-    got a 500 / an error event), not abort (which reads as a client that left)."""
+def test_a_request_failing_in_the_server_counts_as_an_error_in_metrics(srv, monkeypatch, stream, max_tokens):
+    """The detokenizer fails on the server's side: /metrics says error (the client got a 500 / an error event),
+    not abort (which reads as a client that left), and not stop/length either. ``last_canvas``: one canvas of 16,
+    so the engine had already finished the request (done) when the server failed to detokenize its only block."""
     counters = srv.engine.counters
     before = dict(counters.finished)
     extra = _inject(monkeypatch, "detokenizer", {})
-    r = post(srv.url, dict(body("the bad request", BAD_SEED, max_tokens=400), **extra, stream=stream))
+    r = post(srv.url, dict(body("the bad request", BAD_SEED, max_tokens=max_tokens), **extra, stream=stream))
     assert ("request_failed" in r.text) and r.status_code == (200 if stream else 500)
     assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
     assert counters.finished["error"] == before["error"] + 1
-    assert counters.finished["abort"] == before["abort"]
+    assert {k: counters.finished[k] for k in ("abort", "stop", "length")} == \
+        {k: before[k] for k in ("abort", "stop", "length")}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_failed_choice_fails_its_finished_siblings_in_metrics(srv, monkeypatch, stream):
+    """n = 2, choice 1 fails at its last denoising step, when choice 0 (one canvas, like it) has finished in the
+    engine: the response failed, so /metrics counts both choices as errors (docs/serving.md), none as a success."""
+    from blockdiff.server.protocol import choice_seed
+
+    bad_seed, real = choice_seed(7, 1), ModelState.sampler_row
+
+    def sampler_row(self):
+        if self.seed == bad_seed and self.step == 3:  # its 4th and last step (max_denoising_steps 4)
+            raise RuntimeError("injected sampler failure")
+        return real(self)
+    monkeypatch.setattr(ModelState, "sampler_row", sampler_row)
+    counters = srv.engine.counters
+    before = dict(counters.finished)
+    r = post(srv.url, body("two choices", 7, max_tokens=16, n=2, max_denoising_steps=4, stream=stream))
+    assert "request_failed" in r.text and r.status_code == (200 if stream else 500), r.text
+    assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
+    assert {k: counters.finished[k] - before[k] for k in ("stop", "length", "abort", "error")} == \
+        {"stop": 0, "length": 0, "abort": 0, "error": 2}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_response_that_fails_to_be_built_counts_as_an_error_in_metrics(srv, monkeypatch, stream):
+    """The engine finished the request but writing its response failed (a bug there: the client gets a 500 or an
+    error event): /metrics counts an error, not the engine's stop/length."""
+    import blockdiff.server.service as service
+
+    def usage(*a, **k):
+        raise RuntimeError("injected failure while writing the response")
+    monkeypatch.setattr(service, "usage", usage)
+    counters = srv.engine.counters
+    before = dict(counters.finished)
+    r = post(srv.url, body("a response that fails", 5, max_tokens=16, stream=stream,
+                           stream_options={"include_usage": True} if stream else None))
+    assert r.status_code == (200 if stream else 500) and "injected failure" in r.text, r.text
+    assert wait_until(lambda: not srv.engine.num_in_flight, timeout=30)
+    assert {k: counters.finished[k] - before[k] for k in ("stop", "length", "abort", "error")} == \
+        {"stop": 0, "length": 0, "abort": 0, "error": 1}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_requests_ended_by_shutdown_count_as_aborts(srv, stream):
+    """docs/serving.md: requests still running when the shutdown grace runs out are ended (a 503 / an error
+    event) and /metrics counts them as abort (shutdown), not as errors."""
+    core = srv.engine.engine
+    own = LiveServer(build_app(Engine(core.model, core.defaults, core.tokenizer), MODEL))
+    try:
+        counters = own.engine.counters
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(post, own.url, body("a long one", 1, max_tokens=1000, max_denoising_steps=50,
+                                                stream=stream))
+            assert wait_until(lambda: own.engine.num_running == 1, timeout=30)
+            own.app.state.server.begin_drain(0.2)
+            r = fut.result()
+        assert "engine_stopped" in r.text and r.status_code == (200 if stream else 503), r.text
+        assert wait_until(lambda: not own.engine.num_in_flight, timeout=30)
+        assert {k: counters.finished[k] for k in ("stop", "length", "abort", "error")} == \
+            {"stop": 0, "length": 0, "abort": 1, "error": 0}
+    finally:
+        own.close()
 
 
 def _answer(url: str, path: str, b: dict):

@@ -67,7 +67,8 @@ def _histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
 
 @dataclass
 class Counters:
-    """Written by the engine thread (and ``rejected`` by submitters under the lock); read by /metrics."""
+    """Written by the engine thread (``finished`` and ``rejected`` also by the server's loop, under the engine's
+    lock: a held request's outcome is settled by its caller, ``AsyncEngine.release``); read by /metrics."""
 
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0})
     rejected: int = 0  # refused at admission (overload)
@@ -87,9 +88,9 @@ class Counters:
     def tokens_per_forward(self) -> float:
         return self.generation_tokens / self.denoise_steps if self.denoise_steps else 0.0
 
-    def record(self, state: ModelState, outcome: str) -> None:
+    def record(self, state: ModelState) -> None:
+        """An engine request that ended: its tokens, steps and latencies (its outcome: ``count``)."""
         m = state.metrics
-        self.finished[outcome] = self.finished.get(outcome, 0) + 1
         self.prompt_tokens += m.prompt_tokens
         self.generation_tokens += len(state.output_ids)
         self.denoise_steps += m.denoise_steps
@@ -97,6 +98,9 @@ class Counters:
         if m.time_to_first_block is not None:
             self.time_to_first_block.observe(m.time_to_first_block)
         self.request_seconds.observe(m.seconds)
+
+    def count(self, outcome: str) -> None:  # under AsyncEngine._cond (the engine thread and the loop both count)
+        self.finished[outcome] = self.finished.get(outcome, 0) + 1
 
 
 # ---------------------------------------------------------------------------------------------- streams
@@ -106,10 +110,17 @@ class RequestStream:
     Raises ``EngineFailedError`` instead of ``done`` when the engine failed the request. ``state`` may be read
     once ``done`` arrived (the engine thread no longer touches it)."""
 
-    def __init__(self, state: ModelState, loop: asyncio.AbstractEventLoop):
+    def __init__(self, state: ModelState, loop: asyncio.AbstractEventLoop, held: bool = False):
         self.state = state
         self.request_id = state.request_id
         self.finished = False
+        # held: its caller settles its outcome (``AsyncEngine.release``): a request the engine finished (stop,
+        # length) can still fail in the caller (its output not detokenized, another choice of its response
+        # failed), and /metrics must then count it as an error, not as a success. ``pending``: that outcome,
+        # finished by the engine and not yet settled; ``released``: the caller is done with it.
+        self.held = held
+        self.pending: str | None = None
+        self.released = False
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
 
@@ -200,9 +211,12 @@ class AsyncEngine:
             self._fail_all(EngineStoppedError("the engine was shut down"))
 
     # ------------------------------------------------------------------ client side (any thread)
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, images=None) -> RequestStream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, images=None,
+               held: bool = False) -> RequestStream:
         """Validate and queue a request; call from a running event loop. Raises ``ValueError`` (bad request),
-        ``EngineOverloadedError`` (full) or ``EngineStoppedError``."""
+        ``EngineOverloadedError`` (full) or ``EngineStoppedError``. ``held``: the caller settles the request's
+        outcome in /metrics with ``release`` (a stop or length is counted then, as an error if the caller failed
+        it); otherwise it is counted when the engine ends it."""
         loop = asyncio.get_running_loop()
         self.start()
         holder: list[RequestStream] = []
@@ -217,8 +231,13 @@ class AsyncEngine:
                     self._streams.pop(stream.request_id, None)
                     failed = stream.request_id in self._failed_aborts
                     self._failed_aborts.discard(stream.request_id)
-                outcome = "error" if failed and ev.finish_reason == "abort" else ev.finish_reason or "abort"
-                self.counters.record(stream.state, outcome)
+                    # failed by its caller (even where it finished in the tick that applied the abort): an error
+                    outcome = "error" if failed else ev.finish_reason or "abort"
+                    if stream.held and not stream.released and outcome in ("stop", "length"):
+                        stream.pending, outcome = outcome, None  # the caller may still fail it: release counts it
+                    else:
+                        self.counters.count(outcome)
+                self.counters.record(stream.state)
                 if ev.finish_reason == "error":  # it failed alone: its stream raises, the others run on
                     stream._put(RequestFailedError(f"this request failed: {ev.error}", by_input=ev.error_by_input))
                     return
@@ -226,7 +245,7 @@ class AsyncEngine:
 
         # Validates params and prompt (ValueError) and builds the state before anything is queued.
         state = self.engine.make_state(prompt_ids, params, on_event=on_event, request_id=request_id, images=images)
-        stream = RequestStream(state, loop)
+        stream = RequestStream(state, loop, held=held)
         holder.append(stream)
         with self._cond:
             failure = self._dead or self._model_failure()
@@ -265,6 +284,19 @@ class AsyncEngine:
                 if failed:
                     self._failed_aborts.add(request_id)
                 self._cond.notify()
+
+    def release(self, stream: RequestStream, failed: bool = False) -> None:
+        """The caller is done with a request (its response was sent, failed, or its client left): abort it if it
+        still runs, and count a ``held`` request's outcome: its engine outcome, or ``error`` when ``failed``. The
+        first call decides; later ones do nothing."""
+        with self._cond:  # one step with the abort: a done between them would count a failed request as a success
+            if stream.released:
+                return
+            stream.released = True
+            if stream.pending is not None:
+                self.counters.count("error" if failed else stream.pending)
+                stream.pending = None
+            self.abort(stream.request_id, failed=failed)  # (the condition's lock is reentrant)
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -328,7 +360,9 @@ class AsyncEngine:
         except Exception:
             state.cache = None
         if stream is not None:
-            self.counters.record(state, "error")
+            with self._cond:
+                self.counters.count("error")
+            self.counters.record(state)
             stream._put(exc)
 
     def _fail_running(self, e: Exception) -> None:

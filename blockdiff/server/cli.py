@@ -106,11 +106,17 @@ def default_model_name(model: str) -> str:
     return model
 
 
+def url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port`` as a browser reads it: an IPv6 address in brackets (``http://[::1]:8000``)."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def check_bindable(host: str, port: int,
-                   flags: str = "--host / --port, or $BLOCKDIFF_HOST / $BLOCKDIFF_PORT") -> None:
+                   flags: str = "--host / --port, or $BLOCKDIFF_HOST / $BLOCKDIFF_PORT") -> int:
     """Bind host:port once and let go, as uvicorn will bind it (SO_REUSEADDR): a port in use or an address this
     machine does not have is a one-line error now, not after minutes of loading the model. ``flags``: what sets
-    them, for the message."""
+    them, for the message. Returns the port (port 0: the free port the system picked, for the server to use and
+    the start-up line to print)."""
     import socket
 
     from ..cli import CLIError
@@ -120,6 +126,7 @@ def check_bindable(host: str, port: int,
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
+            return sock.getsockname()[1]
     except OSError as e:
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e} ({flags})") from None
 
@@ -194,7 +201,7 @@ def cmd_serve(args) -> int:
             raise CLIError(f"$BLOCKDIFF_PORT must be a port number, got {env!r}") from None
     if not 0 <= args.port < 65536:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
-    check_bindable(args.host, args.port)
+    args.port = check_bindable(args.host, args.port)
     from .app import check_origins
     try:
         origins = check_origins(args.allowed_origins)
@@ -257,13 +264,13 @@ def cmd_serve(args) -> int:
                     max_body_bytes=args.max_body_bytes, media_limits=limits, max_denoising_steps=steps,
                     max_model_len=args.max_model_len, salt_by_key=salt,
                     body_timeout=args.body_timeout, allowed_origins=origins)
-    scheme = "https" if args.ssl_certfile else "http"
-    print(f"blockdiff: serving {name!r} on {scheme}://{args.host}:{args.port}/v1 "
+    base = url("https" if args.ssl_certfile else "http", args.host, args.port)
+    print(f"blockdiff: serving {name!r} on {base}/v1 "
           f"(device {args.device}, max_num_seqs {args.max_num_seqs}{', deterministic' if llm.deterministic else ''}"
           f"{', fast mode by default' if args.fast else ''}"
           f"{', API key required' if keys else ''}{f' ({len(keys)} keys)' if len(keys) > 1 else ''}, "
           f"max_denoising_steps {steps}, max_model_len {app.state.server.context}); "
-          f"the playground page: {scheme}://{args.host}:{args.port}/"
+          f"the playground page: {base}/"
           + (f"; browser pages of {', '.join(origins)} may call it" if origins else ""), flush=True)
     grace = args.shutdown_grace
 

@@ -399,10 +399,10 @@ class Server:
             for i in range(p.req.n):
                 params = p.params if i == 0 else _with_seed(p.params, choice_seed(seed, i))
                 streams.append(self.engine.submit(p.ids, params, rid if p.req.n == 1 else f"{rid}-{i}",
-                                                  images=p.images))
+                                                  images=p.images, held=True))
         except BaseException as e:
             for s in streams:
-                self.engine.abort(s.request_id)
+                self.engine.release(s)
             if isinstance(e, ValueError):
                 raise engine_error(e, p.req.max_tokens_name, p.req.field_names) from None
             if isinstance(e, EngineOverloadedError):
@@ -444,16 +444,20 @@ class Server:
                                      media_type="text/event-stream")
         try:
             return await self._complete(request, p, rid, streams)
+        except Exception:  # writing the response failed (the client gets a 500): an error in /metrics
+            self._close(streams, failed=True)
+            raise
         finally:
             self._close(streams)
 
     def _close(self, streams: list[RequestStream], failed: bool = False) -> None:
-        """Forget the response's streams and abort what still runs; ``failed``: the response failed here (its
-        output could not be detokenized), so /metrics counts those requests as errors, not client aborts."""
+        """Forget the response's streams, abort what still runs and settle their outcomes in /metrics (the first
+        call settles them); ``failed``: the response failed (its output could not be detokenized, or one of its
+        choices failed), so its requests count as errors, not as client aborts, nor as successes where the engine
+        had already finished them."""
         for s in streams:
             self.open.pop(s.request_id, None)
-            if not s.finished:
-                self.engine.abort(s.request_id, failed=failed)
+            self.engine.release(s, failed=failed)
 
     async def _complete(self, request: Request, p: Prepared, rid: str, streams: list[RequestStream]) -> Response:
         texts = [[] for _ in streams]
@@ -484,6 +488,8 @@ class Server:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # nobody is waiting for the answer any more
                 work.cancel()
+                # its outcome (the cancellation) is read, never logged as "exception was never retrieved"
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())
                 return Response(status_code=499)
             try:
                 work.result()
@@ -620,6 +626,7 @@ class Server:
                             "usage": usage(len(p.ids), sum(len(rs.state.output_ids) for rs in streams),
                                             streams[0].state.metrics.cached_tokens,
                                             self.reasoning_tokens(p, [rs.state for rs in streams]))})
+            self._close(streams)  # settled (/metrics) before the client reads the end of the stream
             yield "data: [DONE]\n\n"
         except EngineFailedError as e:
             self._close(streams, failed=_fails_response(e))  # its other choices end with it (an error event)

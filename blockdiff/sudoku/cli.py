@@ -185,17 +185,17 @@ def _serve_playground(args) -> int:
     if not 0 <= args.port < 65536:
         raise _error(f"--port must be in [0, 65535], got {args.port}")
     # A port in use is one line and exit 2 before the model loads (uvicorn would say it after the URL was printed).
-    check_bindable("127.0.0.1", args.port, "--port")
+    port = check_bindable("127.0.0.1", args.port, "--port")  # --port 0: the free port picked
     llm = _load(args)
     if args.steps is not None:  # the page's requests that leave "max denoising steps" empty run this many
         llm.engine.defaults.max_denoising_steps = args.steps
     app = build_app(llm, "sudoku")
-    url = f"http://127.0.0.1:{args.port}/"
+    url = f"http://127.0.0.1:{port}/"
     print(f"blockdiff demo: the playground is at {url} (Ctrl-C stops it)", flush=True)
     if args.open:
         import webbrowser
         webbrowser.open(url)
-    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                   http=HTTP_PROTOCOL)).run()
     return 0
 

@@ -17,8 +17,25 @@ function showError(msg) {
 function authHeaders() {
   const h = { "Content-Type": "application/json" };
   const key = sessionStorage.getItem(KEY_STORE);
+  // A header holds Latin-1 text only: fetch refuses any other character with a TypeError, before any request
+  if (key && /[^\x20-\x7e\xa0-\xff]/.test(key)) {
+    $("key-form").hidden = false;
+    throw new Error("The API key holds characters a browser cannot send in a header (it takes Latin-1 text " +
+                    "only): enter it again at the top right.");
+  }
   if (key) h.Authorization = "Bearer " + key;
   return h;
+}
+
+// fetch, with a failure to connect named as such (the browser says only "Failed to fetch"); a fetch that Stop
+// aborted stays an AbortError.
+async function call(url, opts) {
+  try {
+    return await fetch(url, opts);
+  } catch (e) {
+    if (opts && opts.signal && opts.signal.aborted) throw e;
+    throw new Error("cannot reach the server (is it still running?)");
+  }
 }
 
 async function errorText(resp) {
@@ -31,7 +48,7 @@ async function errorText(resp) {
 }
 
 async function connect() {
-  const resp = await fetch("/v1/models", { headers: authHeaders() });
+  const resp = await call("/v1/models", { headers: authHeaders() });
   if (resp.status === 401) {
     $("key-form").hidden = false;
     $("model").textContent = "API key needed";
@@ -49,6 +66,17 @@ async function connect() {
   $("model").textContent = `${m.id} · canvas ${m.canvas_length} · context ${m.max_model_len}`;
   showError("");
   return true;
+}
+
+// Connect first when the page knows no model yet; false (the reason shown above the page) when that fails.
+async function ready() {
+  if (state.model) return true;
+  try {
+    return await connect();
+  } catch (e) {
+    showError(e.message);
+    return false;
+  }
 }
 
 // ------------------------------------------------------------------ settings: only the fields that are set
@@ -92,15 +120,8 @@ function requestFields(withSchema) {
 // error event in the stream becomes an Error with the server's message, and so does a stream that ends before
 // its [DONE] (the connection dropped: what arrived is not the whole reply). ``signal`` aborts it (Stop).
 async function streamChat(body, on, signal) {
-  let resp;
-  try {
-    resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(), body: JSON.stringify(body),
-                                                 signal });
-  } catch (e) {
-    if (signal && signal.aborted) throw e;
-    // the browser says only "Failed to fetch": say what it means
-    throw new Error("cannot reach the server (is it still running?)");
-  }
+  const resp = await call("/v1/chat/completions", { method: "POST", headers: authHeaders(),
+                                                     body: JSON.stringify(body), signal });
   if (resp.status === 401) {
     $("key-form").hidden = false;
   }
@@ -212,6 +233,14 @@ const canvasView = {
 };
 
 // ------------------------------------------------------------------ chat
+// Run fn, which grows the chat, keeping the chat's end in view when it was (a reader who scrolled up stays put).
+function follow(fn) {
+  const out = $("chat-output");
+  const atEnd = out.scrollTop + out.clientHeight >= out.scrollHeight - 4;
+  fn();
+  if (atEnd) out.scrollTop = out.scrollHeight;
+}
+
 function addMessage(role, text) {
   const div = document.createElement("div");
   div.className = "msg " + role;
@@ -233,7 +262,7 @@ async function sendChat() {
     showError(e.message);
     return;
   }
-  if (!state.model && !(await connect())) return;
+  if (!(await ready())) return;
   $("chat-input").value = "";
   state.messages.push({ role: "user", content: text });
   const asked = addMessage("user", text);
@@ -241,7 +270,7 @@ async function sendChat() {
   reply.classList.add("live");
   setBusy(true);
   try {
-    const r = await generate(state.messages, extra, { text(t) { reply.textContent = t; } });
+    const r = await generate(state.messages, extra, { text(t) { follow(() => { reply.textContent = t; }); } });
     reply.classList.remove("live");
     state.messages.push({ role: "assistant", content: r.text });
     const meta = document.createElement("span");
@@ -250,7 +279,7 @@ async function sendChat() {
     // cut by max tokens (a JSON answer may then be unfinished), or another reason than a natural end
     if (r.finish === "length") meta.textContent += " · cut at max tokens";
     else if (r.finish && r.finish !== "stop") meta.textContent += ` · finish: ${r.finish}`;
-    reply.appendChild(meta);
+    follow(() => reply.appendChild(meta));
   } catch (e) {
     // refused or failed: the turn is taken back and the text returned to the input, to fix and resend
     state.messages.pop();
@@ -338,7 +367,10 @@ async function solveSudoku() {
     setStatus(e.message, "error");
     return;
   }
-  if (!state.model && !(await connect())) return;
+  if (!(await ready())) {
+    setStatus($("error").textContent, "error");
+    return;
+  }
   showPuzzle(puzzle);
   setStatus("solving…", "running");
   const cells = $("sudoku-board").children;
@@ -391,7 +423,7 @@ async function solveSudoku() {
 
 async function newPuzzle() {
   try {
-    const r = await fetch("/playground/puzzle");
+    const r = await call("/playground/puzzle");
     if (!r.ok) throw new Error(await errorText(r));
     $("sudoku-input").value = (await r.json()).puzzle;
     showPuzzle(parsePuzzle($("sudoku-input").value));
@@ -422,9 +454,13 @@ async function start() {
   $("key-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
-    if (await connect()) $("key-form").hidden = true;
+    try {
+      if (await connect()) $("key-form").hidden = true;
+    } catch (err) {
+      showError(err.message);
+    }
   });
-  const cfg = await (await fetch("/playground/config")).json();
+  const cfg = await (await call("/playground/config")).json();
   state.sudoku = cfg.sudoku;
   state.keyRequired = cfg.api_key_required;
   if (cfg.sudoku) {
@@ -439,7 +475,7 @@ async function start() {
     $("model").textContent = "API key needed";
     return;
   }
-  await connect();
+  await ready();
 }
 
 start().catch((e) => showError(e.message));
