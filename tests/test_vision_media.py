@@ -64,3 +64,19 @@ def test_a_data_url_scheme_in_capitals_is_a_data_url():
     want = np.asarray(ImageLoader().load(data))
     for url in ("DATA:image/png;base64," + b64, "Data:IMAGE/PNG;BASE64," + b64):
         assert np.array_equal(np.asarray(ImageLoader().load(url, "'messages[0].content[0]'")), want)
+
+
+def test_a_file_url_is_percent_decoded_as_path_as_uri_writes_it(tmp_path):
+    from blockdiff.vision.media import MediaLimits
+
+    img = noise(12, 8)
+    (tmp_path / "my photo #1.png").write_bytes(encoded(img))
+    loader = lambda: ImageLoader(MediaLimits(allowed_local_media_path=str(tmp_path)))  # noqa: E731
+    want = np.asarray(img)
+    uri = (tmp_path / "my photo #1.png").as_uri()
+    assert "%20" in uri and "%23" in uri
+    for url in (uri, uri.replace("file://", "FILE://"), uri.replace("file://", "file://localhost"),
+                str(tmp_path / "my photo #1.png")):  # a plain path is taken as written
+        assert np.array_equal(np.asarray(loader().load(url, "'messages[0].content[0]'")), want)
+    with pytest.raises(ValueError, match="outside the allowed media folder"):  # decoding opens no way out
+        loader().load(uri.rsplit("/", 1)[0] + "/%2E%2E/x.png")

@@ -81,11 +81,11 @@ class ImageLoader:
         url = source.strip()
         if url[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986)
             return self._decode(self._data_url(url, what), what)
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        is_file_url = url[:7].lower() == "file://"
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not is_file_url:
             raise ValueError(f"{what}: remote image URLs are not fetched ({url.split('://')[0]}://...): send the "
                              "image inline as a data: URL (data:image/png;base64,...)")
-        return self._decode(self._local_file(url[len("file://"):] if url.startswith("file://") else url, what),
-                            what)
+        return self._decode(self._local_file(_file_url_path(url) if is_file_url else url, what), what)
 
     # ------------------------------------------------------------------ sources
     def _data_url(self, url: str, what: str) -> bytes:
@@ -160,6 +160,17 @@ class ImageLoader:
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ValueError(f"{what}: the {fmt} image could not be decoded ({e})") from None
         return _eight_bit(img)
+
+
+def _file_url_path(url: str) -> str:
+    """A file:// URL's path, percent-decoded as URLs write it (``Path.as_uri()``: ``file:///my%20photo.png``);
+    ``file://localhost/...`` is this machine too. Any other host is read as a folder under the allowed one."""
+    from urllib.parse import unquote
+
+    rest = url[len("file://"):]
+    if rest[:10].lower() == "localhost/":
+        rest = rest[len("localhost"):]
+    return unquote(rest.split("?", 1)[0].split("#", 1)[0])
 
 
 def _eight_bit(img):
