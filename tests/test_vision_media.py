@@ -80,3 +80,14 @@ def test_a_file_url_is_percent_decoded_as_path_as_uri_writes_it(tmp_path):
         assert np.array_equal(np.asarray(loader().load(url, "'messages[0].content[0]'")), want)
     with pytest.raises(ValueError, match="outside the allowed media folder"):  # decoding opens no way out
         loader().load(uri.rsplit("/", 1)[0] + "/%2E%2E/x.png")
+
+
+def test_a_cut_file_opened_with_pil_is_a_value_error_naming_the_image(tmp_path):
+    """README: "A bad image is a ValueError saying what is wrong" -- also a PIL image whose file Image.open() only
+    started to read (it reads the header; the pixels come later, in the processor, as an OSError before)."""
+    data = encoded(noise(64, 48), "PNG")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"^image 0: the PNG image could not be decoded \(image file is truncated"):
+        PROC(ImageLoader().load_all([Image.open(tmp_path / "cut.png")]))
+    good = Image.open(io.BytesIO(data))
+    assert np.array_equal(np.asarray(ImageLoader().load(good)), np.asarray(noise(64, 48)))

@@ -73,6 +73,11 @@ class ImageLoader:
             raise ValueError(f"the request has more than {self.limits.max_images} images")
         if isinstance(source, Image.Image):
             self._count_pixels(what, *source.size)
+            try:  # Image.open() reads only the header: a cut or corrupt file fails here, as bytes would
+                source.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                kind = f"{source.format} image" if source.format else "image"
+                raise ValueError(f"{what}: the {kind} could not be decoded ({e})") from None
             return source
         if isinstance(source, (bytes, bytearray)):
             return self._decode(bytes(source), what)
