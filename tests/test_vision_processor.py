@@ -75,3 +75,34 @@ def test_without_a_processor_config_the_vision_config_decides(tmp_path):
     p = ImageProcessor.from_dir(str(tmp_path), vc)
     assert (p.patch_size, p.pooling_kernel_size, p.max_soft_tokens) == (14, 2, 560)
     assert ImageProcessor.from_dir(str(tmp_path)).max_soft_tokens == 280
+
+
+@pytest.mark.parametrize("change, words", [({"patch_size": 16}, "patch_size is 16, the tower's is 8"),
+                                           ({"pooling_kernel_size": 3}, "pooling_kernel_size is 3, the tower's is 2"),
+                                           ({"max_soft_tokens": 140}, "280 patches long, beyond the tower's position "
+                                                                      "table of 160")])
+def test_a_processor_config_that_does_not_fit_the_vision_tower_is_refused_at_load(tmp_path, change, words):
+    """Images it makes would fail in the engine, every one (patch shape, pooling) or every wide or tall one (patch
+    positions past the tower's position table): the checkpoint is refused naming the file, not each request."""
+    from blockdiff.checks import CheckpointError
+
+    vc = VisionConfig.from_dict({"patch_size": 8, "pooling_kernel_size": 2, "position_embedding_size": 160})
+    ip = {"patch_size": 8, "pooling_kernel_size": 2, "max_soft_tokens": 70}
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": ip}))
+    assert ImageProcessor.from_dir(str(tmp_path), vc).max_soft_tokens == 70  # 70 * 2 = 140 positions fit
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {**ip, **change}}))
+    with pytest.raises(CheckpointError, match="processor_config.json: the image processor does not fit") as e:
+        ImageProcessor.from_dir(str(tmp_path), vc)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"p{s['patch_size']}k{s['pooling_kernel_size']}"
+                         f"t{s['max_soft_tokens']}")
+def test_the_longest_patch_grid_is_max_soft_tokens_times_the_pooling_kernel(settings):
+    """The bound the load-time check uses is reached: a very wide or very tall image spans exactly that many
+    patches along its long side (positions 0 .. max_soft_tokens * k - 1)."""
+    p = ImageProcessor(**settings)
+    longest = settings["max_soft_tokens"] * settings["pooling_kernel_size"]
+    for w, h, axis in ((5000, 3, 0), (3, 5000, 1)):
+        pos = p(make_image(w, h, "RGB", 0)).image_position_ids[0]
+        assert int(pos[:, axis].max()) == longest - 1

@@ -160,10 +160,33 @@ def test_bad_image_input_is_a_400_with_one_clear_line(servers, case):
         ask(servers["mm"], *parts)
     message = e.value.body["message"]
     assert msg in message and "\n" not in message and e.value.status_code == 400
-    # param names the part when one image is at fault (as the message does), the list when their number is
-    want = {"too_many_images": "messages", "malformed_part": "messages[0].content", "empty_url": "messages[0].content",
-            "unknown_part": "messages[0].content"}.get(case, "messages[0].content[0]")
+    # param names the part when one image is at fault (the field the message names: the part, or the field in
+    # it), the list when their number is
+    want = {"too_many_images": "messages", "malformed_part": "messages[0].content[0].image_url.url",
+            "empty_url": "messages[0].content[0].image_url.url"}.get(case, "messages[0].content[0]")
     assert e.value.body["param"] == want
+    assert message.startswith(f"'{want}'") or case == "too_many_images"
+
+
+@pytest.mark.parametrize("image_url, field", [("data:x", None), ({"url": ""}, ".url"), ({"url": 7}, ".url"),
+                                               ({}, ".url"), ("", None)])
+def test_a_malformed_second_image_url_part_is_named_to_its_field_in_param(servers, image_url, field):
+    part = {"type": "image_url", "image_url": image_url}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(servers["mm"], image_part(data_url(PNG)), part)
+    want = "messages[0].content[1].image_url" + (field or "")
+    assert e.value.body["param"] == want and e.value.body["message"].startswith(f"'{want}' must be")
+
+
+@pytest.mark.parametrize("url, message", [("", "'input[0].content[1].image_url' must not be empty"),
+                                          ("data:image/png;base64,@@@", "'input[0].content[1]': the data: URL is")])
+def test_a_bad_input_image_is_named_in_the_responses_apis_own_fields(servers, url, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        servers["mm"].client().responses.create(model=MODEL, max_output_tokens=8, extra_body=X, input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                         {"type": "input_image", "image_url": url}]}])
+    assert e.value.body["message"].startswith(message)
+    assert e.value.body["param"] == message.split("'")[1]
 
 
 def test_a_bad_second_image_is_named_in_param(servers):

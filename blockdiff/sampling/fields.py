@@ -50,6 +50,15 @@ class ParamError(ValueError):
         self.param = param
 
 
+class SubfieldError(ValueError):
+    """A field validator's error about something inside the field: ``subpath`` (``"[1].image_url.url"``) is added
+    to the field's path in the error's ``param``, so the param names what the message names."""
+
+    def __init__(self, message: str, subpath: str):
+        super().__init__(message)
+        self.subpath = subpath
+
+
 def _integral(v):
     # JSON has one number type: 16.0 is the integer 16, 16.5 is not an integer.
     if isinstance(v, float) and v.is_integer():
@@ -297,7 +306,9 @@ def describe(err: dict) -> tuple[str, str | None]:
     if t == "missing":
         return f"{name} is required", param
     if t == "value_error":  # field validators write the whole sentence
-        return str(ctx.get("error", err["msg"])).replace("{name}", name).replace("{path}", param or ""), param
+        sub = getattr(ctx.get("error"), "subpath", None)
+        return (str(ctx.get("error", err["msg"])).replace("{name}", name).replace("{path}", param or ""),
+                param + sub if param and sub else param)
     if t in _WORDS:
         got = _short(v) if t == "finite_number" else json_type(v)
         return f"{name} must be {_WORDS[t]}, got {got}", param

@@ -22,7 +22,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, create_model, field_validator,
                       model_validator)
 
-from ..sampling.fields import MAX_LOGPROBS, Int, IntegralFloats, OutputFields, ParamError, SamplingFields
+from ..sampling.fields import (MAX_LOGPROBS, Int, IntegralFloats, OutputFields, ParamError, SamplingFields,
+                               SubfieldError)
 from ..sampling.params import SamplingParams
 from ..structured.spec import MAX_CHOICES, MAX_SPEC_CHARS
 from ..tools.render import ToolError, ToolPlan, template_kwargs_problem
@@ -226,24 +227,27 @@ class ImageUrlPart(BaseModel):
 ContentPart = Annotated[TextPart | ImageUrlPart, Field(discriminator="type")]
 
 
-def _check_part(part, where: str) -> None:
-    """A text part or an image_url part; the error names the part and says what it must be."""
+def _check_part(part, j: int) -> None:
+    """Part ``j`` of a message's content: a text part or an image_url part; the error names the part (its message
+    and its param: ``messages[0].content[1].image_url.url``) and says what it must be."""
+    where = f"{{path}}[{j}]"
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return
     if kind == "image_url":
         v = part.get("image_url")
         if not isinstance(v, dict):
-            raise ValueError(f"'{where}.image_url' must be an object {{\"url\": \"data:image/...;base64,...\"}}, "
-                             f"got {json_type(v)}")
+            raise SubfieldError(f"'{where}.image_url' must be an object {{\"url\": \"data:image/...;base64,...\"}}, "
+                                f"got {json_type(v)}", f"[{j}].image_url")
         url = v.get("url")
         if isinstance(url, str) and url:
             return
-        raise ValueError(f"'{where}.image_url.url' must be a non-empty string (a data:image/...;base64 URL), got "
-                         + ("an empty string" if url == "" else "nothing" if "url" not in v else json_type(url)))
+        raise SubfieldError(f"'{where}.image_url.url' must be a non-empty string (a data:image/...;base64 URL), got "
+                            + ("an empty string" if url == "" else "nothing" if "url" not in v else json_type(url)),
+                            f"[{j}].image_url.url")
     got = kind if kind is not None else json_type(part)
-    raise ValueError(f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image_url part "
-                     f"({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}), got {got!r}")
+    raise SubfieldError(f"'{where}' must be a text part ({{\"type\": \"text\", \"text\": ...}}) or an image_url "
+                        f"part ({{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}), got {got!r}", f"[{j}]")
 
 
 class ChatMessage(BaseModel):
@@ -271,7 +275,7 @@ class ChatMessage(BaseModel):
             return v
         if isinstance(v, list):
             for j, part in enumerate(v):
-                _check_part(part, f"{{path}}[{j}]")
+                _check_part(part, j)
             return v
         if not isinstance(v, str):
             raise ValueError(f"{{name}} must be a string or an array of content parts, got {json_type(v)}")
@@ -423,7 +427,8 @@ class RefusalPart(_Item):
 
 class InputImagePart(_Item):
     type: Literal["input_image"]
-    image_url: str = Field(description="a data: URL (a file:// URL or path with --allowed-local-media-path)")
+    image_url: str = Field(min_length=1, description="a data: URL (a file:// URL or path with "
+                           "--allowed-local-media-path)")
     detail: Literal["auto", "low", "high"] | None = Field(None, description="accepted; no effect")
 
 

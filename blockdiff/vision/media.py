@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from ..sampling.fields import ParamError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what a request may send
+# Pillow's names for files of those formats: a JPEG that carries more pictures in an MPF segment (phone cameras:
+# a depth map, an HDR gain map, a preview) opens as "MPO"; it is a JPEG, its first picture the photo.
+_FORMAT_OF = {"MPO": "JPEG"}
 
 
 @dataclass
@@ -70,23 +73,28 @@ class ImageLoader:
             raise ValueError(f"the request has more than {self.limits.max_images} images")
         if isinstance(source, Image.Image):
             self._count_pixels(what, *source.size)
+            try:  # Image.open() reads only the header: a cut or corrupt file fails here, as bytes would
+                source.load()
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                kind = f"{source.format} image" if source.format else "image"
+                raise ValueError(f"{what}: the {kind} could not be decoded ({e})") from None
             return source
         if isinstance(source, (bytes, bytearray)):
             return self._decode(bytes(source), what)
         if not isinstance(source, str):
             raise ValueError(f"{what}: expected an image, bytes or a URL string, got {type(source).__name__}")
         url = source.strip()
-        if url.startswith("data:"):
+        if url[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986)
             return self._decode(self._data_url(url, what), what)
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+        is_file_url = url[:7].lower() == "file://"
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not is_file_url:
             raise ValueError(f"{what}: remote image URLs are not fetched ({url.split('://')[0]}://...): send the "
                              "image inline as a data: URL (data:image/png;base64,...)")
-        return self._decode(self._local_file(url[len("file://"):] if url.startswith("file://") else url, what),
-                            what)
+        return self._decode(self._local_file(_file_url_path(url) if is_file_url else url, what), what)
 
     # ------------------------------------------------------------------ sources
     def _data_url(self, url: str, what: str) -> bytes:
-        m = re.match(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", url, re.S)
+        m = re.match(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", url, re.S | re.I)
         if not m:
             raise ValueError(f"{what}: malformed data: URL (expected data:image/<type>;base64,<data>)")
         mime, params, payload = m.group(1).lower(), m.group(2), m.group(3)
@@ -147,12 +155,41 @@ class ImageLoader:
             raise ValueError(f"{what}: the image has too many pixels") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:  # a known format whose header is cut or corrupt
             raise ValueError(f"{what}: the image could not be decoded ({e})") from None
-        if img.format not in FORMATS:
+        fmt = _FORMAT_OF.get(img.format, img.format)
+        if fmt not in FORMATS:
             raise ValueError(f"{what}: unsupported image format {img.format} (supported: {', '.join(FORMATS)})")
         self._count_pixels(what, *img.size)
         try:
             img.load()
             img = ImageOps.exif_transpose(img)  # as transformers' load_image: pixels in display orientation
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"{what}: the {img.format} image could not be decoded ({e})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ValueError(f"{what}: the {fmt} image could not be decoded ({e})") from None
+        return _eight_bit(img)
+
+
+def _file_url_path(url: str) -> str:
+    """A file:// URL's path, percent-decoded as URLs write it (``Path.as_uri()``: ``file:///my%20photo.png``);
+    ``file://localhost/...`` is this machine too. Any other host is read as a folder under the allowed one."""
+    from urllib.parse import unquote
+
+    rest = url[len("file://"):]
+    if rest[:10].lower() == "localhost/":
+        rest = rest[len("localhost"):]
+    return unquote(rest.split("?", 1)[0].split("#", 1)[0])
+
+
+def _eight_bit(img):
+    """A 16-bit grayscale PNG (Pillow's modes I;16 / I) -> 8-bit L (LA where a tRNS value marks transparent
+    pixels), keeping each sample's high byte as Pillow does for 16-bit RGB PNGs. Pillow's own conversion to RGB
+    clips every sample above 255, so such an image would reach the model nearly all white."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
         return img
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img).astype(np.int64)
+    out = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8))
+    trns = img.info.get("transparency")
+    if isinstance(trns, int):
+        out.putalpha(Image.fromarray(np.where(a == trns, 0, 255).astype(np.uint8)))
+    return out

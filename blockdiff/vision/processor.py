@@ -97,13 +97,35 @@ class ImageProcessor:
                         continue  # a processor config without image settings: try the next file
                     d = d["image_processor"]
                 try:
-                    return cls.from_dict(d)
+                    out = cls.from_dict(d)
                 except (TypeError, ValueError) as e:
                     raise CheckpointError(f"{p}: invalid image processor settings: {e}") from None
+                why = out.mismatch(vision_config)
+                if why:
+                    raise CheckpointError(f"{p}: the image processor does not fit the checkpoint's vision tower "
+                                          f"(config.json vision_config): {why}")
+                return out
         if vision_config is None:
             return cls()
         return cls(patch_size=vision_config.patch_size, pooling_kernel_size=vision_config.pooling_kernel_size,
                    max_soft_tokens=vision_config.default_output_length or 280)
+
+    def mismatch(self, vision_config) -> str | None:
+        """Why images this processor makes cannot go through a tower of ``vision_config`` (None: they can). Every
+        image would fail in the engine otherwise (patch shape, pooling), or every wide or tall one would (a patch
+        grid longer than the tower's position table: up to ``max_soft_tokens * pooling_kernel_size`` patches)."""
+        if vision_config is None:
+            return None
+        for name in ("patch_size", "pooling_kernel_size"):
+            mine, tower = getattr(self, name), getattr(vision_config, name)
+            if mine != tower:
+                return f"{name} is {mine}, the tower's is {tower}"
+        table = getattr(vision_config, "position_embedding_size", None)
+        longest = self.max_soft_tokens * self.pooling_kernel_size
+        if self.do_resize and table is not None and longest > table:
+            return (f"max_soft_tokens {self.max_soft_tokens} lets a wide or tall image be {longest} patches long, "
+                    f"beyond the tower's position table of {table} (position_embedding_size)")
+        return None
 
     # ------------------------------------------------------------------ one image
     def target_size(self, width: int, height: int) -> tuple[int, int]:
