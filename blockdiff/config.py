@@ -294,6 +294,14 @@ REFERENCE_GENERATION_DEFAULTS = {
 }
 
 
+# generation_config.json's cache_implementation values (transformers 5.23): those whose tokens are the default
+# dynamic cache's (offloading moves the same tensors between devices), and the static ones (a sliding layer's
+# cache holds sliding_window positions instead of sliding_window - 1: other tokens).
+SAME_TOKENS_CACHES = ("dynamic", "offloaded")
+STATIC_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked", "offloaded_hybrid",
+                 "offloaded_hybrid_chunked")
+
+
 @dataclass
 class GenerationDefaults:
     max_new_tokens: int = 256
@@ -354,6 +362,18 @@ def check_generation_config(d: dict, path: str) -> None:
         # blockdiff budgets with max_new_tokens only, so it refuses what it would otherwise silently ignore
         raise CheckpointError(f"{path}: max_length={d['max_length']!r} is not supported (blockdiff budgets "
                               "generation with max_new_tokens): remove it or set max_new_tokens instead")
+    cache = d.get("cache_implementation")
+    if cache is not None and cache not in SAME_TOKENS_CACHES:
+        # blockdiff generates as the reference's default dynamic cache does; these change the reference's tokens
+        if cache in STATIC_CACHES:
+            why = ("the reference's static cache lets the canvas see sliding_window cached positions of a sliding "
+                   "layer where its default dynamic cache keeps sliding_window - 1, so its tokens differ")
+        elif cache == "quantized":
+            why = "the reference's quantized cache stores keys/values in fewer bits, so its tokens differ"
+        else:
+            why = "the reference does not know it (it refuses to load this file)"
+        raise CheckpointError(f"{path}: cache_implementation={cache!r} is not supported ({why}): remove it, or set "
+                              "it to \"dynamic\", which blockdiff runs exactly")
     eos, pad = d.get("eos_token_id"), d.get("pad_token_id")
     if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(map(is_int, eos)))):
         raise CheckpointError(f"{path}: eos_token_id must be an integer or an array of integers, got {eos!r}")

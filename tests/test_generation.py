@@ -142,6 +142,37 @@ def test_generation_defaults_of_a_checkpoint_are_the_oracles(tiny_checkpoint, tm
     assert {k: getattr(ours, k) for k in expected} == expected and ours.entropy_bound == sampler.entropy_bound
 
 
+def test_a_static_cache_changes_the_oracles_tokens_so_blockdiff_refuses_it(tiny_checkpoint, llm, tmp_path):
+    """generation_config.json's cache_implementation is not a speed knob only: the reference's static cache lets the
+    canvas see sliding_window cached positions of a sliding layer (its dynamic cache keeps window - 1), so with a
+    prompt longer than the window its tokens change. blockdiff runs the dynamic cache's tokens; it refuses the
+    static setting at load rather than generate other tokens than the oracle would, and keeps the dynamic ones."""
+    from blockdiff.checks import CheckpointError
+
+    prompt = _prompt(4, 12)  # the tiny checkpoint's window is 8
+    params = SamplingParams(max_new_tokens=16, seed=4, rng="reference", max_denoising_steps=2)
+    ours = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0].token_ids
+    by_cache = {}
+    for cache in ("dynamic", "offloaded", "static"):
+        path = str(tmp_path / cache)
+        shutil.copytree(tiny_checkpoint, path)
+        gen = os.path.join(path, "generation_config.json")
+        with open(gen) as f:
+            d = json.load(f)
+        with open(gen, "w") as f:  # (compiling would take minutes on CPU)
+            json.dump({**d, "cache_implementation": cache, "disable_compile": True}, f)
+        if cache != "offloaded":  # (the reference's offloading needs CUDA)
+            by_cache[cache] = oracle_generate(path, prompt, 4, 16, max_denoising_steps=2)
+        if cache == "static":
+            with pytest.raises(CheckpointError, match="cache_implementation='static' is not supported"):
+                LLM(path, dtype="float32")
+        else:
+            out = LLM(path, dtype="float32").generate(prompt_token_ids=[prompt], sampling_params=params)[0]
+            assert out.token_ids == ours
+    assert by_cache["dynamic"] == ours
+    assert by_cache["static"] != ours
+
+
 # ------------------------------------------------------------------------------ default mode
 def _rows(B, step=3, max_steps=10, t_min=0.4, t_max=0.8, bound=0.5, seed=0, C=None, V=None, **extra):
     rows = [dict(step=step, max_steps=max_steps, t_min=t_min, t_max=t_max, entropy_bound=bound, confidence=0.1,
