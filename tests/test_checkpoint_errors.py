@@ -122,6 +122,13 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
      "cache_implementation='quantized' is not supported (the reference's quantized cache"),
     ("generation_config.json", lambda d: d.update(cache_implementation="paged"),
      "cache_implementation='paged' is not supported (the reference does not know it"),
+    # keys the reference's generation config does not take (it refuses the file; they were ignored here)
+    ("generation_config.json", lambda d: d.update(temperature=0.7), "temperature=0.7 is not a key of the reference"),
+    ("generation_config.json", lambda d: d.update(do_sample=True), "do_sample=True is not a key of the reference"),
+    ("generation_config.json", lambda d: d["sampler_config"].update(top_k=5),
+     "sampler_config.top_k=5 is not supported"),
+    ("generation_config.json", lambda d: d["sampler_config"].update(_cls_name="TopKSamplerConfig"),
+     "sampler_config._cls_name='TopKSamplerConfig' is not supported"),
     ("config.json", lambda d: d["text_config"].update(hidden_activation="gelu_fast"),
      "unsupported hidden_activation 'gelu_fast'"),
     ("config.json", lambda d: d["text_config"]["rope_parameters"]["sliding_attention"].update(rope_type="longrope"),

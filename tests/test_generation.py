@@ -173,6 +173,36 @@ def test_a_static_cache_changes_the_oracles_tokens_so_blockdiff_refuses_it(tiny_
     assert by_cache["static"] != ours
 
 
+@pytest.mark.parametrize("edit,refused", [
+    (dict(temperature=0.7, top_p=0.9), True),  # another model's sampling knobs: the reference refuses the file
+    (dict(sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1, "top_k": 4}), True),
+    (dict(top_k=None), True),  # even null
+    (dict(transformers_version="5.23.0", _from_model_config=False, return_dict_in_generate=True, bos_token_id=2,
+          cache_implementation="dynamic", cache_config=None, disable_compile=True), False),  # no-op keys load in both
+])
+def test_generation_config_keys_load_in_blockdiff_exactly_where_they_load_in_the_oracle(tiny_checkpoint, tmp_path,
+                                                                                         edit, refused):
+    """A generation_config.json key the reference does not take makes it refuse the file; blockdiff refuses it too
+    (it ignored it: a checkpoint's temperature or top_p changed nothing without a word)."""
+    from blockdiff.checks import CheckpointError
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_checkpoint, path)
+    gen = os.path.join(path, "generation_config.json")
+    with open(gen) as f:
+        d = json.load(f)
+    with open(gen, "w") as f:
+        json.dump({**d, **edit}, f)
+    if refused:
+        with pytest.raises((ValueError, TypeError)):
+            load_oracle(path)
+        with pytest.raises(CheckpointError, match="is not"):
+            LLM(path, dtype="float32")
+    else:
+        assert load_oracle(path).generation_config.max_denoising_steps == 48
+        assert LLM(path, dtype="float32").defaults.max_denoising_steps == 48
+
+
 # ------------------------------------------------------------------------------ default mode
 def _rows(B, step=3, max_steps=10, t_min=0.4, t_max=0.8, bound=0.5, seed=0, C=None, V=None, **extra):
     rows = [dict(step=step, max_steps=max_steps, t_min=t_min, t_max=t_max, entropy_bound=bound, confidence=0.1,
