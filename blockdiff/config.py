@@ -294,6 +294,20 @@ REFERENCE_GENERATION_DEFAULTS = {
 }
 
 
+# The keys the reference's DiffusionGemmaGenerationConfig takes (transformers 5.23): it refuses any other.
+GENERATION_CONFIG_KEYS = frozenset({
+    "max_new_tokens", "max_length", "return_dict_in_generate", "max_denoising_steps", "sampler_config", "t_min",
+    "t_max", "stability_threshold", "confidence_threshold", "cache_implementation", "cache_config",
+    "disable_compile", "bos_token_id", "pad_token_id", "eos_token_id", "_commit_hash", "_from_model_config",
+    "transformers_version"})
+# generation_config.json's cache_implementation values (transformers 5.23): those whose tokens are the default
+# dynamic cache's (offloading moves the same tensors between devices), and the static ones (a sliding layer's
+# cache holds sliding_window positions instead of sliding_window - 1: other tokens).
+SAME_TOKENS_CACHES = ("dynamic", "offloaded")
+STATIC_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked", "offloaded_hybrid",
+                 "offloaded_hybrid_chunked")
+
+
 @dataclass
 class GenerationDefaults:
     max_new_tokens: int = 256
@@ -349,11 +363,39 @@ def check_generation_config(d: dict, path: str) -> None:
     def is_int(x) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
+    unknown = [k for k in d if k not in GENERATION_CONFIG_KEYS]
+    if unknown:
+        # The reference's generation config takes these keys only and refuses to load any other; blockdiff would
+        # ignore it, and a sampling knob of another model's generation config (temperature, top_p, do_sample) or a
+        # key of a newer reference would change nothing here without a word.
+        raise CheckpointError(f"{path}: {unknown[0]}={d[unknown[0]]!r} is not a key of the reference's generation "
+                              "config (it refuses to load the file): remove it (temperature, top_p, top_k and the "
+                              "like are per-request sampling fields)")
+    sc = d.get("sampler_config")
+    if isinstance(sc, dict):
+        cls_name = sc.get("_cls_name")
+        extra = [k for k in sc if k not in ("_cls_name", "entropy_bound")]
+        if cls_name not in (None, "EntropyBoundSamplerConfig") or extra:
+            what = f"_cls_name={cls_name!r}" if extra == [] else f"{extra[0]}={sc[extra[0]]!r}"
+            raise CheckpointError(f"{path}: sampler_config.{what} is not supported (blockdiff runs the reference's "
+                                  "EntropyBoundSamplerConfig, whose one field is entropy_bound)")
     if d.get("max_length") is not None:
         # the reference lets max_length override a max_new_tokens of exactly 256 and stop generation mid-budget;
         # blockdiff budgets with max_new_tokens only, so it refuses what it would otherwise silently ignore
         raise CheckpointError(f"{path}: max_length={d['max_length']!r} is not supported (blockdiff budgets "
                               "generation with max_new_tokens): remove it or set max_new_tokens instead")
+    cache = d.get("cache_implementation")
+    if cache is not None and cache not in SAME_TOKENS_CACHES:
+        # blockdiff generates as the reference's default dynamic cache does; these change the reference's tokens
+        if cache in STATIC_CACHES:
+            why = ("the reference's static cache lets the canvas see sliding_window cached positions of a sliding "
+                   "layer where its default dynamic cache keeps sliding_window - 1, so its tokens differ")
+        elif cache == "quantized":
+            why = "the reference's quantized cache stores keys/values in fewer bits, so its tokens differ"
+        else:
+            why = "the reference does not know it (it refuses to load this file)"
+        raise CheckpointError(f"{path}: cache_implementation={cache!r} is not supported ({why}): remove it, or set "
+                              "it to \"dynamic\", which blockdiff runs exactly")
     eos, pad = d.get("eos_token_id"), d.get("pad_token_id")
     if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(map(is_int, eos)))):
         raise CheckpointError(f"{path}: eos_token_id must be an integer or an array of integers, got {eos!r}")

@@ -112,6 +112,23 @@ def test_broken_config_json_names_the_file(ckpt, capsys, file):
     ("generation_config.json", lambda d: d.update(t_min=0.5, t_max=0.1), "t_max must be greater than t_min"),
     # values the reference runs and blockdiff does not: refused, never run differently
     ("generation_config.json", lambda d: d.update(max_length=40), "max_length=40 is not supported"),
+    # the reference's static and quantized caches give other tokens than its default dynamic cache
+    # (test_generation.py::test_a_static_cache_changes_the_oracles_tokens_so_blockdiff_refuses_it)
+    ("generation_config.json", lambda d: d.update(cache_implementation="static"),
+     "cache_implementation='static' is not supported (the reference's static cache"),
+    ("generation_config.json", lambda d: d.update(cache_implementation="hybrid"),
+     "cache_implementation='hybrid' is not supported (the reference's static cache"),
+    ("generation_config.json", lambda d: d.update(cache_implementation="quantized"),
+     "cache_implementation='quantized' is not supported (the reference's quantized cache"),
+    ("generation_config.json", lambda d: d.update(cache_implementation="paged"),
+     "cache_implementation='paged' is not supported (the reference does not know it"),
+    # keys the reference's generation config does not take (it refuses the file; they were ignored here)
+    ("generation_config.json", lambda d: d.update(temperature=0.7), "temperature=0.7 is not a key of the reference"),
+    ("generation_config.json", lambda d: d.update(do_sample=True), "do_sample=True is not a key of the reference"),
+    ("generation_config.json", lambda d: d["sampler_config"].update(top_k=5),
+     "sampler_config.top_k=5 is not supported"),
+    ("generation_config.json", lambda d: d["sampler_config"].update(_cls_name="TopKSamplerConfig"),
+     "sampler_config._cls_name='TopKSamplerConfig' is not supported"),
     ("config.json", lambda d: d["text_config"].update(hidden_activation="gelu_fast"),
      "unsupported hidden_activation 'gelu_fast'"),
     ("config.json", lambda d: d["text_config"]["rope_parameters"]["sliding_attention"].update(rope_type="longrope"),

@@ -114,6 +114,85 @@ def test_reference_mode_equals_oracle_on_other_model_and_sampler_settings(tmp_pa
         assert out.token_ids == expected
 
 
+# Sampler settings at the edges of their ranges, each run as the oracle's generate(**settings) token for token.
+EDGE_SETTINGS = {
+    "one_step": dict(max_denoising_steps=1),
+    "confidence_alone_stops_at_the_first_step": dict(max_denoising_steps=6, stability_threshold=0,
+                                                     confidence_threshold=1e9),
+    "stability_past_the_step_cap": dict(max_denoising_steps=6, stability_threshold=100, confidence_threshold=1e9),
+    "cold_to_zero_stops_on_stability": dict(max_denoising_steps=12, stability_threshold=1, confidence_threshold=1e9,
+                                            t_min=0.0, t_max=0.05),
+    "tiny_entropy_bound": dict(max_denoising_steps=6, entropy_bound=1e-9),
+    "huge_entropy_bound": dict(max_denoising_steps=6, entropy_bound=1e9),
+    "t_max_1_t_min_0": dict(max_denoising_steps=6, t_min=0.0, t_max=1.0),
+    "hot": dict(max_denoising_steps=6, t_min=5.0, t_max=100.0),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_SETTINGS))
+def test_reference_mode_equals_oracle_at_the_edges_of_the_sampler_settings(tiny_checkpoint, llm, name):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    settings = EDGE_SETTINGS[name]
+    oracle_kw = {k: v for k, v in settings.items() if k != "entropy_bound"}
+    if "entropy_bound" in settings:
+        oracle_kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=settings["entropy_bound"])
+    steps = []
+    for seed, prompt_len, n in [(0, 7, 40), (1, 1, 19)]:
+        prompt = _prompt(seed, prompt_len)
+        expected = oracle_generate(tiny_checkpoint, prompt, seed, n, **oracle_kw)
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            max_new_tokens=n, seed=seed, rng="reference", **settings))[0]
+        assert out.token_ids == expected
+        steps.append(out.metrics.denoise_steps / out.metrics.canvases)
+    cap = settings["max_denoising_steps"]
+    if name == "confidence_alone_stops_at_the_first_step":
+        assert steps == [1, 1]
+    elif name == "cold_to_zero_stops_on_stability":
+        assert min(steps) < cap  # the stability rule ended canvases
+    else:
+        assert steps == [cap, cap]
+
+
+def test_reference_requests_batched_with_other_prompt_lengths_each_equal_the_oracle_alone(tiny_checkpoint, llm):
+    """One generate() call over prompts of 1 to 30 tokens (the window is 8) with other budgets: each request equals
+    the oracle's batch-1 run of its own prompt and seed (blockdiff pads nothing into a request; the oracle's own
+    batched run, one RNG for the whole batch, is not what a seed reproduces)."""
+    prompts = [_prompt(i, n) for i, n in enumerate([1, 5, 13, 30])]
+    params = [SamplingParams(max_new_tokens=n, seed=50 + i, rng="reference", max_denoising_steps=8)
+              for i, n in enumerate([20, 33, 16, 40])]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    for prompt, sp, out in zip(prompts, params, outs):
+        assert out.token_ids == oracle_generate(tiny_checkpoint, prompt, sp.seed, sp.max_new_tokens,
+                                                max_denoising_steps=8)
+
+
+def test_ignore_eos_and_stop_token_ids_equal_the_oracle_with_those_eos_ids(tiny_checkpoint, llm):
+    """ignore_eos is the oracle without EOS ids; stop_token_ids join the checkpoint's (or replace them, with
+    ignore_eos): the oracle with that EOS list, stopping in the first canvas, a later one or at the budget's end."""
+    ref = load_oracle(tiny_checkpoint)
+
+    def oracle(prompt, seed, n, eos):
+        torch.manual_seed(seed)
+        row = ref.generate(torch.tensor([prompt]), max_new_tokens=n, max_denoising_steps=5,
+                           eos_token_id=eos).sequences[0, len(prompt):].tolist()[:n]
+        cut = next((i for i, t in enumerate(row) if t in (eos or [])), None)
+        return row if cut is None else row[:cut + 1]
+
+    prompt, n = _prompt(0, 5), 45
+    p = dict(max_new_tokens=n, seed=0, rng="reference", max_denoising_steps=5)
+    free = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(ignore_eos=True, **p))[0]
+    assert free.token_ids == oracle(prompt, 0, n, None) and free.finish_reason == "length"
+    toks = free.token_ids
+    for stops in ([toks[0]], [toks[3]], [toks[20], toks[40]], [toks[n - 1]]):
+        cut = min(toks.index(t) for t in stops) + 1
+        alone = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+            ignore_eos=True, stop_token_ids=stops, **p))[0]
+        assert alone.token_ids == oracle(prompt, 0, n, stops) == toks[:cut] and alone.finish_reason == "stop"
+        joined = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(stop_token_ids=stops, **p))[0]
+        assert joined.token_ids == oracle(prompt, 0, n, sorted(EOS | set(stops)))
+
+
 @pytest.mark.parametrize("layout", ["no_file", "no_eos_key"])
 def test_generation_defaults_of_a_checkpoint_are_the_oracles(tiny_checkpoint, tmp_path, layout):
     """Without generation_config.json, or without eos_token_id in it, the reference stops on no EOS id at all (it
@@ -140,6 +219,67 @@ def test_generation_defaults_of_a_checkpoint_are_the_oracles(tiny_checkpoint, tm
                 for k in REFERENCE_GENERATION_DEFAULTS if k != "entropy_bound"}
     sampler = ref.generation_config.sampler_config or filled["sampler_config"]
     assert {k: getattr(ours, k) for k in expected} == expected and ours.entropy_bound == sampler.entropy_bound
+
+
+def test_a_static_cache_changes_the_oracles_tokens_so_blockdiff_refuses_it(tiny_checkpoint, llm, tmp_path):
+    """generation_config.json's cache_implementation is not a speed knob only: the reference's static cache lets the
+    canvas see sliding_window cached positions of a sliding layer (its dynamic cache keeps window - 1), so with a
+    prompt longer than the window its tokens change. blockdiff runs the dynamic cache's tokens; it refuses the
+    static setting at load rather than generate other tokens than the oracle would, and keeps the dynamic ones."""
+    from blockdiff.checks import CheckpointError
+
+    prompt = _prompt(4, 12)  # the tiny checkpoint's window is 8
+    params = SamplingParams(max_new_tokens=16, seed=4, rng="reference", max_denoising_steps=2)
+    ours = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0].token_ids
+    by_cache = {}
+    for cache in ("dynamic", "offloaded", "static"):
+        path = str(tmp_path / cache)
+        shutil.copytree(tiny_checkpoint, path)
+        gen = os.path.join(path, "generation_config.json")
+        with open(gen) as f:
+            d = json.load(f)
+        with open(gen, "w") as f:  # (compiling would take minutes on CPU)
+            json.dump({**d, "cache_implementation": cache, "disable_compile": True}, f)
+        if cache != "offloaded":  # (the reference's offloading needs CUDA)
+            by_cache[cache] = oracle_generate(path, prompt, 4, 16, max_denoising_steps=2)
+        if cache == "static":
+            with pytest.raises(CheckpointError, match="cache_implementation='static' is not supported"):
+                LLM(path, dtype="float32")
+        else:
+            out = LLM(path, dtype="float32").generate(prompt_token_ids=[prompt], sampling_params=params)[0]
+            assert out.token_ids == ours
+    assert by_cache["dynamic"] == ours
+    assert by_cache["static"] != ours
+
+
+@pytest.mark.parametrize("edit,refused", [
+    (dict(temperature=0.7, top_p=0.9), True),  # another model's sampling knobs: the reference refuses the file
+    (dict(sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1, "top_k": 4}), True),
+    (dict(top_k=None), True),  # even null
+    (dict(transformers_version="5.23.0", _from_model_config=False, return_dict_in_generate=True, bos_token_id=2,
+          cache_implementation="dynamic", cache_config=None, disable_compile=True), False),  # no-op keys load in both
+])
+def test_generation_config_keys_load_in_blockdiff_exactly_where_they_load_in_the_oracle(tiny_checkpoint, tmp_path,
+                                                                                         edit, refused):
+    """A generation_config.json key the reference does not take makes it refuse the file; blockdiff refuses it too
+    (it ignored it: a checkpoint's temperature or top_p changed nothing without a word)."""
+    from blockdiff.checks import CheckpointError
+
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_checkpoint, path)
+    gen = os.path.join(path, "generation_config.json")
+    with open(gen) as f:
+        d = json.load(f)
+    with open(gen, "w") as f:
+        json.dump({**d, **edit}, f)
+    if refused:
+        with pytest.raises((ValueError, TypeError)):
+            load_oracle(path)
+        with pytest.raises(CheckpointError, match="is not"):
+            LLM(path, dtype="float32")
+    else:
+        assert load_oracle(path).generation_config.max_denoising_steps == 48
+        assert LLM(path, dtype="float32").defaults.max_denoising_steps == 48
 
 
 # ------------------------------------------------------------------------------ default mode
