@@ -10,7 +10,9 @@ Examples:
     blockdiff demo --web                  # the playground on the bundled Sudoku model
 
 Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2;
-Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are written whole or not at all.
+Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are written whole or not at all. A reader
+that stops early (`| head -1`) ends the command quietly with 141, as SIGPIPE ends other tools; text the terminal's
+encoding cannot show (LANG=C without UTF-8, PYTHONIOENCODING=ascii) is printed with '?' in its place.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import importlib
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -566,11 +569,55 @@ def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _replace_unencodable(sys.stdout)
     try:
-        return _main(argv)
+        rc = _main(argv)
+        sys.stdout.flush()  # a reader gone (`| head -1`) is seen here, not as a traceback when Python exits
+        return rc
     except KeyboardInterrupt:  # Ctrl-C while torch and the subcommands import, before _main's own handler
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:  # raised again by _main only when it is stdout's reader that is gone
+        if not _stdout_reader_gone():
+            print(f"blockdiff: error: {e}", file=sys.stderr)
+            return 2
+        return _quiet_sigpipe_exit()
+
+
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a tool SIGPIPE ended (`yes | head -1`)
+
+
+def _replace_unencodable(stream) -> None:
+    """Text stdout's encoding cannot show becomes '?': under PYTHONIOENCODING=ascii or a non-UTF-8 locale the model's
+    text or the closing line's '·' raised UnicodeEncodeError, which ended the command with "blockdiff: error: 'ascii'
+    codec can't encode ..." and status 2 after part of the answer had been printed. (stderr already escapes.)"""
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding.startswith("utf") or getattr(stream, "errors", None) != "strict":
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        stream.reconfigure(errors="replace")
+
+
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end is closed (poll says POLLERR), or when that cannot be asked
+    (no poll, no file descriptor): then the BrokenPipeError is most likely stdout's."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError):
+        return True
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _quiet_sigpipe_exit() -> int:
+    """stdout's reader has gone: no message (the reader chose to stop), and stdout pointed at /dev/null so that
+    Python's own flush at exit does not print "Exception ignored ... BrokenPipeError"."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return SIGPIPE_STATUS
 
 
 @contextlib.contextmanager
@@ -611,6 +658,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head -1`: main() says nothing when it is stdout's reader that stopped
+        raise
     except (ValueError, OSError, ImportError) as e:  # bad path/params, I/O, a missing optional dependency
         from .checks import CheckpointError
 
