@@ -126,12 +126,22 @@ def _read_puzzles(path: str) -> list[list[int]]:
     name = "stdin" if path == "-" else path
     try:
         if path == "-":
-            lines = sys.stdin.readlines()
+            stream = getattr(sys.stdin, "buffer", None)  # bytes: decoded here, whatever the locale says
+            data = stream.read() if stream is not None else sys.stdin.read()
         else:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise _error(f"--puzzles {path}: cannot read it: {e.strerror or e}") from None
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # was "'utf-8' codec can't decode byte 0xff in position 81", no file named
+            line = data.count(b"\n", 0, e.start) + 1
+            raise _error(f"{name}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    # A byte-order mark (a file saved as "UTF-8 with BOM" on Windows) is no character of the first puzzle: it
+    # made line 1 "82 characters" long.
+    lines = data.removeprefix("\ufeff").split("\n")  # strip() below takes the \r of CRLF files
     puzzles = []
     for n, line in enumerate(lines, 1):
         s = line.strip()
