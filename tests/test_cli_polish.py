@@ -40,6 +40,17 @@ def test_sudoku_marks_a_puzzle_the_model_did_not_solve(monkeypatch, capsys):
     assert "1 puzzle · 0 solved" in cap.err
 
 
+def test_sudoku_live_with_out_dash_keeps_stdout_to_the_solution_lines(monkeypatch, capsys):
+    """`sudoku --puzzles - --out - --live` drew every puzzle's board on stdout, before the solutions: a pipe or a
+    redirect got the drawings mixed into the one-solution-per-line output. The boards go to stderr."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PUZZLE}\n{PUZZLE}\n"))
+    assert main(["sudoku", "--puzzles", "-", "--out", "-", "--live", "--threads", "1"]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(r"\d{81}( # unsolved)?", x) for x in lines), cap.out
+    assert "puzzle 2/2" in cap.err and cap.err.count(" | ") >= 2 * 9 * 2  # the boards, on stderr
+
+
 def test_demo_piped_prints_the_final_board_once(capsys):
     main(["demo", "--seed", "0", "--threads", "1"])
     out = capsys.readouterr().out

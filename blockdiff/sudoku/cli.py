@@ -61,14 +61,16 @@ def _load(args):
     return llm
 
 
-def _run_live(llm, puzzle, seed, steps, title):
+def _run_live(llm, puzzle, seed, steps, title, stderr: bool = False):
+    """The board redrawn at every step on a terminal (printed once elsewhere), on stdout, or on stderr with
+    ``stderr`` (``sudoku --out -``: stdout carries the solution lines)."""
     from rich.console import Console
     from rich.live import Live
 
     from .solver import solve_diffusion
     from .view import SudokuView
 
-    console = Console()
+    console = Console(stderr=stderr)
     max_steps = steps or llm.defaults.max_denoising_steps
     view = SudokuView(puzzle, max_steps=max_steps, title=title)
     if not console.is_terminal:
@@ -98,7 +100,10 @@ def cmd_sudoku(args) -> int:
     if args.live:
         sols = []
         for i, p in enumerate(puzzles):
-            sols.append(_run_live(llm, p, args.seed + i, args.steps, f"puzzle {i + 1}/{len(puzzles)}"))
+            # With --out -, the boards went to stdout between the solution lines (`--live > out.txt` or `| ...`
+            # got 14 lines of drawing per puzzle before the 81-digit lines): they go to stderr then.
+            sols.append(_run_live(llm, p, args.seed + i, args.steps, f"puzzle {i + 1}/{len(puzzles)}",
+                                  stderr=args.out == "-"))
     else:
         sols = solve_diffusion(llm, puzzles, seed=args.seed, batch_size=args.batch_size,
                                max_denoising_steps=args.steps)
