@@ -333,6 +333,21 @@ def check_context_before_load(args, prompt_tokens: int | None) -> None:
         raise CLIError(str(e)) from None
 
 
+def check_text_arguments(args) -> None:
+    """The prompt, --system and --stop as UTF-8 text, before the load: a byte that was not UTF-8 (a Latin-1 'é'
+    typed or pasted into a terminal) reaches Python as a lone surrogate, and was a tokenizer traceback."""
+    from .tokenizer import check_unicode
+
+    texts = [("the prompt", getattr(args, "prompt", None)), ("--system", args.system)] + \
+        [("--stop", s) for s in args.stop or ()]
+    for what, text in texts:
+        if text is not None:
+            try:
+                check_unicode(text, what)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+
+
 def cmd_run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise CLIError("give a prompt, or --prompt-ids (not both)")
@@ -340,6 +355,7 @@ def cmd_run(args) -> int:
         raise CLIError("--system is a chat-mode message: it has no place in a --raw prompt")
     if args.prompt is not None and not args.prompt.strip() and not args.image:
         raise CLIError("the prompt is empty")
+    check_text_arguments(args)
     params = sampling_params(args)  # validate before the (slow) model load
     images = read_images(args.image)
     ids = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else None
@@ -389,18 +405,31 @@ def cmd_run(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- chat
 def _read_line(interactive: bool) -> str | None:
+    """The next message, None at the end of input. Bytes that are not UTF-8 come through as lone surrogates (the
+    turn's error names them); decoded strictly, they ended the whole session with "'utf-8' codec can't decode"."""
     if interactive:
         try:
             return input(">>> ")
         except EOFError:
             print()
             return None
-    line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            print(f"blockdiff: error: the message is not UTF-8 text: the byte 0x{e.object[e.start]:02x} is not "
+                  "UTF-8", file=sys.stderr, flush=True)
+            return ""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        line = sys.stdin.readline()
+    else:
+        line = stream.readline().decode("utf-8", "surrogateescape")
     return line if line else None
 
 
 def cmd_chat(args) -> int:
+    from .tokenizer import check_unicode
+
     base = sampling_params(args)
+    check_text_arguments(args)
     check_context_before_load(args, None)
     llm = load_llm(args)
     if not has_chat_template(llm.tokenizer):
@@ -438,6 +467,11 @@ def cmd_chat(args) -> int:
             continue
         if re.fullmatch(r"/[A-Za-z]+", line):  # a mistyped command is not a message for the model
             print(f"(unknown command {line}: /reset clears the conversation, /exit ends it)", flush=True)
+            continue
+        try:
+            check_unicode(line, "the message")
+        except ValueError as e:  # this turn's error; the session goes on
+            print(f"blockdiff: error: {e}", file=sys.stderr, flush=True)
             continue
         messages.append({"role": "user", "content": line})
         params = base
