@@ -161,7 +161,8 @@ def check_before_load(args) -> None:
     check_threads(args.threads)
     template = getattr(args, "chat_template", None)
     if template and not os.path.isfile(template):
-        raise CLIError(f"--chat-template: cannot read {template}: no such file")
+        why = "it is a folder" if os.path.isdir(template) else "no such file"
+        raise CLIError(f"--chat-template: cannot read {template}: {why}")
 
 
 def load_llm(args, **engine_args):
@@ -200,6 +201,9 @@ def use_chat_template(llm, path: str) -> None:
             text = f.read()
     except OSError as e:
         raise CLIError(f"--chat-template: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # was "'utf-8' codec can't decode byte 0xff in position 0", no flag, no file
+        raise CLIError(f"--chat-template: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                       f"{e.start})") from None
     try:
         llm.tokenizer.set_chat_template(text)
     except ValueError as e:
