@@ -51,6 +51,16 @@ def test_sudoku_live_with_out_dash_keeps_stdout_to_the_solution_lines(monkeypatc
     assert "puzzle 2/2" in cap.err and cap.err.count(" | ") >= 2 * 9 * 2  # the boards, on stderr
 
 
+@pytest.mark.parametrize("flags", [["--port", "8123"], ["--open"]])
+def test_demo_web_flags_without_web_are_refused(monkeypatch, capsys, flags):
+    """They were ignored: `demo --open` solved a puzzle in the terminal and opened nothing."""
+    import blockdiff.sudoku.cli as sudoku_cli
+
+    monkeypatch.setattr(sudoku_cli, "_load", lambda args: pytest.fail("loaded the model"))
+    assert main(["demo", *flags]) == 2
+    assert capsys.readouterr().err == f"blockdiff: error: {flags[0]} applies only with --web (the playground in the browser)\n"
+
+
 def test_demo_piped_prints_the_final_board_once(capsys):
     main(["demo", "--seed", "0", "--threads", "1"])
     out = capsys.readouterr().out

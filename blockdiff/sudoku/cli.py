@@ -169,6 +169,9 @@ def cmd_demo(args) -> int:
 
     if args.web:
         return _serve_playground(args)
+    for flag, given in (("--port", args.port is not None), ("--open", args.open)):
+        if given:  # was ignored: the terminal demo ran, no server, no browser
+            raise _error(f"{flag} applies only with --web (the playground in the browser)")
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     puzzle, _ = generate(random.Random(seed), 40, 49, unique=True)
     llm = _load(args)
@@ -197,6 +200,8 @@ def _serve_playground(args) -> int:
     from ..server.app import HTTP_PROTOCOL, build_app
     from ..server.cli import check_bindable
 
+    if args.port is None:
+        args.port = 8000
     if not 0 <= args.port < 65536:
         raise _error(f"--port must be in [0, 65535], got {args.port}")
     # A port in use is one line and exit 2 before the model loads (uvicorn would say it after the URL was printed).
@@ -245,6 +250,6 @@ def register(subparsers) -> None:
                    "own puzzles)")
     d.add_argument("--web", action="store_true", help="serve the playground page on the bundled model instead and "
                    "print its URL")
-    d.add_argument("--port", type=int, default=8000, help="with --web: the port on 127.0.0.1 (default 8000)")
+    d.add_argument("--port", type=int, default=None, help="with --web: the port on 127.0.0.1 (default 8000)")
     d.add_argument("--open", action="store_true", help="with --web: also open the page in a browser")
     d.set_defaults(func=cmd_demo)
