@@ -357,6 +357,9 @@ def cmd_run(args) -> int:
         raise CLIError("give a prompt, or --prompt-ids (not both)")
     if args.system is not None and args.chat is False:
         raise CLIError("--system is a chat-mode message: it has no place in a --raw prompt")
+    if args.prompt_ids is not None and (args.system is not None or args.chat):  # they were ignored
+        raise CLIError(f"{'--system' if args.system is not None else '--chat'} needs a text prompt: --prompt-ids "
+                       "are sent as given, without the chat template")
     if args.prompt is not None and not args.prompt.strip() and not args.image:
         raise CLIError("the prompt is empty")
     check_text_arguments(args)

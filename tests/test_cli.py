@@ -248,3 +248,14 @@ def test_chat_a_piped_line_that_is_not_utf8_is_that_turns_error_and_the_session_
     out, err = capsys.readouterr()
     assert err == "blockdiff: error: the message is not UTF-8 text: the byte 0xe9 at character 3 is not UTF-8\n"
     assert sum(bool(CLOSING.match(x)) for x in out.splitlines()) == 1  # the next line was answered
+
+
+@pytest.mark.parametrize("flags, flag", [(["--system", "be brief"], "--system"), (["--chat"], "--chat")])
+def test_prompt_ids_with_chat_mode_flags_are_refused(tiny_checkpoint, monkeypatch, capsys, flags, flag):
+    """--prompt-ids are sent as given: --system (and --chat) were accepted and silently dropped."""
+    import blockdiff.cli
+
+    monkeypatch.setattr(blockdiff.cli, "load_llm", lambda args: pytest.fail("loaded the model first"))
+    assert main(["run", tiny_checkpoint, "--prompt-ids", "2,40,41", *flags, *ARGS]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: {flag} needs a text prompt: --prompt-ids are sent as "
+                                       "given, without the chat template\n")

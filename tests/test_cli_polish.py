@@ -61,6 +61,17 @@ def test_demo_web_flags_without_web_are_refused(monkeypatch, capsys, flags):
     assert capsys.readouterr().err == f"blockdiff: error: {flags[0]} applies only with --web (the playground in the browser)\n"
 
 
+def test_sudoku_batch_size_with_live_is_refused(monkeypatch, capsys):
+    """--live solves one puzzle at a time: --batch-size was accepted and ignored."""
+    import blockdiff.sudoku.cli as sudoku_cli
+
+    monkeypatch.setattr(sudoku_cli, "_load", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(PUZZLE + "\n"))
+    assert main(["sudoku", "--puzzles", "-", "--out", "-", "--live", "--batch-size", "8"]) == 2
+    assert capsys.readouterr().err == ("blockdiff: error: --batch-size does not apply with --live (it shows one "
+                                       "puzzle at a time)\n")
+
+
 def test_demo_piped_prints_the_final_board_once(capsys):
     main(["demo", "--seed", "0", "--threads", "1"])
     out = capsys.readouterr().out

@@ -92,6 +92,8 @@ def cmd_sudoku(args) -> int:
     from .solver import solve_diffusion
 
     _check_flags(args)
+    if args.live and args.batch_size is not None:  # was ignored: --live denoises one puzzle at a time
+        raise _error("--batch-size does not apply with --live (it shows one puzzle at a time)")
     check_writable(args.out)
 
     puzzles = _read_puzzles(args.puzzles)
@@ -105,7 +107,7 @@ def cmd_sudoku(args) -> int:
             sols.append(_run_live(llm, p, args.seed + i, args.steps, f"puzzle {i + 1}/{len(puzzles)}",
                                   stderr=args.out == "-"))
     else:
-        sols = solve_diffusion(llm, puzzles, seed=args.seed, batch_size=args.batch_size,
+        sols = solve_diffusion(llm, puzzles, seed=args.seed, batch_size=args.batch_size or 64,
                                max_denoising_steps=args.steps)
     from .puzzles import is_valid_solution
     solved = [is_valid_solution(p, s.grid) for p, s in zip(puzzles, sols)]
@@ -239,7 +241,8 @@ def register(subparsers) -> None:
                    "the model did not solve ('-' for stdout)")
     p.add_argument("--live", action="store_true", help="show each puzzle's canvas as it denoises")
     p.add_argument("--seed", type=at_least(0), default=0, help="puzzle i samples with seed SEED + i")
-    p.add_argument("--batch-size", type=at_least(1), default=64, help="puzzles denoised at once (default 64)")
+    p.add_argument("--batch-size", type=at_least(1), default=None, help="puzzles denoised at once (default 64; "
+                   "not with --live)")
     p.set_defaults(func=cmd_sudoku)
     d = subparsers.add_parser("demo", help="solve a random Sudoku live with the bundled model (CPU, seconds)",
                               description="Solve a random Sudoku (40-49 givens) with the bundled model: the board "
