@@ -10,7 +10,9 @@ Examples:
     blockdiff demo --web                  # the playground on the bundled Sudoku model
 
 Bad input (a missing checkpoint, an invalid sampling parameter) prints one line to stderr and exits with 2;
-Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are written whole or not at all.
+Ctrl-C prints "blockdiff: interrupted" and exits with 130. Output files are written whole or not at all. A reader
+that stops early (`| head -1`) ends the command quietly with 141, as SIGPIPE ends other tools; text the terminal's
+encoding cannot show (LANG=C without UTF-8, PYTHONIOENCODING=ascii) is printed with '?' in its place.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import importlib
 import logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -158,7 +161,8 @@ def check_before_load(args) -> None:
     check_threads(args.threads)
     template = getattr(args, "chat_template", None)
     if template and not os.path.isfile(template):
-        raise CLIError(f"--chat-template: cannot read {template}: no such file")
+        why = "it is a folder" if os.path.isdir(template) else "no such file"
+        raise CLIError(f"--chat-template: cannot read {template}: {why}")
 
 
 def load_llm(args, **engine_args):
@@ -197,6 +201,9 @@ def use_chat_template(llm, path: str) -> None:
             text = f.read()
     except OSError as e:
         raise CLIError(f"--chat-template: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # was "'utf-8' codec can't decode byte 0xff in position 0", no flag, no file
+        raise CLIError(f"--chat-template: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                       f"{e.start})") from None
     try:
         llm.tokenizer.set_chat_template(text)
     except ValueError as e:
@@ -330,13 +337,32 @@ def check_context_before_load(args, prompt_tokens: int | None) -> None:
         raise CLIError(str(e)) from None
 
 
+def check_text_arguments(args) -> None:
+    """The prompt, --system and --stop as UTF-8 text, before the load: a byte that was not UTF-8 (a Latin-1 'é'
+    typed or pasted into a terminal) reaches Python as a lone surrogate, and was a tokenizer traceback."""
+    from .tokenizer import check_unicode
+
+    texts = [("the prompt", getattr(args, "prompt", None)), ("--system", args.system)] + \
+        [("--stop", s) for s in args.stop or ()]
+    for what, text in texts:
+        if text is not None:
+            try:
+                check_unicode(text, what)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+
+
 def cmd_run(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise CLIError("give a prompt, or --prompt-ids (not both)")
     if args.system is not None and args.chat is False:
         raise CLIError("--system is a chat-mode message: it has no place in a --raw prompt")
+    if args.prompt_ids is not None and (args.system is not None or args.chat):  # they were ignored
+        raise CLIError(f"{'--system' if args.system is not None else '--chat'} needs a text prompt: --prompt-ids "
+                       "are sent as given, without the chat template")
     if args.prompt is not None and not args.prompt.strip() and not args.image:
         raise CLIError("the prompt is empty")
+    check_text_arguments(args)
     params = sampling_params(args)  # validate before the (slow) model load
     images = read_images(args.image)
     ids = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else None
@@ -386,18 +412,31 @@ def cmd_run(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- chat
 def _read_line(interactive: bool) -> str | None:
+    """The next message, None at the end of input. Bytes that are not UTF-8 come through as lone surrogates (the
+    turn's error names them); decoded strictly, they ended the whole session with "'utf-8' codec can't decode"."""
     if interactive:
         try:
             return input(">>> ")
         except EOFError:
             print()
             return None
-    line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            print(f"blockdiff: error: the message is not UTF-8 text: the byte 0x{e.object[e.start]:02x} is not "
+                  "UTF-8", file=sys.stderr, flush=True)
+            return ""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        line = sys.stdin.readline()
+    else:
+        line = stream.readline().decode("utf-8", "surrogateescape")
     return line if line else None
 
 
 def cmd_chat(args) -> int:
+    from .tokenizer import check_unicode
+
     base = sampling_params(args)
+    check_text_arguments(args)
     check_context_before_load(args, None)
     llm = load_llm(args)
     if not has_chat_template(llm.tokenizer):
@@ -435,6 +474,11 @@ def cmd_chat(args) -> int:
             continue
         if re.fullmatch(r"/[A-Za-z]+", line):  # a mistyped command is not a message for the model
             print(f"(unknown command {line}: /reset clears the conversation, /exit ends it)", flush=True)
+            continue
+        try:
+            check_unicode(line, "the message")
+        except ValueError as e:  # this turn's error; the session goes on
+            print(f"blockdiff: error: {e}", file=sys.stderr, flush=True)
             continue
         messages.append({"role": "user", "content": line})
         params = base
@@ -566,11 +610,55 @@ def flag_names(parser: argparse.ArgumentParser | None, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _replace_unencodable(sys.stdout)
     try:
-        return _main(argv)
+        rc = _main(argv)
+        sys.stdout.flush()  # a reader gone (`| head -1`) is seen here, not as a traceback when Python exits
+        return rc
     except KeyboardInterrupt:  # Ctrl-C while torch and the subcommands import, before _main's own handler
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:  # raised again by _main only when it is stdout's reader that is gone
+        if not _stdout_reader_gone():
+            print(f"blockdiff: error: {e}", file=sys.stderr)
+            return 2
+        return _quiet_sigpipe_exit()
+
+
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a tool SIGPIPE ended (`yes | head -1`)
+
+
+def _replace_unencodable(stream) -> None:
+    """Text stdout's encoding cannot show becomes '?': under PYTHONIOENCODING=ascii or a non-UTF-8 locale the model's
+    text or the closing line's '·' raised UnicodeEncodeError, which ended the command with "blockdiff: error: 'ascii'
+    codec can't encode ..." and status 2 after part of the answer had been printed. (stderr already escapes.)"""
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding.startswith("utf") or getattr(stream, "errors", None) != "strict":
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        stream.reconfigure(errors="replace")
+
+
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end is closed (poll says POLLERR), or when that cannot be asked
+    (no poll, no file descriptor): then the BrokenPipeError is most likely stdout's."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError):
+        return True
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _quiet_sigpipe_exit() -> int:
+    """stdout's reader has gone: no message (the reader chose to stop), and stdout pointed at /dev/null so that
+    Python's own flush at exit does not print "Exception ignored ... BrokenPipeError"."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return SIGPIPE_STATUS
 
 
 @contextlib.contextmanager
@@ -611,6 +699,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("blockdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `| head -1`: main() says nothing when it is stdout's reader that stopped
+        raise
     except (ValueError, OSError, ImportError) as e:  # bad path/params, I/O, a missing optional dependency
         from .checks import CheckpointError
 

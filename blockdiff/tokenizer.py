@@ -60,6 +60,23 @@ def _decoder_steps(tok: _HFTokenizer) -> list[dict]:
     return steps
 
 
+def check_unicode(text: str, what: str = "the text") -> None:
+    """A ValueError for a string that is no Unicode text: a lone surrogate, which is how Python hands over a byte
+    that was not UTF-8 (a Latin-1 ``é`` in a command-line argument or piped input becomes ``'\\udce9'``). The
+    tokenizer said "TypeError: TextInputSequence must be str", a traceback."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            raise ValueError(f"{what} is not UTF-8 text: the byte 0x{code - 0xDC00:02x} at character {e.start} is "
+                             "not UTF-8") from None
+        raise ValueError(f"{what} is not valid Unicode text: a lone surrogate U+{code:04X} at character "
+                         f"{e.start}") from None
+
+
 class _PieceBytes:
     """A vocabulary piece -> the raw bytes it stands for, read off the decoder's steps: byte-level BPE maps each
     character to one byte (GPT-2's alphabet); sentencepiece-style vocabularies spell a space as the metaspace
@@ -299,6 +316,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
+        check_unicode(text)
         if len(text) > 4096:  # encode_batch releases the GIL (encode does not): other threads run meanwhile
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

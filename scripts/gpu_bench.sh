@@ -38,12 +38,13 @@ start=$(date +%s)
 BLOCKDIFF_COMPILE=0 "${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --dtype "${DTYPE:-auto}" --batches "$BATCHES" \
   --repeats "$REPEATS" --warmup "$WARMUP" --prompt-len "$PROMPT" --fast "${EXTRA[@]}" --out "$OUT/full.json"
 
-# 2. Quantized variants of the same run. >>> QUANTIZATION SPOT: runs once `blockdiff bench` has --quantization
-#    (issue 9); the list of schemes comes from that option's help text.
-if grep -q -- '"--quantization"' blockdiff/bench/cli.py 2>/dev/null; then
+# 2. Quantized variants of the full shape: `bench --random-config full --quantization Q` builds the shape in CPU
+#    memory tensor by tensor and times one denoise step (blockdiff/bench/full_shape_quantized.py), so the per-batch
+#    flags do not apply (bench refuses --batches, --fast, --peak-bandwidth with it). full-smoke (the
+#    smoke run) takes no --quantization: it used to run unquantized under a full_$q.json name.
+if [ "$SHAPE" = full ] && grep -q -- '"--quantization"' blockdiff/bench/cli.py 2>/dev/null; then
   for q in ${QUANT_SCHEMES:-int8 int4 fp8}; do
-    "${BENCH[@]}" --random-config "$SHAPE" --device "$DEVICE" --batches "$BATCHES" --repeats "$REPEATS" \
-      --warmup "$WARMUP" --prompt-len "$PROMPT" --quantization "$q" "${EXTRA[@]}" --out "$OUT/full_$q.json" \
+    "${BENCH[@]}" --random-config full --prompt-len "$PROMPT" --quantization "$q" --out "$OUT/full_$q.json" \
       || echo "quantization $q failed (see above)" >&2
   done
 fi

@@ -256,3 +256,33 @@ def test_the_oracle_is_skipped_on_a_blockdiff_quantized_checkpoint_it_cannot_rea
     monkeypatch.setattr(llm_module, "LLM", lambda *a, **k: pytest.fail("loaded a model whose oracle it refuses"))
     assert main(["bench", q, "--systems", "oracle", "--steps", "2"]) == 2
     assert "--systems oracle: the transformers reference cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--random-config", "tiny", "--tools"],
+     "--tools does not apply to the side-by-side comparison (it applies with --structured)"),
+    (["--random-config", "tiny", "--tools-only"],
+     "--tools-only does not apply to the side-by-side comparison (it applies with --structured)"),
+    (["--random-config", "tiny", "--fast"],
+     "--fast does not apply to the side-by-side comparison (it applies with --random-config full / full-smoke)"),
+    (["--random-config", "tiny", "--batches", "1,2"], "--batches does not apply to the side-by-side comparison"),
+    (["--random-config", "tiny", "--layers", "2"], "--layers does not apply to the side-by-side comparison"),
+    (["--random-config", "mid-v262k", "--structured", "--quantization", "int8"],
+     "--quantization does not apply to --structured"),
+    (["--random-config", "mid-v262k", "--structured", "--profile"], "--profile does not apply to --structured"),
+    (["--random-config", "tiny", "--profile", "--out", "OUT"], "--out does not apply to --profile"),
+    (["--random-config", "full-smoke", "--quantization", "int8"],
+     "--quantization does not apply to --random-config full-smoke"),
+    (["--random-config", "full-smoke", "--structured"], "--structured does not apply to --random-config full-smoke"),
+    (["--random-config", "full", "--quantization", "int4", "--batches", "1,2"],
+     "--batches does not apply to --random-config full --quantization"),
+])
+def test_a_flag_the_chosen_benchmark_never_reads_is_refused_before_any_work(flags, message, tmp_path, capsys):
+    """They were accepted and ignored: `--tools` without --structured ran the whole comparison with no tool rows,
+    `--structured --quantization int8` timed the full-precision model, `--profile --out f` wrote no file,
+    `--random-config full-smoke --quantization int8` ran unquantized."""
+    flags = [str(tmp_path / "r.json") if f == "OUT" else f for f in flags]
+    assert main(["bench", *flags, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blockdiff: error: {message}") and err.count("\n") == 1, err
+    assert "building" not in err and not (tmp_path / "r.json").exists()

@@ -214,3 +214,48 @@ def test_a_broken_subcommand_module_is_reported_and_skipped(monkeypatch, capsys)
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"run", "chat", "bench"} <= set(sub.choices)
     assert "broken subcommand is unavailable: half-written module" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, what", [(["caf\udce9"], "the prompt"), (["ok", "--system", "caf\udce9"], "--system"),
+                                        (["ok", "--stop", "caf\udce9"], "--stop")])
+def test_run_text_that_is_not_utf8_is_one_line_before_the_load(tiny_checkpoint, monkeypatch, capsys, argv, what):
+    """A Latin-1 'é' in an argument reaches Python as the lone surrogate '\\udce9': `run` ended in the tokenizer's
+    "TypeError: TextInputSequence must be str" traceback (status 1)."""
+    import blockdiff.cli
+
+    monkeypatch.setattr(blockdiff.cli, "load_llm", lambda args: pytest.fail("loaded the model first"))
+    assert main(["run", tiny_checkpoint, *argv, *ARGS]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: {what} is not UTF-8 text: the byte 0xe9 at character 3 "
+                                       "is not UTF-8\n")
+
+
+def test_the_tokenizer_refuses_a_lone_surrogate_with_a_value_error(llm):
+    with pytest.raises(ValueError, match="the byte 0xe9 at character 3 is not UTF-8"):
+        llm.tokenizer.encode("caf\udce9")
+    with pytest.raises(ValueError, match="a lone surrogate U\\+D800 at character 0"):
+        llm.tokenizer.encode("\ud800")
+    assert llm.tokenizer.encode("café") == llm.tokenizer.encode("café")
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale / the C locale
+def test_chat_a_piped_line_that_is_not_utf8_is_that_turns_error_and_the_session_goes_on(tiny_checkpoint, monkeypatch,
+                                                                                       capsys, errors):
+    """It ended the session: "'utf-8' codec can't decode byte 0xe9" with status 2 (a UTF-8 locale), or a
+    TypeError traceback from the tokenizer (the C locale)."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nhi\n"), encoding="utf-8", errors=errors)
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main(["chat", tiny_checkpoint, "--max-new-tokens", "4", "--steps", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "blockdiff: error: the message is not UTF-8 text: the byte 0xe9 at character 3 is not UTF-8\n"
+    assert sum(bool(CLOSING.match(x)) for x in out.splitlines()) == 1  # the next line was answered
+
+
+@pytest.mark.parametrize("flags, flag", [(["--system", "be brief"], "--system"), (["--chat"], "--chat")])
+def test_prompt_ids_with_chat_mode_flags_are_refused(tiny_checkpoint, monkeypatch, capsys, flags, flag):
+    """--prompt-ids are sent as given: --system (and --chat) were accepted and silently dropped."""
+    import blockdiff.cli
+
+    monkeypatch.setattr(blockdiff.cli, "load_llm", lambda args: pytest.fail("loaded the model first"))
+    assert main(["run", tiny_checkpoint, "--prompt-ids", "2,40,41", *flags, *ARGS]) == 2
+    assert capsys.readouterr().err == (f"blockdiff: error: {flag} needs a text prompt: --prompt-ids are sent as "
+                                       "given, without the chat template\n")

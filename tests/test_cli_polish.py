@@ -40,6 +40,38 @@ def test_sudoku_marks_a_puzzle_the_model_did_not_solve(monkeypatch, capsys):
     assert "1 puzzle · 0 solved" in cap.err
 
 
+def test_sudoku_live_with_out_dash_keeps_stdout_to_the_solution_lines(monkeypatch, capsys):
+    """`sudoku --puzzles - --out - --live` drew every puzzle's board on stdout, before the solutions: a pipe or a
+    redirect got the drawings mixed into the one-solution-per-line output. The boards go to stderr."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{PUZZLE}\n{PUZZLE}\n"))
+    assert main(["sudoku", "--puzzles", "-", "--out", "-", "--live", "--threads", "1"]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(r"\d{81}( # unsolved)?", x) for x in lines), cap.out
+    assert "puzzle 2/2" in cap.err and cap.err.count(" | ") >= 2 * 9 * 2  # the boards, on stderr
+
+
+@pytest.mark.parametrize("flags", [["--port", "8123"], ["--open"]])
+def test_demo_web_flags_without_web_are_refused(monkeypatch, capsys, flags):
+    """They were ignored: `demo --open` solved a puzzle in the terminal and opened nothing."""
+    import blockdiff.sudoku.cli as sudoku_cli
+
+    monkeypatch.setattr(sudoku_cli, "_load", lambda args: pytest.fail("loaded the model"))
+    assert main(["demo", *flags]) == 2
+    assert capsys.readouterr().err == f"blockdiff: error: {flags[0]} applies only with --web (the playground in the browser)\n"
+
+
+def test_sudoku_batch_size_with_live_is_refused(monkeypatch, capsys):
+    """--live solves one puzzle at a time: --batch-size was accepted and ignored."""
+    import blockdiff.sudoku.cli as sudoku_cli
+
+    monkeypatch.setattr(sudoku_cli, "_load", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(PUZZLE + "\n"))
+    assert main(["sudoku", "--puzzles", "-", "--out", "-", "--live", "--batch-size", "8"]) == 2
+    assert capsys.readouterr().err == ("blockdiff: error: --batch-size does not apply with --live (it shows one "
+                                       "puzzle at a time)\n")
+
+
 def test_demo_piped_prints_the_final_board_once(capsys):
     main(["demo", "--seed", "0", "--threads", "1"])
     out = capsys.readouterr().out

@@ -113,3 +113,41 @@ def test_demo_verifies_the_bundled_models_answer_with_the_exact_solver(capsys):
     grid = out.split("solution ")[1].split()[0]
     assert len(grid) == 81
     assert rc == (0 if "correct" in out else 1)
+
+
+PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_puzzle_files_saved_on_windows_read_like_any_other(tmp_path, monkeypatch, source):
+    """A file saved as "UTF-8 with BOM" (Notepad) with CRLF line endings: its line 1 was "puzzle must have 81
+    characters, found 82" (the invisible BOM counted)."""
+    import io
+
+    from blockdiff.sudoku.cli import _read_puzzles
+
+    data = ("\ufeff" + PUZZLE + "\r\n\r\n# c\r\n" + PUZZLE.replace(".", "0") + "\r\n").encode("utf-8")
+    if source == "file":
+        (tmp_path / "in.txt").write_bytes(data)
+        path = str(tmp_path / "in.txt")
+    else:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="ascii"))  # any locale
+        path = "-"
+    assert _read_puzzles(path) == [parse_puzzle(PUZZLE)] * 2
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_puzzle_file_that_is_not_utf8_names_the_file_and_line(tmp_path, monkeypatch, capsys, source):
+    """It was "blockdiff: error: 'utf-8' codec can't decode byte 0xff in position 163: ..." (no file, no line)."""
+    import io
+
+    data = (PUZZLE + "\n" + PUZZLE + "\n").encode() + b"\xff" + (PUZZLE + "\n").encode()
+    if source == "file":
+        (tmp_path / "in.txt").write_bytes(data)
+        path = str(tmp_path / "in.txt")
+    else:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        path = "-"
+    assert main(["sudoku", "--puzzles", path, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    name = "stdin" if path == "-" else path
+    assert capsys.readouterr().err == f"blockdiff: error: {name}: line 3: not UTF-8 text (byte 0xff)\n"

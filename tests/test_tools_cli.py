@@ -29,6 +29,18 @@ def test_a_bad_chat_template_file_exits_2_naming_the_flag(tiny_checkpoint, tmp_p
     assert "--chat-template" in err and message in err
 
 
+def test_a_chat_template_that_is_not_utf8_or_a_folder_names_the_flag(tiny_checkpoint, tmp_path, capsys):
+    """It was "blockdiff: error: 'utf-8' codec can't decode byte 0xff in position 0" (no flag, no file), and a
+    folder was "no such file"."""
+    t = tmp_path / "t.jinja"
+    t.write_bytes(b"\xff{{ messages }}")
+    assert main(["run", tiny_checkpoint, "hi", "--chat-template", str(t), *ARGS]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"\nblockdiff: error: --chat-template: {t} is not UTF-8 text (byte 0xff at offset 0)\n")
+    assert main(["run", tiny_checkpoint, "hi", "--chat-template", str(tmp_path), *ARGS]) == 2
+    assert capsys.readouterr().err == f"blockdiff: error: --chat-template: cannot read {tmp_path}: it is a folder\n"
+
+
 @pytest.mark.parametrize("cmd", ["run", "chat", "serve"])
 def test_the_flag_is_on_run_chat_and_serve(cmd):
     p = build_parser()

@@ -11,6 +11,8 @@ Examples::
 ``--random-config full`` (and its toy twin ``full-smoke``) times denoising ticks of the released 26B-A4B shape
 built with random weights directly on the device, per batch size, against the memory-bandwidth floor
 (see blockdiff/bench/full_shape_ticks.py); the other options of the side-by-side comparison do not apply to it.
+A flag the chosen benchmark does not read (``--tools`` without ``--structured``, ``--batches`` outside ``--random-config
+full``, ``--quantization`` with ``--structured``, ``--out`` with ``--profile``, ...) is refused before any work.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def run(args) -> int:
     parsed = parse_method(args.quantization)  # a bad method fails before the (slow) checkpoint build
     if parsed:
         check_device(parsed[0], args.device)
+    _refuse_unused_flags(args, bool(parsed))
     if args.systems:  # an unknown name fails before the (slow) checkpoint build, not after it
         from .harness import check_systems
         check_systems(args.systems, args.ar_batches if args.tensor_parallel_size == 1 else ())
@@ -151,6 +154,46 @@ def run(args) -> int:
         _write_report(args.out, report)
         log(f"wrote {args.out}")
     return 0
+
+
+FULL_ONLY = ("--batches", "--fast", "--layers", "--peak-bandwidth")
+NOT_FULL = ("--structured", "--tools", "--tools-only", "--profile", "--tick-memory", "--systems",
+            "--tensor-parallel-size", "--expert-parallel")
+
+
+def _refuse_unused_flags(args, quantized: bool) -> None:
+    """A flag the chosen benchmark never reads is one line and exit 2, before any work: ``--tools`` without
+    ``--structured`` ran the whole side-by-side comparison with no tool rows, ``--structured --quantization int8``
+    timed the unquantized model, ``--profile --out f.json`` wrote no file, ``--random-config full-smoke
+    --quantization int8`` ran unquantized, ``--batches`` / ``--fast`` outside ``--random-config full`` did nothing."""
+    from .full_shape_ticks import SHAPES
+
+    given = {"--batches": tuple(args.batches) != (1, 4, 16), "--fast": args.fast, "--layers": args.layers is not None,
+             "--peak-bandwidth": args.peak_bandwidth is not None, "--structured": args.structured,
+             "--tools": args.tools, "--tools-only": args.tools_only, "--profile": args.profile,
+             "--tick-memory": args.tick_memory, "--systems": bool(args.systems),
+             "--tensor-parallel-size": args.tensor_parallel_size != 1, "--expert-parallel": args.expert_parallel,
+             "--quantization": quantized, "--out": bool(args.out)}
+    if args.random_config == "full" and quantized:
+        mode, unused = "--random-config full --quantization (one step of the shape built in CPU memory)", \
+            ("--batches", "--fast", "--peak-bandwidth") + NOT_FULL
+    elif args.random_config in SHAPES:
+        mode, unused = f"--random-config {args.random_config}", NOT_FULL + (("--quantization",) if quantized else ())
+    elif args.structured:
+        mode, unused = "--structured", FULL_ONLY + ("--quantization", "--profile", "--tick-memory", "--systems",
+                                                    "--tensor-parallel-size", "--expert-parallel")
+    elif args.profile:
+        mode, unused = "--profile (it prints its breakdown; there is no JSON report)", FULL_ONLY + (
+            "--tools", "--tools-only", "--tick-memory", "--tensor-parallel-size", "--expert-parallel", "--out")
+    else:
+        mode, unused = "the side-by-side comparison", FULL_ONLY + ("--tools", "--tools-only")
+    flag = next((f for f in unused if given[f]), None)
+    if flag is None:
+        return
+    where = " (it applies with --structured)" if flag in ("--tools", "--tools-only") else \
+        "" if flag not in FULL_ONLY else " (it applies without --quantization)" if args.random_config == "full" \
+        else " (it applies with --random-config full / full-smoke)"
+    raise ValueError(f"{flag} does not apply to {mode}{where}")
 
 
 def _write_report(path: str, report: dict) -> None:

@@ -61,14 +61,16 @@ def _load(args):
     return llm
 
 
-def _run_live(llm, puzzle, seed, steps, title):
+def _run_live(llm, puzzle, seed, steps, title, stderr: bool = False):
+    """The board redrawn at every step on a terminal (printed once elsewhere), on stdout, or on stderr with
+    ``stderr`` (``sudoku --out -``: stdout carries the solution lines)."""
     from rich.console import Console
     from rich.live import Live
 
     from .solver import solve_diffusion
     from .view import SudokuView
 
-    console = Console()
+    console = Console(stderr=stderr)
     max_steps = steps or llm.defaults.max_denoising_steps
     view = SudokuView(puzzle, max_steps=max_steps, title=title)
     if not console.is_terminal:
@@ -90,6 +92,8 @@ def cmd_sudoku(args) -> int:
     from .solver import solve_diffusion
 
     _check_flags(args)
+    if args.live and args.batch_size is not None:  # was ignored: --live denoises one puzzle at a time
+        raise _error("--batch-size does not apply with --live (it shows one puzzle at a time)")
     check_writable(args.out)
 
     puzzles = _read_puzzles(args.puzzles)
@@ -98,9 +102,12 @@ def cmd_sudoku(args) -> int:
     if args.live:
         sols = []
         for i, p in enumerate(puzzles):
-            sols.append(_run_live(llm, p, args.seed + i, args.steps, f"puzzle {i + 1}/{len(puzzles)}"))
+            # With --out -, the boards went to stdout between the solution lines (`--live > out.txt` or `| ...`
+            # got 14 lines of drawing per puzzle before the 81-digit lines): they go to stderr then.
+            sols.append(_run_live(llm, p, args.seed + i, args.steps, f"puzzle {i + 1}/{len(puzzles)}",
+                                  stderr=args.out == "-"))
     else:
-        sols = solve_diffusion(llm, puzzles, seed=args.seed, batch_size=args.batch_size,
+        sols = solve_diffusion(llm, puzzles, seed=args.seed, batch_size=args.batch_size or 64,
                                max_denoising_steps=args.steps)
     from .puzzles import is_valid_solution
     solved = [is_valid_solution(p, s.grid) for p, s in zip(puzzles, sols)]
@@ -126,12 +133,22 @@ def _read_puzzles(path: str) -> list[list[int]]:
     name = "stdin" if path == "-" else path
     try:
         if path == "-":
-            lines = sys.stdin.readlines()
+            stream = getattr(sys.stdin, "buffer", None)  # bytes: decoded here, whatever the locale says
+            data = stream.read() if stream is not None else sys.stdin.read()
         else:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
         raise _error(f"--puzzles {path}: cannot read it: {e.strerror or e}") from None
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:  # was "'utf-8' codec can't decode byte 0xff in position 81", no file named
+            line = data.count(b"\n", 0, e.start) + 1
+            raise _error(f"{name}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    # A byte-order mark (a file saved as "UTF-8 with BOM" on Windows) is no character of the first puzzle: it
+    # made line 1 "82 characters" long.
+    lines = data.removeprefix("\ufeff").split("\n")  # strip() below takes the \r of CRLF files
     puzzles = []
     for n, line in enumerate(lines, 1):
         s = line.strip()
@@ -154,6 +171,9 @@ def cmd_demo(args) -> int:
 
     if args.web:
         return _serve_playground(args)
+    for flag, given in (("--port", args.port is not None), ("--open", args.open)):
+        if given:  # was ignored: the terminal demo ran, no server, no browser
+            raise _error(f"{flag} applies only with --web (the playground in the browser)")
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     puzzle, _ = generate(random.Random(seed), 40, 49, unique=True)
     llm = _load(args)
@@ -182,6 +202,8 @@ def _serve_playground(args) -> int:
     from ..server.app import HTTP_PROTOCOL, build_app
     from ..server.cli import check_bindable
 
+    if args.port is None:
+        args.port = 8000
     if not 0 <= args.port < 65536:
         raise _error(f"--port must be in [0, 65535], got {args.port}")
     # A port in use is one line and exit 2 before the model loads (uvicorn would say it after the URL was printed).
@@ -219,7 +241,8 @@ def register(subparsers) -> None:
                    "the model did not solve ('-' for stdout)")
     p.add_argument("--live", action="store_true", help="show each puzzle's canvas as it denoises")
     p.add_argument("--seed", type=at_least(0), default=0, help="puzzle i samples with seed SEED + i")
-    p.add_argument("--batch-size", type=at_least(1), default=64, help="puzzles denoised at once (default 64)")
+    p.add_argument("--batch-size", type=at_least(1), default=None, help="puzzles denoised at once (default 64; "
+                   "not with --live)")
     p.set_defaults(func=cmd_sudoku)
     d = subparsers.add_parser("demo", help="solve a random Sudoku live with the bundled model (CPU, seconds)",
                               description="Solve a random Sudoku (40-49 givens) with the bundled model: the board "
@@ -230,6 +253,6 @@ def register(subparsers) -> None:
                    "own puzzles)")
     d.add_argument("--web", action="store_true", help="serve the playground page on the bundled model instead and "
                    "print its URL")
-    d.add_argument("--port", type=int, default=8000, help="with --web: the port on 127.0.0.1 (default 8000)")
+    d.add_argument("--port", type=int, default=None, help="with --web: the port on 127.0.0.1 (default 8000)")
     d.add_argument("--open", action="store_true", help="with --web: also open the page in a browser")
     d.set_defaults(func=cmd_demo)
