@@ -138,3 +138,27 @@ def test_shutdown_fails_requests_in_flight(make):
             ae.submit(PROMPT, short(), "b")
         assert not ae.healthy
     asyncio.run(main())
+
+
+def test_idle_engine_thread_keeps_no_finished_request_alive(make):
+    """Found under load: the idle engine thread kept the last tick's submitted ``ModelState`` (and through its
+    ``on_event`` closure its ``RequestStream``, event queue, constraint and per-request device tensors) alive in
+    the locals of its loop until the next request came. Once a request is done and its stream dropped, nothing
+    of it may stay reachable while the server idles."""
+    import gc
+    import weakref
+
+    ae = make()
+
+    async def main():
+        rs = ae.submit(PROMPT, short(), "a")
+        evs = await drain(rs)
+        assert evs[-1].kind == "done"
+        return weakref.ref(rs.state), weakref.ref(rs)
+    state, stream = asyncio.run(main())
+    deadline = time.time() + 5
+    while (state() is not None or stream() is not None) and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.02)
+    assert state() is None and stream() is None, "a finished request is still reachable from the idle engine"
+    assert ae.healthy

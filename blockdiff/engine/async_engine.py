@@ -309,13 +309,8 @@ class AsyncEngine:
                         break
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
-                with self.engine.lock:  # direct LLM.generate calls may drive the same engine (Engine.lock)
-                    for s in adds:
-                        self.engine.scheduler.add(s)
-                    for rid in aborts:
-                        self.engine.abort(rid)  # finishes the state: frees its cache, emits done(abort)
-                    if self.engine.has_unfinished():
-                        self._tick()
+                self._apply_and_tick(adds, aborts)
+                adds = aborts = None  # held while this thread idles, they would keep finished requests alive
                 self._publish()
                 failure = self._model_failure()
                 if failure is not None:  # every later tick would fail too: stop, and /health says so (503)
@@ -328,6 +323,16 @@ class AsyncEngine:
         finally:
             self._fail_all(EngineStoppedError("the engine stopped" + (f": {self._dead}" if self._dead else "")))
             self._publish()
+
+    def _apply_and_tick(self, adds: list[ModelState], aborts: list[str]) -> None:
+        # A method of its own: its locals (the states it added) die with its frame, not in the idle loop's.
+        with self.engine.lock:  # direct LLM.generate calls may drive the same engine (Engine.lock)
+            for s in adds:
+                self.engine.scheduler.add(s)
+            for rid in aborts:
+                self.engine.abort(rid)  # finishes the state: frees its cache, emits done(abort)
+            if self.engine.has_unfinished():
+                self._tick()
 
     def _tick(self) -> None:
         t0 = time.perf_counter()
