@@ -240,10 +240,12 @@ def test_a_dropped_responses_stream_aborts_its_request(server):
             "ignore_eos": True, "max_denoising_steps": 256, "stability_threshold": 10_000}
     with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/responses", json=body) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection as the loop breaks
+        for line in lines:
             if line.startswith("data: ") and json.loads(line[6:])["type"] == "response.output_text.delta":
-                break  # the first canvas is out: hang up
+                break  # the first canvas is out; the connection is still open
         assert eng.num_in_flight == 1
+        del lines  # hang up
     assert wait_until(lambda: eng.counters.finished["abort"] == aborted + 1 and eng.num_in_flight == 0)
 
 

@@ -362,10 +362,12 @@ def test_dropped_stream_aborts_the_request_and_frees_it(main):
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", main.url + "/v1/completions", json=FOREVER) as r:
             assert r.status_code == 200
-            for line in r.iter_lines():
+            lines = r.iter_lines()  # kept: a dropped iterator closes the connection as the loop breaks
+            for line in lines:
                 if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
-                    break  # got the first canvas: hang up
+                    break  # got the first canvas; the connection is still open
             assert eng.num_in_flight == 1
+            del lines  # hang up
     assert wait_until(lambda: eng.counters.finished["abort"] == aborted + 1 and eng.num_in_flight == 0)
     assert wait_until(lambda: eng.engine.scheduler.num_running == 0 and not eng.engine.has_unfinished())
     m = httpx.get(main.url + "/metrics").text
