@@ -126,15 +126,8 @@ def load_model(path_or_id: str, dtype="auto", device: str | torch.device = "auto
                         base, part = plan.route(name, all_names, lambda n: f.get_slice(n).get_dtype())
                         if base is None:
                             continue
-                    try:
-                        ours = checkpoint_to_model_name(base)
-                    except KeyError:
-                        unexpected.append(name)
-                        continue
+                    ours = _model_name(base, name, expected, unexpected)
                     if ours is None:
-                        continue
-                    if ours not in expected:
-                        unexpected.append(name)
                         continue
                     t = read_tensor(f, file, name)
                     # Stored quantized parts: the integer codes (qweight) cannot be wrong; their scales, zeros and
@@ -210,21 +203,28 @@ def check_checkpoint_tensors(path: str, config: ModelConfig, files: list[str]) -
     for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
-                try:
-                    ours = checkpoint_to_model_name(name)
-                except KeyError:
-                    unexpected.append(name)
-                    continue
+                ours = _model_name(name, name, expected, unexpected)
                 if ours is None:
-                    continue
-                if ours not in expected:
-                    unexpected.append(name)
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[ours]:
                     raise CheckpointError(f"tensor {name} has shape {shape}, the config implies {expected[ours]}")
                 have.add(ours)
     _check_match(path, sorted(set(expected) - have), unexpected)
+
+
+def _model_name(base: str, name: str, expected, unexpected: list[str]) -> str | None:
+    """The model's name for the checkpoint tensor ``name`` (``base``: its weight's name), or None to skip it: a
+    tensor the model does not use (the oracle's extras), or one it does not know, noted in ``unexpected``."""
+    try:
+        ours = checkpoint_to_model_name(base)
+    except KeyError:
+        unexpected.append(name)
+        return None
+    if ours is not None and ours not in expected:
+        unexpected.append(name)
+        return None
+    return ours
 
 
 def _describe_load(path: str, quantization: str | None) -> str:
