@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -79,7 +80,7 @@ def parse_body(raw: bytes):
     if not raw.strip():
         raise bad("the request body is empty; send a JSON object", "body")
     try:
-        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float)
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_NotANumber)
     except RecursionError:
         raise bad(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels of arrays and objects",
                   "body") from None
@@ -104,10 +105,22 @@ def _parse_int(s: str):
     return _HugeInt(digits) if digits > MAX_INT_DIGITS else int(s)
 
 
+class _NotANumber:
+    """``NaN``, ``Infinity`` and ``-Infinity`` (which Python's json reads though JSON has no such values) and a
+    number beyond the largest double (``1e400``): kept as a marker, so the error can name the field it was sent in
+    (``check_tree``). Let through, such a value reached free-form fields (a tool's parameters, a JSON Schema) that
+    the Responses API echoes back, and the answer could not be encoded: a 500."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
 def _parse_float(s: str):
     # JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), wherever it sits (token-id arrays
     # included); a float field takes the int unchanged.
     f = float(s)
+    if not math.isfinite(f):  # 1e400
+        return _NotANumber(s)
     return int(f) if f.is_integer() and abs(f) < 2 ** 63 else f
 
 
@@ -140,11 +153,16 @@ def _check_value(v, parts) -> None:
     elif isinstance(v, _HugeInt):
         p = _path(parts) or "body"
         raise bad(f"'{p}' is an integer of {v.digits} digits; at most {MAX_INT_DIGITS} digits are read", p)
+    elif isinstance(v, _NotANumber):
+        p = _path(parts) or "body"
+        shown = v.text if len(v.text) <= 40 else v.text[:37] + "..."
+        raise bad(f"'{p}' must be a finite number, got {shown} (JSON has no NaN or Infinity, and a number must "
+                  "fit a double: at most about 1.8e308)", p)
 
 
 def check_tree(body: dict) -> None:
-    """Depth at most ``MAX_JSON_DEPTH``, no lone surrogates in any string (keys included) and no integer over
-    ``MAX_INT_DIGITS`` digits, naming the field.
+    """Depth at most ``MAX_JSON_DEPTH``, no lone surrogates in any string (keys included), no integer over
+    ``MAX_INT_DIGITS`` digits and no NaN, Infinity or number beyond a double, naming the field.
     Iterative: a deep body must not recurse here either."""
     stack = [(body, (), 1)]
     while stack:

@@ -1,0 +1,73 @@
+"""Requests found by fuzzing live servers (schemathesis with every check, and hand-made bodies it does not
+generate): each was answered wrongly (a 500, a 200 for an invalid body, an error naming the wrong field) and is kept
+here as an explicit case. In-process (``TestClient``), the tiny tool checkpoint (its template knows tool turns)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from blockdiff import LLM
+from blockdiff.server import build_app
+from tool_fixtures import make_tool_checkpoint
+
+MODEL = "tiny-dg"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    path = make_tool_checkpoint(tmp_path_factory.mktemp("fuzz_ckpt"),
+                                generation_config={"max_denoising_steps": 2, "max_new_tokens": 8})
+    app = build_app(LLM(path, dtype=torch.float32), MODEL, max_denoising_steps=8)
+    with TestClient(app) as c:
+        yield c
+    app.state.engine.shutdown()
+
+
+def post(client, path: str, text: str):
+    return client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def error(r, status: int = 400) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+RESP = '{"model": "tiny-dg", "input": "hi", "max_output_tokens": 2, '
+CHAT = '{"model": "tiny-dg", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+CMPL = '{"model": "tiny-dg", "prompt": "hi", "max_tokens": 2, '
+
+NON_FINITE = [
+    # The Responses API echoes tools and text.format: a NaN / an overflowing number there could not be encoded (500).
+    ("/v1/responses", RESP + '"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", '
+                             '"properties": {"a": {"type": "number", "default": NaN}}}}]}',
+     "tools[0].parameters.properties.a.default", "NaN"),
+    ("/v1/responses", RESP + '"text": {"format": {"type": "json_schema", "name": "x", "schema": '
+                             '{"enum": [1e400]}}}}', "text.format.schema.enum[0]", "1e400"),
+    ("/v1/responses", RESP + '"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", '
+                             '"properties": {"a": {"maximum": -Infinity}}}}]}',
+     "tools[0].parameters.properties.a.maximum", "-Infinity"),
+    # Elsewhere such values were taken in silently (ignored fields, template kwargs) or refused as "got inf".
+    ("/v1/chat/completions", CHAT + '"chat_template_kwargs": {"x": NaN}}', "chat_template_kwargs.x", "NaN"),
+    ("/v1/completions", CMPL + '"temperature": Infinity}', "temperature", "Infinity"),
+    ("/v1/completions", CMPL + '"seed": -1e400}', "seed", "-1e400"),
+    ("/tokenize", '{"model": "tiny-dg", "prompt": "hi", "x": [NaN]}', "x[0]", "NaN"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,literal", NON_FINITE, ids=[c[2] for c in NON_FINITE])
+def test_nan_infinity_and_overflowing_numbers_are_400s_naming_the_field(client, path, body, param, literal):
+    err = error(post(client, path, body))
+    assert err["param"] == param, err
+    assert f"'{param}' must be a finite number, got {literal}" in err["message"], err
+
+
+def test_finite_numbers_next_to_those_are_still_taken(client):
+    r = post(client, "/v1/responses", RESP + '"temperature": 0.5, "tools": [{"type": "function", "name": "f", '
+                                             '"parameters": {"type": "object", "properties": {"a": {"type": '
+                                             '"number", "default": 1.7e308}}}}]}')
+    assert r.status_code == 200, r.text
+    assert r.json()["tools"][0]["parameters"]["properties"]["a"]["default"] == 1.7e308
