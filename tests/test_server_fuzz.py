@@ -71,3 +71,14 @@ def test_finite_numbers_next_to_those_are_still_taken(client):
                                              '"number", "default": 1.7e308}}}}]}')
     assert r.status_code == 200, r.text
     assert r.json()["tools"][0]["parameters"]["properties"]["a"]["default"] == 1.7e308
+
+
+@pytest.mark.parametrize("field", ["background", "stream_drafts"])
+@pytest.mark.parametrize("value", ["0", "0.0", "1"])
+def test_responses_false_only_fields_refuse_numbers(client, field, value):
+    """/v1/responses documents background and stream_drafts as ``const: false``; 0 equals False in Python, and
+    both the server's own check and pydantic's Literal[False] let it through: a 200 for a request the document
+    refuses."""
+    err = error(post(client, "/v1/responses", RESP + f'"{field}": {value}}}'))
+    assert err["param"] == field, err
+    assert post(client, "/v1/responses", RESP + f'"{field}": false}}').status_code == 200
