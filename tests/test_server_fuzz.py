@@ -82,3 +82,21 @@ def test_responses_false_only_fields_refuse_numbers(client, field, value):
     err = error(post(client, "/v1/responses", RESP + f'"{field}": {value}}}'))
     assert err["param"] == field, err
     assert post(client, "/v1/responses", RESP + f'"{field}": false}}').status_code == 200
+
+
+def _valid(client, model: str, body: dict) -> bool:
+    import jsonschema
+    doc = client.get("/openapi.json").json()
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **doc}).is_valid(body)
+
+
+@pytest.mark.parametrize("path,model,body,status", [
+    # the document allowed an empty input list, which the server refuses (schemathesis positive_data_acceptance)
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": []}, 400),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"role": "user", "content": "hi"}],
+                                           "max_output_tokens": 2}, 200),
+])
+def test_the_document_and_the_server_agree(client, path, model, body, status):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert _valid(client, model, body) == (status == 200)

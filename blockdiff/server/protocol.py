@@ -533,7 +533,7 @@ class ResponsesRequest(_ResponsesSampling):
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
     model: str = Field(description="the served model id (see /v1/models)")
-    input: str | list[InputItem] = Field(description="a user message, or input items: messages, and the "
+    input: str | Annotated[list[InputItem], Field(min_length=1)] = Field(description="a user message, or input items: messages, and the "
                                          "function_call / function_call_output items of earlier turns")
     instructions: str | None = Field(None, description="a system message before the input")
     max_output_tokens: Int | None = Field(None, ge=1, description="the most tokens to write (reasoning included)")
