@@ -100,3 +100,19 @@ def test_the_document_and_the_server_agree(client, path, model, body, status):
     r = client.post(path, json=body)
     assert r.status_code == status, r.text
     assert _valid(client, model, body) == (status == 200)
+
+
+@pytest.mark.parametrize("coding,compress", [("gzip", True), ("gzip", False), ("br", False), ("deflate, gzip", False)])
+def test_a_compressed_body_is_415_naming_content_encoding(client, coding, compress):
+    """Content-Encoding was ignored: gzip bytes were a 400 "not valid JSON: 'utf-8' codec can't decode byte 0x8b",
+    and a plain body labelled gzip was run (200)."""
+    import gzip
+    raw = ('{"model": "tiny-dg", "prompt": "hi", "max_tokens": 2}').encode()
+    r = client.post("/v1/completions", content=gzip.compress(raw) if compress else raw,
+                    headers={"content-type": "application/json", "content-encoding": coding})
+    err = error(r, 415)
+    assert err["param"] == "content-encoding" and coding in err["message"], err
+    assert r.headers["accept-encoding"] == "identity"
+    ok = client.post("/v1/completions", content=raw, headers={"content-type": "application/json",
+                                                              "content-encoding": "identity"})
+    assert ok.status_code == 200, ok.text

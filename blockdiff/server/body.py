@@ -42,6 +42,16 @@ def check_content_type(request: Request) -> None:
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
                             f"{ctype or 'no Content-Type'!r}", "content-type", "unsupported_media_type")
+    # A compressed body (Content-Encoding: gzip, br, ...) was read as if it were plain JSON: gzip bytes failed as
+    # "not valid JSON: 'utf-8' codec can't decode byte 0x8b", and a plain body labelled gzip was taken. No coding
+    # is decoded here (a small compressed body can inflate past --max-body-bytes): refuse it, saying so (RFC 9110
+    # 15.5.16 / RFC 7694: 415 with Accept-Encoding).
+    coding = request.headers.get("content-encoding", "")
+    codings = [c.strip().lower() for c in coding.split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise APIError(415, f"the request body must be sent uncompressed; got 'Content-Encoding: {coding}', which "
+                            "this server does not decode", "content-encoding", "unsupported_media_type",
+                       headers={"Accept-Encoding": "identity"})
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
