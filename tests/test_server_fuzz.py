@@ -116,3 +116,21 @@ def test_a_compressed_body_is_415_naming_content_encoding(client, coding, compre
     ok = client.post("/v1/completions", content=raw, headers={"content-type": "application/json",
                                                               "content-encoding": "identity"})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path,text,param", [
+    # the last "model" won silently: a gateway reading the first one checks another model than the one run
+    ("/v1/completions", '{"model": "other", "model": "tiny-dg", "prompt": "hi", "max_tokens": 2}', "model"),
+    ("/v1/completions", '{"model": "tiny-dg", "prompt": "hi", "max_tokens": 2, "max_tokens": 2}', "max_tokens"),
+    ("/v1/chat/completions", CHAT + '"stream_options": {}, "metadata": {"a": "1", "a": "2"}}', "metadata.a"),
+    ("/v1/responses", '{"model": "tiny-dg", "input": [{"role": "user", "content": "hi", "role": "system"}]}',
+     "input[0].role"),
+])
+def test_a_key_given_twice_is_400_naming_it(client, path, text, param):
+    err = error(post(client, path, text))
+    assert err["param"] == param and "given twice" in err["message"], err
+
+
+def test_the_same_key_in_different_objects_is_fine(client):
+    r = post(client, "/v1/chat/completions", CHAT + '"metadata": {"model": "x"}, "stream_options": {"model": 1}}')
+    assert r.status_code == 200, r.text

@@ -90,7 +90,8 @@ def parse_body(raw: bytes):
     if not raw.strip():
         raise bad("the request body is empty; send a JSON object", "body")
     try:
-        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_NotANumber)
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_NotANumber,
+                          object_pairs_hook=_object)
     except RecursionError:
         raise bad(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels of arrays and objects",
                   "body") from None
@@ -113,6 +114,24 @@ class _HugeInt:
 def _parse_int(s: str):
     digits = len(s) - s.startswith("-")
     return _HugeInt(digits) if digits > MAX_INT_DIGITS else int(s)
+
+
+class _Duplicated(dict):
+    """An object that named a key twice (``{"model": "a", "model": "b"}``): Python's json keeps the last silently,
+    while a proxy or gateway in front of the server may read the first (and check a different ``model`` or
+    ``max_tokens`` than the one run). Kept as a marker, so the error can name the field (``check_tree``)."""
+
+    key: str
+
+
+def _object(pairs: list):
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen = set()
+    dup = _Duplicated(out)
+    dup.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return dup
 
 
 class _NotANumber:
@@ -172,7 +191,8 @@ def _check_value(v, parts) -> None:
 
 def check_tree(body: dict) -> None:
     """Depth at most ``MAX_JSON_DEPTH``, no lone surrogates in any string (keys included), no integer over
-    ``MAX_INT_DIGITS`` digits and no NaN, Infinity or number beyond a double, naming the field.
+    ``MAX_INT_DIGITS`` digits, no NaN, Infinity or number beyond a double and no key given twice in one object,
+    naming the field.
     Iterative: a deep body must not recurse here either."""
     stack = [(body, (), 1)]
     while stack:
@@ -180,6 +200,9 @@ def check_tree(body: dict) -> None:
         if depth > MAX_JSON_DEPTH:
             raise bad(f"the request body nests too deeply ('{_path(parts)}' is at depth {depth}); at most "
                       f"{MAX_JSON_DEPTH} levels of arrays and objects", _path(parts) or "body")
+        if isinstance(node, _Duplicated):
+            p = _path(parts + (node.key,))
+            raise bad(f"'{p}' is given twice in one object; send each key once", p)
         if isinstance(node, dict):
             for k, v in node.items():
                 _check_text(k, parts + (k,))
