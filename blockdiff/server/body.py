@@ -185,8 +185,8 @@ def _check_value(v, parts) -> None:
     elif isinstance(v, _NotANumber):
         p = _path(parts) or "body"
         shown = v.text if len(v.text) <= 40 else v.text[:37] + "..."
-        raise bad(f"'{p}' must be a finite number, got {shown} (JSON has no NaN or Infinity, and a number must "
-                  "fit a double: at most about 1.8e308)", p)
+        raise bad(f"'{p}' is {shown}, which is not a JSON number (JSON has no NaN or Infinity, and a number must fit "
+                  "a double: at most about 1.8e308)", p)
 
 
 def check_tree(body: dict) -> None:
