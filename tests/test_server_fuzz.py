@@ -135,3 +135,28 @@ def test_a_key_given_twice_is_400_naming_it(client, path, text, param):
 def test_the_same_key_in_different_objects_is_fine(client):
     r = post(client, "/v1/chat/completions", CHAT + '"metadata": {"model": "x"}, "stream_options": {"model": 1}}')
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("arguments,words", [
+    ('{"a": NaN}', "NaN is not a JSON number"),
+    ('{"a": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"a": 1e400}', "1e400 is beyond a double"),
+    ('{"a": 1, "a": 2}', "the key 'a' is given twice"),
+])
+def test_json_text_in_a_field_is_held_to_the_bodys_rules(client, arguments, words):
+    """A tool call's arguments (JSON text in a string) with NaN / 1e400 reached the prompt as {a:nan} / {a:inf},
+    and a duplicated key kept the last value: the body's own rules (above) apply to JSON text a field holds."""
+    import json
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                      "function": {"name": "f", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    err = error(post(client, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": messages,
+                                                                 "max_tokens": 2})))
+    assert err["param"] == "messages[1].tool_calls[0].function.arguments" and words in err["message"], err
+    err = error(post(client, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                                                            "guided_json": '{"type": "object", "x": %s}' % arguments})))
+    assert err["param"] == "guided_json" and words in err["message"], err
+    messages[1]["tool_calls"][0]["function"]["arguments"] = '{"a": 1.5e308, "b": -0.0}'  # finite: taken
+    r = post(client, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": messages, "max_tokens": 2}))
+    assert r.status_code == 200, r.text
