@@ -85,6 +85,9 @@ def test_responses_false_only_fields_refuse_numbers(client, field, value):
     assert post(client, "/v1/responses", RESP + f'"{field}": false}}').status_code == 200
 
 
+CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
 def _valid(client, model: str, body: dict) -> bool:
     import jsonschema
     doc = client.get("/openapi.json").json()
@@ -96,6 +99,20 @@ def _valid(client, model: str, body: dict) -> bool:
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": []}, 400),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"role": "user", "content": "hi"}],
                                            "max_output_tokens": 2}, 200),
+    # tools: the document allowed any objects, and any string as a tool's name
+    ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT_BODY, "tools": [{}]}, 400),
+    ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT_BODY, "tools": [{"type": "function"}]}, 400),
+    ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT_BODY, "tools": [{"function": {"name": "a b"}}]}, 400),
+    ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT_BODY, "tools": [{"type": "web_search",
+                                                                               "function": {"name": "f"}}]}, 400),
+    ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT_BODY, "tools": [
+        {"type": "function", "function": {"name": "0get.weather-x", "description": None, "parameters": None}}]}, 200),
+    ("/tokenize", "TokenizeRequest", {"messages": CHAT_BODY["messages"], "tools": [{"function": {"name": ""}}]}, 400),
+    ("/tokenize", "TokenizeRequest", {"messages": CHAT_BODY["messages"], "tools": [{"function": {"name": "f"}}]}, 200),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "max_output_tokens": 2,
+                                           "tools": [{"type": "function", "name": ""}]}, 400),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "max_output_tokens": 2,
+                                           "tools": [{"type": "function", "name": "f_1"}]}, 200),
 ])
 def test_the_document_and_the_server_agree(client, path, model, body, status):
     r = client.post(path, json=body)

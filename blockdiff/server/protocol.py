@@ -27,8 +27,18 @@ from ..sampling.fields import (MAX_LOGPROBS, Int, IntegralFloats, OutputFields, 
 from ..sampling.params import SamplingParams
 from ..structured.spec import MAX_CHOICES, MAX_SPEC_CHARS
 from ..tools.render import ToolError, ToolPlan, template_kwargs_problem
+from ..tools.syntax import NAME as TOOL_NAME
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import GUIDED_FIELDS, structured_outputs as constraint_from
+
+# What tools/render.py's check_tools takes, for the document (the check itself stays there, with its wording):
+# an OpenAI function tool whose name is letters, digits, '_', '.' and '-'.
+TOOL_NAME_PATTERN = "^" + TOOL_NAME.pattern + "$"
+TOOL_ITEM = {"type": "object", "required": ["function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": TOOL_NAME_PATTERN}, "description": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"]}}}}}
 
 _SPEC_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_SPEC_CHARS}  # a pattern, grammar or schema text
 _CHOICES = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CHOICES}
@@ -324,7 +334,8 @@ class ChatCompletionRequest(SamplingRequest):
                                      "likely alternatives per token (ignored without logprobs)")
     # Tool calling (blockdiff/tools; docs/serving.md "Tools and thinking").
     tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': "
-                                               "'function', 'function': {'name', 'description', 'parameters'}}]")
+                                               "'function', 'function': {'name', 'description', 'parameters'}}]",
+                                               json_schema_extra={"items": TOOL_ITEM})
     tool_choice: str | dict[str, Any] | None = Field(
         None, description="'none', 'auto' (default with tools), 'required', or {'type': 'function', 'function': "
         "{'name'}}; required and named calls are generated under a grammar of the tools' schemas",
@@ -478,7 +489,7 @@ class ReasoningItem(_Item):
 
 class FunctionTool(_Item):
     type: Literal["function"]
-    name: str
+    name: str = Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})  # checked on the chat path (tools/render.py)
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema (as tools on chat completions)")
     strict: bool | None = Field(None, description="always enforced")
@@ -583,7 +594,8 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered as "
                                                "/v1/chat/completions renders it (tool calls, tool results, images)")
     tools: list[dict[str, Any]] | None = Field(None, description="messages: the tools a chat request would "
-                                               "declare (the template writes them into the prompt)")
+                                               "declare (the template writes them into the prompt)",
+                                               json_schema_extra={"items": TOOL_ITEM})
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="messages: extra variables for the chat "
                                                         "template, as in /v1/chat/completions (its "
                                                         "'add_generation_prompt' wins over the field below)")
