@@ -109,6 +109,7 @@ def _valid(client, model: str, body: dict) -> bool:
         {"type": "function", "function": {"name": "0get.weather-x", "description": None, "parameters": None}}]}, 200),
     ("/tokenize", "TokenizeRequest", {"messages": CHAT_BODY["messages"], "tools": [{"function": {"name": ""}}]}, 400),
     ("/tokenize", "TokenizeRequest", {"messages": CHAT_BODY["messages"], "tools": [{"function": {"name": "f"}}]}, 200),
+    ("/tokenize", "TokenizeRequest", {"prompt": "hi", "tools": [{"function": {"name": ""}}]}, 200),  # ignored
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "max_output_tokens": 2,
                                            "tools": [{"type": "function", "name": ""}]}, 400),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "max_output_tokens": 2,

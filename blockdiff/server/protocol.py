@@ -588,14 +588,15 @@ class TokenizeRequest(BaseModel):
     # The schema says what _one_input enforces: exactly one of prompt / messages (null counts as absent).
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"oneOf": [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+        # tools are read (and checked) with messages only: beside a prompt they are ignored
+        {"required": ["messages"], "properties": {"messages": {"type": "array"},
+                                                  "tools": {"type": ["array", "null"], "items": TOOL_ITEM}}}]})
     model: str | None = Field(None, description="the served model id (optional)")
     prompt: str | None = Field(None, description="text to tokenize (give prompt or messages)")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered as "
                                                "/v1/chat/completions renders it (tool calls, tool results, images)")
     tools: list[dict[str, Any]] | None = Field(None, description="messages: the tools a chat request would "
-                                               "declare (the template writes them into the prompt)",
-                                               json_schema_extra={"items": TOOL_ITEM})
+                                               "declare (the template writes them into the prompt)")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="messages: extra variables for the chat "
                                                         "template, as in /v1/chat/completions (its "
                                                         "'add_generation_prompt' wins over the field below)")
