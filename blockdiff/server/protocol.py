@@ -536,6 +536,14 @@ _ResponsesSampling = create_model("ResponsesSampling", __base__=IntegralFloats,
                                      for n in RESPONSES_SAMPLING})
 
 
+def _non_empty_list(schema: dict) -> None:
+    """The document's word for what responses.py refuses with its own message (an empty input list): minItems 1
+    on the list branch (a min_length on the field would refuse it first, in pydantic's words)."""
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+
+
 class ResponsesRequest(_ResponsesSampling):
     """``POST /v1/responses`` (OpenAI's Responses API). Validated here, then run as the chat request it means
     (``responses.py``), whose validation covers the sampling fields: blockdiff's own (``seed``,
@@ -544,8 +552,9 @@ class ResponsesRequest(_ResponsesSampling):
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
     model: str = Field(description="the served model id (see /v1/models)")
-    input: str | Annotated[list[InputItem], Field(min_length=1)] = Field(description="a user message, or input items: messages, and the "
-                                         "function_call / function_call_output items of earlier turns")
+    input: str | list[InputItem] = Field(description="a user message, or input items: messages, and the "
+                                         "function_call / function_call_output items of earlier turns",
+                                         json_schema_extra=_non_empty_list)
     instructions: str | None = Field(None, description="a system message before the input")
     max_output_tokens: Int | None = Field(None, ge=1, description="the most tokens to write (reasoning included)")
     temperature: float | None = SamplingFields.model_fields["temperature"]
