@@ -178,3 +178,25 @@ def test_json_text_in_a_field_is_held_to_the_bodys_rules(client, arguments, word
     messages[1]["tool_calls"][0]["function"]["arguments"] = '{"a": 1.5e308, "b": -0.0}'  # finite: taken
     r = post(client, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": messages, "max_tokens": 2}))
     assert r.status_code == 200, r.text
+
+
+def test_a_cache_salt_up_to_its_limit_is_taken_when_salting_by_key(tmp_path_factory):
+    """With several API keys (salting by key) the tenant's 33-character tag went in front of the client's salt and
+    the whole was checked against the 1024-character limit: a 992..1024-character salt, valid for the document,
+    was refused with "'cache_salt' must hold at most 1024 characters". Salts still separate requests' prefixes."""
+    from blockdiff.server.service import salted
+    path = make_tool_checkpoint(tmp_path_factory.mktemp("salt_ckpt"),
+                                generation_config={"max_denoising_steps": 2, "max_new_tokens": 8})
+    app = build_app(LLM(path, dtype=torch.float32), MODEL, api_key=["k1", "k2"], max_denoising_steps=8)
+    with TestClient(app) as c:
+        for n, status in ((1000, 200), (1024, 200), (1025, 400)):
+            r = c.post("/v1/completions", headers={"Authorization": "Bearer k1"},
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "cache_salt": "0" * n})
+            assert r.status_code == status, (n, r.text)
+        assert error(r)["param"] == "cache_salt"
+    app.state.engine.shutdown()
+    tag = "t" * 32
+    long_a, long_b = "a" * 1000, "a" * 999 + "b"
+    assert salted(tag, "x") == tag + ":x" and salted(None, long_a) == long_a
+    assert len(salted(tag, long_a)) <= 1024 and salted(tag, long_a) != salted(tag, long_b)
+    assert salted(tag, long_a) != salted("u" * 32, long_a)
