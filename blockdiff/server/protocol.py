@@ -597,9 +597,7 @@ class TokenizeRequest(BaseModel):
     # The schema says what _one_input enforces: exactly one of prompt / messages (null counts as absent).
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"oneOf": [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-        # tools are read (and checked) with messages only: beside a prompt they are ignored
-        {"required": ["messages"], "properties": {"messages": {"type": "array"},
-                                                  "tools": {"type": ["array", "null"], "items": TOOL_ITEM}}}]})
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     model: str | None = Field(None, description="the served model id (optional)")
     prompt: str | None = Field(None, description="text to tokenize (give prompt or messages)")
     messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation, rendered as "
