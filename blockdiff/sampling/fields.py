@@ -234,16 +234,44 @@ def invalid(message: str, param: str) -> PydanticCustomError:
     return PydanticCustomError("blockdiff", "{message}", {"message": message, "param": param})
 
 
+class _NotJSON(Exception):
+    """What Python's json reads but JSON is not (as the request body refuses it, ``server/body.py``): NaN and
+    Infinity, a number beyond a double (1e400, read as inf), a key given twice in one object. Let through, a tool
+    call's arguments reached the prompt as ``{a:nan,b:inf}``."""
+
+
+def _not_json(literal: str):
+    raise _NotJSON(f"{literal} is not a JSON number")
+
+
+def _finite(literal: str) -> float:
+    f = float(literal)
+    if f != f or f in (float("inf"), float("-inf")):
+        raise _NotJSON(f"{literal[:40]} is beyond a double (at most about 1.8e308)")
+    return f
+
+
+def _once(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _NotJSON(f"the key {key!r} is given twice in one object")
+    return out
+
+
 def json_text(text: str):
     """The value of JSON text a field holds (a tool call's ``arguments``, a schema sent as a string), read within the
     limits of a request body: at most ``MAX_JSON_DEPTH`` levels of arrays and objects, integers Python can read. A
     ``ValueError`` whose message completes "<field> ..." otherwise."""
     too_deep = f"nests too deeply: at most {MAX_JSON_DEPTH} levels of arrays and objects"
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_once)
     except RecursionError:
         raise ValueError(too_deep) from None
     except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON: {e}") from None
+    except _NotJSON as e:
         raise ValueError(f"is not valid JSON: {e}") from None
     except ValueError:  # an integer literal past Python's int-string limit
         raise ValueError(f"holds an integer of more than {sys.get_int_max_str_digits()} digits") from None

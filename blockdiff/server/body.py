@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -41,6 +42,16 @@ def check_content_type(request: Request) -> None:
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', got "
                             f"{ctype or 'no Content-Type'!r}", "content-type", "unsupported_media_type")
+    # A compressed body (Content-Encoding: gzip, br, ...) was read as if it were plain JSON: gzip bytes failed as
+    # "not valid JSON: 'utf-8' codec can't decode byte 0x8b", and a plain body labelled gzip was taken. No coding
+    # is decoded here (a small compressed body can inflate past --max-body-bytes): refuse it, saying so (RFC 9110
+    # 15.5.16 / RFC 7694: 415 with Accept-Encoding).
+    coding = request.headers.get("content-encoding", "")
+    codings = [c.strip().lower() for c in coding.split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise APIError(415, f"the request body must be sent uncompressed; got 'Content-Encoding: {coding}', which "
+                            "this server does not decode", "content-encoding", "unsupported_media_type",
+                       headers={"Accept-Encoding": "identity"})
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
@@ -79,7 +90,8 @@ def parse_body(raw: bytes):
     if not raw.strip():
         raise bad("the request body is empty; send a JSON object", "body")
     try:
-        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float)
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_NotANumber,
+                          object_pairs_hook=_object)
     except RecursionError:
         raise bad(f"the request body nests too deeply; at most {MAX_JSON_DEPTH} levels of arrays and objects",
                   "body") from None
@@ -104,10 +116,40 @@ def _parse_int(s: str):
     return _HugeInt(digits) if digits > MAX_INT_DIGITS else int(s)
 
 
+class _Duplicated(dict):
+    """An object that named a key twice (``{"model": "a", "model": "b"}``): Python's json keeps the last silently,
+    while a proxy or gateway in front of the server may read the first (and check a different ``model`` or
+    ``max_tokens`` than the one run). Kept as a marker, so the error can name the field (``check_tree``)."""
+
+    key: str
+
+
+def _object(pairs: list):
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen = set()
+    dup = _Duplicated(out)
+    dup.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return dup
+
+
+class _NotANumber:
+    """``NaN``, ``Infinity`` and ``-Infinity`` (which Python's json reads though JSON has no such values) and a
+    number beyond the largest double (``1e400``): kept as a marker, so the error can name the field it was sent in
+    (``check_tree``). Let through, such a value reached free-form fields (a tool's parameters, a JSON Schema) that
+    the Responses API echoes back, and the answer could not be encoded: a 500."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
 def _parse_float(s: str):
     # JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), wherever it sits (token-id arrays
     # included); a float field takes the int unchanged.
     f = float(s)
+    if not math.isfinite(f):  # 1e400
+        return _NotANumber(s)
     return int(f) if f.is_integer() and abs(f) < 2 ** 63 else f
 
 
@@ -140,11 +182,17 @@ def _check_value(v, parts) -> None:
     elif isinstance(v, _HugeInt):
         p = _path(parts) or "body"
         raise bad(f"'{p}' is an integer of {v.digits} digits; at most {MAX_INT_DIGITS} digits are read", p)
+    elif isinstance(v, _NotANumber):
+        p = _path(parts) or "body"
+        shown = v.text if len(v.text) <= 40 else v.text[:37] + "..."
+        raise bad(f"'{p}' is {shown}, which is not a JSON number (JSON has no NaN or Infinity, and a number must fit "
+                  "a double: at most about 1.8e308)", p)
 
 
 def check_tree(body: dict) -> None:
-    """Depth at most ``MAX_JSON_DEPTH``, no lone surrogates in any string (keys included) and no integer over
-    ``MAX_INT_DIGITS`` digits, naming the field.
+    """Depth at most ``MAX_JSON_DEPTH``, no lone surrogates in any string (keys included), no integer over
+    ``MAX_INT_DIGITS`` digits, no NaN, Infinity or number beyond a double and no key given twice in one object,
+    naming the field.
     Iterative: a deep body must not recurse here either."""
     stack = [(body, (), 1)]
     while stack:
@@ -152,6 +200,9 @@ def check_tree(body: dict) -> None:
         if depth > MAX_JSON_DEPTH:
             raise bad(f"the request body nests too deeply ('{_path(parts)}' is at depth {depth}); at most "
                       f"{MAX_JSON_DEPTH} levels of arrays and objects", _path(parts) or "body")
+        if isinstance(node, _Duplicated):
+            p = _path(parts + (node.key,))
+            raise bad(f"'{p}' is given twice in one object; send each key once", p)
         if isinstance(node, dict):
             for k, v in node.items():
                 _check_text(k, parts + (k,))

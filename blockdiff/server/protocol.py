@@ -27,8 +27,18 @@ from ..sampling.fields import (MAX_LOGPROBS, Int, IntegralFloats, OutputFields, 
 from ..sampling.params import SamplingParams
 from ..structured.spec import MAX_CHOICES, MAX_SPEC_CHARS
 from ..tools.render import ToolError, ToolPlan, template_kwargs_problem
+from ..tools.syntax import NAME as TOOL_NAME
 from .errors import APIError, bad, invalid, json_type  # noqa: F401  (re-exported for older imports)
 from .structured import GUIDED_FIELDS, structured_outputs as constraint_from
+
+# What tools/render.py's check_tools takes, for the document (the check itself stays there, with its wording):
+# an OpenAI function tool whose name is letters, digits, '_', '.' and '-'.
+TOOL_NAME_PATTERN = "^" + TOOL_NAME.pattern + "$"
+TOOL_ITEM = {"type": "object", "required": ["function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": TOOL_NAME_PATTERN}, "description": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"]}}}}}
 
 _SPEC_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_SPEC_CHARS}  # a pattern, grammar or schema text
 _CHOICES = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CHOICES}
@@ -324,7 +334,8 @@ class ChatCompletionRequest(SamplingRequest):
                                      "likely alternatives per token (ignored without logprobs)")
     # Tool calling (blockdiff/tools; docs/serving.md "Tools and thinking").
     tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': "
-                                               "'function', 'function': {'name', 'description', 'parameters'}}]")
+                                               "'function', 'function': {'name', 'description', 'parameters'}}]",
+                                               json_schema_extra={"items": TOOL_ITEM})
     tool_choice: str | dict[str, Any] | None = Field(
         None, description="'none', 'auto' (default with tools), 'required', or {'type': 'function', 'function': "
         "{'name'}}; required and named calls are generated under a grammar of the tools' schemas",
@@ -478,7 +489,7 @@ class ReasoningItem(_Item):
 
 class FunctionTool(_Item):
     type: Literal["function"]
-    name: str
+    name: str = Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})  # checked on the chat path (tools/render.py)
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="a JSON Schema (as tools on chat completions)")
     strict: bool | None = Field(None, description="always enforced")
@@ -525,6 +536,14 @@ _ResponsesSampling = create_model("ResponsesSampling", __base__=IntegralFloats,
                                      for n in RESPONSES_SAMPLING})
 
 
+def _non_empty_list(schema: dict) -> None:
+    """The document's word for what responses.py refuses with its own message (an empty input list): minItems 1
+    on the list branch (a min_length on the field would refuse it first, in pydantic's words)."""
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+
+
 class ResponsesRequest(_ResponsesSampling):
     """``POST /v1/responses`` (OpenAI's Responses API). Validated here, then run as the chat request it means
     (``responses.py``), whose validation covers the sampling fields: blockdiff's own (``seed``,
@@ -534,7 +553,8 @@ class ResponsesRequest(_ResponsesSampling):
 
     model: str = Field(description="the served model id (see /v1/models)")
     input: str | list[InputItem] = Field(description="a user message, or input items: messages, and the "
-                                         "function_call / function_call_output items of earlier turns")
+                                         "function_call / function_call_output items of earlier turns",
+                                         json_schema_extra=_non_empty_list)
     instructions: str | None = Field(None, description="a system message before the input")
     max_output_tokens: Int | None = Field(None, ge=1, description="the most tokens to write (reasoning included)")
     temperature: float | None = SamplingFields.model_fields["temperature"]

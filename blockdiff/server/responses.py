@@ -224,12 +224,13 @@ def _refuse_unsupported(b: dict) -> None:
                        ("prompt", "this server has no stored prompt templates")):
         if b.get(field) is not None:
             raise bad(f"'{field}' is not supported: {why}; send the whole conversation in 'input'", field)
-    if b.get("background") not in (None, False):
+    # "is": 0 == False in Python (and pydantic's Literal[False] takes 0), but JSON's 0 is no boolean.
+    if b.get("background") is not None and b.get("background") is not False:
         raise bad("'background' is not supported: responses are answered while the request is open", "background")
     if b.get("truncation") not in (None, "disabled"):
         raise bad(f"'truncation' must be 'disabled', got {b['truncation']!r}: a prompt longer than the context "
                   "is refused, never cut", "truncation")
-    if b.get("stream_drafts"):
+    if b.get("stream_drafts") is not None and b.get("stream_drafts") is not False:
         raise bad("'stream_drafts' is not supported on /v1/responses (its event types carry no drafts): stream "
                   "drafts from /v1/chat/completions or /v1/completions", "stream_drafts")
     if b.get("input") is None and "messages" in b:

@@ -23,6 +23,7 @@ from ..engine.async_engine import (AsyncEngine, EngineFailedError, EngineOverloa
                                    RequestFailedError, RequestStream)
 from ..engine.engine import Engine
 from ..engine.failures import one_line
+from ..sampling.fields import MAX_CACHE_SALT_CHARS
 from ..sampling.params import SamplingParams
 from ..structured.spec import compiling_for
 from ..tools.output import ChatText, reasoning_tokens
@@ -80,8 +81,17 @@ class Prepared:
 
 
 def salted(tenant: str | None, salt: str | None) -> str | None:
-    """A request's prefix-cache salt: its own ``cache_salt``, under its tenant's when salting by API key."""
-    return salt if tenant is None else f"{tenant}:{salt or ''}"
+    """A request's prefix-cache salt: its own ``cache_salt``, under its tenant's when salting by API key.
+
+    The result is checked again (``SamplingParams.validate``, at most ``MAX_CACHE_SALT_CHARS``): a client's salt
+    that fits on its own but not behind the 33-character tenant tag was refused with "'cache_salt' must hold at
+    most 1024 characters". Such a salt is replaced by its digest (as distinct as the salt itself)."""
+    if tenant is None:
+        return salt
+    salt = salt or ""
+    if len(tenant) + 1 + len(salt) > MAX_CACHE_SALT_CHARS:
+        salt = "sha256:" + hashlib.sha256(salt.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{tenant}:{salt}"
 
 
 def key_digest(key: str) -> str:
