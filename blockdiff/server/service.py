@@ -379,7 +379,8 @@ class Server:
         try:
             ids = self.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, **kwargs)
         except (ValueError, TypeError) as e:
-            raise bad(f"the messages do not fit the model's chat template: {e}", "messages") from None
+            raise bad(f"the conversation does not fit the model's chat template ('messages'): {e}",
+                      "messages") from None
         try:
             return self.images.prepare(ids, loaded)
         except ValueError as e:
