@@ -4,7 +4,8 @@
 
 Copies the released layout (config.json, generation_config.json, model.safetensors, tokenizer.json), never
 the optimizer state, and renders the learning curve from the run's train_log.jsonl. ``--generation KEY=VALUE``
-overrides sampling defaults in the bundled generation_config.json (e.g. t_max=0.3).
+overrides sampling defaults in the bundled generation_config.json (e.g. t_max=0.9); the result is checked as the
+loader checks it before anything is copied.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import json
 import os
 import shutil
+
+from blockdiff.config import check_generation_config
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 
@@ -63,14 +66,23 @@ def main(argv=None) -> int:
     for name in FILES + ("train_log.jsonl",):
         if not os.path.isfile(os.path.join(args.run, name)):
             ap.error(f"{args.run} has no {name}: pass the --out folder of a `blockdiff train` run")
+    gen = json.load(open(os.path.join(args.run, "generation_config.json")))
+    for kv in args.generation:
+        k, sep, v = kv.partition("=")
+        try:
+            gen[k] = json.loads(v) if sep else None
+        except json.JSONDecodeError:
+            ap.error(f"--generation {kv}: the value must be JSON (a number, true/false, a list, or a quoted string)")
+        if not sep:
+            ap.error(f"--generation {kv}: expected KEY=VALUE")
+    gen_path = os.path.join(args.dest, "generation_config.json")
+    try:  # a key the loader refuses (entropy_bound belongs in sampler_config) fails here, before anything is copied
+        check_generation_config(gen, gen_path)
+    except ValueError as e:
+        ap.error(f"--generation: {e}")
     os.makedirs(args.dest, exist_ok=True)
     for name in FILES:
         shutil.copy(os.path.join(args.run, name), os.path.join(args.dest, name))
-    gen_path = os.path.join(args.dest, "generation_config.json")
-    gen = json.load(open(gen_path))
-    for kv in args.generation:
-        k, v = kv.split("=", 1)
-        gen[k] = json.loads(v)
     with open(gen_path, "w") as f:
         json.dump(gen, f, indent=2)
     curve, last = learning_curve(os.path.join(args.run, "train_log.jsonl"), args.every)

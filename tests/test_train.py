@@ -692,3 +692,28 @@ def test_a_batch_size_whose_logits_cannot_fit_is_refused_before_training(tmp_pat
         "x 25 positions x vocabulary 32" in err and "lower --batch-size" in err, err
     assert not (tmp_path / "run").exists()  # no empty run folder left behind
     _trainer(tmp_path / "ok", 1, batch=64).run()  # an ordinary batch is not refused
+
+
+def test_bundling_a_run_checks_the_generation_overrides_before_copying(tmp_path):
+    """`scripts/bundle_sudoku_model.py --generation entropy_bound=0.3` wrote a generation_config.json the loader
+    refuses (entropy_bound belongs in sampler_config), found only at the bundled model's first load."""
+    import subprocess
+    import sys
+    run, dest = tmp_path / "run", tmp_path / "dest"
+    assert train_main(["--task", "sudoku", "--max-steps", "1", "--batch-size", "2", "--out", str(run)]) == 0
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bundle_sudoku_model.py")
+
+    def bundle(*kv):
+        flags = [a for x in kv for a in ("--generation", x)]
+        return subprocess.run([sys.executable, script, str(run), str(dest), *flags], capture_output=True, text=True,
+                              timeout=120)
+    for kv, words in (("entropy_bound=0.3", "entropy_bound=0.3 is not a key of the reference's generation config"),
+                      ("t_max=0.3", "t_max must be greater than t_min"), ("t_max=abc", "the value must be JSON"),
+                      ("t_max", "expected KEY=VALUE")):
+        p = bundle(kv)
+        assert p.returncode == 2 and words in p.stderr, p.stderr
+        assert not dest.exists()  # nothing copied
+    assert bundle("t_max=0.9").returncode == 0
+    assert json.loads((dest / "generation_config.json").read_text())["t_max"] == 0.9
+    from blockdiff import LLM
+    assert LLM(str(dest), device="cpu").defaults.t_max == 0.9
