@@ -151,3 +151,18 @@ def test_a_puzzle_file_that_is_not_utf8_names_the_file_and_line(tmp_path, monkey
     assert main(["sudoku", "--puzzles", path, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     name = "stdin" if path == "-" else path
     assert capsys.readouterr().err == f"blockdiff: error: {name}: line 3: not UTF-8 text (byte 0xff)\n"
+
+
+def test_a_puzzle_line_drawn_with_spaces_and_bars_reads_as_run_reads_it(tmp_path):
+    """`run` ignores spaces and a drawn grid's | - + in a puzzle; `sudoku --puzzles` called such a line "puzzle
+    must have 81 characters, found 101"."""
+    from blockdiff.sudoku.cli import _read_puzzles
+
+    rows = [PUZZLE[i:i + 9] for i in range(0, 81, 9)]
+    drawn = " | ".join(" ".join(r[j:j + 3] for j in (0, 3, 6)) for r in rows)  # "53. .7. ... | 6.. 195 ..."
+    (tmp_path / "in.txt").write_text(f"{drawn}\n------+-------+------\n\t{PUZZLE}\n")
+    assert _read_puzzles(str(tmp_path / "in.txt")) == [parse_puzzle(PUZZLE)] * 2  # the separator line is skipped
+    (tmp_path / "bad.txt").write_text(PUZZLE[:80] + " | x\n")
+    from blockdiff.cli import CLIError
+    with pytest.raises(CLIError, match=r"bad.txt: line 1: bad character 'x'"):
+        _read_puzzles(str(tmp_path / "bad.txt"))

@@ -5,8 +5,9 @@
     blockdiff sudoku --puzzles in.txt --out out.txt  # one puzzle per line -> one 81-digit solution per line
     cat in.txt | blockdiff sudoku --puzzles - --out -   # stdin to stdout
 
-Puzzles are 81 characters, digits with '.' or '0' for blanks. Lines that are blank or start with '#' are
-skipped. A puzzle the model did not solve still gets its best grid, with " # unsolved" after it.
+Puzzles are 81 characters, digits with '.' or '0' for blanks, one puzzle a line; spaces and the | - + of a
+drawn grid inside a line are ignored, as `blockdiff run` ignores them. Lines that are blank (or separators
+only) or start with '#' are skipped. A puzzle the model did not solve still gets its best grid, with " # unsolved" after it.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ UNSOLVED = " # unsolved"  # after the model's best grid when it is not a valid s
 def _read_puzzles(path: str) -> list[list[int]]:
     """One puzzle per line from a file, or stdin for '-'; a bad line is an error naming it."""
     from .puzzles import is_consistent, parse_puzzle
+    from .talk import SEPARATORS  # what `run` ignores in a puzzle, ignored here too
 
     name = "stdin" if path == "-" else path
     try:
@@ -152,7 +154,10 @@ def _read_puzzles(path: str) -> list[list[int]]:
     puzzles = []
     for n, line in enumerate(lines, 1):
         s = line.strip()
-        if not s or s.startswith("#"):
+        if s.startswith("#"):
+            continue
+        s = SEPARATORS.sub("", s)  # "53. .7. ...|6.." reads as `run` reads it
+        if not s:
             continue
         try:
             p = parse_puzzle(s)

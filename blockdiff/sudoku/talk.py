@@ -25,7 +25,7 @@ from ..sampling.fields import ParamError
 from ..tokenizer import Tokenizer
 from . import format as fmt
 
-_SEPARATORS = re.compile(r"[\s|+\-]")
+SEPARATORS = re.compile(r"[\s|+\-]")
 PUZZLE_HELP = ("an 81-character puzzle: digits, with '.' or '0' for blanks, row by row (spaces, newlines and "
                "the | - + of a drawn grid are ignored)")
 STRUCTURED_REFUSAL = ("structured output is not available for the Sudoku model: its reply is always the 81-digit "
@@ -49,7 +49,7 @@ def is_sudoku_vocabulary(tok) -> bool:
 
 def puzzle_text(text: str) -> str | None:
     """The 81 puzzle characters of ``text`` (separators dropped, '0' kept as '0'), or None if it is not one."""
-    s = _SEPARATORS.sub("", text)
+    s = SEPARATORS.sub("", text)
     if len(s) == 81 and all(c in "0123456789." for c in s):
         return s
     return None
@@ -57,7 +57,7 @@ def puzzle_text(text: str) -> str | None:
 
 def parse(text: str) -> list[int]:
     """A puzzle string -> grid, or a ValueError that says what the model reads."""
-    s = _SEPARATORS.sub("", text)
+    s = SEPARATORS.sub("", text)
     bad = next((c for c in s if c not in "0123456789."), None)
     if bad is not None:
         raise ValueError(f"the Sudoku model reads {PUZZLE_HELP}; got the character {bad!r}")
