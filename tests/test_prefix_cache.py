@@ -214,10 +214,9 @@ def test_an_engine_dropped_while_its_model_lives_returns_its_cache_pages(checkpo
         assert all(pool.used_pages(g) == 3 for g in pool.groups)  # only this engine's blocks: the last ones went
         del llm
         gc.collect()
-    fresh = Engine(model)  # any engine over the model returns them
+    Engine(model)  # any engine over the model returns them (a new one, with no cache of its own)
     assert all(pool.used_pages(g) == 0 for g in pool.groups)
     llm = LLM.from_model(model, prefix_cache_bytes=1 << 24)
     llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(seed=0, max_new_tokens=4, max_denoising_steps=2))
     llm.close()
     assert len(llm.engine.prefix_cache) == 0 and all(pool.used_pages(g) == 0 for g in pool.groups)
-    assert fresh.prefix_cache.max_blocks == 0

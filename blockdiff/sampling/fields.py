@@ -251,12 +251,16 @@ def _finite(literal: str) -> float:
     return f
 
 
+def twice_given(pairs: list) -> str | None:
+    """The first key a JSON object's ``(key, value)`` pairs give twice (json's object_pairs_hook), or None."""
+    seen = set()
+    return next((k for k, _ in pairs if k in seen or seen.add(k)), None)
+
+
 def _once(pairs: list) -> dict:
     out = dict(pairs)
     if len(out) != len(pairs):
-        seen = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _NotJSON(f"the key {key!r} is given twice in one object")
+        raise _NotJSON(f"the key {twice_given(pairs)!r} is given twice in one object")
     return out
 
 

@@ -15,7 +15,7 @@ import math
 
 from starlette.requests import ClientDisconnect, Request
 
-from ..sampling.fields import MAX_JSON_DEPTH
+from ..sampling.fields import MAX_JSON_DEPTH, twice_given
 from .errors import APIError, bad, json_type
 
 MAX_BODY_BYTES = 8 << 20
@@ -128,9 +128,8 @@ def _object(pairs: list):
     out = dict(pairs)
     if len(out) == len(pairs):
         return out
-    seen = set()
     dup = _Duplicated(out)
-    dup.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    dup.key = twice_given(pairs)
     return dup
 
 
