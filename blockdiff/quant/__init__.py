@@ -45,9 +45,9 @@ def plan_for_checkpoint(config, quantization, device, dtype: torch.dtype, embedd
             # loaded the file's layout without a word; a plain "int4" names the method only, and takes any layout
             spelled = stored if stored == "int8" else \
                 "int4" + ("-all" if scope == "all" else "") + (f"-g{group}" if group != 64 else "")
-            layout = str(quantization).strip().lower() != "int4" and (parsed[1], int4_scope(quantization)) \
-                != (group, scope) if parsed else False
-            if parsed and (parsed[0] != stored or (stored == "int4" and layout)):
+            other_layout = parsed and stored == "int4" and str(quantization).lower() != "int4" \
+                and (parsed[1], int4_scope(quantization)) != (group, scope)
+            if parsed and (parsed[0] != stored or other_layout):
                 raise QuantizationError(f"this checkpoint is already quantized to {spelled}; load it without "
                                         f"quantization (asked for {quantization})")
             if stored_embedding and not embedding:
